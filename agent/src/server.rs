@@ -1,0 +1,486 @@
+//! The agent's I/O shell: the QUIC link to the master (with reconnects and
+//! heartbeats), the Unix socket executors connect to, executor processes, artifact
+//! fetching and sandboxes. Decisions live in `core`.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use agora_proto::tls::{self, Identity};
+use agora_proto::v1::{
+    self, executor_to_agent, master_to_agent, stream_open, AgentToExecutor, AgentToMaster, ArtifactGet,
+    ArtifactHeader, MasterToAgent, SandboxData, SandboxRead, StreamOpen, TaskInfo,
+};
+use agora_proto::{read_frame, transfer, unix_millis, write_frame};
+use tokio::sync::mpsc;
+
+use crate::core::{artifact_path, AgentCore, AgentCoreConfig, ExecutorKey, Input, Output, TaskKey};
+
+const MASTER_QUEUE: usize = 8192;
+const EXECUTOR_QUEUE: usize = 4096;
+
+pub struct AgentConfig {
+    pub master: SocketAddr,
+    pub identity: Identity,
+    pub core: AgentCoreConfig,
+    /// Program and leading arguments that start a wasm executor; the shell appends
+    /// `--socket S --framework-id F --executor-id E --cache-dir D`.
+    pub executor_command: Vec<OsString>,
+}
+
+struct Shared {
+    core: AgentCore,
+    master_tx: Option<mpsc::Sender<AgentToMaster>>,
+    master_conn: Option<quinn::Connection>,
+    executors: HashMap<ExecutorKey, mpsc::Sender<AgentToExecutor>>,
+    children: HashMap<ExecutorKey, u32>,
+}
+
+#[derive(Clone)]
+struct Agent {
+    shared: Arc<Mutex<Shared>>,
+    cfg: Arc<AgentConfig>,
+    socket: PathBuf,
+    fetch_locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+pub struct AgentHandle {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl AgentHandle {
+    /// Stops the agent and kills its executors (used by tests and `agora dev`).
+    pub async fn shutdown(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        let pids: Vec<u32> = {
+            let mut s = self.shared.lock().expect("agent state lock");
+            if let Some(c) = s.master_conn.take() {
+                c.close(0u32.into(), b"agent shutting down");
+            }
+            s.children.values().copied().collect()
+        };
+        for pid in pids {
+            // SAFETY: plain kill(2) on a child we started.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+
+    pub fn agent_id(&self) -> Option<String> {
+        self.shared.lock().expect("agent state lock").core.agent_id().map(str::to_string)
+    }
+}
+
+pub async fn start(cfg: AgentConfig) -> anyhow::Result<AgentHandle> {
+    let work = cfg.core.work_dir.clone();
+    for d in ["artifacts", "sandboxes", "executors", "compiled"] {
+        std::fs::create_dir_all(work.join(d))
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", work.join(d).display()))?;
+    }
+    let socket = work.join("agent.sock");
+    let _ = std::fs::remove_file(&socket);
+    let listener = tokio::net::UnixListener::bind(&socket)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", socket.display()))?;
+    let shared = Arc::new(Mutex::new(Shared {
+        core: AgentCore::new(cfg.core.clone()),
+        master_tx: None,
+        master_conn: None,
+        executors: HashMap::new(),
+        children: HashMap::new(),
+    }));
+    let agent = Agent { shared: shared.clone(), cfg: Arc::new(cfg), socket, fetch_locks: Default::default() };
+    let mut tasks = Vec::new();
+    {
+        let a = agent.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, _)) => {
+                        let a = a.clone();
+                        tokio::spawn(async move { a.serve_executor(stream).await });
+                    }
+                    Err(e) => tracing::warn!("executor socket accept failed: {e}"),
+                }
+            }
+        }));
+    }
+    {
+        let a = agent.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut iv = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                iv.tick().await;
+                a.feed(Input::Tick);
+            }
+        }));
+    }
+    {
+        let a = agent.clone();
+        tasks.push(tokio::spawn(async move { a.master_loop().await }));
+    }
+    Ok(AgentHandle { tasks, shared })
+}
+
+impl Agent {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().expect("agent state lock")
+    }
+
+    fn feed(&self, input: Input) {
+        let outs = {
+            let mut s = self.lock();
+            s.core.handle(input, unix_millis())
+        };
+        self.dispatch(outs);
+    }
+
+    fn dispatch(&self, outs: Vec<Output>) {
+        for o in outs {
+            match o {
+                Output::ToMaster(m) => {
+                    let s = self.lock();
+                    if let Some(tx) = &s.master_tx {
+                        // A full queue means the link is stuck; the core resends.
+                        let _ = tx.try_send(m);
+                    }
+                }
+                Output::Prepare { key, task } => {
+                    let a = self.clone();
+                    tokio::spawn(async move {
+                        let result = a.prepare(&key, &task).await.map_err(|e| format!("{e:#}"));
+                        a.feed(Input::Prepared { key, result });
+                    });
+                }
+                Output::SpawnExecutor { key } => {
+                    if let Err(e) = self.spawn_executor(&key) {
+                        let detail = format!("could not start: {e:#}");
+                        let a = self.clone();
+                        tokio::spawn(async move { a.feed(Input::ExecutorExited { key, detail }) });
+                    }
+                }
+                Output::ToExecutor { key, msg } => {
+                    let s = self.lock();
+                    if let Some(tx) = s.executors.get(&key) {
+                        if tx.try_send(msg).is_err() {
+                            tracing::warn!(executor = %key.1, "executor queue full; message dropped");
+                        }
+                    }
+                }
+                Output::ReapExecutor { key } => {
+                    let a = self.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(5)).await; // grace period, not synchronisation
+                        let pid = a.lock().children.get(&key).copied();
+                        if let Some(pid) = pid {
+                            tracing::warn!(executor = %key.1, "executor ignored shutdown; killing it");
+                            // SAFETY: kill(2) of our own child.
+                            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    // ---- master link ----------------------------------------------------------
+
+    async fn master_loop(self) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let started = Instant::now();
+            match self.master_session().await {
+                Ok(()) => tracing::warn!("master closed the connection; reconnecting"),
+                Err(e) => tracing::warn!("master link: {e:#}; retrying in {backoff:?}"),
+            }
+            {
+                let mut s = self.lock();
+                s.master_tx = None;
+                s.master_conn = None;
+            }
+            self.feed(Input::MasterDisconnected);
+            if started.elapsed() > Duration::from_secs(10) {
+                backoff = Duration::from_millis(200);
+            }
+            tokio::time::sleep(backoff).await; // reconnect backoff
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn master_session(&self) -> anyhow::Result<()> {
+        let endpoint = tls::client_endpoint(self.cfg.master, &self.cfg.identity)?;
+        let conn = tls::connect(&endpoint, self.cfg.master).await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let hello = self.lock().core.hello();
+        write_frame(&mut send, &StreamOpen { kind: Some(stream_open::Kind::Agent(hello)) }).await?;
+        let (tx, mut rx) = mpsc::channel::<AgentToMaster>(MASTER_QUEUE);
+        // Sandbox reads arrive on streams the master opens.
+        let reader_conn = conn.clone();
+        let a = self.clone();
+        let files = tokio::spawn(async move {
+            while let Ok((send, recv)) = reader_conn.accept_bi().await {
+                let a = a.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = a.serve_sandbox_read(send, recv).await {
+                        tracing::info!("sandbox read failed: {e:#}");
+                    }
+                });
+            }
+        });
+        let writer = tokio::spawn(async move {
+            while let Some(m) = rx.recv().await {
+                if write_frame(&mut send, &m).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut heartbeat: Option<tokio::task::JoinHandle<()>> = None;
+        let result = loop {
+            let msg: MasterToAgent = match read_frame(&mut recv).await {
+                Ok(Some(m)) => m,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(anyhow::anyhow!("bad frame from the master: {e}")),
+            };
+            let input = match msg.msg {
+                Some(master_to_agent::Msg::Registered(r)) => {
+                    {
+                        let mut s = self.lock();
+                        s.master_tx = Some(tx.clone());
+                        s.master_conn = Some(conn.clone());
+                    }
+                    tracing::info!(agent = %r.agent_id, "registered with the master at {}", self.cfg.master);
+                    let tx = tx.clone();
+                    let every = Duration::from_millis(r.heartbeat_interval_ms.clamp(100, 60_000));
+                    if let Some(h) = heartbeat.take() {
+                        h.abort();
+                    }
+                    heartbeat = Some(tokio::spawn(async move {
+                        let mut seq = 0;
+                        let mut iv = tokio::time::interval(every);
+                        loop {
+                            iv.tick().await;
+                            seq += 1;
+                            let ping = AgentToMaster { msg: Some(v1::agent_to_master::Msg::Ping(v1::Ping { seq })) };
+                            if tx.send(ping).await.is_err() {
+                                return;
+                            }
+                        }
+                    }));
+                    Input::Registered { agent_id: r.agent_id }
+                }
+                Some(master_to_agent::Msg::Pong(_)) => continue,
+                Some(master_to_agent::Msg::RunTask(rt)) => Input::RunTask(rt),
+                Some(master_to_agent::Msg::KillTask(k)) => Input::KillTask(k),
+                Some(master_to_agent::Msg::Ack(a)) => Input::Ack(a),
+                Some(master_to_agent::Msg::ShutdownFramework(s)) => Input::ShutdownFramework { framework_id: s.framework_id },
+                Some(master_to_agent::Msg::Error(e)) => break Err(anyhow::anyhow!("the master refused this agent: {}", e.message)),
+                None => continue,
+            };
+            self.feed(input);
+        };
+        if let Some(h) = heartbeat {
+            h.abort();
+        }
+        writer.abort();
+        files.abort();
+        conn.close(0u32.into(), b"");
+        result
+    }
+
+    async fn serve_sandbox_read(&self, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> anyhow::Result<()> {
+        let req: SandboxRead = read_frame(&mut recv).await?.ok_or_else(|| anyhow::anyhow!("empty request"))?;
+        let reply = match self.read_sandbox(&req).await {
+            Ok((data, size)) => SandboxData { data, size, error: String::new() },
+            Err(e) => SandboxData { error: format!("{e:#}"), ..Default::default() },
+        };
+        write_frame(&mut send, &reply).await?;
+        send.finish()?;
+        Ok(())
+    }
+
+    async fn read_sandbox(&self, req: &SandboxRead) -> anyhow::Result<(Vec<u8>, u64)> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let key = (req.framework_id.clone(), req.task_id.clone());
+        for part in [&key.0, &key.1] {
+            if part.is_empty() || part.contains('/') || part.starts_with('.') {
+                anyhow::bail!("bad task or framework id");
+            }
+        }
+        let dir = crate::core::sandbox_dir(&self.cfg.core.work_dir, &key);
+        let path = match req.path.as_str() {
+            "stdout" | "stderr" => dir.join(&req.path),
+            p if !p.is_empty() && !p.starts_with('/') && !p.split('/').any(|c| c == "..") => dir.join("fs").join(p),
+            p => anyhow::bail!("path `{p}` must be stdout, stderr or relative to the task's root"),
+        };
+        let mut f = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot open {} of task {}: {e}", req.path, req.task_id))?;
+        let size = f.metadata().await?.len();
+        if req.offset >= size {
+            return Ok((Vec::new(), size));
+        }
+        f.seek(std::io::SeekFrom::Start(req.offset)).await?;
+        let mut buf = vec![0u8; (req.length as u64).min(size - req.offset) as usize];
+        f.read_exact(&mut buf).await?;
+        Ok((buf, size))
+    }
+
+    // ---- sandboxes and artifacts ---------------------------------------------
+
+    async fn prepare(&self, key: &TaskKey, task: &TaskInfo) -> anyhow::Result<()> {
+        let module = task.module.clone().unwrap_or_default();
+        self.fetch(&module.sha256, module.size).await.map_err(|e| anyhow::anyhow!("fetch of the module failed: {e:#}"))?;
+        let dir = crate::core::sandbox_dir(&self.cfg.core.work_dir, key);
+        let root = dir.join("fs");
+        tokio::fs::create_dir_all(&root).await.map_err(|e| anyhow::anyhow!("cannot create sandbox {}: {e}", root.display()))?;
+        for d in &task.dirs {
+            tokio::fs::create_dir_all(root.join(d)).await?;
+        }
+        for input in &task.inputs {
+            self.fetch(&input.sha256, input.size)
+                .await
+                .map_err(|e| anyhow::anyhow!("fetch of input {} failed: {e:#}", input.dest))?;
+            let dest = root.join(&input.dest);
+            if let Some(parent) = dest.parent() {
+                tokio::fs::create_dir_all(parent).await?;
+            }
+            // A copy, not a link: the guest may change its inputs, never the cache.
+            tokio::fs::copy(artifact_path(&self.cfg.core.work_dir, &input.sha256), &dest)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot place input {}: {e}", input.dest))?;
+            if input.executable {
+                use std::os::unix::fs::PermissionsExt;
+                tokio::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o755)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes sure `<work>/artifacts/<sha>` exists, fetching it from the master once.
+    async fn fetch(&self, sha: &str, size: u64) -> anyhow::Result<()> {
+        if !agora_proto::is_sha256_hex(sha) {
+            anyhow::bail!("`{sha}` is not a sha256");
+        }
+        let dest = artifact_path(&self.cfg.core.work_dir, sha);
+        let lock = self.fetch_locks.lock().expect("fetch locks").entry(sha.to_string()).or_default().clone();
+        let _guard = lock.lock().await;
+        if tokio::fs::metadata(&dest).await.is_ok() {
+            return Ok(()); // cached: no bytes move
+        }
+        let conn = self.lock().master_conn.clone().ok_or_else(|| anyhow::anyhow!("not connected to the master"))?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        write_frame(&mut send, &StreamOpen { kind: Some(stream_open::Kind::Get(ArtifactGet { sha256: sha.to_string() })) }).await?;
+        send.finish()?;
+        let h: ArtifactHeader = read_frame(&mut recv).await?.ok_or_else(|| anyhow::anyhow!("the master closed the stream"))?;
+        if !h.error.is_empty() {
+            anyhow::bail!("{}", h.error);
+        }
+        if size != 0 && h.size != size {
+            anyhow::bail!("the master has {} bytes for {sha}, the task says {size}", h.size);
+        }
+        transfer::receive_to_file(&mut recv, &dest, sha, h.size).await?;
+        tracing::debug!(%sha, bytes = h.size, "fetched artifact");
+        Ok(())
+    }
+
+    // ---- executors ------------------------------------------------------------
+
+    fn spawn_executor(&self, key: &ExecutorKey) -> anyhow::Result<()> {
+        let (prog, rest) = self.cfg.executor_command.split_first().ok_or_else(|| anyhow::anyhow!("no executor command configured"))?;
+        let work = &self.cfg.core.work_dir;
+        let dir = work.join("executors").join(&key.0).join(&key.1);
+        std::fs::create_dir_all(&dir)?;
+        let stdout = std::fs::File::create(dir.join("stdout"))?;
+        let stderr = std::fs::File::create(dir.join("stderr"))?;
+        let mut cmd = tokio::process::Command::new(prog);
+        cmd.args(rest)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--framework-id")
+            .arg(&key.0)
+            .arg("--executor-id")
+            .arg(&key.1)
+            .arg("--cache-dir")
+            .arg(work.join("compiled"))
+            .stdin(std::process::Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .kill_on_drop(false);
+        let mut child = cmd.spawn().map_err(|e| anyhow::anyhow!("cannot run {}: {e}", Path::new(prog).display()))?;
+        let pid = child.id().unwrap_or(0);
+        self.lock().children.insert(key.clone(), pid);
+        tracing::info!(framework = %key.0, executor = %key.1, pid, "started wasm executor");
+        let a = self.clone();
+        let key = key.clone();
+        tokio::spawn(async move {
+            let detail = match child.wait().await {
+                Ok(st) => describe_exit(st, &dir),
+                Err(e) => format!("could not wait for it: {e}"),
+            };
+            {
+                let mut s = a.lock();
+                s.children.remove(&key);
+                s.executors.remove(&key);
+            }
+            a.feed(Input::ExecutorExited { key, detail });
+        });
+        Ok(())
+    }
+
+    async fn serve_executor(&self, stream: tokio::net::UnixStream) {
+        let (mut rd, mut wr) = stream.into_split();
+        let reg = match read_frame::<_, v1::ExecutorToAgent>(&mut rd).await {
+            Ok(Some(v1::ExecutorToAgent { msg: Some(executor_to_agent::Msg::Register(r)) })) => r,
+            other => {
+                tracing::warn!("executor connection did not start with a registration: {other:?}");
+                return;
+            }
+        };
+        let key = (reg.framework_id, reg.executor_id);
+        let (tx, mut rx) = mpsc::channel::<AgentToExecutor>(EXECUTOR_QUEUE);
+        self.lock().executors.insert(key.clone(), tx);
+        let writer = tokio::spawn(async move {
+            while let Some(m) = rx.recv().await {
+                if write_frame(&mut wr, &m).await.is_err() {
+                    break;
+                }
+            }
+        });
+        self.feed(Input::ExecutorRegistered { key: key.clone() });
+        loop {
+            match read_frame::<_, v1::ExecutorToAgent>(&mut rd).await {
+                Ok(Some(v1::ExecutorToAgent { msg: Some(executor_to_agent::Msg::Status(status)) })) => {
+                    self.feed(Input::ExecutorStatus { key: key.clone(), status })
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(executor = %key.1, "bad frame from executor: {e}");
+                    break;
+                }
+            }
+        }
+        writer.abort();
+    }
+}
+
+/// A sentence about how an executor process ended, with the tail of its stderr.
+fn describe_exit(st: std::process::ExitStatus, dir: &Path) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    let how = match (st.code(), st.signal()) {
+        (Some(c), _) => format!("exited with code {c}"),
+        (None, Some(s)) => format!("killed by signal {s}"),
+        _ => "ended".to_string(),
+    };
+    let tail = std::fs::read_to_string(dir.join("stderr"))
+        .ok()
+        .and_then(|s| s.lines().rev().find(|l| !l.trim().is_empty()).map(str::to_string));
+    match tail {
+        Some(t) => format!("{how} ({t})"),
+        None => how,
+    }
+}

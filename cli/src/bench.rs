@@ -1,0 +1,199 @@
+//! `agora bench launch`: N trivial wasm tasks through the whole cluster (upload,
+//! offers, launch, executor, status updates and acknowledgements), timed from submit
+//! to terminal, beside a baseline measured in the same run: the same module run by
+//! the executor's runner in this process, with no cluster around it.
+
+use std::collections::{HashMap, VecDeque};
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agora_proto::v1::{ExecutorLaunch, TaskState, WasmModule};
+use agora_proto::Resources;
+use agora_sdk::{Client, ClientConfig, Event, FrameworkInfo, TaskInfo};
+use anyhow::Context;
+use clap::Subcommand;
+
+use crate::Target;
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Launch N trivial wasm tasks through a cluster; print tasks/s and latencies.
+    Launch {
+        #[command(flatten)]
+        target: Target,
+        /// Number of tasks.
+        #[arg(short, default_value_t = 500)]
+        n: usize,
+        /// Module to launch (default: a built-in module whose `_start` returns at once).
+        #[arg(long)]
+        module: Option<std::path::PathBuf>,
+        /// Run against the cluster in the client config instead of a private one.
+        #[arg(long)]
+        use_config: bool,
+    },
+}
+
+/// `(module (memory 1) (func (export "_start")))`, encoded by hand.
+pub const NOOP_WASM: &[u8] = &[
+    0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, // magic, version
+    0x01, 0x04, 0x01, 0x60, 0x00, 0x00, // type: () -> ()
+    0x03, 0x02, 0x01, 0x00, // func 0 has type 0
+    0x05, 0x03, 0x01, 0x00, 0x01, // one memory, 1 page
+    0x07, 0x0a, 0x01, 0x06, b'_', b's', b't', b'a', b'r', b't', 0x00, 0x00, // export "_start"
+    0x0a, 0x04, 0x01, 0x02, 0x00, 0x0b, // body: no locals, end
+];
+
+fn pct(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+pub async fn bench(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
+    let BenchCmd::Launch { target, n, module, use_config } = cmd;
+    let bytes = match &module {
+        Some(p) => std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?,
+        None => NOOP_WASM.to_vec(),
+    };
+    let baseline = baseline_tasks_per_s(&bytes, n.min(2000))?;
+
+    let private = if use_config { None } else { Some(crate::cluster::PrivateCluster::start().await?) };
+    let cfg = match &private {
+        Some(p) => p.client_config.clone(),
+        None => ClientConfig::discover(target.master.as_deref(), target.config.as_deref())?,
+    };
+    let client = Client::connect(&cfg).await?;
+    let result = launch_many(&client, &bytes, n).await;
+    if let Some(p) = private {
+        p.stop().await;
+    }
+    let r = result?;
+    let cluster_rate = n as f64 / r.wall.as_secs_f64();
+    println!("launch benchmark: {n} trivial wasm tasks, submit to terminal");
+    println!("  cluster            {cluster_rate:>10.1} tasks/s  ({:.2} s wall)", r.wall.as_secs_f64());
+    println!("  baseline (runner)  {baseline:>10.1} tasks/s  (same module, executor library in-process, no cluster)");
+    println!("  ratio cluster/baseline  {:.3}", cluster_rate / baseline);
+    println!("  executor instantiate  p50 {} us  p99 {} us", pct(&r.inst_us, 0.5), pct(&r.inst_us, 0.99));
+    println!("  task latency (accept -> terminal)  p50 {:.2} ms  p99 {:.2} ms", pct(&r.lat_us, 0.5) as f64 / 1000.0, pct(&r.lat_us, 0.99) as f64 / 1000.0);
+    if r.failed > 0 {
+        println!("  {} tasks did not finish successfully", r.failed);
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs the module `n` times with the executor's runner directly, in this process.
+fn baseline_tasks_per_s(bytes: &[u8], n: usize) -> anyhow::Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let module = dir.path().join("m.wasm");
+    std::fs::write(&module, bytes)?;
+    let root = dir.path().join("fs");
+    std::fs::create_dir_all(&root)?;
+    let runner = agora_wasm_executor::runner::Runner::new(None)?;
+    let launch = |i: usize| ExecutorLaunch {
+        task_id: format!("b{i}"),
+        module_path: module.to_string_lossy().into(),
+        module_sha256: agora_proto::sha256_hex(bytes),
+        root_dir: root.to_string_lossy().into(),
+        stdout_path: dir.path().join("out").to_string_lossy().into(),
+        stderr_path: dir.path().join("err").to_string_lossy().into(),
+        memory_bytes: 16 << 20,
+        ..Default::default()
+    };
+    // Compile once outside the timing, as the cluster's executor caches modules too.
+    runner.run(&launch(0), Arc::new(AtomicBool::new(false)), |_| {});
+    let t0 = Instant::now();
+    for i in 0..n {
+        let st = runner.run(&launch(i), Arc::new(AtomicBool::new(false)), |_| {});
+        if st.state() != TaskState::TaskFinished {
+            anyhow::bail!("baseline run failed: {}", st.message);
+        }
+    }
+    Ok(n as f64 / t0.elapsed().as_secs_f64())
+}
+
+struct LaunchResult {
+    wall: Duration,
+    inst_us: Vec<u64>,
+    lat_us: Vec<u64>,
+    failed: usize,
+}
+
+async fn launch_many(client: &Client, bytes: &[u8], n: usize) -> anyhow::Result<LaunchResult> {
+    let (sha, size) = client.upload_bytes(bytes).await?;
+    let mut sched = client
+        .subscribe(FrameworkInfo { name: "agora-bench-launch".into(), roles: vec!["*".into()], ..Default::default() })
+        .await?;
+    let per_task = Resources::cpus_mem(10, 4 << 20);
+    let mut todo: VecDeque<usize> = (0..n).collect();
+    let mut started: HashMap<String, Instant> = HashMap::new();
+    let mut inst_us = Vec::with_capacity(n);
+    let mut lat_us = Vec::with_capacity(n);
+    let mut done = 0;
+    let mut failed = 0;
+    let t0 = Instant::now();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    while done < n {
+        let ev = tokio::time::timeout_at(deadline, sched.next_event())
+            .await
+            .map_err(|_| anyhow::anyhow!("benchmark did not finish within 10 minutes ({done}/{n} done)"))?
+            .ok_or_else(|| anyhow::anyhow!("lost the master connection"))?;
+        match ev {
+            Event::Offers(offers) => {
+                for o in offers {
+                    let mut free = Resources::from_proto(&o.resources).map_err(anyhow::Error::msg)?.unreserved();
+                    let mut batch = Vec::new();
+                    while let Some(i) = todo.front().copied() {
+                        let Some(left) = free.checked_sub(&per_task) else { break };
+                        free = left;
+                        todo.pop_front();
+                        let id = format!("bench-{i}");
+                        started.insert(id.clone(), Instant::now());
+                        batch.push(TaskInfo {
+                            task_id: id,
+                            name: "noop".into(),
+                            resources: per_task.to_proto(),
+                            module: Some(WasmModule { sha256: sha.clone(), size, fuel: 0, timeout_ms: 10_000 }),
+                            ..Default::default()
+                        });
+                    }
+                    if batch.is_empty() {
+                        sched.decline(vec![o.offer_id], Some(0.0)).await?;
+                    } else {
+                        sched.accept(vec![o.offer_id], batch, Some(0.0)).await?;
+                    }
+                }
+            }
+            Event::Update(s) => {
+                sched.acknowledge(&s).await?;
+                let st = s.state();
+                if st == TaskState::TaskRunning {
+                    inst_us.push(s.instantiate_us);
+                }
+                if st.is_terminal() {
+                    done += 1;
+                    if st != TaskState::TaskFinished {
+                        failed += 1;
+                        if failed <= 3 {
+                            eprintln!("task {} {}: {}", s.task_id, st.short_name(), s.message);
+                        }
+                    }
+                    if let Some(t) = started.remove(&s.task_id) {
+                        lat_us.push(t.elapsed().as_micros() as u64);
+                    }
+                }
+            }
+            Event::Error(e) => anyhow::bail!("master error: {e}"),
+            _ => {}
+        }
+    }
+    let wall = t0.elapsed();
+    let _ = sched.teardown().await;
+    inst_us.sort_unstable();
+    lat_us.sort_unstable();
+    Ok(LaunchResult { wall, inst_us, lat_us, failed })
+}

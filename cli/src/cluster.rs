@@ -1,0 +1,306 @@
+//! Running the cluster's parts: `agora dev`, `agora master`, `agora agent`,
+//! `agora certs init`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use agora_agent::core::AgentCoreConfig;
+use agora_agent::server::{AgentConfig, AgentHandle};
+use agora_master::core::CoreConfig;
+use agora_master::server::{MasterConfig, MasterHandle};
+use agora_proto::tls::{self, CertDir, Identity, Role};
+use agora_proto::v1::Attribute;
+use agora_proto::Resources;
+use agora_sdk::ClientConfig;
+use anyhow::Context;
+use clap::{Args, Subcommand};
+
+/// Default port of `agora master`.
+pub const DEFAULT_MASTER_PORT: u16 = 7400;
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."))
+}
+
+#[derive(Args)]
+pub struct DevArgs {
+    /// Where the cluster keeps its state, certificates and client config.
+    #[arg(long, default_value_os_t = home().join(".agora/dev"))]
+    data_dir: PathBuf,
+    /// Address of the master's QUIC endpoint (port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// The agent's resources, e.g. "cpus:4;mem:8192" (mem in MiB). Default: detected.
+    #[arg(long)]
+    resources: Option<String>,
+    /// The agent's attributes, e.g. "zone:a;rack:1".
+    #[arg(long, default_value = "")]
+    attributes: String,
+}
+
+#[derive(Args)]
+pub struct MasterArgs {
+    /// Address to listen on (UDP, QUIC).
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], DEFAULT_MASTER_PORT)))]
+    listen: SocketAddr,
+    #[arg(long, default_value_os_t = home().join(".agora/master"))]
+    data_dir: PathBuf,
+    /// Directory made by `agora certs init` (uses ca.pem, master.pem, master.key).
+    #[arg(long)]
+    certs: PathBuf,
+    /// Seconds an agent may stay silent before it is removed and its tasks are LOST.
+    #[arg(long, default_value_t = 15)]
+    agent_timeout: u64,
+}
+
+#[derive(Args)]
+pub struct AgentArgs {
+    /// The master's address, host:port.
+    #[arg(long, env = "AGORA_MASTER")]
+    master: String,
+    /// Directory made by `agora certs init` (uses ca.pem, agent.pem, agent.key).
+    #[arg(long)]
+    certs: PathBuf,
+    #[arg(long, default_value_os_t = home().join(".agora/agent"))]
+    work_dir: PathBuf,
+    /// Resources to offer, e.g. "cpus:4;mem:8192" (mem in MiB). Default: all cores and
+    /// memory less 1 GiB.
+    #[arg(long)]
+    resources: Option<String>,
+    /// Attributes, e.g. "zone:a;rack:1".
+    #[arg(long, default_value = "")]
+    attributes: String,
+    /// Hostname to report. Default: this machine's.
+    #[arg(long)]
+    hostname: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub enum CertsCmd {
+    /// Make a cluster CA and certificates for masters, agents and clients in DIR, plus
+    /// DIR/client.json for the `agora` client commands.
+    Init {
+        dir: PathBuf,
+        /// Extra DNS names or IPs the master is reached by (repeatable).
+        #[arg(long = "master-name")]
+        master_names: Vec<String>,
+        /// Master address written into DIR/client.json.
+        #[arg(long, default_value_t = format!("127.0.0.1:{DEFAULT_MASTER_PORT}"))]
+        master: String,
+    },
+}
+
+pub fn certs(cmd: CertsCmd) -> anyhow::Result<ExitCode> {
+    let CertsCmd::Init { dir, master_names, master } = cmd;
+    let cd = tls::init_cert_dir(&dir, &master_names)?;
+    let client = client_config(&cd, &master);
+    client.save(&dir.join("client.json"))?;
+    println!("certificates in {}:", dir.display());
+    println!("  CA            {}", cd.ca().display());
+    for r in [Role::Master, Role::Agent, Role::Client] {
+        println!("  {:<13} {} + {}", format!("{r:?}").to_lowercase(), cd.cert(r).display(), cd.key(r).display());
+    }
+    println!("client config  {} (master {master})", dir.join("client.json").display());
+    println!("next: agora master --certs {d}; agora agent --master HOST:{DEFAULT_MASTER_PORT} --certs {d}", d = dir.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn client_config(cd: &CertDir, master: &str) -> ClientConfig {
+    ClientConfig { master: master.to_string(), ca: cd.ca(), cert: cd.cert(Role::Client), key: cd.key(Role::Client) }
+}
+
+/// This machine's resources: every core, and memory less 1 GiB for the system.
+pub fn detect_resources() -> Resources {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as i64;
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<i64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(2 << 30);
+    Resources::cpus_mem(cpus * 1000, (mem - (1 << 30)).max(256 << 20))
+}
+
+fn resources(spec: &Option<String>) -> anyhow::Result<Resources> {
+    match spec {
+        None => Ok(detect_resources()),
+        Some(s) => {
+            let r = Resources::parse(s).with_context(|| format!("--resources \"{s}\""))?;
+            if r.milli_cpus() <= 0 || r.mem_bytes() <= 0 {
+                anyhow::bail!("--resources \"{s}\" must include cpus and mem above zero, e.g. \"cpus:2;mem:4096\"");
+            }
+            Ok(r)
+        }
+    }
+}
+
+pub fn parse_attributes(s: &str) -> anyhow::Result<Vec<Attribute>> {
+    s.split(';')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (n, v) = p.split_once(':').ok_or_else(|| {
+                anyhow::anyhow!("attribute `{p}` is not of the form name:value (e.g. --attributes \"zone:a;rack:1\")")
+            })?;
+            Ok(Attribute { name: n.trim().into(), value: v.trim().into() })
+        })
+        .collect()
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+fn executor_command() -> anyhow::Result<Vec<std::ffi::OsString>> {
+    let exe = std::env::current_exe().context("cannot find the agora binary to start executors with")?;
+    Ok(vec![exe.into_os_string(), "executor".into(), "wasm".into()])
+}
+
+async fn start_master(listen: SocketAddr, data_dir: &Path, id: Identity, agent_timeout_ms: u64) -> anyhow::Result<MasterHandle> {
+    let prefix = format!("{:08x}", (agora_proto::unix_millis() / 1000) as u32);
+    let core = CoreConfig { id_prefix: prefix, agent_timeout_ms, ..CoreConfig::default() };
+    agora_master::server::start(MasterConfig { bind: listen, data_dir: data_dir.to_path_buf(), identity: id, core })
+        .await
+        .with_context(|| format!("cannot start the master on {listen}"))
+}
+
+async fn start_agent(
+    master: SocketAddr,
+    id: Identity,
+    work_dir: &Path,
+    res: Resources,
+    attributes: Vec<Attribute>,
+    host: String,
+) -> anyhow::Result<AgentHandle> {
+    let core = AgentCoreConfig {
+        hostname: host,
+        resources: res,
+        attributes,
+        work_dir: work_dir.to_path_buf(),
+        update_retry_ms: 1_000,
+        update_retry_max_ms: 10_000,
+        executor_idle_ms: 10_000,
+        output_limit_bytes: 64 << 20,
+    };
+    agora_agent::server::start(AgentConfig { master, identity: id, core, executor_command: executor_command()? }).await
+}
+
+async fn wait_for_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+}
+
+/// A master and an agent in this process, as `agora dev` and the benchmarks run them.
+pub struct DevCluster {
+    pub master: MasterHandle,
+    pub agent: AgentHandle,
+    pub client_config: ClientConfig,
+    pub resources: Resources,
+}
+
+impl DevCluster {
+    pub async fn start(data_dir: &Path, listen: SocketAddr, res: Resources, attrs: Vec<Attribute>) -> anyhow::Result<DevCluster> {
+        std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
+        let cd = tls::init_cert_dir(&data_dir.join("certs"), &[])?;
+        let master = start_master(listen, &data_dir.join("master"), Identity::from_cert_dir(&cd, Role::Master)?, 15_000).await?;
+        let agent =
+            start_agent(master.addr, Identity::from_cert_dir(&cd, Role::Agent)?, &data_dir.join("agent"), res.clone(), attrs, hostname())
+                .await?;
+        // Ready means the agent has registered, so the first task finds an offer.
+        let registered = tokio::time::timeout(Duration::from_secs(20), async {
+            while agent.agent_id().is_none() {
+                tokio::time::sleep(Duration::from_millis(10)).await; // poll for readiness
+            }
+        })
+        .await;
+        if registered.is_err() {
+            agent.shutdown().await;
+            master.shutdown().await;
+            anyhow::bail!("the dev agent did not register with the dev master within 20 s; see the log above");
+        }
+        let client_config = client_config(&cd, &master.addr.to_string());
+        Ok(DevCluster { master, agent, client_config, resources: res })
+    }
+
+    pub async fn stop(self) {
+        self.agent.shutdown().await;
+        self.master.shutdown().await;
+    }
+}
+
+/// A throwaway dev cluster in a temporary directory (for benchmarks).
+pub struct PrivateCluster {
+    cluster: DevCluster,
+    pub client_config: ClientConfig,
+    _dir: tempfile::TempDir,
+}
+
+impl PrivateCluster {
+    pub async fn start() -> anyhow::Result<PrivateCluster> {
+        let dir = tempfile::tempdir()?;
+        let cluster = DevCluster::start(dir.path(), "127.0.0.1:0".parse().expect("literal"), detect_resources(), Vec::new()).await?;
+        Ok(PrivateCluster { client_config: cluster.client_config.clone(), cluster, _dir: dir })
+    }
+
+    pub async fn stop(self) {
+        self.cluster.stop().await;
+    }
+}
+
+pub async fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
+    let res = resources(&a.resources)?;
+    let attrs = parse_attributes(&a.attributes)?;
+    let cluster = DevCluster::start(&a.data_dir, a.listen, res, attrs).await?;
+    let cfg_path = a.data_dir.join("client.json");
+    cluster.client_config.save(&cfg_path)?;
+    let default_cfg = ClientConfig::default_path().is_some_and(|p| p == cfg_path);
+    println!("agora dev cluster is up");
+    println!("  master   {} (QUIC)", cluster.master.addr);
+    println!("  agent    {} ({})", cluster.agent.agent_id().unwrap_or_default(), cluster.resources);
+    println!("  config   {}", cfg_path.display());
+    println!("  data     {}", a.data_dir.display());
+    if !default_cfg {
+        println!("  in other shells: export AGORA_CONFIG={}", cfg_path.display());
+    }
+    println!("try: agora run FILE.wasm, agora ps, agora logs TASK. Ctrl-C stops the cluster.");
+    println!("ready");
+    wait_for_signal().await;
+    println!("stopping");
+    let _ = std::fs::remove_file(&cfg_path);
+    cluster.stop().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn master(a: MasterArgs) -> anyhow::Result<ExitCode> {
+    let cd = CertDir::new(&a.certs);
+    let master = start_master(a.listen, &a.data_dir, Identity::from_cert_dir(&cd, Role::Master)?, a.agent_timeout * 1000).await?;
+    println!("master listening on {} (QUIC)", master.addr);
+    wait_for_signal().await;
+    master.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
+    let cd = CertDir::new(&a.certs);
+    let master = tls::resolve(&a.master)?;
+    let res = resources(&a.resources)?;
+    let attrs = parse_attributes(&a.attributes)?;
+    let agent = start_agent(master, Identity::from_cert_dir(&cd, Role::Agent)?, &a.work_dir, res.clone(), attrs, a.hostname.unwrap_or_else(hostname)).await?;
+    println!("agent offering {res} to the master at {master}");
+    wait_for_signal().await;
+    agent.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,127 @@
+//! `agora`: the one binary of the Agora cluster manager.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+mod bench;
+mod cluster;
+mod ops;
+mod run;
+
+#[derive(Parser)]
+#[command(name = "agora", version, about = "Agora: a cluster manager that runs WebAssembly tasks", propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// How a client command finds the master.
+#[derive(Args, Clone, Debug)]
+pub struct Target {
+    /// Master address (host:port); overrides the one in the client config.
+    #[arg(long, env = "AGORA_MASTER", global = true)]
+    pub master: Option<String>,
+    /// Client config (JSON written by `agora dev` or `agora certs init`).
+    /// Default: ~/.agora/dev/client.json.
+    #[arg(long, env = "AGORA_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a single-machine cluster (master + agent) in the foreground, no set-up needed.
+    Dev(cluster::DevArgs),
+    /// Run a master.
+    Master(cluster::MasterArgs),
+    /// Run an agent that offers this machine's resources to a master.
+    Agent(cluster::AgentArgs),
+    /// Certificates for a cluster.
+    Certs {
+        #[command(subcommand)]
+        cmd: cluster::CertsCmd,
+    },
+    /// Run a WebAssembly module as a task and wait for it, like mesos-execute.
+    Run(run::RunArgs),
+    /// List tasks (running and waiting; --all adds finished ones).
+    Ps(ops::PsArgs),
+    /// Print a task's stdout (or --stderr).
+    Logs(ops::LogsArgs),
+    /// Kill a task.
+    Kill(ops::KillArgs),
+    /// List agents and their resources.
+    Agents {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Benchmarks that run against a real cluster.
+    Bench {
+        #[command(subcommand)]
+        cmd: bench::BenchCmd,
+    },
+    /// Executor processes (started by the agent, not by hand).
+    #[command(hide = true)]
+    Executor {
+        #[command(subcommand)]
+        cmd: ExecutorCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ExecutorCmd {
+    Wasm {
+        #[arg(long)]
+        socket: PathBuf,
+        #[arg(long)]
+        framework_id: String,
+        #[arg(long)]
+        executor_id: String,
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+    },
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AGORA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let servers = matches!(cli.cmd, Cmd::Dev(_) | Cmd::Master(_) | Cmd::Agent(_) | Cmd::Executor { .. });
+    init_tracing(if servers { "info" } else { "warn" });
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("agora: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result: anyhow::Result<ExitCode> = rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Dev(a) => cluster::dev(a).await,
+            Cmd::Master(a) => cluster::master(a).await,
+            Cmd::Agent(a) => cluster::agent(a).await,
+            Cmd::Certs { cmd } => cluster::certs(cmd),
+            Cmd::Run(a) => run::run(a).await,
+            Cmd::Ps(a) => ops::ps(a).await,
+            Cmd::Logs(a) => ops::logs(a).await,
+            Cmd::Kill(a) => ops::kill(a).await,
+            Cmd::Agents { target } => ops::agents(target).await,
+            Cmd::Bench { cmd } => bench::bench(cmd).await,
+            Cmd::Executor { cmd: ExecutorCmd::Wasm { socket, framework_id, executor_id, cache_dir } } => {
+                agora_wasm_executor::executor::run_executor(&socket, &framework_id, &executor_id, cache_dir).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("agora: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

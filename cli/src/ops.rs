@@ -1,0 +1,159 @@
+//! Operator commands: `agora ps`, `agora logs`, `agora kill`, `agora agents`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use agora_proto::resources::{format_bytes, format_cpus};
+use agora_proto::v1::{Reason, TaskState};
+use agora_proto::Resources;
+use agora_sdk::{Client, ClientConfig};
+use clap::Args;
+use tokio::io::AsyncWriteExt;
+
+use crate::Target;
+
+#[derive(Args)]
+pub struct PsArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Include finished tasks.
+    #[arg(long, short)]
+    all: bool,
+}
+
+#[derive(Args)]
+pub struct LogsArgs {
+    #[command(flatten)]
+    target: Target,
+    task: String,
+    /// Print stderr instead of stdout.
+    #[arg(long)]
+    stderr: bool,
+    /// Keep printing new output until the task ends.
+    #[arg(long, short)]
+    follow: bool,
+}
+
+#[derive(Args)]
+pub struct KillArgs {
+    #[command(flatten)]
+    target: Target,
+    task: String,
+}
+
+pub async fn connect(t: &Target) -> anyhow::Result<Client> {
+    let cfg = ClientConfig::discover(t.master.as_deref(), t.config.as_deref())?;
+    Client::connect(&cfg).await
+}
+
+fn age(ms: u64) -> String {
+    if ms == 0 {
+        return "-".into();
+    }
+    let s = agora_proto::unix_millis().saturating_sub(ms) / 1000;
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        _ => format!("{}h", s / 3600),
+    }
+}
+
+pub async fn ps(a: PsArgs) -> anyhow::Result<ExitCode> {
+    let client = connect(&a.target).await?;
+    let tasks = client.list_tasks(a.all).await?;
+    println!("{:<14} {:<16} {:<10} {:<5} {:<18} {:<22} DETAIL", "TASK", "NAME", "STATE", "AGE", "RESOURCES", "AGENT");
+    for t in tasks {
+        let pending = t.state == TaskState::Unspecified as i32;
+        let state = if pending { "PENDING" } else { t.state().short_name() };
+        let res = Resources::from_proto(&t.resources).map(|r| r.to_string()).unwrap_or_default();
+        let detail = if pending {
+            format!("waiting: {}", t.waiting_for)
+        } else {
+            let mut d = String::new();
+            if t.reason() != Reason::Unspecified {
+                d.push_str(t.reason().short_name());
+            }
+            if !t.message.is_empty() {
+                if !d.is_empty() {
+                    d.push_str(": ");
+                }
+                d.push_str(&t.message);
+            }
+            d
+        };
+        println!(
+            "{:<14} {:<16} {:<10} {:<5} {:<18} {:<22} {}",
+            t.task_id,
+            truncate(&t.name, 16),
+            state,
+            age(t.updated_ms),
+            res,
+            if t.agent_id.is_empty() { "-" } else { &t.agent_id },
+            detail
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        format!("{}…", s.chars().take(n - 1).collect::<String>())
+    }
+}
+
+pub async fn logs(a: LogsArgs) -> anyhow::Result<ExitCode> {
+    let client = connect(&a.target).await?;
+    let path = if a.stderr { "stderr" } else { "stdout" };
+    let mut off = 0u64;
+    loop {
+        let (data, size) = client.read_file(&a.task, path, off, 1 << 20).await?;
+        if !data.is_empty() {
+            off += data.len() as u64;
+            let mut out = tokio::io::stdout();
+            out.write_all(&data).await?;
+            out.flush().await?;
+            if off < size {
+                continue;
+            }
+        }
+        if !a.follow {
+            return Ok(ExitCode::SUCCESS);
+        }
+        let live = client.list_tasks(false).await?.iter().any(|t| t.task_id == a.task);
+        if !live {
+            // One last read: the task may have written just before it ended.
+            let (data, _) = client.read_file(&a.task, path, off, 1 << 20).await?;
+            tokio::io::stdout().write_all(&data).await?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await; // poll interval for --follow
+    }
+}
+
+pub async fn kill(a: KillArgs) -> anyhow::Result<ExitCode> {
+    let client = connect(&a.target).await?;
+    client.kill(&a.task).await?;
+    eprintln!("kill sent to task {}", a.task);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn agents(t: crate::Target) -> anyhow::Result<ExitCode> {
+    let client = connect(&t).await?;
+    println!("{:<22} {:<20} {:<22} {:<22} ATTRIBUTES", "AGENT", "HOST", "CPUS (used/total)", "MEM (used/total)");
+    for a in client.agents().await? {
+        let total = Resources::from_proto(&a.total).unwrap_or_default();
+        let used = Resources::from_proto(&a.allocated).unwrap_or_default();
+        let attrs: Vec<String> = a.attributes.iter().map(|x| format!("{}:{}", x.name, x.value)).collect();
+        println!(
+            "{:<22} {:<20} {:<22} {:<22} {}",
+            a.agent_id,
+            a.hostname,
+            format!("{}/{}", format_cpus(used.milli_cpus()), format_cpus(total.milli_cpus())),
+            format!("{}/{}", format_bytes(used.mem_bytes()), format_bytes(total.mem_bytes())),
+            attrs.join(";")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,322 @@
+//! `agora run`: a small framework, written with the sdk like any other, that runs one
+//! WebAssembly module as a task and waits for it (what mesos-execute is to Mesos).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use agora_proto::resources::{parse_cpus, parse_size};
+use agora_proto::v1::{InputFile, PendingTask, Reason, WasmModule};
+use agora_proto::Resources;
+use agora_sdk::{Client, ClientConfig, Event, FrameworkInfo, Scheduler, TaskInfo, TaskState, TaskStatus};
+use anyhow::Context;
+use clap::Args;
+use tokio::io::AsyncWriteExt;
+
+use crate::Target;
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    target: Target,
+    /// CPUs for the task (fractions allowed).
+    #[arg(long, default_value = "0.1")]
+    cpus: String,
+    /// Memory for the task; also the guest's linear memory limit (e.g. 64MiB, 1GiB).
+    #[arg(long, default_value = "64MiB")]
+    mem: String,
+    /// Instruction fuel; the task fails when it runs out. 0 means unlimited.
+    #[arg(long, default_value_t = 0)]
+    fuel: u64,
+    /// Wall-clock limit, e.g. 30s, 500ms, 2m. 0 means none.
+    #[arg(long, default_value = "0")]
+    timeout: String,
+    /// Environment variable for the guest (repeatable).
+    #[arg(long = "env", value_name = "K=V")]
+    env: Vec<String>,
+    /// Copy a local file or directory into the task's sandbox at DEST (default: its base
+    /// name; `DIR:/` puts a directory's contents at the sandbox root). Repeatable.
+    #[arg(long = "input", value_name = "PATH[:DEST]")]
+    inputs: Vec<String>,
+    /// Task name shown by `agora ps`.
+    #[arg(long)]
+    name: Option<String>,
+    /// Role to run under.
+    #[arg(long, default_value = "*")]
+    role: String,
+    /// Send the module as it is, without checking it locally first.
+    #[arg(long, hide = true)]
+    skip_validation: bool,
+    /// The WebAssembly module (WASI preview 1 command).
+    module: PathBuf,
+    /// Arguments for the guest (after `--`).
+    #[arg(last = true)]
+    args: Vec<String>,
+}
+
+pub fn parse_duration_ms(s: &str) -> anyhow::Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| anyhow::anyhow!("duration `{s}` is not understood; use e.g. 30s, 500ms, 2m"))?;
+    let mult = match unit {
+        "ms" => 1.0,
+        "" | "s" => 1000.0,
+        "m" => 60_000.0,
+        "h" => 3_600_000.0,
+        _ => anyhow::bail!("duration `{s}` has an unknown unit `{unit}`; use ms, s, m or h"),
+    };
+    Ok((n * mult).round() as u64)
+}
+
+/// Files to place in the sandbox: (local path, sandbox-relative dest), plus empty dirs.
+fn expand_inputs(specs: &[String]) -> anyhow::Result<(Vec<(PathBuf, String)>, Vec<String>)> {
+    let mut files = Vec::new();
+    let mut dirs = Vec::new();
+    for spec in specs {
+        let (src, dest) = match spec.rsplit_once(':') {
+            Some((s, d)) if !s.is_empty() => (PathBuf::from(s), Some(d.to_string())),
+            _ => (PathBuf::from(spec), None),
+        };
+        let meta = std::fs::metadata(&src).with_context(|| format!("--input {spec}: cannot read {}", src.display()))?;
+        let base = src.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let dest = dest.unwrap_or(base);
+        let dest = dest.trim_start_matches('/').trim_end_matches('/').to_string();
+        if dest.split('/').any(|c| c == "..") {
+            anyhow::bail!("--input {spec}: the destination may not contain `..`");
+        }
+        if meta.is_dir() {
+            walk(&src, &dest, &mut files, &mut dirs)?;
+        } else {
+            if dest.is_empty() {
+                anyhow::bail!("--input {spec}: a file needs a destination name, not `/`");
+            }
+            files.push((src, dest));
+        }
+    }
+    Ok((files, dirs))
+}
+
+fn walk(dir: &Path, dest: &str, files: &mut Vec<(PathBuf, String)>, dirs: &mut Vec<String>) -> anyhow::Result<()> {
+    if !dest.is_empty() {
+        dirs.push(dest.to_string());
+    }
+    let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let d = if dest.is_empty() { name } else { format!("{dest}/{name}") };
+        let ft = e.file_type()?;
+        if ft.is_dir() {
+            walk(&e.path(), &d, files, dirs)?;
+        } else if ft.is_file() || ft.is_symlink() {
+            files.push((e.path(), d));
+        }
+    }
+    Ok(())
+}
+
+/// A task's short id, as people see it.
+pub fn new_task_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
+}
+
+pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
+    let milli_cpus = parse_cpus(&a.cpus).filter(|c| *c > 0).ok_or_else(|| {
+        anyhow::anyhow!("--cpus {} is not a positive number of cpus (e.g. 0.1, 2)", a.cpus)
+    })?;
+    let mem = parse_size(&a.mem).map_err(|e| anyhow::anyhow!("--mem: {e}"))?;
+    if mem <= 0 {
+        anyhow::bail!("--mem must be above zero");
+    }
+    let timeout_ms = parse_duration_ms(&a.timeout).context("--timeout")?;
+    let mut env = BTreeMap::new();
+    for kv in &a.env {
+        let (k, v) = kv.split_once('=').ok_or_else(|| anyhow::anyhow!("--env {kv}: expected K=V"))?;
+        env.insert(k.to_string(), v.to_string());
+    }
+    let bytes = std::fs::read(&a.module).with_context(|| format!("cannot read {}", a.module.display()))?;
+    if !a.skip_validation {
+        agora_wasm_executor::runner::validate_module(&bytes, mem as u64)
+            .map_err(|e| anyhow::anyhow!("{} cannot run: {e}", a.module.display()))?;
+    }
+    let (inputs, dirs) = expand_inputs(&a.inputs)?;
+
+    let cfg = ClientConfig::discover(a.target.master.as_deref(), a.target.config.as_deref())?;
+    let client = Client::connect(&cfg).await?;
+    let (sha, size) = client.upload_bytes(&bytes).await.context("uploading the module")?;
+    let mut input_files = Vec::new();
+    for (path, dest) in &inputs {
+        let (s, n) = client.upload_file(path).await.with_context(|| format!("uploading {}", path.display()))?;
+        let executable = {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(path).map(|m| m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+        };
+        input_files.push(InputFile { sha256: s, size: n, dest: dest.clone(), executable });
+    }
+
+    let task_id = new_task_id();
+    let name = a.name.clone().unwrap_or_else(|| {
+        a.module.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "task".into())
+    });
+    let ask = Resources::cpus_mem(milli_cpus, mem);
+    let task = TaskInfo {
+        task_id: task_id.clone(),
+        name: name.clone(),
+        resources: ask.to_proto(),
+        module: Some(WasmModule { sha256: sha, size, fuel: a.fuel, timeout_ms }),
+        args: a.args.clone(),
+        env: env.into_iter().collect(),
+        inputs: input_files,
+        dirs,
+        ..Default::default()
+    };
+    let mut sched = client
+        .subscribe(FrameworkInfo {
+            name: format!("agora-run {name}"),
+            user: std::env::var("USER").unwrap_or_default(),
+            roles: vec![a.role.clone()],
+            failover_timeout_seconds: 0.0,
+            ..Default::default()
+        })
+        .await?;
+    sched
+        .set_pending(vec![PendingTask { task_id: task_id.clone(), name, resources: ask.to_proto() }])
+        .await?;
+    let outcome = drive(&client, &mut sched, task, &ask).await;
+    let _ = sched.teardown().await;
+    outcome
+}
+
+struct Tail {
+    stdout: u64,
+    stderr: u64,
+}
+
+impl Tail {
+    /// Copies what is new in the task's stdout and stderr to ours.
+    async fn pump(&mut self, client: &Client, task_id: &str) -> anyhow::Result<bool> {
+        let mut moved = false;
+        for (path, off) in [("stdout", &mut self.stdout), ("stderr", &mut self.stderr)] {
+            loop {
+                let (data, size) = client.read_file(task_id, path, *off, 1 << 20).await?;
+                if data.is_empty() {
+                    break;
+                }
+                *off += data.len() as u64;
+                moved = true;
+                if path == "stdout" {
+                    let mut o = tokio::io::stdout();
+                    o.write_all(&data).await?;
+                    o.flush().await?;
+                } else {
+                    let mut e = tokio::io::stderr();
+                    e.write_all(&data).await?;
+                    e.flush().await?;
+                }
+                if *off >= size {
+                    break;
+                }
+            }
+        }
+        Ok(moved)
+    }
+}
+
+fn status_line(s: &TaskStatus) -> String {
+    let state = s.state().short_name();
+    if s.message.is_empty() {
+        format!("task {} {state}", s.task_id)
+    } else {
+        format!("task {} {state}: {}", s.task_id, s.message)
+    }
+}
+
+async fn drive(client: &Client, sched: &mut Scheduler, task: TaskInfo, ask: &Resources) -> anyhow::Result<ExitCode> {
+    let task_id = task.task_id.clone();
+    let mut task = Some(task);
+    let mut tail = Tail { stdout: 0, stderr: 0 };
+    let mut running = false;
+    let mut poll = tokio::time::interval(Duration::from_millis(250));
+    let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
+    let mut killing = false;
+    loop {
+        let ev = tokio::select! {
+            ev = sched.next_event() => ev,
+            _ = poll.tick(), if running => {
+                if let Err(e) = tail.pump(client, &task_id).await {
+                    tracing::debug!("log tail: {e:#}");
+                }
+                continue;
+            }
+            _ = &mut ctrl_c, if !killing => {
+                killing = true;
+                eprintln!("agora: interrupted; killing task {task_id}");
+                if task.is_some() {
+                    return Ok(ExitCode::from(130));
+                }
+                sched.kill(&task_id).await?;
+                continue;
+            }
+        };
+        let Some(ev) = ev else {
+            anyhow::bail!("lost the connection to the master while task {task_id} was in flight; see `agora ps --all`");
+        };
+        match ev {
+            Event::Offers(offers) => {
+                let mut ids: Vec<String> = offers.iter().map(|o| o.offer_id.clone()).collect();
+                let fit = task.as_ref().and_then(|_| {
+                    offers.iter().position(|o| {
+                        Resources::from_proto(&o.resources).map(|r| r.unreserved().contains(ask)).unwrap_or(false)
+                    })
+                });
+                if let Some(i) = fit {
+                    let offer = ids.remove(i);
+                    let t = task.take().expect("checked");
+                    sched.accept(vec![offer], vec![t], None).await?;
+                    eprintln!("task {task_id} STAGING");
+                }
+                if !ids.is_empty() {
+                    // Short filter while we still wait, so freed resources come back soon.
+                    let refuse = if task.is_some() { 1.0 } else { 3600.0 };
+                    sched.decline(ids, Some(refuse)).await?;
+                }
+                if task.is_none() {
+                    sched.suppress().await?;
+                }
+            }
+            Event::Update(s) if s.task_id == task_id => {
+                sched.acknowledge(&s).await?;
+                let state = s.state();
+                if state == TaskState::TaskRunning {
+                    running = true;
+                }
+                if state.is_terminal() {
+                    // The sandbox is final now: copy whatever output is left.
+                    if let Err(e) = tail.pump(client, &task_id).await {
+                        eprintln!("agora: could not read the task's output: {e:#}");
+                    }
+                    eprintln!("{}", status_line(&s));
+                    return Ok(exit_code(&s));
+                }
+                eprintln!("{}", status_line(&s));
+            }
+            Event::Update(s) => sched.acknowledge(&s).await?,
+            Event::Rescind(_) | Event::Heartbeat => {}
+            Event::Error(e) => anyhow::bail!("the master reported an error: {e}"),
+            Event::Failure { agent_id, message } => eprintln!("agora: agent {agent_id} failed: {message}"),
+        }
+    }
+}
+
+/// The guest's exit code when it exited; otherwise a code that says how it ended.
+fn exit_code(s: &TaskStatus) -> ExitCode {
+    match (s.state(), s.exit_code) {
+        (TaskState::TaskFinished, _) => ExitCode::SUCCESS,
+        (_, Some(c)) if (1..=255).contains(&c) => ExitCode::from(c as u8),
+        (TaskState::TaskKilled, _) => ExitCode::from(137),
+        _ if s.reason() == Reason::InvalidModule || s.reason() == Reason::InvalidTask => ExitCode::from(2),
+        _ => ExitCode::from(1),
+    }
+}

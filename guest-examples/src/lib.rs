@@ -1,0 +1,149 @@
+//! Host-side helper for the example guests in `src/bin/`: [`wasm_path`] returns the
+//! path of a built guest module, building all of them first when they are missing or
+//! older than their sources.
+//!
+//! The guests themselves are compiled for `wasm32-wasip1`, and this library is compiled
+//! for that target too (every bin of a package links its lib), so everything here is
+//! cfg'd to the host.
+
+#[cfg(not(target_family = "wasm"))]
+mod host {
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+    use std::sync::OnceLock;
+    use std::time::SystemTime;
+
+    /// The target the guests are built for.
+    pub const TARGET: &str = "wasm32-wasip1";
+
+    /// Directory of this package's sources.
+    fn package_dir() -> &'static Path {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+    }
+
+    /// `<workspace>/target/guests`: a target dir of its own, so building the guests
+    /// never waits on (or invalidates) the host build's lock and artifacts.
+    pub fn guests_target_dir() -> PathBuf {
+        package_dir()
+            .parent()
+            .unwrap_or_else(|| package_dir())
+            .join("target")
+            .join("guests")
+    }
+
+    /// Where cargo puts the built modules.
+    pub fn out_dir() -> PathBuf {
+        guests_target_dir().join(TARGET).join("release")
+    }
+
+    /// Names of the guests: the files in `src/bin/`.
+    fn guest_names() -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(package_dir().join("src").join("bin")) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let path = e.path();
+                (path.extension()? == "rs").then(|| path.file_stem()?.to_str().map(String::from))?
+            })
+            .collect()
+    }
+
+    /// Newest modification time of the files the guests are built from.
+    fn newest_source() -> Option<SystemTime> {
+        fn walk(dir: &Path, newest: &mut Option<SystemTime>) {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return;
+            };
+            for entry in entries.filter_map(|e| e.ok()) {
+                let path = entry.path();
+                if path.is_dir() {
+                    walk(&path, newest);
+                } else if let Ok(modified) = entry.metadata().and_then(|m| m.modified()) {
+                    *newest = (*newest).max(Some(modified));
+                }
+            }
+        }
+        let mut newest = std::fs::metadata(package_dir().join("Cargo.toml"))
+            .and_then(|m| m.modified())
+            .ok();
+        walk(&package_dir().join("src"), &mut newest);
+        newest
+    }
+
+    /// True when every guest exists and is at least as new as every source file.
+    fn up_to_date() -> bool {
+        let Some(newest) = newest_source() else {
+            return false;
+        };
+        let names = guest_names();
+        !names.is_empty()
+            && names.iter().all(|name| {
+                std::fs::metadata(out_dir().join(format!("{name}.wasm")))
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|built| built >= newest)
+            })
+    }
+
+    /// Runs the cargo build of all guests. Cargo's own lock on the target dir makes
+    /// concurrent callers (several test binaries at once) safe.
+    fn build() -> Result<(), String> {
+        // Use the cargo that runs us (tests), so the toolchain matches.
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let manifest = package_dir().join("Cargo.toml");
+        let output = Command::new(&cargo)
+            .args([
+                "build",
+                "--release",
+                "--target",
+                TARGET,
+                "-p",
+                "agora-guest-examples",
+            ])
+            .arg("--manifest-path")
+            .arg(&manifest)
+            .arg("--target-dir")
+            .arg(guests_target_dir())
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", Path::new(&cargo).display()))?;
+        if output.status.success() {
+            return Ok(());
+        }
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        Err(format!(
+            "building the guest examples failed ({}):\n{stderr}\n\
+             hint: if the {TARGET} target is missing, run `rustup target add {TARGET}` \
+             (scripts/build-guests.sh does that and the build)",
+            output.status
+        ))
+    }
+
+    /// Path of the built guest module `name` (a file in `src/bin/`, without `.rs`),
+    /// e.g. `target/guests/wasm32-wasip1/release/hello.wasm`.
+    ///
+    /// The first call in a process builds the guests when any is missing or older than
+    /// its sources; later calls reuse that outcome.
+    ///
+    /// # Panics
+    /// When the build fails (the message says why, with a hint about the target) or
+    /// when there is no guest of that name.
+    pub fn wasm_path(name: &str) -> PathBuf {
+        static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+        let built = BUILT.get_or_init(|| if up_to_date() { Ok(()) } else { build() });
+        if let Err(e) = built {
+            panic!("{e}");
+        }
+        let path = out_dir().join(format!("{name}.wasm"));
+        assert!(
+            path.is_file(),
+            "no guest example named {name:?} (expected {}); guests: {:?}",
+            path.display(),
+            guest_names()
+        );
+        path
+    }
+}
+
+#[cfg(not(target_family = "wasm"))]
+pub use host::{out_dir, wasm_path, TARGET};

@@ -1,0 +1,920 @@
+//! The master's state machine: agents, frameworks, offers and tasks.
+//!
+//! `MasterCore::handle(input, now_ms)` is the only way state changes, and what it wants
+//! done comes back as `Output`s (messages to send, connections to close). It never
+//! touches a socket or a clock, so tests drive it with exact message sequences.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+
+use agora_proto::resources::{format_bytes, format_cpus, CPUS, MEM};
+use agora_proto::v1::{
+    self, call, event, master_to_agent, AgentHello, AgentRegistered, AgentToMaster, Call, Event,
+    KillTask, MasterToAgent, Offer, Pong, Reason, RunTask, SchedulerHello, StatusUpdateAck,
+    Subscribed, TaskInfo, TaskState, TaskStatus, TaskSummary,
+};
+use agora_proto::{is_sha256_hex, Resources};
+
+use crate::allocator::Allocator;
+
+/// Identifies one live connection (agent or scheduler) in the shell.
+pub type ConnId = u64;
+
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// Prefix of every id this master hands out, so ids from different master runs
+    /// never collide.
+    pub id_prefix: String,
+    pub heartbeat_interval_ms: u64,
+    /// An agent silent (or disconnected) this long is removed and its tasks are LOST.
+    pub agent_timeout_ms: u64,
+    /// Failover timeout for frameworks that do not ask for one.
+    pub default_failover_ms: u64,
+    pub default_refuse_ms: u64,
+    /// How many finished tasks are remembered for `ps --all` and logs.
+    pub completed_task_limit: usize,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        Self {
+            id_prefix: "m".into(),
+            heartbeat_interval_ms: 1_000,
+            agent_timeout_ms: 15_000,
+            default_failover_ms: 60_000,
+            default_refuse_ms: 5_000,
+            completed_task_limit: 1_000,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum Input {
+    AgentHello { conn: ConnId, hello: AgentHello },
+    AgentMessage { conn: ConnId, msg: AgentToMaster },
+    AgentClosed { conn: ConnId },
+    SchedulerHello { conn: ConnId, hello: SchedulerHello },
+    SchedulerCall { conn: ConnId, call: Call },
+    SchedulerClosed { conn: ConnId },
+    /// An operator asks to kill a task by id.
+    OperatorKill { task_id: String },
+    /// The artifact store now holds this sha256.
+    ArtifactStored { sha256: String },
+    /// Time passed: check timeouts.
+    Tick,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    ToAgent(ConnId, MasterToAgent),
+    ToScheduler(ConnId, Event),
+    CloseAgent(ConnId, String),
+    CloseScheduler(ConnId, String),
+}
+
+#[derive(Debug)]
+struct AgentState {
+    hostname: String,
+    conn: Option<ConnId>,
+    total: Resources,
+    attributes: Vec<v1::Attribute>,
+    last_seen_ms: u64,
+    /// (framework id, task id) of the tasks running there.
+    tasks: HashSet<(String, String)>,
+}
+
+#[derive(Debug)]
+struct FrameworkState {
+    name: String,
+    conn: Option<ConnId>,
+    failover_ms: u64,
+    disconnected_at: Option<u64>,
+    pending: Vec<v1::PendingTask>,
+}
+
+#[derive(Debug, Clone)]
+struct OfferState {
+    framework_id: String,
+    agent_id: String,
+    resources: Resources,
+}
+
+#[derive(Debug, Clone)]
+struct TaskRecord {
+    framework_id: String,
+    agent_id: String,
+    info: TaskInfo,
+    resources: Resources,
+    status: TaskStatus,
+}
+
+/// Most pending-task descriptions kept per framework, so a framework cannot make the
+/// master hold unbounded state.
+const MAX_PENDING_PER_FRAMEWORK: usize = 10_000;
+
+#[derive(Debug)]
+pub struct MasterCore {
+    cfg: CoreConfig,
+    next_id: u64,
+    agents: BTreeMap<String, AgentState>,
+    agent_by_conn: HashMap<ConnId, String>,
+    frameworks: BTreeMap<String, FrameworkState>,
+    framework_by_conn: HashMap<ConnId, String>,
+    offers: BTreeMap<String, OfferState>,
+    tasks: HashMap<(String, String), TaskRecord>,
+    completed: VecDeque<TaskRecord>,
+    artifacts: HashSet<String>,
+    allocator: Allocator,
+    out: Vec<Output>,
+}
+
+fn status(task_id: &str, agent_id: &str, state: TaskState, reason: Reason, msg: &str, now: u64) -> TaskStatus {
+    TaskStatus {
+        task_id: task_id.to_string(),
+        state: state as i32,
+        reason: reason as i32,
+        message: msg.to_string(),
+        agent_id: agent_id.to_string(),
+        timestamp_ms: now,
+        ..Default::default()
+    }
+}
+
+impl MasterCore {
+    pub fn new(cfg: CoreConfig) -> Self {
+        Self {
+            cfg,
+            next_id: 1,
+            agents: BTreeMap::new(),
+            agent_by_conn: HashMap::new(),
+            frameworks: BTreeMap::new(),
+            framework_by_conn: HashMap::new(),
+            offers: BTreeMap::new(),
+            tasks: HashMap::new(),
+            completed: VecDeque::new(),
+            artifacts: HashSet::new(),
+            allocator: Allocator::new(),
+            out: Vec::new(),
+        }
+    }
+
+    /// Outputs produced by direct calls such as `operator_kill`.
+    pub fn drain_outputs(&mut self) -> Vec<Output> {
+        std::mem::take(&mut self.out)
+    }
+
+    pub fn config(&self) -> &CoreConfig {
+        &self.cfg
+    }
+
+    fn new_id(&mut self, kind: &str) -> String {
+        let id = format!("{}-{kind}{:04}", self.cfg.id_prefix, self.next_id);
+        self.next_id += 1;
+        id
+    }
+
+    /// Feeds one input; returns what the shell must do, in order.
+    pub fn handle(&mut self, input: Input, now: u64) -> Vec<Output> {
+        match input {
+            Input::AgentHello { conn, hello } => self.agent_hello(conn, hello, now),
+            Input::AgentMessage { conn, msg } => self.agent_message(conn, msg, now),
+            Input::AgentClosed { conn } => self.agent_closed(conn, now),
+            Input::SchedulerHello { conn, hello } => self.scheduler_hello(conn, hello),
+            Input::SchedulerCall { conn, call } => self.scheduler_call(conn, call, now),
+            Input::SchedulerClosed { conn } => self.scheduler_closed(conn, now),
+            Input::OperatorKill { task_id } => {
+                if let Err(e) = self.operator_kill(&task_id) {
+                    tracing::info!("operator kill refused: {e}");
+                }
+            }
+            Input::ArtifactStored { sha256 } => {
+                self.artifacts.insert(sha256);
+            }
+            Input::Tick => self.tick(now),
+        }
+        self.allocate(now);
+        std::mem::take(&mut self.out)
+    }
+
+    // ---- agents ---------------------------------------------------------------
+
+    fn agent_hello(&mut self, conn: ConnId, hello: AgentHello, now: u64) {
+        let total = match Resources::from_proto(&hello.resources) {
+            Ok(r) if r.milli_cpus() > 0 && r.mem_bytes() > 0 => r,
+            Ok(r) => {
+                let msg = format!("agent advertises {r}; it needs both cpus and mem above zero");
+                self.out.push(Output::CloseAgent(conn, msg));
+                return;
+            }
+            Err(e) => {
+                self.out.push(Output::CloseAgent(conn, format!("bad resources: {e}")));
+                return;
+            }
+        };
+        let agent_id = if hello.agent_id.is_empty() { self.new_id("A") } else { hello.agent_id.clone() };
+        if let Some(old) = self.agents.get(&agent_id) {
+            // Re-registration: the old connection, if still around, is stale.
+            if let Some(old_conn) = old.conn {
+                if old_conn != conn {
+                    self.agent_by_conn.remove(&old_conn);
+                    self.out.push(Output::CloseAgent(old_conn, "agent re-registered on a new connection".into()));
+                }
+            }
+            self.remove_agent_offers(&agent_id);
+            self.allocator.remove_agent(&agent_id);
+        }
+        // Tasks the agent reports as running are the truth about that agent.
+        let mut used = Resources::new();
+        let mut task_keys = HashSet::new();
+        for rt in &hello.tasks {
+            let (Some(info), Some(st)) = (&rt.task, &rt.status) else { continue };
+            let Ok(res) = Resources::from_proto(&info.resources) else { continue };
+            let key = (rt.framework_id.clone(), info.task_id.clone());
+            if !self.tasks.contains_key(&key) {
+                used.add(&res);
+            } else if let Some(existing) = self.tasks.get(&key) {
+                if existing.agent_id == agent_id {
+                    used.add(&res);
+                }
+            }
+            self.tasks.insert(
+                key.clone(),
+                TaskRecord {
+                    framework_id: rt.framework_id.clone(),
+                    agent_id: agent_id.clone(),
+                    info: info.clone(),
+                    resources: res,
+                    status: st.clone(),
+                },
+            );
+            task_keys.insert(key);
+        }
+        // Tasks we believed were there but the agent does not report are gone.
+        if let Some(prev) = self.agents.get(&agent_id) {
+            let missing: Vec<_> = prev.tasks.difference(&task_keys).cloned().collect();
+            for key in missing {
+                self.master_terminal(&key, TaskState::TaskLost, Reason::AgentRemoved,
+                    "the agent re-registered without this task", now);
+            }
+        }
+        self.allocator.add_agent(&agent_id, total.clone(), Resources::new());
+        for key in &task_keys {
+            let rec = &self.tasks[key];
+            if !rec.status().is_terminal() {
+                self.allocator.track_used(&rec.framework_id, &agent_id, &rec.resources);
+            }
+        }
+        self.agents.insert(
+            agent_id.clone(),
+            AgentState {
+                hostname: hello.hostname,
+                conn: Some(conn),
+                total,
+                attributes: hello.attributes,
+                last_seen_ms: now,
+                tasks: task_keys,
+            },
+        );
+        self.agent_by_conn.insert(conn, agent_id.clone());
+        tracing::info!(agent = %agent_id, "agent registered");
+        self.out.push(Output::ToAgent(
+            conn,
+            MasterToAgent {
+                msg: Some(master_to_agent::Msg::Registered(AgentRegistered {
+                    agent_id,
+                    heartbeat_interval_ms: self.cfg.heartbeat_interval_ms,
+                })),
+            },
+        ));
+    }
+
+    fn agent_message(&mut self, conn: ConnId, msg: AgentToMaster, now: u64) {
+        let Some(agent_id) = self.agent_by_conn.get(&conn).cloned() else {
+            self.out.push(Output::CloseAgent(conn, "message from an unregistered agent".into()));
+            return;
+        };
+        if let Some(a) = self.agents.get_mut(&agent_id) {
+            a.last_seen_ms = now;
+        }
+        use v1::agent_to_master::Msg;
+        match msg.msg {
+            Some(Msg::Ping(p)) => self.out.push(Output::ToAgent(
+                conn,
+                MasterToAgent { msg: Some(master_to_agent::Msg::Pong(Pong { seq: p.seq })) },
+            )),
+            Some(Msg::StatusUpdate(u)) => self.status_update(conn, &agent_id, u, now),
+            None => {}
+        }
+    }
+
+    fn status_update(&mut self, conn: ConnId, agent_id: &str, u: v1::StatusUpdate, now: u64) {
+        let Some(mut st) = u.status else { return };
+        st.agent_id = agent_id.to_string();
+        let key = (u.framework_id.clone(), st.task_id.clone());
+        let new_state = st.state();
+        if let Some(rec) = self.tasks.get_mut(&key) {
+            // An update for a task we already saw end (a retry) changes nothing.
+            if !rec.status().is_terminal() {
+                rec.status = st.clone();
+                rec.status.timestamp_ms = now.max(st.timestamp_ms);
+            }
+        }
+        if new_state.is_terminal() {
+            self.finish_task(&key);
+        }
+        let fw_conn = self.frameworks.get(&u.framework_id).and_then(|f| f.conn);
+        match fw_conn {
+            Some(fc) => self.out.push(Output::ToScheduler(
+                fc,
+                Event { event: Some(event::Event::Update(v1::Update { status: Some(st) })) },
+            )),
+            None if !self.frameworks.contains_key(&u.framework_id) => {
+                // Nobody will ever acknowledge this: the framework is gone.
+                self.out.push(Output::ToAgent(
+                    conn,
+                    MasterToAgent {
+                        msg: Some(master_to_agent::Msg::Ack(StatusUpdateAck {
+                            framework_id: u.framework_id,
+                            task_id: st.task_id,
+                            uuid: st.uuid,
+                        })),
+                    },
+                ));
+            }
+            // Framework disconnected but within failover: the agent keeps retrying.
+            None => {}
+        }
+    }
+
+    /// Moves a task that reached a terminal state out of the active table and gives its
+    /// resources back.
+    fn finish_task(&mut self, key: &(String, String)) {
+        let Some(rec) = self.tasks.remove(key) else { return };
+        if let Some(a) = self.agents.get_mut(&rec.agent_id) {
+            a.tasks.remove(key);
+        }
+        self.allocator.recover(&rec.framework_id, &rec.agent_id, &rec.resources, None);
+        self.completed.push_back(rec);
+        while self.completed.len() > self.cfg.completed_task_limit {
+            self.completed.pop_front();
+        }
+    }
+
+    /// A terminal state decided by the master itself (agent lost, invalid launch...).
+    fn master_terminal(&mut self, key: &(String, String), state: TaskState, reason: Reason, msg: &str, now: u64) {
+        let Some(rec) = self.tasks.get_mut(key) else { return };
+        rec.status = status(&key.1, &rec.agent_id.clone(), state, reason, msg, now);
+        let st = rec.status.clone();
+        self.finish_task(key);
+        self.send_update(&key.0, st);
+    }
+
+    fn send_update(&mut self, framework_id: &str, st: TaskStatus) {
+        if let Some(fc) = self.frameworks.get(framework_id).and_then(|f| f.conn) {
+            self.out.push(Output::ToScheduler(
+                fc,
+                Event { event: Some(event::Event::Update(v1::Update { status: Some(st) })) },
+            ));
+        }
+    }
+
+    fn agent_closed(&mut self, conn: ConnId, now: u64) {
+        let Some(agent_id) = self.agent_by_conn.remove(&conn) else { return };
+        tracing::warn!(agent = %agent_id, "agent disconnected; its tasks are kept until it returns or times out");
+        if let Some(a) = self.agents.get_mut(&agent_id) {
+            a.conn = None;
+            a.last_seen_ms = now;
+        }
+        self.allocator.set_agent_active(&agent_id, false);
+        self.remove_agent_offers(&agent_id);
+    }
+
+    fn remove_agent_offers(&mut self, agent_id: &str) {
+        let ids: Vec<String> =
+            self.offers.iter().filter(|(_, o)| o.agent_id == agent_id).map(|(id, _)| id.clone()).collect();
+        for id in ids {
+            self.rescind(&id);
+        }
+    }
+
+    fn rescind(&mut self, offer_id: &str) {
+        let Some(o) = self.offers.remove(offer_id) else { return };
+        self.allocator.recover(&o.framework_id, &o.agent_id, &o.resources, None);
+        if let Some(fc) = self.frameworks.get(&o.framework_id).and_then(|f| f.conn) {
+            self.out.push(Output::ToScheduler(
+                fc,
+                Event { event: Some(event::Event::Rescind(v1::Rescind { offer_id: offer_id.to_string() })) },
+            ));
+        }
+    }
+
+    fn remove_agent(&mut self, agent_id: &str, why: &str, now: u64) {
+        self.remove_agent_offers(agent_id);
+        let Some(a) = self.agents.remove(agent_id) else { return };
+        if let Some(c) = a.conn {
+            self.agent_by_conn.remove(&c);
+            self.out.push(Output::CloseAgent(c, why.to_string()));
+        }
+        for key in a.tasks {
+            self.master_terminal(&key, TaskState::TaskLost, Reason::AgentRemoved, why, now);
+        }
+        self.allocator.remove_agent(agent_id);
+        tracing::warn!(agent = %agent_id, "agent removed: {why}");
+    }
+
+    // ---- frameworks -----------------------------------------------------------
+
+    fn scheduler_hello(&mut self, conn: ConnId, hello: SchedulerHello) {
+        let info = hello.framework.unwrap_or_default();
+        let role = info.roles.first().cloned().unwrap_or_else(|| "*".into());
+        let failover_ms = if info.failover_timeout_seconds > 0.0 && info.failover_timeout_seconds.is_finite() {
+            (info.failover_timeout_seconds * 1000.0).min(365.0 * 86_400_000.0) as u64
+        } else {
+            self.cfg.default_failover_ms
+        };
+        let id = if info.framework_id.is_empty() { self.new_id("F") } else { info.framework_id.clone() };
+        if let Some(old) = self.frameworks.get(&id) {
+            if let Some(oc) = old.conn {
+                if oc != conn {
+                    self.framework_by_conn.remove(&oc);
+                    self.out.push(Output::CloseScheduler(oc, "framework failed over to a new connection".into()));
+                }
+            }
+        }
+        let name = if info.name.is_empty() { "unnamed".to_string() } else { info.name };
+        let pending = self.frameworks.remove(&id).map(|f| f.pending).unwrap_or_default();
+        self.frameworks.insert(
+            id.clone(),
+            FrameworkState { name, conn: Some(conn), failover_ms, disconnected_at: None, pending },
+        );
+        self.framework_by_conn.insert(conn, id.clone());
+        self.allocator.add_framework(&id, &role);
+        tracing::info!(framework = %id, "framework subscribed");
+        self.out.push(Output::ToScheduler(
+            conn,
+            Event {
+                event: Some(event::Event::Subscribed(Subscribed {
+                    framework_id: id,
+                    heartbeat_interval_ms: self.cfg.heartbeat_interval_ms,
+                })),
+            },
+        ));
+    }
+
+    fn scheduler_closed(&mut self, conn: ConnId, now: u64) {
+        let Some(id) = self.framework_by_conn.remove(&conn) else { return };
+        let Some(f) = self.frameworks.get_mut(&id) else { return };
+        f.conn = None;
+        f.disconnected_at = Some(now);
+        tracing::info!(framework = %id, "framework disconnected; failover timeout {} ms", f.failover_ms);
+        self.allocator.set_framework_active(&id, false);
+        let ids: Vec<String> =
+            self.offers.iter().filter(|(_, o)| o.framework_id == id).map(|(k, _)| k.clone()).collect();
+        for oid in ids {
+            self.rescind(&oid);
+        }
+    }
+
+    fn error(&mut self, conn: ConnId, message: String) {
+        self.out.push(Output::ToScheduler(conn, Event { event: Some(event::Event::Error(v1::Error { message })) }));
+    }
+
+    fn scheduler_call(&mut self, conn: ConnId, call: Call, now: u64) {
+        let Some(fid) = self.framework_by_conn.get(&conn).cloned() else {
+            self.out.push(Output::CloseScheduler(conn, "call before SUBSCRIBE".into()));
+            return;
+        };
+        match call.call {
+            Some(call::Call::Accept(a)) => self.accept(conn, &fid, a, now),
+            Some(call::Call::Decline(d)) => {
+                let refuse = self.refuse_ms(d.filters.as_ref());
+                for oid in d.offer_ids {
+                    match self.offers.get(&oid) {
+                        Some(o) if o.framework_id == fid => {
+                            let o = self.offers.remove(&oid).expect("present");
+                            self.allocator.recover(&fid, &o.agent_id, &o.resources, Some(now + refuse));
+                        }
+                        _ => self.error(conn, format!("decline: offer {oid} is not an outstanding offer of this framework")),
+                    }
+                }
+            }
+            Some(call::Call::Kill(k)) => {
+                let key = (fid.clone(), k.task_id.clone());
+                if let Err(e) = self.kill(&key) {
+                    self.error(conn, format!("kill: {e}"));
+                }
+            }
+            Some(call::Call::Acknowledge(a)) => {
+                if let Some(c) = self.agents.get(&a.agent_id).and_then(|ag| ag.conn) {
+                    self.out.push(Output::ToAgent(
+                        c,
+                        MasterToAgent {
+                            msg: Some(master_to_agent::Msg::Ack(StatusUpdateAck {
+                                framework_id: fid,
+                                task_id: a.task_id,
+                                uuid: a.uuid,
+                            })),
+                        },
+                    ));
+                }
+            }
+            Some(call::Call::Reconcile(r)) => self.reconcile(conn, &fid, r.task_ids, now),
+            Some(call::Call::Revive(_)) => self.allocator.suppress(&fid, false),
+            Some(call::Call::Suppress(_)) => self.allocator.suppress(&fid, true),
+            Some(call::Call::Teardown(_)) => self.teardown(&fid, "framework asked for TEARDOWN"),
+            Some(call::Call::Pending(p)) => {
+                if let Some(f) = self.frameworks.get_mut(&fid) {
+                    f.pending = p.tasks;
+                    f.pending.truncate(MAX_PENDING_PER_FRAMEWORK);
+                }
+            }
+            None => self.error(conn, "empty call".into()),
+        }
+    }
+
+    fn refuse_ms(&self, f: Option<&v1::Filters>) -> u64 {
+        match f.and_then(|f| f.refuse_seconds) {
+            Some(s) if s.is_finite() && s >= 0.0 => (s * 1000.0).min(31_536_000_000.0) as u64,
+            _ => self.cfg.default_refuse_ms,
+        }
+    }
+
+    fn accept(&mut self, conn: ConnId, fid: &str, a: v1::Accept, now: u64) {
+        // Every offer must be ours, outstanding and on one agent.
+        let mut agent_id: Option<String> = None;
+        for oid in &a.offer_ids {
+            let problem = match self.offers.get(oid) {
+                None => Some(format!("offer {oid} is unknown, already used or rescinded")),
+                Some(o) if o.framework_id != fid => Some(format!("offer {oid} belongs to another framework")),
+                Some(o) => match &agent_id {
+                    Some(ag) if *ag != o.agent_id => Some("offers from different agents cannot be combined".into()),
+                    _ => {
+                        agent_id = Some(o.agent_id.clone());
+                        None
+                    }
+                },
+            };
+            if let Some(p) = problem {
+                self.error(conn, format!("accept: {p}"));
+                for t in &a.launch {
+                    let st = status(&t.task_id, "", TaskState::TaskDropped, Reason::InvalidTask, &format!("launch refused: {p}"), now);
+                    self.send_update(fid, st);
+                }
+                return;
+            }
+        }
+        let Some(agent_id) = agent_id else {
+            self.error(conn, "accept: no offers named".into());
+            return;
+        };
+        let mut pool = Resources::new();
+        for oid in &a.offer_ids {
+            let o = self.offers.remove(oid).expect("checked above");
+            pool.add(&o.resources);
+        }
+        let agent_conn = self.agents.get(&agent_id).and_then(|ag| ag.conn);
+        for mut task in a.launch {
+            task.agent_id = agent_id.clone();
+            let checked = self.validate_task(fid, &task).and_then(|res| {
+                match pool.checked_sub(&res.unreserved()) {
+                    Some(left) => Ok((res, left)),
+                    None => Err(format!("task asks for {res} but the offers hold only {pool} (after earlier tasks in this accept)")),
+                }
+            });
+            let (res, left) = match checked {
+                Ok(v) => v,
+                Err(e) => {
+                    let st = status(&task.task_id, &agent_id, TaskState::TaskError, Reason::InvalidTask, &e, now);
+                    self.send_update(fid, st);
+                    continue;
+                }
+            };
+            let Some(ac) = agent_conn else {
+                let st = status(&task.task_id, &agent_id, TaskState::TaskLost, Reason::AgentDisconnected,
+                    "the agent disconnected before the task could be sent", now);
+                self.send_update(fid, st);
+                continue;
+            };
+            pool = left;
+            let key = (fid.to_string(), task.task_id.clone());
+            let st = status(&task.task_id, &agent_id, TaskState::TaskStaging, Reason::Unspecified, "", now);
+            self.tasks.insert(
+                key.clone(),
+                TaskRecord { framework_id: fid.to_string(), agent_id: agent_id.clone(), info: task.clone(), resources: res, status: st },
+            );
+            if let Some(ag) = self.agents.get_mut(&agent_id) {
+                ag.tasks.insert(key);
+            }
+            if let Some(f) = self.frameworks.get_mut(fid) {
+                f.pending.retain(|p| p.task_id != task.task_id);
+            }
+            self.out.push(Output::ToAgent(
+                ac,
+                MasterToAgent {
+                    msg: Some(master_to_agent::Msg::RunTask(RunTask { framework_id: fid.to_string(), task: Some(task) })),
+                },
+            ));
+        }
+        // What the tasks did not use goes back, filtered for a while (Mesos semantics).
+        if !pool.is_empty() {
+            let refuse = self.refuse_ms(a.filters.as_ref());
+            self.allocator.recover(fid, &agent_id, &pool, Some(now + refuse));
+        }
+    }
+
+    /// Checks a task before launch; returns its resources.
+    fn validate_task(&self, fid: &str, t: &TaskInfo) -> Result<Resources, String> {
+        if t.task_id.is_empty() || t.task_id.len() > 200 || t.task_id.contains(['/', '\0']) || t.task_id.starts_with('.') {
+            return Err(format!("task id `{}` is not valid: use 1-200 characters, no '/' and no leading '.'", t.task_id));
+        }
+        if self.tasks.contains_key(&(fid.to_string(), t.task_id.clone())) {
+            return Err(format!("task id {} is already in use by a live task of this framework", t.task_id));
+        }
+        let res = Resources::from_proto(&t.resources)?;
+        if res.milli_cpus() <= 0 || res.mem_bytes() <= 0 {
+            return Err(format!("task asks for {res}; it must ask for some cpus and mem"));
+        }
+        let m = t.module.as_ref().ok_or("task names no module")?;
+        if !is_sha256_hex(&m.sha256) {
+            return Err(format!("module hash `{}` is not a sha256 in hex", m.sha256));
+        }
+        if !self.artifacts.contains(&m.sha256) {
+            return Err(format!("module {} was never uploaded to this master", m.sha256));
+        }
+        for i in &t.inputs {
+            if !is_sha256_hex(&i.sha256) || !self.artifacts.contains(&i.sha256) {
+                return Err(format!("input {} ({}) was never uploaded to this master", i.dest, i.sha256));
+            }
+            check_rel_path(&i.dest)?;
+        }
+        for d in &t.dirs {
+            check_rel_path(d)?;
+        }
+        Ok(res)
+    }
+
+    fn kill(&mut self, key: &(String, String)) -> Result<(), String> {
+        let rec = self.tasks.get(key).ok_or_else(|| format!("no live task {} in framework {}", key.1, key.0))?;
+        let conn = self.agents.get(&rec.agent_id).and_then(|a| a.conn).ok_or_else(|| {
+            format!("task {} is on agent {}, which is disconnected; it will be killed when it returns", key.1, rec.agent_id)
+        })?;
+        self.out.push(Output::ToAgent(
+            conn,
+            MasterToAgent {
+                msg: Some(master_to_agent::Msg::KillTask(KillTask { framework_id: key.0.clone(), task_id: key.1.clone() })),
+            },
+        ));
+        Ok(())
+    }
+
+    /// Kill by task id alone, for operators. Task ids are unique per framework, so an id
+    /// used by two frameworks is refused as ambiguous.
+    pub fn operator_kill(&mut self, task_id: &str) -> Result<(), String> {
+        let keys: Vec<_> = self.tasks.keys().filter(|(_, t)| t == task_id).cloned().collect();
+        match keys.as_slice() {
+            [] => Err(format!("no live task with id {task_id} (see `agora ps --all`)")),
+            [key] => self.kill(&key.clone()),
+            _ => Err(format!("task id {task_id} is used by {} frameworks; cannot tell which", keys.len())),
+        }
+    }
+
+    fn reconcile(&mut self, conn: ConnId, fid: &str, ids: Vec<String>, now: u64) {
+        let statuses: Vec<TaskStatus> = if ids.is_empty() {
+            self.tasks.values().filter(|t| t.framework_id == fid).map(|t| t.status.clone()).collect()
+        } else {
+            ids.iter()
+                .map(|id| {
+                    let key = (fid.to_string(), id.clone());
+                    if let Some(t) = self.tasks.get(&key) {
+                        t.status.clone()
+                    } else if let Some(t) = self.completed.iter().rev().find(|t| t.framework_id == fid && t.info.task_id == *id) {
+                        t.status.clone()
+                    } else {
+                        status(id, "", TaskState::TaskUnknown, Reason::Reconciliation, "the master knows no such task", now)
+                    }
+                })
+                .collect()
+        };
+        for mut st in statuses {
+            st.uuid.clear(); // reconciliation answers are not acknowledged
+            st.reason = Reason::Reconciliation as i32;
+            self.out.push(Output::ToScheduler(conn, Event { event: Some(event::Event::Update(v1::Update { status: Some(st) })) }));
+        }
+    }
+
+    fn teardown(&mut self, fid: &str, why: &str) {
+        let keys: Vec<_> = self.tasks.keys().filter(|(f, _)| f == fid).cloned().collect();
+        for key in keys {
+            let _ = self.kill(&key);
+        }
+        let offers: Vec<String> = self.offers.iter().filter(|(_, o)| o.framework_id == fid).map(|(k, _)| k.clone()).collect();
+        for oid in offers {
+            self.rescind(&oid);
+        }
+        if let Some(f) = self.frameworks.remove(fid) {
+            if let Some(c) = f.conn {
+                self.framework_by_conn.remove(&c);
+                self.out.push(Output::CloseScheduler(c, why.to_string()));
+            }
+        }
+        for a in self.agents.values().filter_map(|a| a.conn) {
+            self.out.push(Output::ToAgent(
+                a,
+                MasterToAgent {
+                    msg: Some(master_to_agent::Msg::ShutdownFramework(v1::ShutdownFramework { framework_id: fid.to_string() })),
+                },
+            ));
+        }
+        self.allocator.remove_framework(fid);
+        tracing::info!(framework = %fid, "framework removed: {why}");
+    }
+
+    // ---- time -----------------------------------------------------------------
+
+    fn tick(&mut self, now: u64) {
+        let timeout = self.cfg.agent_timeout_ms;
+        let silent: Vec<(String, bool)> = self
+            .agents
+            .iter()
+            .filter(|(_, a)| now.saturating_sub(a.last_seen_ms) > timeout)
+            .map(|(id, a)| (id.clone(), a.conn.is_some()))
+            .collect();
+        for (id, connected) in silent {
+            let why = if connected {
+                format!("no heartbeat from agent {id} for {} s", timeout / 1000)
+            } else {
+                format!("agent {id} stayed disconnected for more than {} s", timeout / 1000)
+            };
+            self.remove_agent(&id, &why, now);
+        }
+        let expired: Vec<String> = self
+            .frameworks
+            .iter()
+            .filter(|(_, f)| f.disconnected_at.is_some_and(|t| now.saturating_sub(t) >= f.failover_ms))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            self.teardown(&id, "framework did not come back within its failover timeout");
+        }
+    }
+
+    fn allocate(&mut self, now: u64) {
+        let allocations = self.allocator.allocate(now);
+        let mut by_fw: BTreeMap<String, Vec<Offer>> = BTreeMap::new();
+        for al in allocations {
+            let offer_id = self.new_id("O");
+            let agent = &self.agents[&al.agent_id];
+            let offer = Offer {
+                offer_id: offer_id.clone(),
+                framework_id: al.framework_id.clone(),
+                agent_id: al.agent_id.clone(),
+                hostname: agent.hostname.clone(),
+                role: al.role.clone(),
+                resources: al.resources.to_proto(),
+                attributes: agent.attributes.clone(),
+            };
+            self.offers.insert(
+                offer_id,
+                OfferState { framework_id: al.framework_id.clone(), agent_id: al.agent_id, resources: al.resources },
+            );
+            by_fw.entry(al.framework_id).or_default().push(offer);
+        }
+        for (fid, offers) in by_fw {
+            let conn = self.frameworks.get(&fid).and_then(|f| f.conn).expect("allocator offers only to connected frameworks");
+            self.out.push(Output::ToScheduler(conn, Event { event: Some(event::Event::Offers(v1::Offers { offers })) }));
+        }
+    }
+
+    // ---- queries (operator API) ---------------------------------------------
+
+    /// The agent connection and framework of a task, live or recently finished, so
+    /// the shell can read its sandbox.
+    pub fn locate_task(&self, task_id: &str) -> Result<(ConnId, String), String> {
+        let rec = self
+            .tasks
+            .values()
+            .find(|t| t.info.task_id == task_id)
+            .or_else(|| self.completed.iter().rev().find(|t| t.info.task_id == task_id))
+            .ok_or_else(|| format!("no task with id {task_id} (see `agora ps --all`)"))?;
+        let conn = self
+            .agents
+            .get(&rec.agent_id)
+            .and_then(|a| a.conn)
+            .ok_or_else(|| format!("task {task_id} ran on agent {}, which is not connected now", rec.agent_id))?;
+        Ok((conn, rec.framework_id.clone()))
+    }
+
+    pub fn list_tasks(&self, all: bool) -> Vec<TaskSummary> {
+        let summary = |t: &TaskRecord, fw_name: &str| TaskSummary {
+            task_id: t.info.task_id.clone(),
+            name: t.info.name.clone(),
+            framework_id: t.framework_id.clone(),
+            framework_name: fw_name.to_string(),
+            agent_id: t.agent_id.clone(),
+            state: t.status.state,
+            reason: t.status.reason,
+            message: t.status.message.clone(),
+            resources: t.info.resources.clone(),
+            waiting_for: String::new(),
+            exit_code: t.status.exit_code,
+            updated_ms: t.status.timestamp_ms,
+        };
+        let fw_name = |id: &str| self.frameworks.get(id).map(|f| f.name.clone()).unwrap_or_default();
+        let mut out: Vec<TaskSummary> = Vec::new();
+        for (fid, f) in &self.frameworks {
+            for p in &f.pending {
+                out.push(TaskSummary {
+                    task_id: p.task_id.clone(),
+                    name: p.name.clone(),
+                    framework_id: fid.clone(),
+                    framework_name: f.name.clone(),
+                    state: TaskState::Unspecified as i32,
+                    resources: p.resources.clone(),
+                    waiting_for: self.explain_pending(fid, p),
+                    ..Default::default()
+                });
+            }
+        }
+        let mut live: Vec<&TaskRecord> = self.tasks.values().collect();
+        live.sort_by(|a, b| a.status.timestamp_ms.cmp(&b.status.timestamp_ms).then(a.info.task_id.cmp(&b.info.task_id)));
+        out.extend(live.into_iter().map(|t| summary(t, &fw_name(&t.framework_id))));
+        if all {
+            out.extend(self.completed.iter().map(|t| summary(t, &fw_name(&t.framework_id))));
+        }
+        out
+    }
+
+    /// Why a task waits, with data: what it asks and the most any agent has.
+    pub fn explain_pending(&self, fid: &str, p: &v1::PendingTask) -> String {
+        let Ok(ask) = Resources::from_proto(&p.resources) else { return "its resources are malformed".into() };
+        if self.agents.is_empty() {
+            return "no agents are registered".into();
+        }
+        let max_total = self.allocator.max_total();
+        let max_free = self.allocator.max_free();
+        let fmt = |n: &str, v: i64| if n == CPUS { format_cpus(v) } else if n == MEM { format_bytes(v) } else { v.to_string() };
+        let mut reasons = Vec::new();
+        for n in ask.names() {
+            let want = ask.get(&n);
+            if want > max_total.get(&n) {
+                reasons.push(format!(
+                    "{n}: asks {}, no agent has that much (the largest has {})",
+                    fmt(&n, want),
+                    fmt(&n, max_total.get(&n))
+                ));
+            } else if want > max_free.get(&n) {
+                reasons.push(format!(
+                    "{n}: asks {}, the most any agent has free is {}",
+                    fmt(&n, want),
+                    fmt(&n, max_free.get(&n))
+                ));
+            }
+        }
+        if !reasons.is_empty() {
+            return reasons.join("; ");
+        }
+        match self.frameworks.get(fid) {
+            Some(f) if f.conn.is_none() => "its framework is disconnected".into(),
+            _ => "resources are free; waiting for the next offer".into(),
+        }
+    }
+
+    pub fn agents(&self) -> Vec<v1::AgentSummary> {
+        self.agents
+            .iter()
+            .map(|(id, a)| {
+                let free = self.allocator.agent_free(id).unwrap_or_default();
+                v1::AgentSummary {
+                    agent_id: id.clone(),
+                    hostname: a.hostname.clone(),
+                    total: a.total.to_proto(),
+                    allocated: a.total.checked_sub(&free).unwrap_or_default().to_proto(),
+                    attributes: a.attributes.clone(),
+                }
+            })
+            .collect()
+    }
+
+    pub fn has_artifact(&self, sha: &str) -> bool {
+        self.artifacts.contains(sha)
+    }
+}
+
+impl TaskRecord {
+    fn status(&self) -> TaskState {
+        self.status.state()
+    }
+}
+
+/// A sandbox-relative path must stay inside the sandbox.
+fn check_rel_path(p: &str) -> Result<(), String> {
+    let bad = p.is_empty()
+        || p.starts_with('/')
+        || p.contains('\0')
+        || p.split('/').any(|c| c == ".." )
+        || p.len() > 4096;
+    if bad {
+        Err(format!("sandbox path `{p}` must be relative and must not contain `..`"))
+    } else {
+        Ok(())
+    }
+}

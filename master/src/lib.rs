@@ -1,0 +1,12 @@
+//! The Agora master: turns agents' resources into offers, launches frameworks' tasks
+//! on agents and relays their status.
+//!
+//! - `allocator`: the pure DRF allocator.
+//! - `core`: the pure state machine (agents, frameworks, offers, tasks).
+//! - `server`: the QUIC shell that feeds the core and carries out its outputs.
+//! - `artifacts`: the content-addressed store of modules and inputs.
+
+pub mod allocator;
+pub mod artifacts;
+pub mod core;
+pub mod server;

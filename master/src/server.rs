@@ -1,0 +1,402 @@
+//! The master's I/O shell: accepts QUIC connections, reads frames, feeds the core,
+//! and carries out its outputs. All decisions live in `core`.
+//!
+//! Every peer's outgoing messages go through a bounded channel; a peer too slow to
+//! drain it is disconnected rather than allowed to grow our memory.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agora_proto::tls::{self, Identity, Role};
+use agora_proto::v1::{
+    self, operator_request, stream_open, ArtifactHeader, Event, MasterToAgent, OperatorRequest,
+    OperatorResponse, SandboxData, SandboxRead, StreamOpen,
+};
+use agora_proto::{read_frame, transfer, unix_millis, write_frame};
+use tokio::sync::mpsc;
+
+use crate::artifacts::ArtifactStore;
+use crate::core::{ConnId, CoreConfig, Input, MasterCore, Output};
+
+/// Messages queued to one peer before it counts as stuck and is disconnected.
+const PEER_QUEUE: usize = 4096;
+/// Largest read an operator may ask of a sandbox file in one request.
+const MAX_READ: u32 = 1024 * 1024;
+
+pub struct MasterConfig {
+    pub bind: SocketAddr,
+    pub data_dir: PathBuf,
+    pub identity: Identity,
+    pub core: CoreConfig,
+}
+
+enum Out<M> {
+    Msg(M),
+    Close(String),
+}
+
+struct Shared {
+    core: MasterCore,
+    agents: HashMap<ConnId, (mpsc::Sender<Out<MasterToAgent>>, quinn::Connection)>,
+    schedulers: HashMap<ConnId, mpsc::Sender<Out<Event>>>,
+}
+
+impl Shared {
+    /// Runs the core on one input and carries out what it asks.
+    fn feed(&mut self, input: Input) {
+        let outs = self.core.handle(input, unix_millis());
+        self.dispatch(outs);
+    }
+
+    fn dispatch(&mut self, outs: Vec<Output>) {
+        for o in outs {
+            match o {
+                Output::ToAgent(c, m) => {
+                    if let Some((tx, _)) = self.agents.get(&c) {
+                        if tx.try_send(Out::Msg(m)).is_err() {
+                            tracing::warn!(conn = c, "agent is not draining its messages; disconnecting it");
+                            if let Some((_, q)) = self.agents.remove(&c) {
+                                q.close(1u32.into(), b"too slow");
+                            }
+                        }
+                    }
+                }
+                Output::ToScheduler(c, e) => {
+                    if let Some(tx) = self.schedulers.get(&c) {
+                        if tx.try_send(Out::Msg(e)).is_err() {
+                            tracing::warn!(conn = c, "framework is not draining its events; disconnecting it");
+                            self.schedulers.remove(&c);
+                        }
+                    }
+                }
+                Output::CloseAgent(c, why) => {
+                    if let Some((tx, _)) = self.agents.remove(&c) {
+                        let _ = tx.try_send(Out::Close(why));
+                    }
+                }
+                Output::CloseScheduler(c, why) => {
+                    if let Some(tx) = self.schedulers.remove(&c) {
+                        let _ = tx.try_send(Out::Close(why));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A running master.
+pub struct MasterHandle {
+    pub addr: SocketAddr,
+    endpoint: quinn::Endpoint,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl MasterHandle {
+    /// Stops accepting, closes every connection and waits briefly for them to go.
+    pub async fn shutdown(self) {
+        self.endpoint.close(0u32.into(), b"master shutting down");
+        for t in &self.tasks {
+            t.abort();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+pub async fn start(cfg: MasterConfig) -> anyhow::Result<MasterHandle> {
+    let store = ArtifactStore::open(&cfg.data_dir.join("artifacts"))?;
+    let endpoint = tls::server_endpoint(cfg.bind, &cfg.identity)?;
+    let addr = endpoint.local_addr()?;
+    let mut core = MasterCore::new(cfg.core.clone());
+    for sha in store.list()? {
+        core.handle(Input::ArtifactStored { sha256: sha }, unix_millis());
+    }
+    let shared = Arc::new(Mutex::new(Shared { core, agents: HashMap::new(), schedulers: HashMap::new() }));
+    let next_conn = Arc::new(AtomicU64::new(1));
+
+    let ticker = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut iv = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                iv.tick().await;
+                shared.lock().expect("master state lock").feed(Input::Tick);
+            }
+        })
+    };
+    let acceptor = {
+        let endpoint = endpoint.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = endpoint.accept().await {
+                let ctx = Ctx { shared: shared.clone(), store: store.clone(), next_conn: next_conn.clone() };
+                tokio::spawn(async move {
+                    match incoming.await {
+                        Ok(conn) => ctx.serve_connection(conn).await,
+                        Err(e) => tracing::info!("incoming connection failed: {e}"),
+                    }
+                });
+            }
+        })
+    };
+    tracing::info!(%addr, "master listening (QUIC)");
+    Ok(MasterHandle { addr, endpoint, tasks: vec![ticker, acceptor] })
+}
+
+#[derive(Clone)]
+struct Ctx {
+    shared: Arc<Mutex<Shared>>,
+    store: ArtifactStore,
+    next_conn: Arc<AtomicU64>,
+}
+
+type Send = quinn::SendStream;
+type Recv = quinn::RecvStream;
+
+impl Ctx {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().expect("master state lock")
+    }
+
+    async fn serve_connection(self, conn: quinn::Connection) {
+        let role = tls::peer_role(&conn);
+        let remote = conn.remote_address();
+        loop {
+            let (send, mut recv) = match conn.accept_bi().await {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+            let ctx = self.clone();
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                let open: StreamOpen = match read_frame(&mut recv).await {
+                    Ok(Some(o)) => o,
+                    Ok(None) => return,
+                    Err(e) => {
+                        tracing::warn!(%remote, "bad first frame on a stream: {e}");
+                        conn.close(2u32.into(), format!("bad frame: {e}").as_bytes());
+                        return;
+                    }
+                };
+                let r = match open.kind {
+                    Some(stream_open::Kind::Agent(h)) => ctx.require(&conn, role, Role::Agent, send, |s| ctx.clone().agent_stream(conn.clone(), h, s, recv)).await,
+                    Some(stream_open::Kind::Scheduler(h)) => ctx.require(&conn, role, Role::Client, send, |s| ctx.clone().scheduler_stream(h, s, recv)).await,
+                    Some(stream_open::Kind::Operator(req)) => ctx.require(&conn, role, Role::Client, send, |s| ctx.clone().operator(req, s)).await,
+                    Some(stream_open::Kind::Put(p)) => ctx.require(&conn, role, Role::Client, send, |s| ctx.clone().put(p, s, recv)).await,
+                    Some(stream_open::Kind::Get(g)) => ctx.require(&conn, role, Role::Agent, send, |s| ctx.clone().get(g, s)).await,
+                    None => Err(anyhow::anyhow!("stream opened with an unknown kind (newer client?)")),
+                };
+                if let Err(e) = r {
+                    tracing::info!(%remote, "stream ended with an error: {e:#}");
+                }
+            });
+        }
+    }
+
+    /// Runs `f` only when the peer's certificate has the role the stream needs;
+    /// otherwise closes the connection with a reason the peer can show its user.
+    async fn require<F, Fut>(&self, conn: &quinn::Connection, have: Option<Role>, need: Role, send: Send, f: F) -> anyhow::Result<()>
+    where
+        F: FnOnce(Send) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>>,
+    {
+        if have != Some(need) {
+            let msg = format!(
+                "a certificate with role {} may not open this kind of stream (it needs {}); use the {} certificate from `agora certs init`",
+                have.map(|r| format!("{r:?}")).unwrap_or_else(|| "unknown".into()),
+                format!("{need:?}").to_lowercase(),
+                format!("{need:?}").to_lowercase(),
+            );
+            conn.close(4u32.into(), msg.as_bytes());
+            anyhow::bail!(msg);
+        }
+        f(send).await
+    }
+
+    async fn agent_stream(self, qconn: quinn::Connection, hello: v1::AgentHello, mut send: Send, mut recv: Recv) -> anyhow::Result<()> {
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let (tx, mut rx) = mpsc::channel::<Out<MasterToAgent>>(PEER_QUEUE);
+        {
+            let mut s = self.lock();
+            s.agents.insert(conn, (tx, qconn.clone()));
+            s.feed(Input::AgentHello { conn, hello });
+        }
+        let q2 = qconn.clone();
+        let writer = tokio::spawn(async move {
+            while let Some(m) = rx.recv().await {
+                match m {
+                    Out::Msg(m) => {
+                        if write_frame(&mut send, &m).await.is_err() {
+                            break;
+                        }
+                    }
+                    Out::Close(why) => {
+                        let err = MasterToAgent { msg: Some(v1::master_to_agent::Msg::Error(v1::AgentError { message: why.clone() })) };
+                        let _ = write_frame(&mut send, &err).await;
+                        let _ = send.finish();
+                        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+                        q2.close(3u32.into(), why.as_bytes());
+                        break;
+                    }
+                }
+            }
+        });
+        let result = loop {
+            match read_frame::<_, v1::AgentToMaster>(&mut recv).await {
+                Ok(Some(msg)) => self.lock().feed(Input::AgentMessage { conn, msg }),
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(anyhow::anyhow!("agent sent a bad frame: {e}")),
+            }
+        };
+        {
+            let mut s = self.lock();
+            s.agents.remove(&conn);
+            s.feed(Input::AgentClosed { conn });
+        }
+        writer.abort();
+        if result.is_err() {
+            qconn.close(2u32.into(), b"bad frame");
+        }
+        result
+    }
+
+    async fn scheduler_stream(self, hello: v1::SchedulerHello, mut send: Send, mut recv: Recv) -> anyhow::Result<()> {
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let (tx, mut rx) = mpsc::channel::<Out<Event>>(PEER_QUEUE);
+        {
+            let mut s = self.lock();
+            s.schedulers.insert(conn, tx);
+            s.feed(Input::SchedulerHello { conn, hello });
+        }
+        let writer = tokio::spawn(async move {
+            while let Some(m) = rx.recv().await {
+                match m {
+                    Out::Msg(e) => {
+                        if write_frame(&mut send, &e).await.is_err() {
+                            break;
+                        }
+                    }
+                    Out::Close(why) => {
+                        let e = Event { event: Some(v1::event::Event::Error(v1::Error { message: why })) };
+                        let _ = write_frame(&mut send, &e).await;
+                        let _ = send.finish();
+                        break;
+                    }
+                }
+            }
+        });
+        let result = loop {
+            match read_frame::<_, v1::Call>(&mut recv).await {
+                Ok(Some(call)) => self.lock().feed(Input::SchedulerCall { conn, call }),
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(anyhow::anyhow!("framework sent a bad frame: {e}")),
+            }
+        };
+        {
+            let mut s = self.lock();
+            s.schedulers.remove(&conn);
+            s.feed(Input::SchedulerClosed { conn });
+        }
+        // Let the writer flush what is queued (e.g. the error for a bad frame).
+        let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+        result
+    }
+
+    async fn operator(self, req: OperatorRequest, mut send: Send) -> anyhow::Result<()> {
+        let resp = match req.request {
+            Some(operator_request::Request::ListTasks(l)) => {
+                OperatorResponse { tasks: self.lock().core.list_tasks(l.all), ..Default::default() }
+            }
+            Some(operator_request::Request::Cluster(_)) => {
+                OperatorResponse { agents: self.lock().core.agents(), ..Default::default() }
+            }
+            Some(operator_request::Request::Kill(k)) => {
+                let mut s = self.lock();
+                let r = s.core.operator_kill(&k.task_id);
+                let outs = s.core.drain_outputs();
+                s.dispatch(outs);
+                OperatorResponse { error: r.err().unwrap_or_default(), ..Default::default() }
+            }
+            Some(operator_request::Request::ReadFile(r)) => match self.read_sandbox(r).await {
+                Ok(file) => OperatorResponse { file: Some(file), ..Default::default() },
+                Err(e) => OperatorResponse { error: format!("{e:#}"), ..Default::default() },
+            },
+            None => OperatorResponse { error: "unknown operator request (newer client?)".into(), ..Default::default() },
+        };
+        write_frame(&mut send, &resp).await?;
+        send.finish()?;
+        Ok(())
+    }
+
+    /// Reads part of a task's file from the agent that ran it, on a stream of its own.
+    async fn read_sandbox(&self, r: v1::ReadTaskFile) -> anyhow::Result<SandboxData> {
+        let (qconn, framework_id) = {
+            let s = self.lock();
+            let (conn, fw) = s.core.locate_task(&r.task_id).map_err(anyhow::Error::msg)?;
+            let q = s.agents.get(&conn).map(|(_, q)| q.clone()).ok_or_else(|| anyhow::anyhow!("the task's agent is not connected"))?;
+            (q, fw)
+        };
+        let (mut send, mut recv) = qconn.open_bi().await?;
+        let req = SandboxRead {
+            framework_id,
+            task_id: r.task_id,
+            path: r.path,
+            offset: r.offset,
+            length: r.length.clamp(1, MAX_READ),
+        };
+        write_frame(&mut send, &req).await?;
+        send.finish()?;
+        let data: SandboxData = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut recv))
+            .await
+            .map_err(|_| anyhow::anyhow!("the agent did not answer within 10 s"))??
+            .ok_or_else(|| anyhow::anyhow!("the agent closed the stream without answering"))?;
+        if !data.error.is_empty() {
+            anyhow::bail!("{}", data.error);
+        }
+        Ok(data)
+    }
+
+    async fn put(self, p: v1::ArtifactPut, mut send: Send, mut recv: Recv) -> anyhow::Result<()> {
+        let reply = |error: String, present: bool| ArtifactHeader { sha256: p.sha256.clone(), size: p.size, error, present };
+        if !agora_proto::is_sha256_hex(&p.sha256) {
+            write_frame(&mut send, &reply(format!("`{}` is not a sha256 in lower-case hex", p.sha256), false)).await?;
+            return Ok(send.finish()?);
+        }
+        if p.size > transfer::MAX_ARTIFACT {
+            write_frame(&mut send, &reply(format!("artifact of {} bytes exceeds the limit of {} bytes", p.size, transfer::MAX_ARTIFACT), false)).await?;
+            return Ok(send.finish()?);
+        }
+        if self.store.path(&p.sha256).is_some() {
+            self.lock().feed(Input::ArtifactStored { sha256: p.sha256.clone() });
+            write_frame(&mut send, &reply(String::new(), true)).await?;
+            return Ok(send.finish()?);
+        }
+        write_frame(&mut send, &reply(String::new(), false)).await?;
+        let r = transfer::receive_to_file(&mut recv, &self.store.dest(&p.sha256), &p.sha256, p.size).await;
+        let err = match &r {
+            Ok(()) => {
+                self.lock().feed(Input::ArtifactStored { sha256: p.sha256.clone() });
+                String::new()
+            }
+            Err(e) => format!("upload refused: {e:#}"),
+        };
+        write_frame(&mut send, &reply(err, false)).await?;
+        send.finish()?;
+        r
+    }
+
+    async fn get(self, g: v1::ArtifactGet, mut send: Send) -> anyhow::Result<()> {
+        let Some(path) = self.store.path(&g.sha256) else {
+            let h = ArtifactHeader { sha256: g.sha256.clone(), error: format!("the master has no artifact {}", g.sha256), ..Default::default() };
+            write_frame(&mut send, &h).await?;
+            return Ok(send.finish()?);
+        };
+        let size = tokio::fs::metadata(&path).await?.len();
+        write_frame(&mut send, &ArtifactHeader { sha256: g.sha256, size, ..Default::default() }).await?;
+        transfer::send_file(&mut send, &path).await?;
+        send.finish()?;
+        Ok(())
+    }
+}

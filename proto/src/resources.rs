@@ -1,0 +1,335 @@
+//! Scalar resources as fixed-point integers (milli-cpus, bytes), shared by the
+//! allocator, the agent and the sdk. Mesos spent years chasing rounding drift in
+//! floating-point `cpus`; integers cannot drift.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use crate::v1::Resource;
+
+pub const CPUS: &str = "cpus";
+pub const MEM: &str = "mem";
+
+const MIB: i64 = 1024 * 1024;
+
+/// A bag of scalar resources keyed by (name, role). Role "" is unreserved.
+/// Amounts are never negative: subtraction that would go below zero is refused.
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct Resources {
+    amounts: BTreeMap<(String, String), i64>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ResourceParseError {
+    #[error("resource `{0}` is not of the form name:value (e.g. cpus:2 or mem:4096)")]
+    Syntax(String),
+    #[error("resource `{name}` has value `{value}`, which is not a non-negative number")]
+    Value { name: String, value: String },
+    #[error("size `{0}` is not understood; use a number with an optional unit: 512MiB, 2GiB, 64MB, 1048576")]
+    Size(String),
+}
+
+impl Resources {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Unreserved cpus and memory.
+    pub fn cpus_mem(milli_cpus: i64, mem_bytes: i64) -> Self {
+        let mut r = Self::new();
+        r.add_scalar(CPUS, "", milli_cpus);
+        r.add_scalar(MEM, "", mem_bytes);
+        r
+    }
+
+    pub fn add_scalar(&mut self, name: &str, role: &str, value: i64) {
+        assert!(value >= 0, "resource amounts are never negative");
+        if value == 0 {
+            return;
+        }
+        *self.amounts.entry((name.to_string(), role.to_string())).or_insert(0) += value;
+    }
+
+    /// Sum of a resource across all roles.
+    pub fn get(&self, name: &str) -> i64 {
+        self.amounts.iter().filter(|((n, _), _)| n == name).map(|(_, v)| *v).sum()
+    }
+
+    pub fn milli_cpus(&self) -> i64 {
+        self.get(CPUS)
+    }
+
+    pub fn mem_bytes(&self) -> i64 {
+        self.get(MEM)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.amounts.is_empty()
+    }
+
+    /// Names of the resources present, each once.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.amounts.keys().map(|(n, _)| n.clone()).collect();
+        v.dedup();
+        v
+    }
+
+    pub fn add(&mut self, other: &Resources) {
+        for ((n, r), v) in &other.amounts {
+            self.add_scalar(n, r, *v);
+        }
+    }
+
+    /// True when every amount in `other` is available here, role by role.
+    pub fn contains(&self, other: &Resources) -> bool {
+        other
+            .amounts
+            .iter()
+            .all(|(k, v)| self.amounts.get(k).copied().unwrap_or(0) >= *v)
+    }
+
+    /// Removes `other`; returns None (and changes nothing) when it is not contained.
+    pub fn checked_sub(&self, other: &Resources) -> Option<Resources> {
+        if !self.contains(other) {
+            return None;
+        }
+        let mut out = self.clone();
+        for (k, v) in &other.amounts {
+            let e = out.amounts.get_mut(k).expect("contained");
+            *e -= v;
+            if *e == 0 {
+                out.amounts.remove(k);
+            }
+        }
+        Some(out)
+    }
+
+    /// Like `checked_sub` but for callers whose invariants guarantee containment.
+    pub fn sub(&mut self, other: &Resources) {
+        *self = self
+            .checked_sub(other)
+            .unwrap_or_else(|| panic!("invariant broken: cannot take {other} from {self}"));
+    }
+
+    /// This resource bag seen as unreserved (roles dropped); for comparisons against a
+    /// task's request, which names no role.
+    pub fn unreserved(&self) -> Resources {
+        let mut out = Resources::new();
+        for ((n, _), v) in &self.amounts {
+            out.add_scalar(n, "", *v);
+        }
+        out
+    }
+
+    pub fn from_proto(list: &[Resource]) -> Result<Resources, String> {
+        let mut r = Resources::new();
+        for res in list {
+            if res.name.is_empty() {
+                return Err("a resource has an empty name".into());
+            }
+            if res.value < 0 {
+                return Err(format!("resource {} has a negative value {}", res.name, res.value));
+            }
+            r.add_scalar(&res.name, &res.role, res.value);
+        }
+        Ok(r)
+    }
+
+    pub fn to_proto(&self) -> Vec<Resource> {
+        self.amounts
+            .iter()
+            .map(|((n, r), v)| Resource { name: n.clone(), value: *v, role: r.clone() })
+            .collect()
+    }
+
+    /// Parses the agent flag form `cpus:4;mem:8192` (mem in MiB, as in Mesos; a unit
+    /// such as `8GiB` may be given instead). Fractional cpus are allowed (`cpus:0.5`).
+    pub fn parse(spec: &str) -> Result<Resources, ResourceParseError> {
+        let mut r = Resources::new();
+        for part in spec.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+            let (name, value) =
+                part.split_once(':').ok_or_else(|| ResourceParseError::Syntax(part.into()))?;
+            let (name, value) = (name.trim(), value.trim());
+            if name.is_empty() {
+                return Err(ResourceParseError::Syntax(part.into()));
+            }
+            let bad = || ResourceParseError::Value { name: name.into(), value: value.into() };
+            let amount = match name {
+                CPUS => parse_cpus(value).ok_or_else(bad)?,
+                MEM => {
+                    if value.bytes().all(|b| b.is_ascii_digit()) {
+                        value.parse::<i64>().map_err(|_| bad())?.checked_mul(MIB).ok_or_else(bad)?
+                    } else {
+                        parse_size(value).map_err(|_| bad())?
+                    }
+                }
+                _ => value.parse::<i64>().ok().filter(|v| *v >= 0).ok_or_else(bad)?,
+            };
+            r.add_scalar(name, "", amount);
+        }
+        Ok(r)
+    }
+}
+
+/// Parses a cpu count such as `2`, `0.5` or `0.125` into milli-cpus, without floats.
+pub fn parse_cpus(s: &str) -> Option<i64> {
+    let (whole, frac) = s.split_once('.').unwrap_or((s, ""));
+    if whole.is_empty() && frac.is_empty() {
+        return None;
+    }
+    if !whole.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    if frac.len() > 3 && frac[3..].bytes().any(|b| b != b'0') {
+        return None; // finer than a milli-cpu
+    }
+    let whole: i64 = if whole.is_empty() { 0 } else { whole.parse().ok()? };
+    let mut milli: i64 = 0;
+    for (i, b) in frac.bytes().take(3).enumerate() {
+        milli += i64::from(b - b'0') * [100, 10, 1][i];
+    }
+    whole.checked_mul(1000)?.checked_add(milli)
+}
+
+/// Parses a byte size: `64MiB`, `2GiB`, `512MB`, `1k`, or a bare number of bytes.
+pub fn parse_size(s: &str) -> Result<i64, ResourceParseError> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "kib" => 1024.0,
+        "m" | "mb" => 1e6,
+        "mib" => 1024.0 * 1024.0,
+        "g" | "gb" => 1e9,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        _ => return Err(ResourceParseError::Size(s.into())),
+    };
+    let n: f64 = num.parse().map_err(|_| ResourceParseError::Size(s.into()))?;
+    let v = n * mult;
+    if !(0.0..9.0e18).contains(&v) {
+        return Err(ResourceParseError::Size(s.into()));
+    }
+    Ok(v.round() as i64)
+}
+
+/// Human form of a byte count: 64MiB, 1.5GiB, 512B.
+pub fn format_bytes(b: i64) -> String {
+    const UNITS: [(&str, i64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    for (u, m) in UNITS {
+        if b >= m {
+            return if b % m == 0 {
+                format!("{}{u}", b / m)
+            } else {
+                format!("{:.1}{u}", b as f64 / m as f64)
+            };
+        }
+    }
+    format!("{b}B")
+}
+
+/// Human form of milli-cpus: 2, 0.5, 0.125.
+pub fn format_cpus(m: i64) -> String {
+    if m % 1000 == 0 {
+        format!("{}", m / 1000)
+    } else {
+        let s = format!("{}.{:03}", m / 1000, m % 1000);
+        s.trim_end_matches('0').to_string()
+    }
+}
+
+impl fmt::Display for Resources {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.amounts.is_empty() {
+            return f.write_str("(none)");
+        }
+        let mut first = true;
+        for ((n, r), v) in &self.amounts {
+            if !first {
+                f.write_str(";")?;
+            }
+            first = false;
+            let val = match n.as_str() {
+                CPUS => format_cpus(*v),
+                MEM => format_bytes(*v),
+                _ => v.to_string(),
+            };
+            if r.is_empty() {
+                write!(f, "{n}:{val}")?;
+            } else {
+                write!(f, "{n}({r}):{val}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Resources {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Resources({self})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_agent_flag_with_mesos_units() {
+        let r = Resources::parse("cpus:4;mem:8192").unwrap();
+        assert_eq!(r.milli_cpus(), 4000);
+        assert_eq!(r.mem_bytes(), 8192 * MIB);
+        let r = Resources::parse("cpus:0.25; mem:2GiB").unwrap();
+        assert_eq!(r.milli_cpus(), 250);
+        assert_eq!(r.mem_bytes(), 2 << 30);
+        assert_eq!(r.to_string(), "cpus:0.25;mem:2GiB");
+    }
+
+    #[test]
+    fn rejects_bad_specs_with_the_offending_part_named() {
+        let e = Resources::parse("cpus=4").unwrap_err();
+        assert!(e.to_string().contains("cpus=4"), "{e}");
+        let e = Resources::parse("cpus:-1").unwrap_err();
+        assert!(e.to_string().contains("`-1`"), "{e}");
+        assert!(Resources::parse("cpus:0.0001").is_err());
+        assert!(Resources::parse("mem:lots").is_err());
+    }
+
+    #[test]
+    fn cpus_are_exact_fixed_point() {
+        assert_eq!(parse_cpus("0.1"), Some(100));
+        assert_eq!(parse_cpus("1.5"), Some(1500));
+        assert_eq!(parse_cpus(".5"), Some(500));
+        assert_eq!(parse_cpus("2"), Some(2000));
+        assert_eq!(parse_cpus("0.1000"), Some(100));
+        assert_eq!(parse_cpus("x"), None);
+        // Ten times 0.1 is exactly 1, which floats famously get wrong.
+        let mut total = Resources::new();
+        for _ in 0..10 {
+            total.add(&Resources::cpus_mem(parse_cpus("0.1").unwrap(), 0));
+        }
+        assert_eq!(total.milli_cpus(), 1000);
+    }
+
+    #[test]
+    fn subtraction_never_goes_negative() {
+        let a = Resources::cpus_mem(1000, 100);
+        let b = Resources::cpus_mem(1500, 10);
+        assert!(!a.contains(&b));
+        assert_eq!(a.checked_sub(&b), None);
+        let c = a.checked_sub(&Resources::cpus_mem(1000, 100)).unwrap();
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64MiB").unwrap(), 64 * MIB);
+        assert_eq!(parse_size("1.5GiB").unwrap(), 3 << 29);
+        assert_eq!(parse_size("1000").unwrap(), 1000);
+        assert_eq!(parse_size("2MB").unwrap(), 2_000_000);
+        assert!(parse_size("12 parsecs").is_err());
+        assert_eq!(format_bytes(64 * MIB), "64MiB");
+        assert_eq!(format_cpus(100), "0.1");
+    }
+}

@@ -1,0 +1,134 @@
+//! Moving artifact bytes (modules, input files) over a stream as `DataChunk` frames,
+//! verifying the sha256 on arrival. Used for uploads (client -> master) and fetches
+//! (master -> agent) alike, so there is one way bytes travel.
+
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::frame::{read_frame, write_frame};
+use crate::v1::DataChunk;
+
+/// Largest artifact accepted anywhere (module or input file).
+pub const MAX_ARTIFACT: u64 = 1024 * 1024 * 1024;
+const CHUNK: usize = 256 * 1024;
+
+/// Streams a file as DataChunk frames; the last frame has `last = true`.
+pub async fn send_file<W: AsyncWrite + Unpin>(w: &mut W, path: &Path) -> anyhow::Result<()> {
+    let mut f = tokio::fs::File::open(path).await?;
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = f.read(&mut buf).await?;
+        if n == 0 {
+            write_frame(w, &DataChunk { data: Vec::new(), last: true }).await?;
+            return Ok(());
+        }
+        write_frame(w, &DataChunk { data: buf[..n].to_vec(), last: false }).await?;
+    }
+}
+
+/// Streams bytes already in memory.
+pub async fn send_bytes<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> anyhow::Result<()> {
+    for c in bytes.chunks(CHUNK) {
+        write_frame(w, &DataChunk { data: c.to_vec(), last: false }).await?;
+    }
+    write_frame(w, &DataChunk { data: Vec::new(), last: true }).await?;
+    Ok(())
+}
+
+/// Receives DataChunk frames into `dest` (via a temporary file beside it, renamed into
+/// place only when the size and sha256 match). Refuses more than `expected_size` bytes.
+pub async fn receive_to_file<R: AsyncRead + Unpin>(
+    r: &mut R,
+    dest: &Path,
+    expected_sha: &str,
+    expected_size: u64,
+) -> anyhow::Result<()> {
+    if expected_size > MAX_ARTIFACT {
+        anyhow::bail!("artifact of {expected_size} bytes exceeds the limit of {MAX_ARTIFACT} bytes");
+    }
+    let dir = dest.parent().ok_or_else(|| anyhow::anyhow!("{} has no parent directory", dest.display()))?;
+    tokio::fs::create_dir_all(dir).await?;
+    let tmp = dir.join(format!(".{}.{}.partial", expected_sha, std::process::id()));
+    let result = async {
+        let mut f = tokio::fs::File::create(&tmp).await?;
+        let mut hasher = Sha256::new();
+        let mut got: u64 = 0;
+        loop {
+            let chunk: DataChunk = read_frame(r)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("stream ended after {got} of {expected_size} bytes"))?;
+            got += chunk.data.len() as u64;
+            if got > expected_size {
+                anyhow::bail!("sender sent more than the announced {expected_size} bytes");
+            }
+            hasher.update(&chunk.data);
+            f.write_all(&chunk.data).await?;
+            if chunk.last {
+                break;
+            }
+        }
+        if got != expected_size {
+            anyhow::bail!("received {got} bytes, expected {expected_size}");
+        }
+        let sha = hex::encode(hasher.finalize());
+        if sha != expected_sha {
+            anyhow::bail!("content hash is {sha}, expected {expected_sha}");
+        }
+        f.sync_all().await?;
+        tokio::fs::rename(&tmp, dest).await?;
+        Ok(())
+    }
+    .await;
+    if result.is_err() {
+        let _ = tokio::fs::remove_file(&tmp).await;
+    }
+    result
+}
+
+/// sha256 and size of a file, read in chunks.
+pub async fn hash_file(path: &Path) -> anyhow::Result<(String, u64)> {
+    let mut f = tokio::fs::File::open(path).await?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        hasher.update(&buf[..n]);
+    }
+    Ok((hex::encode(hasher.finalize()), size))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn roundtrip_verifies_hash_and_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
+        let sha = crate::sha256_hex(&data);
+        let (mut a, mut b) = tokio::io::duplex(64 * 1024);
+        let send = async { send_bytes(&mut a, &data).await.unwrap() };
+        let dest = dir.path().join("x");
+        let recv = receive_to_file(&mut b, &dest, &sha, data.len() as u64);
+        let ((), r) = tokio::join!(send, recv);
+        r.unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), data);
+
+        let (mut a, mut b) = tokio::io::duplex(64 * 1024);
+        let send = async { send_bytes(&mut a, b"other bytes").await.unwrap() };
+        let dest2 = dir.path().join("y");
+        let recv = receive_to_file(&mut b, &dest2, &sha, 11);
+        let ((), r) = tokio::join!(send, recv);
+        assert!(r.unwrap_err().to_string().contains("content hash"));
+        assert!(!dest2.exists());
+        // No partial file is left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Builds the example WASI guests (guest-examples/src/bin/*) for wasm32-wasip1 into
+# target/guests/wasm32-wasip1/release/, the same place the tests' `wasm_path` uses.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+# Idempotent; a rust-toolchain.toml `targets` list does not install it for an
+# already-installed toolchain, so do it here.
+rustup target add wasm32-wasip1
+
+cargo build --release --target wasm32-wasip1 -p agora-guest-examples \
+    --manifest-path "$root/guest-examples/Cargo.toml" \
+    --target-dir "$root/target/guests"
+
+out="$root/target/guests/wasm32-wasip1/release"
+echo "guest modules in $out:"
+ls -1 "$out"/*.wasm

@@ -1,0 +1,277 @@
+//! The executor process's main loop: registers with the agent over its Unix socket,
+//! runs each launched task on a blocking thread, and reports RUNNING and the terminal
+//! status of every task.
+//!
+//! Frames go out through one writer task that owns the socket's write half, so task
+//! threads (RUNNING from `on_running`, then the terminal status) and the main loop
+//! never interleave partial frames, and a task's statuses stay in order.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agora_proto::frame::{read_frame, write_frame, FrameError};
+use agora_proto::v1::{
+    agent_to_executor, executor_to_agent, AgentToExecutor, ExecutorLaunch, ExecutorRegister,
+    ExecutorStatus, ExecutorToAgent, Reason, TaskState,
+};
+use anyhow::Context as _;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::runner::Runner;
+
+/// How long tasks get to end after a kill when the executor is going away. Guests
+/// executing wasm stop within one epoch tick; this only matters for a guest blocked in
+/// a host call (e.g. a long WASI sleep), which the epoch cannot interrupt.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Runs the executor until the agent says `shutdown` or goes away (socket EOF), which
+/// both end in `Ok`. A malformed frame or a failed connection is an error: the agent
+/// then sees the executor die.
+pub async fn run_executor(
+    socket: &Path,
+    framework_id: &str,
+    executor_id: &str,
+    cache_dir: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let runner = Arc::new(Runner::new(cache_dir)?);
+    let stream = UnixStream::connect(socket)
+        .await
+        .with_context(|| format!("cannot connect to the agent at {}", socket.display()))?;
+    let (read_half, write_half) = stream.into_split();
+
+    let (out, out_rx) = mpsc::unbounded_channel();
+    let writer = tokio::spawn(write_frames(write_half, out_rx));
+    send(
+        &out,
+        executor_to_agent::Msg::Register(ExecutorRegister {
+            framework_id: framework_id.to_string(),
+            executor_id: executor_id.to_string(),
+        }),
+    );
+
+    // `read_frame` is not cancel-safe, so frames are read in a task of their own and
+    // handed over through a channel, which the loop below can `select!` on safely.
+    let (frames_tx, mut frames) = mpsc::channel(16);
+    let reader = tokio::spawn(async move {
+        let mut read_half = read_half;
+        loop {
+            let frame = read_frame::<_, AgentToExecutor>(&mut read_half).await;
+            let end = !matches!(frame, Ok(Some(_)));
+            if frames_tx.send(frame).await.is_err() || end {
+                break;
+            }
+        }
+    });
+
+    let mut executor = Executor {
+        runner,
+        out,
+        kill_flags: HashMap::new(),
+        tasks: JoinSet::new(),
+    };
+    let result = loop {
+        tokio::select! {
+            frame = frames.recv() => match frame {
+                Some(Ok(Some(msg))) => {
+                    if executor.handle(msg) == Flow::Shutdown {
+                        tracing::info!("shutdown requested; killing tasks");
+                        executor.stop_all().await;
+                        break Ok(());
+                    }
+                }
+                Some(Ok(None)) | None => {
+                    tracing::info!("agent closed the connection; killing tasks");
+                    executor.stop_all().await;
+                    break Ok(());
+                }
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, "malformed frame from the agent; exiting");
+                    executor.stop_all().await;
+                    break Err(frame_error(e));
+                }
+            },
+            Some(done) = executor.tasks.join_next() => executor.reap(done),
+        }
+    };
+
+    reader.abort();
+    // Dropping the last sender lets the writer flush what is queued and finish.
+    let Executor { out, .. } = executor;
+    drop(out);
+    if let Err(e) = writer.await {
+        tracing::warn!(error = %e, "frame writer task failed");
+    }
+    result
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Shutdown,
+}
+
+struct Executor {
+    runner: Arc<Runner>,
+    out: mpsc::UnboundedSender<ExecutorToAgent>,
+    /// Running tasks by id; an entry lives until its thread has reported.
+    kill_flags: HashMap<String, Arc<AtomicBool>>,
+    /// Task threads; each yields its task id when done.
+    tasks: JoinSet<String>,
+}
+
+impl Executor {
+    fn handle(&mut self, msg: AgentToExecutor) -> Flow {
+        match msg.msg {
+            Some(agent_to_executor::Msg::Launch(launch)) => self.launch(launch),
+            Some(agent_to_executor::Msg::Kill(kill)) => match self.kill_flags.get(&kill.task_id) {
+                Some(flag) => {
+                    tracing::info!(task_id = %kill.task_id, "killing task");
+                    flag.store(true, Ordering::Relaxed);
+                }
+                None => {
+                    tracing::warn!(task_id = %kill.task_id, "kill for a task this executor is not running; ignored")
+                }
+            },
+            Some(agent_to_executor::Msg::Shutdown(_)) => return Flow::Shutdown,
+            // A message kind from a newer agent: nothing we can do with it.
+            None => tracing::warn!("frame from the agent carries no known message; ignored"),
+        }
+        Flow::Continue
+    }
+
+    fn launch(&mut self, launch: ExecutorLaunch) {
+        let task_id = launch.task_id.clone();
+        let refusal = if task_id.is_empty() {
+            Some("launch without a task id".to_string())
+        } else if self.kill_flags.contains_key(&task_id) {
+            Some(format!(
+                "task {task_id} is already running in this executor"
+            ))
+        } else {
+            None
+        };
+        if let Some(message) = refusal {
+            tracing::warn!(task_id = %task_id, "{message}");
+            send_status(
+                &self.out,
+                ExecutorStatus {
+                    task_id,
+                    state: TaskState::TaskFailed as i32,
+                    reason: Reason::InvalidTask as i32,
+                    message,
+                    ..Default::default()
+                },
+            );
+            return;
+        }
+
+        tracing::info!(task_id = %task_id, module = %launch.module_sha256, "launching task");
+        let kill = Arc::new(AtomicBool::new(false));
+        self.kill_flags.insert(task_id.clone(), Arc::clone(&kill));
+        let runner = Arc::clone(&self.runner);
+        let out = self.out.clone();
+        self.tasks.spawn_blocking(move || {
+            let running = |instantiate_us| {
+                send_status(
+                    &out,
+                    ExecutorStatus {
+                        task_id: launch.task_id.clone(),
+                        state: TaskState::TaskRunning as i32,
+                        instantiate_us,
+                        ..Default::default()
+                    },
+                )
+            };
+            // A panic is a bug of ours, but the agent must still hear about the task.
+            let run = std::panic::AssertUnwindSafe(|| runner.run(&launch, kill, running));
+            let status = std::panic::catch_unwind(run).unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(task_id = %launch.task_id, panic = %what, "task runner panicked");
+                ExecutorStatus {
+                    task_id: launch.task_id.clone(),
+                    state: TaskState::TaskFailed as i32,
+                    reason: Reason::ExecutorTerminated as i32,
+                    message: format!("executor failure while running the task: {what}"),
+                    ..Default::default()
+                }
+            });
+            tracing::info!(
+                task_id = %launch.task_id,
+                state = status.state().short_name(),
+                reason = status.reason().short_name(),
+                message = %status.message,
+                "task ended"
+            );
+            // Sent from this thread, after RUNNING, through the same channel: in order.
+            send_status(&out, status);
+            launch.task_id
+        });
+    }
+
+    /// Forgets a task whose thread has ended (it has already sent its status).
+    fn reap(&mut self, done: Result<String, tokio::task::JoinError>) {
+        match done {
+            Ok(task_id) => {
+                self.kill_flags.remove(&task_id);
+            }
+            // Task closures catch panics and are never aborted, so this is unexpected.
+            Err(e) => tracing::error!(error = %e, "task thread failed"),
+        }
+    }
+
+    /// Kills every task and waits (bounded) for all of them to report.
+    async fn stop_all(&mut self) {
+        for flag in self.kill_flags.values() {
+            flag.store(true, Ordering::Relaxed);
+        }
+        let drain = async {
+            while let Some(done) = self.tasks.join_next().await {
+                self.reap(done);
+            }
+        };
+        if tokio::time::timeout(STOP_GRACE, drain).await.is_err() {
+            tracing::warn!(
+                tasks = ?self.kill_flags.keys().collect::<Vec<_>>(),
+                "tasks did not end within {STOP_GRACE:?} of being killed; leaving them"
+            );
+        }
+    }
+}
+
+fn send(out: &mpsc::UnboundedSender<ExecutorToAgent>, msg: executor_to_agent::Msg) {
+    // Fails only once the writer has given up on a broken socket; it logged that.
+    let _ = out.send(ExecutorToAgent { msg: Some(msg) });
+}
+
+fn send_status(out: &mpsc::UnboundedSender<ExecutorToAgent>, status: ExecutorStatus) {
+    send(out, executor_to_agent::Msg::Status(status));
+}
+
+/// The single owner of the socket's write half.
+async fn write_frames(
+    mut socket: OwnedWriteHalf,
+    mut queue: mpsc::UnboundedReceiver<ExecutorToAgent>,
+) {
+    while let Some(msg) = queue.recv().await {
+        if let Err(e) = write_frame(&mut socket, &msg).await {
+            tracing::warn!(error = %e, "cannot write to the agent; dropping further messages");
+            return;
+        }
+    }
+    use tokio::io::AsyncWriteExt as _;
+    let _ = socket.shutdown().await;
+}
+
+fn frame_error(e: FrameError) -> anyhow::Error {
+    anyhow::Error::new(e).context("reading a frame from the agent")
+}

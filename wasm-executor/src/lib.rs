@@ -1,0 +1,10 @@
+//! Agora's WebAssembly executor: runs tasks' WASI preview 1 modules under wasmtime with
+//! fuel, memory, time and output limits ([`runner`]), and speaks the agent's executor
+//! protocol over a Unix socket ([`executor`]).
+
+pub mod executor;
+mod output;
+pub mod runner;
+
+pub use executor::run_executor;
+pub use runner::{validate_module, Runner};

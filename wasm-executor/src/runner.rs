@@ -1,0 +1,923 @@
+//! Runs one task's WASI preview 1 module under wasmtime with fuel, memory, time and
+//! output limits, and says how it ended.
+//!
+//! One [`Runner`] per executor process: one `Engine` (fuel and epoch interruption on,
+//! pooling allocator when the host allows it), a background thread ticking the epoch
+//! every 10 ms, and a cache of compiled modules keyed by the module's sha256 (in memory,
+//! and serialized on disk when a cache dir is given).
+//!
+//! Every way a task can end is first captured as an [`Ending`] and then turned into a
+//! (state, reason, message, exit code) by [`classify`], the one place that mapping lives.
+
+use std::collections::HashMap;
+use std::hash::Hasher;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use agora_proto::v1::{ExecutorLaunch, ExecutorStatus, Reason, TaskState};
+use sha2::Digest;
+use wasmtime::{
+    Config, Engine, ExternType, InstanceAllocationStrategy, InstancePre, Linker, Module,
+    PoolingAllocationConfig, ResourceLimiter, Store, Trap, UpdateDeadline,
+};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
+
+use crate::output::CappedOutput;
+
+/// How often the epoch advances: the granularity of deadlines and kills.
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// Output cap when the launch gives none.
+const DEFAULT_OUTPUT_LIMIT: u64 = 64 * MIB;
+/// argv[0] the guest sees.
+const ARGV0: &str = "main.wasm";
+/// Largest table a guest may grow to (elements). Matches the pool's table slots.
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+/// Pool slots: room for ~64 concurrent tasks with headroom, since a slot is held
+/// until its store is dropped.
+const POOL_INSTANCES: u32 = 128;
+/// Largest linear memory (the whole 32-bit space).
+const MAX_MEMORY: u64 = 4 * GIB;
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+const GIB: u64 = 1024 * MIB;
+
+/// Runs tasks; one per executor process, shared between task threads via `Arc`.
+pub struct Runner {
+    engine: Engine,
+    linker: Linker<TaskCtx>,
+    /// Where serialized modules are kept, when enabled.
+    cache_dir: Option<PathBuf>,
+    /// Hex of the engine's precompile compatibility hash: part of artifact names, so
+    /// an artifact from another wasmtime or config is never even tried.
+    compat: String,
+    /// sha256 -> compiled module. Each slot has its own lock so that two launches of
+    /// one new module compile it once, while other modules proceed.
+    modules: Mutex<HashMap<String, Arc<Mutex<Option<Arc<Prepared>>>>>>,
+    compiled: AtomicU64,
+    pooling: bool,
+    /// Declared last so the ticker stops before the engine goes away.
+    _ticker: EpochTicker,
+}
+
+/// A module ready to instantiate: imports resolved against WASI once.
+struct Prepared {
+    pre: InstancePre<TaskCtx>,
+    /// Largest initial size of the module's own memories, in bytes.
+    declared_memory: Option<u64>,
+}
+
+/// Per-task store data.
+struct TaskCtx {
+    wasi: WasiP1Ctx,
+    limiter: MemoryLimiter,
+    /// Set by the epoch callback when it stops the guest, so we know why.
+    interrupt: Option<Interrupt>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Interrupt {
+    Killed,
+    Deadline,
+}
+
+/// Phase in which the guest ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Instantiation (including the module's own `start` function).
+    Instantiate,
+    /// `_start`.
+    Run,
+}
+
+/// What happened, before it is turned into a status by [`classify`].
+enum Ending {
+    /// The launch was refused before any guest code could run.
+    Refused(Refusal),
+    /// A guest was instantiated (or its instantiation was attempted).
+    Guest(GuestEnding),
+}
+
+enum Refusal {
+    InvalidTask(String),
+    Fetch(String),
+    Sandbox(String),
+    InvalidModule(String),
+}
+
+struct GuestEnding {
+    phase: Phase,
+    result: Result<(), wasmtime::Error>,
+    interrupt: Option<Interrupt>,
+    memory_denied: Option<MemoryDenied>,
+    /// The fuel the task was given; `None` when unlimited.
+    fuel_limit: Option<u64>,
+    /// The task's wall-clock limit, for the deadline message.
+    timeout_ms: u64,
+    fuel_used: u64,
+    /// 0 when instantiation did not complete.
+    instantiate_us: u64,
+    declared_memory: Option<u64>,
+}
+
+/// A memory growth the limiter refused.
+#[derive(Clone, Copy, Debug)]
+struct MemoryDenied {
+    /// The task's limit, in bytes.
+    limit: u64,
+}
+
+/// The verdict: what the status says.
+#[derive(Debug, PartialEq, Eq)]
+struct Verdict {
+    state: TaskState,
+    reason: Reason,
+    message: String,
+    exit_code: Option<i32>,
+}
+
+impl Runner {
+    /// Builds the engine (pooling allocator, or on-demand with a warning when the
+    /// pool cannot be reserved), the WASI linker and the epoch ticker. `cache_dir`,
+    /// when given, is created if needed and holds serialized compiled modules.
+    pub fn new(cache_dir: Option<PathBuf>) -> anyhow::Result<Self> {
+        let (engine, pooling) = match Engine::new(&pooling_config()) {
+            Ok(engine) => (engine, true),
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "cannot set up wasmtime's pooling allocator (address-space limits?); \
+                     falling back to on-demand allocation, instantiation will be slower"
+                );
+                let engine = Engine::new(&base_config())
+                    .map_err(|e| anyhow::anyhow!("cannot create the wasmtime engine: {e}"))?;
+                (engine, false)
+            }
+        };
+        let linker = wasi_linker(&engine)?;
+        let cache_dir = cache_dir.and_then(|dir| match std::fs::create_dir_all(&dir) {
+            Ok(()) => Some(dir),
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "module cache dir unusable; compiling in memory only");
+                None
+            }
+        });
+        let compat = compat_hash(&engine);
+        let ticker = EpochTicker::start(&engine)?;
+        Ok(Self {
+            engine,
+            linker,
+            cache_dir,
+            compat,
+            modules: Mutex::new(HashMap::new()),
+            compiled: AtomicU64::new(0),
+            pooling,
+            _ticker: ticker,
+        })
+    }
+
+    /// How many modules this runner has compiled (cache hits, in memory or on disk,
+    /// do not count).
+    pub fn compiled_count(&self) -> u64 {
+        self.compiled.load(Ordering::Relaxed)
+    }
+
+    /// Whether the pooling allocator is in use (false after a fallback).
+    pub fn uses_pooling(&self) -> bool {
+        self.pooling
+    }
+
+    /// Runs one task to its end and reports how it ended. Blocking: call it on a
+    /// thread of its own. `on_running` is called with the microseconds from this call
+    /// to the end of instantiation, just before `_start` runs. Setting `kill` stops the
+    /// guest within one epoch tick (10 ms) while it executes wasm code.
+    pub fn run(
+        &self,
+        launch: &ExecutorLaunch,
+        kill: Arc<AtomicBool>,
+        on_running: impl FnOnce(u64),
+    ) -> ExecutorStatus {
+        let started = Instant::now();
+        let ending = self.execute(launch, &kill, started, on_running);
+        let verdict = classify(&ending);
+        let (fuel_used, instantiate_us) = match &ending {
+            Ending::Guest(g) => (g.fuel_used, g.instantiate_us),
+            Ending::Refused(_) => (0, 0),
+        };
+        ExecutorStatus {
+            task_id: launch.task_id.clone(),
+            state: verdict.state as i32,
+            reason: verdict.reason as i32,
+            message: verdict.message,
+            exit_code: verdict.exit_code,
+            fuel_used,
+            instantiate_us,
+        }
+    }
+
+    fn execute(
+        &self,
+        launch: &ExecutorLaunch,
+        kill: &Arc<AtomicBool>,
+        started: Instant,
+        on_running: impl FnOnce(u64),
+    ) -> Ending {
+        let prepared = match self.prepare(launch) {
+            Ok(p) => p,
+            Err(refusal) => return Ending::Refused(refusal),
+        };
+        let wasi = match build_wasi(launch) {
+            Ok(w) => w,
+            Err(refusal) => return Ending::Refused(refusal),
+        };
+
+        let memory_limit = (launch.memory_bytes > 0).then_some(launch.memory_bytes);
+        let fuel_limit = (launch.fuel > 0).then_some(launch.fuel);
+        let initial_fuel = fuel_limit.unwrap_or(u64::MAX);
+
+        let mut store = Store::new(
+            &self.engine,
+            TaskCtx {
+                wasi,
+                limiter: MemoryLimiter::new(memory_limit),
+                interrupt: None,
+            },
+        );
+        store.limiter(|ctx| &mut ctx.limiter);
+        // A store starts with no fuel and an epoch deadline of "now": both must be set
+        // before instantiation, because a module's start function runs during it.
+        if let Err(e) = store.set_fuel(initial_fuel) {
+            return Ending::Refused(Refusal::InvalidTask(format!("cannot set fuel: {e}")));
+        }
+        store.set_epoch_deadline(1);
+        // The deadline counts guest time from here, not module compilation.
+        let deadline = (launch.timeout_ms > 0)
+            .then(|| Instant::now() + Duration::from_millis(launch.timeout_ms));
+        let kill_flag = Arc::clone(kill);
+        store.epoch_deadline_callback(move |mut ctx| {
+            let why = if kill_flag.load(Ordering::Relaxed) {
+                Some(Interrupt::Killed)
+            } else if deadline.is_some_and(|d| Instant::now() >= d) {
+                Some(Interrupt::Deadline)
+            } else {
+                None
+            };
+            match why {
+                Some(why) => {
+                    ctx.data_mut().interrupt = Some(why);
+                    Ok(UpdateDeadline::Interrupt)
+                }
+                None => Ok(UpdateDeadline::Continue(1)),
+            }
+        });
+
+        let guest_ending = |store: &Store<TaskCtx>, phase, result, instantiate_us| GuestEnding {
+            phase,
+            result,
+            interrupt: store.data().interrupt,
+            memory_denied: store.data().limiter.denied,
+            fuel_limit,
+            fuel_used: initial_fuel.saturating_sub(store.get_fuel().unwrap_or(initial_fuel)),
+            timeout_ms: launch.timeout_ms,
+            instantiate_us,
+            declared_memory: prepared.declared_memory,
+        };
+
+        // A kill that arrived while the module was loading: do not start it at all.
+        if kill.load(Ordering::Relaxed) {
+            store.data_mut().interrupt = Some(Interrupt::Killed);
+            let result = Err(wasmtime::Error::msg("killed before start"));
+            return Ending::Guest(guest_ending(&store, Phase::Instantiate, result, 0));
+        }
+
+        let instance = match prepared.pre.instantiate(&mut store) {
+            Ok(instance) => instance,
+            Err(e) => return Ending::Guest(guest_ending(&store, Phase::Instantiate, Err(e), 0)),
+        };
+        let instantiate_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        on_running(instantiate_us);
+
+        let result = match instance.get_typed_func::<(), ()>(&mut store, "_start") {
+            Ok(start) => start.call(&mut store, ()),
+            // Checked when the module was prepared; kept as a refusal just in case.
+            Err(e) => {
+                return Ending::Refused(Refusal::InvalidModule(format!(
+                    "cannot call `_start`: {e}"
+                )))
+            }
+        };
+        Ending::Guest(guest_ending(&store, Phase::Run, result, instantiate_us))
+    }
+
+    /// The compiled module for a launch, from memory, from the disk cache, or compiled
+    /// now (and then cached in both).
+    fn prepare(&self, launch: &ExecutorLaunch) -> Result<Arc<Prepared>, Refusal> {
+        // The sha names a file in the cache dir: only ever accept a real sha256.
+        let (sha, mut bytes) = if launch.module_sha256.is_empty() {
+            let bytes = read_module(launch)?;
+            (agora_proto::sha256_hex(&bytes), Some(bytes))
+        } else if agora_proto::is_sha256_hex(&launch.module_sha256) {
+            (launch.module_sha256.clone(), None)
+        } else {
+            return Err(Refusal::InvalidTask(format!(
+                "module_sha256 {:?} is not a lower-case hex sha256",
+                launch.module_sha256
+            )));
+        };
+
+        let slot = {
+            let mut modules = self.modules.lock().unwrap_or_else(PoisonError::into_inner);
+            Arc::clone(modules.entry(sha.clone()).or_default())
+        };
+        let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(prepared) = slot.as_ref() {
+            return Ok(Arc::clone(prepared));
+        }
+
+        let module = match self.load_cached(&sha) {
+            Some(module) => module,
+            None => {
+                let bytes = match bytes.take() {
+                    Some(b) => b,
+                    None => read_module(launch)?,
+                };
+                let actual = agora_proto::sha256_hex(&bytes);
+                if actual != sha {
+                    return Err(Refusal::Fetch(format!(
+                        "module {} has sha256 {actual}, expected {sha}",
+                        launch.module_path
+                    )));
+                }
+                check_header(&bytes).map_err(Refusal::InvalidModule)?;
+                let module = Module::from_binary(&self.engine, &bytes)
+                    .map_err(|e| Refusal::InvalidModule(compile_error(&e)))?;
+                self.compiled.fetch_add(1, Ordering::Relaxed);
+                self.store_cached(&sha, &module);
+                module
+            }
+        };
+        check_module(&module).map_err(Refusal::InvalidModule)?;
+        let pre = self.linker.instantiate_pre(&module).map_err(|e| {
+            Refusal::InvalidModule(format!("cannot link module: {}", error_text(&e)))
+        })?;
+        let declared_memory = declared_initial_memory(&module);
+        let prepared = Arc::new(Prepared {
+            pre,
+            declared_memory,
+        });
+        *slot = Some(Arc::clone(&prepared));
+        Ok(prepared)
+    }
+
+    fn cache_path(&self, sha: &str) -> Option<PathBuf> {
+        let dir = self.cache_dir.as_ref()?;
+        Some(dir.join(format!("{sha}-{}.cwasm", self.compat)))
+    }
+
+    fn load_cached(&self, sha: &str) -> Option<Module> {
+        let path = self.cache_path(sha)?;
+        if !path.is_file() {
+            return None;
+        }
+        // SAFETY: deserializing trusts the file to be wasmtime's own output for this
+        // engine. Only this executor writes this directory (atomically, by rename), and
+        // the name carries the engine's compatibility hash, so that holds.
+        match unsafe { Module::deserialize_file(&self.engine, &path) } {
+            Ok(module) => Some(module),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "discarding unusable cached module");
+                let _ = std::fs::remove_file(&path);
+                None
+            }
+        }
+    }
+
+    /// Best effort: a failure only costs a compile in the next process.
+    fn store_cached(&self, sha: &str, module: &Module) {
+        let Some(path) = self.cache_path(sha) else {
+            return;
+        };
+        let result = module
+            .serialize()
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| {
+                // Write then rename, so a reader never sees half an artifact.
+                static SEQ: AtomicU64 = AtomicU64::new(0);
+                let tmp = path.with_extension(format!(
+                    "tmp.{}.{}",
+                    std::process::id(),
+                    SEQ.fetch_add(1, Ordering::Relaxed)
+                ));
+                std::fs::write(&tmp, &bytes)
+                    .and_then(|()| std::fs::rename(&tmp, &path))
+                    .map_err(|e| {
+                        let _ = std::fs::remove_file(&tmp);
+                        e.to_string()
+                    })
+            });
+        if let Err(e) = result {
+            tracing::warn!(path = %path.display(), error = %e, "cannot cache compiled module");
+        }
+    }
+}
+
+/// Checks a module before submitting it: that it is a core WebAssembly module, that it
+/// compiles (with the executor's engine settings, minus the pooling allocator), that it
+/// only imports WASI preview 1, that it exports `_start`, and that its declared initial
+/// memory fits in `memory_limit` bytes (0 = no limit). The errors are the same
+/// sentences a failed task would carry.
+pub fn validate_module(bytes: &[u8], memory_limit: u64) -> Result<(), String> {
+    static VALIDATOR: OnceLock<Result<(Engine, Linker<TaskCtx>), String>> = OnceLock::new();
+    let (engine, linker) = VALIDATOR
+        .get_or_init(|| {
+            let engine = Engine::new(&base_config()).map_err(|e| e.to_string())?;
+            let linker = wasi_linker(&engine).map_err(|e| e.to_string())?;
+            Ok((engine, linker))
+        })
+        .as_ref()
+        .map_err(|e| format!("cannot create a wasmtime engine: {e}"))?;
+    check_header(bytes)?;
+    let module = Module::from_binary(engine, bytes).map_err(|e| compile_error(&e))?;
+    check_module(&module)?;
+    linker
+        .instantiate_pre(&module)
+        .map_err(|e| format!("cannot link module: {}", error_text(&e)))?;
+    if memory_limit > 0 {
+        if let Some(declared) = declared_initial_memory(&module).filter(|&d| d > memory_limit) {
+            return Err(initial_memory_message(declared, memory_limit));
+        }
+    }
+    Ok(())
+}
+
+/// The one place every ending becomes a state, reason, message and exit code.
+fn classify(ending: &Ending) -> Verdict {
+    let failed = |reason, message: String| Verdict {
+        state: TaskState::TaskFailed,
+        reason,
+        message,
+        exit_code: None,
+    };
+    let g = match ending {
+        Ending::Refused(Refusal::InvalidTask(m)) => return failed(Reason::InvalidTask, m.clone()),
+        Ending::Refused(Refusal::Fetch(m)) => return failed(Reason::FetchFailed, m.clone()),
+        Ending::Refused(Refusal::Sandbox(m)) => return failed(Reason::SandboxFailed, m.clone()),
+        Ending::Refused(Refusal::InvalidModule(m)) => {
+            return failed(Reason::InvalidModule, m.clone())
+        }
+        Ending::Guest(g) => g,
+    };
+    let err = match &g.result {
+        Ok(()) => {
+            return Verdict {
+                state: TaskState::TaskFinished,
+                reason: Reason::Unspecified,
+                message: String::new(),
+                exit_code: None,
+            }
+        }
+        Err(e) => e,
+    };
+    let exit = err.downcast_ref::<I32Exit>().map(|e| e.0);
+    let trap = err.downcast_ref::<Trap>().copied();
+
+    // Our own interruptions first: whatever the guest was doing, we stopped it.
+    match g.interrupt {
+        Some(Interrupt::Killed) => {
+            return Verdict {
+                state: TaskState::TaskKilled,
+                reason: Reason::KilledByFramework,
+                message: "killed".to_string(),
+                exit_code: None,
+            }
+        }
+        Some(Interrupt::Deadline) => {
+            let message = format!("deadline of {} exceeded", fmt_ms(g.timeout_ms));
+            return failed(Reason::DeadlineExceeded, message);
+        }
+        None => {}
+    }
+    if exit == Some(0) {
+        return Verdict {
+            state: TaskState::TaskFinished,
+            reason: Reason::Unspecified,
+            message: String::new(),
+            exit_code: Some(0),
+        };
+    }
+    if trap == Some(Trap::OutOfFuel) {
+        let fuel = g.fuel_limit.unwrap_or(u64::MAX);
+        return failed(
+            Reason::FuelExhausted,
+            format!("fuel exhausted after {fuel} units"),
+        );
+    }
+    // A refused growth explains the failure that follows it (Rust's allocator aborts
+    // with a trap; other programs exit non-zero).
+    if let Some(denied) = g.memory_denied {
+        let message = match (g.phase, g.declared_memory) {
+            (Phase::Instantiate, Some(declared)) if declared > denied.limit => {
+                initial_memory_message(declared, denied.limit)
+            }
+            _ => format!("memory limit of {} reached", fmt_bytes(denied.limit)),
+        };
+        return failed(Reason::MemoryLimit, message);
+    }
+    if let Some(code) = exit {
+        return Verdict {
+            state: TaskState::TaskFailed,
+            reason: Reason::CommandExited,
+            message: format!("exited with code {code}"),
+            exit_code: Some(code),
+        };
+    }
+    if let Some(trap) = trap {
+        return failed(Reason::Trap, trap.to_string());
+    }
+    match g.phase {
+        // Not a trap of the guest's: linking or allocation failed.
+        Phase::Instantiate => failed(
+            Reason::InvalidModule,
+            format!("cannot instantiate module: {}", error_text(err)),
+        ),
+        // e.g. a WASI host function refusing a guest's bad pointer.
+        Phase::Run => failed(Reason::Trap, error_text(err)),
+    }
+}
+
+/// Engine settings shared by the runner and `validate_module`.
+fn base_config() -> Config {
+    let mut config = Config::new();
+    config.consume_fuel(true).epoch_interruption(true);
+    config
+}
+
+fn pooling_config() -> Config {
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_core_instances(POOL_INSTANCES)
+        .total_memories(POOL_INSTANCES)
+        .total_tables(POOL_INSTANCES)
+        .max_memory_size(usize::try_from(MAX_MEMORY).unwrap_or(usize::MAX))
+        .table_elements(MAX_TABLE_ELEMENTS)
+        // Core modules only: no component slots needed.
+        .total_component_instances(0);
+    let mut config = base_config();
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    config
+}
+
+fn wasi_linker(engine: &Engine) -> anyhow::Result<Linker<TaskCtx>> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |ctx: &mut TaskCtx| &mut ctx.wasi)
+        .map_err(|e| anyhow::anyhow!("cannot add WASI preview 1 to the linker: {e}"))?;
+    Ok(linker)
+}
+
+/// The (module, name) pairs WASI preview 1 provides, for naming unknown imports.
+fn wasi_imports() -> &'static std::collections::HashSet<(String, String)> {
+    static NAMES: OnceLock<std::collections::HashSet<(String, String)>> = OnceLock::new();
+    NAMES.get_or_init(|| {
+        // Listing a linker's definitions needs a store; a throwaway engine will do.
+        let linker = Engine::new(&Config::new())
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .and_then(|engine| Ok((wasi_linker(&engine)?, engine)));
+        match linker {
+            Ok((linker, engine)) => {
+                let mut store = Store::new(&engine, TaskCtx::placeholder());
+                linker
+                    .iter(&mut store)
+                    .map(|(module, name, _)| (module.to_string(), name.to_string()))
+                    .collect()
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot list WASI preview 1 functions");
+                Default::default()
+            }
+        }
+    })
+}
+
+impl TaskCtx {
+    fn placeholder() -> Self {
+        TaskCtx {
+            wasi: WasiCtxBuilder::new().build_p1(),
+            limiter: MemoryLimiter::new(None),
+            interrupt: None,
+        }
+    }
+}
+
+/// The WASI context of one task: args, env, the sandbox as `/`, capped output files.
+fn build_wasi(launch: &ExecutorLaunch) -> Result<WasiP1Ctx, Refusal> {
+    let mut builder = WasiCtxBuilder::new();
+    // Tasks run on threads of their own, so blocking them on file I/O is fine and
+    // saves a hop through tokio's blocking pool per call. Must precede preopened_dir,
+    // which captures the setting.
+    builder.allow_blocking_current_thread(true);
+    builder.arg(ARGV0).args(&launch.args);
+    let mut env: Vec<_> = launch.env.iter().collect();
+    env.sort();
+    builder.envs(&env);
+
+    if !launch.root_dir.is_empty() {
+        builder
+            .preopened_dir(&launch.root_dir, "/", FsPerms::ReadWrite)
+            .map_err(|e| {
+                Refusal::Sandbox(format!("cannot open root dir {}: {e}", launch.root_dir))
+            })?;
+    }
+
+    let limit = if launch.output_limit_bytes == 0 {
+        DEFAULT_OUTPUT_LIMIT
+    } else {
+        launch.output_limit_bytes
+    };
+    let stdout = open_output(&launch.stdout_path, limit)?;
+    // One sink when both go to the same file, so the cap and the order are shared.
+    let stderr = if launch.stderr_path == launch.stdout_path {
+        stdout.clone()
+    } else {
+        open_output(&launch.stderr_path, limit)?
+    };
+    if let Some(out) = stdout {
+        builder.stdout(out);
+    }
+    if let Some(err) = stderr {
+        builder.stderr(err);
+    }
+    Ok(builder.build_p1())
+}
+
+/// An empty path discards the stream.
+fn open_output(path: &str, limit: u64) -> Result<Option<CappedOutput>, Refusal> {
+    if path.is_empty() {
+        return Ok(None);
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| Refusal::Sandbox(format!("cannot open output file {path}: {e}")))?;
+    Ok(Some(CappedOutput::new(file, limit)))
+}
+
+fn read_module(launch: &ExecutorLaunch) -> Result<Vec<u8>, Refusal> {
+    if launch.module_path.is_empty() {
+        return Err(Refusal::InvalidTask(
+            "launch has no module_path".to_string(),
+        ));
+    }
+    std::fs::read(&launch.module_path)
+        .map_err(|e| Refusal::Fetch(format!("cannot read module {}: {e}", launch.module_path)))
+}
+
+/// Refuses what is not a core WebAssembly module before the compiler sees it, with a
+/// sentence a person understands.
+fn check_header(bytes: &[u8]) -> Result<(), String> {
+    if !bytes.starts_with(b"\0asm") {
+        return Err("not a WebAssembly module (bad magic number)".to_string());
+    }
+    match bytes.get(4..8) {
+        Some([1, 0, 0, 0]) => Ok(()),
+        Some([_, _, 1, 0]) => Err(
+            "a WebAssembly component, not a core module (Agora runs WASI preview 1 modules)"
+                .to_string(),
+        ),
+        _ => Err("not a WebAssembly module (unsupported version)".to_string()),
+    }
+}
+
+/// Imports must all be WASI preview 1 functions and `_start` must exist.
+fn check_module(module: &Module) -> Result<(), String> {
+    let wasi = wasi_imports();
+    for import in module.imports() {
+        let known = matches!(import.ty(), ExternType::Func(_))
+            && wasi.contains(&(import.module().to_string(), import.name().to_string()));
+        if !known {
+            return Err(format!(
+                "module imports {}::{}, which Agora does not provide (only WASI preview 1 is available)",
+                import.module(),
+                import.name()
+            ));
+        }
+    }
+    match module.get_export("_start") {
+        Some(ExternType::Func(f)) if f.params().len() == 0 && f.results().len() == 0 => Ok(()),
+        Some(_) => Err(
+            "module exports `_start`, but not as a function without parameters or results"
+                .to_string(),
+        ),
+        None => Err("module has no `_start` function (Agora runs WASI commands)".to_string()),
+    }
+}
+
+/// The largest declared initial size among the module's own memories, in bytes.
+fn declared_initial_memory(module: &Module) -> Option<u64> {
+    // In wasm pages; custom page sizes are not enabled, so a page is 64 KiB.
+    let pages = module.resources_required().max_initial_memory_size?;
+    Some(pages.saturating_mul(64 * KIB))
+}
+
+fn initial_memory_message(declared: u64, limit: u64) -> String {
+    format!(
+        "module declares {} of initial memory, more than the task's mem of {}",
+        fmt_bytes(declared),
+        fmt_bytes(limit)
+    )
+}
+
+fn compile_error(e: &wasmtime::Error) -> String {
+    format!("module does not compile: {}", error_text(e))
+}
+
+/// An error and its causes on one line.
+fn error_text(e: &wasmtime::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let line = cause.to_string();
+        let line = line.lines().next().unwrap_or("").trim().to_string();
+        if !line.is_empty() && !parts.iter().any(|p| p.contains(&line)) {
+            parts.push(line);
+        }
+    }
+    parts.join(": ")
+}
+
+/// `64MiB`, `4GiB`, `1536KiB`, `1000 bytes`.
+fn fmt_bytes(n: u64) -> String {
+    match n {
+        0 => "0 bytes".to_string(),
+        n if n % GIB == 0 => format!("{}GiB", n / GIB),
+        n if n % MIB == 0 => format!("{}MiB", n / MIB),
+        n if n % KIB == 0 => format!("{}KiB", n / KIB),
+        n => format!("{n} bytes"),
+    }
+}
+
+/// `300ms`, `2s`, `1.5s`, `2min`.
+fn fmt_ms(ms: u64) -> String {
+    match ms {
+        ms if ms < 1000 => format!("{ms}ms"),
+        ms if ms % 60_000 == 0 => format!("{}min", ms / 60_000),
+        ms if ms % 1000 == 0 => format!("{}s", ms / 1000),
+        ms => {
+            let s = format!("{}.{:03}", ms / 1000, ms % 1000);
+            format!("{}s", s.trim_end_matches('0'))
+        }
+    }
+}
+
+/// Hex digest of the engine's compatibility hash (the `Hash` is fed into sha256, which
+/// unlike `DefaultHasher` is stable).
+fn compat_hash(engine: &Engine) -> String {
+    struct Sha(sha2::Sha256);
+    impl Hasher for Sha {
+        fn write(&mut self, bytes: &[u8]) {
+            self.0.update(bytes);
+        }
+        fn finish(&self) -> u64 {
+            0 // unused: the digest is taken below
+        }
+    }
+    let mut hasher = Sha(sha2::Sha256::new());
+    std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut hasher);
+    hex::encode(&hasher.0.finalize()[..8])
+}
+
+/// Enforces the task's memory limit over all its linear memories and remembers a
+/// refusal, which explains the trap or exit that usually follows.
+struct MemoryLimiter {
+    limit: Option<u64>,
+    total: u64,
+    /// The last permitted growth, undone if the growth then fails.
+    pending: Option<(u64, u64)>,
+    denied: Option<MemoryDenied>,
+}
+
+impl MemoryLimiter {
+    fn new(limit: Option<u64>) -> Self {
+        Self {
+            limit,
+            total: 0,
+            pending: None,
+            denied: None,
+        }
+    }
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let (current, desired) = (current as u64, desired as u64);
+        let total = self.total.saturating_sub(current).saturating_add(desired);
+        if let Some(limit) = self.limit.filter(|&l| total > l) {
+            tracing::debug!(requested = total, limit, "memory growth refused");
+            // Keep the first refusal: it is the one that started the failure.
+            self.denied.get_or_insert(MemoryDenied { limit });
+            return Ok(false);
+        }
+        self.total = total;
+        self.pending = Some((current, desired));
+        Ok(true)
+    }
+
+    fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        if let Some((current, desired)) = self.pending.take() {
+            self.total = self.total.saturating_sub(desired).saturating_add(current);
+        }
+        Ok(())
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+/// Advances the engine's epoch every [`EPOCH_TICK`] until dropped.
+struct EpochTicker {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    fn start(engine: &Engine) -> anyhow::Result<Self> {
+        // A weak handle: the ticker must not keep the engine alive on its own.
+        let engine = engine.weak();
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("agora-epoch".to_string())
+            .spawn(move || loop {
+                match stopped.recv_timeout(EPOCH_TICK) {
+                    Err(mpsc::RecvTimeoutError::Timeout) => match engine.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => break,
+                    },
+                    // Dropping the sender is the stop signal.
+                    _ => break,
+                }
+            })?;
+        Ok(Self {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+// The executor shares one runner between task threads.
+const _: () = {
+    const fn check<T: Send + Sync>() {}
+    check::<Runner>()
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_sizes_and_durations() {
+        assert_eq!(fmt_bytes(64 * MIB), "64MiB");
+        assert_eq!(fmt_bytes(4 * GIB), "4GiB");
+        assert_eq!(fmt_bytes(1536 * KIB), "1536KiB");
+        assert_eq!(fmt_bytes(1000), "1000 bytes");
+        assert_eq!(fmt_ms(300), "300ms");
+        assert_eq!(fmt_ms(2000), "2s");
+        assert_eq!(fmt_ms(1500), "1.5s");
+        assert_eq!(fmt_ms(1234), "1.234s");
+        assert_eq!(fmt_ms(120_000), "2min");
+    }
+
+    #[test]
+    fn header_checks() {
+        assert_eq!(
+            check_header(b"hello").unwrap_err(),
+            "not a WebAssembly module (bad magic number)"
+        );
+        assert!(check_header(b"\0asm\x0d\0\x01\0")
+            .unwrap_err()
+            .contains("component"));
+        assert!(check_header(b"\0asm\x01\0\0\0").is_ok());
+    }
+}

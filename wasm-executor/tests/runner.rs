@@ -1,0 +1,427 @@
+//! Runner-level tests with real guests (guest-examples, built for wasm32-wasip1) and
+//! small modules written inline as WebAssembly text.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use agora_proto::v1::{ExecutorLaunch, ExecutorStatus, Reason, TaskState};
+use agora_wasm_executor::{validate_module, Runner};
+
+/// Bound on every wait in these tests.
+const WAIT: Duration = Duration::from_secs(60);
+const MIB: u64 = 1024 * 1024;
+
+/// One runner for the whole test binary, as in an executor process.
+fn runner() -> &'static Runner {
+    static RUNNER: OnceLock<Runner> = OnceLock::new();
+    RUNNER.get_or_init(|| Runner::new(None).expect("runner"))
+}
+
+/// A task's sandbox: `root/` is the guest's `/`, output files live beside it.
+struct Task {
+    dir: tempfile::TempDir,
+    launch: ExecutorLaunch,
+}
+
+impl Task {
+    fn new(module: &Path, args: &[&str]) -> Task {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Task::in_dir(dir, module, args)
+    }
+
+    fn in_dir(dir: tempfile::TempDir, module: &Path, args: &[&str]) -> Task {
+        let bytes = std::fs::read(module).expect("module");
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).expect("root");
+        let launch = ExecutorLaunch {
+            task_id: "t1".to_string(),
+            module_path: module.display().to_string(),
+            module_sha256: agora_proto::sha256_hex(&bytes),
+            root_dir: root.display().to_string(),
+            stdout_path: dir.path().join("stdout").display().to_string(),
+            stderr_path: dir.path().join("stderr").display().to_string(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        Task { dir, launch }
+    }
+
+    fn guest(name: &str, args: &[&str]) -> Task {
+        Task::new(&agora_guest_examples::wasm_path(name), args)
+    }
+
+    /// A module given as bytes, written beside the task's sandbox.
+    fn bytes(bytes: &[u8]) -> Task {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("module.wasm");
+        std::fs::write(&path, bytes).expect("write module");
+        Task::in_dir(dir, &path, &[])
+    }
+
+    fn wat(text: &str) -> Task {
+        Task::bytes(&wat::parse_str(text).expect("valid wat"))
+    }
+
+    fn run(&self) -> ExecutorStatus {
+        self.run_with(runner())
+    }
+
+    fn run_with(&self, runner: &Runner) -> ExecutorStatus {
+        runner.run(&self.launch, Arc::new(AtomicBool::new(false)), |_| {})
+    }
+
+    fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stdout")).unwrap_or_default()
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
+    }
+
+    fn root(&self) -> PathBuf {
+        PathBuf::from(&self.launch.root_dir)
+    }
+}
+
+fn assert_ending(status: &ExecutorStatus, state: TaskState, reason: Reason) {
+    assert_eq!(
+        (status.state(), status.reason()),
+        (state, reason),
+        "unexpected ending: {status:?}"
+    );
+}
+
+#[test]
+fn hello_prints_args_and_env() {
+    let mut task = Task::guest("hello", &["a", "b", "c"]);
+    task.launch
+        .env
+        .insert("GREETING".to_string(), "bonjour".to_string());
+    let mut running_us = None;
+    let status = runner().run(&task.launch, Arc::new(AtomicBool::new(false)), |us| {
+        running_us = Some(us)
+    });
+    assert_ending(&status, TaskState::TaskFinished, Reason::Unspecified);
+    assert_eq!(
+        task.stdout(),
+        "hello from agora\nargs: a b c\nGREETING=bonjour\n"
+    );
+    assert_eq!(status.exit_code, None);
+    assert_eq!(running_us, Some(status.instantiate_us));
+    assert!(status.fuel_used > 0, "{status:?}");
+
+    // A second run of the same module: no compile, just instantiate.
+    let again = Task::guest("hello", &[]);
+    let warm = again.run();
+    assert_ending(&warm, TaskState::TaskFinished, Reason::Unspecified);
+    assert_eq!(again.stdout(), "hello from agora\nargs: \nGREETING unset\n");
+    let mut warm_us: Vec<u64> = (0..50)
+        .map(|_| Task::guest("hello", &[]).run().instantiate_us)
+        .collect();
+    warm_us.sort_unstable();
+    eprintln!(
+        "hello instantiate_us: first run {} (includes compile), warm p50 {} / min {} / max {} \
+         over {} runs; fuel_used {}; pooling allocator: {}",
+        status.instantiate_us,
+        warm_us[warm_us.len() / 2],
+        warm_us[0],
+        warm_us[warm_us.len() - 1],
+        warm_us.len(),
+        warm.fuel_used,
+        runner().uses_pooling()
+    );
+}
+
+#[test]
+fn non_zero_exit_is_command_exited() {
+    let task = Task::guest("exit-code", &["3"]);
+    let status = task.run();
+    assert_ending(&status, TaskState::TaskFailed, Reason::CommandExited);
+    assert_eq!(status.exit_code, Some(3));
+    assert_eq!(status.message, "exited with code 3");
+    assert_eq!(task.stderr(), "exiting with 3\n");
+}
+
+#[test]
+fn exit_zero_is_finished() {
+    let status = Task::guest("exit-code", &["0"]).run();
+    assert_ending(&status, TaskState::TaskFinished, Reason::Unspecified);
+}
+
+#[test]
+fn fib_finishes() {
+    let task = Task::guest("fib", &["20"]);
+    let status = task.run();
+    assert_ending(&status, TaskState::TaskFinished, Reason::Unspecified);
+    assert_eq!(task.stdout(), "fib(20) = 6765\n");
+}
+
+#[test]
+fn spin_runs_out_of_fuel() {
+    let mut task = Task::guest("spin", &[]);
+    task.launch.fuel = 1_000_000;
+    let status = task.run();
+    assert_ending(&status, TaskState::TaskFailed, Reason::FuelExhausted);
+    assert_eq!(status.message, "fuel exhausted after 1000000 units");
+    assert_eq!(status.fuel_used, 1_000_000);
+}
+
+#[test]
+fn spin_hits_its_deadline() {
+    let mut task = Task::guest("spin", &[]);
+    task.launch.timeout_ms = 300;
+    let started = std::time::Instant::now();
+    let status = task.run();
+    let took = started.elapsed();
+    assert_ending(&status, TaskState::TaskFailed, Reason::DeadlineExceeded);
+    assert_eq!(status.message, "deadline of 300ms exceeded");
+    assert!(took >= Duration::from_millis(300), "{took:?}");
+}
+
+#[test]
+fn spin_is_killed_from_another_thread() {
+    let task = Task::guest("spin", &[]);
+    let kill = Arc::new(AtomicBool::new(false));
+    let (running_tx, running_rx) = mpsc::channel();
+    let (done_tx, done_rx) = mpsc::channel();
+    let launch = task.launch.clone();
+    let flag = Arc::clone(&kill);
+    std::thread::spawn(move || {
+        let status = runner().run(&launch, flag, |us| {
+            let _ = running_tx.send(us);
+        });
+        let _ = done_tx.send(status);
+    });
+    running_rx.recv_timeout(WAIT).expect("task started");
+    kill.store(true, Ordering::Relaxed);
+    let status = done_rx
+        .recv_timeout(WAIT)
+        .expect("task ended after the kill");
+    assert_ending(&status, TaskState::TaskKilled, Reason::KilledByFramework);
+    assert_eq!(status.message, "killed");
+}
+
+#[test]
+fn memhog_hits_the_memory_limit() {
+    let mut task = Task::guest("memhog", &[]);
+    task.launch.memory_bytes = 64 * MIB;
+    let status = task.run();
+    assert_ending(&status, TaskState::TaskFailed, Reason::MemoryLimit);
+    assert_eq!(status.message, "memory limit of 64MiB reached");
+    assert!(
+        task.stdout().contains("allocated 8 MiB"),
+        "{}",
+        task.stdout()
+    );
+    assert!(
+        task.stderr().contains("memory allocation of"),
+        "{}",
+        task.stderr()
+    );
+}
+
+#[test]
+fn large_initial_memory_is_refused_with_sizes() {
+    let wat = r#"(module (memory 4096) (func (export "_start")))"#;
+    let mut task = Task::wat(wat);
+    task.launch.memory_bytes = 64 * MIB;
+    let status = task.run();
+    assert_ending(&status, TaskState::TaskFailed, Reason::MemoryLimit);
+    assert_eq!(
+        status.message,
+        "module declares 256MiB of initial memory, more than the task's mem of 64MiB"
+    );
+    let bytes = wat::parse_str(wat).expect("wat");
+    assert_eq!(
+        validate_module(&bytes, 64 * MIB),
+        Err(status.message.clone())
+    );
+    assert_eq!(validate_module(&bytes, 0), Ok(()));
+}
+
+#[test]
+fn garbage_is_an_invalid_module() {
+    let task = Task::bytes(b"hello");
+    let status = task.run();
+    assert_ending(&status, TaskState::TaskFailed, Reason::InvalidModule);
+    assert_eq!(
+        status.message,
+        "not a WebAssembly module (bad magic number)"
+    );
+    assert_eq!(validate_module(b"hello", 0), Err(status.message));
+}
+
+#[test]
+fn truncated_module_does_not_compile() {
+    let bytes = wat::parse_str(r#"(module (func (export "_start")))"#).expect("wat");
+    let status = Task::bytes(&bytes[..bytes.len() - 3]).run();
+    assert_ending(&status, TaskState::TaskFailed, Reason::InvalidModule);
+    assert!(
+        status.message.starts_with("module does not compile: "),
+        "{}",
+        status.message
+    );
+}
+
+#[test]
+fn unknown_import_is_an_invalid_module() {
+    let wat = r#"(module (import "env" "foo" (func)) (func (export "_start")))"#;
+    let status = Task::wat(wat).run();
+    assert_ending(&status, TaskState::TaskFailed, Reason::InvalidModule);
+    assert_eq!(
+        status.message,
+        "module imports env::foo, which Agora does not provide (only WASI preview 1 is available)"
+    );
+    let bytes = wat::parse_str(wat).expect("wat");
+    assert_eq!(validate_module(&bytes, 0), Err(status.message));
+}
+
+#[test]
+fn missing_start_is_an_invalid_module() {
+    let status = Task::wat(r#"(module (func (export "main")))"#).run();
+    assert_ending(&status, TaskState::TaskFailed, Reason::InvalidModule);
+    assert!(status.message.contains("no `_start`"), "{}", status.message);
+}
+
+#[test]
+fn unreachable_is_a_trap() {
+    let status = Task::wat(r#"(module (func (export "_start") unreachable))"#).run();
+    assert_ending(&status, TaskState::TaskFailed, Reason::Trap);
+    assert!(status.message.contains("unreachable"), "{}", status.message);
+    assert!(!status.message.contains('\n'), "{}", status.message);
+}
+
+#[test]
+fn divide_by_zero_is_a_trap_with_its_message() {
+    let wat = r#"(module (func (export "_start")
+        (drop (i32.div_u (i32.const 1) (i32.const 0)))))"#;
+    let status = Task::wat(wat).run();
+    assert_ending(&status, TaskState::TaskFailed, Reason::Trap);
+    assert_eq!(status.message, "wasm trap: integer divide by zero");
+}
+
+#[test]
+fn files_reads_and_writes_the_sandbox() {
+    let task = Task::guest("files", &[]);
+    std::fs::write(task.root().join("input.txt"), "one two\nthree\n").expect("input");
+    let status = task.run();
+    assert_ending(&status, TaskState::TaskFinished, Reason::Unspecified);
+    assert_eq!(task.stdout(), "lines=2 words=3 bytes=14\n");
+    let result = std::fs::read_to_string(task.root().join("result.txt")).expect("result.txt");
+    assert_eq!(result, "lines=2 words=3 bytes=14\nONE TWO\nTHREE\n");
+}
+
+#[test]
+fn files_without_input_fails_clearly() {
+    let task = Task::guest("files", &[]);
+    let status = task.run();
+    assert_ending(&status, TaskState::TaskFailed, Reason::CommandExited);
+    assert_eq!(status.exit_code, Some(1));
+    assert!(
+        task.stderr().contains("cannot read input /input.txt"),
+        "{}",
+        task.stderr()
+    );
+}
+
+#[test]
+fn output_is_capped_with_a_marker() {
+    // Writes a 64-byte line to stdout 1000 times.
+    let wat = r#"(module
+        (import "wasi_snapshot_preview1" "fd_write"
+            (func $fd_write (param i32 i32 i32 i32) (result i32)))
+        (memory (export "memory") 1)
+        (data (i32.const 16) "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcde\n")
+        (func (export "_start") (local $i i32)
+            (i32.store (i32.const 0) (i32.const 16))
+            (i32.store (i32.const 4) (i32.const 64))
+            (loop $again
+                (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+                (local.set $i (i32.add (local.get $i) (i32.const 1)))
+                (br_if $again (i32.lt_u (local.get $i) (i32.const 1000))))))"#;
+    let mut task = Task::wat(wat);
+    task.launch.output_limit_bytes = 1000;
+    let status = task.run();
+    assert_ending(&status, TaskState::TaskFinished, Reason::Unspecified);
+    let out = task.stdout();
+    let marker = "[agora: output truncated at 1000 bytes]\n";
+    assert!(out.ends_with(marker), "{out}");
+    assert_eq!(out.matches("[agora:").count(), 1);
+    // 1000 bytes kept, then a newline (the cut fell mid-line) and the marker.
+    assert_eq!(out.len(), 1000 + 1 + marker.len());
+}
+
+#[test]
+fn modules_are_compiled_once_and_cached_on_disk() {
+    let cache = tempfile::tempdir().expect("cache dir");
+    let runner = Runner::new(Some(cache.path().to_path_buf())).expect("runner");
+    let first = Task::guest("hello", &[]);
+    assert_ending(
+        &first.run_with(&runner),
+        TaskState::TaskFinished,
+        Reason::Unspecified,
+    );
+    assert_ending(
+        &first.run_with(&runner),
+        TaskState::TaskFinished,
+        Reason::Unspecified,
+    );
+    assert_eq!(runner.compiled_count(), 1);
+    let artifacts: Vec<_> = std::fs::read_dir(cache.path())
+        .expect("cache dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(artifacts.len(), 1, "{artifacts:?}");
+    assert!(
+        artifacts[0].starts_with(&first.launch.module_sha256) && artifacts[0].ends_with(".cwasm"),
+        "{artifacts:?}"
+    );
+
+    // A new process (runner) with the same cache dir loads the artifact instead.
+    let next = Runner::new(Some(cache.path().to_path_buf())).expect("runner");
+    let task = Task::guest("hello", &["again"]);
+    assert_ending(
+        &task.run_with(&next),
+        TaskState::TaskFinished,
+        Reason::Unspecified,
+    );
+    assert_eq!(next.compiled_count(), 0);
+    assert!(task.stdout().contains("args: again"));
+}
+
+#[test]
+fn wrong_sha_is_refused() {
+    let mut task = Task::guest("hello", &[]);
+    task.launch.module_sha256 = "0".repeat(64);
+    let status = task.run_with(&Runner::new(None).expect("runner"));
+    assert_ending(&status, TaskState::TaskFailed, Reason::FetchFailed);
+    assert!(
+        status.message.contains("expected 0000"),
+        "{}",
+        status.message
+    );
+
+    task.launch.module_sha256 = "../../etc/passwd".to_string();
+    let status = task.run();
+    assert_ending(&status, TaskState::TaskFailed, Reason::InvalidTask);
+}
+
+#[test]
+fn missing_root_dir_is_a_sandbox_failure() {
+    let mut task = Task::guest("hello", &[]);
+    task.launch.root_dir = task.dir.path().join("nope").display().to_string();
+    let status = task.run();
+    assert_ending(&status, TaskState::TaskFailed, Reason::SandboxFailed);
+}
+
+#[test]
+fn validate_accepts_the_guests() {
+    for name in ["hello", "exit-code", "spin", "memhog", "fib", "files"] {
+        let bytes = std::fs::read(agora_guest_examples::wasm_path(name)).expect("guest");
+        assert_eq!(validate_module(&bytes, 64 * MIB), Ok(()), "{name}");
+    }
+}
