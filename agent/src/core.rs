@@ -8,8 +8,9 @@ use std::path::PathBuf;
 
 use agora_proto::resources::MEM;
 use agora_proto::v1::{
-    self, agent_to_executor, agent_to_master, AgentHello, AgentToExecutor, AgentToMaster, ExecutorLaunch,
-    ExecutorStatus, Reason, RunningTask, StatusUpdate, TaskInfo, TaskState, TaskStatus,
+    self, agent_to_executor, agent_to_master, AgentHello, AgentToExecutor, AgentToMaster,
+    ExecutorLaunch, ExecutorStatus, Reason, RunningTask, StatusUpdate, TaskInfo, TaskState,
+    TaskStatus,
 };
 use agora_proto::Resources;
 
@@ -39,18 +40,33 @@ pub struct AgentCoreConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Input {
     /// The master accepted our registration.
-    Registered { agent_id: String },
+    Registered {
+        agent_id: String,
+    },
     MasterDisconnected,
     RunTask(v1::RunTask),
     KillTask(v1::KillTask),
     Ack(v1::StatusUpdateAck),
-    ShutdownFramework { framework_id: String },
+    ShutdownFramework {
+        framework_id: String,
+    },
     /// The shell finished fetching artifacts and building the sandbox.
-    Prepared { key: TaskKey, result: Result<(), String> },
-    ExecutorRegistered { key: ExecutorKey },
-    ExecutorStatus { key: ExecutorKey, status: ExecutorStatus },
+    Prepared {
+        key: TaskKey,
+        result: Result<(), String>,
+    },
+    ExecutorRegistered {
+        key: ExecutorKey,
+    },
+    ExecutorStatus {
+        key: ExecutorKey,
+        status: ExecutorStatus,
+    },
     /// The executor process ended (or could not be started).
-    ExecutorExited { key: ExecutorKey, detail: String },
+    ExecutorExited {
+        key: ExecutorKey,
+        detail: String,
+    },
     Tick,
 }
 
@@ -58,11 +74,21 @@ pub enum Input {
 pub enum Output {
     ToMaster(AgentToMaster),
     /// Fetch the task's module and inputs and build its sandbox, then feed `Prepared`.
-    Prepare { key: TaskKey, task: TaskInfo },
-    SpawnExecutor { key: ExecutorKey },
-    ToExecutor { key: ExecutorKey, msg: AgentToExecutor },
+    Prepare {
+        key: TaskKey,
+        task: TaskInfo,
+    },
+    SpawnExecutor {
+        key: ExecutorKey,
+    },
+    ToExecutor {
+        key: ExecutorKey,
+        msg: AgentToExecutor,
+    },
     /// The executor was asked to shut down; make sure the process goes.
-    ReapExecutor { key: ExecutorKey },
+    ReapExecutor {
+        key: ExecutorKey,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,7 +203,12 @@ impl AgentCore {
             Input::KillTask(k) => self.kill(&(k.framework_id, k.task_id), now),
             Input::Ack(a) => self.ack(a, now),
             Input::ShutdownFramework { framework_id } => {
-                let keys: Vec<TaskKey> = self.tasks.keys().filter(|(f, _)| *f == framework_id).cloned().collect();
+                let keys: Vec<TaskKey> = self
+                    .tasks
+                    .keys()
+                    .filter(|(f, _)| *f == framework_id)
+                    .cloned()
+                    .collect();
                 for k in keys {
                     self.kill(&k, now);
                     // Nobody will acknowledge these updates any more.
@@ -203,7 +234,11 @@ impl AgentCore {
             // A duplicate RunTask (master retry) for a task we already have.
             return;
         }
-        let exec_id = if info.executor_id.is_empty() { DEFAULT_EXECUTOR.to_string() } else { info.executor_id.clone() };
+        let exec_id = if info.executor_id.is_empty() {
+            DEFAULT_EXECUTOR.to_string()
+        } else {
+            info.executor_id.clone()
+        };
         let agent_id = self.agent_id.clone().unwrap_or_default();
         let latest = TaskStatus {
             task_id: info.task_id.clone(),
@@ -225,21 +260,43 @@ impl AgentCore {
                 updates: UpdateStream::default(),
             },
         );
-        self.update(&key, new_status(TaskState::TaskStarting, Reason::Unspecified, "fetching and preparing the sandbox"), now);
+        self.update(
+            &key,
+            new_status(
+                TaskState::TaskStarting,
+                Reason::Unspecified,
+                "fetching and preparing the sandbox",
+            ),
+            now,
+        );
         self.out.push(Output::Prepare { key, task: info });
     }
 
     fn prepared(&mut self, key: TaskKey, result: Result<(), String>, now: u64) {
-        let Some(t) = self.tasks.get(&key) else { return };
+        let Some(t) = self.tasks.get(&key) else {
+            return;
+        };
         if t.phase != Phase::Preparing {
             return;
         }
         if t.kill_requested {
-            self.terminal(&key, new_status(TaskState::TaskKilled, Reason::KilledByFramework, "killed before it started"), now);
+            self.terminal(
+                &key,
+                new_status(
+                    TaskState::TaskKilled,
+                    Reason::KilledByFramework,
+                    "killed before it started",
+                ),
+                now,
+            );
             return;
         }
         if let Err(e) = result {
-            let reason = if e.contains("fetch") { Reason::FetchFailed } else { Reason::SandboxFailed };
+            let reason = if e.contains("fetch") {
+                Reason::FetchFailed
+            } else {
+                Reason::SandboxFailed
+            };
             self.terminal(&key, new_status(TaskState::TaskFailed, reason, &e), now);
             return;
         }
@@ -255,7 +312,14 @@ impl AgentCore {
             }
             _ => {
                 // No executor (or one on its way out): start a fresh one.
-                self.executors.insert(exec_key.clone(), Executor { registered: false, idle_since: None, shutting_down: false });
+                self.executors.insert(
+                    exec_key.clone(),
+                    Executor {
+                        registered: false,
+                        idle_since: None,
+                        shutting_down: false,
+                    },
+                );
                 self.tasks.get_mut(&key).expect("present").phase = Phase::AwaitingExecutor;
                 self.out.push(Output::SpawnExecutor { key: exec_key });
             }
@@ -269,10 +333,15 @@ impl AgentCore {
         t.phase = Phase::Launched;
         let sandbox = sandbox_dir(&work, key);
         let module = t.info.module.clone().unwrap_or_default();
-        let mem = Resources::from_proto(&t.info.resources).map(|r| r.get(MEM)).unwrap_or(0).max(0) as u64;
+        let mem = Resources::from_proto(&t.info.resources)
+            .map(|r| r.get(MEM))
+            .unwrap_or(0)
+            .max(0) as u64;
         let launch = ExecutorLaunch {
             task_id: key.1.clone(),
-            module_path: artifact_path(&work, &module.sha256).to_string_lossy().into_owned(),
+            module_path: artifact_path(&work, &module.sha256)
+                .to_string_lossy()
+                .into_owned(),
             module_sha256: module.sha256.clone(),
             root_dir: sandbox.join("fs").to_string_lossy().into_owned(),
             stdout_path: sandbox.join("stdout").to_string_lossy().into_owned(),
@@ -287,12 +356,18 @@ impl AgentCore {
         let exec = t.executor.clone();
         self.out.push(Output::ToExecutor {
             key: exec,
-            msg: AgentToExecutor { msg: Some(agent_to_executor::Msg::Launch(launch)) },
+            msg: AgentToExecutor {
+                msg: Some(agent_to_executor::Msg::Launch(launch)),
+            },
         });
     }
 
     fn executor_registered(&mut self, key: ExecutorKey, now: u64) {
-        let e = self.executors.entry(key.clone()).or_insert(Executor { registered: false, idle_since: None, shutting_down: false });
+        let e = self.executors.entry(key.clone()).or_insert(Executor {
+            registered: false,
+            idle_since: None,
+            shutting_down: false,
+        });
         e.registered = true;
         let waiting: Vec<TaskKey> = self
             .tasks
@@ -345,7 +420,14 @@ impl AgentCore {
             let t = &self.tasks[&k];
             if t.phase == Phase::AwaitingExecutor && was_shutting_down {
                 // Queued behind an executor that was on its way out: start a new one.
-                self.executors.insert(key.clone(), Executor { registered: false, idle_since: None, shutting_down: false });
+                self.executors.insert(
+                    key.clone(),
+                    Executor {
+                        registered: false,
+                        idle_since: None,
+                        shutting_down: false,
+                    },
+                );
                 self.out.push(Output::SpawnExecutor { key: key.clone() });
                 return;
             }
@@ -356,7 +438,11 @@ impl AgentCore {
             } else {
                 (TaskState::TaskFailed, Reason::ExecutorTerminated)
             };
-            self.terminal(&k, new_status(state, reason, &format!("executor {}: {detail}", key.1)), now);
+            self.terminal(
+                &k,
+                new_status(state, reason, &format!("executor {}: {detail}", key.1)),
+                now,
+            );
         }
     }
 
@@ -371,7 +457,10 @@ impl AgentCore {
                 ..Default::default()
             };
             self.out.push(Output::ToMaster(AgentToMaster {
-                msg: Some(agent_to_master::Msg::StatusUpdate(StatusUpdate { framework_id: key.0.clone(), status: Some(st) })),
+                msg: Some(agent_to_master::Msg::StatusUpdate(StatusUpdate {
+                    framework_id: key.0.clone(),
+                    status: Some(st),
+                })),
             }));
             return;
         };
@@ -381,15 +470,29 @@ impl AgentCore {
         t.kill_requested = true;
         match t.phase {
             Phase::Preparing => {} // finishes when preparation reports back
-            Phase::AwaitingExecutor => {
-                self.terminal(key, new_status(TaskState::TaskKilled, Reason::KilledByFramework, "killed before it started"), now)
-            }
+            Phase::AwaitingExecutor => self.terminal(
+                key,
+                new_status(
+                    TaskState::TaskKilled,
+                    Reason::KilledByFramework,
+                    "killed before it started",
+                ),
+                now,
+            ),
             Phase::Launched => {
                 let exec = t.executor.clone();
-                self.update(key, new_status(TaskState::TaskKilling, Reason::KilledByFramework, ""), now);
+                self.update(
+                    key,
+                    new_status(TaskState::TaskKilling, Reason::KilledByFramework, ""),
+                    now,
+                );
                 self.out.push(Output::ToExecutor {
                     key: exec,
-                    msg: AgentToExecutor { msg: Some(agent_to_executor::Msg::Kill(v1::ExecutorKill { task_id: key.1.clone() })) },
+                    msg: AgentToExecutor {
+                        msg: Some(agent_to_executor::Msg::Kill(v1::ExecutorKill {
+                            task_id: key.1.clone(),
+                        })),
+                    },
                 });
             }
             Phase::Terminal => unreachable!(),
@@ -399,10 +502,15 @@ impl AgentCore {
     fn terminal(&mut self, key: &TaskKey, st: TaskStatus, now: u64) {
         debug_assert!(st.state().is_terminal());
         self.update(key, st, now);
-        let Some(t) = self.tasks.get_mut(key) else { return };
+        let Some(t) = self.tasks.get_mut(key) else {
+            return;
+        };
         t.phase = Phase::Terminal;
         let exec = t.executor.clone();
-        let idle = !self.tasks.values().any(|t| t.executor == exec && t.phase != Phase::Terminal);
+        let idle = !self
+            .tasks
+            .values()
+            .any(|t| t.executor == exec && t.phase != Phase::Terminal);
         if idle {
             if let Some(e) = self.executors.get_mut(&exec) {
                 e.idle_since = Some(now);
@@ -414,8 +522,15 @@ impl AgentCore {
     /// now if the stream is free.
     fn update(&mut self, key: &TaskKey, mut st: TaskStatus, now: u64) {
         self.update_seq += 1;
-        let Some(t) = self.tasks.get_mut(key) else { return };
-        st.uuid = format!("{}/{}", self.agent_id.as_deref().unwrap_or("?"), self.update_seq).into_bytes();
+        let Some(t) = self.tasks.get_mut(key) else {
+            return;
+        };
+        st.uuid = format!(
+            "{}/{}",
+            self.agent_id.as_deref().unwrap_or("?"),
+            self.update_seq
+        )
+        .into_bytes();
         st.task_id = key.1.clone();
         st.agent_id = self.agent_id.clone().unwrap_or_default();
         st.executor_id = t.executor.1.clone();
@@ -433,17 +548,26 @@ impl AgentCore {
         if !self.connected {
             return;
         }
-        let Some(t) = self.tasks.get_mut(key) else { return };
-        let Some(head) = t.updates.queue.front() else { return };
+        let Some(t) = self.tasks.get_mut(key) else {
+            return;
+        };
+        let Some(head) = t.updates.queue.front() else {
+            return;
+        };
         t.updates.next_retry_ms = now + t.updates.backoff_ms.max(1);
         self.out.push(Output::ToMaster(AgentToMaster {
-            msg: Some(agent_to_master::Msg::StatusUpdate(StatusUpdate { framework_id: key.0.clone(), status: Some(head.clone()) })),
+            msg: Some(agent_to_master::Msg::StatusUpdate(StatusUpdate {
+                framework_id: key.0.clone(),
+                status: Some(head.clone()),
+            })),
         }));
     }
 
     fn ack(&mut self, a: v1::StatusUpdateAck, now: u64) {
         let key = (a.framework_id.clone(), a.task_id.clone());
-        let Some(t) = self.tasks.get_mut(&key) else { return };
+        let Some(t) = self.tasks.get_mut(&key) else {
+            return;
+        };
         if t.updates.queue.front().is_some_and(|h| h.uuid == a.uuid) {
             t.updates.queue.pop_front();
             t.updates.backoff_ms = self.cfg.update_retry_ms;
@@ -454,7 +578,8 @@ impl AgentCore {
 
     /// Forgets terminal tasks whose updates were all acknowledged.
     fn gc_tasks(&mut self) {
-        self.tasks.retain(|_, t| !(t.phase == Phase::Terminal && t.updates.queue.is_empty()));
+        self.tasks
+            .retain(|_, t| !(t.phase == Phase::Terminal && t.updates.queue.is_empty()));
     }
 
     fn tick(&mut self, now: u64) {
@@ -472,11 +597,17 @@ impl AgentCore {
         }
         let idle_ms = self.cfg.executor_idle_ms;
         for (key, e) in self.executors.iter_mut() {
-            if !e.shutting_down && e.registered && e.idle_since.is_some_and(|t| now.saturating_sub(t) >= idle_ms) {
+            if !e.shutting_down
+                && e.registered
+                && e.idle_since
+                    .is_some_and(|t| now.saturating_sub(t) >= idle_ms)
+            {
                 e.shutting_down = true;
                 self.out.push(Output::ToExecutor {
                     key: key.clone(),
-                    msg: AgentToExecutor { msg: Some(agent_to_executor::Msg::Shutdown(v1::ExecutorShutdown {})) },
+                    msg: AgentToExecutor {
+                        msg: Some(agent_to_executor::Msg::Shutdown(v1::ExecutorShutdown {})),
+                    },
                 });
                 self.out.push(Output::ReapExecutor { key: key.clone() });
             }
@@ -485,12 +616,20 @@ impl AgentCore {
 
     /// Number of tasks not yet terminal (for status output and tests).
     pub fn live_tasks(&self) -> usize {
-        self.tasks.values().filter(|t| t.phase != Phase::Terminal).count()
+        self.tasks
+            .values()
+            .filter(|t| t.phase != Phase::Terminal)
+            .count()
     }
 }
 
 fn new_status(state: TaskState, reason: Reason, message: &str) -> TaskStatus {
-    TaskStatus { state: state as i32, reason: reason as i32, message: message.to_string(), ..Default::default() }
+    TaskStatus {
+        state: state as i32,
+        reason: reason as i32,
+        message: message.to_string(),
+        ..Default::default()
+    }
 }
 
 /// `<work>/sandboxes/<framework>/<task>`: holds `stdout`, `stderr` and `fs/` (the

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use agora_proto::tls::{self, Identity};
 use agora_proto::v1::{
-    self, executor_to_agent, master_to_agent, stream_open, AgentToExecutor, AgentToMaster, ArtifactGet,
-    ArtifactHeader, MasterToAgent, SandboxData, SandboxRead, StreamOpen, TaskInfo,
+    self, executor_to_agent, master_to_agent, stream_open, AgentToExecutor, AgentToMaster,
+    ArtifactGet, ArtifactHeader, MasterToAgent, SandboxData, SandboxRead, StreamOpen, TaskInfo,
 };
 use agora_proto::{read_frame, transfer, unix_millis, write_frame};
 use tokio::sync::mpsc;
@@ -72,7 +72,12 @@ impl AgentHandle {
     }
 
     pub fn agent_id(&self) -> Option<String> {
-        self.shared.lock().expect("agent state lock").core.agent_id().map(str::to_string)
+        self.shared
+            .lock()
+            .expect("agent state lock")
+            .core
+            .agent_id()
+            .map(str::to_string)
     }
 }
 
@@ -93,7 +98,12 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<AgentHandle> {
         executors: HashMap::new(),
         children: HashMap::new(),
     }));
-    let agent = Agent { shared: shared.clone(), cfg: Arc::new(cfg), socket, fetch_locks: Default::default() };
+    let agent = Agent {
+        shared: shared.clone(),
+        cfg: Arc::new(cfg),
+        socket,
+        fetch_locks: Default::default(),
+    };
     let mut tasks = Vec::new();
     {
         let a = agent.clone();
@@ -216,7 +226,13 @@ impl Agent {
         let conn = tls::connect(&endpoint, self.cfg.master).await?;
         let (mut send, mut recv) = conn.open_bi().await?;
         let hello = self.lock().core.hello();
-        write_frame(&mut send, &StreamOpen { kind: Some(stream_open::Kind::Agent(hello)) }).await?;
+        write_frame(
+            &mut send,
+            &StreamOpen {
+                kind: Some(stream_open::Kind::Agent(hello)),
+            },
+        )
+        .await?;
         let (tx, mut rx) = mpsc::channel::<AgentToMaster>(MASTER_QUEUE);
         // Sandbox reads arrive on streams the master opens.
         let reader_conn = conn.clone();
@@ -264,20 +280,31 @@ impl Agent {
                         loop {
                             iv.tick().await;
                             seq += 1;
-                            let ping = AgentToMaster { msg: Some(v1::agent_to_master::Msg::Ping(v1::Ping { seq })) };
+                            let ping = AgentToMaster {
+                                msg: Some(v1::agent_to_master::Msg::Ping(v1::Ping { seq })),
+                            };
                             if tx.send(ping).await.is_err() {
                                 return;
                             }
                         }
                     }));
-                    Input::Registered { agent_id: r.agent_id }
+                    Input::Registered {
+                        agent_id: r.agent_id,
+                    }
                 }
                 Some(master_to_agent::Msg::Pong(_)) => continue,
                 Some(master_to_agent::Msg::RunTask(rt)) => Input::RunTask(rt),
                 Some(master_to_agent::Msg::KillTask(k)) => Input::KillTask(k),
                 Some(master_to_agent::Msg::Ack(a)) => Input::Ack(a),
-                Some(master_to_agent::Msg::ShutdownFramework(s)) => Input::ShutdownFramework { framework_id: s.framework_id },
-                Some(master_to_agent::Msg::Error(e)) => break Err(anyhow::anyhow!("the master refused this agent: {}", e.message)),
+                Some(master_to_agent::Msg::ShutdownFramework(s)) => Input::ShutdownFramework {
+                    framework_id: s.framework_id,
+                },
+                Some(master_to_agent::Msg::Error(e)) => {
+                    break Err(anyhow::anyhow!(
+                        "the master refused this agent: {}",
+                        e.message
+                    ))
+                }
                 None => continue,
             };
             self.feed(input);
@@ -291,11 +318,24 @@ impl Agent {
         result
     }
 
-    async fn serve_sandbox_read(&self, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> anyhow::Result<()> {
-        let req: SandboxRead = read_frame(&mut recv).await?.ok_or_else(|| anyhow::anyhow!("empty request"))?;
+    async fn serve_sandbox_read(
+        &self,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) -> anyhow::Result<()> {
+        let req: SandboxRead = read_frame(&mut recv)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("empty request"))?;
         let reply = match self.read_sandbox(&req).await {
-            Ok((data, size)) => SandboxData { data, size, error: String::new() },
-            Err(e) => SandboxData { error: format!("{e:#}"), ..Default::default() },
+            Ok((data, size)) => SandboxData {
+                data,
+                size,
+                error: String::new(),
+            },
+            Err(e) => SandboxData {
+                error: format!("{e:#}"),
+                ..Default::default()
+            },
         };
         write_frame(&mut send, &reply).await?;
         send.finish()?;
@@ -313,12 +353,14 @@ impl Agent {
         let dir = crate::core::sandbox_dir(&self.cfg.core.work_dir, &key);
         let path = match req.path.as_str() {
             "stdout" | "stderr" => dir.join(&req.path),
-            p if !p.is_empty() && !p.starts_with('/') && !p.split('/').any(|c| c == "..") => dir.join("fs").join(p),
+            p if !p.is_empty() && !p.starts_with('/') && !p.split('/').any(|c| c == "..") => {
+                dir.join("fs").join(p)
+            }
             p => anyhow::bail!("path `{p}` must be stdout, stderr or relative to the task's root"),
         };
-        let mut f = tokio::fs::File::open(&path)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot open {} of task {}: {e}", req.path, req.task_id))?;
+        let mut f = tokio::fs::File::open(&path).await.map_err(|e| {
+            anyhow::anyhow!("cannot open {} of task {}: {e}", req.path, req.task_id)
+        })?;
         let size = f.metadata().await?.len();
         if req.offset >= size {
             return Ok((Vec::new(), size));
@@ -333,10 +375,14 @@ impl Agent {
 
     async fn prepare(&self, key: &TaskKey, task: &TaskInfo) -> anyhow::Result<()> {
         let module = task.module.clone().unwrap_or_default();
-        self.fetch(&module.sha256, module.size).await.map_err(|e| anyhow::anyhow!("fetch of the module failed: {e:#}"))?;
+        self.fetch(&module.sha256, module.size)
+            .await
+            .map_err(|e| anyhow::anyhow!("fetch of the module failed: {e:#}"))?;
         let dir = crate::core::sandbox_dir(&self.cfg.core.work_dir, key);
         let root = dir.join("fs");
-        tokio::fs::create_dir_all(&root).await.map_err(|e| anyhow::anyhow!("cannot create sandbox {}: {e}", root.display()))?;
+        tokio::fs::create_dir_all(&root)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot create sandbox {}: {e}", root.display()))?;
         for d in &task.dirs {
             tokio::fs::create_dir_all(root.join(d)).await?;
         }
@@ -366,21 +412,44 @@ impl Agent {
             anyhow::bail!("`{sha}` is not a sha256");
         }
         let dest = artifact_path(&self.cfg.core.work_dir, sha);
-        let lock = self.fetch_locks.lock().expect("fetch locks").entry(sha.to_string()).or_default().clone();
+        let lock = self
+            .fetch_locks
+            .lock()
+            .expect("fetch locks")
+            .entry(sha.to_string())
+            .or_default()
+            .clone();
         let _guard = lock.lock().await;
         if tokio::fs::metadata(&dest).await.is_ok() {
             return Ok(()); // cached: no bytes move
         }
-        let conn = self.lock().master_conn.clone().ok_or_else(|| anyhow::anyhow!("not connected to the master"))?;
+        let conn = self
+            .lock()
+            .master_conn
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("not connected to the master"))?;
         let (mut send, mut recv) = conn.open_bi().await?;
-        write_frame(&mut send, &StreamOpen { kind: Some(stream_open::Kind::Get(ArtifactGet { sha256: sha.to_string() })) }).await?;
+        write_frame(
+            &mut send,
+            &StreamOpen {
+                kind: Some(stream_open::Kind::Get(ArtifactGet {
+                    sha256: sha.to_string(),
+                })),
+            },
+        )
+        .await?;
         send.finish()?;
-        let h: ArtifactHeader = read_frame(&mut recv).await?.ok_or_else(|| anyhow::anyhow!("the master closed the stream"))?;
+        let h: ArtifactHeader = read_frame(&mut recv)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the master closed the stream"))?;
         if !h.error.is_empty() {
             anyhow::bail!("{}", h.error);
         }
         if size != 0 && h.size != size {
-            anyhow::bail!("the master has {} bytes for {sha}, the task says {size}", h.size);
+            anyhow::bail!(
+                "the master has {} bytes for {sha}, the task says {size}",
+                h.size
+            );
         }
         transfer::receive_to_file(&mut recv, &dest, sha, h.size).await?;
         tracing::debug!(%sha, bytes = h.size, "fetched artifact");
@@ -390,7 +459,11 @@ impl Agent {
     // ---- executors ------------------------------------------------------------
 
     fn spawn_executor(&self, key: &ExecutorKey) -> anyhow::Result<()> {
-        let (prog, rest) = self.cfg.executor_command.split_first().ok_or_else(|| anyhow::anyhow!("no executor command configured"))?;
+        let (prog, rest) = self
+            .cfg
+            .executor_command
+            .split_first()
+            .ok_or_else(|| anyhow::anyhow!("no executor command configured"))?;
         let work = &self.cfg.core.work_dir;
         let dir = work.join("executors").join(&key.0).join(&key.1);
         std::fs::create_dir_all(&dir)?;
@@ -410,7 +483,9 @@ impl Agent {
             .stdout(stdout)
             .stderr(stderr)
             .kill_on_drop(false);
-        let mut child = cmd.spawn().map_err(|e| anyhow::anyhow!("cannot run {}: {e}", Path::new(prog).display()))?;
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("cannot run {}: {e}", Path::new(prog).display()))?;
         let pid = child.id().unwrap_or(0);
         self.lock().children.insert(key.clone(), pid);
         tracing::info!(framework = %key.0, executor = %key.1, pid, "started wasm executor");
@@ -434,7 +509,9 @@ impl Agent {
     async fn serve_executor(&self, stream: tokio::net::UnixStream) {
         let (mut rd, mut wr) = stream.into_split();
         let reg = match read_frame::<_, v1::ExecutorToAgent>(&mut rd).await {
-            Ok(Some(v1::ExecutorToAgent { msg: Some(executor_to_agent::Msg::Register(r)) })) => r,
+            Ok(Some(v1::ExecutorToAgent {
+                msg: Some(executor_to_agent::Msg::Register(r)),
+            })) => r,
             other => {
                 tracing::warn!("executor connection did not start with a registration: {other:?}");
                 return;
@@ -453,9 +530,12 @@ impl Agent {
         self.feed(Input::ExecutorRegistered { key: key.clone() });
         loop {
             match read_frame::<_, v1::ExecutorToAgent>(&mut rd).await {
-                Ok(Some(v1::ExecutorToAgent { msg: Some(executor_to_agent::Msg::Status(status)) })) => {
-                    self.feed(Input::ExecutorStatus { key: key.clone(), status })
-                }
+                Ok(Some(v1::ExecutorToAgent {
+                    msg: Some(executor_to_agent::Msg::Status(status)),
+                })) => self.feed(Input::ExecutorStatus {
+                    key: key.clone(),
+                    status,
+                }),
                 Ok(Some(_)) => {}
                 Ok(None) => break,
                 Err(e) => {
@@ -478,7 +558,12 @@ fn describe_exit(st: std::process::ExitStatus, dir: &Path) -> String {
     };
     let tail = std::fs::read_to_string(dir.join("stderr"))
         .ok()
-        .and_then(|s| s.lines().rev().find(|l| !l.trim().is_empty()).map(str::to_string));
+        .and_then(|s| {
+            s.lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .map(str::to_string)
+        });
     match tail {
         Some(t) => format!("{how} ({t})"),
         None => how,

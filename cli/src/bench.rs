@@ -54,14 +54,23 @@ fn pct(sorted: &[u64], p: f64) -> u64 {
 }
 
 pub async fn bench(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
-    let BenchCmd::Launch { target, n, module, use_config } = cmd;
+    let BenchCmd::Launch {
+        target,
+        n,
+        module,
+        use_config,
+    } = cmd;
     let bytes = match &module {
         Some(p) => std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?,
         None => NOOP_WASM.to_vec(),
     };
     let baseline = baseline_tasks_per_s(&bytes, n.min(2000))?;
 
-    let private = if use_config { None } else { Some(crate::cluster::PrivateCluster::start().await?) };
+    let private = if use_config {
+        None
+    } else {
+        Some(crate::cluster::PrivateCluster::start().await?)
+    };
     let cfg = match &private {
         Some(p) => p.client_config.clone(),
         None => ClientConfig::discover(target.master.as_deref(), target.config.as_deref())?,
@@ -74,11 +83,22 @@ pub async fn bench(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
     let r = result?;
     let cluster_rate = n as f64 / r.wall.as_secs_f64();
     println!("launch benchmark: {n} trivial wasm tasks, submit to terminal");
-    println!("  cluster            {cluster_rate:>10.1} tasks/s  ({:.2} s wall)", r.wall.as_secs_f64());
+    println!(
+        "  cluster            {cluster_rate:>10.1} tasks/s  ({:.2} s wall)",
+        r.wall.as_secs_f64()
+    );
     println!("  baseline (runner)  {baseline:>10.1} tasks/s  (same module, executor library in-process, no cluster)");
     println!("  ratio cluster/baseline  {:.3}", cluster_rate / baseline);
-    println!("  executor instantiate  p50 {} us  p99 {} us", pct(&r.inst_us, 0.5), pct(&r.inst_us, 0.99));
-    println!("  task latency (accept -> terminal)  p50 {:.2} ms  p99 {:.2} ms", pct(&r.lat_us, 0.5) as f64 / 1000.0, pct(&r.lat_us, 0.99) as f64 / 1000.0);
+    println!(
+        "  executor instantiate  p50 {} us  p99 {} us",
+        pct(&r.inst_us, 0.5),
+        pct(&r.inst_us, 0.99)
+    );
+    println!(
+        "  task latency (accept -> terminal)  p50 {:.2} ms  p99 {:.2} ms",
+        pct(&r.lat_us, 0.5) as f64 / 1000.0,
+        pct(&r.lat_us, 0.99) as f64 / 1000.0
+    );
     if r.failed > 0 {
         println!("  {} tasks did not finish successfully", r.failed);
         return Ok(ExitCode::from(1));
@@ -126,7 +146,11 @@ struct LaunchResult {
 async fn launch_many(client: &Client, bytes: &[u8], n: usize) -> anyhow::Result<LaunchResult> {
     let (sha, size) = client.upload_bytes(bytes).await?;
     let mut sched = client
-        .subscribe(FrameworkInfo { name: "agora-bench-launch".into(), roles: vec!["*".into()], ..Default::default() })
+        .subscribe(FrameworkInfo {
+            name: "agora-bench-launch".into(),
+            roles: vec!["*".into()],
+            ..Default::default()
+        })
         .await?;
     let per_task = Resources::cpus_mem(10, 4 << 20);
     let mut todo: VecDeque<usize> = (0..n).collect();
@@ -140,15 +164,21 @@ async fn launch_many(client: &Client, bytes: &[u8], n: usize) -> anyhow::Result<
     while done < n {
         let ev = tokio::time::timeout_at(deadline, sched.next_event())
             .await
-            .map_err(|_| anyhow::anyhow!("benchmark did not finish within 10 minutes ({done}/{n} done)"))?
+            .map_err(|_| {
+                anyhow::anyhow!("benchmark did not finish within 10 minutes ({done}/{n} done)")
+            })?
             .ok_or_else(|| anyhow::anyhow!("lost the master connection"))?;
         match ev {
             Event::Offers(offers) => {
                 for o in offers {
-                    let mut free = Resources::from_proto(&o.resources).map_err(anyhow::Error::msg)?.unreserved();
+                    let mut free = Resources::from_proto(&o.resources)
+                        .map_err(anyhow::Error::msg)?
+                        .unreserved();
                     let mut batch = Vec::new();
                     while let Some(i) = todo.front().copied() {
-                        let Some(left) = free.checked_sub(&per_task) else { break };
+                        let Some(left) = free.checked_sub(&per_task) else {
+                            break;
+                        };
                         free = left;
                         todo.pop_front();
                         let id = format!("bench-{i}");
@@ -157,7 +187,12 @@ async fn launch_many(client: &Client, bytes: &[u8], n: usize) -> anyhow::Result<
                             task_id: id,
                             name: "noop".into(),
                             resources: per_task.to_proto(),
-                            module: Some(WasmModule { sha256: sha.clone(), size, fuel: 0, timeout_ms: 10_000 }),
+                            module: Some(WasmModule {
+                                sha256: sha.clone(),
+                                size,
+                                fuel: 0,
+                                timeout_ms: 10_000,
+                            }),
                             ..Default::default()
                         });
                     }
@@ -195,5 +230,10 @@ async fn launch_many(client: &Client, bytes: &[u8], n: usize) -> anyhow::Result<
     let _ = sched.teardown().await;
     inst_us.sort_unstable();
     lat_us.sort_unstable();
-    Ok(LaunchResult { wall, inst_us, lat_us, failed })
+    Ok(LaunchResult {
+        wall,
+        inst_us,
+        lat_us,
+        failed,
+    })
 }

@@ -21,7 +21,9 @@ use clap::{Args, Subcommand};
 pub const DEFAULT_MASTER_PORT: u16 = 7400;
 
 fn home() -> PathBuf {
-    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."))
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
 }
 
 #[derive(Args)]
@@ -93,27 +95,46 @@ pub enum CertsCmd {
 }
 
 pub fn certs(cmd: CertsCmd) -> anyhow::Result<ExitCode> {
-    let CertsCmd::Init { dir, master_names, master } = cmd;
+    let CertsCmd::Init {
+        dir,
+        master_names,
+        master,
+    } = cmd;
     let cd = tls::init_cert_dir(&dir, &master_names)?;
     let client = client_config(&cd, &master);
     client.save(&dir.join("client.json"))?;
     println!("certificates in {}:", dir.display());
     println!("  CA            {}", cd.ca().display());
     for r in [Role::Master, Role::Agent, Role::Client] {
-        println!("  {:<13} {} + {}", format!("{r:?}").to_lowercase(), cd.cert(r).display(), cd.key(r).display());
+        println!(
+            "  {:<13} {} + {}",
+            format!("{r:?}").to_lowercase(),
+            cd.cert(r).display(),
+            cd.key(r).display()
+        );
     }
-    println!("client config  {} (master {master})", dir.join("client.json").display());
+    println!(
+        "client config  {} (master {master})",
+        dir.join("client.json").display()
+    );
     println!("next: agora master --certs {d}; agora agent --master HOST:{DEFAULT_MASTER_PORT} --certs {d}", d = dir.display());
     Ok(ExitCode::SUCCESS)
 }
 
 fn client_config(cd: &CertDir, master: &str) -> ClientConfig {
-    ClientConfig { master: master.to_string(), ca: cd.ca(), cert: cd.cert(Role::Client), key: cd.key(Role::Client) }
+    ClientConfig {
+        master: master.to_string(),
+        ca: cd.ca(),
+        cert: cd.cert(Role::Client),
+        key: cd.key(Role::Client),
+    }
 }
 
 /// This machine's resources: every core, and memory less 1 GiB for the system.
 pub fn detect_resources() -> Resources {
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as i64;
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1) as i64;
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|s| {
@@ -162,16 +183,31 @@ fn hostname() -> String {
 }
 
 fn executor_command() -> anyhow::Result<Vec<std::ffi::OsString>> {
-    let exe = std::env::current_exe().context("cannot find the agora binary to start executors with")?;
+    let exe =
+        std::env::current_exe().context("cannot find the agora binary to start executors with")?;
     Ok(vec![exe.into_os_string(), "executor".into(), "wasm".into()])
 }
 
-async fn start_master(listen: SocketAddr, data_dir: &Path, id: Identity, agent_timeout_ms: u64) -> anyhow::Result<MasterHandle> {
+async fn start_master(
+    listen: SocketAddr,
+    data_dir: &Path,
+    id: Identity,
+    agent_timeout_ms: u64,
+) -> anyhow::Result<MasterHandle> {
     let prefix = format!("{:08x}", (agora_proto::unix_millis() / 1000) as u32);
-    let core = CoreConfig { id_prefix: prefix, agent_timeout_ms, ..CoreConfig::default() };
-    agora_master::server::start(MasterConfig { bind: listen, data_dir: data_dir.to_path_buf(), identity: id, core })
-        .await
-        .with_context(|| format!("cannot start the master on {listen}"))
+    let core = CoreConfig {
+        id_prefix: prefix,
+        agent_timeout_ms,
+        ..CoreConfig::default()
+    };
+    agora_master::server::start(MasterConfig {
+        bind: listen,
+        data_dir: data_dir.to_path_buf(),
+        identity: id,
+        core,
+    })
+    .await
+    .with_context(|| format!("cannot start the master on {listen}"))
 }
 
 async fn start_agent(
@@ -192,7 +228,13 @@ async fn start_agent(
         executor_idle_ms: 10_000,
         output_limit_bytes: 64 << 20,
     };
-    agora_agent::server::start(AgentConfig { master, identity: id, core, executor_command: executor_command()? }).await
+    agora_agent::server::start(AgentConfig {
+        master,
+        identity: id,
+        core,
+        executor_command: executor_command()?,
+    })
+    .await
 }
 
 async fn wait_for_signal() {
@@ -212,13 +254,31 @@ pub struct DevCluster {
 }
 
 impl DevCluster {
-    pub async fn start(data_dir: &Path, listen: SocketAddr, res: Resources, attrs: Vec<Attribute>) -> anyhow::Result<DevCluster> {
-        std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
+    pub async fn start(
+        data_dir: &Path,
+        listen: SocketAddr,
+        res: Resources,
+        attrs: Vec<Attribute>,
+    ) -> anyhow::Result<DevCluster> {
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("cannot create {}", data_dir.display()))?;
         let cd = tls::init_cert_dir(&data_dir.join("certs"), &[])?;
-        let master = start_master(listen, &data_dir.join("master"), Identity::from_cert_dir(&cd, Role::Master)?, 15_000).await?;
-        let agent =
-            start_agent(master.addr, Identity::from_cert_dir(&cd, Role::Agent)?, &data_dir.join("agent"), res.clone(), attrs, hostname())
-                .await?;
+        let master = start_master(
+            listen,
+            &data_dir.join("master"),
+            Identity::from_cert_dir(&cd, Role::Master)?,
+            15_000,
+        )
+        .await?;
+        let agent = start_agent(
+            master.addr,
+            Identity::from_cert_dir(&cd, Role::Agent)?,
+            &data_dir.join("agent"),
+            res.clone(),
+            attrs,
+            hostname(),
+        )
+        .await?;
         // Ready means the agent has registered, so the first task finds an offer.
         let registered = tokio::time::timeout(Duration::from_secs(20), async {
             while agent.agent_id().is_none() {
@@ -229,10 +289,17 @@ impl DevCluster {
         if registered.is_err() {
             agent.shutdown().await;
             master.shutdown().await;
-            anyhow::bail!("the dev agent did not register with the dev master within 20 s; see the log above");
+            anyhow::bail!(
+                "the dev agent did not register with the dev master within 20 s; see the log above"
+            );
         }
         let client_config = client_config(&cd, &master.addr.to_string());
-        Ok(DevCluster { master, agent, client_config, resources: res })
+        Ok(DevCluster {
+            master,
+            agent,
+            client_config,
+            resources: res,
+        })
     }
 
     pub async fn stop(self) {
@@ -251,8 +318,18 @@ pub struct PrivateCluster {
 impl PrivateCluster {
     pub async fn start() -> anyhow::Result<PrivateCluster> {
         let dir = tempfile::tempdir()?;
-        let cluster = DevCluster::start(dir.path(), "127.0.0.1:0".parse().expect("literal"), detect_resources(), Vec::new()).await?;
-        Ok(PrivateCluster { client_config: cluster.client_config.clone(), cluster, _dir: dir })
+        let cluster = DevCluster::start(
+            dir.path(),
+            "127.0.0.1:0".parse().expect("literal"),
+            detect_resources(),
+            Vec::new(),
+        )
+        .await?;
+        Ok(PrivateCluster {
+            client_config: cluster.client_config.clone(),
+            cluster,
+            _dir: dir,
+        })
     }
 
     pub async fn stop(self) {
@@ -269,16 +346,23 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
     let default_cfg = ClientConfig::default_path().is_some_and(|p| p == cfg_path);
     println!("agora dev cluster is up");
     println!("  master   {} (QUIC)", cluster.master.addr);
-    println!("  agent    {} ({})", cluster.agent.agent_id().unwrap_or_default(), cluster.resources);
+    println!(
+        "  agent    {} ({})",
+        cluster.agent.agent_id().unwrap_or_default(),
+        cluster.resources
+    );
     println!("  config   {}", cfg_path.display());
     println!("  data     {}", a.data_dir.display());
     if !default_cfg {
-        println!("  in other shells: export AGORA_CONFIG={}", cfg_path.display());
+        println!(
+            "  in other shells: export AGORA_CONFIG={}",
+            cfg_path.display()
+        );
     }
     println!("try: agora run FILE.wasm, agora ps, agora logs TASK. Ctrl-C stops the cluster.");
     println!("ready");
     wait_for_signal().await;
-    println!("stopping");
+    tracing::info!("stopping the dev cluster");
     let _ = std::fs::remove_file(&cfg_path);
     cluster.stop().await;
     Ok(ExitCode::SUCCESS)
@@ -286,7 +370,13 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
 
 pub async fn master(a: MasterArgs) -> anyhow::Result<ExitCode> {
     let cd = CertDir::new(&a.certs);
-    let master = start_master(a.listen, &a.data_dir, Identity::from_cert_dir(&cd, Role::Master)?, a.agent_timeout * 1000).await?;
+    let master = start_master(
+        a.listen,
+        &a.data_dir,
+        Identity::from_cert_dir(&cd, Role::Master)?,
+        a.agent_timeout * 1000,
+    )
+    .await?;
     println!("master listening on {} (QUIC)", master.addr);
     wait_for_signal().await;
     master.shutdown().await;
@@ -298,7 +388,15 @@ pub async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
     let master = tls::resolve(&a.master)?;
     let res = resources(&a.resources)?;
     let attrs = parse_attributes(&a.attributes)?;
-    let agent = start_agent(master, Identity::from_cert_dir(&cd, Role::Agent)?, &a.work_dir, res.clone(), attrs, a.hostname.unwrap_or_else(hostname)).await?;
+    let agent = start_agent(
+        master,
+        Identity::from_cert_dir(&cd, Role::Agent)?,
+        &a.work_dir,
+        res.clone(),
+        attrs,
+        a.hostname.unwrap_or_else(hostname),
+    )
+    .await?;
     println!("agent offering {res} to the master at {master}");
     wait_for_signal().await;
     agent.shutdown().await;

@@ -11,7 +11,12 @@ mod ops;
 mod run;
 
 #[derive(Parser)]
-#[command(name = "agora", version, about = "Agora: a cluster manager that runs WebAssembly tasks", propagate_version = true)]
+#[command(
+    name = "agora",
+    version,
+    about = "Agora: a cluster manager that runs WebAssembly tasks",
+    propagate_version = true
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -85,14 +90,24 @@ enum ExecutorCmd {
 fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("AGORA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let servers = matches!(cli.cmd, Cmd::Dev(_) | Cmd::Master(_) | Cmd::Agent(_) | Cmd::Executor { .. });
+    let servers = matches!(
+        cli.cmd,
+        Cmd::Dev(_) | Cmd::Master(_) | Cmd::Agent(_) | Cmd::Executor { .. }
+    );
     init_tracing(if servers { "info" } else { "warn" });
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("agora: cannot start the async runtime: {e}");
@@ -111,8 +126,22 @@ fn main() -> ExitCode {
             Cmd::Kill(a) => ops::kill(a).await,
             Cmd::Agents { target } => ops::agents(target).await,
             Cmd::Bench { cmd } => bench::bench(cmd).await,
-            Cmd::Executor { cmd: ExecutorCmd::Wasm { socket, framework_id, executor_id, cache_dir } } => {
-                agora_wasm_executor::executor::run_executor(&socket, &framework_id, &executor_id, cache_dir).await?;
+            Cmd::Executor {
+                cmd:
+                    ExecutorCmd::Wasm {
+                        socket,
+                        framework_id,
+                        executor_id,
+                        cache_dir,
+                    },
+            } => {
+                agora_wasm_executor::executor::run_executor(
+                    &socket,
+                    &framework_id,
+                    &executor_id,
+                    cache_dir,
+                )
+                .await?;
                 Ok(ExitCode::SUCCESS)
             }
         }

@@ -61,11 +61,20 @@ fn age(ms: u64) -> String {
 pub async fn ps(a: PsArgs) -> anyhow::Result<ExitCode> {
     let client = connect(&a.target).await?;
     let tasks = client.list_tasks(a.all).await?;
-    println!("{:<14} {:<16} {:<10} {:<5} {:<18} {:<22} DETAIL", "TASK", "NAME", "STATE", "AGE", "RESOURCES", "AGENT");
+    println!(
+        "{:<14} {:<16} {:<10} {:<5} {:<18} {:<22} DETAIL",
+        "TASK", "NAME", "STATE", "AGE", "RESOURCES", "AGENT"
+    );
     for t in tasks {
         let pending = t.state == TaskState::Unspecified as i32;
-        let state = if pending { "PENDING" } else { t.state().short_name() };
-        let res = Resources::from_proto(&t.resources).map(|r| r.to_string()).unwrap_or_default();
+        let state = if pending {
+            "PENDING"
+        } else {
+            t.state().short_name()
+        };
+        let res = Resources::from_proto(&t.resources)
+            .map(|r| r.to_string())
+            .unwrap_or_default();
         let detail = if pending {
             format!("waiting: {}", t.waiting_for)
         } else {
@@ -88,7 +97,11 @@ pub async fn ps(a: PsArgs) -> anyhow::Result<ExitCode> {
             state,
             age(t.updated_ms),
             res,
-            if t.agent_id.is_empty() { "-" } else { &t.agent_id },
+            if t.agent_id.is_empty() {
+                "-"
+            } else {
+                &t.agent_id
+            },
             detail
         );
     }
@@ -121,7 +134,11 @@ pub async fn logs(a: LogsArgs) -> anyhow::Result<ExitCode> {
         if !a.follow {
             return Ok(ExitCode::SUCCESS);
         }
-        let live = client.list_tasks(false).await?.iter().any(|t| t.task_id == a.task);
+        let live = client
+            .list_tasks(false)
+            .await?
+            .iter()
+            .any(|t| t.task_id == a.task);
         if !live {
             // One last read: the task may have written just before it ended.
             let (data, _) = client.read_file(&a.task, path, off, 1 << 20).await?;
@@ -141,17 +158,32 @@ pub async fn kill(a: KillArgs) -> anyhow::Result<ExitCode> {
 
 pub async fn agents(t: crate::Target) -> anyhow::Result<ExitCode> {
     let client = connect(&t).await?;
-    println!("{:<22} {:<20} {:<22} {:<22} ATTRIBUTES", "AGENT", "HOST", "CPUS (used/total)", "MEM (used/total)");
+    println!(
+        "{:<22} {:<20} {:<22} {:<22} ATTRIBUTES",
+        "AGENT", "HOST", "CPUS (used/total)", "MEM (used/total)"
+    );
     for a in client.agents().await? {
         let total = Resources::from_proto(&a.total).unwrap_or_default();
         let used = Resources::from_proto(&a.allocated).unwrap_or_default();
-        let attrs: Vec<String> = a.attributes.iter().map(|x| format!("{}:{}", x.name, x.value)).collect();
+        let attrs: Vec<String> = a
+            .attributes
+            .iter()
+            .map(|x| format!("{}:{}", x.name, x.value))
+            .collect();
         println!(
             "{:<22} {:<20} {:<22} {:<22} {}",
             a.agent_id,
             a.hostname,
-            format!("{}/{}", format_cpus(used.milli_cpus()), format_cpus(total.milli_cpus())),
-            format!("{}/{}", format_bytes(used.mem_bytes()), format_bytes(total.mem_bytes())),
+            format!(
+                "{}/{}",
+                format_cpus(used.milli_cpus()),
+                format_cpus(total.milli_cpus())
+            ),
+            format!(
+                "{}/{}",
+                format_bytes(used.mem_bytes()),
+                format_bytes(total.mem_bytes())
+            ),
             attrs.join(";")
         );
     }

@@ -9,7 +9,9 @@ use std::time::Duration;
 use agora_proto::resources::{parse_cpus, parse_size};
 use agora_proto::v1::{InputFile, PendingTask, Reason, WasmModule};
 use agora_proto::Resources;
-use agora_sdk::{Client, ClientConfig, Event, FrameworkInfo, Scheduler, TaskInfo, TaskState, TaskStatus};
+use agora_sdk::{
+    Client, ClientConfig, Event, FrameworkInfo, Scheduler, TaskInfo, TaskState, TaskStatus,
+};
 use anyhow::Context;
 use clap::Args;
 use tokio::io::AsyncWriteExt;
@@ -57,9 +59,13 @@ pub struct RunArgs {
 
 pub fn parse_duration_ms(s: &str) -> anyhow::Result<u64> {
     let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num.parse().map_err(|_| anyhow::anyhow!("duration `{s}` is not understood; use e.g. 30s, 500ms, 2m"))?;
+    let n: f64 = num.parse().map_err(|_| {
+        anyhow::anyhow!("duration `{s}` is not understood; use e.g. 30s, 500ms, 2m")
+    })?;
     let mult = match unit {
         "ms" => 1.0,
         "" | "s" => 1000.0,
@@ -79,10 +85,17 @@ fn expand_inputs(specs: &[String]) -> anyhow::Result<(Vec<(PathBuf, String)>, Ve
             Some((s, d)) if !s.is_empty() => (PathBuf::from(s), Some(d.to_string())),
             _ => (PathBuf::from(spec), None),
         };
-        let meta = std::fs::metadata(&src).with_context(|| format!("--input {spec}: cannot read {}", src.display()))?;
-        let base = src.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let meta = std::fs::metadata(&src)
+            .with_context(|| format!("--input {spec}: cannot read {}", src.display()))?;
+        let base = src
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let dest = dest.unwrap_or(base);
-        let dest = dest.trim_start_matches('/').trim_end_matches('/').to_string();
+        let dest = dest
+            .trim_start_matches('/')
+            .trim_end_matches('/')
+            .to_string();
         if dest.split('/').any(|c| c == "..") {
             anyhow::bail!("--input {spec}: the destination may not contain `..`");
         }
@@ -98,7 +111,12 @@ fn expand_inputs(specs: &[String]) -> anyhow::Result<(Vec<(PathBuf, String)>, Ve
     Ok((files, dirs))
 }
 
-fn walk(dir: &Path, dest: &str, files: &mut Vec<(PathBuf, String)>, dirs: &mut Vec<String>) -> anyhow::Result<()> {
+fn walk(
+    dir: &Path,
+    dest: &str,
+    files: &mut Vec<(PathBuf, String)>,
+    dirs: &mut Vec<String>,
+) -> anyhow::Result<()> {
     if !dest.is_empty() {
         dirs.push(dest.to_string());
     }
@@ -106,7 +124,11 @@ fn walk(dir: &Path, dest: &str, files: &mut Vec<(PathBuf, String)>, dirs: &mut V
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
         let name = e.file_name().to_string_lossy().into_owned();
-        let d = if dest.is_empty() { name } else { format!("{dest}/{name}") };
+        let d = if dest.is_empty() {
+            name
+        } else {
+            format!("{dest}/{name}")
+        };
         let ft = e.file_type()?;
         if ft.is_dir() {
             walk(&e.path(), &d, files, dirs)?;
@@ -124,7 +146,10 @@ pub fn new_task_id() -> String {
 
 pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let milli_cpus = parse_cpus(&a.cpus).filter(|c| *c > 0).ok_or_else(|| {
-        anyhow::anyhow!("--cpus {} is not a positive number of cpus (e.g. 0.1, 2)", a.cpus)
+        anyhow::anyhow!(
+            "--cpus {} is not a positive number of cpus (e.g. 0.1, 2)",
+            a.cpus
+        )
     })?;
     let mem = parse_size(&a.mem).map_err(|e| anyhow::anyhow!("--mem: {e}"))?;
     if mem <= 0 {
@@ -133,10 +158,13 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let timeout_ms = parse_duration_ms(&a.timeout).context("--timeout")?;
     let mut env = BTreeMap::new();
     for kv in &a.env {
-        let (k, v) = kv.split_once('=').ok_or_else(|| anyhow::anyhow!("--env {kv}: expected K=V"))?;
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--env {kv}: expected K=V"))?;
         env.insert(k.to_string(), v.to_string());
     }
-    let bytes = std::fs::read(&a.module).with_context(|| format!("cannot read {}", a.module.display()))?;
+    let bytes =
+        std::fs::read(&a.module).with_context(|| format!("cannot read {}", a.module.display()))?;
     if !a.skip_validation {
         agora_wasm_executor::runner::validate_module(&bytes, mem as u64)
             .map_err(|e| anyhow::anyhow!("{} cannot run: {e}", a.module.display()))?;
@@ -145,27 +173,48 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
 
     let cfg = ClientConfig::discover(a.target.master.as_deref(), a.target.config.as_deref())?;
     let client = Client::connect(&cfg).await?;
-    let (sha, size) = client.upload_bytes(&bytes).await.context("uploading the module")?;
+    let (sha, size) = client
+        .upload_bytes(&bytes)
+        .await
+        .context("uploading the module")?;
     let mut input_files = Vec::new();
     for (path, dest) in &inputs {
-        let (s, n) = client.upload_file(path).await.with_context(|| format!("uploading {}", path.display()))?;
+        let (s, n) = client
+            .upload_file(path)
+            .await
+            .with_context(|| format!("uploading {}", path.display()))?;
         let executable = {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::metadata(path).map(|m| m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+            std::fs::metadata(path)
+                .map(|m| m.permissions().mode() & 0o111 != 0)
+                .unwrap_or(false)
         };
-        input_files.push(InputFile { sha256: s, size: n, dest: dest.clone(), executable });
+        input_files.push(InputFile {
+            sha256: s,
+            size: n,
+            dest: dest.clone(),
+            executable,
+        });
     }
 
     let task_id = new_task_id();
     let name = a.name.clone().unwrap_or_else(|| {
-        a.module.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "task".into())
+        a.module
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "task".into())
     });
     let ask = Resources::cpus_mem(milli_cpus, mem);
     let task = TaskInfo {
         task_id: task_id.clone(),
         name: name.clone(),
         resources: ask.to_proto(),
-        module: Some(WasmModule { sha256: sha, size, fuel: a.fuel, timeout_ms }),
+        module: Some(WasmModule {
+            sha256: sha,
+            size,
+            fuel: a.fuel,
+            timeout_ms,
+        }),
         args: a.args.clone(),
         env: env.into_iter().collect(),
         inputs: input_files,
@@ -182,7 +231,11 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         })
         .await?;
     sched
-        .set_pending(vec![PendingTask { task_id: task_id.clone(), name, resources: ask.to_proto() }])
+        .set_pending(vec![PendingTask {
+            task_id: task_id.clone(),
+            name,
+            resources: ask.to_proto(),
+        }])
         .await?;
     let outcome = drive(&client, &mut sched, task, &ask).await;
     let _ = sched.teardown().await;
@@ -233,10 +286,18 @@ fn status_line(s: &TaskStatus) -> String {
     }
 }
 
-async fn drive(client: &Client, sched: &mut Scheduler, task: TaskInfo, ask: &Resources) -> anyhow::Result<ExitCode> {
+async fn drive(
+    client: &Client,
+    sched: &mut Scheduler,
+    task: TaskInfo,
+    ask: &Resources,
+) -> anyhow::Result<ExitCode> {
     let task_id = task.task_id.clone();
     let mut task = Some(task);
-    let mut tail = Tail { stdout: 0, stderr: 0 };
+    let mut tail = Tail {
+        stdout: 0,
+        stderr: 0,
+    };
     let mut running = false;
     let mut poll = tokio::time::interval(Duration::from_millis(250));
     let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
@@ -268,7 +329,9 @@ async fn drive(client: &Client, sched: &mut Scheduler, task: TaskInfo, ask: &Res
                 let mut ids: Vec<String> = offers.iter().map(|o| o.offer_id.clone()).collect();
                 let fit = task.as_ref().and_then(|_| {
                     offers.iter().position(|o| {
-                        Resources::from_proto(&o.resources).map(|r| r.unreserved().contains(ask)).unwrap_or(false)
+                        Resources::from_proto(&o.resources)
+                            .map(|r| r.unreserved().contains(ask))
+                            .unwrap_or(false)
                     })
                 });
                 if let Some(i) = fit {
@@ -305,7 +368,9 @@ async fn drive(client: &Client, sched: &mut Scheduler, task: TaskInfo, ask: &Res
             Event::Update(s) => sched.acknowledge(&s).await?,
             Event::Rescind(_) | Event::Heartbeat => {}
             Event::Error(e) => anyhow::bail!("the master reported an error: {e}"),
-            Event::Failure { agent_id, message } => eprintln!("agora: agent {agent_id} failed: {message}"),
+            Event::Failure { agent_id, message } => {
+                eprintln!("agora: agent {agent_id} failed: {message}")
+            }
         }
     }
 }
@@ -316,7 +381,9 @@ fn exit_code(s: &TaskStatus) -> ExitCode {
         (TaskState::TaskFinished, _) => ExitCode::SUCCESS,
         (_, Some(c)) if (1..=255).contains(&c) => ExitCode::from(c as u8),
         (TaskState::TaskKilled, _) => ExitCode::from(137),
-        _ if s.reason() == Reason::InvalidModule || s.reason() == Reason::InvalidTask => ExitCode::from(2),
+        _ if s.reason() == Reason::InvalidModule || s.reason() == Reason::InvalidTask => {
+            ExitCode::from(2)
+        }
         _ => ExitCode::from(1),
     }
 }

@@ -56,7 +56,14 @@ impl Allocator {
 
     pub fn add_agent(&mut self, agent_id: &str, total: Resources, allocated: Resources) {
         self.cluster_total.add(&total);
-        self.agents.insert(agent_id.to_string(), AgentSlot { total, allocated, active: true });
+        self.agents.insert(
+            agent_id.to_string(),
+            AgentSlot {
+                total,
+                allocated,
+                active: true,
+            },
+        );
     }
 
     pub fn remove_agent(&mut self, agent_id: &str) {
@@ -135,7 +142,9 @@ impl Allocator {
     }
 
     pub fn agent_free(&self, agent_id: &str) -> Option<Resources> {
-        self.agents.get(agent_id).map(|a| a.total.checked_sub(&a.allocated).unwrap_or_default())
+        self.agents
+            .get(agent_id)
+            .map(|a| a.total.checked_sub(&a.allocated).unwrap_or_default())
     }
 
     /// Largest free amount of each resource on any active agent: what "the most any
@@ -143,7 +152,11 @@ impl Allocator {
     pub fn max_free(&self) -> Resources {
         let mut best = Resources::new();
         for a in self.agents.values().filter(|a| a.active) {
-            let free = a.total.checked_sub(&a.allocated).unwrap_or_default().unreserved();
+            let free = a
+                .total
+                .checked_sub(&a.allocated)
+                .unwrap_or_default()
+                .unreserved();
             for n in free.names() {
                 let have = free.get(&n);
                 if have > best.get(&n) {
@@ -211,16 +224,34 @@ impl Allocator {
                 .frameworks
                 .iter()
                 .filter(|(_, f)| f.active && !f.suppressed)
-                .filter(|(_, f)| f.filters.get(&agent_id).is_none_or(|until| *until <= now_ms))
+                .filter(|(_, f)| {
+                    f.filters
+                        .get(&agent_id)
+                        .is_none_or(|until| *until <= now_ms)
+                })
                 .map(|(id, f)| (self.dominant_share(f), id.clone()))
                 .min();
-            let Some((_, framework_id)) = choice else { continue };
-            let f = self.frameworks.get_mut(&framework_id).expect("chosen above");
+            let Some((_, framework_id)) = choice else {
+                continue;
+            };
+            let f = self
+                .frameworks
+                .get_mut(&framework_id)
+                .expect("chosen above");
             f.filters.remove(&agent_id);
             f.allocated.add(&free);
             let role = f.role.clone();
-            self.agents.get_mut(&agent_id).expect("listed above").allocated.add(&free);
-            out.push(Allocation { framework_id, agent_id, role, resources: free });
+            self.agents
+                .get_mut(&agent_id)
+                .expect("listed above")
+                .allocated
+                .add(&free);
+            out.push(Allocation {
+                framework_id,
+                agent_id,
+                role,
+                resources: free,
+            });
         }
         out
     }

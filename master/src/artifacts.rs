@@ -11,9 +11,12 @@ pub struct ArtifactStore {
 
 impl ArtifactStore {
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| anyhow::anyhow!("cannot create the artifact store {}: {e}", dir.display()))?;
-        Ok(Self { dir: dir.to_path_buf() })
+        std::fs::create_dir_all(dir).map_err(|e| {
+            anyhow::anyhow!("cannot create the artifact store {}: {e}", dir.display())
+        })?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
     }
 
     /// Hashes of every complete artifact on disk (partial uploads start with '.').

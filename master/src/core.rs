@@ -49,16 +49,36 @@ impl Default for CoreConfig {
 
 #[derive(Debug)]
 pub enum Input {
-    AgentHello { conn: ConnId, hello: AgentHello },
-    AgentMessage { conn: ConnId, msg: AgentToMaster },
-    AgentClosed { conn: ConnId },
-    SchedulerHello { conn: ConnId, hello: SchedulerHello },
-    SchedulerCall { conn: ConnId, call: Call },
-    SchedulerClosed { conn: ConnId },
+    AgentHello {
+        conn: ConnId,
+        hello: AgentHello,
+    },
+    AgentMessage {
+        conn: ConnId,
+        msg: AgentToMaster,
+    },
+    AgentClosed {
+        conn: ConnId,
+    },
+    SchedulerHello {
+        conn: ConnId,
+        hello: SchedulerHello,
+    },
+    SchedulerCall {
+        conn: ConnId,
+        call: Call,
+    },
+    SchedulerClosed {
+        conn: ConnId,
+    },
     /// An operator asks to kill a task by id.
-    OperatorKill { task_id: String },
+    OperatorKill {
+        task_id: String,
+    },
     /// The artifact store now holds this sha256.
-    ArtifactStored { sha256: String },
+    ArtifactStored {
+        sha256: String,
+    },
     /// Time passed: check timeouts.
     Tick,
 }
@@ -127,7 +147,14 @@ pub struct MasterCore {
     out: Vec<Output>,
 }
 
-fn status(task_id: &str, agent_id: &str, state: TaskState, reason: Reason, msg: &str, now: u64) -> TaskStatus {
+fn status(
+    task_id: &str,
+    agent_id: &str,
+    state: TaskState,
+    reason: Reason,
+    msg: &str,
+    now: u64,
+) -> TaskStatus {
     TaskStatus {
         task_id: task_id.to_string(),
         state: state as i32,
@@ -206,17 +233,25 @@ impl MasterCore {
                 return;
             }
             Err(e) => {
-                self.out.push(Output::CloseAgent(conn, format!("bad resources: {e}")));
+                self.out
+                    .push(Output::CloseAgent(conn, format!("bad resources: {e}")));
                 return;
             }
         };
-        let agent_id = if hello.agent_id.is_empty() { self.new_id("A") } else { hello.agent_id.clone() };
+        let agent_id = if hello.agent_id.is_empty() {
+            self.new_id("A")
+        } else {
+            hello.agent_id.clone()
+        };
         if let Some(old) = self.agents.get(&agent_id) {
             // Re-registration: the old connection, if still around, is stale.
             if let Some(old_conn) = old.conn {
                 if old_conn != conn {
                     self.agent_by_conn.remove(&old_conn);
-                    self.out.push(Output::CloseAgent(old_conn, "agent re-registered on a new connection".into()));
+                    self.out.push(Output::CloseAgent(
+                        old_conn,
+                        "agent re-registered on a new connection".into(),
+                    ));
                 }
             }
             self.remove_agent_offers(&agent_id);
@@ -226,8 +261,12 @@ impl MasterCore {
         let mut used = Resources::new();
         let mut task_keys = HashSet::new();
         for rt in &hello.tasks {
-            let (Some(info), Some(st)) = (&rt.task, &rt.status) else { continue };
-            let Ok(res) = Resources::from_proto(&info.resources) else { continue };
+            let (Some(info), Some(st)) = (&rt.task, &rt.status) else {
+                continue;
+            };
+            let Ok(res) = Resources::from_proto(&info.resources) else {
+                continue;
+            };
             let key = (rt.framework_id.clone(), info.task_id.clone());
             if !self.tasks.contains_key(&key) {
                 used.add(&res);
@@ -252,15 +291,22 @@ impl MasterCore {
         if let Some(prev) = self.agents.get(&agent_id) {
             let missing: Vec<_> = prev.tasks.difference(&task_keys).cloned().collect();
             for key in missing {
-                self.master_terminal(&key, TaskState::TaskLost, Reason::AgentRemoved,
-                    "the agent re-registered without this task", now);
+                self.master_terminal(
+                    &key,
+                    TaskState::TaskLost,
+                    Reason::AgentRemoved,
+                    "the agent re-registered without this task",
+                    now,
+                );
             }
         }
-        self.allocator.add_agent(&agent_id, total.clone(), Resources::new());
+        self.allocator
+            .add_agent(&agent_id, total.clone(), Resources::new());
         for key in &task_keys {
             let rec = &self.tasks[key];
             if !rec.status().is_terminal() {
-                self.allocator.track_used(&rec.framework_id, &agent_id, &rec.resources);
+                self.allocator
+                    .track_used(&rec.framework_id, &agent_id, &rec.resources);
             }
         }
         self.agents.insert(
@@ -289,7 +335,10 @@ impl MasterCore {
 
     fn agent_message(&mut self, conn: ConnId, msg: AgentToMaster, now: u64) {
         let Some(agent_id) = self.agent_by_conn.get(&conn).cloned() else {
-            self.out.push(Output::CloseAgent(conn, "message from an unregistered agent".into()));
+            self.out.push(Output::CloseAgent(
+                conn,
+                "message from an unregistered agent".into(),
+            ));
             return;
         };
         if let Some(a) = self.agents.get_mut(&agent_id) {
@@ -299,7 +348,9 @@ impl MasterCore {
         match msg.msg {
             Some(Msg::Ping(p)) => self.out.push(Output::ToAgent(
                 conn,
-                MasterToAgent { msg: Some(master_to_agent::Msg::Pong(Pong { seq: p.seq })) },
+                MasterToAgent {
+                    msg: Some(master_to_agent::Msg::Pong(Pong { seq: p.seq })),
+                },
             )),
             Some(Msg::StatusUpdate(u)) => self.status_update(conn, &agent_id, u, now),
             None => {}
@@ -325,7 +376,9 @@ impl MasterCore {
         match fw_conn {
             Some(fc) => self.out.push(Output::ToScheduler(
                 fc,
-                Event { event: Some(event::Event::Update(v1::Update { status: Some(st) })) },
+                Event {
+                    event: Some(event::Event::Update(v1::Update { status: Some(st) })),
+                },
             )),
             None if !self.frameworks.contains_key(&u.framework_id) => {
                 // Nobody will ever acknowledge this: the framework is gone.
@@ -348,11 +401,14 @@ impl MasterCore {
     /// Moves a task that reached a terminal state out of the active table and gives its
     /// resources back.
     fn finish_task(&mut self, key: &(String, String)) {
-        let Some(rec) = self.tasks.remove(key) else { return };
+        let Some(rec) = self.tasks.remove(key) else {
+            return;
+        };
         if let Some(a) = self.agents.get_mut(&rec.agent_id) {
             a.tasks.remove(key);
         }
-        self.allocator.recover(&rec.framework_id, &rec.agent_id, &rec.resources, None);
+        self.allocator
+            .recover(&rec.framework_id, &rec.agent_id, &rec.resources, None);
         self.completed.push_back(rec);
         while self.completed.len() > self.cfg.completed_task_limit {
             self.completed.pop_front();
@@ -360,8 +416,17 @@ impl MasterCore {
     }
 
     /// A terminal state decided by the master itself (agent lost, invalid launch...).
-    fn master_terminal(&mut self, key: &(String, String), state: TaskState, reason: Reason, msg: &str, now: u64) {
-        let Some(rec) = self.tasks.get_mut(key) else { return };
+    fn master_terminal(
+        &mut self,
+        key: &(String, String),
+        state: TaskState,
+        reason: Reason,
+        msg: &str,
+        now: u64,
+    ) {
+        let Some(rec) = self.tasks.get_mut(key) else {
+            return;
+        };
         rec.status = status(&key.1, &rec.agent_id.clone(), state, reason, msg, now);
         let st = rec.status.clone();
         self.finish_task(key);
@@ -372,13 +437,17 @@ impl MasterCore {
         if let Some(fc) = self.frameworks.get(framework_id).and_then(|f| f.conn) {
             self.out.push(Output::ToScheduler(
                 fc,
-                Event { event: Some(event::Event::Update(v1::Update { status: Some(st) })) },
+                Event {
+                    event: Some(event::Event::Update(v1::Update { status: Some(st) })),
+                },
             ));
         }
     }
 
     fn agent_closed(&mut self, conn: ConnId, now: u64) {
-        let Some(agent_id) = self.agent_by_conn.remove(&conn) else { return };
+        let Some(agent_id) = self.agent_by_conn.remove(&conn) else {
+            return;
+        };
         tracing::warn!(agent = %agent_id, "agent disconnected; its tasks are kept until it returns or times out");
         if let Some(a) = self.agents.get_mut(&agent_id) {
             a.conn = None;
@@ -389,27 +458,40 @@ impl MasterCore {
     }
 
     fn remove_agent_offers(&mut self, agent_id: &str) {
-        let ids: Vec<String> =
-            self.offers.iter().filter(|(_, o)| o.agent_id == agent_id).map(|(id, _)| id.clone()).collect();
+        let ids: Vec<String> = self
+            .offers
+            .iter()
+            .filter(|(_, o)| o.agent_id == agent_id)
+            .map(|(id, _)| id.clone())
+            .collect();
         for id in ids {
             self.rescind(&id);
         }
     }
 
     fn rescind(&mut self, offer_id: &str) {
-        let Some(o) = self.offers.remove(offer_id) else { return };
-        self.allocator.recover(&o.framework_id, &o.agent_id, &o.resources, None);
+        let Some(o) = self.offers.remove(offer_id) else {
+            return;
+        };
+        self.allocator
+            .recover(&o.framework_id, &o.agent_id, &o.resources, None);
         if let Some(fc) = self.frameworks.get(&o.framework_id).and_then(|f| f.conn) {
             self.out.push(Output::ToScheduler(
                 fc,
-                Event { event: Some(event::Event::Rescind(v1::Rescind { offer_id: offer_id.to_string() })) },
+                Event {
+                    event: Some(event::Event::Rescind(v1::Rescind {
+                        offer_id: offer_id.to_string(),
+                    })),
+                },
             ));
         }
     }
 
     fn remove_agent(&mut self, agent_id: &str, why: &str, now: u64) {
         self.remove_agent_offers(agent_id);
-        let Some(a) = self.agents.remove(agent_id) else { return };
+        let Some(a) = self.agents.remove(agent_id) else {
+            return;
+        };
         if let Some(c) = a.conn {
             self.agent_by_conn.remove(&c);
             self.out.push(Output::CloseAgent(c, why.to_string()));
@@ -426,25 +508,47 @@ impl MasterCore {
     fn scheduler_hello(&mut self, conn: ConnId, hello: SchedulerHello) {
         let info = hello.framework.unwrap_or_default();
         let role = info.roles.first().cloned().unwrap_or_else(|| "*".into());
-        let failover_ms = if info.failover_timeout_seconds > 0.0 && info.failover_timeout_seconds.is_finite() {
-            (info.failover_timeout_seconds * 1000.0).min(365.0 * 86_400_000.0) as u64
+        let failover_ms =
+            if info.failover_timeout_seconds > 0.0 && info.failover_timeout_seconds.is_finite() {
+                (info.failover_timeout_seconds * 1000.0).min(365.0 * 86_400_000.0) as u64
+            } else {
+                self.cfg.default_failover_ms
+            };
+        let id = if info.framework_id.is_empty() {
+            self.new_id("F")
         } else {
-            self.cfg.default_failover_ms
+            info.framework_id.clone()
         };
-        let id = if info.framework_id.is_empty() { self.new_id("F") } else { info.framework_id.clone() };
         if let Some(old) = self.frameworks.get(&id) {
             if let Some(oc) = old.conn {
                 if oc != conn {
                     self.framework_by_conn.remove(&oc);
-                    self.out.push(Output::CloseScheduler(oc, "framework failed over to a new connection".into()));
+                    self.out.push(Output::CloseScheduler(
+                        oc,
+                        "framework failed over to a new connection".into(),
+                    ));
                 }
             }
         }
-        let name = if info.name.is_empty() { "unnamed".to_string() } else { info.name };
-        let pending = self.frameworks.remove(&id).map(|f| f.pending).unwrap_or_default();
+        let name = if info.name.is_empty() {
+            "unnamed".to_string()
+        } else {
+            info.name
+        };
+        let pending = self
+            .frameworks
+            .remove(&id)
+            .map(|f| f.pending)
+            .unwrap_or_default();
         self.frameworks.insert(
             id.clone(),
-            FrameworkState { name, conn: Some(conn), failover_ms, disconnected_at: None, pending },
+            FrameworkState {
+                name,
+                conn: Some(conn),
+                failover_ms,
+                disconnected_at: None,
+                pending,
+            },
         );
         self.framework_by_conn.insert(conn, id.clone());
         self.allocator.add_framework(&id, &role);
@@ -461,26 +565,40 @@ impl MasterCore {
     }
 
     fn scheduler_closed(&mut self, conn: ConnId, now: u64) {
-        let Some(id) = self.framework_by_conn.remove(&conn) else { return };
-        let Some(f) = self.frameworks.get_mut(&id) else { return };
+        let Some(id) = self.framework_by_conn.remove(&conn) else {
+            return;
+        };
+        let Some(f) = self.frameworks.get_mut(&id) else {
+            return;
+        };
         f.conn = None;
         f.disconnected_at = Some(now);
         tracing::info!(framework = %id, "framework disconnected; failover timeout {} ms", f.failover_ms);
         self.allocator.set_framework_active(&id, false);
-        let ids: Vec<String> =
-            self.offers.iter().filter(|(_, o)| o.framework_id == id).map(|(k, _)| k.clone()).collect();
+        let ids: Vec<String> = self
+            .offers
+            .iter()
+            .filter(|(_, o)| o.framework_id == id)
+            .map(|(k, _)| k.clone())
+            .collect();
         for oid in ids {
             self.rescind(&oid);
         }
     }
 
     fn error(&mut self, conn: ConnId, message: String) {
-        self.out.push(Output::ToScheduler(conn, Event { event: Some(event::Event::Error(v1::Error { message })) }));
+        self.out.push(Output::ToScheduler(
+            conn,
+            Event {
+                event: Some(event::Event::Error(v1::Error { message })),
+            },
+        ));
     }
 
     fn scheduler_call(&mut self, conn: ConnId, call: Call, now: u64) {
         let Some(fid) = self.framework_by_conn.get(&conn).cloned() else {
-            self.out.push(Output::CloseScheduler(conn, "call before SUBSCRIBE".into()));
+            self.out
+                .push(Output::CloseScheduler(conn, "call before SUBSCRIBE".into()));
             return;
         };
         match call.call {
@@ -544,9 +662,13 @@ impl MasterCore {
         for oid in &a.offer_ids {
             let problem = match self.offers.get(oid) {
                 None => Some(format!("offer {oid} is unknown, already used or rescinded")),
-                Some(o) if o.framework_id != fid => Some(format!("offer {oid} belongs to another framework")),
+                Some(o) if o.framework_id != fid => {
+                    Some(format!("offer {oid} belongs to another framework"))
+                }
                 Some(o) => match &agent_id {
-                    Some(ag) if *ag != o.agent_id => Some("offers from different agents cannot be combined".into()),
+                    Some(ag) if *ag != o.agent_id => {
+                        Some("offers from different agents cannot be combined".into())
+                    }
                     _ => {
                         agent_id = Some(o.agent_id.clone());
                         None
@@ -556,7 +678,14 @@ impl MasterCore {
             if let Some(p) = problem {
                 self.error(conn, format!("accept: {p}"));
                 for t in &a.launch {
-                    let st = status(&t.task_id, "", TaskState::TaskDropped, Reason::InvalidTask, &format!("launch refused: {p}"), now);
+                    let st = status(
+                        &t.task_id,
+                        "",
+                        TaskState::TaskDropped,
+                        Reason::InvalidTask,
+                        &format!("launch refused: {p}"),
+                        now,
+                    );
                     self.send_update(fid, st);
                 }
                 return;
@@ -583,23 +712,49 @@ impl MasterCore {
             let (res, left) = match checked {
                 Ok(v) => v,
                 Err(e) => {
-                    let st = status(&task.task_id, &agent_id, TaskState::TaskError, Reason::InvalidTask, &e, now);
+                    let st = status(
+                        &task.task_id,
+                        &agent_id,
+                        TaskState::TaskError,
+                        Reason::InvalidTask,
+                        &e,
+                        now,
+                    );
                     self.send_update(fid, st);
                     continue;
                 }
             };
             let Some(ac) = agent_conn else {
-                let st = status(&task.task_id, &agent_id, TaskState::TaskLost, Reason::AgentDisconnected,
-                    "the agent disconnected before the task could be sent", now);
+                let st = status(
+                    &task.task_id,
+                    &agent_id,
+                    TaskState::TaskLost,
+                    Reason::AgentDisconnected,
+                    "the agent disconnected before the task could be sent",
+                    now,
+                );
                 self.send_update(fid, st);
                 continue;
             };
             pool = left;
             let key = (fid.to_string(), task.task_id.clone());
-            let st = status(&task.task_id, &agent_id, TaskState::TaskStaging, Reason::Unspecified, "", now);
+            let st = status(
+                &task.task_id,
+                &agent_id,
+                TaskState::TaskStaging,
+                Reason::Unspecified,
+                "",
+                now,
+            );
             self.tasks.insert(
                 key.clone(),
-                TaskRecord { framework_id: fid.to_string(), agent_id: agent_id.clone(), info: task.clone(), resources: res, status: st },
+                TaskRecord {
+                    framework_id: fid.to_string(),
+                    agent_id: agent_id.clone(),
+                    info: task.clone(),
+                    resources: res,
+                    status: st,
+                },
             );
             if let Some(ag) = self.agents.get_mut(&agent_id) {
                 ag.tasks.insert(key);
@@ -610,39 +765,64 @@ impl MasterCore {
             self.out.push(Output::ToAgent(
                 ac,
                 MasterToAgent {
-                    msg: Some(master_to_agent::Msg::RunTask(RunTask { framework_id: fid.to_string(), task: Some(task) })),
+                    msg: Some(master_to_agent::Msg::RunTask(RunTask {
+                        framework_id: fid.to_string(),
+                        task: Some(task),
+                    })),
                 },
             ));
         }
         // What the tasks did not use goes back, filtered for a while (Mesos semantics).
         if !pool.is_empty() {
             let refuse = self.refuse_ms(a.filters.as_ref());
-            self.allocator.recover(fid, &agent_id, &pool, Some(now + refuse));
+            self.allocator
+                .recover(fid, &agent_id, &pool, Some(now + refuse));
         }
     }
 
     /// Checks a task before launch; returns its resources.
     fn validate_task(&self, fid: &str, t: &TaskInfo) -> Result<Resources, String> {
-        if t.task_id.is_empty() || t.task_id.len() > 200 || t.task_id.contains(['/', '\0']) || t.task_id.starts_with('.') {
-            return Err(format!("task id `{}` is not valid: use 1-200 characters, no '/' and no leading '.'", t.task_id));
+        if t.task_id.is_empty()
+            || t.task_id.len() > 200
+            || t.task_id.contains(['/', '\0'])
+            || t.task_id.starts_with('.')
+        {
+            return Err(format!(
+                "task id `{}` is not valid: use 1-200 characters, no '/' and no leading '.'",
+                t.task_id
+            ));
         }
-        if self.tasks.contains_key(&(fid.to_string(), t.task_id.clone())) {
-            return Err(format!("task id {} is already in use by a live task of this framework", t.task_id));
+        if self
+            .tasks
+            .contains_key(&(fid.to_string(), t.task_id.clone()))
+        {
+            return Err(format!(
+                "task id {} is already in use by a live task of this framework",
+                t.task_id
+            ));
         }
         let res = Resources::from_proto(&t.resources)?;
         if res.milli_cpus() <= 0 || res.mem_bytes() <= 0 {
-            return Err(format!("task asks for {res}; it must ask for some cpus and mem"));
+            return Err(format!(
+                "task asks for {res}; it must ask for some cpus and mem"
+            ));
         }
         let m = t.module.as_ref().ok_or("task names no module")?;
         if !is_sha256_hex(&m.sha256) {
             return Err(format!("module hash `{}` is not a sha256 in hex", m.sha256));
         }
         if !self.artifacts.contains(&m.sha256) {
-            return Err(format!("module {} was never uploaded to this master", m.sha256));
+            return Err(format!(
+                "module {} was never uploaded to this master",
+                m.sha256
+            ));
         }
         for i in &t.inputs {
             if !is_sha256_hex(&i.sha256) || !self.artifacts.contains(&i.sha256) {
-                return Err(format!("input {} ({}) was never uploaded to this master", i.dest, i.sha256));
+                return Err(format!(
+                    "input {} ({}) was never uploaded to this master",
+                    i.dest, i.sha256
+                ));
             }
             check_rel_path(&i.dest)?;
         }
@@ -653,14 +833,20 @@ impl MasterCore {
     }
 
     fn kill(&mut self, key: &(String, String)) -> Result<(), String> {
-        let rec = self.tasks.get(key).ok_or_else(|| format!("no live task {} in framework {}", key.1, key.0))?;
+        let rec = self
+            .tasks
+            .get(key)
+            .ok_or_else(|| format!("no live task {} in framework {}", key.1, key.0))?;
         let conn = self.agents.get(&rec.agent_id).and_then(|a| a.conn).ok_or_else(|| {
             format!("task {} is on agent {}, which is disconnected; it will be killed when it returns", key.1, rec.agent_id)
         })?;
         self.out.push(Output::ToAgent(
             conn,
             MasterToAgent {
-                msg: Some(master_to_agent::Msg::KillTask(KillTask { framework_id: key.0.clone(), task_id: key.1.clone() })),
+                msg: Some(master_to_agent::Msg::KillTask(KillTask {
+                    framework_id: key.0.clone(),
+                    task_id: key.1.clone(),
+                })),
             },
         ));
         Ok(())
@@ -669,27 +855,53 @@ impl MasterCore {
     /// Kill by task id alone, for operators. Task ids are unique per framework, so an id
     /// used by two frameworks is refused as ambiguous.
     pub fn operator_kill(&mut self, task_id: &str) -> Result<(), String> {
-        let keys: Vec<_> = self.tasks.keys().filter(|(_, t)| t == task_id).cloned().collect();
+        let keys: Vec<_> = self
+            .tasks
+            .keys()
+            .filter(|(_, t)| t == task_id)
+            .cloned()
+            .collect();
         match keys.as_slice() {
-            [] => Err(format!("no live task with id {task_id} (see `agora ps --all`)")),
+            [] => Err(format!(
+                "no live task with id {task_id} (see `agora ps --all`)"
+            )),
             [key] => self.kill(&key.clone()),
-            _ => Err(format!("task id {task_id} is used by {} frameworks; cannot tell which", keys.len())),
+            _ => Err(format!(
+                "task id {task_id} is used by {} frameworks; cannot tell which",
+                keys.len()
+            )),
         }
     }
 
     fn reconcile(&mut self, conn: ConnId, fid: &str, ids: Vec<String>, now: u64) {
         let statuses: Vec<TaskStatus> = if ids.is_empty() {
-            self.tasks.values().filter(|t| t.framework_id == fid).map(|t| t.status.clone()).collect()
+            self.tasks
+                .values()
+                .filter(|t| t.framework_id == fid)
+                .map(|t| t.status.clone())
+                .collect()
         } else {
             ids.iter()
                 .map(|id| {
                     let key = (fid.to_string(), id.clone());
                     if let Some(t) = self.tasks.get(&key) {
                         t.status.clone()
-                    } else if let Some(t) = self.completed.iter().rev().find(|t| t.framework_id == fid && t.info.task_id == *id) {
+                    } else if let Some(t) = self
+                        .completed
+                        .iter()
+                        .rev()
+                        .find(|t| t.framework_id == fid && t.info.task_id == *id)
+                    {
                         t.status.clone()
                     } else {
-                        status(id, "", TaskState::TaskUnknown, Reason::Reconciliation, "the master knows no such task", now)
+                        status(
+                            id,
+                            "",
+                            TaskState::TaskUnknown,
+                            Reason::Reconciliation,
+                            "the master knows no such task",
+                            now,
+                        )
                     }
                 })
                 .collect()
@@ -697,16 +909,31 @@ impl MasterCore {
         for mut st in statuses {
             st.uuid.clear(); // reconciliation answers are not acknowledged
             st.reason = Reason::Reconciliation as i32;
-            self.out.push(Output::ToScheduler(conn, Event { event: Some(event::Event::Update(v1::Update { status: Some(st) })) }));
+            self.out.push(Output::ToScheduler(
+                conn,
+                Event {
+                    event: Some(event::Event::Update(v1::Update { status: Some(st) })),
+                },
+            ));
         }
     }
 
     fn teardown(&mut self, fid: &str, why: &str) {
-        let keys: Vec<_> = self.tasks.keys().filter(|(f, _)| f == fid).cloned().collect();
+        let keys: Vec<_> = self
+            .tasks
+            .keys()
+            .filter(|(f, _)| f == fid)
+            .cloned()
+            .collect();
         for key in keys {
             let _ = self.kill(&key);
         }
-        let offers: Vec<String> = self.offers.iter().filter(|(_, o)| o.framework_id == fid).map(|(k, _)| k.clone()).collect();
+        let offers: Vec<String> = self
+            .offers
+            .iter()
+            .filter(|(_, o)| o.framework_id == fid)
+            .map(|(k, _)| k.clone())
+            .collect();
         for oid in offers {
             self.rescind(&oid);
         }
@@ -720,7 +947,11 @@ impl MasterCore {
             self.out.push(Output::ToAgent(
                 a,
                 MasterToAgent {
-                    msg: Some(master_to_agent::Msg::ShutdownFramework(v1::ShutdownFramework { framework_id: fid.to_string() })),
+                    msg: Some(master_to_agent::Msg::ShutdownFramework(
+                        v1::ShutdownFramework {
+                            framework_id: fid.to_string(),
+                        },
+                    )),
                 },
             ));
         }
@@ -742,18 +973,27 @@ impl MasterCore {
             let why = if connected {
                 format!("no heartbeat from agent {id} for {} s", timeout / 1000)
             } else {
-                format!("agent {id} stayed disconnected for more than {} s", timeout / 1000)
+                format!(
+                    "agent {id} stayed disconnected for more than {} s",
+                    timeout / 1000
+                )
             };
             self.remove_agent(&id, &why, now);
         }
         let expired: Vec<String> = self
             .frameworks
             .iter()
-            .filter(|(_, f)| f.disconnected_at.is_some_and(|t| now.saturating_sub(t) >= f.failover_ms))
+            .filter(|(_, f)| {
+                f.disconnected_at
+                    .is_some_and(|t| now.saturating_sub(t) >= f.failover_ms)
+            })
             .map(|(id, _)| id.clone())
             .collect();
         for id in expired {
-            self.teardown(&id, "framework did not come back within its failover timeout");
+            self.teardown(
+                &id,
+                "framework did not come back within its failover timeout",
+            );
         }
     }
 
@@ -774,13 +1014,26 @@ impl MasterCore {
             };
             self.offers.insert(
                 offer_id,
-                OfferState { framework_id: al.framework_id.clone(), agent_id: al.agent_id, resources: al.resources },
+                OfferState {
+                    framework_id: al.framework_id.clone(),
+                    agent_id: al.agent_id,
+                    resources: al.resources,
+                },
             );
             by_fw.entry(al.framework_id).or_default().push(offer);
         }
         for (fid, offers) in by_fw {
-            let conn = self.frameworks.get(&fid).and_then(|f| f.conn).expect("allocator offers only to connected frameworks");
-            self.out.push(Output::ToScheduler(conn, Event { event: Some(event::Event::Offers(v1::Offers { offers })) }));
+            let conn = self
+                .frameworks
+                .get(&fid)
+                .and_then(|f| f.conn)
+                .expect("allocator offers only to connected frameworks");
+            self.out.push(Output::ToScheduler(
+                conn,
+                Event {
+                    event: Some(event::Event::Offers(v1::Offers { offers })),
+                },
+            ));
         }
     }
 
@@ -793,13 +1046,23 @@ impl MasterCore {
             .tasks
             .values()
             .find(|t| t.info.task_id == task_id)
-            .or_else(|| self.completed.iter().rev().find(|t| t.info.task_id == task_id))
+            .or_else(|| {
+                self.completed
+                    .iter()
+                    .rev()
+                    .find(|t| t.info.task_id == task_id)
+            })
             .ok_or_else(|| format!("no task with id {task_id} (see `agora ps --all`)"))?;
         let conn = self
             .agents
             .get(&rec.agent_id)
             .and_then(|a| a.conn)
-            .ok_or_else(|| format!("task {task_id} ran on agent {}, which is not connected now", rec.agent_id))?;
+            .ok_or_else(|| {
+                format!(
+                    "task {task_id} ran on agent {}, which is not connected now",
+                    rec.agent_id
+                )
+            })?;
         Ok((conn, rec.framework_id.clone()))
     }
 
@@ -818,7 +1081,12 @@ impl MasterCore {
             exit_code: t.status.exit_code,
             updated_ms: t.status.timestamp_ms,
         };
-        let fw_name = |id: &str| self.frameworks.get(id).map(|f| f.name.clone()).unwrap_or_default();
+        let fw_name = |id: &str| {
+            self.frameworks
+                .get(id)
+                .map(|f| f.name.clone())
+                .unwrap_or_default()
+        };
         let mut out: Vec<TaskSummary> = Vec::new();
         for (fid, f) in &self.frameworks {
             for p in &f.pending {
@@ -835,23 +1103,45 @@ impl MasterCore {
             }
         }
         let mut live: Vec<&TaskRecord> = self.tasks.values().collect();
-        live.sort_by(|a, b| a.status.timestamp_ms.cmp(&b.status.timestamp_ms).then(a.info.task_id.cmp(&b.info.task_id)));
-        out.extend(live.into_iter().map(|t| summary(t, &fw_name(&t.framework_id))));
+        live.sort_by(|a, b| {
+            a.status
+                .timestamp_ms
+                .cmp(&b.status.timestamp_ms)
+                .then(a.info.task_id.cmp(&b.info.task_id))
+        });
+        out.extend(
+            live.into_iter()
+                .map(|t| summary(t, &fw_name(&t.framework_id))),
+        );
         if all {
-            out.extend(self.completed.iter().map(|t| summary(t, &fw_name(&t.framework_id))));
+            out.extend(
+                self.completed
+                    .iter()
+                    .map(|t| summary(t, &fw_name(&t.framework_id))),
+            );
         }
         out
     }
 
     /// Why a task waits, with data: what it asks and the most any agent has.
     pub fn explain_pending(&self, fid: &str, p: &v1::PendingTask) -> String {
-        let Ok(ask) = Resources::from_proto(&p.resources) else { return "its resources are malformed".into() };
+        let Ok(ask) = Resources::from_proto(&p.resources) else {
+            return "its resources are malformed".into();
+        };
         if self.agents.is_empty() {
             return "no agents are registered".into();
         }
         let max_total = self.allocator.max_total();
         let max_free = self.allocator.max_free();
-        let fmt = |n: &str, v: i64| if n == CPUS { format_cpus(v) } else if n == MEM { format_bytes(v) } else { v.to_string() };
+        let fmt = |n: &str, v: i64| {
+            if n == CPUS {
+                format_cpus(v)
+            } else if n == MEM {
+                format_bytes(v)
+            } else {
+                v.to_string()
+            }
+        };
         let mut reasons = Vec::new();
         for n in ask.names() {
             let want = ask.get(&n);
@@ -910,10 +1200,12 @@ fn check_rel_path(p: &str) -> Result<(), String> {
     let bad = p.is_empty()
         || p.starts_with('/')
         || p.contains('\0')
-        || p.split('/').any(|c| c == ".." )
+        || p.split('/').any(|c| c == "..")
         || p.len() > 4096;
     if bad {
-        Err(format!("sandbox path `{p}` must be relative and must not contain `..`"))
+        Err(format!(
+            "sandbox path `{p}` must be relative and must not contain `..`"
+        ))
     } else {
         Ok(())
     }

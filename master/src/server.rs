@@ -58,7 +58,10 @@ impl Shared {
                 Output::ToAgent(c, m) => {
                     if let Some((tx, _)) = self.agents.get(&c) {
                         if tx.try_send(Out::Msg(m)).is_err() {
-                            tracing::warn!(conn = c, "agent is not draining its messages; disconnecting it");
+                            tracing::warn!(
+                                conn = c,
+                                "agent is not draining its messages; disconnecting it"
+                            );
                             if let Some((_, q)) = self.agents.remove(&c) {
                                 q.close(1u32.into(), b"too slow");
                             }
@@ -68,7 +71,10 @@ impl Shared {
                 Output::ToScheduler(c, e) => {
                     if let Some(tx) = self.schedulers.get(&c) {
                         if tx.try_send(Out::Msg(e)).is_err() {
-                            tracing::warn!(conn = c, "framework is not draining its events; disconnecting it");
+                            tracing::warn!(
+                                conn = c,
+                                "framework is not draining its events; disconnecting it"
+                            );
                             self.schedulers.remove(&c);
                         }
                     }
@@ -114,7 +120,11 @@ pub async fn start(cfg: MasterConfig) -> anyhow::Result<MasterHandle> {
     for sha in store.list()? {
         core.handle(Input::ArtifactStored { sha256: sha }, unix_millis());
     }
-    let shared = Arc::new(Mutex::new(Shared { core, agents: HashMap::new(), schedulers: HashMap::new() }));
+    let shared = Arc::new(Mutex::new(Shared {
+        core,
+        agents: HashMap::new(),
+        schedulers: HashMap::new(),
+    }));
     let next_conn = Arc::new(AtomicU64::new(1));
 
     let ticker = {
@@ -131,7 +141,11 @@ pub async fn start(cfg: MasterConfig) -> anyhow::Result<MasterHandle> {
         let endpoint = endpoint.clone();
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
-                let ctx = Ctx { shared: shared.clone(), store: store.clone(), next_conn: next_conn.clone() };
+                let ctx = Ctx {
+                    shared: shared.clone(),
+                    store: store.clone(),
+                    next_conn: next_conn.clone(),
+                };
                 tokio::spawn(async move {
                     match incoming.await {
                         Ok(conn) => ctx.serve_connection(conn).await,
@@ -142,7 +156,11 @@ pub async fn start(cfg: MasterConfig) -> anyhow::Result<MasterHandle> {
         })
     };
     tracing::info!(%addr, "master listening (QUIC)");
-    Ok(MasterHandle { addr, endpoint, tasks: vec![ticker, acceptor] })
+    Ok(MasterHandle {
+        addr,
+        endpoint,
+        tasks: vec![ticker, acceptor],
+    })
 }
 
 #[derive(Clone)]
@@ -181,12 +199,37 @@ impl Ctx {
                     }
                 };
                 let r = match open.kind {
-                    Some(stream_open::Kind::Agent(h)) => ctx.require(&conn, role, Role::Agent, send, |s| ctx.clone().agent_stream(conn.clone(), h, s, recv)).await,
-                    Some(stream_open::Kind::Scheduler(h)) => ctx.require(&conn, role, Role::Client, send, |s| ctx.clone().scheduler_stream(h, s, recv)).await,
-                    Some(stream_open::Kind::Operator(req)) => ctx.require(&conn, role, Role::Client, send, |s| ctx.clone().operator(req, s)).await,
-                    Some(stream_open::Kind::Put(p)) => ctx.require(&conn, role, Role::Client, send, |s| ctx.clone().put(p, s, recv)).await,
-                    Some(stream_open::Kind::Get(g)) => ctx.require(&conn, role, Role::Agent, send, |s| ctx.clone().get(g, s)).await,
-                    None => Err(anyhow::anyhow!("stream opened with an unknown kind (newer client?)")),
+                    Some(stream_open::Kind::Agent(h)) => {
+                        ctx.require(&conn, role, Role::Agent, send, |s| {
+                            ctx.clone().agent_stream(conn.clone(), h, s, recv)
+                        })
+                        .await
+                    }
+                    Some(stream_open::Kind::Scheduler(h)) => {
+                        ctx.require(&conn, role, Role::Client, send, |s| {
+                            ctx.clone().scheduler_stream(h, s, recv)
+                        })
+                        .await
+                    }
+                    Some(stream_open::Kind::Operator(req)) => {
+                        ctx.require(&conn, role, Role::Client, send, |s| {
+                            ctx.clone().operator(req, s)
+                        })
+                        .await
+                    }
+                    Some(stream_open::Kind::Put(p)) => {
+                        ctx.require(&conn, role, Role::Client, send, |s| {
+                            ctx.clone().put(p, s, recv)
+                        })
+                        .await
+                    }
+                    Some(stream_open::Kind::Get(g)) => {
+                        ctx.require(&conn, role, Role::Agent, send, |s| ctx.clone().get(g, s))
+                            .await
+                    }
+                    None => Err(anyhow::anyhow!(
+                        "stream opened with an unknown kind (newer client?)"
+                    )),
                 };
                 if let Err(e) = r {
                     tracing::info!(%remote, "stream ended with an error: {e:#}");
@@ -197,7 +240,14 @@ impl Ctx {
 
     /// Runs `f` only when the peer's certificate has the role the stream needs;
     /// otherwise closes the connection with a reason the peer can show its user.
-    async fn require<F, Fut>(&self, conn: &quinn::Connection, have: Option<Role>, need: Role, send: Send, f: F) -> anyhow::Result<()>
+    async fn require<F, Fut>(
+        &self,
+        conn: &quinn::Connection,
+        have: Option<Role>,
+        need: Role,
+        send: Send,
+        f: F,
+    ) -> anyhow::Result<()>
     where
         F: FnOnce(Send) -> Fut,
         Fut: std::future::Future<Output = anyhow::Result<()>>,
@@ -215,7 +265,13 @@ impl Ctx {
         f(send).await
     }
 
-    async fn agent_stream(self, qconn: quinn::Connection, hello: v1::AgentHello, mut send: Send, mut recv: Recv) -> anyhow::Result<()> {
+    async fn agent_stream(
+        self,
+        qconn: quinn::Connection,
+        hello: v1::AgentHello,
+        mut send: Send,
+        mut recv: Recv,
+    ) -> anyhow::Result<()> {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (tx, mut rx) = mpsc::channel::<Out<MasterToAgent>>(PEER_QUEUE);
         {
@@ -233,7 +289,11 @@ impl Ctx {
                         }
                     }
                     Out::Close(why) => {
-                        let err = MasterToAgent { msg: Some(v1::master_to_agent::Msg::Error(v1::AgentError { message: why.clone() })) };
+                        let err = MasterToAgent {
+                            msg: Some(v1::master_to_agent::Msg::Error(v1::AgentError {
+                                message: why.clone(),
+                            })),
+                        };
                         let _ = write_frame(&mut send, &err).await;
                         let _ = send.finish();
                         let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
@@ -262,7 +322,12 @@ impl Ctx {
         result
     }
 
-    async fn scheduler_stream(self, hello: v1::SchedulerHello, mut send: Send, mut recv: Recv) -> anyhow::Result<()> {
+    async fn scheduler_stream(
+        self,
+        hello: v1::SchedulerHello,
+        mut send: Send,
+        mut recv: Recv,
+    ) -> anyhow::Result<()> {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (tx, mut rx) = mpsc::channel::<Out<Event>>(PEER_QUEUE);
         {
@@ -279,7 +344,9 @@ impl Ctx {
                         }
                     }
                     Out::Close(why) => {
-                        let e = Event { event: Some(v1::event::Event::Error(v1::Error { message: why })) };
+                        let e = Event {
+                            event: Some(v1::event::Event::Error(v1::Error { message: why })),
+                        };
                         let _ = write_frame(&mut send, &e).await;
                         let _ = send.finish();
                         break;
@@ -306,24 +373,38 @@ impl Ctx {
 
     async fn operator(self, req: OperatorRequest, mut send: Send) -> anyhow::Result<()> {
         let resp = match req.request {
-            Some(operator_request::Request::ListTasks(l)) => {
-                OperatorResponse { tasks: self.lock().core.list_tasks(l.all), ..Default::default() }
-            }
-            Some(operator_request::Request::Cluster(_)) => {
-                OperatorResponse { agents: self.lock().core.agents(), ..Default::default() }
-            }
+            Some(operator_request::Request::ListTasks(l)) => OperatorResponse {
+                tasks: self.lock().core.list_tasks(l.all),
+                ..Default::default()
+            },
+            Some(operator_request::Request::Cluster(_)) => OperatorResponse {
+                agents: self.lock().core.agents(),
+                ..Default::default()
+            },
             Some(operator_request::Request::Kill(k)) => {
                 let mut s = self.lock();
                 let r = s.core.operator_kill(&k.task_id);
                 let outs = s.core.drain_outputs();
                 s.dispatch(outs);
-                OperatorResponse { error: r.err().unwrap_or_default(), ..Default::default() }
+                OperatorResponse {
+                    error: r.err().unwrap_or_default(),
+                    ..Default::default()
+                }
             }
             Some(operator_request::Request::ReadFile(r)) => match self.read_sandbox(r).await {
-                Ok(file) => OperatorResponse { file: Some(file), ..Default::default() },
-                Err(e) => OperatorResponse { error: format!("{e:#}"), ..Default::default() },
+                Ok(file) => OperatorResponse {
+                    file: Some(file),
+                    ..Default::default()
+                },
+                Err(e) => OperatorResponse {
+                    error: format!("{e:#}"),
+                    ..Default::default()
+                },
             },
-            None => OperatorResponse { error: "unknown operator request (newer client?)".into(), ..Default::default() },
+            None => OperatorResponse {
+                error: "unknown operator request (newer client?)".into(),
+                ..Default::default()
+            },
         };
         write_frame(&mut send, &resp).await?;
         send.finish()?;
@@ -335,7 +416,11 @@ impl Ctx {
         let (qconn, framework_id) = {
             let s = self.lock();
             let (conn, fw) = s.core.locate_task(&r.task_id).map_err(anyhow::Error::msg)?;
-            let q = s.agents.get(&conn).map(|(_, q)| q.clone()).ok_or_else(|| anyhow::anyhow!("the task's agent is not connected"))?;
+            let q = s
+                .agents
+                .get(&conn)
+                .map(|(_, q)| q.clone())
+                .ok_or_else(|| anyhow::anyhow!("the task's agent is not connected"))?;
             (q, fw)
         };
         let (mut send, mut recv) = qconn.open_bi().await?;
@@ -348,10 +433,11 @@ impl Ctx {
         };
         write_frame(&mut send, &req).await?;
         send.finish()?;
-        let data: SandboxData = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut recv))
-            .await
-            .map_err(|_| anyhow::anyhow!("the agent did not answer within 10 s"))??
-            .ok_or_else(|| anyhow::anyhow!("the agent closed the stream without answering"))?;
+        let data: SandboxData =
+            tokio::time::timeout(Duration::from_secs(10), read_frame(&mut recv))
+                .await
+                .map_err(|_| anyhow::anyhow!("the agent did not answer within 10 s"))??
+                .ok_or_else(|| anyhow::anyhow!("the agent closed the stream without answering"))?;
         if !data.error.is_empty() {
             anyhow::bail!("{}", data.error);
         }
@@ -359,25 +445,54 @@ impl Ctx {
     }
 
     async fn put(self, p: v1::ArtifactPut, mut send: Send, mut recv: Recv) -> anyhow::Result<()> {
-        let reply = |error: String, present: bool| ArtifactHeader { sha256: p.sha256.clone(), size: p.size, error, present };
+        let reply = |error: String, present: bool| ArtifactHeader {
+            sha256: p.sha256.clone(),
+            size: p.size,
+            error,
+            present,
+        };
         if !agora_proto::is_sha256_hex(&p.sha256) {
-            write_frame(&mut send, &reply(format!("`{}` is not a sha256 in lower-case hex", p.sha256), false)).await?;
+            write_frame(
+                &mut send,
+                &reply(
+                    format!("`{}` is not a sha256 in lower-case hex", p.sha256),
+                    false,
+                ),
+            )
+            .await?;
             return Ok(send.finish()?);
         }
         if p.size > transfer::MAX_ARTIFACT {
-            write_frame(&mut send, &reply(format!("artifact of {} bytes exceeds the limit of {} bytes", p.size, transfer::MAX_ARTIFACT), false)).await?;
+            write_frame(
+                &mut send,
+                &reply(
+                    format!(
+                        "artifact of {} bytes exceeds the limit of {} bytes",
+                        p.size,
+                        transfer::MAX_ARTIFACT
+                    ),
+                    false,
+                ),
+            )
+            .await?;
             return Ok(send.finish()?);
         }
         if self.store.path(&p.sha256).is_some() {
-            self.lock().feed(Input::ArtifactStored { sha256: p.sha256.clone() });
+            self.lock().feed(Input::ArtifactStored {
+                sha256: p.sha256.clone(),
+            });
             write_frame(&mut send, &reply(String::new(), true)).await?;
             return Ok(send.finish()?);
         }
         write_frame(&mut send, &reply(String::new(), false)).await?;
-        let r = transfer::receive_to_file(&mut recv, &self.store.dest(&p.sha256), &p.sha256, p.size).await;
+        let r =
+            transfer::receive_to_file(&mut recv, &self.store.dest(&p.sha256), &p.sha256, p.size)
+                .await;
         let err = match &r {
             Ok(()) => {
-                self.lock().feed(Input::ArtifactStored { sha256: p.sha256.clone() });
+                self.lock().feed(Input::ArtifactStored {
+                    sha256: p.sha256.clone(),
+                });
                 String::new()
             }
             Err(e) => format!("upload refused: {e:#}"),
@@ -389,12 +504,24 @@ impl Ctx {
 
     async fn get(self, g: v1::ArtifactGet, mut send: Send) -> anyhow::Result<()> {
         let Some(path) = self.store.path(&g.sha256) else {
-            let h = ArtifactHeader { sha256: g.sha256.clone(), error: format!("the master has no artifact {}", g.sha256), ..Default::default() };
+            let h = ArtifactHeader {
+                sha256: g.sha256.clone(),
+                error: format!("the master has no artifact {}", g.sha256),
+                ..Default::default()
+            };
             write_frame(&mut send, &h).await?;
             return Ok(send.finish()?);
         };
         let size = tokio::fs::metadata(&path).await?.len();
-        write_frame(&mut send, &ArtifactHeader { sha256: g.sha256, size, ..Default::default() }).await?;
+        write_frame(
+            &mut send,
+            &ArtifactHeader {
+                sha256: g.sha256,
+                size,
+                ..Default::default()
+            },
+        )
+        .await?;
         transfer::send_file(&mut send, &path).await?;
         send.finish()?;
         Ok(())

@@ -38,11 +38,15 @@ where
 {
     let len = msg.encoded_len();
     if len > MAX_FRAME {
-        return Err(FrameError::TooLarge { size: len, limit: MAX_FRAME });
+        return Err(FrameError::TooLarge {
+            size: len,
+            limit: MAX_FRAME,
+        });
     }
     let mut buf = Vec::with_capacity(4 + len);
     buf.extend_from_slice(&(len as u32).to_be_bytes());
-    msg.encode(&mut buf).expect("Vec has room for the encoded message");
+    msg.encode(&mut buf)
+        .expect("Vec has room for the encoded message");
     w.write_all(&buf).await?;
     w.flush().await?;
     Ok(())
@@ -70,7 +74,11 @@ where
     while got < 4 {
         let n = r.read(&mut len[got..]).await?;
         if n == 0 {
-            return if got == 0 { Ok(None) } else { Err(FrameError::Truncated) };
+            return if got == 0 {
+                Ok(None)
+            } else {
+                Err(FrameError::Truncated)
+            };
         }
         got += n;
     }

@@ -47,12 +47,19 @@ impl Resources {
         if value == 0 {
             return;
         }
-        *self.amounts.entry((name.to_string(), role.to_string())).or_insert(0) += value;
+        *self
+            .amounts
+            .entry((name.to_string(), role.to_string()))
+            .or_insert(0) += value;
     }
 
     /// Sum of a resource across all roles.
     pub fn get(&self, name: &str) -> i64 {
-        self.amounts.iter().filter(|((n, _), _)| n == name).map(|(_, v)| *v).sum()
+        self.amounts
+            .iter()
+            .filter(|((n, _), _)| n == name)
+            .map(|(_, v)| *v)
+            .sum()
     }
 
     pub fn milli_cpus(&self) -> i64 {
@@ -128,7 +135,10 @@ impl Resources {
                 return Err("a resource has an empty name".into());
             }
             if res.value < 0 {
-                return Err(format!("resource {} has a negative value {}", res.name, res.value));
+                return Err(format!(
+                    "resource {} has a negative value {}",
+                    res.name, res.value
+                ));
             }
             r.add_scalar(&res.name, &res.role, res.value);
         }
@@ -138,7 +148,11 @@ impl Resources {
     pub fn to_proto(&self) -> Vec<Resource> {
         self.amounts
             .iter()
-            .map(|((n, r), v)| Resource { name: n.clone(), value: *v, role: r.clone() })
+            .map(|((n, r), v)| Resource {
+                name: n.clone(),
+                value: *v,
+                role: r.clone(),
+            })
             .collect()
     }
 
@@ -147,23 +161,35 @@ impl Resources {
     pub fn parse(spec: &str) -> Result<Resources, ResourceParseError> {
         let mut r = Resources::new();
         for part in spec.split(';').map(str::trim).filter(|p| !p.is_empty()) {
-            let (name, value) =
-                part.split_once(':').ok_or_else(|| ResourceParseError::Syntax(part.into()))?;
+            let (name, value) = part
+                .split_once(':')
+                .ok_or_else(|| ResourceParseError::Syntax(part.into()))?;
             let (name, value) = (name.trim(), value.trim());
             if name.is_empty() {
                 return Err(ResourceParseError::Syntax(part.into()));
             }
-            let bad = || ResourceParseError::Value { name: name.into(), value: value.into() };
+            let bad = || ResourceParseError::Value {
+                name: name.into(),
+                value: value.into(),
+            };
             let amount = match name {
                 CPUS => parse_cpus(value).ok_or_else(bad)?,
                 MEM => {
                     if value.bytes().all(|b| b.is_ascii_digit()) {
-                        value.parse::<i64>().map_err(|_| bad())?.checked_mul(MIB).ok_or_else(bad)?
+                        value
+                            .parse::<i64>()
+                            .map_err(|_| bad())?
+                            .checked_mul(MIB)
+                            .ok_or_else(bad)?
                     } else {
                         parse_size(value).map_err(|_| bad())?
                     }
                 }
-                _ => value.parse::<i64>().ok().filter(|v| *v >= 0).ok_or_else(bad)?,
+                _ => value
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|v| *v >= 0)
+                    .ok_or_else(bad)?,
             };
             r.add_scalar(name, "", amount);
         }
@@ -183,7 +209,11 @@ pub fn parse_cpus(s: &str) -> Option<i64> {
     if frac.len() > 3 && frac[3..].bytes().any(|b| b != b'0') {
         return None; // finer than a milli-cpu
     }
-    let whole: i64 = if whole.is_empty() { 0 } else { whole.parse().ok()? };
+    let whole: i64 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().ok()?
+    };
     let mut milli: i64 = 0;
     for (i, b) in frac.bytes().take(3).enumerate() {
         milli += i64::from(b - b'0') * [100, 10, 1][i];
@@ -194,7 +224,9 @@ pub fn parse_cpus(s: &str) -> Option<i64> {
 /// Parses a byte size: `64MiB`, `2GiB`, `512MB`, `1k`, or a bare number of bytes.
 pub fn parse_size(s: &str) -> Result<i64, ResourceParseError> {
     let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
@@ -206,7 +238,9 @@ pub fn parse_size(s: &str) -> Result<i64, ResourceParseError> {
         "gib" => 1024.0 * 1024.0 * 1024.0,
         _ => return Err(ResourceParseError::Size(s.into())),
     };
-    let n: f64 = num.parse().map_err(|_| ResourceParseError::Size(s.into()))?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| ResourceParseError::Size(s.into()))?;
     let v = n * mult;
     if !(0.0..9.0e18).contains(&v) {
         return Err(ResourceParseError::Size(s.into()));

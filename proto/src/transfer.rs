@@ -21,19 +21,47 @@ pub async fn send_file<W: AsyncWrite + Unpin>(w: &mut W, path: &Path) -> anyhow:
     loop {
         let n = f.read(&mut buf).await?;
         if n == 0 {
-            write_frame(w, &DataChunk { data: Vec::new(), last: true }).await?;
+            write_frame(
+                w,
+                &DataChunk {
+                    data: Vec::new(),
+                    last: true,
+                },
+            )
+            .await?;
             return Ok(());
         }
-        write_frame(w, &DataChunk { data: buf[..n].to_vec(), last: false }).await?;
+        write_frame(
+            w,
+            &DataChunk {
+                data: buf[..n].to_vec(),
+                last: false,
+            },
+        )
+        .await?;
     }
 }
 
 /// Streams bytes already in memory.
 pub async fn send_bytes<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> anyhow::Result<()> {
     for c in bytes.chunks(CHUNK) {
-        write_frame(w, &DataChunk { data: c.to_vec(), last: false }).await?;
+        write_frame(
+            w,
+            &DataChunk {
+                data: c.to_vec(),
+                last: false,
+            },
+        )
+        .await?;
     }
-    write_frame(w, &DataChunk { data: Vec::new(), last: true }).await?;
+    write_frame(
+        w,
+        &DataChunk {
+            data: Vec::new(),
+            last: true,
+        },
+    )
+    .await?;
     Ok(())
 }
 
@@ -46,9 +74,13 @@ pub async fn receive_to_file<R: AsyncRead + Unpin>(
     expected_size: u64,
 ) -> anyhow::Result<()> {
     if expected_size > MAX_ARTIFACT {
-        anyhow::bail!("artifact of {expected_size} bytes exceeds the limit of {MAX_ARTIFACT} bytes");
+        anyhow::bail!(
+            "artifact of {expected_size} bytes exceeds the limit of {MAX_ARTIFACT} bytes"
+        );
     }
-    let dir = dest.parent().ok_or_else(|| anyhow::anyhow!("{} has no parent directory", dest.display()))?;
+    let dir = dest
+        .parent()
+        .ok_or_else(|| anyhow::anyhow!("{} has no parent directory", dest.display()))?;
     tokio::fs::create_dir_all(dir).await?;
     let tmp = dir.join(format!(".{}.{}.partial", expected_sha, std::process::id()));
     let result = async {
@@ -56,9 +88,9 @@ pub async fn receive_to_file<R: AsyncRead + Unpin>(
         let mut hasher = Sha256::new();
         let mut got: u64 = 0;
         loop {
-            let chunk: DataChunk = read_frame(r)
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("stream ended after {got} of {expected_size} bytes"))?;
+            let chunk: DataChunk = read_frame(r).await?.ok_or_else(|| {
+                anyhow::anyhow!("stream ended after {got} of {expected_size} bytes")
+            })?;
             got += chunk.data.len() as u64;
             if got > expected_size {
                 anyhow::bail!("sender sent more than the announced {expected_size} bytes");

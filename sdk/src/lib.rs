@@ -24,7 +24,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use agora_proto::tls::{self, Identity};
-use agora_proto::v1::{self, call, event, operator_request, stream_open, OperatorRequest, OperatorResponse, StreamOpen};
+use agora_proto::v1::{
+    self, call, event, operator_request, stream_open, OperatorRequest, OperatorResponse, StreamOpen,
+};
 use agora_proto::{read_frame, transfer, write_frame};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -53,8 +55,12 @@ impl ClientConfig {
     pub fn load(path: &Path) -> anyhow::Result<ClientConfig> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read the client config {}", path.display()))?;
-        let mut cfg: ClientConfig = serde_json::from_str(&text)
-            .with_context(|| format!("the client config {} is not valid JSON of the expected shape", path.display()))?;
+        let mut cfg: ClientConfig = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "the client config {} is not valid JSON of the expected shape",
+                path.display()
+            )
+        })?;
         // Relative certificate paths are relative to the config file.
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [&mut cfg.ca, &mut cfg.cert, &mut cfg.key] {
@@ -67,7 +73,8 @@ impl ClientConfig {
 
     pub fn save(&self, path: &Path) -> anyhow::Result<()> {
         let text = serde_json::to_string_pretty(self)?;
-        std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))
     }
 
     /// Finds the config: `config` (from --config or AGORA_CONFIG), else the one a
@@ -116,26 +123,43 @@ impl Client {
         let id = Identity::load(&cfg.ca, &cfg.cert, &cfg.key)?;
         let endpoint = tls::client_endpoint(master, &id)?;
         let conn = tls::connect(&endpoint, master).await?;
-        Ok(Client { conn, _endpoint: endpoint, master })
+        Ok(Client {
+            conn,
+            _endpoint: endpoint,
+            master,
+        })
     }
 
     fn closed_reason(&self) -> String {
         match self.conn.close_reason() {
-            Some(quinn::ConnectionError::ApplicationClosed(c)) => String::from_utf8_lossy(&c.reason).into_owned(),
+            Some(quinn::ConnectionError::ApplicationClosed(c)) => {
+                String::from_utf8_lossy(&c.reason).into_owned()
+            }
             Some(e) => e.to_string(),
             None => "the stream was closed".into(),
         }
     }
 
     async fn operator(&self, req: operator_request::Request) -> anyhow::Result<OperatorResponse> {
-        let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| anyhow::anyhow!("master connection lost: {e}"))?;
-        let open = StreamOpen { kind: Some(stream_open::Kind::Operator(OperatorRequest { request: Some(req) })) };
+        let (mut send, mut recv) = self
+            .conn
+            .open_bi()
+            .await
+            .map_err(|e| anyhow::anyhow!("master connection lost: {e}"))?;
+        let open = StreamOpen {
+            kind: Some(stream_open::Kind::Operator(OperatorRequest {
+                request: Some(req),
+            })),
+        };
         write_frame(&mut send, &open).await?;
         send.finish()?;
-        let resp: OperatorResponse = tokio::time::timeout(Duration::from_secs(30), read_frame(&mut recv))
-            .await
-            .map_err(|_| anyhow::anyhow!("the master did not answer within 30 s"))??
-            .ok_or_else(|| anyhow::anyhow!("the master refused the request: {}", self.closed_reason()))?;
+        let resp: OperatorResponse =
+            tokio::time::timeout(Duration::from_secs(30), read_frame(&mut recv))
+                .await
+                .map_err(|_| anyhow::anyhow!("the master did not answer within 30 s"))??
+                .ok_or_else(|| {
+                    anyhow::anyhow!("the master refused the request: {}", self.closed_reason())
+                })?;
         if !resp.error.is_empty() {
             anyhow::bail!("{}", resp.error);
         }
@@ -143,21 +167,36 @@ impl Client {
     }
 
     pub async fn list_tasks(&self, all: bool) -> anyhow::Result<Vec<TaskSummary>> {
-        Ok(self.operator(operator_request::Request::ListTasks(v1::ListTasks { all })).await?.tasks)
+        Ok(self
+            .operator(operator_request::Request::ListTasks(v1::ListTasks { all }))
+            .await?
+            .tasks)
     }
 
     pub async fn agents(&self) -> anyhow::Result<Vec<v1::AgentSummary>> {
-        Ok(self.operator(operator_request::Request::Cluster(v1::GetCluster {})).await?.agents)
+        Ok(self
+            .operator(operator_request::Request::Cluster(v1::GetCluster {}))
+            .await?
+            .agents)
     }
 
     pub async fn kill(&self, task_id: &str) -> anyhow::Result<()> {
-        self.operator(operator_request::Request::Kill(v1::KillTaskRequest { task_id: task_id.into() })).await?;
+        self.operator(operator_request::Request::Kill(v1::KillTaskRequest {
+            task_id: task_id.into(),
+        }))
+        .await?;
         Ok(())
     }
 
     /// Reads up to `length` bytes of a task's `stdout`, `stderr` or sandbox file at
     /// `offset`; returns the bytes and the file's current size.
-    pub async fn read_file(&self, task_id: &str, path: &str, offset: u64, length: u32) -> anyhow::Result<(Vec<u8>, u64)> {
+    pub async fn read_file(
+        &self,
+        task_id: &str,
+        path: &str,
+        offset: u64,
+        length: u32,
+    ) -> anyhow::Result<(Vec<u8>, u64)> {
         let r = self
             .operator(operator_request::Request::ReadFile(v1::ReadTaskFile {
                 task_id: task_id.into(),
@@ -173,24 +212,32 @@ impl Client {
     /// Uploads a file to the master's artifact store unless it is there already;
     /// returns its sha256 and size.
     pub async fn upload_file(&self, path: &Path) -> anyhow::Result<(String, u64)> {
-        let (sha, size) = transfer::hash_file(path).await.with_context(|| format!("cannot read {}", path.display()))?;
+        let (sha, size) = transfer::hash_file(path)
+            .await
+            .with_context(|| format!("cannot read {}", path.display()))?;
         self.upload(&sha, size, Upload::File(path)).await?;
         Ok((sha, size))
     }
 
     pub async fn upload_bytes(&self, bytes: &[u8]) -> anyhow::Result<(String, u64)> {
         let sha = agora_proto::sha256_hex(bytes);
-        self.upload(&sha, bytes.len() as u64, Upload::Bytes(bytes)).await?;
+        self.upload(&sha, bytes.len() as u64, Upload::Bytes(bytes))
+            .await?;
         Ok((sha, bytes.len() as u64))
     }
 
     async fn upload(&self, sha: &str, size: u64, what: Upload<'_>) -> anyhow::Result<()> {
         let (mut send, mut recv) = self.conn.open_bi().await?;
-        let open = StreamOpen { kind: Some(stream_open::Kind::Put(v1::ArtifactPut { sha256: sha.into(), size })) };
+        let open = StreamOpen {
+            kind: Some(stream_open::Kind::Put(v1::ArtifactPut {
+                sha256: sha.into(),
+                size,
+            })),
+        };
         write_frame(&mut send, &open).await?;
-        let first: v1::ArtifactHeader = read_frame(&mut recv)
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("the master refused the upload: {}", self.closed_reason()))?;
+        let first: v1::ArtifactHeader = read_frame(&mut recv).await?.ok_or_else(|| {
+            anyhow::anyhow!("the master refused the upload: {}", self.closed_reason())
+        })?;
         if !first.error.is_empty() {
             anyhow::bail!("upload refused: {}", first.error);
         }
@@ -203,8 +250,9 @@ impl Client {
             Upload::Bytes(b) => transfer::send_bytes(&mut send, b).await?,
         }
         send.finish()?;
-        let done: v1::ArtifactHeader =
-            read_frame(&mut recv).await?.ok_or_else(|| anyhow::anyhow!("the master closed the upload stream"))?;
+        let done: v1::ArtifactHeader = read_frame(&mut recv)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the master closed the upload stream"))?;
         if !done.error.is_empty() {
             anyhow::bail!("{}", done.error);
         }
@@ -214,12 +262,18 @@ impl Client {
     /// Registers a framework (or re-registers one, when `info.framework_id` is set).
     pub async fn subscribe(&self, info: FrameworkInfo) -> anyhow::Result<Scheduler> {
         let (mut send, mut recv) = self.conn.open_bi().await?;
-        let open = StreamOpen { kind: Some(stream_open::Kind::Scheduler(v1::SchedulerHello { framework: Some(info) })) };
+        let open = StreamOpen {
+            kind: Some(stream_open::Kind::Scheduler(v1::SchedulerHello {
+                framework: Some(info),
+            })),
+        };
         write_frame(&mut send, &open).await?;
         let first: v1::Event = tokio::time::timeout(Duration::from_secs(30), read_frame(&mut recv))
             .await
             .map_err(|_| anyhow::anyhow!("the master did not answer SUBSCRIBE within 30 s"))??
-            .ok_or_else(|| anyhow::anyhow!("the master refused SUBSCRIBE: {}", self.closed_reason()))?;
+            .ok_or_else(|| {
+                anyhow::anyhow!("the master refused SUBSCRIBE: {}", self.closed_reason())
+            })?;
         let sub = match first.event {
             Some(event::Event::Subscribed(s)) => s,
             Some(event::Event::Error(e)) => anyhow::bail!("SUBSCRIBE refused: {}", e.message),
@@ -241,7 +295,9 @@ impl Client {
                     Ok(Some(e)) => e,
                     Ok(None) => break,
                     Err(e) => {
-                        let _ = ev_tx.send(Event::Error(format!("connection to the master broke: {e}"))).await;
+                        let _ = ev_tx
+                            .send(Event::Error(format!("connection to the master broke: {e}")))
+                            .await;
                         break;
                     }
                 };
@@ -254,7 +310,10 @@ impl Client {
                     },
                     Some(event::Event::Error(e)) => Event::Error(e.message),
                     Some(event::Event::Heartbeat(_)) => Event::Heartbeat,
-                    Some(event::Event::Failure(f)) => Event::Failure { agent_id: f.agent_id, message: f.message },
+                    Some(event::Event::Failure(f)) => Event::Failure {
+                        agent_id: f.agent_id,
+                        message: f.message,
+                    },
                     Some(event::Event::Subscribed(_)) | None => continue,
                 };
                 if ev_tx.send(ev).await.is_err() {
@@ -262,7 +321,12 @@ impl Client {
                 }
             }
         });
-        Ok(Scheduler { framework_id: sub.framework_id, calls: call_tx, events: ev_rx, tasks: vec![writer, reader] })
+        Ok(Scheduler {
+            framework_id: sub.framework_id,
+            calls: call_tx,
+            events: ev_rx,
+            tasks: vec![writer, reader],
+        })
     }
 }
 
@@ -304,16 +368,37 @@ impl Scheduler {
             .map_err(|_| anyhow::anyhow!("the connection to the master is closed"))
     }
 
-    pub async fn accept(&self, offer_ids: Vec<String>, launch: Vec<TaskInfo>, refuse_seconds: Option<f64>) -> anyhow::Result<()> {
-        self.call(call::Call::Accept(v1::Accept { offer_ids, launch, filters: Some(v1::Filters { refuse_seconds }) })).await
+    pub async fn accept(
+        &self,
+        offer_ids: Vec<String>,
+        launch: Vec<TaskInfo>,
+        refuse_seconds: Option<f64>,
+    ) -> anyhow::Result<()> {
+        self.call(call::Call::Accept(v1::Accept {
+            offer_ids,
+            launch,
+            filters: Some(v1::Filters { refuse_seconds }),
+        }))
+        .await
     }
 
-    pub async fn decline(&self, offer_ids: Vec<String>, refuse_seconds: Option<f64>) -> anyhow::Result<()> {
-        self.call(call::Call::Decline(v1::Decline { offer_ids, filters: Some(v1::Filters { refuse_seconds }) })).await
+    pub async fn decline(
+        &self,
+        offer_ids: Vec<String>,
+        refuse_seconds: Option<f64>,
+    ) -> anyhow::Result<()> {
+        self.call(call::Call::Decline(v1::Decline {
+            offer_ids,
+            filters: Some(v1::Filters { refuse_seconds }),
+        }))
+        .await
     }
 
     pub async fn kill(&self, task_id: &str) -> anyhow::Result<()> {
-        self.call(call::Call::Kill(v1::Kill { task_id: task_id.into() })).await
+        self.call(call::Call::Kill(v1::Kill {
+            task_id: task_id.into(),
+        }))
+        .await
     }
 
     /// Acknowledges an update so the agent sends the task's next one. Updates the
@@ -331,15 +416,22 @@ impl Scheduler {
     }
 
     pub async fn reconcile(&self, task_ids: Vec<String>) -> anyhow::Result<()> {
-        self.call(call::Call::Reconcile(v1::Reconcile { task_ids })).await
+        self.call(call::Call::Reconcile(v1::Reconcile { task_ids }))
+            .await
     }
 
     pub async fn revive(&self) -> anyhow::Result<()> {
-        self.call(call::Call::Revive(v1::Revive { role: String::new() })).await
+        self.call(call::Call::Revive(v1::Revive {
+            role: String::new(),
+        }))
+        .await
     }
 
     pub async fn suppress(&self) -> anyhow::Result<()> {
-        self.call(call::Call::Suppress(v1::Suppress { role: String::new() })).await
+        self.call(call::Call::Suppress(v1::Suppress {
+            role: String::new(),
+        }))
+        .await
     }
 
     /// Tells the master which tasks wait for resources, so `agora ps` can say why.

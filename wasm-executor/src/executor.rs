@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use agora_proto::frame::{read_frame, write_frame, FrameError};
@@ -18,6 +18,7 @@ use agora_proto::v1::{
     ExecutorStatus, ExecutorToAgent, Reason, TaskState,
 };
 use anyhow::Context as _;
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
@@ -29,10 +30,12 @@ use crate::runner::Runner;
 /// executing wasm stop within one epoch tick; this only matters for a guest blocked in
 /// a host call (e.g. a long WASI sleep), which the epoch cannot interrupt.
 const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long queued statuses get to reach the agent before the executor returns.
+const FLUSH_GRACE: Duration = Duration::from_secs(5);
 
-/// Runs the executor until the agent says `shutdown` or goes away (socket EOF), which
-/// both end in `Ok`. A malformed frame or a failed connection is an error: the agent
-/// then sees the executor die.
+/// Runs the executor until the agent says `shutdown` or goes away (socket EOF), both
+/// of which end in `Ok` after killing the running tasks. A failed connection or a
+/// malformed frame is an error: the agent then sees the executor die.
 pub async fn run_executor(
     socket: &Path,
     framework_id: &str,
@@ -46,7 +49,7 @@ pub async fn run_executor(
     let (read_half, write_half) = stream.into_split();
 
     let (out, out_rx) = mpsc::unbounded_channel();
-    let writer = tokio::spawn(write_frames(write_half, out_rx));
+    let mut writer = tokio::spawn(write_frames(write_half, out_rx));
     send(
         &out,
         executor_to_agent::Msg::Register(ExecutorRegister {
@@ -62,8 +65,8 @@ pub async fn run_executor(
         let mut read_half = read_half;
         loop {
             let frame = read_frame::<_, AgentToExecutor>(&mut read_half).await;
-            let end = !matches!(frame, Ok(Some(_)));
-            if frames_tx.send(frame).await.is_err() || end {
+            let last = !matches!(frame, Ok(Some(_)));
+            if frames_tx.send(frame).await.is_err() || last {
                 break;
             }
         }
@@ -72,7 +75,7 @@ pub async fn run_executor(
     let mut executor = Executor {
         runner,
         out,
-        kill_flags: HashMap::new(),
+        running: Arc::default(),
         tasks: JoinSet::new(),
     };
     let result = loop {
@@ -86,26 +89,32 @@ pub async fn run_executor(
                     }
                 }
                 Some(Ok(None)) | None => {
-                    tracing::info!("agent closed the connection; killing tasks");
+                    tracing::info!("the agent closed the connection; killing tasks");
                     executor.stop_all().await;
                     break Ok(());
                 }
                 Some(Err(e)) => {
-                    tracing::error!(error = %e, "malformed frame from the agent; exiting");
+                    tracing::error!(error = %e, "bad frame from the agent; exiting");
                     executor.stop_all().await;
                     break Err(frame_error(e));
                 }
             },
-            Some(done) = executor.tasks.join_next() => executor.reap(done),
+            // Collect finished task threads as they end, so the set does not grow.
+            Some(done) = executor.tasks.join_next() => reap(done),
         }
     };
 
     reader.abort();
-    // Dropping the last sender lets the writer flush what is queued and finish.
-    let Executor { out, .. } = executor;
-    drop(out);
-    if let Err(e) = writer.await {
-        tracing::warn!(error = %e, "frame writer task failed");
+    // Dropping our sender lets the writer flush what is queued and finish, unless a
+    // task that ignored its kill still holds a sender: then give up after a while.
+    drop(executor);
+    match tokio::time::timeout(FLUSH_GRACE, &mut writer).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "frame writer task failed"),
+        Err(_) => {
+            tracing::warn!("statuses not flushed to the agent within {FLUSH_GRACE:?}");
+            writer.abort();
+        }
     }
     result
 }
@@ -116,30 +125,37 @@ enum Flow {
     Shutdown,
 }
 
+/// Kill flags of the running tasks, by task id. A task's thread removes its entry just
+/// before it sends its terminal status, so once the agent has seen that status it may
+/// reuse the id at once.
+type Running = Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>;
+
 struct Executor {
     runner: Arc<Runner>,
     out: mpsc::UnboundedSender<ExecutorToAgent>,
-    /// Running tasks by id; an entry lives until its thread has reported.
-    kill_flags: HashMap<String, Arc<AtomicBool>>,
-    /// Task threads; each yields its task id when done.
-    tasks: JoinSet<String>,
+    running: Running,
+    /// Task threads, joined to know when they are all gone.
+    tasks: JoinSet<()>,
 }
 
 impl Executor {
     fn handle(&mut self, msg: AgentToExecutor) -> Flow {
         match msg.msg {
             Some(agent_to_executor::Msg::Launch(launch)) => self.launch(launch),
-            Some(agent_to_executor::Msg::Kill(kill)) => match self.kill_flags.get(&kill.task_id) {
-                Some(flag) => {
-                    tracing::info!(task_id = %kill.task_id, "killing task");
-                    flag.store(true, Ordering::Relaxed);
+            Some(agent_to_executor::Msg::Kill(kill)) => {
+                match lock(&self.running).get(&kill.task_id) {
+                    Some(flag) => {
+                        tracing::info!(task_id = %kill.task_id, "killing task");
+                        flag.store(true, Ordering::Relaxed);
+                    }
+                    None => tracing::warn!(
+                        task_id = %kill.task_id,
+                        "kill for a task this executor is not running; ignored"
+                    ),
                 }
-                None => {
-                    tracing::warn!(task_id = %kill.task_id, "kill for a task this executor is not running; ignored")
-                }
-            },
+            }
             Some(agent_to_executor::Msg::Shutdown(_)) => return Flow::Shutdown,
-            // A message kind from a newer agent: nothing we can do with it.
+            // A message kind from a newer agent: nothing to do with it.
             None => tracing::warn!("frame from the agent carries no known message; ignored"),
         }
         Flow::Continue
@@ -147,14 +163,19 @@ impl Executor {
 
     fn launch(&mut self, launch: ExecutorLaunch) {
         let task_id = launch.task_id.clone();
+        let kill = Arc::new(AtomicBool::new(false));
         let refusal = if task_id.is_empty() {
             Some("launch without a task id".to_string())
-        } else if self.kill_flags.contains_key(&task_id) {
-            Some(format!(
-                "task {task_id} is already running in this executor"
-            ))
         } else {
-            None
+            let mut running = lock(&self.running);
+            if running.contains_key(&task_id) {
+                Some(format!(
+                    "task {task_id} is already running in this executor"
+                ))
+            } else {
+                running.insert(task_id.clone(), Arc::clone(&kill));
+                None
+            }
         };
         if let Some(message) = refusal {
             tracing::warn!(task_id = %task_id, "{message}");
@@ -172,12 +193,11 @@ impl Executor {
         }
 
         tracing::info!(task_id = %task_id, module = %launch.module_sha256, "launching task");
-        let kill = Arc::new(AtomicBool::new(false));
-        self.kill_flags.insert(task_id.clone(), Arc::clone(&kill));
         let runner = Arc::clone(&self.runner);
         let out = self.out.clone();
+        let running = Arc::clone(&self.running);
         self.tasks.spawn_blocking(move || {
-            let running = |instantiate_us| {
+            let on_running = |instantiate_us| {
                 send_status(
                     &out,
                     ExecutorStatus {
@@ -189,22 +209,9 @@ impl Executor {
                 )
             };
             // A panic is a bug of ours, but the agent must still hear about the task.
-            let run = std::panic::AssertUnwindSafe(|| runner.run(&launch, kill, running));
-            let status = std::panic::catch_unwind(run).unwrap_or_else(|panic| {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                tracing::error!(task_id = %launch.task_id, panic = %what, "task runner panicked");
-                ExecutorStatus {
-                    task_id: launch.task_id.clone(),
-                    state: TaskState::TaskFailed as i32,
-                    reason: Reason::ExecutorTerminated as i32,
-                    message: format!("executor failure while running the task: {what}"),
-                    ..Default::default()
-                }
-            });
+            let run = std::panic::AssertUnwindSafe(|| runner.run(&launch, kill, on_running));
+            let status = std::panic::catch_unwind(run)
+                .unwrap_or_else(|panic| panicked(&launch.task_id, panic.as_ref()));
             tracing::info!(
                 task_id = %launch.task_id,
                 state = status.state().short_name(),
@@ -212,40 +219,59 @@ impl Executor {
                 message = %status.message,
                 "task ended"
             );
+            lock(&running).remove(&launch.task_id);
             // Sent from this thread, after RUNNING, through the same channel: in order.
             send_status(&out, status);
-            launch.task_id
         });
-    }
-
-    /// Forgets a task whose thread has ended (it has already sent its status).
-    fn reap(&mut self, done: Result<String, tokio::task::JoinError>) {
-        match done {
-            Ok(task_id) => {
-                self.kill_flags.remove(&task_id);
-            }
-            // Task closures catch panics and are never aborted, so this is unexpected.
-            Err(e) => tracing::error!(error = %e, "task thread failed"),
-        }
     }
 
     /// Kills every task and waits (bounded) for all of them to report.
     async fn stop_all(&mut self) {
-        for flag in self.kill_flags.values() {
+        for flag in lock(&self.running).values() {
             flag.store(true, Ordering::Relaxed);
         }
         let drain = async {
             while let Some(done) = self.tasks.join_next().await {
-                self.reap(done);
+                reap(done);
             }
         };
         if tokio::time::timeout(STOP_GRACE, drain).await.is_err() {
             tracing::warn!(
-                tasks = ?self.kill_flags.keys().collect::<Vec<_>>(),
+                tasks = ?lock(&self.running).keys().collect::<Vec<_>>(),
                 "tasks did not end within {STOP_GRACE:?} of being killed; leaving them"
             );
         }
     }
+}
+
+/// The status of a task whose runner panicked.
+fn panicked(task_id: &str, panic: &(dyn std::any::Any + Send)) -> ExecutorStatus {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    tracing::error!(task_id, panic = %what, "task runner panicked");
+    ExecutorStatus {
+        task_id: task_id.to_string(),
+        state: TaskState::TaskFailed as i32,
+        reason: Reason::ExecutorTerminated as i32,
+        message: format!("executor failure while running the task: {what}"),
+        ..Default::default()
+    }
+}
+
+fn reap(done: Result<(), tokio::task::JoinError>) {
+    // Task closures catch panics and are never aborted, so this is unexpected.
+    if let Err(e) = done {
+        tracing::error!(error = %e, "task thread failed");
+    }
+}
+
+/// The map is only touched in short critical sections that cannot panic midway, so
+/// a poisoned lock still holds consistent data.
+fn lock(running: &Running) -> MutexGuard<'_, HashMap<String, Arc<AtomicBool>>> {
+    running.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn send(out: &mpsc::UnboundedSender<ExecutorToAgent>, msg: executor_to_agent::Msg) {
@@ -268,7 +294,6 @@ async fn write_frames(
             return;
         }
     }
-    use tokio::io::AsyncWriteExt as _;
     let _ = socket.shutdown().await;
 }
 

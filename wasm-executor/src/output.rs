@@ -77,9 +77,9 @@ impl Capped {
             } else {
                 ""
             };
-            write!(
+            writeln!(
                 self.file,
-                "{newline}[agora: output truncated at {} bytes]\n",
+                "{newline}[agora: output truncated at {} bytes]",
                 self.limit
             )?;
         }

@@ -57,12 +57,15 @@ pub struct Runner {
     compat: String,
     /// sha256 -> compiled module. Each slot has its own lock so that two launches of
     /// one new module compile it once, while other modules proceed.
-    modules: Mutex<HashMap<String, Arc<Mutex<Option<Arc<Prepared>>>>>>,
+    modules: Mutex<HashMap<String, Arc<Slot>>>,
     compiled: AtomicU64,
     pooling: bool,
     /// Declared last so the ticker stops before the engine goes away.
     _ticker: EpochTicker,
 }
+
+/// One module cache entry: empty until compiled (a failed compile leaves it empty).
+type Slot = Mutex<Option<Arc<Prepared>>>;
 
 /// A module ready to instantiate: imports resolved against WASI once.
 struct Prepared {
@@ -623,7 +626,12 @@ fn build_wasi(launch: &ExecutorLaunch) -> Result<WasiP1Ctx, Refusal> {
     env.sort();
     builder.envs(&env);
 
-    if !launch.root_dir.is_empty() {
+    // A task given no files (an empty sandbox) gets no preopened directory, as under
+    // `wasmtime run` without `--dir`: fd 3 is then not a descriptor (wasi-testsuite's
+    // sock_shutdown-invalid_fd checks that). An unreadable root still gets the refusal.
+    let has_files = !launch.root_dir.is_empty()
+        && std::fs::read_dir(&launch.root_dir).map_or(true, |mut d| d.next().is_some());
+    if has_files {
         builder
             .preopened_dir(&launch.root_dir, "/", FsPerms::ReadWrite)
             .map_err(|e| {
@@ -860,14 +868,13 @@ impl EpochTicker {
         let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("agora-epoch".to_string())
-            .spawn(move || loop {
-                match stopped.recv_timeout(EPOCH_TICK) {
-                    Err(mpsc::RecvTimeoutError::Timeout) => match engine.upgrade() {
+            .spawn(move || {
+                // Dropping the sender (or the engine going away) is the stop signal.
+                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(EPOCH_TICK) {
+                    match engine.upgrade() {
                         Some(engine) => engine.increment_epoch(),
                         None => break,
-                    },
-                    // Dropping the sender is the stop signal.
-                    _ => break,
+                    }
                 }
             })?;
         Ok(Self {

@@ -1,0 +1,202 @@
+//! Shared harness for end-to-end tests: a real `agora dev` cluster (the built binary)
+//! on a free loopback port, in a temporary directory, stopped on drop.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+pub const AGORA: &str = env!("CARGO_BIN_EXE_agora");
+
+pub fn guest(name: &str) -> PathBuf {
+    agora_guest_examples::wasm_path(name)
+}
+
+pub struct Cluster {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub master: String,
+}
+
+impl Cluster {
+    /// Starts `agora dev` and waits (bounded) for its `ready` line.
+    pub fn start() -> Cluster {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cmd = Command::new(AGORA);
+        cmd.arg("dev")
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(extra)
+            .env("AGORA_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = spawn_tied_to_process(cmd);
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                // Keep draining after start-up so the cluster never writes to a closed pipe.
+                let _ = tx.send(line);
+            }
+        });
+        let mut master = String::new();
+        loop {
+            match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(l) if l.trim_start().starts_with("master ") => {
+                    master = l.split_whitespace().nth(1).unwrap_or_default().to_string();
+                }
+                Ok(l) if l == "ready" => break,
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = child.kill();
+                    panic!("agora dev did not print `ready` within 60 s: {e}");
+                }
+            }
+        }
+        let config = dir.path().join("client.json");
+        assert!(config.exists(), "agora dev wrote no client config");
+        Cluster {
+            child,
+            dir,
+            config,
+            master,
+        }
+    }
+
+    /// `agora ARGS` against this cluster, with a bounded run time.
+    pub fn agora(&self, args: &[&str]) -> Output {
+        run_bounded(
+            Command::new(AGORA)
+                .args(args)
+                .env("AGORA_CONFIG", &self.config)
+                .env_remove("AGORA_MASTER"),
+            120,
+        )
+    }
+
+    pub fn agent_dir(&self) -> PathBuf {
+        self.dir.path().join("agent")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // SIGTERM lets the dev cluster stop its executors; then make sure.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20)); // waiting for process exit
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Spawns `cmd` so that it gets SIGTERM when this test process ends, even when the
+/// owner is a static that is never dropped. PR_SET_PDEATHSIG fires when the spawning
+/// *thread* exits, so the spawn happens on a thread that lives as long as the process.
+pub fn spawn_tied_to_process(mut cmd: Command) -> Child {
+    use std::os::unix::process::CommandExt;
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    static KEEPER: std::sync::OnceLock<
+        std::sync::Mutex<mpsc::Sender<(Command, mpsc::Sender<std::io::Result<Child>>)>>,
+    > = std::sync::OnceLock::new();
+    let keeper = KEEPER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<(Command, mpsc::Sender<std::io::Result<Child>>)>();
+        std::thread::spawn(move || {
+            for (mut cmd, reply) in rx {
+                let _ = reply.send(cmd.spawn());
+            }
+            loop {
+                std::thread::park();
+            }
+        });
+        std::sync::Mutex::new(tx)
+    });
+    let (rtx, rrx) = mpsc::channel();
+    keeper
+        .lock()
+        .unwrap()
+        .send((cmd, rtx))
+        .expect("keeper thread");
+    rrx.recv().expect("keeper reply").expect("spawn agora dev")
+}
+
+/// Runs a command to completion, killing it after `secs`.
+pub fn run_bounded(cmd: &mut Command, secs: u64) -> Output {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(Duration::from_secs(secs)) {
+        Ok(out) => out.expect("wait"),
+        Err(_) => {
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("command {cmd:?} did not finish within {secs} s");
+        }
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+/// The task id from `agora run`'s `task ID STATE` lines.
+pub fn task_id(o: &Output) -> String {
+    stderr(o)
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("task ")
+                .and_then(|r| r.split_whitespace().next())
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| panic!("no task line in {}", stderr(o)))
+}
+
+/// The last `task ID STATE[: message]` line.
+pub fn final_line(o: &Output) -> String {
+    stderr(o)
+        .lines()
+        .filter(|l| l.starts_with("task "))
+        .last()
+        .unwrap_or_default()
+        .to_string()
+}
+
+pub fn write_file(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, body).expect("write");
+    p
+}

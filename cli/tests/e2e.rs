@@ -1,0 +1,492 @@
+//! End-to-end: the real `agora` binary runs a dev cluster (master, agent, wasm
+//! executor processes over QUIC and Unix sockets) and every guest example goes
+//! through `agora run`, as a user would run it.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// One cluster for the tests in this file that do not disturb it; tests share it
+/// the way users share a cluster.
+fn cluster() -> &'static Cluster {
+    static C: std::sync::OnceLock<Cluster> = std::sync::OnceLock::new();
+    C.get_or_init(Cluster::start)
+}
+
+fn states(o: &std::process::Output) -> Vec<String> {
+    stderr(o)
+        .lines()
+        .filter(|l| l.starts_with("task "))
+        .map(|l| {
+            l.split_whitespace()
+                .nth(2)
+                .unwrap_or_default()
+                .trim_end_matches(':')
+                .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn hello_prints_args_and_env_and_walks_every_state() {
+    let c = cluster();
+    let g = guest("hello");
+    let o = c.agora(&[
+        "run",
+        "--env",
+        "GREETING=bonjour",
+        g.to_str().unwrap(),
+        "--",
+        "a",
+        "b c",
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("hello from agora"), "{out}");
+    assert!(out.contains("args: a b c"), "{out}");
+    assert!(out.contains("GREETING=bonjour"), "{out}");
+    assert_eq!(
+        states(&o),
+        ["STAGING", "STARTING", "RUNNING", "FINISHED"],
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn exit_code_is_passed_through_with_its_reason() {
+    let c = cluster();
+    let o = c.agora(&["run", guest("exit-code").to_str().unwrap(), "--", "3"]);
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("exiting with 3"),
+        "guest stderr missing: {}",
+        stderr(&o)
+    );
+    assert!(
+        final_line(&o).ends_with("FAILED: exited with code 3"),
+        "{}",
+        final_line(&o)
+    );
+    let id = task_id(&o);
+    let ps = c.agora(&["ps", "--all"]);
+    let row = stdout(&ps)
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .map(str::to_string)
+        .unwrap_or_default();
+    assert!(
+        row.contains("FAILED") && row.contains("COMMAND_EXITED"),
+        "ps row: {row}"
+    );
+}
+
+#[test]
+fn fuel_exhaustion_fails_the_task() {
+    let o = cluster().agora(&["run", "--fuel", "1000000", guest("spin").to_str().unwrap()]);
+    assert_eq!(code(&o), 1);
+    assert!(
+        final_line(&o).ends_with("FAILED: fuel exhausted after 1000000 units"),
+        "{}",
+        final_line(&o)
+    );
+}
+
+#[test]
+fn deadline_fails_the_task() {
+    let o = cluster().agora(&["run", "--timeout", "500ms", guest("spin").to_str().unwrap()]);
+    assert_eq!(code(&o), 1);
+    assert!(
+        final_line(&o).contains("FAILED: deadline of 500ms exceeded"),
+        "{}",
+        final_line(&o)
+    );
+}
+
+#[test]
+fn memory_limit_stops_a_memory_hog() {
+    let o = cluster().agora(&["run", "--mem", "64MiB", guest("memhog").to_str().unwrap()]);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("allocated 8 MiB"),
+        "the guest ran before hitting the limit: {}",
+        stdout(&o)
+    );
+    assert!(
+        final_line(&o).contains("FAILED: memory limit of 64MiB reached"),
+        "{}",
+        final_line(&o)
+    );
+}
+
+#[test]
+fn cpu_bound_fib_finishes() {
+    let o = cluster().agora(&["run", guest("fib").to_str().unwrap(), "--", "24"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), "fib(24) = 46368");
+}
+
+#[test]
+fn inputs_are_placed_in_the_sandbox_and_logs_replay_output() {
+    let c = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_file(dir.path(), "words.txt", "one two\nthree\n");
+    let spec = format!("{}:input.txt", input.display());
+    let o = c.agora(&["run", "--input", &spec, guest("files").to_str().unwrap()]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), "lines=2 words=3 bytes=14");
+    // The result file is in the task's sandbox root, and `agora logs` replays stdout.
+    let id = task_id(&o);
+    let logs = c.agora(&["logs", &id]);
+    assert_eq!(
+        stdout(&logs).trim(),
+        "lines=2 words=3 bytes=14",
+        "{}",
+        stderr(&logs)
+    );
+    let sandboxes = c.agent_dir().join("sandboxes");
+    let result = std::fs::read_dir(&sandboxes)
+        .unwrap()
+        .map(|fw| fw.unwrap().path().join(&id).join("fs/result.txt"))
+        .find(|p| p.exists())
+        .expect("result.txt in the task's sandbox");
+    let text = std::fs::read_to_string(result).unwrap();
+    assert!(text.contains("ONE TWO"), "{text}");
+
+    // A directory input with DIR:/ lands at the root.
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("sub")).unwrap();
+    std::fs::write(tree.join("sub/in.txt"), "x y z").unwrap();
+    let spec = format!("{}:/", tree.display());
+    let o = c.agora(&[
+        "run",
+        "--input",
+        &spec,
+        guest("files").to_str().unwrap(),
+        "--",
+        "/sub/in.txt",
+        "/sub/out.txt",
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), "lines=1 words=3 bytes=5");
+}
+
+#[test]
+fn a_second_launch_of_a_module_moves_no_module_bytes() {
+    let c = cluster();
+    let g = guest("fib");
+    let sha = agora_proto::sha256_hex(&std::fs::read(&g).unwrap());
+    let o = c.agora(&["run", g.to_str().unwrap(), "--", "5"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let cached = c.agent_dir().join("artifacts").join(&sha);
+    let first = std::fs::metadata(&cached)
+        .expect("module cached on the agent")
+        .modified()
+        .unwrap();
+    let master_copy = c.dir.path().join("master/artifacts").join(&sha);
+    let first_master = std::fs::metadata(&master_copy)
+        .expect("module in the master's store")
+        .modified()
+        .unwrap();
+    let o = c.agora(&["run", g.to_str().unwrap(), "--", "6"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(
+        std::fs::metadata(&cached).unwrap().modified().unwrap(),
+        first,
+        "the agent fetched the module again"
+    );
+    assert_eq!(
+        std::fs::metadata(&master_copy).unwrap().modified().unwrap(),
+        first_master,
+        "the module was uploaded again"
+    );
+}
+
+#[test]
+fn kill_from_another_terminal_ends_a_running_task() {
+    let c = cluster();
+    let mut run = Command::new(AGORA)
+        .args(["run", guest("spin").to_str().unwrap()])
+        .env("AGORA_CONFIG", &c.config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let id = wait_for_ps(c, |row| row.contains("spin") && row.contains("RUNNING"));
+    let k = c.agora(&["kill", &id]);
+    assert_eq!(code(&k), 0, "{}", stderr(&k));
+    let out = wait_child(&mut run, 60);
+    assert_eq!(
+        out.status.code(),
+        Some(137),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.lines()
+            .last()
+            .unwrap_or_default()
+            .contains(&format!("task {id} KILLED")),
+        "{err}"
+    );
+    // Killing it again names the problem.
+    let k = c.agora(&["kill", &id]);
+    assert_ne!(code(&k), 0);
+    assert!(stderr(&k).contains("no live task"), "{}", stderr(&k));
+}
+
+#[test]
+fn a_task_too_big_for_any_agent_waits_and_ps_says_why() {
+    let c = cluster();
+    let mut run = Command::new(AGORA)
+        .args([
+            "run",
+            "--cpus",
+            "512",
+            "--name",
+            "toobig",
+            guest("hello").to_str().unwrap(),
+        ])
+        .env("AGORA_CONFIG", &c.config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let id = wait_for_ps(c, |row| row.contains("toobig") && row.contains("PENDING"));
+    let ps = stdout(&c.agora(&["ps"]));
+    let row = ps.lines().find(|l| l.starts_with(&id)).unwrap().to_string();
+    assert!(
+        row.contains("cpus: asks 512, no agent has that much (the largest has"),
+        "{row}"
+    );
+    // Meanwhile the cluster keeps working.
+    let o = c.agora(&["run", guest("hello").to_str().unwrap()]);
+    assert_eq!(code(&o), 0);
+    run.kill().unwrap();
+    run.wait().unwrap();
+}
+
+#[test]
+fn bad_modules_get_specific_errors_at_submit_and_in_the_cluster() {
+    let c = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let not_wasm = write_file(dir.path(), "notes.wasm", "this is not wasm");
+    let import = dir.path().join("import.wasm");
+    std::fs::write(
+        &import,
+        wat::parse_str(r#"(module (import "env" "foo" (func)) (func (export "_start")))"#).unwrap(),
+    )
+    .unwrap();
+    let bigmem = dir.path().join("bigmem.wasm");
+    std::fs::write(
+        &bigmem,
+        wat::parse_str(r#"(module (memory 4096) (func (export "_start")))"#).unwrap(),
+    )
+    .unwrap();
+    let trap = dir.path().join("trap.wasm");
+    std::fs::write(
+        &trap,
+        wat::parse_str(r#"(module (func (export "_start") unreachable))"#).unwrap(),
+    )
+    .unwrap();
+
+    // Refused before submission, with the problem named.
+    let o = c.agora(&["run", not_wasm.to_str().unwrap()]);
+    assert_eq!(code(&o), 2);
+    assert!(
+        stderr(&o).contains("not a WebAssembly module"),
+        "{}",
+        stderr(&o)
+    );
+    let o = c.agora(&["run", import.to_str().unwrap()]);
+    assert_eq!(code(&o), 2);
+    assert!(stderr(&o).contains("env::foo"), "{}", stderr(&o));
+    let o = c.agora(&["run", "--mem", "64MiB", bigmem.to_str().unwrap()]);
+    assert_eq!(code(&o), 2);
+    assert!(
+        stderr(&o).contains("256MiB") && stderr(&o).contains("64MiB"),
+        "{}",
+        stderr(&o)
+    );
+
+    // The same modules sent anyway fail in the cluster with the same words.
+    let skip = |p: &std::path::Path| {
+        c.agora(&[
+            "run",
+            "--skip-validation",
+            "--mem",
+            "64MiB",
+            p.to_str().unwrap(),
+        ])
+    };
+    let o = skip(&not_wasm);
+    assert!(
+        final_line(&o).contains("FAILED: not a WebAssembly module"),
+        "{}",
+        stderr(&o)
+    );
+    let o = skip(&import);
+    assert!(
+        final_line(&o).contains("FAILED") && final_line(&o).contains("env::foo"),
+        "{}",
+        stderr(&o)
+    );
+    let o = skip(&bigmem);
+    assert!(
+        final_line(&o).contains("FAILED") && final_line(&o).contains("256MiB"),
+        "{}",
+        stderr(&o)
+    );
+    let o = skip(&trap);
+    assert!(
+        final_line(&o).contains("FAILED") && final_line(&o).contains("unreachable"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(code(&o), 1);
+
+    let ps = stdout(&c.agora(&["ps", "--all"]));
+    assert!(
+        ps.contains("INVALID_MODULE") && ps.contains("MEMORY_LIMIT") && ps.contains("TRAP"),
+        "{ps}"
+    );
+}
+
+#[test]
+fn bad_flags_are_named() {
+    let c = cluster();
+    let g = guest("hello");
+    let o = c.agora(&["run", "--cpus", "lots", g.to_str().unwrap()]);
+    assert_eq!(code(&o), 2);
+    assert!(stderr(&o).contains("--cpus lots"), "{}", stderr(&o));
+    let o = c.agora(&["run", "--input", "/does/not/exist", g.to_str().unwrap()]);
+    assert_eq!(code(&o), 2);
+    assert!(stderr(&o).contains("/does/not/exist"), "{}", stderr(&o));
+    let o = c.agora(&["run", "/does/not/exist.wasm"]);
+    assert_eq!(code(&o), 2);
+    assert!(
+        stderr(&o).contains("cannot read /does/not/exist.wasm"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn clients_without_a_valid_certificate_are_refused_clearly() {
+    let c = cluster();
+    // Certificates from another cluster's CA.
+    let other = tempfile::tempdir().unwrap();
+    let init = run_bounded(
+        Command::new(AGORA)
+            .args(["certs", "init"])
+            .arg(other.path())
+            .args(["--master", &c.master]),
+        60,
+    );
+    assert_eq!(code(&init), 0, "{}", stderr(&init));
+    let o = run_bounded(
+        Command::new(AGORA)
+            .arg("ps")
+            .env("AGORA_CONFIG", other.path().join("client.json")),
+        60,
+    );
+    assert_eq!(code(&o), 2);
+    assert!(stderr(&o).contains("certificate"), "{}", stderr(&o));
+
+    // No certificate at all.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let addr = agora_proto::tls::resolve(&c.master).unwrap();
+        let ep = agora_proto::tls::client_endpoint_without_identity(
+            addr,
+            &c.dir.path().join("certs/ca.pem"),
+        )
+        .unwrap();
+        let err = tokio::time::timeout(
+            Duration::from_secs(20),
+            agora_proto::tls::connect(&ep, addr),
+        )
+        .await
+        .expect("refusal, not a hang")
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("certificate"), "{err:#}");
+    });
+    // And the cluster still works.
+    assert_eq!(
+        code(&c.agora(&["run", guest("hello").to_str().unwrap()])),
+        0
+    );
+}
+
+#[test]
+fn malformed_and_oversized_frames_close_only_that_connection() {
+    let c = cluster();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let addr = agora_proto::tls::resolve(&c.master).unwrap();
+        let certs = agora_proto::tls::CertDir::new(c.dir.path().join("certs"));
+        let id = agora_proto::tls::Identity::from_cert_dir(&certs, agora_proto::tls::Role::Client)
+            .unwrap();
+        for bytes in [
+            u32::MAX.to_be_bytes().to_vec(),
+            vec![0, 0, 0, 3, 0xff, 0xff, 0xff],
+        ] {
+            let ep = agora_proto::tls::client_endpoint(addr, &id).unwrap();
+            let conn = agora_proto::tls::connect(&ep, addr).await.unwrap();
+            let (mut send, _recv) = conn.open_bi().await.unwrap();
+            send.write_all(&bytes).await.unwrap();
+            let reason = tokio::time::timeout(Duration::from_secs(20), conn.closed())
+                .await
+                .expect("the master closes a connection that sends a bad frame");
+            assert!(reason.to_string().contains("bad frame"), "{reason}");
+        }
+    });
+    assert_eq!(
+        code(&c.agora(&["run", guest("hello").to_str().unwrap()])),
+        0
+    );
+}
+
+/// Polls `agora ps` until a row matches; returns that row's task id.
+fn wait_for_ps(c: &Cluster, pred: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ps = stdout(&c.agora(&["ps"]));
+        if let Some(row) = ps.lines().find(|l| pred(l)) {
+            return row.split_whitespace().next().unwrap().to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no matching task in `agora ps` within 60 s:\n{ps}"
+        );
+        std::thread::sleep(Duration::from_millis(100)); // poll interval
+    }
+}
+
+fn wait_child(child: &mut std::process::Child, secs: u64) -> std::process::Output {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process did not exit within {secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(20)); // poll interval
+    }
+    let mut err = Vec::new();
+    use std::io::Read;
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_end(&mut err);
+    }
+    std::process::Output {
+        status: child.try_wait().unwrap().unwrap(),
+        stdout: Vec::new(),
+        stderr: err,
+    }
+}
