@@ -192,9 +192,13 @@ impl AgentCore {
                 }
                 self.agent_id = Some(agent_id);
                 self.connected = true;
-                // Resend the head of every stream now that someone listens.
+                // Resend the head of every stream now that someone listens, and start
+                // its backoff afresh: the new link has not failed to deliver anything.
                 let keys: Vec<TaskKey> = self.tasks.keys().cloned().collect();
                 for k in keys {
+                    if let Some(t) = self.tasks.get_mut(&k) {
+                        t.updates.backoff_ms = self.cfg.update_retry_ms;
+                    }
                     self.send_head(&k, now);
                 }
             }
@@ -211,12 +215,48 @@ impl AgentCore {
                     .collect();
                 for k in keys {
                     self.kill(&k, now);
-                    // Nobody will acknowledge these updates any more.
+                    // The framework will acknowledge nothing any more, so intermediate
+                    // updates are dropped; a terminal one is kept (the master acks it
+                    // itself), because it is what lets the master free the resources.
                     if let Some(t) = self.tasks.get_mut(&k) {
+                        let head = t.updates.queue.front().map(|h| h.uuid.clone());
+                        let last = t
+                            .updates
+                            .queue
+                            .pop_back()
+                            .filter(|s| s.state().is_terminal());
                         t.updates.queue.clear();
+                        if let Some(last) = last {
+                            let resend = head.as_ref() != Some(&last.uuid);
+                            t.updates.queue.push_back(last);
+                            if resend {
+                                t.updates.backoff_ms = self.cfg.update_retry_ms;
+                                self.send_head(&k, now);
+                            }
+                        }
                     }
                 }
                 self.gc_tasks();
+                // The framework is gone: its executors go now rather than idling out.
+                // They kill what still runs, report it, and exit.
+                for (key, e) in self
+                    .executors
+                    .iter_mut()
+                    .filter(|(k, _)| k.0 == framework_id)
+                {
+                    if e.registered && !e.shutting_down {
+                        e.shutting_down = true;
+                        self.out.push(Output::ToExecutor {
+                            key: key.clone(),
+                            msg: AgentToExecutor {
+                                msg: Some(agent_to_executor::Msg::Shutdown(
+                                    v1::ExecutorShutdown {},
+                                )),
+                            },
+                        });
+                        self.out.push(Output::ReapExecutor { key: key.clone() });
+                    }
+                }
             }
             Input::Prepared { key, result } => self.prepared(key, result, now),
             Input::ExecutorRegistered { key } => self.executor_registered(key, now),
@@ -310,8 +350,13 @@ impl AgentCore {
                 e.idle_since = None;
                 self.tasks.get_mut(&key).expect("present").phase = Phase::AwaitingExecutor;
             }
-            _ => {
-                // No executor (or one on its way out): start a fresh one.
+            Some(_) => {
+                // One on its way out still holds this executor id: wait for it to exit
+                // (`executor_exited` starts a fresh one), never run two at once.
+                self.tasks.get_mut(&key).expect("present").phase = Phase::AwaitingExecutor;
+            }
+            None => {
+                // No executor: start one.
                 self.executors.insert(
                     exec_key.clone(),
                     Executor {
@@ -333,17 +378,19 @@ impl AgentCore {
         t.phase = Phase::Launched;
         let sandbox = sandbox_dir(&work, key);
         let module = t.info.module.clone().unwrap_or_default();
-        let mem = Resources::from_proto(&t.info.resources)
-            .map(|r| r.get(MEM))
-            .unwrap_or(0)
-            .max(0) as u64;
+        let res = Resources::from_proto(&t.info.resources).unwrap_or_default();
+        let mem = res.get(MEM).max(0) as u64;
         let launch = ExecutorLaunch {
             task_id: key.1.clone(),
             module_path: artifact_path(&work, &module.sha256)
                 .to_string_lossy()
                 .into_owned(),
             module_sha256: module.sha256.clone(),
-            root_dir: sandbox.join("fs").to_string_lossy().into_owned(),
+            root_dir: if t.info.no_filesystem {
+                String::new() // the runner then preopens nothing
+            } else {
+                sandbox.join("fs").to_string_lossy().into_owned()
+            },
             stdout_path: sandbox.join("stdout").to_string_lossy().into_owned(),
             stderr_path: sandbox.join("stderr").to_string_lossy().into_owned(),
             args: t.info.args.clone(),
@@ -352,6 +399,8 @@ impl AgentCore {
             memory_bytes: mem,
             timeout_ms: module.timeout_ms,
             output_limit_bytes: limit,
+            command: t.info.command.clone(),
+            milli_cpus: res.milli_cpus(),
         };
         let exec = t.executor.clone();
         self.out.push(Output::ToExecutor {
@@ -397,6 +446,7 @@ impl AgentCore {
             let mut st = new_status(state, s.reason(), &s.message);
             st.exit_code = s.exit_code;
             st.fuel_used = s.fuel_used;
+            st.usage = s.usage;
             self.terminal(&tkey, st, now);
         } else if state == TaskState::TaskRunning {
             let mut st = new_status(TaskState::TaskRunning, Reason::Unspecified, "");
@@ -407,10 +457,14 @@ impl AgentCore {
 
     fn executor_exited(&mut self, key: ExecutorKey, detail: String, now: u64) {
         let was_shutting_down = self.executors.remove(&key).is_some_and(|e| e.shutting_down);
+        // Tasks still being prepared never reached this executor: when ready they
+        // start a new one.
         let live: Vec<TaskKey> = self
             .tasks
             .iter()
-            .filter(|(_, t)| t.executor == key && t.phase != Phase::Terminal)
+            .filter(|(_, t)| {
+                t.executor == key && t.phase != Phase::Terminal && t.phase != Phase::Preparing
+            })
             .map(|(k, _)| k.clone())
             .collect();
         if !was_shutting_down || !live.is_empty() {
@@ -419,17 +473,20 @@ impl AgentCore {
         for k in live {
             let t = &self.tasks[&k];
             if t.phase == Phase::AwaitingExecutor && was_shutting_down {
-                // Queued behind an executor that was on its way out: start a new one.
-                self.executors.insert(
-                    key.clone(),
-                    Executor {
-                        registered: false,
-                        idle_since: None,
-                        shutting_down: false,
-                    },
-                );
-                self.out.push(Output::SpawnExecutor { key: key.clone() });
-                return;
+                // Queued behind an executor that was on its way out: start a new one
+                // (once for all such tasks).
+                if !self.executors.contains_key(&key) {
+                    self.executors.insert(
+                        key.clone(),
+                        Executor {
+                            registered: false,
+                            idle_since: None,
+                            shutting_down: false,
+                        },
+                    );
+                    self.out.push(Output::SpawnExecutor { key: key.clone() });
+                }
+                continue;
             }
             let (state, reason) = if t.kill_requested {
                 (TaskState::TaskKilled, Reason::KilledByFramework)
@@ -454,6 +511,8 @@ impl AgentCore {
                 state: TaskState::TaskLost as i32,
                 reason: Reason::Reconciliation as i32,
                 message: "the agent has no such task".into(),
+                agent_id: self.agent_id.clone().unwrap_or_default(),
+                timestamp_ms: now,
                 ..Default::default()
             };
             self.out.push(Output::ToMaster(AgentToMaster {
@@ -583,9 +642,12 @@ impl AgentCore {
     }
 
     fn tick(&mut self, now: u64) {
+        // Nothing can be sent while the master is away, so the backoff does not grow
+        // either; `Registered` resends every head.
         let due: Vec<TaskKey> = self
             .tasks
             .iter()
+            .filter(|_| self.connected)
             .filter(|(_, t)| !t.updates.queue.is_empty() && t.updates.next_retry_ms <= now)
             .map(|(k, _)| k.clone())
             .collect();

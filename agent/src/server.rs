@@ -29,6 +29,7 @@ pub struct AgentConfig {
     /// Program and leading arguments that start a wasm executor; the shell appends
     /// `--socket S --framework-id F --executor-id E --cache-dir D`.
     pub executor_command: Vec<OsString>,
+    pub gc: crate::gc::GcPolicy,
 }
 
 struct Shared {
@@ -132,6 +133,32 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<AgentHandle> {
     {
         let a = agent.clone();
         tasks.push(tokio::spawn(async move { a.master_loop().await }));
+    }
+    {
+        let a = agent.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut iv = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                iv.tick().await;
+                let live: std::collections::HashSet<TaskKey> = a
+                    .lock()
+                    .core
+                    .hello()
+                    .tasks
+                    .into_iter()
+                    .filter_map(|t| t.task.map(|i| (t.framework_id, i.task_id)))
+                    .collect();
+                let work = a.cfg.core.work_dir.clone();
+                let policy = a.cfg.gc;
+                match tokio::task::spawn_blocking(move || crate::gc::collect(&work, &live, policy))
+                    .await
+                {
+                    Ok(Ok(n)) if n > 0 => tracing::info!("removed {n} old sandboxes"),
+                    Ok(Err(e)) => tracing::warn!("sandbox gc failed: {e}"),
+                    _ => {}
+                }
+            }
+        }));
     }
     Ok(AgentHandle { tasks, shared })
 }

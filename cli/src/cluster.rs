@@ -233,6 +233,7 @@ async fn start_agent(
         identity: id,
         core,
         executor_command: executor_command()?,
+        gc: agora_agent::gc::GcPolicy::default(),
     })
     .await
 }

@@ -62,7 +62,7 @@ pub async fn ps(a: PsArgs) -> anyhow::Result<ExitCode> {
     let client = connect(&a.target).await?;
     let tasks = client.list_tasks(a.all).await?;
     println!(
-        "{:<14} {:<16} {:<10} {:<5} {:<18} {:<22} DETAIL",
+        "{:<14} {:<16} {:<10} {:<5} {:<20} {:<22} DETAIL",
         "TASK", "NAME", "STATE", "AGE", "RESOURCES", "AGENT"
     );
     for t in tasks {
@@ -91,7 +91,7 @@ pub async fn ps(a: PsArgs) -> anyhow::Result<ExitCode> {
             d
         };
         println!(
-            "{:<14} {:<16} {:<10} {:<5} {:<18} {:<22} {}",
+            "{:<14} {:<16} {:<10} {:<5} {:<20} {:<22} {}",
             t.task_id,
             truncate(&t.name, 16),
             state,

@@ -41,6 +41,10 @@ pub struct RunArgs {
     /// name; `DIR:/` puts a directory's contents at the sandbox root). Repeatable.
     #[arg(long = "input", value_name = "PATH[:DEST]")]
     inputs: Vec<String>,
+    /// Give the guest no filesystem (no preopened directory) instead of its sandbox
+    /// as "/".
+    #[arg(long, conflicts_with = "inputs")]
+    no_fs: bool,
     /// Task name shown by `agora ps`.
     #[arg(long)]
     name: Option<String>,
@@ -219,6 +223,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         env: env.into_iter().collect(),
         inputs: input_files,
         dirs,
+        no_filesystem: a.no_fs,
         ..Default::default()
     };
     let mut sched = client
@@ -302,9 +307,27 @@ async fn drive(
     let mut poll = tokio::time::interval(Duration::from_millis(250));
     let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
     let mut killing = false;
+    // While no offer fits, say why (from the master's explanation), and again if
+    // the reason changes.
+    let mut explain = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_secs(1),
+        Duration::from_secs(5),
+    );
+    let mut last_why = String::new();
     loop {
         let ev = tokio::select! {
             ev = sched.next_event() => ev,
+            _ = explain.tick(), if task.is_some() => {
+                if let Ok(tasks) = client.list_tasks(false).await {
+                    if let Some(t) = tasks.iter().find(|t| t.task_id == task_id && !t.waiting_for.is_empty()) {
+                        if t.waiting_for != last_why {
+                            eprintln!("task {task_id} PENDING: waiting for {}", t.waiting_for);
+                            last_why = t.waiting_for.clone();
+                        }
+                    }
+                }
+                continue;
+            }
             _ = poll.tick(), if running => {
                 if let Err(e) = tail.pump(client, &task_id).await {
                     tracing::debug!("log tail: {e:#}");

@@ -145,6 +145,9 @@ fn run_case(cluster: &Cluster, case: &Case) -> Result<(), Failure> {
         copy_tree(root, root_copy.path());
         args.push("--input".into());
         args.push(format!("{}:/", root_copy.path().display()));
+    } else {
+        // No root: the guest gets no filesystem, as `wasmtime run` without --dir.
+        args.push("--no-fs".into());
     }
     args.push(case.wasm.to_string_lossy().into_owned());
     args.push("--".into());

@@ -45,44 +45,36 @@ mod host {
             .filter_map(|e| e.ok())
             .filter_map(|e| {
                 let path = e.path();
-                (path.extension()? == "rs").then(|| path.file_stem()?.to_str().map(String::from))?
+                if path.extension()? != "rs" {
+                    return None;
+                }
+                path.file_stem()?.to_str().map(String::from)
             })
             .collect()
     }
 
-    /// Newest modification time of the files the guests are built from.
-    fn newest_source() -> Option<SystemTime> {
-        fn walk(dir: &Path, newest: &mut Option<SystemTime>) {
-            let Ok(entries) = std::fs::read_dir(dir) else {
-                return;
-            };
-            for entry in entries.filter_map(|e| e.ok()) {
-                let path = entry.path();
-                if path.is_dir() {
-                    walk(&path, newest);
-                } else if let Ok(modified) = entry.metadata().and_then(|m| m.modified()) {
-                    *newest = (*newest).max(Some(modified));
-                }
-            }
-        }
-        let mut newest = std::fs::metadata(package_dir().join("Cargo.toml"))
-            .and_then(|m| m.modified())
-            .ok();
-        walk(&package_dir().join("src"), &mut newest);
-        newest
+    fn modified(path: &Path) -> Option<SystemTime> {
+        std::fs::metadata(path).and_then(|m| m.modified()).ok()
     }
 
-    /// True when every guest exists and is at least as new as every source file.
+    /// True when every guest exists and is at least as new as what it is built from:
+    /// its own `src/bin/NAME.rs`, the package's `src/lib.rs` and `Cargo.toml`. (Cargo
+    /// rebuilds only the bins whose inputs changed, so each bin is compared with its
+    /// own inputs, not with the newest source of the package.)
     fn up_to_date() -> bool {
-        let Some(newest) = newest_source() else {
-            return false;
-        };
+        let dir = package_dir();
+        let shared = [dir.join("Cargo.toml"), dir.join("src").join("lib.rs")];
         let names = guest_names();
         !names.is_empty()
             && names.iter().all(|name| {
-                std::fs::metadata(out_dir().join(format!("{name}.wasm")))
-                    .and_then(|m| m.modified())
-                    .is_ok_and(|built| built >= newest)
+                let source = dir.join("src").join("bin").join(format!("{name}.rs"));
+                let newest_input = shared
+                    .iter()
+                    .chain([&source])
+                    .filter_map(|p| modified(p))
+                    .max();
+                let built = modified(&out_dir().join(format!("{name}.wasm")));
+                matches!((built, newest_input), (Some(built), Some(input)) if built >= input)
             })
     }
 

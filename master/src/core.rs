@@ -4,7 +4,7 @@
 //! done comes back as `Output`s (messages to send, connections to close). It never
 //! touches a socket or a clock, so tests drive it with exact message sequences.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use agora_proto::resources::{format_bytes, format_cpus, CPUS, MEM};
 use agora_proto::v1::{
@@ -98,8 +98,12 @@ struct AgentState {
     total: Resources,
     attributes: Vec<v1::Attribute>,
     last_seen_ms: u64,
-    /// (framework id, task id) of the tasks running there.
-    tasks: HashSet<(String, String)>,
+    /// (framework id, task id) of the tasks running there. Ordered (like every
+    /// collection the core iterates) so that outputs are deterministic.
+    tasks: BTreeSet<(String, String)>,
+    /// Tasks that ended here as far as the master is concerned (see `agent_hello`)
+    /// but still run until the agent reports them gone; their resources stay taken.
+    draining: BTreeMap<(String, String), Resources>,
 }
 
 #[derive(Debug)]
@@ -140,7 +144,10 @@ pub struct MasterCore {
     frameworks: BTreeMap<String, FrameworkState>,
     framework_by_conn: HashMap<ConnId, String>,
     offers: BTreeMap<String, OfferState>,
-    tasks: HashMap<(String, String), TaskRecord>,
+    tasks: BTreeMap<(String, String), TaskRecord>,
+    /// Tasks asked to be killed while their agent was disconnected: the kill is sent
+    /// when the agent re-registers with them.
+    kills_pending: BTreeSet<(String, String)>,
     completed: VecDeque<TaskRecord>,
     artifacts: HashSet<String>,
     allocator: Allocator,
@@ -176,7 +183,8 @@ impl MasterCore {
             frameworks: BTreeMap::new(),
             framework_by_conn: HashMap::new(),
             offers: BTreeMap::new(),
-            tasks: HashMap::new(),
+            tasks: BTreeMap::new(),
+            kills_pending: BTreeSet::new(),
             completed: VecDeque::new(),
             artifacts: HashSet::new(),
             allocator: Allocator::new(),
@@ -243,6 +251,34 @@ impl MasterCore {
         } else {
             hello.agent_id.clone()
         };
+        // Tasks the agent reports as running are the truth about that agent. Their
+        // resources are counted unreserved, as `accept` takes them from an offer.
+        let reported: Vec<((String, String), TaskInfo, TaskStatus, Resources)> = hello
+            .tasks
+            .iter()
+            .filter_map(|rt| {
+                let (Some(info), Some(st)) = (&rt.task, &rt.status) else {
+                    return None;
+                };
+                let res = Resources::from_proto(&info.resources).ok()?.unreserved();
+                Some((
+                    (rt.framework_id.clone(), info.task_id.clone()),
+                    info.clone(),
+                    st.clone(),
+                    res,
+                ))
+            })
+            .collect();
+        // Tasks this master already ended itself on this agent (LOST when the agent was
+        // removed) stay ended: their frameworks were told so and may have replaced
+        // them. They are killed, not adopted again.
+        let (reported, ended): (Vec<_>, Vec<_>) = reported.into_iter().partition(|r| {
+            self.tasks.contains_key(&r.0)
+                || self
+                    .last_completed(&r.0)
+                    .is_none_or(|t| t.agent_id != agent_id)
+        });
+        let task_keys: BTreeSet<(String, String)> = reported.iter().map(|r| r.0.clone()).collect();
         if let Some(old) = self.agents.get(&agent_id) {
             // Re-registration: the old connection, if still around, is stale.
             if let Some(old_conn) = old.conn {
@@ -254,51 +290,39 @@ impl MasterCore {
                     ));
                 }
             }
+            let old_tasks = old.tasks.clone();
             self.remove_agent_offers(&agent_id);
-            self.allocator.remove_agent(&agent_id);
-        }
-        // Tasks the agent reports as running are the truth about that agent.
-        let mut used = Resources::new();
-        let mut task_keys = HashSet::new();
-        for rt in &hello.tasks {
-            let (Some(info), Some(st)) = (&rt.task, &rt.status) else {
-                continue;
-            };
-            let Ok(res) = Resources::from_proto(&info.resources) else {
-                continue;
-            };
-            let key = (rt.framework_id.clone(), info.task_id.clone());
-            if !self.tasks.contains_key(&key) {
-                used.add(&res);
-            } else if let Some(existing) = self.tasks.get(&key) {
-                if existing.agent_id == agent_id {
-                    used.add(&res);
-                }
-            }
-            self.tasks.insert(
-                key.clone(),
-                TaskRecord {
-                    framework_id: rt.framework_id.clone(),
-                    agent_id: agent_id.clone(),
-                    info: info.clone(),
-                    resources: res,
-                    status: st.clone(),
-                },
-            );
-            task_keys.insert(key);
-        }
-        // Tasks we believed were there but the agent does not report are gone.
-        if let Some(prev) = self.agents.get(&agent_id) {
-            let missing: Vec<_> = prev.tasks.difference(&task_keys).cloned().collect();
-            for key in missing {
+            // Tasks we believed were there but the agent does not report are gone.
+            for key in old_tasks.difference(&task_keys) {
                 self.master_terminal(
-                    &key,
+                    key,
                     TaskState::TaskLost,
                     Reason::AgentRemoved,
                     "the agent re-registered without this task",
                     now,
                 );
             }
+            // The others are given back here and tracked again below from the agent's
+            // report; otherwise their frameworks' shares would count them twice.
+            for key in old_tasks.intersection(&task_keys) {
+                if let Some(rec) = self.tasks.get(key).filter(|r| !r.status().is_terminal()) {
+                    self.allocator
+                        .recover(&rec.framework_id, &agent_id, &rec.resources, None);
+                }
+            }
+            self.allocator.remove_agent(&agent_id);
+        }
+        for (key, info, st, res) in reported {
+            self.tasks.insert(
+                key.clone(),
+                TaskRecord {
+                    framework_id: key.0.clone(),
+                    agent_id: agent_id.clone(),
+                    info,
+                    resources: res,
+                    status: st,
+                },
+            );
         }
         self.allocator
             .add_agent(&agent_id, total.clone(), Resources::new());
@@ -309,6 +333,18 @@ impl MasterCore {
                     .track_used(&rec.framework_id, &agent_id, &rec.resources);
             }
         }
+        let mut kills: Vec<_> = task_keys
+            .intersection(&self.kills_pending)
+            .cloned()
+            .collect();
+        // Ended tasks are charged to the agent alone (no framework's share) until the
+        // agent reports them gone, so nobody is offered what they still use.
+        let mut draining = BTreeMap::new();
+        for (key, _, _, res) in ended {
+            self.allocator.track_used("", &agent_id, &res);
+            draining.insert(key.clone(), res);
+            kills.push(key);
+        }
         self.agents.insert(
             agent_id.clone(),
             AgentState {
@@ -318,6 +354,7 @@ impl MasterCore {
                 attributes: hello.attributes,
                 last_seen_ms: now,
                 tasks: task_keys,
+                draining,
             },
         );
         self.agent_by_conn.insert(conn, agent_id.clone());
@@ -331,6 +368,18 @@ impl MasterCore {
                 })),
             },
         ));
+        // Kills asked for while the agent was away, and of tasks that already ended.
+        for (framework_id, task_id) in kills {
+            self.out.push(Output::ToAgent(
+                conn,
+                MasterToAgent {
+                    msg: Some(master_to_agent::Msg::KillTask(KillTask {
+                        framework_id,
+                        task_id,
+                    })),
+                },
+            ));
+        }
     }
 
     fn agent_message(&mut self, conn: ConnId, msg: AgentToMaster, now: u64) {
@@ -362,6 +411,35 @@ impl MasterCore {
         st.agent_id = agent_id.to_string();
         let key = (u.framework_id.clone(), st.task_id.clone());
         let new_state = st.state();
+        if !self.tasks.contains_key(&key)
+            && self
+                .last_completed(&key)
+                .is_some_and(|t| t.status.uuid != st.uuid)
+        {
+            // The task already ended, and this is not a retry of the update that ended
+            // it (the master ended it itself, e.g. LOST when the agent was removed): it
+            // must not end twice. Acknowledge it so that the agent stops sending it.
+            if new_state.is_terminal() {
+                let res = self
+                    .agents
+                    .get_mut(agent_id)
+                    .and_then(|a| a.draining.remove(&key));
+                if let Some(res) = res {
+                    self.allocator.recover("", agent_id, &res, None);
+                }
+            }
+            self.out.push(Output::ToAgent(
+                conn,
+                MasterToAgent {
+                    msg: Some(master_to_agent::Msg::Ack(StatusUpdateAck {
+                        framework_id: u.framework_id,
+                        task_id: st.task_id,
+                        uuid: st.uuid,
+                    })),
+                },
+            ));
+            return;
+        }
         if let Some(rec) = self.tasks.get_mut(&key) {
             // An update for a task we already saw end (a retry) changes nothing.
             if !rec.status().is_terminal() {
@@ -404,6 +482,7 @@ impl MasterCore {
         let Some(rec) = self.tasks.remove(key) else {
             return;
         };
+        self.kills_pending.remove(key);
         if let Some(a) = self.agents.get_mut(&rec.agent_id) {
             a.tasks.remove(key);
         }
@@ -413,6 +492,14 @@ impl MasterCore {
         while self.completed.len() > self.cfg.completed_task_limit {
             self.completed.pop_front();
         }
+    }
+
+    /// The most recent ended task with this key, if still remembered.
+    fn last_completed(&self, key: &(String, String)) -> Option<&TaskRecord> {
+        self.completed
+            .iter()
+            .rev()
+            .find(|t| t.framework_id == key.0 && t.info.task_id == key.1)
     }
 
     /// A terminal state decided by the master itself (agent lost, invalid launch...).
@@ -522,6 +609,17 @@ impl MasterCore {
         if let Some(old) = self.frameworks.get(&id) {
             if let Some(oc) = old.conn {
                 if oc != conn {
+                    // The new connection never saw the offers sent to the old one, so
+                    // nobody would ever answer them: take them back (as Mesos does).
+                    let ids: Vec<String> = self
+                        .offers
+                        .iter()
+                        .filter(|(_, o)| o.framework_id == id)
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    for oid in ids {
+                        self.rescind(&oid);
+                    }
                     self.framework_by_conn.remove(&oc);
                     self.out.push(Output::CloseScheduler(
                         oc,
@@ -659,8 +757,11 @@ impl MasterCore {
     fn accept(&mut self, conn: ConnId, fid: &str, a: v1::Accept, now: u64) {
         // Every offer must be ours, outstanding and on one agent.
         let mut agent_id: Option<String> = None;
+        let mut seen = HashSet::new();
         for oid in &a.offer_ids {
             let problem = match self.offers.get(oid) {
+                // Naming one offer twice would make us take it twice below.
+                _ if !seen.insert(oid) => Some(format!("offer {oid} is named twice")),
                 None => Some(format!("offer {oid} is unknown, already used or rescinded")),
                 Some(o) if o.framework_id != fid => {
                     Some(format!("offer {oid} belongs to another framework"))
@@ -676,23 +777,21 @@ impl MasterCore {
                 },
             };
             if let Some(p) = problem {
-                self.error(conn, format!("accept: {p}"));
-                for t in &a.launch {
-                    let st = status(
-                        &t.task_id,
-                        "",
-                        TaskState::TaskDropped,
-                        Reason::InvalidTask,
-                        &format!("launch refused: {p}"),
-                        now,
-                    );
-                    self.send_update(fid, st);
+                // The framework counts every offer it named as used: the valid ones go
+                // back (as in Mesos) instead of staying outstanding with nobody to
+                // answer them.
+                for oid in &a.offer_ids {
+                    if self.offers.get(oid).is_some_and(|o| o.framework_id == fid) {
+                        let o = self.offers.remove(oid).expect("present");
+                        self.allocator.recover(fid, &o.agent_id, &o.resources, None);
+                    }
                 }
+                self.refuse_accept(conn, fid, &a.launch, &p, now);
                 return;
             }
         }
         let Some(agent_id) = agent_id else {
-            self.error(conn, "accept: no offers named".into());
+            self.refuse_accept(conn, fid, &a.launch, "no offers named", now);
             return;
         };
         let mut pool = Resources::new();
@@ -704,8 +803,10 @@ impl MasterCore {
         for mut task in a.launch {
             task.agent_id = agent_id.clone();
             let checked = self.validate_task(fid, &task).and_then(|res| {
+                // The task takes unreserved resources from the pool; record exactly
+                // that, so that what its end gives back is what was taken.
                 match pool.checked_sub(&res.unreserved()) {
-                    Some(left) => Ok((res, left)),
+                    Some(left) => Ok((res.unreserved(), left)),
                     None => Err(format!("task asks for {res} but the offers hold only {pool} (after earlier tasks in this accept)")),
                 }
             });
@@ -780,6 +881,30 @@ impl MasterCore {
         }
     }
 
+    /// An accept that cannot be carried out: an error, and every launch in it dropped
+    /// so the framework does not wait for them.
+    fn refuse_accept(
+        &mut self,
+        conn: ConnId,
+        fid: &str,
+        launch: &[TaskInfo],
+        problem: &str,
+        now: u64,
+    ) {
+        self.error(conn, format!("accept: {problem}"));
+        for t in launch {
+            let st = status(
+                &t.task_id,
+                "",
+                TaskState::TaskDropped,
+                Reason::InvalidTask,
+                &format!("launch refused: {problem}"),
+                now,
+            );
+            self.send_update(fid, st);
+        }
+    }
+
     /// Checks a task before launch; returns its resources.
     fn validate_task(&self, fid: &str, t: &TaskInfo) -> Result<Resources, String> {
         if t.task_id.is_empty()
@@ -817,6 +942,9 @@ impl MasterCore {
                 m.sha256
             ));
         }
+        if t.no_filesystem && (!t.inputs.is_empty() || !t.dirs.is_empty()) {
+            return Err("a task without a filesystem cannot have inputs or directories".into());
+        }
         for i in &t.inputs {
             if !is_sha256_hex(&i.sha256) || !self.artifacts.contains(&i.sha256) {
                 return Err(format!(
@@ -837,9 +965,14 @@ impl MasterCore {
             .tasks
             .get(key)
             .ok_or_else(|| format!("no live task {} in framework {}", key.1, key.0))?;
-        let conn = self.agents.get(&rec.agent_id).and_then(|a| a.conn).ok_or_else(|| {
-            format!("task {} is on agent {}, which is disconnected; it will be killed when it returns", key.1, rec.agent_id)
-        })?;
+        let Some(conn) = self.agents.get(&rec.agent_id).and_then(|a| a.conn) else {
+            let msg = format!(
+                "task {} is on agent {}, which is disconnected; it will be killed when it returns",
+                key.1, rec.agent_id
+            );
+            self.kills_pending.insert(key.clone());
+            return Err(msg);
+        };
         self.out.push(Output::ToAgent(
             conn,
             MasterToAgent {

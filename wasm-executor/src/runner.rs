@@ -60,8 +60,44 @@ pub struct Runner {
     modules: Mutex<HashMap<String, Arc<Slot>>>,
     compiled: AtomicU64,
     pooling: bool,
+    /// Instances that may be live at once: the pool's capacity. Tasks beyond it wait
+    /// for a slot instead of failing to instantiate.
+    slots: InstanceSlots,
     /// Declared last so the ticker stops before the engine goes away.
     _ticker: EpochTicker,
+}
+
+/// A counting semaphore for blocking threads.
+struct InstanceSlots {
+    free: Mutex<u32>,
+    freed: std::sync::Condvar,
+}
+
+struct SlotGuard<'a>(&'a InstanceSlots);
+
+impl InstanceSlots {
+    fn new(n: u32) -> Self {
+        InstanceSlots {
+            free: Mutex::new(n),
+            freed: std::sync::Condvar::new(),
+        }
+    }
+
+    fn acquire(&self) -> SlotGuard<'_> {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        while *free == 0 {
+            free = self.freed.wait(free).unwrap_or_else(|p| p.into_inner());
+        }
+        *free -= 1;
+        SlotGuard(self)
+    }
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.0.freed.notify_one();
+    }
 }
 
 /// One module cache entry: empty until compiled (a failed compile leaves it empty).
@@ -125,6 +161,8 @@ struct GuestEnding {
     /// 0 when instantiation did not complete.
     instantiate_us: u64,
     declared_memory: Option<u64>,
+    /// Linear memory at the end; wasm memories never shrink, so this is the peak.
+    peak_memory: u64,
 }
 
 /// A memory growth the limiter refused.
@@ -179,6 +217,7 @@ impl Runner {
             modules: Mutex::new(HashMap::new()),
             compiled: AtomicU64::new(0),
             pooling,
+            slots: InstanceSlots::new(if pooling { POOL_INSTANCES } else { 1024 }),
             _ticker: ticker,
         })
     }
@@ -205,11 +244,12 @@ impl Runner {
         on_running: impl FnOnce(u64),
     ) -> ExecutorStatus {
         let started = Instant::now();
+        let _slot = self.slots.acquire();
         let ending = self.execute(launch, &kill, started, on_running);
         let verdict = classify(&ending);
-        let (fuel_used, instantiate_us) = match &ending {
-            Ending::Guest(g) => (g.fuel_used, g.instantiate_us),
-            Ending::Refused(_) => (0, 0),
+        let (fuel_used, instantiate_us, peak) = match &ending {
+            Ending::Guest(g) => (g.fuel_used, g.instantiate_us, g.peak_memory),
+            Ending::Refused(_) => (0, 0, 0),
         };
         ExecutorStatus {
             task_id: launch.task_id.clone(),
@@ -219,6 +259,11 @@ impl Runner {
             exit_code: verdict.exit_code,
             fuel_used,
             instantiate_us,
+            usage: Some(agora_proto::v1::ResourceUsage {
+                fuel_used,
+                wasm_peak_memory_bytes: peak,
+                ..Default::default()
+            }),
         }
     }
 
@@ -288,6 +333,7 @@ impl Runner {
             timeout_ms: launch.timeout_ms,
             instantiate_us,
             declared_memory: prepared.declared_memory,
+            peak_memory: store.data().limiter.total,
         };
 
         // A kill that arrived while the module was loading: do not start it at all.
@@ -626,12 +672,10 @@ fn build_wasi(launch: &ExecutorLaunch) -> Result<WasiP1Ctx, Refusal> {
     env.sort();
     builder.envs(&env);
 
-    // A task given no files (an empty sandbox) gets no preopened directory, as under
-    // `wasmtime run` without `--dir`: fd 3 is then not a descriptor (wasi-testsuite's
-    // sock_shutdown-invalid_fd checks that). An unreadable root still gets the refusal.
-    let has_files = !launch.root_dir.is_empty()
-        && std::fs::read_dir(&launch.root_dir).map_or(true, |mut d| d.next().is_some());
-    if has_files {
+    // An empty root_dir means no filesystem at all (like `wasmtime run` without
+    // `--dir`): whether a task gets one is the agent's decision, made from the task,
+    // not something to guess here from what the directory happens to contain.
+    if !launch.root_dir.is_empty() {
         builder
             .preopened_dir(&launch.root_dir, "/", FsPerms::ReadWrite)
             .map_err(|e| {

@@ -327,6 +327,33 @@ fn files_without_input_fails_clearly() {
     );
 }
 
+/// Exits with the errno of `fd_prestat_get(3)`: 0 when `/` is preopened, 8 (EBADF)
+/// when the guest has no filesystem.
+const PREOPEN_PROBE: &str = r#"(module
+    (import "wasi_snapshot_preview1" "fd_prestat_get"
+        (func $prestat (param i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+    (memory (export "memory") 1)
+    (func (export "_start") (call $exit (call $prestat (i32.const 3) (i32.const 0)))))"#;
+
+#[test]
+fn an_empty_sandbox_is_still_preopened() {
+    // A task with no inputs must still be able to write its results to `/`.
+    let task = Task::wat(PREOPEN_PROBE);
+    assert_eq!(std::fs::read_dir(task.root()).expect("root").count(), 0);
+    let status = task.run();
+    assert_ending(&status, TaskState::TaskFinished, Reason::Unspecified);
+}
+
+#[test]
+fn no_root_dir_means_no_filesystem() {
+    let mut task = Task::wat(PREOPEN_PROBE);
+    task.launch.root_dir = String::new();
+    let status = task.run();
+    assert_ending(&status, TaskState::TaskFailed, Reason::CommandExited);
+    assert_eq!(status.exit_code, Some(8), "EBADF: fd 3 is not a descriptor");
+}
+
 #[test]
 fn output_is_capped_with_a_marker() {
     // Writes a 64-byte line to stdout 1000 times.
@@ -424,4 +451,32 @@ fn validate_accepts_the_guests() {
         let bytes = std::fs::read(agora_guest_examples::wasm_path(name)).expect("guest");
         assert_eq!(validate_module(&bytes, 64 * MIB), Ok(()), "{name}");
     }
+}
+
+/// More concurrent tasks than the pooling allocator has instance slots: the extra ones
+/// wait for a slot instead of failing to instantiate.
+#[test]
+fn more_tasks_than_pool_slots_all_finish() {
+    // Guests that block in a WASI sleep hold their instance slot while they wait.
+    let text = r#"(module
+        (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+        (memory (export "memory") 1)
+        ;; one clock subscription: relative timeout of 500 ms
+        (data (i32.const 16) "\00\00\00\00\00\00\00\00\00\00\00\00\00\00\00\00\01\00\00\00\00\00\00\00\00\65\cd\1d\00\00\00\00")
+        (func (export "_start") (drop (call $poll (i32.const 16) (i32.const 128) (i32.const 1) (i32.const 256)))))"#;
+    let tasks: Vec<Task> = (0..300).map(|_| Task::wat(text)).collect();
+    let (tx, rx) = mpsc::channel();
+    std::thread::scope(|s| {
+        for t in &tasks {
+            let tx = tx.clone();
+            s.spawn(move || tx.send(t.run()).unwrap());
+        }
+        drop(tx);
+        let mut finished = 0;
+        for st in rx.iter() {
+            assert_eq!(st.state(), TaskState::TaskFinished, "{}", st.message);
+            finished += 1;
+        }
+        assert_eq!(finished, 300);
+    });
 }

@@ -200,3 +200,53 @@ pub fn write_file(dir: &Path, name: &str, body: &str) -> PathBuf {
     std::fs::write(&p, body).expect("write");
     p
 }
+
+/// A long-running process (master, agent) started by a test, killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    /// Starts `cmd` and waits (bounded) for a stdout line matching `pred`; returns it.
+    pub fn start(mut cmd: Command, pred: impl Fn(&str) -> bool) -> (Proc, String) {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .env("AGORA_LOG", "warn");
+        let mut child = spawn_tied_to_process(cmd);
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        loop {
+            match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(l) if pred(&l) => return (Proc { child, lines: rx }, l),
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = child.kill();
+                    panic!("process did not print the expected line within 60 s: {e}");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20)); // waiting for process exit
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
