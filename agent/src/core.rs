@@ -14,8 +14,34 @@ use agora_proto::v1::{
 };
 use agora_proto::Resources;
 
-/// Executor id used when a task names none.
+/// Executor id used when a wasm task names none.
 pub const DEFAULT_EXECUTOR: &str = "default";
+/// Executor id used when a native (command) task names none.
+pub const DEFAULT_NATIVE_EXECUTOR: &str = "default-native";
+
+/// What an executor process runs: WebAssembly modules, or native commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecutorKind {
+    Wasm,
+    Native,
+}
+
+impl ExecutorKind {
+    pub fn of(task: &TaskInfo) -> ExecutorKind {
+        if task.command.is_some() {
+            ExecutorKind::Native
+        } else {
+            ExecutorKind::Wasm
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ExecutorKind::Wasm => "wasm",
+            ExecutorKind::Native => "native",
+        }
+    }
+}
 
 /// (framework id, executor id)
 pub type ExecutorKey = (String, String);
@@ -124,6 +150,7 @@ struct Task {
 
 #[derive(Debug)]
 struct Executor {
+    kind: ExecutorKind,
     registered: bool,
     /// When it last had no live task (for the idle timeout).
     idle_since: Option<u64>,
@@ -275,7 +302,10 @@ impl AgentCore {
             return;
         }
         let exec_id = if info.executor_id.is_empty() {
-            DEFAULT_EXECUTOR.to_string()
+            match ExecutorKind::of(&info) {
+                ExecutorKind::Wasm => DEFAULT_EXECUTOR.to_string(),
+                ExecutorKind::Native => DEFAULT_NATIVE_EXECUTOR.to_string(),
+            }
         } else {
             info.executor_id.clone()
         };
@@ -341,6 +371,23 @@ impl AgentCore {
             return;
         }
         let exec_key = t.executor.clone();
+        let kind = ExecutorKind::of(&t.info);
+        if let Some(e) = self.executors.get(&exec_key) {
+            if e.kind != kind {
+                let msg = format!(
+                    "executor {} runs {} tasks; give a {} task another executor id",
+                    exec_key.1,
+                    e.kind.name(),
+                    kind.name()
+                );
+                self.terminal(
+                    &key,
+                    new_status(TaskState::TaskError, Reason::InvalidTask, &msg),
+                    now,
+                );
+                return;
+            }
+        }
         match self.executors.get_mut(&exec_key) {
             Some(e) if e.registered && !e.shutting_down => {
                 e.idle_since = None;
@@ -360,6 +407,7 @@ impl AgentCore {
                 self.executors.insert(
                     exec_key.clone(),
                     Executor {
+                        kind,
                         registered: false,
                         idle_since: None,
                         shutting_down: false,
@@ -397,7 +445,10 @@ impl AgentCore {
             env: t.info.env.clone(),
             fuel: module.fuel,
             memory_bytes: mem,
-            timeout_ms: module.timeout_ms,
+            timeout_ms: match &t.info.command {
+                Some(c) => c.timeout_ms,
+                None => module.timeout_ms,
+            },
             output_limit_bytes: limit,
             command: t.info.command.clone(),
             milli_cpus: res.milli_cpus(),
@@ -412,7 +463,14 @@ impl AgentCore {
     }
 
     fn executor_registered(&mut self, key: ExecutorKey, now: u64) {
+        let kind = self
+            .tasks
+            .values()
+            .find(|t| t.executor == key)
+            .map(|t| ExecutorKind::of(&t.info))
+            .unwrap_or(ExecutorKind::Wasm);
         let e = self.executors.entry(key.clone()).or_insert(Executor {
+            kind,
             registered: false,
             idle_since: None,
             shutting_down: false,
@@ -476,9 +534,11 @@ impl AgentCore {
                 // Queued behind an executor that was on its way out: start a new one
                 // (once for all such tasks).
                 if !self.executors.contains_key(&key) {
+                    let kind = ExecutorKind::of(&t.info);
                     self.executors.insert(
                         key.clone(),
                         Executor {
+                            kind,
                             registered: false,
                             idle_since: None,
                             shutting_down: false,
@@ -674,6 +734,27 @@ impl AgentCore {
                 self.out.push(Output::ReapExecutor { key: key.clone() });
             }
         }
+    }
+
+    /// The kind of process an executor id runs, once known.
+    pub fn executor_kind(&self, key: &ExecutorKey) -> Option<ExecutorKind> {
+        self.executors.get(key).map(|e| e.kind)
+    }
+
+    /// What each executor's live tasks hold: the size of the executor's cgroup (the
+    /// second wall around its tasks). Executors with no live task are absent.
+    pub fn executor_demand(&self) -> BTreeMap<ExecutorKey, Resources> {
+        let mut out: BTreeMap<ExecutorKey, Resources> = BTreeMap::new();
+        for t in self.tasks.values() {
+            if matches!(t.phase, Phase::AwaitingExecutor | Phase::Launched) {
+                if let Ok(r) = Resources::from_proto(&t.info.resources) {
+                    out.entry(t.executor.clone())
+                        .or_default()
+                        .add(&r.unreserved());
+                }
+            }
+        }
+        out
     }
 
     /// Number of tasks not yet terminal (for status output and tests).

@@ -17,7 +17,12 @@ use agora_proto::v1::{
 use agora_proto::{read_frame, transfer, unix_millis, write_frame};
 use tokio::sync::mpsc;
 
-use crate::core::{artifact_path, AgentCore, AgentCoreConfig, ExecutorKey, Input, Output, TaskKey};
+use crate::core::{
+    artifact_path, AgentCore, AgentCoreConfig, ExecutorKey, ExecutorKind, Input, Output, TaskKey,
+};
+use agora_native_executor::isolation::escape_component;
+use agora_native_executor::{CgroupLimits, CgroupVersion, Group, IsolationMode, Isolator};
+use agora_proto::Resources;
 
 const MASTER_QUEUE: usize = 8192;
 const EXECUTOR_QUEUE: usize = 4096;
@@ -29,8 +34,38 @@ pub struct AgentConfig {
     /// Program and leading arguments that start a wasm executor; the shell appends
     /// `--socket S --framework-id F --executor-id E --cache-dir D`.
     pub executor_command: Vec<OsString>,
+    /// Program and leading arguments that start a native executor; the shell appends
+    /// `--socket S --framework-id F --executor-id E --cgroup-root R [--isolation M]
+    /// --pids-max N [--no-cfs-quota]`.
+    pub native_executor_command: Vec<OsString>,
+    pub isolation: IsolationSettings,
     pub gc: crate::gc::GcPolicy,
 }
+
+/// How tasks and executors are isolated on this agent.
+#[derive(Debug, Clone)]
+pub struct IsolationSettings {
+    /// cgroups or posix; `None` detects.
+    pub mode: Option<IsolationMode>,
+    /// pids limit of each native task.
+    pub pids_max: u64,
+    /// Cap CPU with a CFS quota as well as weighing it with shares.
+    pub cfs_quota: bool,
+}
+
+impl Default for IsolationSettings {
+    fn default() -> Self {
+        Self {
+            mode: None,
+            pids_max: 1024,
+            cfs_quota: true,
+        }
+    }
+}
+
+/// Memory an executor process needs beyond its tasks' (runtime, compiled code).
+const WASM_EXECUTOR_OVERHEAD: i64 = 64 << 20;
+const NATIVE_EXECUTOR_OVERHEAD: i64 = 32 << 20;
 
 struct Shared {
     core: AgentCore,
@@ -38,12 +73,17 @@ struct Shared {
     master_conn: Option<quinn::Connection>,
     executors: HashMap<ExecutorKey, mpsc::Sender<AgentToExecutor>>,
     children: HashMap<ExecutorKey, u32>,
+    /// Each executor process's group, sized to the sum of its live tasks.
+    groups: HashMap<ExecutorKey, Arc<Group>>,
+    /// The size last applied to each group.
+    sized: HashMap<ExecutorKey, Resources>,
 }
 
 #[derive(Clone)]
 struct Agent {
     shared: Arc<Mutex<Shared>>,
     cfg: Arc<AgentConfig>,
+    isolator: Arc<Isolator>,
     socket: PathBuf,
     fetch_locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
@@ -88,6 +128,17 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<AgentHandle> {
         std::fs::create_dir_all(work.join(d))
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", work.join(d).display()))?;
     }
+    // One cgroup root per agent work dir, stable across restarts so that leftovers
+    // of a crashed agent are found.
+    let canonical = std::fs::canonicalize(&work).unwrap_or_else(|_| work.clone());
+    let slug = &agora_proto::sha256_hex(canonical.to_string_lossy().as_bytes())[..12];
+    let isolator = Isolator::new(cfg.isolation.mode, &format!("agora/agent-{slug}"))
+        .map_err(|e| anyhow::anyhow!("isolation: {e}"))?;
+    match isolator.cleanup_leftovers() {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!("removed {n} cgroups left behind by an earlier run of this agent"),
+        Err(e) => tracing::warn!("cannot clean leftover cgroups: {e}"),
+    }
     let socket = work.join("agent.sock");
     let _ = std::fs::remove_file(&socket);
     let listener = tokio::net::UnixListener::bind(&socket)
@@ -98,10 +149,13 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<AgentHandle> {
         master_conn: None,
         executors: HashMap::new(),
         children: HashMap::new(),
+        groups: HashMap::new(),
+        sized: HashMap::new(),
     }));
     let agent = Agent {
         shared: shared.clone(),
         cfg: Arc::new(cfg),
+        isolator: Arc::new(isolator),
         socket,
         fetch_locks: Default::default(),
     };
@@ -171,9 +225,52 @@ impl Agent {
     fn feed(&self, input: Input) {
         let outs = {
             let mut s = self.lock();
-            s.core.handle(input, unix_millis())
+            let outs = s.core.handle(input, unix_millis());
+            // Resize executor groups before their tasks are sent: on cgroup v1 a task's
+            // group may not have a larger CPU quota than its executor's.
+            self.resize_groups(&mut s);
+            outs
         };
         self.dispatch(outs);
+    }
+
+    /// Brings every executor group's limits to the sum of its live tasks.
+    fn resize_groups(&self, s: &mut Shared) {
+        let demand = s.core.executor_demand();
+        let keys: Vec<ExecutorKey> = s.groups.keys().cloned().collect();
+        for key in keys {
+            let want = demand.get(&key).cloned().unwrap_or_default();
+            if s.sized.get(&key) == Some(&want) {
+                continue;
+            }
+            let kind = s.core.executor_kind(&key).unwrap_or(ExecutorKind::Wasm);
+            let limits = self.executor_limits(kind, &want);
+            if let Err(e) = s.groups[&key].update(&limits) {
+                tracing::warn!(executor = %key.1, "cannot resize the executor's cgroup to {want}: {e}");
+            }
+            s.sized.insert(key, want);
+        }
+    }
+
+    fn executor_limits(&self, kind: ExecutorKind, tasks: &Resources) -> CgroupLimits {
+        let overhead = match kind {
+            ExecutorKind::Wasm => WASM_EXECUTOR_OVERHEAD,
+            ExecutorKind::Native => NATIVE_EXECUTOR_OVERHEAD,
+        };
+        let posix = self.isolator.mode() == IsolationMode::Posix;
+        CgroupLimits {
+            // Never below 0.01 cpu, so an executor between tasks can still talk.
+            milli_cpus: tasks.milli_cpus().max(10),
+            cfs_quota: self.cfg.isolation.cfs_quota,
+            // In posix mode this would become RLIMIT_AS, which a wasm runtime's
+            // reserved address space exceeds by design: no memory cap there.
+            mem_bytes: if posix {
+                0
+            } else {
+                (tasks.mem_bytes() + overhead) as u64
+            },
+            pids_max: 0,
+        }
     }
 
     fn dispatch(&self, outs: Vec<Output>) {
@@ -401,10 +498,11 @@ impl Agent {
     // ---- sandboxes and artifacts ---------------------------------------------
 
     async fn prepare(&self, key: &TaskKey, task: &TaskInfo) -> anyhow::Result<()> {
-        let module = task.module.clone().unwrap_or_default();
-        self.fetch(&module.sha256, module.size)
-            .await
-            .map_err(|e| anyhow::anyhow!("fetch of the module failed: {e:#}"))?;
+        if let Some(module) = &task.module {
+            self.fetch(&module.sha256, module.size)
+                .await
+                .map_err(|e| anyhow::anyhow!("fetch of the module failed: {e:#}"))?;
+        }
         let dir = crate::core::sandbox_dir(&self.cfg.core.work_dir, key);
         let root = dir.join("fs");
         tokio::fs::create_dir_all(&root)
@@ -485,18 +583,33 @@ impl Agent {
 
     // ---- executors ------------------------------------------------------------
 
+    /// Starts an executor process inside a group of its own, sized to its tasks.
     fn spawn_executor(&self, key: &ExecutorKey) -> anyhow::Result<()> {
-        let (prog, rest) = self
-            .cfg
-            .executor_command
+        let (kind, demand) = {
+            let s = self.lock();
+            let kind = s.core.executor_kind(key).unwrap_or(ExecutorKind::Wasm);
+            (
+                kind,
+                s.core
+                    .executor_demand()
+                    .get(key)
+                    .cloned()
+                    .unwrap_or_default(),
+            )
+        };
+        let command = match kind {
+            ExecutorKind::Wasm => &self.cfg.executor_command,
+            ExecutorKind::Native => &self.cfg.native_executor_command,
+        };
+        let (prog, rest) = command
             .split_first()
-            .ok_or_else(|| anyhow::anyhow!("no executor command configured"))?;
+            .ok_or_else(|| anyhow::anyhow!("no {} executor command configured", kind.name()))?;
         let work = &self.cfg.core.work_dir;
         let dir = work.join("executors").join(&key.0).join(&key.1);
         std::fs::create_dir_all(&dir)?;
         let stdout = std::fs::File::create(dir.join("stdout"))?;
         let stderr = std::fs::File::create(dir.join("stderr"))?;
-        let mut cmd = tokio::process::Command::new(prog);
+        let mut cmd = std::process::Command::new(prog);
         cmd.args(rest)
             .arg("--socket")
             .arg(&self.socket)
@@ -504,30 +617,95 @@ impl Agent {
             .arg(&key.0)
             .arg("--executor-id")
             .arg(&key.1)
-            .arg("--cache-dir")
-            .arg(work.join("compiled"))
             .stdin(std::process::Stdio::null())
             .stdout(stdout)
-            .stderr(stderr)
-            .kill_on_drop(false);
-        let mut child = cmd
-            .spawn()
+            .stderr(stderr);
+        match kind {
+            ExecutorKind::Wasm => {
+                cmd.arg("--cache-dir").arg(work.join("compiled"));
+            }
+            ExecutorKind::Native => {
+                cmd.arg("--cgroup-root").arg(self.isolator.root_name());
+                cmd.arg("--isolation").arg(self.isolator.mode().as_str());
+                cmd.arg("--pids-max")
+                    .arg(self.cfg.isolation.pids_max.to_string());
+                if !self.cfg.isolation.cfs_quota {
+                    cmd.arg("--no-cfs-quota");
+                }
+            }
+        }
+        // The executor's group: <root>/<framework>/<executor>. Native task groups
+        // nest under it. cgroup v2 allows no processes in a group whose children
+        // have controllers, so there the process sits in a leaf of its own.
+        let group_name = format!("{}/{}", escape_component(&key.0), escape_component(&key.1));
+        let limits = self.executor_limits(kind, &demand);
+        let group = Arc::new(
+            self.isolator
+                .create(&group_name, &limits)
+                .map_err(|e| anyhow::anyhow!("cannot create the executor's cgroup: {e}"))?,
+        );
+        let leaf = match self.isolator.cgroup_version() {
+            Some(CgroupVersion::V2) => Some(
+                self.isolator
+                    .create(
+                        &format!("{group_name}/executor.proc"),
+                        &CgroupLimits {
+                            milli_cpus: 0,
+                            cfs_quota: false,
+                            mem_bytes: 0,
+                            pids_max: 0,
+                        },
+                    )
+                    .map_err(|e| {
+                        anyhow::anyhow!("cannot create the executor's leaf cgroup: {e}")
+                    })?,
+            ),
+            _ => None,
+        };
+        let joined: &Group = leaf.as_ref().unwrap_or(&group);
+        let containment = joined
+            .contain(&mut cmd)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let child = containment
+            .spawned(cmd.spawn())
             .map_err(|e| anyhow::anyhow!("cannot run {}: {e}", Path::new(prog).display()))?;
-        let pid = child.id().unwrap_or(0);
-        self.lock().children.insert(key.clone(), pid);
-        tracing::info!(framework = %key.0, executor = %key.1, pid, "started wasm executor");
+        let pid = child.id();
+        {
+            let mut s = self.lock();
+            s.children.insert(key.clone(), pid);
+            s.groups.insert(key.clone(), group.clone());
+            s.sized.insert(key.clone(), demand);
+        }
+        tracing::info!(framework = %key.0, executor = %key.1, pid, "started {} executor", kind.name());
         let a = self.clone();
         let key = key.clone();
-        tokio::spawn(async move {
-            let detail = match child.wait().await {
+        let rt = tokio::runtime::Handle::current();
+        std::thread::spawn(move || {
+            let mut child = child;
+            let detail = match child.wait() {
                 Ok(st) => describe_exit(st, &dir),
                 Err(e) => format!("could not wait for it: {e}"),
             };
+            // Anything the executor left behind (orphans of its tasks) goes with it.
+            if let Err(e) = group.kill_all(Duration::from_secs(1)) {
+                tracing::warn!(executor = %key.1, "cannot empty the executor's cgroup: {e}");
+            }
+            if let Some(leaf) = &leaf {
+                let _ = leaf.remove();
+            }
+            if let Err(e) = group.remove() {
+                tracing::warn!(executor = %key.1, "cannot remove the executor's cgroup: {e}");
+            }
+            // And the framework's group, once its last executor is gone.
+            a.isolator.remove_if_empty(&escape_component(&key.0));
             {
                 let mut s = a.lock();
                 s.children.remove(&key);
                 s.executors.remove(&key);
+                s.groups.remove(&key);
+                s.sized.remove(&key);
             }
+            let _guard = rt.enter();
             a.feed(Input::ExecutorExited { key, detail });
         });
         Ok(())

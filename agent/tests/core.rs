@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use agora_agent::core::{AgentCore, AgentCoreConfig, Input, Output};
+use agora_agent::core::{AgentCore, AgentCoreConfig, ExecutorKind, Input, Output};
 use agora_proto::v1::{
     self, agent_to_executor, agent_to_master, AgentToExecutor, AgentToMaster, Attribute,
     ExecutorLaunch, ExecutorStatus, Reason, RunningTask, TaskInfo, TaskState, TaskStatus,
@@ -437,15 +437,10 @@ fn second_task_of_a_registered_executor_is_launched_without_a_new_spawn() {
 }
 
 #[test]
-fn launch_of_a_task_without_filesystem_or_with_a_command() {
+fn launch_of_a_task_without_filesystem_preopens_nothing() {
     let mut a = Agent::new();
     let mut t1 = task("t1", "");
     t1.no_filesystem = true;
-    t1.command = Some(v1::CommandInfo {
-        shell: true,
-        value: "echo hi".into(),
-        ..Default::default()
-    });
     let outs = a.run("f1", &t1);
     expect_update(&outs[0], "f1", starting("t1", "default", 0));
     assert_eq!(
@@ -463,9 +458,94 @@ fn launch_of_a_task_without_filesystem_or_with_a_command() {
     } = &mut expected
     {
         l.root_dir = String::new(); // nothing preopened
-        l.command = t1.command.clone();
     }
     assert_eq!(a.executor_registered("f1", "default"), vec![expected]);
+}
+
+#[test]
+fn command_tasks_get_a_native_executor_of_their_own() {
+    let mut a = Agent::new();
+    // A wasm task and a command task of one framework: two executors, two kinds.
+    a.start("f1", &task("w1", ""), true);
+    let mut c1 = task("c1", "");
+    c1.module = None;
+    c1.args.clear();
+    c1.command = Some(v1::CommandInfo {
+        shell: true,
+        value: "echo hi".into(),
+        timeout_ms: 7_000,
+        ..Default::default()
+    });
+    let outs = a.at(100).run("f1", &c1);
+    expect_update(&outs[0], "f1", starting("c1", "default-native", 100));
+    assert_eq!(
+        a.prepared("f1", "c1", Ok(())),
+        vec![Output::SpawnExecutor {
+            key: key("f1", "default-native")
+        }]
+    );
+    assert_eq!(
+        a.core.executor_kind(&key("f1", "default-native")),
+        Some(ExecutorKind::Native)
+    );
+    assert_eq!(
+        a.core.executor_kind(&key("f1", "default")),
+        Some(ExecutorKind::Wasm)
+    );
+    let outs = a.executor_registered("f1", "default-native");
+    let Output::ToExecutor {
+        msg: AgentToExecutor {
+            msg: Some(agent_to_executor::Msg::Launch(l)),
+        },
+        ..
+    } = &outs[0]
+    else {
+        panic!("{outs:?}")
+    };
+    assert_eq!(l.command, c1.command);
+    assert_eq!(l.timeout_ms, 7_000, "a command's own timeout");
+    assert_eq!(l.milli_cpus, 500);
+    // Each executor's cgroup is sized to its own live tasks.
+    let demand = a.core.executor_demand();
+    assert_eq!(
+        demand[&key("f1", "default-native")],
+        Resources::cpus_mem(500, 64 * MIB)
+    );
+    assert_eq!(
+        demand[&key("f1", "default")],
+        Resources::cpus_mem(500, 64 * MIB)
+    );
+
+    // A command task sent to the wasm executor's id is refused, naming why.
+    let mut c2 = c1.clone();
+    c2.task_id = "c2".into();
+    c2.executor_id = "default".into();
+    let outs = a.at(200).run("f1", &c2);
+    let u = expect_update(&outs[0], "f1", starting("c2", "default", 200));
+    // The error waits behind the unacknowledged STARTING (one update in flight).
+    assert_eq!(a.prepared("f1", "c2", Ok(())), vec![]);
+    let outs = a.ack("f1", "c2", &u);
+    let Output::ToMaster(AgentToMaster {
+        msg: Some(v1::agent_to_master::Msg::StatusUpdate(up)),
+    }) = &outs[0]
+    else {
+        panic!("{outs:?}")
+    };
+    let st = up.status.as_ref().unwrap();
+    assert_eq!(st.state(), TaskState::TaskError);
+    assert_eq!(st.reason(), Reason::InvalidTask);
+    assert_eq!(
+        st.message,
+        "executor default runs wasm tasks; give a native task another executor id"
+    );
+    let hello = a.core.hello();
+    assert!(
+        hello
+            .tasks
+            .iter()
+            .all(|t| t.task.as_ref().unwrap().task_id != "c2"),
+        "c2 ended"
+    );
 }
 
 // =====================================================================================

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use agora_agent::core::AgentCoreConfig;
-use agora_agent::server::{AgentConfig, AgentHandle};
+use agora_agent::server::{AgentConfig, AgentHandle, IsolationSettings};
 use agora_master::core::CoreConfig;
 use agora_master::server::{MasterConfig, MasterHandle};
 use agora_proto::tls::{self, CertDir, Identity, Role};
@@ -40,6 +40,8 @@ pub struct DevArgs {
     /// The agent's attributes, e.g. "zone:a;rack:1".
     #[arg(long, default_value = "")]
     attributes: String,
+    #[command(flatten)]
+    isolation: IsolationArgs,
 }
 
 #[derive(Args)]
@@ -77,6 +79,8 @@ pub struct AgentArgs {
     /// Hostname to report. Default: this machine's.
     #[arg(long)]
     hostname: Option<String>,
+    #[command(flatten)]
+    isolation: IsolationArgs,
 }
 
 #[derive(Subcommand)]
@@ -182,10 +186,35 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-fn executor_command() -> anyhow::Result<Vec<std::ffi::OsString>> {
+fn executor_command(kind: &str) -> anyhow::Result<Vec<std::ffi::OsString>> {
     let exe =
         std::env::current_exe().context("cannot find the agora binary to start executors with")?;
-    Ok(vec![exe.into_os_string(), "executor".into(), "wasm".into()])
+    Ok(vec![exe.into_os_string(), "executor".into(), kind.into()])
+}
+
+/// How the agent isolates tasks and executors.
+#[derive(Args, Clone, Debug)]
+pub struct IsolationArgs {
+    /// cgroups or posix. Default: cgroups where usable (root, cgroup v1 or v2 with
+    /// cpu, memory and pids), else posix, said once at start-up.
+    #[arg(long)]
+    isolation: Option<agora_native_executor::IsolationMode>,
+    /// pids limit of each native task (stops fork bombs).
+    #[arg(long, default_value_t = 1024)]
+    pids_limit: u64,
+    /// Weigh CPU by shares only; do not cap it with a CFS quota.
+    #[arg(long)]
+    no_cfs_quota: bool,
+}
+
+impl IsolationArgs {
+    fn settings(&self) -> IsolationSettings {
+        IsolationSettings {
+            mode: self.isolation,
+            pids_max: self.pids_limit,
+            cfs_quota: !self.no_cfs_quota,
+        }
+    }
 }
 
 async fn start_master(
@@ -217,6 +246,7 @@ async fn start_agent(
     res: Resources,
     attributes: Vec<Attribute>,
     host: String,
+    isolation: IsolationSettings,
 ) -> anyhow::Result<AgentHandle> {
     let core = AgentCoreConfig {
         hostname: host,
@@ -232,7 +262,9 @@ async fn start_agent(
         master,
         identity: id,
         core,
-        executor_command: executor_command()?,
+        executor_command: executor_command("wasm")?,
+        native_executor_command: executor_command("native")?,
+        isolation,
         gc: agora_agent::gc::GcPolicy::default(),
     })
     .await
@@ -260,6 +292,7 @@ impl DevCluster {
         listen: SocketAddr,
         res: Resources,
         attrs: Vec<Attribute>,
+        isolation: IsolationSettings,
     ) -> anyhow::Result<DevCluster> {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("cannot create {}", data_dir.display()))?;
@@ -278,6 +311,7 @@ impl DevCluster {
             res.clone(),
             attrs,
             hostname(),
+            isolation,
         )
         .await?;
         // Ready means the agent has registered, so the first task finds an offer.
@@ -324,6 +358,7 @@ impl PrivateCluster {
             "127.0.0.1:0".parse().expect("literal"),
             detect_resources(),
             Vec::new(),
+            IsolationSettings::default(),
         )
         .await?;
         Ok(PrivateCluster {
@@ -341,7 +376,8 @@ impl PrivateCluster {
 pub async fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
     let res = resources(&a.resources)?;
     let attrs = parse_attributes(&a.attributes)?;
-    let cluster = DevCluster::start(&a.data_dir, a.listen, res, attrs).await?;
+    let cluster =
+        DevCluster::start(&a.data_dir, a.listen, res, attrs, a.isolation.settings()).await?;
     let cfg_path = a.data_dir.join("client.json");
     cluster.client_config.save(&cfg_path)?;
     let default_cfg = ClientConfig::default_path().is_some_and(|p| p == cfg_path);
@@ -396,6 +432,7 @@ pub async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
         res.clone(),
         attrs,
         a.hostname.unwrap_or_else(hostname),
+        a.isolation.settings(),
     )
     .await?;
     println!("agent offering {res} to the master at {master}");

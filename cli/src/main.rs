@@ -85,6 +85,23 @@ enum ExecutorCmd {
         #[arg(long)]
         cache_dir: Option<PathBuf>,
     },
+    Native {
+        #[arg(long)]
+        socket: PathBuf,
+        #[arg(long)]
+        framework_id: String,
+        #[arg(long)]
+        executor_id: String,
+        /// cgroups or posix; detected when absent.
+        #[arg(long)]
+        isolation: Option<agora_native_executor::IsolationMode>,
+        #[arg(long)]
+        cgroup_root: String,
+        #[arg(long, default_value_t = 1024)]
+        pids_max: u64,
+        #[arg(long)]
+        no_cfs_quota: bool,
+    },
 }
 
 fn init_tracing(default: &str) {
@@ -142,6 +159,28 @@ fn main() -> ExitCode {
                     cache_dir,
                 )
                 .await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Cmd::Executor {
+                cmd:
+                    ExecutorCmd::Native {
+                        socket,
+                        framework_id,
+                        executor_id,
+                        isolation,
+                        cgroup_root,
+                        pids_max,
+                        no_cfs_quota,
+                    },
+            } => {
+                let cfg = agora_native_executor::NativeConfig {
+                    isolation,
+                    cgroup_root,
+                    pids_max,
+                    cfs_quota: !no_cfs_quota,
+                };
+                agora_native_executor::run_executor(&socket, &framework_id, &executor_id, cfg)
+                    .await?;
                 Ok(ExitCode::SUCCESS)
             }
         }

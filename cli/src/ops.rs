@@ -19,6 +19,10 @@ pub struct PsArgs {
     /// Include finished tasks.
     #[arg(long, short)]
     all: bool,
+    /// Show resource usage: cpu seconds (user+system), CFS periods throttled, peak
+    /// memory (native tasks: the cgroup's; wasm tasks: linear memory) and fuel used.
+    #[arg(long)]
+    stats: bool,
 }
 
 #[derive(Args)]
@@ -61,6 +65,44 @@ fn age(ms: u64) -> String {
 pub async fn ps(a: PsArgs) -> anyhow::Result<ExitCode> {
     let client = connect(&a.target).await?;
     let tasks = client.list_tasks(a.all).await?;
+    if a.stats {
+        println!(
+            "{:<14} {:<16} {:<10} {:>9} {:>9} {:>10} {:>14}",
+            "TASK", "NAME", "STATE", "CPU(s)", "THROTTLED", "MEM PEAK", "FUEL"
+        );
+        for t in tasks {
+            let pending = t.state == TaskState::Unspecified as i32;
+            let state = if pending {
+                "PENDING"
+            } else {
+                t.state().short_name()
+            };
+            let (cpu, thr, peak, fuel) = match &t.usage {
+                Some(u) => (
+                    format!("{:.2}", u.cpu_user_seconds + u.cpu_system_seconds),
+                    u.cpu_throttled_periods.to_string(),
+                    format_bytes(u.mem_peak_bytes.max(u.wasm_peak_memory_bytes) as i64),
+                    if u.fuel_used > 0 {
+                        u.fuel_used.to_string()
+                    } else {
+                        "-".into()
+                    },
+                ),
+                None => ("-".into(), "-".into(), "-".into(), "-".into()),
+            };
+            println!(
+                "{:<14} {:<16} {:<10} {:>9} {:>9} {:>10} {:>14}",
+                t.task_id,
+                truncate(&t.name, 16),
+                state,
+                cpu,
+                thr,
+                peak,
+                fuel
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     println!(
         "{:<14} {:<16} {:<10} {:<5} {:<20} {:<22} DETAIL",
         "TASK", "NAME", "STATE", "AGE", "RESOURCES", "AGENT"

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use agora_proto::resources::{parse_cpus, parse_size};
-use agora_proto::v1::{InputFile, PendingTask, Reason, WasmModule};
+use agora_proto::v1::{CommandInfo, InputFile, PendingTask, Reason, WasmModule};
 use agora_proto::Resources;
 use agora_sdk::{
     Client, ClientConfig, Event, FrameworkInfo, Scheduler, TaskInfo, TaskState, TaskStatus,
@@ -54,8 +54,19 @@ pub struct RunArgs {
     /// Send the module as it is, without checking it locally first.
     #[arg(long, hide = true)]
     skip_validation: bool,
+    /// Run a native command through `/bin/sh -c` instead of a module (native
+    /// executor, in a cgroup of its own).
+    #[arg(long, conflicts_with_all = ["exec", "module", "fuel", "no_fs"])]
+    command: Option<String>,
+    /// Run a native program with the arguments after `--` (no shell).
+    #[arg(long, conflicts_with_all = ["module", "fuel", "no_fs"])]
+    exec: Option<String>,
+    /// Native tasks: time between SIGTERM and SIGKILL when the task is killed.
+    #[arg(long, default_value = "3s")]
+    kill_grace: String,
     /// The WebAssembly module (WASI preview 1 command).
-    module: PathBuf,
+    #[arg(required_unless_present_any = ["command", "exec"])]
+    module: Option<PathBuf>,
     /// Arguments for the guest (after `--`).
     #[arg(last = true)]
     args: Vec<String>,
@@ -167,20 +178,55 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             .ok_or_else(|| anyhow::anyhow!("--env {kv}: expected K=V"))?;
         env.insert(k.to_string(), v.to_string());
     }
-    let bytes =
-        std::fs::read(&a.module).with_context(|| format!("cannot read {}", a.module.display()))?;
-    if !a.skip_validation {
-        agora_wasm_executor::runner::validate_module(&bytes, mem as u64)
-            .map_err(|e| anyhow::anyhow!("{} cannot run: {e}", a.module.display()))?;
-    }
+    let kill_grace_ms = parse_duration_ms(&a.kill_grace).context("--kill-grace")?;
+    let command = match (&a.command, &a.exec) {
+        (Some(script), None) => Some(CommandInfo {
+            shell: true,
+            value: script.clone(),
+            arguments: a.args.clone(),
+            kill_grace_seconds: Some(kill_grace_ms as f64 / 1000.0),
+            timeout_ms,
+        }),
+        (None, Some(program)) => Some(CommandInfo {
+            shell: false,
+            value: program.clone(),
+            arguments: a.args.clone(),
+            kill_grace_seconds: Some(kill_grace_ms as f64 / 1000.0),
+            timeout_ms,
+        }),
+        _ => None,
+    };
+    let module_bytes = match (&a.module, &command) {
+        (Some(path), None) => {
+            let bytes =
+                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+            if !a.skip_validation {
+                agora_wasm_executor::runner::validate_module(&bytes, mem as u64)
+                    .map_err(|e| anyhow::anyhow!("{} cannot run: {e}", path.display()))?;
+            }
+            Some(bytes)
+        }
+        _ => None,
+    };
     let (inputs, dirs) = expand_inputs(&a.inputs)?;
 
     let cfg = ClientConfig::discover(a.target.master.as_deref(), a.target.config.as_deref())?;
     let client = Client::connect(&cfg).await?;
-    let (sha, size) = client
-        .upload_bytes(&bytes)
-        .await
-        .context("uploading the module")?;
+    let module = match &module_bytes {
+        Some(bytes) => {
+            let (sha256, size) = client
+                .upload_bytes(bytes)
+                .await
+                .context("uploading the module")?;
+            Some(WasmModule {
+                sha256,
+                size,
+                fuel: a.fuel,
+                timeout_ms,
+            })
+        }
+        None => None,
+    };
     let mut input_files = Vec::new();
     for (path, dest) in &inputs {
         let (s, n) = client
@@ -202,24 +248,35 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     }
 
     let task_id = new_task_id();
-    let name = a.name.clone().unwrap_or_else(|| {
-        a.module
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "task".into())
-    });
+    let name = a
+        .name
+        .clone()
+        .unwrap_or_else(|| match (&command, &a.module) {
+            (Some(c), _) => c
+                .value
+                .split_whitespace()
+                .next()
+                .and_then(|w| w.rsplit('/').next())
+                .unwrap_or("command")
+                .to_string(),
+            (None, Some(m)) => m
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "task".into()),
+            (None, None) => "task".into(),
+        });
     let ask = Resources::cpus_mem(milli_cpus, mem);
     let task = TaskInfo {
         task_id: task_id.clone(),
         name: name.clone(),
         resources: ask.to_proto(),
-        module: Some(WasmModule {
-            sha256: sha,
-            size,
-            fuel: a.fuel,
-            timeout_ms,
-        }),
-        args: a.args.clone(),
+        args: if command.is_some() {
+            Vec::new()
+        } else {
+            a.args.clone()
+        },
+        module,
+        command,
         env: env.into_iter().collect(),
         inputs: input_files,
         dirs,

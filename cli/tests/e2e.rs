@@ -27,6 +27,9 @@ fn states(o: &std::process::Output) -> Vec<String> {
                 .trim_end_matches(':')
                 .to_string()
         })
+        // PENDING lines (why it waits for an offer on a busy cluster) are
+        // informational, not state changes.
+        .filter(|s| s != "PENDING")
         .collect()
 }
 

@@ -932,15 +932,36 @@ impl MasterCore {
                 "task asks for {res}; it must ask for some cpus and mem"
             ));
         }
-        let m = t.module.as_ref().ok_or("task names no module")?;
-        if !is_sha256_hex(&m.sha256) {
-            return Err(format!("module hash `{}` is not a sha256 in hex", m.sha256));
-        }
-        if !self.artifacts.contains(&m.sha256) {
-            return Err(format!(
-                "module {} was never uploaded to this master",
-                m.sha256
-            ));
+        match (&t.module, &t.command) {
+            (Some(_), Some(_)) => return Err("a task runs a module or a command, not both".into()),
+            (None, None) => return Err("task names neither a module nor a command".into()),
+            (Some(m), None) => {
+                if !is_sha256_hex(&m.sha256) {
+                    return Err(format!("module hash `{}` is not a sha256 in hex", m.sha256));
+                }
+                if !self.artifacts.contains(&m.sha256) {
+                    return Err(format!(
+                        "module {} was never uploaded to this master",
+                        m.sha256
+                    ));
+                }
+            }
+            (None, Some(c)) => {
+                if c.value.trim().is_empty() {
+                    return Err("the task's command is empty".into());
+                }
+                if c.value.contains('\0') || c.arguments.iter().any(|a| a.contains('\0')) {
+                    return Err("the task's command contains a NUL byte".into());
+                }
+                if let Some(g) = c.kill_grace_seconds {
+                    if !(0.0..=3600.0).contains(&g) {
+                        return Err(format!("kill grace of {g} s is outside 0..3600 s"));
+                    }
+                }
+                if t.no_filesystem {
+                    return Err("no_filesystem applies to wasm tasks only".into());
+                }
+            }
         }
         if t.no_filesystem && (!t.inputs.is_empty() || !t.dirs.is_empty()) {
             return Err("a task without a filesystem cannot have inputs or directories".into());
@@ -1213,6 +1234,7 @@ impl MasterCore {
             waiting_for: String::new(),
             exit_code: t.status.exit_code,
             updated_ms: t.status.timestamp_ms,
+            usage: t.status.usage,
         };
         let fw_name = |id: &str| {
             self.frameworks
@@ -1275,6 +1297,35 @@ impl MasterCore {
                 v.to_string()
             }
         };
+        // Resources out in offers are not used: they come back when the offers are
+        // answered. Say so rather than "nothing is free".
+        let mut held_by: BTreeMap<String, Vec<String>> = BTreeMap::new(); // agent -> frameworks
+        let fits_after_offers = self.agents.keys().any(|aid| {
+            let mut pool = self.allocator.agent_free(aid).unwrap_or_default();
+            for o in self.offers.values().filter(|o| o.agent_id == *aid) {
+                pool.add(&o.resources);
+                let name = self
+                    .frameworks
+                    .get(&o.framework_id)
+                    .map(|f| f.name.clone())
+                    .unwrap_or_default();
+                held_by
+                    .entry(aid.clone())
+                    .or_default()
+                    .push(if o.framework_id == fid {
+                        "this framework".into()
+                    } else {
+                        name
+                    });
+            }
+            pool.unreserved().contains(&ask)
+        });
+        if !ask.is_empty() && !max_free.contains(&ask) && fits_after_offers {
+            let mut who: Vec<String> = held_by.into_values().flatten().collect();
+            who.sort();
+            who.dedup();
+            return format!("the resources it needs are out in offers ({}); they return when those are answered", who.join(", "));
+        }
         let mut reasons = Vec::new();
         for n in ask.names() {
             let want = ask.get(&n);

@@ -1,0 +1,388 @@
+//! Native tasks end to end: `agora run --command/--exec` through a real dev cluster,
+//! with the native executor isolating each task in a cgroup (v1 here, as root), and
+//! the posix fallback.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// The cgroup tests need root and cgroup v1 controllers (CI has both). Elsewhere they
+/// say why they skip.
+fn cgroups_usable() -> bool {
+    let root = unsafe { libc::geteuid() } == 0;
+    let v1 = ["cpu", "cpuacct", "memory", "pids"].iter().all(|c| {
+        std::path::Path::new("/sys/fs/cgroup")
+            .join(c)
+            .join("cgroup.procs")
+            .exists()
+    });
+    if !root || !v1 {
+        eprintln!("skipped: needs root (have: {root}) and cgroup v1 cpu/cpuacct/memory/pids controllers (have: {v1})");
+    }
+    root && v1
+}
+
+/// One cgroup-isolated cluster with a small pids limit, shared by this file's tests.
+fn cluster() -> &'static Cluster {
+    static C: std::sync::OnceLock<Cluster> = std::sync::OnceLock::new();
+    C.get_or_init(|| Cluster::start_with(&["--pids-limit", "64"]))
+}
+
+/// The agent's cgroup directory under a v1 controller.
+fn agent_cgroup(c: &Cluster, controller: &str) -> PathBuf {
+    let work = std::fs::canonicalize(c.agent_dir()).unwrap();
+    let slug = agora_proto::sha256_hex(work.to_string_lossy().as_bytes())[..12].to_string();
+    PathBuf::from("/sys/fs/cgroup")
+        .join(controller)
+        .join("agora")
+        .join(format!("agent-{slug}"))
+}
+
+#[test]
+fn shell_command_output_and_exit_code_pass_through() {
+    if !cgroups_usable() {
+        return;
+    }
+    let c = cluster();
+    let o = c.agora(&[
+        "run",
+        "--command",
+        r#"sh -c "echo hi; echo oops >&2; exit 3""#,
+    ]);
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    assert_eq!(stdout(&o), "hi\n");
+    assert!(stderr(&o).contains("oops"), "{}", stderr(&o));
+    assert!(
+        final_line(&o).ends_with("FAILED: exited with code 3"),
+        "{}",
+        final_line(&o)
+    );
+    let id = task_id(&o);
+    assert_eq!(stdout(&c.agora(&["logs", &id])), "hi\n");
+    assert_eq!(stdout(&c.agora(&["logs", "--stderr", &id])), "oops\n");
+    let ps = stdout(&c.agora(&["ps", "--all"]));
+    let row = ps
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .unwrap_or_default()
+        .to_string();
+    assert!(row.contains("COMMAND_EXITED"), "{row}");
+}
+
+#[test]
+fn argv_form_runs_without_a_shell() {
+    if !cgroups_usable() {
+        return;
+    }
+    let o = cluster().agora(&[
+        "run",
+        "--exec",
+        "/usr/bin/env",
+        "--",
+        "A=B",
+        "sh",
+        "-c",
+        "echo $A; pwd",
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let out = stdout(&o);
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("B"));
+    assert!(
+        lines.next().unwrap_or_default().ends_with("/fs"),
+        "the task runs in its sandbox: {out}"
+    );
+}
+
+#[test]
+fn a_missing_command_says_command_not_found() {
+    if !cgroups_usable() {
+        return;
+    }
+    let c = cluster();
+    let o = c.agora(&["run", "--exec", "no-such-program-xyz"]);
+    assert_eq!(code(&o), 127, "{}", stderr(&o));
+    assert!(
+        final_line(&o).contains("command not found: no-such-program-xyz"),
+        "{}",
+        final_line(&o)
+    );
+    let o = c.agora(&["run", "--command", "no-such-program-xyz --flag"]);
+    assert_eq!(code(&o), 127, "{}", stderr(&o));
+    assert!(
+        final_line(&o).contains("command not found"),
+        "{}",
+        final_line(&o)
+    );
+}
+
+#[test]
+fn a_fork_bomb_is_stopped_by_the_pids_limit_and_others_are_untouched() {
+    if !cgroups_usable() {
+        return;
+    }
+    let c = cluster();
+    let o = c.agora(&[
+        "run",
+        "--mem",
+        "512MiB",
+        "--command",
+        "for i in $(seq 1 500); do sleep 30 & done; wait",
+    ]);
+    assert_ne!(code(&o), 0, "{}", stderr(&o));
+    assert!(
+        final_line(&o).contains("pids limit of 64 reached"),
+        "{}",
+        stderr(&o)
+    );
+    let o = c.agora(&["run", "--command", "echo still fine"]);
+    assert_eq!(stdout(&o), "still fine\n");
+}
+
+#[test]
+fn a_memory_bomb_is_oom_killed_and_reported() {
+    if !cgroups_usable() {
+        return;
+    }
+    let o = cluster().agora(&[
+        "run",
+        "--mem",
+        "64MiB",
+        "--command",
+        "x=a; while :; do x=$x$x; done",
+    ]);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(
+        final_line(&o).contains("FAILED: memory limit of 64MiB reached (out-of-memory kill)"),
+        "{}",
+        final_line(&o)
+    );
+    let ps = stdout(&cluster().agora(&["ps", "--all"]));
+    let id = task_id(&o);
+    assert!(
+        ps.lines()
+            .any(|l| l.starts_with(&id) && l.contains("MEMORY_LIMIT")),
+        "{ps}"
+    );
+}
+
+#[test]
+fn kill_takes_the_whole_process_tree_even_when_it_ignores_sigterm() {
+    if !cgroups_usable() {
+        return;
+    }
+    let c = cluster();
+    let marker = format!("{}", 900_000 + std::process::id() % 90_000);
+    let script = format!(
+        r#"trap "" TERM; for i in 1 2 3; do sh -c 'trap "" TERM; sleep {marker}' & done; wait"#
+    );
+    let mut run = Command::new(AGORA)
+        .args([
+            "run",
+            "--name",
+            "tree",
+            "--kill-grace",
+            "1s",
+            "--command",
+            &script,
+        ])
+        .env("AGORA_CONFIG", &c.config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let id = wait_for(c, |row| row.contains("tree") && row.contains("RUNNING"));
+    wait_until("the grandchildren to start", || count_procs(&marker) >= 3);
+    let k = c.agora(&["kill", &id]);
+    assert_eq!(code(&k), 0, "{}", stderr(&k));
+    let status = wait_exit(&mut run);
+    assert_eq!(status, Some(137));
+    assert_eq!(
+        count_procs(&marker),
+        0,
+        "processes of the killed task are left"
+    );
+}
+
+#[test]
+fn cpus_half_caps_a_busy_loop_near_half_a_core() {
+    if !cgroups_usable() {
+        return;
+    }
+    let c = cluster();
+    let o = c.agora(&[
+        "run",
+        "--cpus",
+        "0.5",
+        "--timeout",
+        "2s",
+        "--command",
+        "while :; do :; done",
+    ]);
+    assert!(
+        final_line(&o).contains("deadline of 2s exceeded"),
+        "{}",
+        stderr(&o)
+    );
+    let id = task_id(&o);
+    let ps = stdout(&c.agora(&["ps", "--all", "--stats"]));
+    let row = ps
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .unwrap_or_else(|| panic!("{ps}"))
+        .to_string();
+    let cpu: f64 = row.split_whitespace().nth(3).unwrap().parse().unwrap();
+    let throttled: u64 = row.split_whitespace().nth(4).unwrap().parse().unwrap();
+    // Two seconds at half a core is one cpu-second; a generous band for a shared machine.
+    assert!(
+        (0.6..=1.4).contains(&cpu),
+        "used {cpu} cpu-seconds in 2 s under cpus 0.5: {row}"
+    );
+    assert!(throttled > 5, "the CFS quota throttled it: {row}");
+}
+
+#[test]
+fn executors_sit_in_a_cgroup_sized_to_their_tasks() {
+    if !cgroups_usable() {
+        return;
+    }
+    let c = Cluster::start();
+    let mut run = Command::new(AGORA)
+        .args([
+            "run",
+            "--name",
+            "sized",
+            "--cpus",
+            "0.5",
+            "--mem",
+            "128MiB",
+            "--command",
+            "sleep 600",
+        ])
+        .env("AGORA_CONFIG", &c.config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let id = wait_for(&c, |row| row.contains("sized") && row.contains("RUNNING"));
+    let mem = agent_cgroup(&c, "memory");
+    let exec = std::fs::read_dir(&mem)
+        .unwrap()
+        .map(|e| e.unwrap().path().join("default-native"))
+        .find(|p| p.exists())
+        .expect("the native executor's cgroup");
+    let limit: u64 = std::fs::read_to_string(exec.join("memory.limit_in_bytes"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        limit,
+        (128 + 32) << 20,
+        "task memory plus the executor's allowance"
+    );
+    let cpu_dir = agent_cgroup(&c, "cpu").join(exec.strip_prefix(&mem).unwrap());
+    let quota: i64 = std::fs::read_to_string(cpu_dir.join("cpu.cfs_quota_us"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(quota, 50_000);
+    // The task's own group nests inside the executor's.
+    let task_dir = std::fs::read_dir(&exec)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.is_dir())
+        .expect("task cgroup");
+    let task_limit: u64 = std::fs::read_to_string(task_dir.join("memory.limit_in_bytes"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(task_limit, 128 << 20);
+    assert_eq!(code(&c.agora(&["kill", &id])), 0);
+    wait_exit(&mut run);
+    wait_until("the executor's cgroup to be removed", || !exec.exists());
+}
+
+#[test]
+fn posix_isolation_still_runs_and_kills_commands() {
+    let c = Cluster::start_with(&["--isolation", "posix"]);
+    let o = c.agora(&["run", "--command", "echo posix; exit 4"]);
+    assert_eq!(code(&o), 4, "{}", stderr(&o));
+    assert_eq!(stdout(&o), "posix\n");
+    let mut run = Command::new(AGORA)
+        .args([
+            "run",
+            "--name",
+            "psleep",
+            "--kill-grace",
+            "500ms",
+            "--command",
+            "trap '' TERM; sleep 600",
+        ])
+        .env("AGORA_CONFIG", &c.config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let id = wait_for(&c, |row| row.contains("psleep") && row.contains("RUNNING"));
+    assert_eq!(code(&c.agora(&["kill", &id])), 0);
+    assert_eq!(wait_exit(&mut run), Some(137));
+    // wasm tasks are unaffected by the isolation mode.
+    assert_eq!(
+        code(&c.agora(&["run", guest("hello").to_str().unwrap()])),
+        0
+    );
+}
+
+fn count_procs(marker: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .filter(|c| {
+            String::from_utf8_lossy(c).replace('\0', " ").trim() == format!("sleep {marker}")
+        })
+        .count()
+}
+
+fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50)); // poll interval
+    }
+}
+
+fn wait_for(c: &Cluster, pred: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ps = stdout(&c.agora(&["ps"]));
+        if let Some(row) = ps.lines().find(|l| pred(l)) {
+            return row.split_whitespace().next().unwrap().to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no matching task in `agora ps`:\n{ps}"
+        );
+        std::thread::sleep(Duration::from_millis(100)); // poll interval
+    }
+}
+
+fn wait_exit(child: &mut std::process::Child) -> Option<i32> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("agora run did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20)); // poll interval
+    }
+}
