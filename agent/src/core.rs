@@ -736,6 +736,14 @@ impl AgentCore {
         }
     }
 
+    /// The executor a live task runs in, and what kind it is.
+    pub fn task_executor(&self, key: &TaskKey) -> Option<(ExecutorKey, ExecutorKind)> {
+        self.tasks
+            .get(key)
+            .filter(|t| t.phase != Phase::Terminal)
+            .map(|t| (t.executor.clone(), ExecutorKind::of(&t.info)))
+    }
+
     /// The kind of process an executor id runs, once known.
     pub fn executor_kind(&self, key: &ExecutorKey) -> Option<ExecutorKind> {
         self.executors.get(key).map(|e| e.kind)

@@ -365,8 +365,8 @@ impl Agent {
             while let Ok((send, recv)) = reader_conn.accept_bi().await {
                 let a = a.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = a.serve_sandbox_read(send, recv).await {
-                        tracing::info!("sandbox read failed: {e:#}");
+                    if let Err(e) = a.serve_master_request(send, recv).await {
+                        tracing::info!("request from the master failed: {e:#}");
                     }
                 });
             }
@@ -442,28 +442,63 @@ impl Agent {
         result
     }
 
-    async fn serve_sandbox_read(
+    /// One request the master sent on a stream of its own: a sandbox read or a usage
+    /// query.
+    async fn serve_master_request(
         &self,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) -> anyhow::Result<()> {
-        let req: SandboxRead = read_frame(&mut recv)
+        let req: v1::AgentRequest = read_frame(&mut recv)
             .await?
             .ok_or_else(|| anyhow::anyhow!("empty request"))?;
-        let reply = match self.read_sandbox(&req).await {
-            Ok((data, size)) => SandboxData {
-                data,
-                size,
-                error: String::new(),
-            },
-            Err(e) => SandboxData {
-                error: format!("{e:#}"),
-                ..Default::default()
-            },
-        };
-        write_frame(&mut send, &reply).await?;
+        match req.request {
+            Some(v1::agent_request::Request::Read(r)) => {
+                let reply = match self.read_sandbox(&r).await {
+                    Ok((data, size)) => SandboxData {
+                        data,
+                        size,
+                        error: String::new(),
+                    },
+                    Err(e) => SandboxData {
+                        error: format!("{e:#}"),
+                        ..Default::default()
+                    },
+                };
+                write_frame(&mut send, &reply).await?;
+            }
+            Some(v1::agent_request::Request::Usage(q)) => {
+                let a = self.clone();
+                let report = tokio::task::spawn_blocking(move || a.usage(&q)).await?;
+                write_frame(&mut send, &report).await?;
+            }
+            None => anyhow::bail!("unknown request from the master (newer master?)"),
+        }
         send.finish()?;
         Ok(())
+    }
+
+    /// Live usage of native tasks, read from their cgroups. wasm tasks report theirs
+    /// (fuel, memory) when they end.
+    fn usage(&self, q: &v1::UsageQuery) -> v1::UsageReport {
+        let mut report = v1::UsageReport::default();
+        for t in q.tasks.iter().take(10_000) {
+            let key = (t.framework_id.clone(), t.task_id.clone());
+            let Some(((fw, exec), ExecutorKind::Native)) = self.lock().core.task_executor(&key)
+            else {
+                continue;
+            };
+            let name = format!(
+                "{}/{}/{}",
+                escape_component(&fw),
+                escape_component(&exec),
+                escape_component(&t.task_id)
+            );
+            if let Ok(Some(group)) = self.isolator.open(&name) {
+                report.usage.insert(t.task_id.clone(), group.stats());
+            }
+        }
+        report
     }
 
     async fn read_sandbox(&self, req: &SandboxRead) -> anyhow::Result<(Vec<u8>, u64)> {

@@ -9,9 +9,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agora_proto::v1::{ExecutorLaunch, TaskState, WasmModule};
+use agora_proto::v1::{CommandInfo, ExecutorLaunch, TaskState, WasmModule};
 use agora_proto::Resources;
-use agora_sdk::{Client, ClientConfig, Event, FrameworkInfo, TaskInfo};
+use agora_sdk::{Client, ClientConfig, Event, FrameworkInfo, Scheduler, TaskInfo};
 use anyhow::Context;
 use clap::Subcommand;
 
@@ -19,7 +19,8 @@ use crate::Target;
 
 #[derive(Subcommand)]
 pub enum BenchCmd {
-    /// Launch N trivial wasm tasks through a cluster; print tasks/s and latencies.
+    /// Launch N trivial wasm tasks, then N native `/bin/true` tasks, through a cluster;
+    /// print tasks/s, latencies and ratios against baselines measured in the same run.
     Launch {
         #[command(flatten)]
         target: Target,
@@ -32,6 +33,9 @@ pub enum BenchCmd {
         /// Run against the cluster in the client config instead of a private one.
         #[arg(long)]
         use_config: bool,
+        /// Leave out the native (/bin/true) half of the benchmark.
+        #[arg(long)]
+        skip_native: bool,
     },
 }
 
@@ -59,6 +63,7 @@ pub async fn bench(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
         n,
         module,
         use_config,
+        skip_native,
     } = cmd;
     let bytes = match &module {
         Some(p) => std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?,
@@ -76,34 +81,85 @@ pub async fn bench(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
         None => ClientConfig::discover(target.master.as_deref(), target.config.as_deref())?,
     };
     let client = Client::connect(&cfg).await?;
-    let result = launch_many(&client, &bytes, n).await;
+    let (sha, size) = client.upload_bytes(&bytes).await?;
+    let wasm = Workload::Wasm(WasmModule {
+        sha256: sha,
+        size,
+        fuel: 0,
+        timeout_ms: 10_000,
+    });
+    let mut sched = client
+        .subscribe(FrameworkInfo {
+            name: "agora-bench-launch".into(),
+            roles: vec!["*".into()],
+            ..Default::default()
+        })
+        .await?;
+    // Warm-up outside the timing: the executors start and compile the module once.
+    let true_cmd = Workload::Native(CommandInfo {
+        shell: false,
+        value: "/bin/true".into(),
+        ..Default::default()
+    });
+    let mut warm = launch_many(&mut sched, &wasm, 5, "warm").await;
+    if warm.is_ok() && !skip_native {
+        warm = launch_many(&mut sched, &true_cmd, 5, "warm-native").await;
+    }
+    let result = match warm {
+        Ok(_) => launch_many(&mut sched, &wasm, n, "wasm").await,
+        Err(e) => Err(e),
+    };
+    let native = if skip_native || result.is_err() {
+        None
+    } else {
+        Some(launch_many(&mut sched, &true_cmd, n, "native").await)
+    };
+    let _ = sched.teardown().await;
     if let Some(p) = private {
         p.stop().await;
     }
     let r = result?;
-    let cluster_rate = n as f64 / r.wall.as_secs_f64();
-    println!("launch benchmark: {n} trivial wasm tasks, submit to terminal");
+    let wasm_rate = n as f64 / r.wall.as_secs_f64();
+    println!("launch benchmark: {n} trivial tasks each, submit to terminal, one framework");
     println!(
-        "  cluster            {cluster_rate:>10.1} tasks/s  ({:.2} s wall)",
+        "  wasm tasks (cluster)   {wasm_rate:>10.1} tasks/s  ({:.2} s wall)",
         r.wall.as_secs_f64()
     );
-    println!("  baseline (runner)  {baseline:>10.1} tasks/s  (same module, executor library in-process, no cluster)");
-    println!("  ratio cluster/baseline  {:.3}", cluster_rate / baseline);
+    println!("  baseline (runner)      {baseline:>10.1} tasks/s  (same module, executor library in-process, no cluster)");
+    println!("  ratio cluster/runner   {:.3}", wasm_rate / baseline);
     println!(
-        "  executor instantiate  p50 {} us  p99 {} us",
+        "  executor instantiate   p50 {} us  p99 {} us",
         pct(&r.inst_us, 0.5),
         pct(&r.inst_us, 0.99)
     );
     println!(
-        "  task latency (accept -> terminal)  p50 {:.2} ms  p99 {:.2} ms",
+        "  wasm task latency      p50 {:.2} ms  p99 {:.2} ms  (accept -> terminal)",
         pct(&r.lat_us, 0.5) as f64 / 1000.0,
         pct(&r.lat_us, 0.99) as f64 / 1000.0
     );
-    if r.failed > 0 {
-        println!("  {} tasks did not finish successfully", r.failed);
+    let mut failed = r.failed;
+    if let Some(native) = native {
+        let nr = native?;
+        let native_rate = n as f64 / nr.wall.as_secs_f64();
+        println!("  native /bin/true       {native_rate:>10.1} tasks/s  ({:.2} s wall, cgroup per task where available)", nr.wall.as_secs_f64());
+        println!(
+            "  native task latency    p50 {:.2} ms  p99 {:.2} ms",
+            pct(&nr.lat_us, 0.5) as f64 / 1000.0,
+            pct(&nr.lat_us, 0.99) as f64 / 1000.0
+        );
+        println!("  ratio wasm/native      {:.2}", wasm_rate / native_rate);
+        failed += nr.failed;
+    }
+    if failed > 0 {
+        println!("  {failed} tasks did not finish successfully");
         return Ok(ExitCode::from(1));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+enum Workload {
+    Wasm(WasmModule),
+    Native(CommandInfo),
 }
 
 /// Runs the module `n` times with the executor's runner directly, in this process.
@@ -143,15 +199,13 @@ struct LaunchResult {
     failed: usize,
 }
 
-async fn launch_many(client: &Client, bytes: &[u8], n: usize) -> anyhow::Result<LaunchResult> {
-    let (sha, size) = client.upload_bytes(bytes).await?;
-    let mut sched = client
-        .subscribe(FrameworkInfo {
-            name: "agora-bench-launch".into(),
-            roles: vec!["*".into()],
-            ..Default::default()
-        })
-        .await?;
+async fn launch_many(
+    sched: &mut Scheduler,
+    work: &Workload,
+    n: usize,
+    tag: &str,
+) -> anyhow::Result<LaunchResult> {
+    sched.revive().await?;
     let per_task = Resources::cpus_mem(10, 4 << 20);
     let mut todo: VecDeque<usize> = (0..n).collect();
     let mut started: HashMap<String, Instant> = HashMap::new();
@@ -181,23 +235,27 @@ async fn launch_many(client: &Client, bytes: &[u8], n: usize) -> anyhow::Result<
                         };
                         free = left;
                         todo.pop_front();
-                        let id = format!("bench-{i}");
+                        let id = format!("{tag}-{i}");
                         started.insert(id.clone(), Instant::now());
                         batch.push(TaskInfo {
                             task_id: id,
                             name: "noop".into(),
                             resources: per_task.to_proto(),
-                            module: Some(WasmModule {
-                                sha256: sha.clone(),
-                                size,
-                                fuel: 0,
-                                timeout_ms: 10_000,
-                            }),
+                            module: match work {
+                                Workload::Wasm(m) => Some(m.clone()),
+                                Workload::Native(_) => None,
+                            },
+                            command: match work {
+                                Workload::Native(c) => Some(c.clone()),
+                                Workload::Wasm(_) => None,
+                            },
                             ..Default::default()
                         });
                     }
                     if batch.is_empty() {
-                        sched.decline(vec![o.offer_id], Some(0.0)).await?;
+                        // Nothing left to launch: keep the agent away until the next batch's REVIVE.
+                        let refuse = if todo.is_empty() { 3600.0 } else { 0.0 };
+                        sched.decline(vec![o.offer_id], Some(refuse)).await?;
                     } else {
                         sched.accept(vec![o.offer_id], batch, Some(0.0)).await?;
                     }
@@ -227,7 +285,6 @@ async fn launch_many(client: &Client, bytes: &[u8], n: usize) -> anyhow::Result<
         }
     }
     let wall = t0.elapsed();
-    let _ = sched.teardown().await;
     inst_us.sort_unstable();
     lat_us.sort_unstable();
     Ok(LaunchResult {

@@ -64,7 +64,11 @@ fn age(ms: u64) -> String {
 
 pub async fn ps(a: PsArgs) -> anyhow::Result<ExitCode> {
     let client = connect(&a.target).await?;
-    let tasks = client.list_tasks(a.all).await?;
+    let tasks = if a.stats {
+        client.list_tasks_with_usage(a.all).await?
+    } else {
+        client.list_tasks(a.all).await?
+    };
     if a.stats {
         println!(
             "{:<14} {:<16} {:<10} {:>9} {:>9} {:>10} {:>14}",

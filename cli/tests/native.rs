@@ -386,3 +386,37 @@ fn wait_exit(child: &mut std::process::Child) -> Option<i32> {
         std::thread::sleep(Duration::from_millis(20)); // poll interval
     }
 }
+
+#[test]
+fn ps_stats_shows_live_usage_of_running_native_tasks() {
+    if !cgroups_usable() {
+        return;
+    }
+    let c = cluster();
+    let mut run = Command::new(AGORA)
+        .args([
+            "run",
+            "--name",
+            "busy",
+            "--cpus",
+            "0.5",
+            "--command",
+            "while :; do :; done",
+        ])
+        .env("AGORA_CONFIG", &c.config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let id = wait_for(c, |row| row.contains("busy") && row.contains("RUNNING"));
+    // CPU seconds grow while it runs: read them live from its cgroup through the master.
+    wait_until("live cpu usage above 0.2 s", || {
+        let ps = stdout(&c.agora(&["ps", "--stats"]));
+        ps.lines()
+            .find(|l| l.starts_with(&id))
+            .and_then(|row| row.split_whitespace().nth(3)?.parse::<f64>().ok())
+            .is_some_and(|cpu| cpu > 0.2)
+    });
+    assert_eq!(code(&c.agora(&["kill", &id])), 0);
+    wait_exit(&mut run);
+}

@@ -1220,6 +1220,18 @@ impl MasterCore {
         Ok((conn, rec.framework_id.clone()))
     }
 
+    /// Live tasks on connected agents, grouped by the agent's connection: what a usage
+    /// query asks each agent about.
+    pub fn live_tasks_by_agent(&self) -> BTreeMap<ConnId, Vec<(String, String)>> {
+        let mut out: BTreeMap<ConnId, Vec<(String, String)>> = BTreeMap::new();
+        for (key, rec) in &self.tasks {
+            if let Some(conn) = self.agents.get(&rec.agent_id).and_then(|a| a.conn) {
+                out.entry(conn).or_default().push(key.clone());
+            }
+        }
+        out
+    }
+
     pub fn list_tasks(&self, all: bool) -> Vec<TaskSummary> {
         let summary = |t: &TaskRecord, fw_name: &str| TaskSummary {
             task_id: t.info.task_id.clone(),

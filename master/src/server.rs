@@ -373,10 +373,21 @@ impl Ctx {
 
     async fn operator(self, req: OperatorRequest, mut send: Send) -> anyhow::Result<()> {
         let resp = match req.request {
-            Some(operator_request::Request::ListTasks(l)) => OperatorResponse {
-                tasks: self.lock().core.list_tasks(l.all),
-                ..Default::default()
-            },
+            Some(operator_request::Request::ListTasks(l)) => {
+                let mut tasks = self.lock().core.list_tasks(l.all);
+                if l.stats {
+                    let live = self.live_usage().await;
+                    for t in tasks.iter_mut().filter(|t| t.usage.is_none()) {
+                        t.usage = live
+                            .get(&(t.framework_id.clone(), t.task_id.clone()))
+                            .copied();
+                    }
+                }
+                OperatorResponse {
+                    tasks,
+                    ..Default::default()
+                }
+            }
             Some(operator_request::Request::Cluster(_)) => OperatorResponse {
                 agents: self.lock().core.agents(),
                 ..Default::default()
@@ -411,6 +422,53 @@ impl Ctx {
         Ok(())
     }
 
+    /// Asks every agent with live tasks for their usage now, concurrently, each
+    /// bounded in time; an agent that does not answer just leaves its tasks blank.
+    async fn live_usage(&self) -> HashMap<(String, String), v1::ResourceUsage> {
+        let asks: Vec<(quinn::Connection, Vec<(String, String)>)> = {
+            let s = self.lock();
+            s.core
+                .live_tasks_by_agent()
+                .into_iter()
+                .filter_map(|(conn, keys)| s.agents.get(&conn).map(|(_, q)| (q.clone(), keys)))
+                .collect()
+        };
+        let queries = asks.into_iter().map(|(q, keys)| async move {
+            let query = v1::UsageQuery {
+                tasks: keys
+                    .iter()
+                    .map(|(f, t)| v1::TaskRef {
+                        framework_id: f.clone(),
+                        task_id: t.clone(),
+                    })
+                    .collect(),
+            };
+            let ask = async {
+                let (mut send, mut recv) = q.open_bi().await?;
+                let req = v1::AgentRequest {
+                    request: Some(v1::agent_request::Request::Usage(query)),
+                };
+                write_frame(&mut send, &req).await?;
+                send.finish()?;
+                let rep: Option<v1::UsageReport> = read_frame(&mut recv).await?;
+                anyhow::Ok(rep.unwrap_or_default())
+            };
+            let rep = tokio::time::timeout(Duration::from_secs(3), ask)
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
+            keys.into_iter()
+                .filter_map(|(f, t)| rep.usage.get(&t).map(|u| ((f, t.clone()), *u)))
+                .collect::<Vec<_>>()
+        });
+        let mut out = HashMap::new();
+        for part in futures_join_all(queries).await {
+            out.extend(part);
+        }
+        out
+    }
+
     /// Reads part of a task's file from the agent that ran it, on a stream of its own.
     async fn read_sandbox(&self, r: v1::ReadTaskFile) -> anyhow::Result<SandboxData> {
         let (qconn, framework_id) = {
@@ -430,6 +488,9 @@ impl Ctx {
             path: r.path,
             offset: r.offset,
             length: r.length.clamp(1, MAX_READ),
+        };
+        let req = v1::AgentRequest {
+            request: Some(v1::agent_request::Request::Read(req)),
         };
         write_frame(&mut send, &req).await?;
         send.finish()?;
@@ -526,4 +587,22 @@ impl Ctx {
         send.finish()?;
         Ok(())
     }
+}
+
+/// Awaits futures concurrently (a tiny join_all, to avoid a dependency for one use).
+async fn futures_join_all<F: std::future::Future>(
+    futs: impl IntoIterator<Item = F>,
+) -> Vec<F::Output>
+where
+    F::Output: std::marker::Send + 'static,
+    F: std::marker::Send + 'static,
+{
+    let handles: Vec<_> = futs.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        if let Ok(v) = h.await {
+            out.push(v);
+        }
+    }
+    out
 }

@@ -168,7 +168,22 @@ impl Client {
 
     pub async fn list_tasks(&self, all: bool) -> anyhow::Result<Vec<TaskSummary>> {
         Ok(self
-            .operator(operator_request::Request::ListTasks(v1::ListTasks { all }))
+            .operator(operator_request::Request::ListTasks(v1::ListTasks {
+                all,
+                stats: false,
+            }))
+            .await?
+            .tasks)
+    }
+
+    /// Like `list_tasks`, with each task's resource usage: live from the agents for
+    /// running tasks, final for finished ones.
+    pub async fn list_tasks_with_usage(&self, all: bool) -> anyhow::Result<Vec<TaskSummary>> {
+        Ok(self
+            .operator(operator_request::Request::ListTasks(v1::ListTasks {
+                all,
+                stats: true,
+            }))
             .await?
             .tasks)
     }
