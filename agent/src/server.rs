@@ -373,7 +373,7 @@ impl Agent {
         });
         let writer = tokio::spawn(async move {
             while let Some(m) = rx.recv().await {
-                if write_frame(&mut send, &m).await.is_err() {
+                if agora_proto::write_queued(&mut send, m, &mut rx).await.is_err() {
                     break;
                 }
             }
@@ -762,7 +762,7 @@ impl Agent {
         self.lock().executors.insert(key.clone(), tx);
         let writer = tokio::spawn(async move {
             while let Some(m) = rx.recv().await {
-                if write_frame(&mut wr, &m).await.is_err() {
+                if agora_proto::write_queued(&mut wr, m, &mut rx).await.is_err() {
                     break;
                 }
             }

@@ -281,10 +281,21 @@ impl Ctx {
         }
         let q2 = qconn.clone();
         let writer = tokio::spawn(async move {
+            let mut pending: Option<String> = None;
             while let Some(m) = rx.recv().await {
                 match m {
                     Out::Msg(m) => {
-                        if write_frame(&mut send, &m).await.is_err() {
+                        if write_out_batch(&mut send, m, &mut rx, &mut pending).await.is_err() {
+                            break;
+                        }
+                        if let Some(why) = pending.take() {
+                            let err = MasterToAgent {
+                                msg: Some(v1::master_to_agent::Msg::Error(v1::AgentError { message: why.clone() })),
+                            };
+                            let _ = write_frame(&mut send, &err).await;
+                            let _ = send.finish();
+                            let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+                            q2.close(3u32.into(), why.as_bytes());
                             break;
                         }
                     }
@@ -336,10 +347,17 @@ impl Ctx {
             s.feed(Input::SchedulerHello { conn, hello });
         }
         let writer = tokio::spawn(async move {
+            let mut pending: Option<String> = None;
             while let Some(m) = rx.recv().await {
                 match m {
                     Out::Msg(e) => {
-                        if write_frame(&mut send, &e).await.is_err() {
+                        if write_out_batch(&mut send, e, &mut rx, &mut pending).await.is_err() {
+                            break;
+                        }
+                        if let Some(why) = pending.take() {
+                            let e = Event { event: Some(v1::event::Event::Error(v1::Error { message: why })) };
+                            let _ = write_frame(&mut send, &e).await;
+                            let _ = send.finish();
                             break;
                         }
                     }
@@ -605,4 +623,27 @@ where
         }
     }
     out
+}
+
+/// Writes `first` and the messages already queued behind it in one batch. A Close met
+/// while draining ends the batch and is handed back through `close` for the caller.
+async fn write_out_batch<M: prost::Message>(
+    send: &mut quinn::SendStream,
+    first: M,
+    rx: &mut mpsc::Receiver<Out<M>>,
+    close: &mut Option<String>,
+) -> Result<(), agora_proto::FrameError> {
+    let mut batch = agora_proto::FrameBatch::new();
+    batch.push(&first)?;
+    while !batch.is_full() {
+        match rx.try_recv() {
+            Ok(Out::Msg(m)) => batch.push(&m)?,
+            Ok(Out::Close(why)) => {
+                *close = Some(why);
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    batch.write_to(send).await
 }
