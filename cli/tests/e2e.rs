@@ -5,7 +5,7 @@
 mod common;
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -218,7 +218,7 @@ fn kill_from_another_terminal_ends_a_running_task() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let id = wait_for_ps(c, |row| row.contains("spin") && row.contains("RUNNING"));
+    let id = wait_for_task(c, |row| row.contains("spin") && row.contains("RUNNING"));
     let k = c.agora(&["kill", &id]);
     assert_eq!(code(&k), 0, "{}", stderr(&k));
     let out = wait_child(&mut run, 60);
@@ -259,7 +259,7 @@ fn a_task_too_big_for_any_agent_waits_and_ps_says_why() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let id = wait_for_ps(c, |row| row.contains("toobig") && row.contains("PENDING"));
+    let id = wait_for_task(c, |row| row.contains("toobig") && row.contains("PENDING"));
     let ps = stdout(&c.agora(&["ps"]));
     let row = ps.lines().find(|l| l.starts_with(&id)).unwrap().to_string();
     assert!(
@@ -452,44 +452,4 @@ fn malformed_and_oversized_frames_close_only_that_connection() {
         code(&c.agora(&["run", guest("hello").to_str().unwrap()])),
         0
     );
-}
-
-/// Polls `agora ps` until a row matches; returns that row's task id.
-fn wait_for_ps(c: &Cluster, pred: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let ps = stdout(&c.agora(&["ps"]));
-        if let Some(row) = ps.lines().find(|l| pred(l)) {
-            return row.split_whitespace().next().unwrap().to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no matching task in `agora ps` within 60 s:\n{ps}"
-        );
-        std::thread::sleep(Duration::from_millis(100)); // poll interval
-    }
-}
-
-fn wait_child(child: &mut std::process::Child, secs: u64) -> std::process::Output {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("process did not exit within {secs} s");
-        }
-        std::thread::sleep(Duration::from_millis(20)); // poll interval
-    }
-    let mut err = Vec::new();
-    use std::io::Read;
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_end(&mut err);
-    }
-    std::process::Output {
-        status: child.try_wait().unwrap().unwrap(),
-        stdout: Vec::new(),
-        stderr: err,
-    }
 }

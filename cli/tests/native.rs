@@ -6,7 +6,6 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -195,11 +194,11 @@ fn kill_takes_the_whole_process_tree_even_when_it_ignores_sigterm() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let id = wait_for(c, |row| row.contains("tree") && row.contains("RUNNING"));
+    let id = wait_for_task(c, |row| row.contains("tree") && row.contains("RUNNING"));
     wait_until("the grandchildren to start", || count_procs(&marker) >= 3);
     let k = c.agora(&["kill", &id]);
     assert_eq!(code(&k), 0, "{}", stderr(&k));
-    let status = wait_exit(&mut run);
+    let status = wait_child(&mut run, 60).status.code();
     assert_eq!(status, Some(137));
     assert_eq!(
         count_procs(&marker),
@@ -268,7 +267,7 @@ fn executors_sit_in_a_cgroup_sized_to_their_tasks() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let id = wait_for(&c, |row| row.contains("sized") && row.contains("RUNNING"));
+    let id = wait_for_task(&c, |row| row.contains("sized") && row.contains("RUNNING"));
     let mem = agent_cgroup(&c, "memory");
     let exec = std::fs::read_dir(&mem)
         .unwrap()
@@ -305,7 +304,7 @@ fn executors_sit_in_a_cgroup_sized_to_their_tasks() {
         .unwrap();
     assert_eq!(task_limit, 128 << 20);
     assert_eq!(code(&c.agora(&["kill", &id])), 0);
-    wait_exit(&mut run);
+    wait_child(&mut run, 60);
     wait_until("the executor's cgroup to be removed", || !exec.exists());
 }
 
@@ -330,9 +329,9 @@ fn posix_isolation_still_runs_and_kills_commands() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let id = wait_for(&c, |row| row.contains("psleep") && row.contains("RUNNING"));
+    let id = wait_for_task(&c, |row| row.contains("psleep") && row.contains("RUNNING"));
     assert_eq!(code(&c.agora(&["kill", &id])), 0);
-    assert_eq!(wait_exit(&mut run), Some(137));
+    assert_eq!(wait_child(&mut run, 60).status.code(), Some(137));
     // wasm tasks are unaffected by the isolation mode.
     assert_eq!(
         code(&c.agora(&["run", guest("hello").to_str().unwrap()])),
@@ -348,43 +347,6 @@ fn count_procs(marker: &str) -> usize {
             String::from_utf8_lossy(c).replace('\0', " ").trim() == format!("sleep {marker}")
         })
         .count()
-}
-
-fn wait_until(what: &str, f: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50)); // poll interval
-    }
-}
-
-fn wait_for(c: &Cluster, pred: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let ps = stdout(&c.agora(&["ps"]));
-        if let Some(row) = ps.lines().find(|l| pred(l)) {
-            return row.split_whitespace().next().unwrap().to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no matching task in `agora ps`:\n{ps}"
-        );
-        std::thread::sleep(Duration::from_millis(100)); // poll interval
-    }
-}
-
-fn wait_exit(child: &mut std::process::Child) -> Option<i32> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            return st.code();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("agora run did not exit");
-        }
-        std::thread::sleep(Duration::from_millis(20)); // poll interval
-    }
 }
 
 #[test]
@@ -408,7 +370,7 @@ fn ps_stats_shows_live_usage_of_running_native_tasks() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let id = wait_for(c, |row| row.contains("busy") && row.contains("RUNNING"));
+    let id = wait_for_task(c, |row| row.contains("busy") && row.contains("RUNNING"));
     // CPU seconds grow while it runs: read them live from its cgroup through the master.
     wait_until("live cpu usage above 0.2 s", || {
         let ps = stdout(&c.agora(&["ps", "--stats"]));
@@ -418,5 +380,5 @@ fn ps_stats_shows_live_usage_of_running_native_tasks() {
             .is_some_and(|cpu| cpu > 0.2)
     });
     assert_eq!(code(&c.agora(&["kill", &id])), 0);
-    wait_exit(&mut run);
+    wait_child(&mut run, 60);
 }

@@ -250,3 +250,60 @@ impl Drop for Proc {
         let _ = self.child.wait();
     }
 }
+
+/// Polls `check` until it holds, for at most 60 s.
+pub fn wait_until(what: &str, check: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !check() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50)); // poll interval
+    }
+}
+
+/// Polls `agora ps` until a row matches; returns that row's task id.
+pub fn wait_for_task(c: &Cluster, pred: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let ps = stdout(&c.agora(&["ps"]));
+        if let Some(row) = ps.lines().find(|l| pred(l)) {
+            return row
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no matching task in `agora ps` within 60 s:\n{ps}"
+        );
+        std::thread::sleep(Duration::from_millis(100)); // poll interval
+    }
+}
+
+/// Waits (bounded) for a child to exit; returns its status and, when piped, stderr.
+pub fn wait_child(child: &mut Child, secs: u64) -> Output {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process did not exit within {secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(20)); // poll interval
+    };
+    let mut err = Vec::new();
+    if let Some(mut e) = child.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_end(&mut err);
+    }
+    Output {
+        status,
+        stdout: Vec::new(),
+        stderr: err,
+    }
+}
