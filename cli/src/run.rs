@@ -48,6 +48,10 @@ pub struct RunArgs {
     /// Task name shown by `agora ps`.
     #[arg(long)]
     name: Option<String>,
+    /// Only run on agents that meet this constraint (repeatable): `zone=edge-1`,
+    /// `zone:edge-1`, `gpu` (attribute exists), `zone~edge-*`, `hostname~edge-*`.
+    #[arg(long = "constraint", value_name = "CONSTRAINT")]
+    constraints: Vec<String>,
     /// Role to run under.
     #[arg(long, default_value = "*")]
     role: String,
@@ -289,6 +293,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             user: std::env::var("USER").unwrap_or_default(),
             roles: vec![a.role.clone()],
             failover_timeout_seconds: 0.0,
+            offer_constraints: a.constraints.clone(),
             ..Default::default()
         })
         .await?;

@@ -152,6 +152,8 @@ pub struct MasterCore {
     artifacts: HashSet<String>,
     allocator: Allocator,
     out: Vec<Output>,
+    /// Time of the latest input, for queries between inputs (explanations).
+    last_now: u64,
 }
 
 fn status(
@@ -189,6 +191,7 @@ impl MasterCore {
             artifacts: HashSet::new(),
             allocator: Allocator::new(),
             out: Vec::new(),
+            last_now: 0,
         }
     }
 
@@ -209,6 +212,7 @@ impl MasterCore {
 
     /// Feeds one input; returns what the shell must do, in order.
     pub fn handle(&mut self, input: Input, now: u64) -> Vec<Output> {
+        self.last_now = now;
         match input {
             Input::AgentHello { conn, hello } => self.agent_hello(conn, hello, now),
             Input::AgentMessage { conn, msg } => self.agent_message(conn, msg, now),
@@ -326,6 +330,11 @@ impl MasterCore {
         }
         self.allocator
             .add_agent(&agent_id, total.clone(), Resources::new());
+        // Attributes (and the hostname) are what offer constraints match on.
+        let attrs = hello.attributes.iter().map(|a| (a.name.clone(), a.value.clone())).collect();
+        if let Err(e) = self.allocator.set_agent_attributes(&agent_id, &hello.hostname, attrs) {
+            tracing::warn!(agent = %agent_id, "agent attributes not usable for constraints: {e}");
+        }
         for key in &task_keys {
             let rec = &self.tasks[key];
             if !rec.status().is_terminal() {
@@ -594,7 +603,31 @@ impl MasterCore {
 
     fn scheduler_hello(&mut self, conn: ConnId, hello: SchedulerHello) {
         let info = hello.framework.unwrap_or_default();
-        let role = info.roles.first().cloned().unwrap_or_else(|| "*".into());
+        // A framework may hold several roles; each offer carries one of them.
+        let mut roles: Vec<String> = info.roles.iter().map(|r| r.trim().to_string()).collect();
+        if roles.is_empty() {
+            roles.push("*".into());
+        }
+        if let Some((r, why)) = roles
+            .iter()
+            .filter(|r| r.as_str() != "*")
+            .find_map(|r| crate::allocator::validate_role(r).err().map(|e| (r.clone(), e)))
+        {
+            self.error(conn, format!("SUBSCRIBE refused: role `{r}`: {why}"));
+            self.out.push(Output::CloseScheduler(conn, format!("role `{r}` is not valid: {why}")));
+            return;
+        }
+        let mut constraints = Vec::new();
+        for text in &info.offer_constraints {
+            match crate::allocator::Constraint::parse(text) {
+                Ok(c) => constraints.push(c),
+                Err(e) => {
+                    self.error(conn, format!("SUBSCRIBE refused: {e}"));
+                    self.out.push(Output::CloseScheduler(conn, format!("offer constraint refused: {e}")));
+                    return;
+                }
+            }
+        }
         let failover_ms =
             if info.failover_timeout_seconds > 0.0 && info.failover_timeout_seconds.is_finite() {
                 (info.failover_timeout_seconds * 1000.0).min(365.0 * 86_400_000.0) as u64
@@ -649,7 +682,12 @@ impl MasterCore {
             },
         );
         self.framework_by_conn.insert(conn, id.clone());
-        self.allocator.add_framework(&id, &role);
+        self.allocator.add_framework_roles(&id, &roles);
+        for role in &roles {
+            if let Err(e) = self.allocator.set_constraints(&id, role, constraints.clone()) {
+                tracing::warn!(framework = %id, "constraints not applied: {e}");
+            }
+        }
         tracing::info!(framework = %id, "framework subscribed");
         self.out.push(Output::ToScheduler(
             conn,
@@ -1358,10 +1396,18 @@ impl MasterCore {
         if !reasons.is_empty() {
             return reasons.join("; ");
         }
-        match self.frameworks.get(fid) {
-            Some(f) if f.conn.is_none() => "its framework is disconnected".into(),
-            _ => "resources are free; waiting for the next offer".into(),
+        if let Some(f) = self.frameworks.get(fid) {
+            if f.conn.is_none() {
+                return "its framework is disconnected".into();
+            }
         }
+        // What else holds offers back: constraints, filters, suppression, quotas.
+        let role = self.allocator.framework_roles(fid).and_then(|r| r.into_iter().next()).unwrap_or_else(|| "*".into());
+        let why = self.allocator.explain_request(fid, &role, &ask, self.last_now);
+        if !why.causes.is_empty() {
+            return why.causes.iter().map(|c| c.to_string()).collect::<Vec<_>>().join("; ");
+        }
+        "resources are free; waiting for the next offer".into()
     }
 
     pub fn agents(&self) -> Vec<v1::AgentSummary> {

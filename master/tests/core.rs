@@ -3444,3 +3444,59 @@ fn whole_master_under_random_traffic_keeps_its_accounts_and_ends_each_task_once(
         assert!(sim.ended.len() > 50, "and ended them ({})", sim.ended.len());
     }
 }
+
+#[test]
+fn a_framework_with_several_roles_gets_offers_in_them_and_bad_roles_or_constraints_are_refused() {
+    let mut m = Master::new();
+    let (a1, _) = m.register_agent(1, "h1", 2_000, 4 * GIB);
+    let (a2, _) = m.register_agent(2, "h2", 2_000, 4 * GIB);
+    let mut info = framework("multi");
+    info.roles = vec!["eng/web".into(), "ops".into()];
+    let (_fid, outs) = m.subscribe_new(10, info);
+    // One offer per agent, each with one of the framework's roles.
+    let roles: Vec<String> = outs
+        .iter()
+        .flat_map(|o| match o {
+            Output::ToScheduler(_, Event { event: Some(event::Event::Offers(os)) }) => os.offers.clone(),
+            _ => vec![],
+        })
+        .map(|o| {
+            assert!(o.agent_id == a1 || o.agent_id == a2);
+            o.role
+        })
+        .collect();
+    assert_eq!(roles.len(), 2, "{outs:?}");
+    assert!(roles.iter().all(|r| r == "eng/web" || r == "ops"), "{roles:?}");
+
+    let mut bad = framework("bad-role");
+    bad.roles = vec!["..".into()];
+    let outs = m.subscribe(11, bad);
+    assert!(matches!(&outs[..], [Output::ToScheduler(11, Event { event: Some(event::Event::Error(e)) }), Output::CloseScheduler(11, _)] if e.message.contains("role `..`")), "{outs:?}");
+
+    let mut bad = framework("bad-constraint");
+    bad.offer_constraints = vec!["=oops".into()];
+    let outs = m.subscribe(12, bad);
+    assert!(matches!(&outs[..], [Output::ToScheduler(12, Event { event: Some(event::Event::Error(e)) }), Output::CloseScheduler(12, _)] if e.message.contains("=oops")), "{outs:?}");
+}
+
+#[test]
+fn constraints_keep_offers_to_matching_agents() {
+    let mut m = Master::new();
+    let mut h = hello("", "edge-host", Resources::cpus_mem(2_000, 4 * GIB), vec![]);
+    h.attributes = vec![agora_proto::v1::Attribute { name: "zone".into(), value: "edge-1".into() }];
+    let outs = m.agent_hello(1, h);
+    let edge = registered_id(&outs[0]);
+    let (core_agent, _) = m.register_agent(2, "core-host", 2_000, 4 * GIB);
+    let mut info = framework("edge");
+    info.offer_constraints = vec!["zone=edge-1".into()];
+    let (_fid, outs) = m.subscribe_new(10, info);
+    let agents: Vec<String> = outs
+        .iter()
+        .flat_map(|o| match o {
+            Output::ToScheduler(_, Event { event: Some(event::Event::Offers(os)) }) => os.offers.clone(),
+            _ => vec![],
+        })
+        .map(|o| o.agent_id)
+        .collect();
+    assert_eq!(agents, vec![edge], "only the edge agent, never {core_agent}");
+}
