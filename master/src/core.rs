@@ -1405,7 +1405,20 @@ impl MasterCore {
         let role = self.allocator.framework_roles(fid).and_then(|r| r.into_iter().next()).unwrap_or_else(|| "*".into());
         let why = self.allocator.explain_request(fid, &role, &ask, self.last_now);
         if !why.causes.is_empty() {
-            return why.causes.iter().map(|c| c.to_string()).collect::<Vec<_>>().join("; ");
+            let now = self.last_now;
+            return why
+                .causes
+                .iter()
+                .map(|c| match c {
+                    // Times relative to now read better than epoch milliseconds.
+                    crate::allocator::WaitCause::Filtered { agents, of_agents, until_ms, .. } => format!(
+                        "the framework declined {agents} of {of_agents} agents that could serve it, for {:.1} s more (REVIVE clears this)",
+                        until_ms.saturating_sub(now) as f64 / 1000.0
+                    ),
+                    other => other.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
         }
         "resources are free; waiting for the next offer".into()
     }

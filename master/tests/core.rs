@@ -2336,9 +2336,10 @@ fn pending_tasks_are_listed_with_why_they_wait() {
         why("p-short"),
         "cpus: asks 1, the most any agent has free is 0.5"
     );
+    // It fits, but the framework declined the agent a moment ago.
     assert_eq!(
         why("p-fits"),
-        "resources are free; waiting for the next offer"
+        "the framework declined 1 of 1 agents that could serve it, for 5.0 s more (REVIVE clears this)"
     );
     assert_eq!(why("p-launch"), "", "a launched task is not waiting");
     assert_eq!(summary(&listed, "p-launch").state(), TaskState::TaskStaging);
