@@ -458,22 +458,41 @@ fn malformed_and_oversized_frames_close_only_that_connection() {
 fn offer_constraints_pin_work_to_matching_agents_and_say_why_otherwise() {
     let c = Cluster::start_with(&["--attributes", "zone:edge-1;rack:3"]);
     let g = guest("hello");
-    let o = c.agora(&["run", "--constraint", "zone=edge-1", "--constraint", "rack", g.to_str().unwrap()]);
+    let o = c.agora(&[
+        "run",
+        "--constraint",
+        "zone=edge-1",
+        "--constraint",
+        "rack",
+        g.to_str().unwrap(),
+    ]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let o = c.agora(&["run", "--constraint", "zone~edge-*", g.to_str().unwrap()]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     // No agent is in zone edge-2: the task waits, and ps names the constraint.
     let mut run = Command::new(AGORA)
-        .args(["run", "--name", "pinned", "--constraint", "zone=edge-2", g.to_str().unwrap()])
+        .args([
+            "run",
+            "--name",
+            "pinned",
+            "--constraint",
+            "zone=edge-2",
+            g.to_str().unwrap(),
+        ])
         .env("AGORA_CONFIG", &c.config)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let id = wait_for_task(&c, |row| row.contains("pinned") && row.contains("PENDING") && row.contains("zone"));
+    let id = wait_for_task(&c, |row| {
+        row.contains("pinned") && row.contains("PENDING") && row.contains("zone")
+    });
     let ps = stdout(&c.agora(&["ps"]));
     let row = ps.lines().find(|l| l.starts_with(&id)).unwrap().to_string();
-    assert!(row.contains("no connected agent meets the constraint"), "{row}");
+    assert!(
+        row.contains("no connected agent meets the constraint"),
+        "{row}"
+    );
     run.kill().unwrap();
     run.wait().unwrap();
     // A constraint that does not parse is refused at SUBSCRIBE, naming it.

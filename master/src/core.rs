@@ -331,8 +331,15 @@ impl MasterCore {
         self.allocator
             .add_agent(&agent_id, total.clone(), Resources::new());
         // Attributes (and the hostname) are what offer constraints match on.
-        let attrs = hello.attributes.iter().map(|a| (a.name.clone(), a.value.clone())).collect();
-        if let Err(e) = self.allocator.set_agent_attributes(&agent_id, &hello.hostname, attrs) {
+        let attrs = hello
+            .attributes
+            .iter()
+            .map(|a| (a.name.clone(), a.value.clone()))
+            .collect();
+        if let Err(e) = self
+            .allocator
+            .set_agent_attributes(&agent_id, &hello.hostname, attrs)
+        {
             tracing::warn!(agent = %agent_id, "agent attributes not usable for constraints: {e}");
         }
         for key in &task_keys {
@@ -608,13 +615,16 @@ impl MasterCore {
         if roles.is_empty() {
             roles.push("*".into());
         }
-        if let Some((r, why)) = roles
-            .iter()
-            .filter(|r| r.as_str() != "*")
-            .find_map(|r| crate::allocator::validate_role(r).err().map(|e| (r.clone(), e)))
-        {
+        if let Some((r, why)) = roles.iter().filter(|r| r.as_str() != "*").find_map(|r| {
+            crate::allocator::validate_role(r)
+                .err()
+                .map(|e| (r.clone(), e))
+        }) {
             self.error(conn, format!("SUBSCRIBE refused: role `{r}`: {why}"));
-            self.out.push(Output::CloseScheduler(conn, format!("role `{r}` is not valid: {why}")));
+            self.out.push(Output::CloseScheduler(
+                conn,
+                format!("role `{r}` is not valid: {why}"),
+            ));
             return;
         }
         let mut constraints = Vec::new();
@@ -623,7 +633,10 @@ impl MasterCore {
                 Ok(c) => constraints.push(c),
                 Err(e) => {
                     self.error(conn, format!("SUBSCRIBE refused: {e}"));
-                    self.out.push(Output::CloseScheduler(conn, format!("offer constraint refused: {e}")));
+                    self.out.push(Output::CloseScheduler(
+                        conn,
+                        format!("offer constraint refused: {e}"),
+                    ));
                     return;
                 }
             }
@@ -684,7 +697,10 @@ impl MasterCore {
         self.framework_by_conn.insert(conn, id.clone());
         self.allocator.add_framework_roles(&id, &roles);
         for role in &roles {
-            if let Err(e) = self.allocator.set_constraints(&id, role, constraints.clone()) {
+            if let Err(e) = self
+                .allocator
+                .set_constraints(&id, role, constraints.clone())
+            {
                 tracing::warn!(framework = %id, "constraints not applied: {e}");
             }
         }
@@ -1402,8 +1418,14 @@ impl MasterCore {
             }
         }
         // What else holds offers back: constraints, filters, suppression, quotas.
-        let role = self.allocator.framework_roles(fid).and_then(|r| r.into_iter().next()).unwrap_or_else(|| "*".into());
-        let why = self.allocator.explain_request(fid, &role, &ask, self.last_now);
+        let role = self
+            .allocator
+            .framework_roles(fid)
+            .and_then(|r| r.into_iter().next())
+            .unwrap_or_else(|| "*".into());
+        let why = self
+            .allocator
+            .explain_request(fid, &role, &ask, self.last_now);
         if !why.causes.is_empty() {
             let now = self.last_now;
             return why

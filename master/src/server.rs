@@ -285,16 +285,22 @@ impl Ctx {
             while let Some(m) = rx.recv().await {
                 match m {
                     Out::Msg(m) => {
-                        if write_out_batch(&mut send, m, &mut rx, &mut pending).await.is_err() {
+                        if write_out_batch(&mut send, m, &mut rx, &mut pending)
+                            .await
+                            .is_err()
+                        {
                             break;
                         }
                         if let Some(why) = pending.take() {
                             let err = MasterToAgent {
-                                msg: Some(v1::master_to_agent::Msg::Error(v1::AgentError { message: why.clone() })),
+                                msg: Some(v1::master_to_agent::Msg::Error(v1::AgentError {
+                                    message: why.clone(),
+                                })),
                             };
                             let _ = write_frame(&mut send, &err).await;
                             let _ = send.finish();
-                            let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+                            let _ =
+                                tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
                             q2.close(3u32.into(), why.as_bytes());
                             break;
                         }
@@ -351,11 +357,16 @@ impl Ctx {
             while let Some(m) = rx.recv().await {
                 match m {
                     Out::Msg(e) => {
-                        if write_out_batch(&mut send, e, &mut rx, &mut pending).await.is_err() {
+                        if write_out_batch(&mut send, e, &mut rx, &mut pending)
+                            .await
+                            .is_err()
+                        {
                             break;
                         }
                         if let Some(why) = pending.take() {
-                            let e = Event { event: Some(v1::event::Event::Error(v1::Error { message: why })) };
+                            let e = Event {
+                                event: Some(v1::event::Event::Error(v1::Error { message: why })),
+                            };
                             let _ = write_frame(&mut send, &e).await;
                             let _ = send.finish();
                             break;

@@ -3458,7 +3458,12 @@ fn a_framework_with_several_roles_gets_offers_in_them_and_bad_roles_or_constrain
     let roles: Vec<String> = outs
         .iter()
         .flat_map(|o| match o {
-            Output::ToScheduler(_, Event { event: Some(event::Event::Offers(os)) }) => os.offers.clone(),
+            Output::ToScheduler(
+                _,
+                Event {
+                    event: Some(event::Event::Offers(os)),
+                },
+            ) => os.offers.clone(),
             _ => vec![],
         })
         .map(|o| {
@@ -3467,24 +3472,36 @@ fn a_framework_with_several_roles_gets_offers_in_them_and_bad_roles_or_constrain
         })
         .collect();
     assert_eq!(roles.len(), 2, "{outs:?}");
-    assert!(roles.iter().all(|r| r == "eng/web" || r == "ops"), "{roles:?}");
+    assert!(
+        roles.iter().all(|r| r == "eng/web" || r == "ops"),
+        "{roles:?}"
+    );
 
     let mut bad = framework("bad-role");
     bad.roles = vec!["..".into()];
     let outs = m.subscribe(11, bad);
-    assert!(matches!(&outs[..], [Output::ToScheduler(11, Event { event: Some(event::Event::Error(e)) }), Output::CloseScheduler(11, _)] if e.message.contains("role `..`")), "{outs:?}");
+    assert!(
+        matches!(&outs[..], [Output::ToScheduler(11, Event { event: Some(event::Event::Error(e)) }), Output::CloseScheduler(11, _)] if e.message.contains("role `..`")),
+        "{outs:?}"
+    );
 
     let mut bad = framework("bad-constraint");
     bad.offer_constraints = vec!["=oops".into()];
     let outs = m.subscribe(12, bad);
-    assert!(matches!(&outs[..], [Output::ToScheduler(12, Event { event: Some(event::Event::Error(e)) }), Output::CloseScheduler(12, _)] if e.message.contains("=oops")), "{outs:?}");
+    assert!(
+        matches!(&outs[..], [Output::ToScheduler(12, Event { event: Some(event::Event::Error(e)) }), Output::CloseScheduler(12, _)] if e.message.contains("=oops")),
+        "{outs:?}"
+    );
 }
 
 #[test]
 fn constraints_keep_offers_to_matching_agents() {
     let mut m = Master::new();
     let mut h = hello("", "edge-host", Resources::cpus_mem(2_000, 4 * GIB), vec![]);
-    h.attributes = vec![agora_proto::v1::Attribute { name: "zone".into(), value: "edge-1".into() }];
+    h.attributes = vec![agora_proto::v1::Attribute {
+        name: "zone".into(),
+        value: "edge-1".into(),
+    }];
     let outs = m.agent_hello(1, h);
     let edge = registered_id(&outs[0]);
     let (core_agent, _) = m.register_agent(2, "core-host", 2_000, 4 * GIB);
@@ -3494,10 +3511,19 @@ fn constraints_keep_offers_to_matching_agents() {
     let agents: Vec<String> = outs
         .iter()
         .flat_map(|o| match o {
-            Output::ToScheduler(_, Event { event: Some(event::Event::Offers(os)) }) => os.offers.clone(),
+            Output::ToScheduler(
+                _,
+                Event {
+                    event: Some(event::Event::Offers(os)),
+                },
+            ) => os.offers.clone(),
             _ => vec![],
         })
         .map(|o| o.agent_id)
         .collect();
-    assert_eq!(agents, vec![edge], "only the edge agent, never {core_agent}");
+    assert_eq!(
+        agents,
+        vec![edge],
+        "only the edge agent, never {core_agent}"
+    );
 }

@@ -71,11 +71,15 @@ impl FrameBatch {
     pub fn push<M: Message>(&mut self, msg: &M) -> Result<(), FrameError> {
         let len = msg.encoded_len();
         if len > MAX_FRAME {
-            return Err(FrameError::TooLarge { size: len, limit: MAX_FRAME });
+            return Err(FrameError::TooLarge {
+                size: len,
+                limit: MAX_FRAME,
+            });
         }
         self.buf.reserve(4 + len);
         self.buf.extend_from_slice(&(len as u32).to_be_bytes());
-        msg.encode(&mut self.buf).expect("reserved room for the message");
+        msg.encode(&mut self.buf)
+            .expect("reserved room for the message");
         Ok(())
     }
 
@@ -182,10 +186,15 @@ mod tests {
         for seq in 2..=5 {
             tx.send(Ping { seq }).await.unwrap();
         }
-        write_queued(&mut a, Ping { seq: 1 }, &mut rx).await.unwrap();
+        write_queued(&mut a, Ping { seq: 1 }, &mut rx)
+            .await
+            .unwrap();
         drop(a);
         for seq in 1..=5 {
-            assert_eq!(read_frame::<_, Ping>(&mut b).await.unwrap(), Some(Ping { seq }));
+            assert_eq!(
+                read_frame::<_, Ping>(&mut b).await.unwrap(),
+                Some(Ping { seq })
+            );
         }
         assert_eq!(read_frame::<_, Ping>(&mut b).await.unwrap(), None);
     }

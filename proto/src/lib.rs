@@ -12,7 +12,9 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/agora.v1.rs"));
 }
 
-pub use frame::{read_frame, read_frame_limited, write_frame, write_queued, FrameBatch, FrameError, MAX_FRAME};
+pub use frame::{
+    read_frame, read_frame_limited, write_frame, write_queued, FrameBatch, FrameError, MAX_FRAME,
+};
 pub use resources::Resources;
 
 /// sha256 of some bytes, as lower-case hex: the name of an artifact.

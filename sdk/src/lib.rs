@@ -298,7 +298,10 @@ impl Client {
         let (ev_tx, ev_rx) = mpsc::channel::<Event>(1024);
         let writer = tokio::spawn(async move {
             while let Some(c) = call_rx.recv().await {
-                if agora_proto::write_queued(&mut send, c, &mut call_rx).await.is_err() {
+                if agora_proto::write_queued(&mut send, c, &mut call_rx)
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
