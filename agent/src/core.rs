@@ -2,8 +2,16 @@
 //!
 //! Pure: the shell feeds it `Input`s with the time, and carries out the `Output`s
 //! (messages to the master and executors, sandboxes to prepare, processes to start).
+//!
+//! Restarts: after every input the shell takes the changes to the durable state
+//! (`take_checkpoint`) and writes them before it carries out the outputs, so every
+//! status update is on disk before it is sent. A restarted agent rebuilds the core
+//! with `AgentCore::recover` from that checkpoint: its executors are waited for (they
+//! keep running and reconnect), those that died meanwhile have their tasks failed,
+//! and only then does the shell register with the master again, with the same agent
+//! id, its tasks, and the unacknowledged updates resent as they were (same uuids).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
 
 use agora_proto::resources::MEM;
@@ -13,6 +21,8 @@ use agora_proto::v1::{
     TaskStatus,
 };
 use agora_proto::Resources;
+
+use crate::checkpoint::{self, CheckpointDelta, CheckpointState, ExecutorRecord, TaskRecord};
 
 /// Executor id used when a wasm task names none.
 pub const DEFAULT_EXECUTOR: &str = "default";
@@ -41,6 +51,29 @@ impl ExecutorKind {
             ExecutorKind::Native => "native",
         }
     }
+
+    fn to_record(self) -> u32 {
+        match self {
+            ExecutorKind::Wasm => checkpoint::kind::WASM,
+            ExecutorKind::Native => checkpoint::kind::NATIVE,
+        }
+    }
+
+    fn from_record(k: u32) -> ExecutorKind {
+        if k == checkpoint::kind::NATIVE {
+            ExecutorKind::Native
+        } else {
+            ExecutorKind::Wasm
+        }
+    }
+}
+
+/// An executor's process, as the shell identifies it: the pid and the process's start
+/// time (which tells it apart from a later process reusing the pid).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExecutorProcess {
+    pub pid: u32,
+    pub start_time: u64,
 }
 
 /// (framework id, executor id)
@@ -61,6 +94,14 @@ pub struct AgentCoreConfig {
     pub executor_idle_ms: u64,
     /// Cap on each of a task's stdout and stderr files.
     pub output_limit_bytes: u64,
+    /// How long executors keep their tasks running while the agent is away, waiting
+    /// for it to come back (the shell passes it on to the executors it starts).
+    pub recovery_timeout_ms: u64,
+    /// After a restart, how long executors from the checkpoint get to re-register
+    /// before they are given up. Live ones reconnect within about a second (dead ones
+    /// are noticed at once), and the master is not registered with until then, so
+    /// keep it well below the master's agent timeout.
+    pub reregister_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -83,6 +124,19 @@ pub enum Input {
     },
     ExecutorRegistered {
         key: ExecutorKey,
+    },
+    /// An executor that lost its agent connected again (after an agent restart),
+    /// naming the tasks it still runs or holds unacknowledged statuses of. Their
+    /// statuses follow as `ExecutorStatus`.
+    ExecutorReregistered {
+        key: ExecutorKey,
+        tasks: Vec<String>,
+    },
+    /// The shell started the executor's process (recorded, so that a restarted agent
+    /// can find it again).
+    ExecutorSpawned {
+        key: ExecutorKey,
+        process: ExecutorProcess,
     },
     ExecutorStatus {
         key: ExecutorKey,
@@ -115,6 +169,14 @@ pub enum Output {
     ReapExecutor {
         key: ExecutorKey,
     },
+    /// (From `recover` only.) An executor process from before the restart: if it is
+    /// still alive, watch it (and feed `ExecutorExited` when it ends) while waiting
+    /// for it to reconnect; if it is gone, feed `ExecutorExited` now. `None`: the
+    /// process was not recorded; only its reconnecting tells.
+    AdoptExecutor {
+        key: ExecutorKey,
+        process: Option<ExecutorProcess>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,6 +199,26 @@ struct UpdateStream {
     backoff_ms: u64,
 }
 
+impl Phase {
+    fn to_record(self) -> u32 {
+        match self {
+            Phase::Preparing => checkpoint::phase::PREPARING,
+            Phase::AwaitingExecutor => checkpoint::phase::AWAITING_EXECUTOR,
+            Phase::Launched => checkpoint::phase::LAUNCHED,
+            Phase::Terminal => checkpoint::phase::TERMINAL,
+        }
+    }
+
+    fn from_record(p: u32) -> Phase {
+        match p {
+            checkpoint::phase::AWAITING_EXECUTOR => Phase::AwaitingExecutor,
+            checkpoint::phase::LAUNCHED => Phase::Launched,
+            checkpoint::phase::TERMINAL => Phase::Terminal,
+            _ => Phase::Preparing,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Task {
     info: TaskInfo,
@@ -144,8 +226,31 @@ struct Task {
     phase: Phase,
     state: TaskState,
     latest: TaskStatus,
+    /// The newest non-terminal status: what a master is told while the terminal
+    /// update has not reached it yet.
+    live: TaskStatus,
     kill_requested: bool,
+    /// Whether the terminal update was ever handed to a master link.
+    terminal_sent: bool,
+    /// Recovered while being prepared: prepare again once the master is back (the
+    /// fetch needs it).
+    needs_prepare: bool,
     updates: UpdateStream,
+}
+
+impl Task {
+    fn record(&self) -> TaskRecord {
+        TaskRecord {
+            info: Some(self.info.clone()),
+            executor_id: self.executor.1.clone(),
+            phase: self.phase.to_record(),
+            latest: Some(self.latest.clone()),
+            live: Some(self.live.clone()),
+            updates: self.updates.queue.iter().cloned().collect(),
+            kill_requested: self.kill_requested,
+            terminal_sent: self.terminal_sent,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -155,6 +260,30 @@ struct Executor {
     /// When it last had no live task (for the idle timeout).
     idle_since: Option<u64>,
     shutting_down: bool,
+    /// From the checkpoint of an agent that restarted; not re-registered yet.
+    recovering: bool,
+    process: Option<ExecutorProcess>,
+}
+
+impl Executor {
+    fn new(kind: ExecutorKind) -> Executor {
+        Executor {
+            kind,
+            registered: false,
+            idle_since: None,
+            shutting_down: false,
+            recovering: false,
+            process: None,
+        }
+    }
+
+    fn record(&self) -> ExecutorRecord {
+        ExecutorRecord {
+            kind: self.kind.to_record(),
+            pid: self.process.map(|p| p.pid).unwrap_or(0),
+            start_time: self.process.map(|p| p.start_time).unwrap_or(0),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -166,6 +295,14 @@ pub struct AgentCore {
     executors: BTreeMap<ExecutorKey, Executor>,
     update_seq: u64,
     out: Vec<Output>,
+    /// Records changed since the last `take_checkpoint`.
+    dirty_tasks: BTreeSet<TaskKey>,
+    dirty_executors: BTreeSet<ExecutorKey>,
+    dirty_meta: bool,
+    /// Some change since the last `take_checkpoint` must be durable before acting.
+    dirty_durable: bool,
+    /// After a restart: when executors that have not re-registered are given up.
+    recovery_deadline: Option<u64>,
 }
 
 impl AgentCore {
@@ -178,7 +315,167 @@ impl AgentCore {
             executors: BTreeMap::new(),
             update_seq: 0,
             out: Vec::new(),
+            dirty_tasks: BTreeSet::new(),
+            dirty_executors: BTreeSet::new(),
+            dirty_meta: false,
+            dirty_durable: false,
+            recovery_deadline: None,
         }
+    }
+
+    /// Rebuilds the core of an agent that restarted from its checkpoint. The outputs
+    /// ask the shell to find each recorded executor process (`AdoptExecutor`). Until
+    /// every recorded executor has re-registered, died, or missed the deadline of
+    /// `reregister_timeout_ms` (see `recovering`), the shell should not register with the
+    /// master: the tasks it would report are not known yet.
+    ///
+    /// - Tasks that were being prepared are prepared again once registered.
+    /// - Launched tasks wait for their executor; if it died meanwhile they end FAILED
+    ///   (EXECUTOR_TERMINATED) saying so.
+    /// - Ended tasks keep their unacknowledged updates, resent as they were.
+    pub fn recover(cfg: AgentCoreConfig, state: CheckpointState, now: u64) -> (Self, Vec<Output>) {
+        let mut core = AgentCore::new(cfg);
+        core.agent_id = state.agent_id;
+        core.update_seq = state.update_seq;
+        for (key, rec) in state.executors {
+            let mut e = Executor::new(ExecutorKind::from_record(rec.kind));
+            e.recovering = true;
+            e.process = (rec.pid != 0).then_some(ExecutorProcess {
+                pid: rec.pid,
+                start_time: rec.start_time,
+            });
+            core.executors.insert(key, e);
+        }
+        let mut orphans = Vec::new();
+        for (key, rec) in state.tasks {
+            let Some(info) = rec.info else {
+                // Unreadable as a task: forget it (the next write removes it).
+                core.dirty_tasks.insert(key);
+                continue;
+            };
+            let executor = (key.0.clone(), rec.executor_id.clone());
+            let latest = rec.latest.unwrap_or_default();
+            let live = rec.live.unwrap_or_else(|| latest.clone());
+            let mut phase = Phase::from_record(rec.phase);
+            let known = core.executors.contains_key(&executor);
+            let mut needs_prepare = phase == Phase::Preparing;
+            if phase == Phase::AwaitingExecutor && !known {
+                // Its executor was never recorded as started: start over from the
+                // sandbox (preparing again is harmless).
+                phase = Phase::Preparing;
+                needs_prepare = true;
+                core.dirty_tasks.insert(key.clone());
+            }
+            if phase == Phase::Launched && !known {
+                orphans.push(key.clone());
+            }
+            core.tasks.insert(
+                key,
+                Task {
+                    state: latest.state(),
+                    info,
+                    executor,
+                    phase,
+                    latest,
+                    live,
+                    kill_requested: rec.kill_requested,
+                    terminal_sent: rec.terminal_sent,
+                    needs_prepare,
+                    updates: UpdateStream {
+                        queue: rec.updates.into(),
+                        next_retry_ms: 0,
+                        backoff_ms: core.cfg.update_retry_ms,
+                    },
+                },
+            );
+        }
+        for key in orphans {
+            let msg = format!(
+                "executor {} is not in the agent's checkpoint after a restart",
+                core.tasks[&key].executor.1
+            );
+            core.terminal(
+                &key,
+                new_status(TaskState::TaskFailed, Reason::ExecutorTerminated, &msg),
+                now,
+            );
+        }
+        if !core.executors.is_empty() {
+            core.recovery_deadline = Some(now + core.cfg.reregister_timeout_ms);
+        }
+        let adopt: Vec<Output> = core
+            .executors
+            .iter()
+            .map(|(key, e)| Output::AdoptExecutor {
+                key: key.clone(),
+                process: e.process,
+            })
+            .collect();
+        core.out.extend(adopt);
+        let outs = std::mem::take(&mut core.out);
+        (core, outs)
+    }
+
+    /// Whether executors from the checkpoint are still awaited (see `recover`).
+    pub fn recovering(&self) -> bool {
+        self.executors.values().any(|e| e.recovering)
+    }
+
+    /// The changes to the durable state since the last call, to be written before
+    /// the outputs of the same input are carried out. `None` when nothing changed.
+    pub fn take_checkpoint(&mut self) -> Option<CheckpointDelta> {
+        if self.dirty_tasks.is_empty() && self.dirty_executors.is_empty() && !self.dirty_meta {
+            return None;
+        }
+        let tasks = std::mem::take(&mut self.dirty_tasks)
+            .into_iter()
+            .map(|k| {
+                let r = self.tasks.get(&k).map(Task::record);
+                (k, r)
+            })
+            .collect();
+        let executors = std::mem::take(&mut self.dirty_executors)
+            .into_iter()
+            .map(|k| {
+                let r = self.executors.get(&k).map(Executor::record);
+                (k, r)
+            })
+            .collect();
+        self.dirty_meta = false;
+        Some(CheckpointDelta {
+            agent_id: self.agent_id.clone(),
+            update_seq: self.update_seq,
+            tasks,
+            executors,
+            durable: std::mem::take(&mut self.dirty_durable),
+        })
+    }
+
+    /// The whole durable state, as a checkpoint holds it after every delta so far.
+    pub fn checkpoint_state(&self) -> CheckpointState {
+        CheckpointState {
+            agent_id: self.agent_id.clone(),
+            update_seq: self.update_seq,
+            tasks: self
+                .tasks
+                .iter()
+                .map(|(k, t)| (k.clone(), t.record()))
+                .collect(),
+            executors: self
+                .executors
+                .iter()
+                .map(|(k, e)| (k.clone(), e.record()))
+                .collect(),
+        }
+    }
+
+    fn touch(&mut self, key: &TaskKey) {
+        self.dirty_tasks.insert(key.clone());
+    }
+
+    fn touch_executor(&mut self, key: &ExecutorKey, durable: bool) {
+        self.dirty_executors.insert(key.clone());
+        self.dirty_durable |= durable;
     }
 
     pub fn agent_id(&self) -> Option<&str> {
@@ -192,14 +489,28 @@ impl AgentCore {
             hostname: self.cfg.hostname.clone(),
             resources: self.cfg.resources.to_proto(),
             attributes: self.cfg.attributes.clone(),
+            // Live tasks with their newest status. A task that ended while no master
+            // listened (e.g. its executor died while the agent was down) is listed
+            // too, with its last live status, so that the master still holds it when
+            // the terminal update arrives, rather than ending it LOST itself. Once a
+            // terminal update was sent, the master may have ended the task already,
+            // so it is not listed again.
             tasks: self
                 .tasks
                 .iter()
-                .filter(|(_, t)| t.phase != Phase::Terminal)
-                .map(|((fw, _), t)| RunningTask {
-                    framework_id: fw.clone(),
-                    task: Some(t.info.clone()),
-                    status: Some(t.latest.clone()),
+                .filter_map(|((fw, _), t)| {
+                    let status = if t.phase != Phase::Terminal {
+                        &t.latest
+                    } else if !t.terminal_sent && !t.updates.queue.is_empty() {
+                        &t.live
+                    } else {
+                        return None;
+                    };
+                    Some(RunningTask {
+                        framework_id: fw.clone(),
+                        task: Some(t.info.clone()),
+                        status: Some(status.clone()),
+                    })
                 })
                 .collect(),
         }
@@ -217,16 +528,30 @@ impl AgentCore {
                         tracing::warn!(%old, new = %agent_id, "master gave this agent a new id");
                     }
                 }
+                if self.agent_id.as_deref() != Some(agent_id.as_str()) {
+                    self.dirty_meta = true;
+                    self.dirty_durable = true;
+                }
                 self.agent_id = Some(agent_id);
                 self.connected = true;
                 // Resend the head of every stream now that someone listens, and start
                 // its backoff afresh: the new link has not failed to deliver anything.
                 let keys: Vec<TaskKey> = self.tasks.keys().cloned().collect();
-                for k in keys {
-                    if let Some(t) = self.tasks.get_mut(&k) {
+                for k in &keys {
+                    if let Some(t) = self.tasks.get_mut(k) {
                         t.updates.backoff_ms = self.cfg.update_retry_ms;
                     }
-                    self.send_head(&k, now);
+                    self.send_head(k, now);
+                }
+                // Tasks recovered half-prepared: prepare again now that fetching works.
+                for k in keys {
+                    if let Some(t) = self.tasks.get_mut(&k) {
+                        if t.needs_prepare {
+                            t.needs_prepare = false;
+                            let task = t.info.clone();
+                            self.out.push(Output::Prepare { key: k, task });
+                        }
+                    }
                 }
             }
             Input::MasterDisconnected => self.connected = false,
@@ -245,6 +570,7 @@ impl AgentCore {
                     // The framework will acknowledge nothing any more, so intermediate
                     // updates are dropped; a terminal one is kept (the master acks it
                     // itself), because it is what lets the master free the resources.
+                    self.touch(&k);
                     if let Some(t) = self.tasks.get_mut(&k) {
                         let head = t.updates.queue.front().map(|h| h.uuid.clone());
                         let last = t
@@ -286,7 +612,16 @@ impl AgentCore {
                 }
             }
             Input::Prepared { key, result } => self.prepared(key, result, now),
-            Input::ExecutorRegistered { key } => self.executor_registered(key, now),
+            Input::ExecutorRegistered { key } => self.executor_attached(key, None, now),
+            Input::ExecutorReregistered { key, tasks } => {
+                self.executor_attached(key, Some(tasks), now)
+            }
+            Input::ExecutorSpawned { key, process } => {
+                if let Some(e) = self.executors.get_mut(&key) {
+                    e.process = Some(process);
+                    self.touch_executor(&key, true);
+                }
+            }
             Input::ExecutorStatus { key, status } => self.executor_status(key, status, now),
             Input::ExecutorExited { key, detail } => self.executor_exited(key, detail, now),
             Input::Tick => self.tick(now),
@@ -325,11 +660,15 @@ impl AgentCore {
                 executor: (rt.framework_id.clone(), exec_id),
                 phase: Phase::Preparing,
                 state: TaskState::TaskStaging,
+                live: latest.clone(),
                 latest,
                 kill_requested: false,
+                terminal_sent: false,
+                needs_prepare: false,
                 updates: UpdateStream::default(),
             },
         );
+        self.touch(&key);
         self.update(
             &key,
             new_status(
@@ -372,7 +711,7 @@ impl AgentCore {
         }
         let exec_key = t.executor.clone();
         let kind = ExecutorKind::of(&t.info);
-        if let Some(e) = self.executors.get(&exec_key) {
+        if let Some(e) = self.executors.get(&exec_key).filter(|e| !e.shutting_down) {
             if e.kind != kind {
                 let msg = format!(
                     "executor {} runs {} tasks; give a {} task another executor id",
@@ -404,24 +743,19 @@ impl AgentCore {
             }
             None => {
                 // No executor: start one.
-                self.executors.insert(
-                    exec_key.clone(),
-                    Executor {
-                        kind,
-                        registered: false,
-                        idle_since: None,
-                        shutting_down: false,
-                    },
-                );
+                self.executors.insert(exec_key.clone(), Executor::new(kind));
+                self.touch_executor(&exec_key, false);
                 self.tasks.get_mut(&key).expect("present").phase = Phase::AwaitingExecutor;
                 self.out.push(Output::SpawnExecutor { key: exec_key });
             }
         }
+        self.touch(&key);
     }
 
     fn launch(&mut self, key: &TaskKey) {
         let work = self.cfg.work_dir.clone();
         let limit = self.cfg.output_limit_bytes;
+        self.dirty_tasks.insert(key.clone());
         let t = self.tasks.get_mut(key).expect("caller checked");
         t.phase = Phase::Launched;
         let sandbox = sandbox_dir(&work, key);
@@ -462,31 +796,121 @@ impl AgentCore {
         });
     }
 
-    fn executor_registered(&mut self, key: ExecutorKey, now: u64) {
-        let kind = self
-            .tasks
-            .values()
-            .find(|t| t.executor == key)
-            .map(|t| ExecutorKind::of(&t.info))
-            .unwrap_or(ExecutorKind::Wasm);
-        let e = self.executors.entry(key.clone()).or_insert(Executor {
-            kind,
-            registered: false,
-            idle_since: None,
-            shutting_down: false,
-        });
+    /// An executor registered: a fresh one (`reported` is `None`), or one that
+    /// reconnected after an agent restart, naming the tasks it still knows.
+    fn executor_attached(&mut self, key: ExecutorKey, reported: Option<Vec<String>>, now: u64) {
+        let reconnect = reported.is_some();
+        let reported: BTreeSet<String> = reported.unwrap_or_default().into_iter().collect();
+        if !self.executors.contains_key(&key) {
+            if reconnect {
+                // An executor from before a restart that this agent does not know (its
+                // record was lost, or it was given up): whatever it runs is nobody's.
+                // It goes, and exits before another process takes its id.
+                tracing::warn!(framework = %key.0, executor = %key.1, "unknown executor reconnected; shutting it down");
+                let mut e = Executor::new(ExecutorKind::Wasm);
+                e.registered = true;
+                e.shutting_down = true;
+                self.executors.insert(key.clone(), e);
+                self.touch_executor(&key, false);
+                self.out.push(shutdown_msg(&key));
+                self.out.push(Output::ReapExecutor { key });
+                return;
+            }
+            let kind = self
+                .tasks
+                .values()
+                .find(|t| t.executor == key)
+                .map(|t| ExecutorKind::of(&t.info))
+                .unwrap_or(ExecutorKind::Wasm);
+            self.executors.insert(key.clone(), Executor::new(kind));
+            self.touch_executor(&key, false);
+        }
+        let e = self.executors.get_mut(&key).expect("inserted above");
+        if e.shutting_down {
+            // Already given up (it missed the recovery deadline): remind it to go.
+            if !e.registered {
+                e.registered = true;
+                self.out.push(shutdown_msg(&key));
+            }
+            return;
+        }
+        let was_recovering = e.recovering;
         e.registered = true;
-        let waiting: Vec<TaskKey> = self
+        e.recovering = false;
+        if was_recovering {
+            tracing::info!(framework = %key.0, executor = %key.1, tasks = reported.len(), "executor re-attached after the agent restarted");
+            if !self.recovering() {
+                self.recovery_deadline = None;
+            }
+        }
+        let mine: Vec<TaskKey> = self
             .tasks
             .iter()
-            .filter(|(_, t)| t.executor == key && t.phase == Phase::AwaitingExecutor)
+            .filter(|(_, t)| {
+                t.executor == key && matches!(t.phase, Phase::AwaitingExecutor | Phase::Launched)
+            })
             .map(|(k, _)| k.clone())
             .collect();
-        if waiting.is_empty() {
-            e.idle_since = Some(now);
+        for k in &mine {
+            let (phase, kill_requested) = (self.tasks[k].phase, self.tasks[k].kill_requested);
+            let listed = reported.contains(&k.1);
+            match (phase, listed) {
+                // Handed over before the restart (the phase change was not on disk).
+                (Phase::AwaitingExecutor, true) => {
+                    self.tasks.get_mut(k).expect("present").phase = Phase::Launched;
+                    self.touch(k);
+                }
+                (Phase::AwaitingExecutor, false) => self.launch(k),
+                // Still there: a kill asked for before the restart may have been lost.
+                (Phase::Launched, true) if kill_requested && reconnect => {
+                    self.out.push(Output::ToExecutor {
+                        key: key.clone(),
+                        msg: AgentToExecutor {
+                            msg: Some(agent_to_executor::Msg::Kill(v1::ExecutorKill {
+                                task_id: k.1.clone(),
+                            })),
+                        },
+                    });
+                }
+                (Phase::Launched, true) => {}
+                // The launch never reached the executor (lost when the agent went
+                // down): it never ran, so launch it now, unless it was to be killed.
+                (Phase::Launched, false) if kill_requested => self.terminal(
+                    k,
+                    new_status(
+                        TaskState::TaskKilled,
+                        Reason::KilledByFramework,
+                        "killed before it started",
+                    ),
+                    now,
+                ),
+                (Phase::Launched, false) => self.launch(k),
+                _ => {}
+            }
         }
-        for k in waiting {
-            self.launch(&k);
+        // What the executor runs that this agent does not know: stop it. (A task
+        // known here as ended is only one whose last status the executor still holds.)
+        for id in &reported {
+            let known = self
+                .tasks
+                .get(&(key.0.clone(), id.clone()))
+                .is_some_and(|t| t.executor == key);
+            if !known {
+                self.out.push(Output::ToExecutor {
+                    key: key.clone(),
+                    msg: AgentToExecutor {
+                        msg: Some(agent_to_executor::Msg::Kill(v1::ExecutorKill {
+                            task_id: id.clone(),
+                        })),
+                    },
+                });
+            }
+        }
+        let busy = self.tasks.values().any(|t| {
+            t.executor == key && t.phase != Phase::Terminal && t.phase != Phase::Preparing
+        });
+        if let Some(e) = self.executors.get_mut(&key) {
+            e.idle_since = if busy { None } else { Some(now) };
         }
     }
 
@@ -494,6 +918,11 @@ impl AgentCore {
         let tkey = (key.0.clone(), s.task_id.clone());
         match self.tasks.get(&tkey) {
             Some(t) if t.executor == key && t.phase != Phase::Terminal => {}
+            Some(t) if t.executor == key => {
+                // Already ended (e.g. a status sent again after a reconnect).
+                tracing::debug!(task = %s.task_id, "status of a task that already ended; ignored");
+                return;
+            }
             _ => {
                 tracing::warn!(task = %s.task_id, "executor reported on a task it does not run; ignored");
                 return;
@@ -506,7 +935,13 @@ impl AgentCore {
             st.fuel_used = s.fuel_used;
             st.usage = s.usage;
             self.terminal(&tkey, st, now);
-        } else if state == TaskState::TaskRunning {
+        } else if state == TaskState::TaskRunning
+            && matches!(
+                self.tasks[&tkey].state,
+                TaskState::TaskStaging | TaskState::TaskStarting
+            )
+        {
+            // (A RUNNING resent after a reconnect, or one after KILLING, changes nothing.)
             let mut st = new_status(TaskState::TaskRunning, Reason::Unspecified, "");
             st.instantiate_us = s.instantiate_us;
             self.update(&tkey, st, now);
@@ -514,7 +949,15 @@ impl AgentCore {
     }
 
     fn executor_exited(&mut self, key: ExecutorKey, detail: String, now: u64) {
-        let was_shutting_down = self.executors.remove(&key).is_some_and(|e| e.shutting_down);
+        let gone = self.executors.remove(&key);
+        if gone.is_some() {
+            self.touch_executor(&key, false);
+        }
+        let was_shutting_down = gone.as_ref().is_some_and(|e| e.shutting_down);
+        let was_recovering = gone.as_ref().is_some_and(|e| e.recovering);
+        if was_recovering && !self.recovering() {
+            self.recovery_deadline = None;
+        }
         // Tasks still being prepared never reached this executor: when ready they
         // start a new one.
         let live: Vec<TaskKey> = self
@@ -530,22 +973,11 @@ impl AgentCore {
         }
         for k in live {
             let t = &self.tasks[&k];
-            if t.phase == Phase::AwaitingExecutor && was_shutting_down {
-                // Queued behind an executor that was on its way out: start a new one
-                // (once for all such tasks).
-                if !self.executors.contains_key(&key) {
-                    let kind = ExecutorKind::of(&t.info);
-                    self.executors.insert(
-                        key.clone(),
-                        Executor {
-                            kind,
-                            registered: false,
-                            idle_since: None,
-                            shutting_down: false,
-                        },
-                    );
-                    self.out.push(Output::SpawnExecutor { key: key.clone() });
-                }
+            if t.phase == Phase::AwaitingExecutor && (was_shutting_down || was_recovering) {
+                // Queued behind an executor that was on its way out (or that did not
+                // survive the agent's restart): start a new one (once for all such
+                // tasks).
+                self.respawn(&key, ExecutorKind::of(&t.info));
                 continue;
             }
             let (state, reason) = if t.kill_requested {
@@ -555,11 +987,80 @@ impl AgentCore {
             } else {
                 (TaskState::TaskFailed, Reason::ExecutorTerminated)
             };
-            self.terminal(
-                &k,
-                new_status(state, reason, &format!("executor {}: {detail}", key.1)),
-                now,
+            let msg = if was_recovering {
+                format!(
+                    "executor {} died while the agent was down ({detail})",
+                    key.1
+                )
+            } else {
+                format!("executor {}: {detail}", key.1)
+            };
+            self.terminal(&k, new_status(state, reason, &msg), now);
+        }
+    }
+
+    /// Starts a fresh executor for tasks that wait for one, unless one is there.
+    fn respawn(&mut self, key: &ExecutorKey, kind: ExecutorKind) {
+        if !self.executors.contains_key(key) {
+            self.executors.insert(key.clone(), Executor::new(kind));
+            self.touch_executor(key, false);
+            self.out.push(Output::SpawnExecutor { key: key.clone() });
+        }
+    }
+
+    /// The recovery deadline passed: executors from the checkpoint that have not
+    /// re-registered are given up, and the tasks they ran end.
+    fn recovery_timed_out(&mut self, now: u64) {
+        let late: Vec<ExecutorKey> = self
+            .executors
+            .iter()
+            .filter(|(_, e)| e.recovering)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in late {
+            tracing::warn!(framework = %key.0, executor = %key.1, "executor did not re-register after the agent restarted; giving it up");
+            let msg = format!(
+                "executor {} did not re-register within {} after the agent restarted",
+                key.1,
+                fmt_ms(self.cfg.reregister_timeout_ms)
             );
+            let e = self.executors.get_mut(&key).expect("listed above");
+            e.recovering = false;
+            let known_process = e.process.is_some();
+            if known_process {
+                // Make sure it goes; its exit (`ExecutorExited`) lets waiting tasks
+                // start a fresh one.
+                e.shutting_down = true;
+                self.out.push(Output::ReapExecutor { key: key.clone() });
+            } else {
+                // No process to watch: forget it.
+                self.executors.remove(&key);
+                self.touch_executor(&key, false);
+            }
+            let mine: Vec<TaskKey> = self
+                .tasks
+                .iter()
+                .filter(|(_, t)| {
+                    t.executor == key
+                        && matches!(t.phase, Phase::AwaitingExecutor | Phase::Launched)
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in mine {
+                let t = &self.tasks[&k];
+                if t.phase == Phase::AwaitingExecutor {
+                    if !known_process {
+                        self.respawn(&key, ExecutorKind::of(&t.info));
+                    }
+                    continue;
+                }
+                let (state, reason) = if t.kill_requested {
+                    (TaskState::TaskKilled, Reason::KilledByFramework)
+                } else {
+                    (TaskState::TaskFailed, Reason::ExecutorTerminated)
+                };
+                self.terminal(&k, new_status(state, reason, &msg), now);
+            }
         }
     }
 
@@ -587,6 +1088,7 @@ impl AgentCore {
             return;
         }
         t.kill_requested = true;
+        self.dirty_tasks.insert(key.clone());
         match t.phase {
             Phase::Preparing => {} // finishes when preparation reports back
             Phase::AwaitingExecutor => self.terminal(
@@ -625,6 +1127,7 @@ impl AgentCore {
             return;
         };
         t.phase = Phase::Terminal;
+        t.needs_prepare = false;
         let exec = t.executor.clone();
         let idle = !self
             .tasks
@@ -655,8 +1158,15 @@ impl AgentCore {
         st.executor_id = t.executor.1.clone();
         st.timestamp_ms = now;
         t.state = st.state();
+        if !t.state.is_terminal() {
+            t.live = st.clone();
+        }
         t.latest = st.clone();
         t.updates.queue.push_back(st);
+        // On disk before it is sent.
+        self.dirty_tasks.insert(key.clone());
+        self.dirty_meta = true;
+        self.dirty_durable = true;
         if t.updates.queue.len() == 1 {
             t.updates.backoff_ms = self.cfg.update_retry_ms;
             self.send_head(key, now);
@@ -674,6 +1184,11 @@ impl AgentCore {
             return;
         };
         t.updates.next_retry_ms = now + t.updates.backoff_ms.max(1);
+        if head.state().is_terminal() && !t.terminal_sent {
+            t.terminal_sent = true;
+            self.dirty_tasks.insert(key.clone());
+            self.dirty_durable = true;
+        }
         self.out.push(Output::ToMaster(AgentToMaster {
             msg: Some(agent_to_master::Msg::StatusUpdate(StatusUpdate {
                 framework_id: key.0.clone(),
@@ -689,6 +1204,7 @@ impl AgentCore {
         };
         if t.updates.queue.front().is_some_and(|h| h.uuid == a.uuid) {
             t.updates.queue.pop_front();
+            self.dirty_tasks.insert(key.clone());
             t.updates.backoff_ms = self.cfg.update_retry_ms;
             self.send_head(&key, now);
         }
@@ -697,11 +1213,21 @@ impl AgentCore {
 
     /// Forgets terminal tasks whose updates were all acknowledged.
     fn gc_tasks(&mut self) {
-        self.tasks
-            .retain(|_, t| !(t.phase == Phase::Terminal && t.updates.queue.is_empty()));
+        let dirty = &mut self.dirty_tasks;
+        self.tasks.retain(|k, t| {
+            let done = t.phase == Phase::Terminal && t.updates.queue.is_empty();
+            if done {
+                dirty.insert(k.clone());
+            }
+            !done
+        });
     }
 
     fn tick(&mut self, now: u64) {
+        if self.recovery_deadline.is_some_and(|d| now >= d) {
+            self.recovery_deadline = None;
+            self.recovery_timed_out(now);
+        }
         // Nothing can be sent while the master is away, so the backoff does not grow
         // either; `Registered` resends every head.
         let due: Vec<TaskKey> = self
@@ -725,12 +1251,7 @@ impl AgentCore {
                     .is_some_and(|t| now.saturating_sub(t) >= idle_ms)
             {
                 e.shutting_down = true;
-                self.out.push(Output::ToExecutor {
-                    key: key.clone(),
-                    msg: AgentToExecutor {
-                        msg: Some(agent_to_executor::Msg::Shutdown(v1::ExecutorShutdown {})),
-                    },
-                });
+                self.out.push(shutdown_msg(key));
                 self.out.push(Output::ReapExecutor { key: key.clone() });
             }
         }
@@ -771,6 +1292,24 @@ impl AgentCore {
             .values()
             .filter(|t| t.phase != Phase::Terminal)
             .count()
+    }
+}
+
+fn shutdown_msg(key: &ExecutorKey) -> Output {
+    Output::ToExecutor {
+        key: key.clone(),
+        msg: AgentToExecutor {
+            msg: Some(agent_to_executor::Msg::Shutdown(v1::ExecutorShutdown {})),
+        },
+    }
+}
+
+/// `60s`, `1500ms`.
+fn fmt_ms(ms: u64) -> String {
+    if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
     }
 }
 

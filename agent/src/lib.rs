@@ -2,9 +2,11 @@
 //! through executor processes, and reports their status.
 //!
 //! - `core`: the pure state machine (tasks, executors, status update streams).
+//! - `checkpoint`: what survives a restart (redb), written after every input.
 //! - `gc`: removal of old sandboxes.
 //! - `server`: the I/O shell (master link, executor socket, fetching, sandboxes).
 
+pub mod checkpoint;
 pub mod core;
 pub mod gc;
 pub mod server;

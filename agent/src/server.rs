@@ -1,8 +1,18 @@
 //! The agent's I/O shell: the QUIC link to the master (with reconnects and
 //! heartbeats), the Unix socket executors connect to, executor processes, artifact
-//! fetching and sandboxes. Decisions live in `core`.
+//! fetching, sandboxes and the checkpoint. Decisions live in `core`.
+//!
+//! Restarts: every change the core makes to its durable state is written to
+//! `<work>/checkpoint.redb` before the outputs of the same input are carried out.
+//! Executor processes survive the agent (their own session, their own cgroup, files
+//! for stdout/stderr): a restarted agent rebuilds its core from the checkpoint, spares
+//! the cgroups of executors still alive, watches those processes (pidfd; they are no
+//! longer its children), waits for them to reconnect to the socket, and registers
+//! with the master only once every recorded executor has re-attached, died or missed
+//! the recovery deadline. A clean stop (`AgentHandle::shutdown`) asks the executors to
+//! shut down, since nothing would re-attach to them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,8 +27,10 @@ use agora_proto::v1::{
 use agora_proto::{read_frame, transfer, unix_millis, write_frame};
 use tokio::sync::mpsc;
 
+use crate::checkpoint::{Checkpoint, Writer};
 use crate::core::{
-    artifact_path, AgentCore, AgentCoreConfig, ExecutorKey, ExecutorKind, Input, Output, TaskKey,
+    artifact_path, AgentCore, AgentCoreConfig, ExecutorKey, ExecutorKind, ExecutorProcess, Input,
+    Output, TaskKey,
 };
 use agora_native_executor::isolation::escape_component;
 use agora_native_executor::{CgroupLimits, CgroupVersion, Group, IsolationMode, Isolator};
@@ -26,6 +38,11 @@ use agora_proto::Resources;
 
 const MASTER_QUEUE: usize = 8192;
 const EXECUTOR_QUEUE: usize = 4096;
+/// How long a clean stop waits for executors to end after asking them to.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// The variable that tells executors how long to wait for a restarting agent (the
+/// executors' `RECOVERY_TIMEOUT_ENV`).
+const RECOVERY_TIMEOUT_ENV: &str = "AGORA_RECOVERY_TIMEOUT_MS";
 
 pub struct AgentConfig {
     pub master: SocketAddr,
@@ -72,6 +89,7 @@ struct Shared {
     master_tx: Option<mpsc::Sender<AgentToMaster>>,
     master_conn: Option<quinn::Connection>,
     executors: HashMap<ExecutorKey, mpsc::Sender<AgentToExecutor>>,
+    /// The process of each executor: a child, or one adopted after a restart.
     children: HashMap<ExecutorKey, u32>,
     /// Each executor process's group, sized to the sum of its live tasks.
     groups: HashMap<ExecutorKey, Arc<Group>>,
@@ -86,16 +104,51 @@ struct Agent {
     isolator: Arc<Isolator>,
     socket: PathBuf,
     fetch_locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    checkpoint: Arc<Writer>,
+    /// Set once no executor from the checkpoint is awaited any more.
+    recovered: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 pub struct AgentHandle {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     shared: Arc<Mutex<Shared>>,
+    checkpoint: Arc<Writer>,
 }
 
 impl AgentHandle {
-    /// Stops the agent and kills its executors (used by tests and `agora dev`).
+    /// Stops the agent (used by `agora agent` and `agora dev` on SIGTERM/Ctrl-C, and
+    /// by tests). Executors would outlive the agent, so they are asked to shut down
+    /// (they kill their tasks and report them) and given `SHUTDOWN_GRACE` to end;
+    /// those still there are killed.
     pub async fn shutdown(self) {
+        let asked = {
+            let s = self.shared.lock().expect("agent state lock");
+            let shutdown = AgentToExecutor {
+                msg: Some(v1::agent_to_executor::Msg::Shutdown(
+                    v1::ExecutorShutdown {},
+                )),
+            };
+            s.executors
+                .iter()
+                .filter(|(k, tx)| {
+                    s.children.contains_key(*k) && tx.try_send(shutdown.clone()).is_ok()
+                })
+                .count()
+        };
+        if asked > 0 {
+            tracing::info!("asked {asked} executors to shut down");
+        }
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        while Instant::now() < deadline
+            && !self
+                .shared
+                .lock()
+                .expect("agent state lock")
+                .children
+                .is_empty()
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await; // poll for the executors' exits
+        }
         for t in &self.tasks {
             t.abort();
         }
@@ -107,8 +160,12 @@ impl AgentHandle {
             s.children.values().copied().collect()
         };
         for pid in pids {
-            // SAFETY: plain kill(2) on a child we started.
+            tracing::warn!(pid, "executor did not shut down in time; killing it");
+            // SAFETY: plain kill(2) of an executor process of ours.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        if let Err(e) = self.checkpoint.sync() {
+            tracing::warn!("cannot sync the checkpoint: {e:#}");
         }
     }
 
@@ -134,7 +191,39 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<AgentHandle> {
     let slug = &agora_proto::sha256_hex(canonical.to_string_lossy().as_bytes())[..12];
     let isolator = Isolator::new(cfg.isolation.mode, &format!("agora/agent-{slug}"))
         .map_err(|e| anyhow::anyhow!("isolation: {e}"))?;
-    match isolator.cleanup_leftovers() {
+    // What an earlier run of this agent left: the checkpoint says which executors may
+    // still run (their cgroups are spared); everything else under our root goes.
+    let checkpoint = Checkpoint::open(&work)?;
+    let state = checkpoint.load()?;
+    let (n_tasks, n_execs) = (state.tasks.len(), state.executors.len());
+    let (core, adopt) = AgentCore::recover(cfg.core.clone(), state, unix_millis());
+    if n_tasks + n_execs > 0 {
+        tracing::info!(
+            tasks = n_tasks,
+            executors = n_execs,
+            agent = core.agent_id().unwrap_or(""),
+            "recovering from the checkpoint in {}",
+            checkpoint.path().display()
+        );
+    }
+    let checkpoint = Arc::new(Writer::new(checkpoint));
+    let keep: BTreeSet<String> = adopt
+        .iter()
+        .filter_map(|o| match o {
+            Output::AdoptExecutor { key, process }
+                if process.as_ref().is_none_or(process_alive) =>
+            {
+                Some(group_name(key))
+            }
+            _ => None,
+        })
+        .collect();
+    let cleaned = if keep.is_empty() {
+        isolator.cleanup_leftovers()
+    } else {
+        Ok(cleanup_except(&isolator, &keep))
+    };
+    match cleaned {
         Ok(0) => {}
         Ok(n) => tracing::warn!("removed {n} cgroups left behind by an earlier run of this agent"),
         Err(e) => tracing::warn!("cannot clean leftover cgroups: {e}"),
@@ -143,8 +232,9 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<AgentHandle> {
     let _ = std::fs::remove_file(&socket);
     let listener = tokio::net::UnixListener::bind(&socket)
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", socket.display()))?;
+    let (recovered, _) = tokio::sync::watch::channel(!core.recovering());
     let shared = Arc::new(Mutex::new(Shared {
-        core: AgentCore::new(cfg.core.clone()),
+        core,
         master_tx: None,
         master_conn: None,
         executors: HashMap::new(),
@@ -158,7 +248,11 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<AgentHandle> {
         isolator: Arc::new(isolator),
         socket,
         fetch_locks: Default::default(),
+        checkpoint: checkpoint.clone(),
+        recovered: Arc::new(recovered),
     };
+    // Find the executors of the earlier run (before anything can feed the core).
+    agent.dispatch(adopt);
     let mut tasks = Vec::new();
     {
         let a = agent.clone();
@@ -181,6 +275,10 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<AgentHandle> {
             loop {
                 iv.tick().await;
                 a.feed(Input::Tick);
+                // What need not be durable still reaches the file while idle.
+                if let Err(e) = a.checkpoint.flush() {
+                    tracing::warn!("cannot write the checkpoint: {e:#}");
+                }
             }
         }));
     }
@@ -214,7 +312,124 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<AgentHandle> {
             }
         }));
     }
-    Ok(AgentHandle { tasks, shared })
+    Ok(AgentHandle {
+        tasks,
+        shared,
+        checkpoint,
+    })
+}
+
+/// The cgroup of an executor: `<framework>/<executor>` under the agent's root.
+fn group_name(key: &ExecutorKey) -> String {
+    format!("{}/{}", escape_component(&key.0), escape_component(&key.1))
+}
+
+/// Like `Isolator::cleanup_leftovers`, but spares the executor groups in `keep`
+/// (`<framework>/<executor>` names): kills and removes every other executor group
+/// under the root. Returns how many were removed.
+fn cleanup_except(isolator: &Isolator, keep: &BTreeSet<String>) -> usize {
+    // The root's directory in each hierarchy, found from a group that is kept.
+    let mut roots: BTreeSet<PathBuf> = BTreeSet::new();
+    for name in keep {
+        if let Ok(Some(g)) = isolator.open(name) {
+            for c in ["cpu", "cpuacct", "memory", "pids", "freezer"] {
+                if let Some(root) = g
+                    .controller_dir(c)
+                    .and_then(|d| d.parent().and_then(Path::parent).map(Path::to_path_buf))
+                {
+                    roots.insert(root);
+                }
+            }
+        }
+    }
+    let subdirs = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut frameworks = BTreeSet::new();
+    let mut names = BTreeSet::new();
+    for root in &roots {
+        for fw in subdirs(root) {
+            for ex in subdirs(&root.join(&fw)) {
+                names.insert(format!("{fw}/{ex}"));
+            }
+            frameworks.insert(fw);
+        }
+    }
+    let mut removed = 0;
+    for name in names.difference(keep) {
+        if let Ok(Some(g)) = isolator.open(name) {
+            tracing::warn!(group = %name, "removing an executor group left behind by an earlier run");
+            if let Err(e) = g.kill_all(Duration::ZERO) {
+                tracing::warn!(group = %name, "cannot empty it: {e}");
+            }
+            match g.remove() {
+                Ok(()) => removed += 1,
+                Err(e) => tracing::warn!(group = %name, "cannot remove it: {e}"),
+            }
+        }
+    }
+    for fw in frameworks {
+        isolator.remove_if_empty(&fw);
+    }
+    removed
+}
+
+/// State and start time (clock ticks after boot) of a process, from /proc/PID/stat.
+fn proc_stat(pid: u32) -> Option<(char, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "PID (COMM) STATE ..." where COMM may hold spaces and parentheses.
+    let rest = text.get(text.rfind(')')? + 1..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    // Field 22 (starttime) is the 20th after the state (field 3).
+    let start = fields.get(19)?.parse().ok()?;
+    Some((state, start))
+}
+
+/// Whether the recorded process still runs (the same process, not a reuse of its pid).
+fn process_alive(p: &ExecutorProcess) -> bool {
+    match proc_stat(p.pid) {
+        Some((state, start)) => {
+            (p.start_time == 0 || start == p.start_time) && state != 'Z' && state != 'X'
+        }
+        None => false,
+    }
+}
+
+/// Waits until a process that is not our child ends (pidfd where the kernel has it,
+/// else polling /proc).
+async fn wait_for_exit(p: ExecutorProcess) {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: pidfd_open(2) takes a pid and flags; it returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, p.pid as libc::pid_t, 0) };
+    if fd >= 0 {
+        // SAFETY: the fd was just returned to us and is owned by nothing else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        // The pid may have been reused, or the process ended, before the fd was made.
+        if !process_alive(&p) {
+            return;
+        }
+        // SAFETY: the AsyncFd owns the OwnedFd, which stays open (and the same fd)
+        // until the AsyncFd is dropped.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        };
+        if let Ok(afd) = registered {
+            // Readable once the process has ended.
+            let _ = afd.readable().await;
+            return;
+        }
+    }
+    while process_alive(&p) {
+        tokio::time::sleep(Duration::from_millis(200)).await; // no pidfd: poll
+    }
 }
 
 impl Agent {
@@ -223,14 +438,33 @@ impl Agent {
     }
 
     fn feed(&self, input: Input) {
-        let outs = {
+        let (outs, ticket) = {
             let mut s = self.lock();
             let outs = s.core.handle(input, unix_millis());
+            // Queued under the lock, so that deltas are written in the order they were
+            // made; written (group commit) before any output is acted on, below.
+            let ticket = self.checkpoint.submit(s.core.take_checkpoint());
             // Resize executor groups before their tasks are sent: on cgroup v1 a task's
             // group may not have a larger CPU quota than its executor's.
             self.resize_groups(&mut s);
-            outs
+            if !s.core.recovering()
+                && self
+                    .recovered
+                    .send_if_modified(|done| !std::mem::replace(done, true))
+            {
+                tracing::info!(
+                    live_tasks = s.core.live_tasks(),
+                    "recovery done: every recorded executor re-attached or was given up"
+                );
+            }
+            (outs, ticket)
         };
+        if let Err(e) = self.checkpoint.settle(ticket) {
+            tracing::error!(
+                "cannot write the checkpoint {}: {e:#}; a restart now would lose state",
+                self.checkpoint.checkpoint().path().display()
+            );
+        }
         self.dispatch(outs);
     }
 
@@ -307,16 +541,33 @@ impl Agent {
                 }
                 Output::ReapExecutor { key } => {
                     let a = self.clone();
+                    // The process asked to go; a later one with the same id is spared.
+                    let Some(pid) = self.lock().children.get(&key).copied() else {
+                        continue;
+                    };
                     tokio::spawn(async move {
                         tokio::time::sleep(Duration::from_secs(5)).await; // grace period, not synchronisation
-                        let pid = a.lock().children.get(&key).copied();
-                        if let Some(pid) = pid {
-                            tracing::warn!(executor = %key.1, "executor ignored shutdown; killing it");
-                            // SAFETY: kill(2) of our own child.
+                        if a.lock().children.get(&key) == Some(&pid) {
+                            tracing::warn!(executor = %key.1, pid, "executor did not end after shutdown; killing it");
+                            // SAFETY: kill(2) of an executor process of ours.
                             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
                         }
                     });
                 }
+                Output::AdoptExecutor { key, process } => match process {
+                    Some(p) if process_alive(&p) => {
+                        tracing::info!(framework = %key.0, executor = %key.1, pid = p.pid, "executor of the earlier run is alive; waiting for it to reconnect");
+                        self.adopt(&key, p);
+                    }
+                    Some(p) => {
+                        let dir = self.executor_dir(&key);
+                        let detail = with_stderr_tail(format!("process {} is gone", p.pid), &dir);
+                        let a = self.clone();
+                        tokio::spawn(async move { a.feed(Input::ExecutorExited { key, detail }) });
+                    }
+                    // Not recorded: only its reconnecting tells (see `serve_executor`).
+                    None => {}
+                },
             }
         }
     }
@@ -324,6 +575,12 @@ impl Agent {
     // ---- master link ----------------------------------------------------------
 
     async fn master_loop(self) {
+        // After a restart, register only once the tasks to report are known.
+        let mut recovered = self.recovered.subscribe();
+        if !*recovered.borrow() {
+            tracing::info!("waiting for the executors of the earlier run before registering");
+            let _ = recovered.wait_for(|done| *done).await;
+        }
         let mut backoff = Duration::from_millis(200);
         loop {
             let started = Instant::now();
@@ -373,7 +630,10 @@ impl Agent {
         });
         let writer = tokio::spawn(async move {
             while let Some(m) = rx.recv().await {
-                if agora_proto::write_queued(&mut send, m, &mut rx).await.is_err() {
+                if agora_proto::write_queued(&mut send, m, &mut rx)
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -640,7 +900,7 @@ impl Agent {
             .split_first()
             .ok_or_else(|| anyhow::anyhow!("no {} executor command configured", kind.name()))?;
         let work = &self.cfg.core.work_dir;
-        let dir = work.join("executors").join(&key.0).join(&key.1);
+        let dir = self.executor_dir(key);
         std::fs::create_dir_all(&dir)?;
         let stdout = std::fs::File::create(dir.join("stdout"))?;
         let stderr = std::fs::File::create(dir.join("stderr"))?;
@@ -652,6 +912,10 @@ impl Agent {
             .arg(&key.0)
             .arg("--executor-id")
             .arg(&key.1)
+            .env(
+                RECOVERY_TIMEOUT_ENV,
+                self.cfg.core.recovery_timeout_ms.to_string(),
+            )
             .stdin(std::process::Stdio::null())
             .stdout(stdout)
             .stderr(stderr);
@@ -672,7 +936,7 @@ impl Agent {
         // The executor's group: <root>/<framework>/<executor>. Native task groups
         // nest under it. cgroup v2 allows no processes in a group whose children
         // have controllers, so there the process sits in a leaf of its own.
-        let group_name = format!("{}/{}", escape_component(&key.0), escape_component(&key.1));
+        let group_name = group_name(key);
         let limits = self.executor_limits(kind, &demand);
         let group = Arc::new(
             self.isolator
@@ -713,7 +977,7 @@ impl Agent {
         }
         tracing::info!(framework = %key.0, executor = %key.1, pid, "started {} executor", kind.name());
         let a = self.clone();
-        let key = key.clone();
+        let waited_key = key.clone();
         let rt = tokio::runtime::Handle::current();
         std::thread::spawn(move || {
             let mut child = child;
@@ -721,6 +985,48 @@ impl Agent {
                 Ok(st) => describe_exit(st, &dir),
                 Err(e) => format!("could not wait for it: {e}"),
             };
+            let _guard = rt.enter();
+            a.executor_gone(waited_key, pid, Some(group), leaf, detail);
+        });
+        // Recorded, so that a restarted agent finds it again.
+        let process = ExecutorProcess {
+            pid,
+            start_time: proc_stat(pid).map(|(_, t)| t).unwrap_or(0),
+        };
+        self.feed(Input::ExecutorSpawned {
+            key: key.clone(),
+            process,
+        });
+        Ok(())
+    }
+
+    fn executor_dir(&self, key: &ExecutorKey) -> PathBuf {
+        self.cfg
+            .core
+            .work_dir
+            .join("executors")
+            .join(&key.0)
+            .join(&key.1)
+    }
+
+    /// The executor's process `pid` ended: its cgroup is emptied and removed, and the
+    /// core told. Nothing happens if another process holds the executor id by now.
+    fn executor_gone(
+        &self,
+        key: ExecutorKey,
+        pid: u32,
+        group: Option<Arc<Group>>,
+        leaf: Option<Group>,
+        detail: String,
+    ) {
+        {
+            let mut s = self.lock();
+            if s.children.get(&key) != Some(&pid) {
+                return;
+            }
+            s.children.remove(&key);
+        }
+        if let Some(group) = &group {
             // Anything the executor left behind (orphans of its tasks) goes with it.
             if let Err(e) = group.kill_all(Duration::from_secs(1)) {
                 tracing::warn!(executor = %key.1, "cannot empty the executor's cgroup: {e}");
@@ -732,25 +1038,71 @@ impl Agent {
                 tracing::warn!(executor = %key.1, "cannot remove the executor's cgroup: {e}");
             }
             // And the framework's group, once its last executor is gone.
-            a.isolator.remove_if_empty(&escape_component(&key.0));
-            {
-                let mut s = a.lock();
-                s.children.remove(&key);
-                s.executors.remove(&key);
-                s.groups.remove(&key);
-                s.sized.remove(&key);
-            }
-            let _guard = rt.enter();
-            a.feed(Input::ExecutorExited { key, detail });
+            self.isolator.remove_if_empty(&escape_component(&key.0));
+        }
+        {
+            let mut s = self.lock();
+            s.executors.remove(&key);
+            s.groups.remove(&key);
+            s.sized.remove(&key);
+        }
+        self.feed(Input::ExecutorExited { key, detail });
+    }
+
+    /// Takes on an executor process this agent did not start (it ran before a
+    /// restart): its cgroup is resized and cleaned like a child's, and its end is
+    /// noticed through a pidfd.
+    fn adopt(&self, key: &ExecutorKey, p: ExecutorProcess) {
+        let name = group_name(key);
+        let group = self.isolator.open(&name).ok().flatten().map(Arc::new);
+        let leaf = match self.isolator.cgroup_version() {
+            Some(CgroupVersion::V2) => self
+                .isolator
+                .open(&format!("{name}/executor.proc"))
+                .ok()
+                .flatten(),
+            _ => None,
+        };
+        {
+            let mut s = self.lock();
+            s.children.insert(key.clone(), p.pid);
+            s.sized.remove(key);
+            match &group {
+                Some(g) => s.groups.insert(key.clone(), g.clone()),
+                None => s.groups.remove(key),
+            };
+        }
+        let a = self.clone();
+        let key = key.clone();
+        let dir = self.executor_dir(&key);
+        tokio::spawn(async move {
+            wait_for_exit(p).await;
+            let detail = with_stderr_tail(
+                format!(
+                    "process {} ended (not a child of this agent: no exit status)",
+                    p.pid
+                ),
+                &dir,
+            );
+            let _ = tokio::task::spawn_blocking(move || {
+                a.executor_gone(key, p.pid, group, leaf, detail)
+            })
+            .await;
         });
-        Ok(())
     }
 
     async fn serve_executor(&self, stream: tokio::net::UnixStream) {
+        let peer_pid = stream
+            .peer_cred()
+            .ok()
+            .and_then(|c| c.pid())
+            .filter(|&p| p > 0)
+            .map(|p| p as u32);
         let (mut rd, mut wr) = stream.into_split();
         let reg = match read_frame::<_, v1::ExecutorToAgent>(&mut rd).await {
             Ok(Some(v1::ExecutorToAgent {
                 msg: Some(executor_to_agent::Msg::Register(r)),
+                ..
             })) => r,
             other => {
                 tracing::warn!("executor connection did not start with a registration: {other:?}");
@@ -759,23 +1111,67 @@ impl Agent {
         };
         let key = (reg.framework_id, reg.executor_id);
         let (tx, mut rx) = mpsc::channel::<AgentToExecutor>(EXECUTOR_QUEUE);
-        self.lock().executors.insert(key.clone(), tx);
+        self.lock().executors.insert(key.clone(), tx.clone());
         let writer = tokio::spawn(async move {
             while let Some(m) = rx.recv().await {
-                if agora_proto::write_queued(&mut wr, m, &mut rx).await.is_err() {
+                if agora_proto::write_queued(&mut wr, m, &mut rx)
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
         });
-        self.feed(Input::ExecutorRegistered { key: key.clone() });
+        // A process this agent did not start (one from before a restart whose pid was
+        // not recorded): watch it like the others.
+        if let Some(pid) = peer_pid {
+            let known = self.lock().children.get(&key).copied();
+            match known {
+                None => {
+                    let process = ExecutorProcess {
+                        pid,
+                        start_time: proc_stat(pid).map(|(_, t)| t).unwrap_or(0),
+                    };
+                    self.adopt(&key, process);
+                    self.feed(Input::ExecutorSpawned {
+                        key: key.clone(),
+                        process,
+                    });
+                }
+                Some(k) if k != pid => {
+                    tracing::warn!(executor = %key.1, pid, recorded = k, "executor connected from another process than recorded");
+                }
+                Some(_) => {}
+            }
+        }
+        if reg.reconnect {
+            self.feed(Input::ExecutorReregistered {
+                key: key.clone(),
+                tasks: reg.task_ids,
+            });
+        } else {
+            self.feed(Input::ExecutorRegistered { key: key.clone() });
+        }
         loop {
             match read_frame::<_, v1::ExecutorToAgent>(&mut rd).await {
                 Ok(Some(v1::ExecutorToAgent {
                     msg: Some(executor_to_agent::Msg::Status(status)),
-                })) => self.feed(Input::ExecutorStatus {
-                    key: key.clone(),
-                    status,
-                }),
+                    seq,
+                })) => {
+                    // The status is in the checkpoint once `feed` returns: the executor
+                    // may forget it.
+                    self.feed(Input::ExecutorStatus {
+                        key: key.clone(),
+                        status,
+                    });
+                    if seq > 0 {
+                        let ack = AgentToExecutor {
+                            msg: Some(v1::agent_to_executor::Msg::Ack(v1::ExecutorAck { seq })),
+                        };
+                        // A full queue drops it; the next one acknowledges both.
+                        let _ = tx.try_send(ack);
+                    }
+                }
                 Ok(Some(_)) => {}
                 Ok(None) => break,
                 Err(e) => {
@@ -796,16 +1192,40 @@ fn describe_exit(st: std::process::ExitStatus, dir: &Path) -> String {
         (None, Some(s)) => format!("killed by signal {s}"),
         _ => "ended".to_string(),
     };
+    with_stderr_tail(how, dir)
+}
+
+/// `how`, followed by the last line of the executor's stderr in parentheses.
+fn with_stderr_tail(how: String, dir: &Path) -> String {
     let tail = std::fs::read_to_string(dir.join("stderr"))
         .ok()
         .and_then(|s| {
             s.lines()
                 .rev()
                 .find(|l| !l.trim().is_empty())
-                .map(str::to_string)
+                .map(strip_ansi)
         });
     match tail {
         Some(t) => format!("{how} ({t})"),
         None => how,
     }
+}
+
+/// `s` without ANSI escape sequences (an executor's log may be coloured).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters, ended by a letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

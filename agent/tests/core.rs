@@ -31,6 +31,8 @@ fn config() -> AgentCoreConfig {
         update_retry_max_ms: 4_000,
         executor_idle_ms: 30_000,
         output_limit_bytes: MIB as u64,
+        recovery_timeout_ms: 60_000,
+        reregister_timeout_ms: 10_000,
     }
 }
 

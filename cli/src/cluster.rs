@@ -79,6 +79,11 @@ pub struct AgentArgs {
     /// Hostname to report. Default: this machine's.
     #[arg(long)]
     hostname: Option<String>,
+    /// Seconds executors keep their tasks running while this agent is down (a
+    /// restart, a crash), waiting for it to come back. After a restart the agent waits
+    /// for them to re-attach (at most 10 s) before it registers with the master.
+    #[arg(long, default_value_t = 60)]
+    recovery_timeout: u64,
     #[command(flatten)]
     isolation: IsolationArgs,
 }
@@ -239,6 +244,7 @@ async fn start_master(
     .with_context(|| format!("cannot start the master on {listen}"))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn start_agent(
     master: SocketAddr,
     id: Identity,
@@ -247,6 +253,7 @@ async fn start_agent(
     attributes: Vec<Attribute>,
     host: String,
     isolation: IsolationSettings,
+    recovery_timeout_ms: u64,
 ) -> anyhow::Result<AgentHandle> {
     let core = AgentCoreConfig {
         hostname: host,
@@ -257,6 +264,10 @@ async fn start_agent(
         update_retry_max_ms: 10_000,
         executor_idle_ms: 10_000,
         output_limit_bytes: 64 << 20,
+        recovery_timeout_ms,
+        // Live executors reconnect within about a second; the master (agent timeout
+        // 15 s by default) is not registered with before this passes.
+        reregister_timeout_ms: recovery_timeout_ms.min(10_000),
     };
     agora_agent::server::start(AgentConfig {
         master,
@@ -312,6 +323,7 @@ impl DevCluster {
             attrs,
             hostname(),
             isolation,
+            60_000,
         )
         .await?;
         // Ready means the agent has registered, so the first task finds an offer.
@@ -433,6 +445,7 @@ pub async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
         attrs,
         a.hostname.unwrap_or_else(hostname),
         a.isolation.settings(),
+        a.recovery_timeout.max(1) * 1000,
     )
     .await?;
     println!("agent offering {res} to the master at {master}");

@@ -2,15 +2,23 @@
 //! runs each launched task on a blocking thread, and reports RUNNING and the terminal
 //! status of every task.
 //!
-//! Frames go out through one writer task that owns the socket's write half, so task
-//! threads (RUNNING from `on_running`, then the terminal status) and the main loop
-//! never interleave partial frames, and a task's statuses stay in order.
+//! Frames go out through one writer task per connection that owns the socket's write
+//! half, so task threads (RUNNING from `on_running`, then the terminal status) and the
+//! main loop never interleave partial frames, and a task's statuses stay in order.
+//!
+//! Statuses pass through an [`Outbox`]: each gets a sequence number and is kept until
+//! the agent acknowledges it (`ExecutorAck`, sent once the status is in the agent's
+//! checkpoint). When the agent goes away (socket EOF or reset: it was restarted, or
+//! killed), the tasks keep running and their statuses wait; the executor connects to
+//! the same socket again with backoff for up to the recovery timeout, registers again
+//! naming the tasks it still knows, and sends the held statuses in order. If the agent
+//! does not come back in time, the executor kills its tasks and exits.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agora_proto::frame::{read_frame, write_frame, FrameError};
 use agora_proto::v1::{
@@ -22,7 +30,7 @@ use tokio::io::AsyncWriteExt as _;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::runner::Runner;
 
@@ -32,91 +40,272 @@ use crate::runner::Runner;
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// How long queued statuses get to reach the agent before the executor returns.
 const FLUSH_GRACE: Duration = Duration::from_secs(5);
+/// Environment variable (milliseconds) the agent sets to say how long an executor
+/// waits for it to come back after losing it.
+pub const RECOVERY_TIMEOUT_ENV: &str = "AGORA_RECOVERY_TIMEOUT_MS";
+/// The wait without that variable.
+pub const DEFAULT_RECOVERY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Backoff between attempts to reach a restarting agent: from the first to the cap.
+const RECONNECT_FIRST: Duration = Duration::from_millis(50);
+const RECONNECT_MAX: Duration = Duration::from_millis(250);
 
-/// Runs the executor until the agent says `shutdown` or goes away (socket EOF), both
-/// of which end in `Ok` after killing the running tasks. A failed connection or a
-/// malformed frame is an error: the agent then sees the executor die.
+/// The recovery timeout from [`RECOVERY_TIMEOUT_ENV`], else the default.
+pub fn recovery_timeout_from_env() -> Duration {
+    std::env::var(RECOVERY_TIMEOUT_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_millis)
+        .unwrap_or(DEFAULT_RECOVERY_TIMEOUT)
+}
+
+/// Runs the executor until the agent says `shutdown` (an `Ok` end, after killing the
+/// running tasks). Losing the agent does not end it: see the module docs; an agent
+/// that does not come back within the recovery timeout ([`RECOVERY_TIMEOUT_ENV`]) is
+/// an error, after the tasks were killed. A failed first connection or a malformed
+/// frame is an error too: the agent then sees the executor die.
 pub async fn run_executor(
     socket: &Path,
     framework_id: &str,
     executor_id: &str,
     cache_dir: Option<PathBuf>,
 ) -> anyhow::Result<()> {
+    run_executor_with(
+        socket,
+        framework_id,
+        executor_id,
+        cache_dir,
+        recovery_timeout_from_env(),
+    )
+    .await
+}
+
+/// [`run_executor`] with the recovery timeout given.
+pub async fn run_executor_with(
+    socket: &Path,
+    framework_id: &str,
+    executor_id: &str,
+    cache_dir: Option<PathBuf>,
+    recovery_timeout: Duration,
+) -> anyhow::Result<()> {
     let runner = Arc::new(Runner::new(cache_dir)?);
     let stream = UnixStream::connect(socket)
         .await
         .with_context(|| format!("cannot connect to the agent at {}", socket.display()))?;
-    let (read_half, write_half) = stream.into_split();
-
-    let (out, out_rx) = mpsc::unbounded_channel();
-    let mut writer = tokio::spawn(write_frames(write_half, out_rx));
-    send(
-        &out,
-        executor_to_agent::Msg::Register(ExecutorRegister {
-            framework_id: framework_id.to_string(),
-            executor_id: executor_id.to_string(),
-        }),
-    );
-
-    // `read_frame` is not cancel-safe, so frames are read in a task of their own and
-    // handed over through a channel, which the loop below can `select!` on safely.
-    let (frames_tx, mut frames) = mpsc::channel(16);
-    let reader = tokio::spawn(async move {
-        let mut read_half = read_half;
-        loop {
-            let frame = read_frame::<_, AgentToExecutor>(&mut read_half).await;
-            let last = !matches!(frame, Ok(Some(_)));
-            if frames_tx.send(frame).await.is_err() || last {
-                break;
-            }
-        }
-    });
-
+    let register = ExecutorRegister {
+        framework_id: framework_id.to_string(),
+        executor_id: executor_id.to_string(),
+        ..Default::default()
+    };
     let mut executor = Executor {
         runner,
-        out,
+        outbox: Arc::default(),
         running: Arc::default(),
         tasks: JoinSet::new(),
     };
+    let mut conn = Conn::start(stream, &executor, register.clone(), false);
     let result = loop {
-        tokio::select! {
-            frame = frames.recv() => match frame {
-                Some(Ok(Some(msg))) => {
-                    if executor.handle(msg) == Flow::Shutdown {
-                        tracing::info!("shutdown requested; killing tasks");
+        match executor.serve(&mut conn).await {
+            End::Shutdown => {
+                tracing::info!("shutdown requested; killing tasks");
+                executor.stop_all().await;
+                break Ok(());
+            }
+            End::Bad(e) => {
+                tracing::error!(error = %e, "bad frame from the agent; exiting");
+                executor.stop_all().await;
+                break Err(frame_error(e));
+            }
+            End::Eof => {
+                tracing::warn!(
+                    tasks = lock(&executor.running).len(),
+                    "lost the agent; tasks keep running while reconnecting for up to {recovery_timeout:?}"
+                );
+                conn.close(&executor.outbox);
+                match executor.reconnect(socket, recovery_timeout).await {
+                    Some(stream) => {
+                        tracing::info!("reconnected to the agent");
+                        conn = Conn::start(stream, &executor, register.clone(), true);
+                    }
+                    None => {
+                        let n = lock(&executor.running).len();
+                        tracing::error!("the agent did not come back within {recovery_timeout:?}; killing {n} tasks");
                         executor.stop_all().await;
-                        break Ok(());
+                        break Err(anyhow::anyhow!(
+                            "the agent at {} did not come back within {recovery_timeout:?}; {n} running tasks were killed",
+                            socket.display()
+                        ));
                     }
                 }
-                Some(Ok(None)) | None => {
-                    tracing::info!("the agent closed the connection; killing tasks");
-                    executor.stop_all().await;
-                    break Ok(());
-                }
-                Some(Err(e)) => {
-                    tracing::error!(error = %e, "bad frame from the agent; exiting");
-                    executor.stop_all().await;
-                    break Err(frame_error(e));
-                }
-            },
-            // Collect finished task threads as they end, so the set does not grow.
-            Some(done) = executor.tasks.join_next() => reap(done),
+            }
         }
     };
-
-    reader.abort();
-    // Dropping our sender lets the writer flush what is queued and finish, unless a
-    // task that ignored its kill still holds a sender: then give up after a while.
+    conn.finish(&executor.outbox).await;
     drop(executor);
-    match tokio::time::timeout(FLUSH_GRACE, &mut writer).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "frame writer task failed"),
-        Err(_) => {
-            tracing::warn!("statuses not flushed to the agent within {FLUSH_GRACE:?}");
-            writer.abort();
+    result
+}
+
+/// How a connection to the agent ended.
+enum End {
+    Shutdown,
+    Eof,
+    Bad(FrameError),
+}
+
+type Frames = mpsc::Receiver<Result<Option<AgentToExecutor>, FrameError>>;
+
+/// One connection to the agent: its reader and writer tasks.
+struct Conn {
+    frames: Frames,
+    reader: JoinHandle<()>,
+    writer: JoinHandle<()>,
+}
+
+impl Conn {
+    /// Starts the reader and writer, registers (naming the tasks known, when this is
+    /// a reconnect) and sends the statuses not yet acknowledged.
+    fn start(
+        stream: UnixStream,
+        ex: &Executor,
+        register: ExecutorRegister,
+        reconnect: bool,
+    ) -> Conn {
+        let (read_half, write_half) = stream.into_split();
+        let (out, out_rx) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(write_frames(write_half, out_rx));
+        ex.outbox.attach(out, register, &ex.running, reconnect);
+        // `read_frame` is not cancel-safe, so frames are read in a task of their own and
+        // handed over through a channel, which the loop can `select!` on safely.
+        let (frames_tx, frames) = mpsc::channel(16);
+        let reader = tokio::spawn(async move {
+            let mut read_half = read_half;
+            loop {
+                let frame = read_frame::<_, AgentToExecutor>(&mut read_half).await;
+                let last = !matches!(frame, Ok(Some(_)));
+                if frames_tx.send(frame).await.is_err() || last {
+                    break;
+                }
+            }
+        });
+        Conn {
+            frames,
+            reader,
+            writer,
         }
     }
-    result
+
+    /// The agent is gone: statuses from now on wait in the outbox.
+    fn close(&mut self, outbox: &Outbox) {
+        outbox.detach();
+        self.reader.abort();
+        self.writer.abort();
+    }
+
+    /// The executor is ending: lets the writer flush what is queued (bounded).
+    async fn finish(mut self, outbox: &Outbox) {
+        self.reader.abort();
+        outbox.detach();
+        match tokio::time::timeout(FLUSH_GRACE, &mut self.writer).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if e.is_cancelled() => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "frame writer task failed"),
+            Err(_) => {
+                tracing::warn!("statuses not flushed to the agent within {FLUSH_GRACE:?}");
+                self.writer.abort();
+            }
+        }
+    }
+}
+
+/// Statuses on their way to the agent, kept until it acknowledges them.
+#[derive(Default)]
+struct Outbox {
+    inner: Mutex<OutboxInner>,
+}
+
+#[derive(Default)]
+struct OutboxInner {
+    seq: u64,
+    pending: VecDeque<(u64, ExecutorStatus)>,
+    /// The current connection's writer; `None` while the agent is away.
+    out: Option<mpsc::UnboundedSender<ExecutorToAgent>>,
+}
+
+impl Outbox {
+    fn lock(&self) -> MutexGuard<'_, OutboxInner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn status(&self, status: ExecutorStatus) {
+        let mut inner = self.lock();
+        inner.push(status);
+    }
+
+    /// A task's end: it leaves the running set and its status is queued in one step,
+    /// so a registration (which lists both) never misses it.
+    fn finish(&self, running: &Running, task_id: &str, status: ExecutorStatus) {
+        let mut inner = self.lock();
+        lock(running).remove(task_id);
+        inner.push(status);
+    }
+
+    /// The agent has every status up to `seq`.
+    fn ack(&self, seq: u64) {
+        let mut inner = self.lock();
+        while inner.pending.front().is_some_and(|(s, _)| *s <= seq) {
+            inner.pending.pop_front();
+        }
+    }
+
+    /// A new connection: the registration first, then the held statuses in order.
+    fn attach(
+        &self,
+        out: mpsc::UnboundedSender<ExecutorToAgent>,
+        mut register: ExecutorRegister,
+        running: &Running,
+        reconnect: bool,
+    ) {
+        let mut inner = self.lock();
+        if reconnect {
+            let mut ids: BTreeSet<String> = lock(running).keys().cloned().collect();
+            ids.extend(inner.pending.iter().map(|(_, s)| s.task_id.clone()));
+            register.reconnect = true;
+            register.task_ids = ids.into_iter().collect();
+        }
+        let _ = out.send(ExecutorToAgent {
+            msg: Some(executor_to_agent::Msg::Register(register)),
+            seq: 0,
+        });
+        for (seq, status) in &inner.pending {
+            let _ = out.send(frame(*seq, status.clone()));
+        }
+        inner.out = Some(out);
+    }
+
+    fn detach(&self) {
+        self.lock().out = None;
+    }
+}
+
+impl OutboxInner {
+    fn push(&mut self, status: ExecutorStatus) {
+        self.seq += 1;
+        let seq = self.seq;
+        self.pending.push_back((seq, status.clone()));
+        if let Some(out) = &self.out {
+            // Fails only once the writer has given up on a broken socket; the status
+            // stays pending and goes again after a reconnect.
+            if out.send(frame(seq, status)).is_err() {
+                self.out = None;
+            }
+        }
+    }
+}
+
+fn frame(seq: u64, status: ExecutorStatus) -> ExecutorToAgent {
+    ExecutorToAgent {
+        msg: Some(executor_to_agent::Msg::Status(status)),
+        seq,
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -132,13 +321,65 @@ type Running = Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>;
 
 struct Executor {
     runner: Arc<Runner>,
-    out: mpsc::UnboundedSender<ExecutorToAgent>,
+    outbox: Arc<Outbox>,
     running: Running,
     /// Task threads, joined to know when they are all gone.
     tasks: JoinSet<()>,
 }
 
 impl Executor {
+    /// Serves one connection until it ends.
+    async fn serve(&mut self, conn: &mut Conn) -> End {
+        loop {
+            tokio::select! {
+                frame = conn.frames.recv() => match frame {
+                    Some(Ok(Some(msg))) => {
+                        if self.handle(msg) == Flow::Shutdown {
+                            return End::Shutdown;
+                        }
+                    }
+                    Some(Ok(None)) | None => return End::Eof,
+                    // The agent died (kill -9 included): a reset connection, or one
+                    // cut in the middle of a frame, is the agent going away too.
+                    Some(Err(FrameError::Io(e))) => {
+                        tracing::debug!(error = %e, "connection to the agent failed");
+                        return End::Eof;
+                    }
+                    Some(Err(FrameError::Truncated)) => return End::Eof,
+                    Some(Err(e)) => return End::Bad(e),
+                },
+                // Collect finished task threads as they end, so the set does not grow.
+                Some(done) = self.tasks.join_next() => reap(done),
+            }
+        }
+    }
+
+    /// Tries to reach the agent again until `timeout` passes, collecting finished
+    /// task threads meanwhile.
+    async fn reconnect(&mut self, socket: &Path, timeout: Duration) -> Option<UnixStream> {
+        let deadline = Instant::now() + timeout;
+        let mut backoff = RECONNECT_FIRST;
+        loop {
+            match UnixStream::connect(socket).await {
+                Ok(s) => return Some(s),
+                Err(e) => tracing::debug!(error = %e, "agent not back yet"),
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            let pause = tokio::time::sleep(backoff.min(deadline - now));
+            tokio::pin!(pause);
+            loop {
+                tokio::select! {
+                    _ = &mut pause => break,
+                    Some(done) = self.tasks.join_next() => reap(done),
+                }
+            }
+            backoff = (backoff * 2).min(RECONNECT_MAX);
+        }
+    }
+
     fn handle(&mut self, msg: AgentToExecutor) -> Flow {
         match msg.msg {
             Some(agent_to_executor::Msg::Launch(launch)) => self.launch(launch),
@@ -155,6 +396,7 @@ impl Executor {
                 }
             }
             Some(agent_to_executor::Msg::Shutdown(_)) => return Flow::Shutdown,
+            Some(agent_to_executor::Msg::Ack(ack)) => self.outbox.ack(ack.seq),
             // A message kind from a newer agent: nothing to do with it.
             None => tracing::warn!("frame from the agent carries no known message; ignored"),
         }
@@ -179,34 +421,28 @@ impl Executor {
         };
         if let Some(message) = refusal {
             tracing::warn!(task_id = %task_id, "{message}");
-            send_status(
-                &self.out,
-                ExecutorStatus {
-                    task_id,
-                    state: TaskState::TaskFailed as i32,
-                    reason: Reason::InvalidTask as i32,
-                    message,
-                    ..Default::default()
-                },
-            );
+            self.outbox.status(ExecutorStatus {
+                task_id,
+                state: TaskState::TaskFailed as i32,
+                reason: Reason::InvalidTask as i32,
+                message,
+                ..Default::default()
+            });
             return;
         }
 
         tracing::info!(task_id = %task_id, module = %launch.module_sha256, "launching task");
         let runner = Arc::clone(&self.runner);
-        let out = self.out.clone();
+        let outbox = Arc::clone(&self.outbox);
         let running = Arc::clone(&self.running);
         self.tasks.spawn_blocking(move || {
             let on_running = |instantiate_us| {
-                send_status(
-                    &out,
-                    ExecutorStatus {
-                        task_id: launch.task_id.clone(),
-                        state: TaskState::TaskRunning as i32,
-                        instantiate_us,
-                        ..Default::default()
-                    },
-                )
+                outbox.status(ExecutorStatus {
+                    task_id: launch.task_id.clone(),
+                    state: TaskState::TaskRunning as i32,
+                    instantiate_us,
+                    ..Default::default()
+                })
             };
             // A panic is a bug of ours, but the agent must still hear about the task.
             let run = std::panic::AssertUnwindSafe(|| runner.run(&launch, kill, on_running));
@@ -219,9 +455,8 @@ impl Executor {
                 message = %status.message,
                 "task ended"
             );
-            lock(&running).remove(&launch.task_id);
-            // Sent from this thread, after RUNNING, through the same channel: in order.
-            send_status(&out, status);
+            // Sent from this thread, after RUNNING, through the same outbox: in order.
+            outbox.finish(&running, &launch.task_id, status);
         });
     }
 
@@ -272,15 +507,6 @@ fn reap(done: Result<(), tokio::task::JoinError>) {
 /// a poisoned lock still holds consistent data.
 fn lock(running: &Running) -> MutexGuard<'_, HashMap<String, Arc<AtomicBool>>> {
     running.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn send(out: &mpsc::UnboundedSender<ExecutorToAgent>, msg: executor_to_agent::Msg) {
-    // Fails only once the writer has given up on a broken socket; it logged that.
-    let _ = out.send(ExecutorToAgent { msg: Some(msg) });
-}
-
-fn send_status(out: &mpsc::UnboundedSender<ExecutorToAgent>, status: ExecutorStatus) {
-    send(out, executor_to_agent::Msg::Status(status));
 }
 
 /// The single owner of the socket's write half.

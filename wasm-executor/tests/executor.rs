@@ -5,10 +5,11 @@ use std::time::Duration;
 
 use agora_proto::frame::{read_frame, write_frame};
 use agora_proto::v1::{
-    agent_to_executor, executor_to_agent, AgentToExecutor, ExecutorKill, ExecutorLaunch,
-    ExecutorShutdown, ExecutorStatus, ExecutorToAgent, Reason, TaskState,
+    agent_to_executor, executor_to_agent, AgentToExecutor, ExecutorAck, ExecutorKill,
+    ExecutorLaunch, ExecutorRegister, ExecutorShutdown, ExecutorStatus, ExecutorToAgent, Reason,
+    TaskState,
 };
-use agora_wasm_executor::run_executor;
+use agora_wasm_executor::executor::run_executor_with;
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixListener;
@@ -21,19 +22,28 @@ const WAIT: Duration = Duration::from_secs(60);
 /// The agent's side of one executor connection.
 struct Agent {
     dir: tempfile::TempDir,
+    listener: Option<UnixListener>,
     rd: OwnedReadHalf,
     wr: OwnedWriteHalf,
     executor: JoinHandle<anyhow::Result<()>>,
+    /// Sequence number of the last status read.
+    last_seq: u64,
 }
 
 impl Agent {
     /// Listens, starts the executor, accepts its connection and checks its register.
     async fn start() -> Agent {
+        Self::start_with(Duration::from_secs(60)).await
+    }
+
+    /// `start` with the executor's recovery timeout given.
+    async fn start_with(recovery: Duration) -> Agent {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("agent.sock");
         let listener = UnixListener::bind(&socket).expect("bind");
-        let executor =
-            tokio::spawn(async move { run_executor(&socket, "fw-1", "ex-1", None).await });
+        let executor = tokio::spawn(async move {
+            run_executor_with(&socket, "fw-1", "ex-1", None, recovery).await
+        });
         let (stream, _) = timeout(WAIT, listener.accept())
             .await
             .expect("executor connects")
@@ -41,20 +51,48 @@ impl Agent {
         let (rd, wr) = stream.into_split();
         let mut agent = Agent {
             dir,
+            listener: Some(listener),
             rd,
             wr,
             executor,
+            last_seq: 0,
         };
-        match agent.next().await.msg {
-            Some(executor_to_agent::Msg::Register(reg)) => {
-                assert_eq!(
-                    (reg.framework_id.as_str(), reg.executor_id.as_str()),
-                    ("fw-1", "ex-1")
-                );
-            }
+        let reg = agent.register().await;
+        assert_eq!(
+            (reg.framework_id.as_str(), reg.executor_id.as_str()),
+            ("fw-1", "ex-1")
+        );
+        assert!(!reg.reconnect && reg.task_ids.is_empty(), "{reg:?}");
+        agent
+    }
+
+    async fn register(&mut self) -> ExecutorRegister {
+        match self.next().await.msg {
+            Some(executor_to_agent::Msg::Register(reg)) => reg,
             other => panic!("expected register, got {other:?}"),
         }
-        agent
+    }
+
+    /// Goes away as a dying agent does (the executor reads EOF), then waits for the
+    /// executor to connect again and returns its registration.
+    async fn restart(&mut self) -> ExecutorRegister {
+        self.wr.shutdown().await.expect("shutdown write half");
+        let listener = self.listener.as_ref().expect("listening");
+        let (stream, _) = timeout(WAIT, listener.accept())
+            .await
+            .expect("executor reconnects")
+            .expect("accept");
+        let (rd, wr) = stream.into_split();
+        self.rd = rd;
+        self.wr = wr;
+        self.register().await
+    }
+
+    /// Acknowledges every status read so far.
+    async fn ack(&mut self) {
+        let seq = self.last_seq;
+        self.send(agent_to_executor::Msg::Ack(ExecutorAck { seq }))
+            .await;
     }
 
     async fn next(&mut self) -> ExecutorToAgent {
@@ -66,10 +104,21 @@ impl Agent {
     }
 
     async fn status(&mut self) -> ExecutorStatus {
-        match self.next().await.msg {
-            Some(executor_to_agent::Msg::Status(status)) => status,
+        let frame = self.next().await;
+        match frame.msg {
+            Some(executor_to_agent::Msg::Status(status)) => {
+                assert!(frame.seq > 0, "every status has a sequence number");
+                self.last_seq = frame.seq;
+                status
+            }
             other => panic!("expected a status, got {other:?}"),
         }
+    }
+
+    /// A status and its sequence number.
+    async fn status_seq(&mut self) -> (u64, ExecutorStatus) {
+        let status = self.status().await;
+        (self.last_seq, status)
     }
 
     async fn send(&mut self, msg: agent_to_executor::Msg) {
@@ -204,7 +253,104 @@ async fn launch_kill_and_shutdown() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agent_going_away_kills_tasks_and_ends_cleanly() {
+async fn losing_the_agent_keeps_tasks_running_and_reconnecting_resends_held_statuses() {
+    let mut agent = Agent::start().await;
+    // hello-1 runs and ends; its two statuses are read but not acknowledged.
+    let hello = agent.launch("hello-1", "hello", &[]);
+    agent.send(agent_to_executor::Msg::Launch(hello)).await;
+    let (s1, running) = agent.status_seq().await;
+    assert_status(
+        &running,
+        "hello-1",
+        TaskState::TaskRunning,
+        Reason::Unspecified,
+    );
+    let (s2, done) = agent.status_seq().await;
+    assert_status(
+        &done,
+        "hello-1",
+        TaskState::TaskFinished,
+        Reason::Unspecified,
+    );
+    assert!(s2 > s1, "{s1} then {s2}");
+    // spin-1 runs until killed.
+    let spin = agent.launch("spin-1", "spin", &[]);
+    agent.send(agent_to_executor::Msg::Launch(spin)).await;
+    let (s3, _) = agent.status_seq().await;
+    // spin-2 hits its deadline soon after the agent goes away.
+    let spin2 = ExecutorLaunch {
+        timeout_ms: 300,
+        ..agent.launch("spin-2", "spin", &[])
+    };
+    agent.send(agent_to_executor::Msg::Launch(spin2)).await;
+    let (s4, running2) = agent.status_seq().await;
+    assert_status(
+        &running2,
+        "spin-2",
+        TaskState::TaskRunning,
+        Reason::Unspecified,
+    );
+    // None of these is acknowledged.
+
+    // The agent goes away. Nothing is killed: the executor comes back and names every
+    // task it still runs or holds statuses of.
+    let reg = agent.restart().await;
+    assert!(reg.reconnect, "{reg:?}");
+    assert_eq!(
+        (reg.framework_id.as_str(), reg.executor_id.as_str()),
+        ("fw-1", "ex-1")
+    );
+    for id in ["hello-1", "spin-1", "spin-2"] {
+        assert!(reg.task_ids.contains(&id.to_string()), "{id} in {reg:?}");
+    }
+    // Then every unacknowledged status again, in order, with its sequence number; and
+    // spin-2's end, whether it happened while the agent was away or just now.
+    let mut again = Vec::new();
+    for _ in 0..5 {
+        let (seq, st) = agent.status_seq().await;
+        again.push((seq, st.task_id.clone(), st.state()));
+    }
+    assert_eq!(
+        again,
+        vec![
+            (s1, "hello-1".to_string(), TaskState::TaskRunning),
+            (s2, "hello-1".to_string(), TaskState::TaskFinished),
+            (s3, "spin-1".to_string(), TaskState::TaskRunning),
+            (s4, "spin-2".to_string(), TaskState::TaskRunning),
+            (s4 + 1, "spin-2".to_string(), TaskState::TaskFailed),
+        ]
+    );
+    // This time everything is acknowledged: the next reconnect sends no status again,
+    // and names only the task still running.
+    agent.ack().await;
+    let reg = agent.restart().await;
+    assert!(reg.reconnect);
+    assert_eq!(reg.task_ids, vec!["spin-1".to_string()]);
+    // spin-1 still runs under the new connection: a kill reaches it, and its KILLED is
+    // the next frame (nothing was resent before it).
+    agent
+        .send(agent_to_executor::Msg::Kill(ExecutorKill {
+            task_id: "spin-1".to_string(),
+        }))
+        .await;
+    let (seq, killed) = agent.status_seq().await;
+    assert_status(
+        &killed,
+        "spin-1",
+        TaskState::TaskKilled,
+        Reason::KilledByFramework,
+    );
+    assert_eq!(seq, s4 + 2);
+    agent
+        .send(agent_to_executor::Msg::Shutdown(ExecutorShutdown {}))
+        .await;
+    agent.ended().await.expect("shutdown is a clean exit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_reset_while_the_agent_dies_is_not_the_end() {
+    // A dying agent's listener may still take the executor's first reconnect, then
+    // reset it: the executor tries again rather than giving up its tasks.
     let mut agent = Agent::start().await;
     let spin = agent.launch("spin-1", "spin", &[]);
     agent.send(agent_to_executor::Msg::Launch(spin)).await;
@@ -214,21 +360,64 @@ async fn agent_going_away_kills_tasks_and_ends_cleanly() {
         TaskState::TaskRunning,
         Reason::Unspecified,
     );
-    // Close our write side: the executor reads EOF.
     agent.wr.shutdown().await.expect("shutdown write half");
-    let Agent {
-        wr,
-        executor,
-        dir,
-        rd,
-    } = agent;
-    drop((wr, rd));
-    timeout(WAIT, executor)
+    let listener = agent.listener.as_ref().expect("listening");
+    let (doomed, _) = timeout(WAIT, listener.accept())
         .await
-        .expect("executor ends in time")
-        .expect("executor task")
-        .expect("EOF is a clean exit");
-    drop(dir);
+        .expect("executor reconnects")
+        .expect("accept");
+    // Closed with its registration unread: the executor's side is reset.
+    doomed.readable().await.expect("the registration arrives");
+    drop(doomed);
+    let (stream, _) = timeout(WAIT, listener.accept())
+        .await
+        .expect("executor tries again")
+        .expect("accept");
+    let (rd, wr) = stream.into_split();
+    agent.rd = rd;
+    agent.wr = wr;
+    let reg = agent.register().await;
+    assert!(reg.reconnect, "{reg:?}");
+    assert_eq!(reg.task_ids, vec!["spin-1".to_string()]);
+    agent
+        .send(agent_to_executor::Msg::Shutdown(ExecutorShutdown {}))
+        .await;
+    // RUNNING again (never acknowledged), then KILLED by the shutdown.
+    assert_eq!(agent.status().await.state(), TaskState::TaskRunning);
+    assert_eq!(agent.status().await.state(), TaskState::TaskKilled);
+    agent.ended().await.expect("shutdown is a clean exit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_does_not_come_back_in_time_gets_tasks_killed_and_the_executor_ends() {
+    let mut agent = Agent::start_with(Duration::from_millis(500)).await;
+    let spin = agent.launch("spin-1", "spin", &[]);
+    agent.send(agent_to_executor::Msg::Launch(spin)).await;
+    assert_status(
+        &agent.status().await,
+        "spin-1",
+        TaskState::TaskRunning,
+        Reason::Unspecified,
+    );
+    // The agent is gone for good: no listener, no socket.
+    let socket = agent.dir.path().join("agent.sock");
+    drop(agent.listener.take());
+    std::fs::remove_file(&socket).expect("remove socket");
+    agent.wr.shutdown().await.expect("shutdown write half");
+    let started = std::time::Instant::now();
+    let err = agent
+        .ended()
+        .await
+        .expect_err("giving up on the agent is an error");
+    assert!(
+        format!("{err:#}").contains("did not come back within 500ms; 1 running tasks were killed"),
+        "{err:#}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

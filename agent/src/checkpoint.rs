@@ -1,0 +1,434 @@
+//! The agent's checkpoint: what it must know again after a restart (kill -9
+//! included) to re-attach to its executors and finish delivering its status updates.
+//!
+//! The core decides *what* is recorded ([`CheckpointDelta`], taken from
+//! `AgentCore::take_checkpoint` after every input); this module holds the records and
+//! the redb file they live in, `<work>/checkpoint.redb`. The shell writes each delta
+//! before it acts on the outputs of the same input, so an update is on disk before it
+//! is sent (at-least-once delivery across restarts).
+//!
+//! Records are protobuf messages (prost), so fields can be added later the way the
+//! wire format grows.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+
+use agora_proto::v1::{TaskInfo, TaskStatus};
+use prost::Message;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::core::{ExecutorKey, TaskKey};
+
+/// File name under the agent's work dir.
+pub const FILE: &str = "checkpoint.redb";
+
+/// Layout version; an agent refuses a checkpoint with a version it does not know.
+const VERSION: u32 = 1;
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const TASKS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("tasks");
+const EXECUTORS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("executors");
+const META_KEY: &str = "meta";
+
+/// Where a task was in its life when it was recorded (`TaskRecord::phase`).
+pub mod phase {
+    pub const PREPARING: u32 = 0;
+    pub const AWAITING_EXECUTOR: u32 = 1;
+    pub const LAUNCHED: u32 = 2;
+    pub const TERMINAL: u32 = 3;
+}
+
+/// `ExecutorRecord::kind`.
+pub mod kind {
+    pub const WASM: u32 = 0;
+    pub const NATIVE: u32 = 1;
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct MetaRecord {
+    #[prost(uint32, tag = "1")]
+    pub version: u32,
+    /// Empty until the master has given one.
+    #[prost(string, tag = "2")]
+    pub agent_id: String,
+    /// The last sequence number used in a status update's uuid (never reused).
+    #[prost(uint64, tag = "3")]
+    pub update_seq: u64,
+}
+
+/// One task that is live, or ended with updates not yet acknowledged.
+#[derive(Clone, PartialEq, Message)]
+pub struct TaskRecord {
+    #[prost(message, optional, tag = "1")]
+    pub info: Option<TaskInfo>,
+    #[prost(string, tag = "2")]
+    pub executor_id: String,
+    /// One of [`phase`].
+    #[prost(uint32, tag = "3")]
+    pub phase: u32,
+    /// The newest status (what `hello` reports for a live task).
+    #[prost(message, optional, tag = "4")]
+    pub latest: Option<TaskStatus>,
+    /// The newest non-terminal status.
+    #[prost(message, optional, tag = "5")]
+    pub live: Option<TaskStatus>,
+    /// Updates not yet acknowledged, oldest (the one in flight) first.
+    #[prost(message, repeated, tag = "6")]
+    pub updates: Vec<TaskStatus>,
+    #[prost(bool, tag = "7")]
+    pub kill_requested: bool,
+    /// Whether the task's terminal update has been handed to a master link.
+    #[prost(bool, tag = "8")]
+    pub terminal_sent: bool,
+}
+
+/// One executor process the agent started (or re-attached to).
+#[derive(Clone, PartialEq, Message)]
+pub struct ExecutorRecord {
+    /// One of [`kind`].
+    #[prost(uint32, tag = "1")]
+    pub kind: u32,
+    /// 0 when not known yet.
+    #[prost(uint32, tag = "2")]
+    pub pid: u32,
+    /// The process's start time (clock ticks after boot, /proc/PID/stat field 22),
+    /// which tells it apart from a later process that reuses the pid.
+    #[prost(uint64, tag = "3")]
+    pub start_time: u64,
+}
+
+/// Everything in a checkpoint.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CheckpointState {
+    pub agent_id: Option<String>,
+    pub update_seq: u64,
+    pub tasks: BTreeMap<TaskKey, TaskRecord>,
+    pub executors: BTreeMap<ExecutorKey, ExecutorRecord>,
+}
+
+/// The changes of one step of the core: records to write (`Some`) or remove (`None`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CheckpointDelta {
+    pub agent_id: Option<String>,
+    pub update_seq: u64,
+    pub tasks: Vec<(TaskKey, Option<TaskRecord>)>,
+    pub executors: Vec<(ExecutorKey, Option<ExecutorRecord>)>,
+    /// Must be on disk (fsync) before the outputs of the same step are carried out: a
+    /// new status update, an executor process. Otherwise (an acknowledgement, a
+    /// forgotten task) losing the change costs at most a duplicate update, and it is
+    /// made durable by the next durable write.
+    pub durable: bool,
+}
+
+impl CheckpointState {
+    /// Applies a delta (what the file does; tests use this as the model).
+    pub fn apply(&mut self, d: &CheckpointDelta) {
+        self.agent_id = d.agent_id.clone();
+        self.update_seq = d.update_seq;
+        for (k, r) in &d.tasks {
+            match r {
+                Some(r) => {
+                    self.tasks.insert(k.clone(), r.clone());
+                }
+                None => {
+                    self.tasks.remove(k);
+                }
+            }
+        }
+        for (k, r) in &d.executors {
+            match r {
+                Some(r) => {
+                    self.executors.insert(k.clone(), r.clone());
+                }
+                None => {
+                    self.executors.remove(k);
+                }
+            }
+        }
+    }
+}
+
+/// The checkpoint file.
+pub struct Checkpoint {
+    db: Database,
+    path: PathBuf,
+}
+
+impl Checkpoint {
+    /// Opens (or creates) `<work_dir>/checkpoint.redb`.
+    pub fn open(work_dir: &Path) -> anyhow::Result<Checkpoint> {
+        let path = work_dir.join(FILE);
+        let db = Database::create(&path).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open the agent's checkpoint {}: {e} (is another agent using this \
+                 work dir? if the file is damaged, move it away: the agent then starts \
+                 afresh and its running tasks are lost)",
+                path.display()
+            )
+        })?;
+        let cp = Checkpoint { db, path };
+        // Make sure the tables exist, so that readers never meet a missing table.
+        let tx = cp.db.begin_write()?;
+        {
+            tx.open_table(META)?;
+            tx.open_table(TASKS)?;
+            tx.open_table(EXECUTORS)?;
+        }
+        tx.commit()?;
+        Ok(cp)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Everything recorded.
+    pub fn load(&self) -> anyhow::Result<CheckpointState> {
+        let bad = |what: &str, e: &dyn std::fmt::Display| {
+            anyhow::anyhow!(
+                "the agent's checkpoint {} has a bad {what} record: {e} (move the file away \
+                 to start afresh; running tasks are then lost)",
+                self.path.display()
+            )
+        };
+        let tx = self.db.begin_read()?;
+        let mut state = CheckpointState::default();
+        let meta = tx.open_table(META)?;
+        if let Some(v) = meta.get(META_KEY)? {
+            let m = MetaRecord::decode(v.value()).map_err(|e| bad("meta", &e))?;
+            if m.version != VERSION {
+                anyhow::bail!(
+                    "the agent's checkpoint {} has layout version {}, this agent knows {VERSION} \
+                     (written by another version of agora?)",
+                    self.path.display(),
+                    m.version
+                );
+            }
+            state.agent_id = Some(m.agent_id).filter(|s| !s.is_empty());
+            state.update_seq = m.update_seq;
+        }
+        let tasks = tx.open_table(TASKS)?;
+        for row in tasks.iter()? {
+            let (k, v) = row?;
+            let (fw, task) = k.value();
+            let r = TaskRecord::decode(v.value()).map_err(|e| bad("task", &e))?;
+            state.tasks.insert((fw.to_string(), task.to_string()), r);
+        }
+        let execs = tx.open_table(EXECUTORS)?;
+        for row in execs.iter()? {
+            let (k, v) = row?;
+            let (fw, ex) = k.value();
+            let r = ExecutorRecord::decode(v.value()).map_err(|e| bad("executor", &e))?;
+            state.executors.insert((fw.to_string(), ex.to_string()), r);
+        }
+        Ok(state)
+    }
+
+    /// Writes one delta in one transaction (with an fsync when `delta.durable`).
+    pub fn write(&self, delta: &CheckpointDelta) -> anyhow::Result<()> {
+        self.write_all(std::slice::from_ref(delta), delta.durable)
+    }
+
+    /// Writes deltas, in order, in one transaction (with an fsync when `durable`).
+    pub fn write_all(&self, deltas: &[CheckpointDelta], durable: bool) -> anyhow::Result<()> {
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })?;
+        {
+            let mut meta = tx.open_table(META)?;
+            if let Some(last) = deltas.last() {
+                let m = MetaRecord {
+                    version: VERSION,
+                    agent_id: last.agent_id.clone().unwrap_or_default(),
+                    update_seq: last.update_seq,
+                };
+                meta.insert(META_KEY, m.encode_to_vec().as_slice())?;
+            }
+            let mut tasks = tx.open_table(TASKS)?;
+            let mut execs = tx.open_table(EXECUTORS)?;
+            for delta in deltas {
+                for ((fw, id), r) in &delta.tasks {
+                    match r {
+                        Some(r) => {
+                            tasks
+                                .insert((fw.as_str(), id.as_str()), r.encode_to_vec().as_slice())?;
+                        }
+                        None => {
+                            tasks.remove((fw.as_str(), id.as_str()))?;
+                        }
+                    }
+                }
+                for ((fw, id), r) in &delta.executors {
+                    match r {
+                        Some(r) => {
+                            execs
+                                .insert((fw.as_str(), id.as_str()), r.encode_to_vec().as_slice())?;
+                        }
+                        None => {
+                            execs.remove((fw.as_str(), id.as_str()))?;
+                        }
+                    }
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Makes every earlier write durable (an empty durable commit).
+    pub fn sync(&self) -> anyhow::Result<()> {
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(Durability::Immediate)?;
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+/// Group commit over a [`Checkpoint`]. The shell queues each input's delta while it
+/// holds the core (so deltas queue in the order they were made) and, before acting on
+/// that input's outputs, waits until every durable delta queued so far is on disk.
+/// Whoever waits first writes everything queued in one transaction with one fsync,
+/// so inputs handled at the same time share it; deltas that need not be durable ride
+/// along with the next write (or `flush`).
+pub struct Writer {
+    checkpoint: Checkpoint,
+    state: Mutex<WriterState>,
+    synced_cv: Condvar,
+}
+
+#[derive(Default)]
+struct WriterState {
+    queue: Vec<CheckpointDelta>,
+    /// Tickets: the number of deltas queued so far.
+    queued: u64,
+    /// Every delta with a lower ticket is on disk.
+    synced: u64,
+    /// The ticket after the last durable delta queued.
+    durable_upto: u64,
+    /// Someone is writing.
+    busy: bool,
+    /// Transactions written with an fsync (for tests and tuning).
+    syncs: u64,
+}
+
+/// What to wait for before acting on an input's outputs (see [`Writer::settle`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket(u64);
+
+impl Writer {
+    pub fn new(checkpoint: Checkpoint) -> Writer {
+        Writer {
+            checkpoint,
+            state: Mutex::default(),
+            synced_cv: Condvar::new(),
+        }
+    }
+
+    pub fn checkpoint(&self) -> &Checkpoint {
+        &self.checkpoint
+    }
+
+    fn lock(&self) -> MutexGuard<'_, WriterState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues a delta (call in the order the deltas were made) and says what must be
+    /// on disk before the outputs of the same input are acted on: every durable delta
+    /// queued so far, this one included.
+    pub fn submit(&self, delta: Option<CheckpointDelta>) -> Ticket {
+        let mut st = self.lock();
+        if let Some(d) = delta {
+            st.queued += 1;
+            if d.durable {
+                st.durable_upto = st.queued;
+            }
+            st.queue.push(d);
+        }
+        Ticket(st.durable_upto)
+    }
+
+    /// Returns once everything the ticket asks for is on disk, writing it if nobody
+    /// else is. An error is that of the write that should have made it so.
+    pub fn settle(&self, ticket: Ticket) -> anyhow::Result<()> {
+        let mut st = self.lock();
+        loop {
+            if st.synced >= ticket.0 {
+                return Ok(());
+            }
+            if !st.busy {
+                return self.write_queue(st, true);
+            }
+            st = self
+                .synced_cv
+                .wait(st)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Writes what is queued, if anything and if nobody is writing (with an fsync
+    /// only when some of it must be durable). For a timer, so that the file does not
+    /// lag behind an idle agent.
+    pub fn flush(&self) -> anyhow::Result<()> {
+        let st = self.lock();
+        if st.busy || st.queue.is_empty() {
+            return Ok(());
+        }
+        let durable = st.durable_upto > st.synced;
+        self.write_queue(st, durable)
+    }
+
+    /// Everything written so far made durable (at a clean stop).
+    pub fn sync(&self) -> anyhow::Result<()> {
+        let mut st = self.lock();
+        while st.busy {
+            st = self
+                .synced_cv
+                .wait(st)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        if st.queue.is_empty() {
+            drop(st);
+            return self.checkpoint.sync();
+        }
+        self.write_queue(st, true)
+    }
+
+    /// Number of fsynced transactions so far.
+    pub fn syncs(&self) -> u64 {
+        self.lock().syncs
+    }
+
+    /// Writes the whole queue in one transaction, as the only writer.
+    fn write_queue(
+        &self,
+        mut st: MutexGuard<'_, WriterState>,
+        durable: bool,
+    ) -> anyhow::Result<()> {
+        let batch = std::mem::take(&mut st.queue);
+        let upto = st.queued;
+        st.busy = true;
+        drop(st);
+        let result = self.checkpoint.write_all(&batch, durable);
+        let mut st = self.lock();
+        st.busy = false;
+        match &result {
+            Ok(()) if durable => {
+                // Also made durable: every non-durable write before it.
+                st.synced = upto;
+                st.syncs += 1;
+            }
+            Ok(()) => {}
+            // Kept for the next attempt (each waiter tries once and reports).
+            Err(_) => {
+                let later = std::mem::replace(&mut st.queue, batch);
+                st.queue.extend(later);
+            }
+        }
+        self.synced_cv.notify_all();
+        result
+    }
+}
