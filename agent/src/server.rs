@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use agora_proto::executor_link::RECOVERY_TIMEOUT_ENV;
 use agora_proto::tls::{self, Identity};
 use agora_proto::v1::{
     self, executor_to_agent, master_to_agent, stream_open, AgentToExecutor, AgentToMaster,
@@ -40,9 +41,6 @@ const MASTER_QUEUE: usize = 8192;
 const EXECUTOR_QUEUE: usize = 4096;
 /// How long a clean stop waits for executors to end after asking them to.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-/// The variable that tells executors how long to wait for a restarting agent (the
-/// executors' `RECOVERY_TIMEOUT_ENV`).
-const RECOVERY_TIMEOUT_ENV: &str = "AGORA_RECOVERY_TIMEOUT_MS";
 
 pub struct AgentConfig {
     pub master: SocketAddr,

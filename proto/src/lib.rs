@@ -2,6 +2,7 @@
 //! types (`v1`), the frame codec, the `Resources` arithmetic, artifact hashing and the
 //! QUIC/TLS set-up (certificates, endpoints).
 
+pub mod executor_link;
 pub mod frame;
 pub mod resources;
 pub mod tls;

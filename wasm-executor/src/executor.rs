@@ -14,25 +14,24 @@
 //! naming the tasks it still knows, and sends the held statuses in order. If the agent
 //! does not come back in time, the executor kills its tasks and exits.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use agora_proto::frame::{read_frame, write_frame, FrameError};
+use agora_proto::frame::{read_frame, FrameError};
 use agora_proto::v1::{
-    agent_to_executor, executor_to_agent, AgentToExecutor, ExecutorLaunch, ExecutorRegister,
-    ExecutorStatus, ExecutorToAgent, Reason, TaskState,
+    agent_to_executor, AgentToExecutor, ExecutorLaunch, ExecutorRegister, ExecutorStatus, Reason,
+    TaskState,
 };
 use anyhow::Context as _;
-use tokio::io::AsyncWriteExt as _;
-use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::runner::Runner;
+use agora_proto::executor_link::{recovery_timeout_from_env, write_frames, Outbox};
 
 /// How long tasks get to end after a kill when the executor is going away. Guests
 /// executing wasm stop within one epoch tick; this only matters for a guest blocked in
@@ -40,27 +39,13 @@ use crate::runner::Runner;
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// How long queued statuses get to reach the agent before the executor returns.
 const FLUSH_GRACE: Duration = Duration::from_secs(5);
-/// Environment variable (milliseconds) the agent sets to say how long an executor
-/// waits for it to come back after losing it.
-pub const RECOVERY_TIMEOUT_ENV: &str = "AGORA_RECOVERY_TIMEOUT_MS";
-/// The wait without that variable.
-pub const DEFAULT_RECOVERY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Backoff between attempts to reach a restarting agent: from the first to the cap.
 const RECONNECT_FIRST: Duration = Duration::from_millis(50);
 const RECONNECT_MAX: Duration = Duration::from_millis(250);
 
-/// The recovery timeout from [`RECOVERY_TIMEOUT_ENV`], else the default.
-pub fn recovery_timeout_from_env() -> Duration {
-    std::env::var(RECOVERY_TIMEOUT_ENV)
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_millis)
-        .unwrap_or(DEFAULT_RECOVERY_TIMEOUT)
-}
-
 /// Runs the executor until the agent says `shutdown` (an `Ok` end, after killing the
 /// running tasks). Losing the agent does not end it: see the module docs; an agent
-/// that does not come back within the recovery timeout ([`RECOVERY_TIMEOUT_ENV`]) is
+/// that does not come back within the recovery timeout ([`agora_proto::executor_link::RECOVERY_TIMEOUT_ENV`]) is
 /// an error, after the tasks were killed. A failed first connection or a malformed
 /// frame is an error too: the agent then sees the executor die.
 pub async fn run_executor(
@@ -213,98 +198,6 @@ impl Conn {
                 self.writer.abort();
             }
         }
-    }
-}
-
-/// Statuses on their way to the agent, kept until it acknowledges them.
-#[derive(Default)]
-struct Outbox {
-    inner: Mutex<OutboxInner>,
-}
-
-#[derive(Default)]
-struct OutboxInner {
-    seq: u64,
-    pending: VecDeque<(u64, ExecutorStatus)>,
-    /// The current connection's writer; `None` while the agent is away.
-    out: Option<mpsc::UnboundedSender<ExecutorToAgent>>,
-}
-
-impl Outbox {
-    fn lock(&self) -> MutexGuard<'_, OutboxInner> {
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn status(&self, status: ExecutorStatus) {
-        let mut inner = self.lock();
-        inner.push(status);
-    }
-
-    /// A task's end: it leaves the running set and its status is queued in one step,
-    /// so a registration (which lists both) never misses it.
-    fn finish(&self, running: &Running, task_id: &str, status: ExecutorStatus) {
-        let mut inner = self.lock();
-        lock(running).remove(task_id);
-        inner.push(status);
-    }
-
-    /// The agent has every status up to `seq`.
-    fn ack(&self, seq: u64) {
-        let mut inner = self.lock();
-        while inner.pending.front().is_some_and(|(s, _)| *s <= seq) {
-            inner.pending.pop_front();
-        }
-    }
-
-    /// A new connection: the registration first, then the held statuses in order.
-    fn attach(
-        &self,
-        out: mpsc::UnboundedSender<ExecutorToAgent>,
-        mut register: ExecutorRegister,
-        running: &Running,
-        reconnect: bool,
-    ) {
-        let mut inner = self.lock();
-        if reconnect {
-            let mut ids: BTreeSet<String> = lock(running).keys().cloned().collect();
-            ids.extend(inner.pending.iter().map(|(_, s)| s.task_id.clone()));
-            register.reconnect = true;
-            register.task_ids = ids.into_iter().collect();
-        }
-        let _ = out.send(ExecutorToAgent {
-            msg: Some(executor_to_agent::Msg::Register(register)),
-            seq: 0,
-        });
-        for (seq, status) in &inner.pending {
-            let _ = out.send(frame(*seq, status.clone()));
-        }
-        inner.out = Some(out);
-    }
-
-    fn detach(&self) {
-        self.lock().out = None;
-    }
-}
-
-impl OutboxInner {
-    fn push(&mut self, status: ExecutorStatus) {
-        self.seq += 1;
-        let seq = self.seq;
-        self.pending.push_back((seq, status.clone()));
-        if let Some(out) = &self.out {
-            // Fails only once the writer has given up on a broken socket; the status
-            // stays pending and goes again after a reconnect.
-            if out.send(frame(seq, status)).is_err() {
-                self.out = None;
-            }
-        }
-    }
-}
-
-fn frame(seq: u64, status: ExecutorStatus) -> ExecutorToAgent {
-    ExecutorToAgent {
-        msg: Some(executor_to_agent::Msg::Status(status)),
-        seq,
     }
 }
 
@@ -507,20 +400,6 @@ fn reap(done: Result<(), tokio::task::JoinError>) {
 /// a poisoned lock still holds consistent data.
 fn lock(running: &Running) -> MutexGuard<'_, HashMap<String, Arc<AtomicBool>>> {
     running.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// The single owner of the socket's write half.
-async fn write_frames(
-    mut socket: OwnedWriteHalf,
-    mut queue: mpsc::UnboundedReceiver<ExecutorToAgent>,
-) {
-    while let Some(msg) = queue.recv().await {
-        if let Err(e) = write_frame(&mut socket, &msg).await {
-            tracing::warn!(error = %e, "cannot write to the agent; dropping further messages");
-            return;
-        }
-    }
-    let _ = socket.shutdown().await;
 }
 
 fn frame_error(e: FrameError) -> anyhow::Error {

@@ -1,0 +1,148 @@
+//! The executor side of the agent <-> executor link, shared by every executor
+//! process: statuses numbered and held until the agent acknowledges them (so they
+//! survive an agent restart), the single writer of the socket, and the recovery
+//! timeout the agent hands its executors.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::sync::mpsc;
+
+use crate::frame::write_frame;
+use crate::v1::{executor_to_agent, ExecutorRegister, ExecutorStatus, ExecutorToAgent};
+
+/// Environment variable (milliseconds) the agent sets to say how long an executor
+/// waits for it to come back after losing it.
+pub const RECOVERY_TIMEOUT_ENV: &str = "AGORA_RECOVERY_TIMEOUT_MS";
+/// The wait without that variable.
+pub const DEFAULT_RECOVERY_TIMEOUT: Duration = Duration::from_secs(60);
+/// The recovery timeout from [`RECOVERY_TIMEOUT_ENV`], else the default.
+pub fn recovery_timeout_from_env() -> Duration {
+    std::env::var(RECOVERY_TIMEOUT_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_millis)
+        .unwrap_or(DEFAULT_RECOVERY_TIMEOUT)
+}
+
+/// Statuses on their way to the agent, kept until it acknowledges them.
+#[derive(Default)]
+pub struct Outbox {
+    inner: Mutex<OutboxInner>,
+}
+
+#[derive(Default)]
+pub struct OutboxInner {
+    seq: u64,
+    pending: VecDeque<(u64, ExecutorStatus)>,
+    /// The current connection's writer; `None` while the agent is away.
+    out: Option<mpsc::UnboundedSender<ExecutorToAgent>>,
+}
+
+impl Outbox {
+    fn lock(&self) -> MutexGuard<'_, OutboxInner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn status(&self, status: ExecutorStatus) {
+        let mut inner = self.lock();
+        inner.push(status);
+    }
+
+    /// A task's end: it leaves the running set and its status is queued in one step,
+    /// so a registration (which lists both) never misses it.
+    pub fn finish<R>(
+        &self,
+        running: &Mutex<HashMap<String, R>>,
+        task_id: &str,
+        status: ExecutorStatus,
+    ) {
+        let mut inner = self.lock();
+        running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(task_id);
+        inner.push(status);
+    }
+
+    /// The agent has every status up to `seq`.
+    pub fn ack(&self, seq: u64) {
+        let mut inner = self.lock();
+        while inner.pending.front().is_some_and(|(s, _)| *s <= seq) {
+            inner.pending.pop_front();
+        }
+    }
+
+    /// A new connection: the registration first, then the held statuses in order.
+    pub fn attach<R>(
+        &self,
+        out: mpsc::UnboundedSender<ExecutorToAgent>,
+        mut register: ExecutorRegister,
+        running: &Mutex<HashMap<String, R>>,
+        reconnect: bool,
+    ) {
+        let mut inner = self.lock();
+        if reconnect {
+            let mut ids: BTreeSet<String> = running
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .keys()
+                .cloned()
+                .collect();
+            ids.extend(inner.pending.iter().map(|(_, s)| s.task_id.clone()));
+            register.reconnect = true;
+            register.task_ids = ids.into_iter().collect();
+        }
+        let _ = out.send(ExecutorToAgent {
+            msg: Some(executor_to_agent::Msg::Register(register)),
+            seq: 0,
+        });
+        for (seq, status) in &inner.pending {
+            let _ = out.send(frame(*seq, status.clone()));
+        }
+        inner.out = Some(out);
+    }
+
+    pub fn detach(&self) {
+        self.lock().out = None;
+    }
+}
+
+impl OutboxInner {
+    fn push(&mut self, status: ExecutorStatus) {
+        self.seq += 1;
+        let seq = self.seq;
+        self.pending.push_back((seq, status.clone()));
+        if let Some(out) = &self.out {
+            // Fails only once the writer has given up on a broken socket; the status
+            // stays pending and goes again after a reconnect.
+            if out.send(frame(seq, status)).is_err() {
+                self.out = None;
+            }
+        }
+    }
+}
+
+fn frame(seq: u64, status: ExecutorStatus) -> ExecutorToAgent {
+    ExecutorToAgent {
+        msg: Some(executor_to_agent::Msg::Status(status)),
+        seq,
+    }
+}
+
+/// The single owner of the socket's write half.
+pub async fn write_frames(
+    mut socket: OwnedWriteHalf,
+    mut queue: mpsc::UnboundedReceiver<ExecutorToAgent>,
+) {
+    while let Some(msg) = queue.recv().await {
+        if let Err(e) = write_frame(&mut socket, &msg).await {
+            tracing::warn!(error = %e, "cannot write to the agent; dropping further messages");
+            return;
+        }
+    }
+    let _ = socket.shutdown().await;
+}
