@@ -24,6 +24,10 @@ use agora_proto::Resources;
 
 use crate::checkpoint::{self, CheckpointDelta, CheckpointState, ExecutorRecord, TaskRecord};
 
+/// Largest executor -> framework MESSAGE relayed (the master has the same bound the
+/// other way).
+pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
+
 /// Executor id used when a wasm task names none.
 pub const DEFAULT_EXECUTOR: &str = "default";
 /// Executor id used when a native (command) task names none.
@@ -116,6 +120,20 @@ pub enum Input {
     Ack(v1::StatusUpdateAck),
     ShutdownFramework {
         framework_id: String,
+    },
+    /// SHUTDOWN of one executor: its tasks are killed, then the process stops.
+    ShutdownExecutor {
+        key: ExecutorKey,
+    },
+    /// A framework's MESSAGE for one of its executors.
+    FrameworkMessage {
+        key: ExecutorKey,
+        data: Vec<u8>,
+    },
+    /// An executor's message for its framework.
+    ExecutorMessage {
+        key: ExecutorKey,
+        data: Vec<u8>,
     },
     /// The shell finished fetching artifacts and building the sandbox.
     Prepared {
@@ -303,6 +321,10 @@ pub struct AgentCore {
     dirty_durable: bool,
     /// After a restart: when executors that have not re-registered are given up.
     recovery_deadline: Option<u64>,
+    /// Executors the framework asked to SHUT DOWN: their tasks end KILLED with
+    /// reason EXECUTOR_SHUTDOWN. (Not checkpointed: after an agent restart such
+    /// tasks end as ordinary kills.)
+    shutdown_asked: BTreeSet<ExecutorKey>,
 }
 
 impl AgentCore {
@@ -320,6 +342,7 @@ impl AgentCore {
             dirty_meta: false,
             dirty_durable: false,
             recovery_deadline: None,
+            shutdown_asked: BTreeSet::new(),
         }
     }
 
@@ -489,19 +512,19 @@ impl AgentCore {
             hostname: self.cfg.hostname.clone(),
             resources: self.cfg.resources.to_proto(),
             attributes: self.cfg.attributes.clone(),
-            // Live tasks with their newest status. A task that ended while no master
-            // listened (e.g. its executor died while the agent was down) is listed
-            // too, with its last live status, so that the master still holds it when
-            // the terminal update arrives, rather than ending it LOST itself. Once a
-            // terminal update was sent, the master may have ended the task already,
-            // so it is not listed again.
+            // Live tasks with their newest status. A task that ended with its
+            // terminal update not yet acknowledged is listed too, with its last live
+            // status, so that the master still holds it when the terminal update
+            // arrives (again) rather than ending it LOST itself: the update may have
+            // been lost on the way (the agent was killed as it sent it). A master
+            // that did get it knows the task ended here and does not adopt it again.
             tasks: self
                 .tasks
                 .iter()
                 .filter_map(|((fw, _), t)| {
                     let status = if t.phase != Phase::Terminal {
                         &t.latest
-                    } else if !t.terminal_sent && !t.updates.queue.is_empty() {
+                    } else if !t.updates.queue.is_empty() {
                         &t.live
                     } else {
                         return None;
@@ -610,6 +633,39 @@ impl AgentCore {
                         self.out.push(Output::ReapExecutor { key: key.clone() });
                     }
                 }
+            }
+            Input::ShutdownExecutor { key } => self.shutdown_executor(key, now),
+            Input::FrameworkMessage { key, data } => {
+                match self.executors.get(&key) {
+                    Some(e) if e.registered && !e.shutting_down => {
+                        self.out.push(Output::ToExecutor {
+                            key,
+                            msg: AgentToExecutor {
+                                msg: Some(agent_to_executor::Msg::Message(v1::ExecutorMessage {
+                                    data,
+                                })),
+                            },
+                        })
+                    }
+                    // Best effort, as in Mesos: the framework is not told.
+                    _ => {
+                        tracing::warn!(framework = %key.0, executor = %key.1, "message for an executor that is not running here; dropped")
+                    }
+                }
+            }
+            Input::ExecutorMessage { key, data } if data.len() > MAX_MESSAGE_BYTES => {
+                tracing::warn!(framework = %key.0, executor = %key.1, bytes = data.len(), "executor message over {MAX_MESSAGE_BYTES} bytes; dropped");
+            }
+            Input::ExecutorMessage { key, data } => {
+                self.out.push(Output::ToMaster(AgentToMaster {
+                    msg: Some(agent_to_master::Msg::ExecutorMessage(
+                        v1::ExecutorToFramework {
+                            framework_id: key.0,
+                            executor_id: key.1,
+                            data,
+                        },
+                    )),
+                }));
             }
             Input::Prepared { key, result } => self.prepared(key, result, now),
             Input::ExecutorRegistered { key } => self.executor_attached(key, None, now),
@@ -930,7 +986,15 @@ impl AgentCore {
         }
         let state = s.state();
         if state.is_terminal() {
-            let mut st = new_status(state, s.reason(), &s.message);
+            let mut st = if self.shutdown_asked.contains(&key) && self.tasks[&tkey].kill_requested {
+                new_status(
+                    state,
+                    Reason::ExecutorShutdown,
+                    &format!("killed: the framework shut down executor {}", key.1),
+                )
+            } else {
+                new_status(state, s.reason(), &s.message)
+            };
             st.exit_code = s.exit_code;
             st.fuel_used = s.fuel_used;
             st.usage = s.usage;
@@ -950,6 +1014,7 @@ impl AgentCore {
 
     fn executor_exited(&mut self, key: ExecutorKey, detail: String, now: u64) {
         let gone = self.executors.remove(&key);
+        let shutdown_asked = self.shutdown_asked.remove(&key);
         if gone.is_some() {
             self.touch_executor(&key, false);
         }
@@ -980,7 +1045,9 @@ impl AgentCore {
                 self.respawn(&key, ExecutorKind::of(&t.info));
                 continue;
             }
-            let (state, reason) = if t.kill_requested {
+            let (state, reason) = if t.kill_requested && shutdown_asked {
+                (TaskState::TaskKilled, Reason::ExecutorShutdown)
+            } else if t.kill_requested {
                 (TaskState::TaskKilled, Reason::KilledByFramework)
             } else if t.phase == Phase::AwaitingExecutor {
                 (TaskState::TaskFailed, Reason::ExecutorStartFailed)
@@ -996,6 +1063,20 @@ impl AgentCore {
                 format!("executor {}: {detail}", key.1)
             };
             self.terminal(&k, new_status(state, reason, &msg), now);
+        }
+        // FAILURE for the framework, after its tasks' updates (best effort: not
+        // resent after a restart, nor sent while no master listens). An executor the
+        // agent itself stopped for being idle is no failure; one the framework shut
+        // down is reported.
+        if self.connected && gone.is_some() && (!was_shutting_down || shutdown_asked) {
+            self.out.push(Output::ToMaster(AgentToMaster {
+                msg: Some(agent_to_master::Msg::ExecutorExited(v1::ExecutorExited {
+                    framework_id: key.0.clone(),
+                    executor_id: key.1.clone(),
+                    status: exit_code_in(&detail),
+                    message: detail,
+                })),
+            }));
         }
     }
 
@@ -1060,6 +1141,48 @@ impl AgentCore {
                     (TaskState::TaskFailed, Reason::ExecutorTerminated)
                 };
                 self.terminal(&k, new_status(state, reason, &msg), now);
+            }
+        }
+    }
+
+    /// SHUTDOWN of one executor: every task of it is killed (those not handed to it
+    /// yet end at once), and the executor is told to stop, which it does after
+    /// reporting its tasks' ends.
+    fn shutdown_executor(&mut self, key: ExecutorKey, now: u64) {
+        let mine: Vec<TaskKey> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| t.executor == key && t.phase != Phase::Terminal)
+            .map(|(k, _)| k.clone())
+            .collect();
+        if mine.is_empty() && !self.executors.contains_key(&key) {
+            tracing::warn!(framework = %key.0, executor = %key.1, "shutdown of an executor that is not here; ignored");
+            return;
+        }
+        tracing::info!(framework = %key.0, executor = %key.1, tasks = mine.len(), "shutting down executor at the framework's request");
+        self.shutdown_asked.insert(key.clone());
+        let msg = format!("killed: the framework shut down executor {}", key.1);
+        for k in mine {
+            let phase = self.tasks[&k].phase;
+            if phase == Phase::AwaitingExecutor {
+                if let Some(t) = self.tasks.get_mut(&k) {
+                    t.kill_requested = true;
+                }
+                self.dirty_tasks.insert(k.clone());
+                self.terminal(
+                    &k,
+                    new_status(TaskState::TaskKilled, Reason::ExecutorShutdown, &msg),
+                    now,
+                );
+            } else {
+                self.kill(&k, now);
+            }
+        }
+        if let Some(e) = self.executors.get_mut(&key) {
+            if e.registered && !e.shutting_down {
+                e.shutting_down = true;
+                self.out.push(shutdown_msg(&key));
+                self.out.push(Output::ReapExecutor { key });
             }
         }
     }
@@ -1293,6 +1416,17 @@ impl AgentCore {
             .filter(|t| t.phase != Phase::Terminal)
             .count()
     }
+}
+
+/// The exit code in a shell's description of an executor's end ("exited with code
+/// N ..."), if it had one.
+fn exit_code_in(detail: &str) -> Option<i32> {
+    let rest = detail.split("exited with code ").nth(1)?;
+    let digits: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '-')
+        .collect();
+    digits.parse().ok()
 }
 
 fn shutdown_msg(key: &ExecutorKey) -> Output {

@@ -637,11 +637,18 @@ impl Agent {
             }
         });
         let mut heartbeat: Option<tokio::task::JoinHandle<()>> = None;
+        // The master answers every ping; this long without a frame from it means it
+        // (or the path to it) is gone, and we dial again rather than wait for QUIC's
+        // idle timeout. Tasks keep running meanwhile.
+        let mut silence = Duration::from_secs(30);
         let result = loop {
-            let msg: MasterToAgent = match read_frame(&mut recv).await {
-                Ok(Some(m)) => m,
-                Ok(None) => break Ok(()),
-                Err(e) => break Err(anyhow::anyhow!("bad frame from the master: {e}")),
+            let msg: MasterToAgent = match tokio::time::timeout(silence, read_frame(&mut recv))
+                .await
+            {
+                Ok(Ok(Some(m))) => m,
+                Ok(Ok(None)) => break Ok(()),
+                Ok(Err(e)) => break Err(anyhow::anyhow!("bad frame from the master: {e}")),
+                Err(_) => break Err(anyhow::anyhow!("the master did not answer for {silence:?}")),
             };
             let input = match msg.msg {
                 Some(master_to_agent::Msg::Registered(r)) => {
@@ -653,6 +660,7 @@ impl Agent {
                     tracing::info!(agent = %r.agent_id, "registered with the master at {}", self.cfg.master);
                     let tx = tx.clone();
                     let every = Duration::from_millis(r.heartbeat_interval_ms.clamp(100, 60_000));
+                    silence = (every * 5).max(Duration::from_secs(3));
                     if let Some(h) = heartbeat.take() {
                         h.abort();
                     }
@@ -680,6 +688,13 @@ impl Agent {
                 Some(master_to_agent::Msg::Ack(a)) => Input::Ack(a),
                 Some(master_to_agent::Msg::ShutdownFramework(s)) => Input::ShutdownFramework {
                     framework_id: s.framework_id,
+                },
+                Some(master_to_agent::Msg::ShutdownExecutor(s)) => Input::ShutdownExecutor {
+                    key: (s.framework_id, s.executor_id),
+                },
+                Some(master_to_agent::Msg::FrameworkMessage(m)) => Input::FrameworkMessage {
+                    key: (m.framework_id, m.executor_id),
+                    data: m.data,
                 },
                 Some(master_to_agent::Msg::Error(e)) => {
                     break Err(anyhow::anyhow!(
@@ -1169,6 +1184,15 @@ impl Agent {
                         // A full queue drops it; the next one acknowledges both.
                         let _ = tx.try_send(ack);
                     }
+                }
+                Ok(Some(v1::ExecutorToAgent {
+                    msg: Some(executor_to_agent::Msg::Message(m)),
+                    ..
+                })) => {
+                    self.feed(Input::ExecutorMessage {
+                        key: key.clone(),
+                        data: m.data,
+                    });
                 }
                 Ok(Some(_)) => {}
                 Ok(None) => break,

@@ -173,6 +173,18 @@ impl Agent {
 
 // ---- inputs and expected outputs ------------------------------------------------
 
+/// The agent tells the master an executor ended (FAILURE for its framework).
+fn exited(fid: &str, exec: &str, detail: &str, status: Option<i32>) -> Output {
+    Output::ToMaster(AgentToMaster {
+        msg: Some(agent_to_master::Msg::ExecutorExited(v1::ExecutorExited {
+            framework_id: fid.into(),
+            executor_id: exec.into(),
+            message: detail.into(),
+            status,
+        })),
+    })
+}
+
 fn key(a: &str, b: &str) -> (String, String) {
     (a.to_string(), b.to_string())
 }
@@ -540,14 +552,16 @@ fn command_tasks_get_a_native_executor_of_their_own() {
         st.message,
         "executor default runs wasm tasks; give a native task another executor id"
     );
+    // Until its end is acknowledged, a re-registering agent still lists c2 with its
+    // last live status, so a master that missed the TASK_ERROR does not call it LOST.
     let hello = a.core.hello();
-    assert!(
-        hello
-            .tasks
-            .iter()
-            .all(|t| t.task.as_ref().unwrap().task_id != "c2"),
-        "c2 ended"
-    );
+    let listed: Vec<_> = hello
+        .tasks
+        .iter()
+        .filter(|t| t.task.as_ref().unwrap().task_id == "c2")
+        .map(|t| t.status.as_ref().unwrap().state())
+        .collect();
+    assert_eq!(listed, vec![TaskState::TaskStarting]);
 }
 
 // =====================================================================================
@@ -799,7 +813,8 @@ fn executor_exiting_unexpectedly_fails_its_live_tasks_only() {
     let outs = a
         .at(5_000)
         .executor_exited("f1", "e1", "killed by signal 9");
-    assert_eq!(outs.len(), 2);
+    assert_eq!(outs.len(), 3);
+    assert_eq!(outs[2], exited("f1", "e1", "killed by signal 9", None));
     let why = "executor e1: killed by signal 9";
     expect_update(
         &outs[0],
@@ -840,7 +855,10 @@ fn executor_exiting_unexpectedly_fails_its_live_tasks_only() {
             6_000,
         ),
     );
-    assert_eq!(a.executor_exited("f1", "e2", "exited"), vec![]);
+    assert_eq!(
+        a.executor_exited("f1", "e2", "exited"),
+        vec![exited("f1", "e2", "exited", None)]
+    );
     let outs = a.ack("f1", "t3", &u);
     expect_update(
         &outs[0],
@@ -871,7 +889,11 @@ fn executor_exiting_before_it_registers_is_a_start_failure() {
     let outs = a
         .at(200)
         .executor_exited("f1", "default", "could not start: no such file");
-    assert_eq!(outs.len(), 1);
+    assert_eq!(outs.len(), 2);
+    assert_eq!(
+        outs[1],
+        exited("f1", "default", "could not start: no such file", None)
+    );
     expect_update(
         &outs[0],
         "f1",
@@ -897,7 +919,8 @@ fn task_still_preparing_survives_its_executors_exit_and_gets_a_new_one() {
     let outs = a.at(1_000).run("f1", &t2);
     let u2 = expect_update(&outs[0], "f1", starting("t2", "e1", 1_000));
     let outs = a.at(1_100).executor_exited("f1", "e1", "crashed");
-    assert_eq!(outs.len(), 1);
+    assert_eq!(outs.len(), 2);
+    assert_eq!(outs[1], exited("f1", "e1", "crashed", None));
     expect_update(
         &outs[0],
         "f1",
@@ -1125,8 +1148,8 @@ fn hello_lists_live_tasks_with_their_latest_status() {
             3_000,
         ),
     );
-    // t1 ended (not listed even though its update is unacknowledged); t3 runs; t2
-    // is still starting.
+    // t1 ended but its update is unacknowledged: listed with its last live status
+    // (the master may not have the update); t3 runs; t2 is still starting.
     let h = a.core.hello();
     assert_eq!(
         (h.agent_id.as_str(), h.hostname.as_str()),
@@ -1146,13 +1169,14 @@ fn hello_lists_live_tasks_with_their_latest_status() {
     assert_eq!(
         listed,
         vec![
+            ("f1".to_string(), "t1".to_string(), TaskState::TaskRunning),
             ("f1".to_string(), "t3".to_string(), TaskState::TaskRunning),
             ("f2".to_string(), "t2".to_string(), TaskState::TaskStarting),
         ]
     );
     // Each entry carries the whole task and the latest status as sent.
-    assert_eq!(h.tasks[0].task.as_ref().unwrap(), &t3);
-    let st = h.tasks[1].status.clone().unwrap();
+    assert_eq!(h.tasks[1].task.as_ref().unwrap(), &t3);
+    let st = h.tasks[2].status.clone().unwrap();
     assert_eq!(
         TaskStatus { uuid: vec![], ..st },
         starting("t2", "default", 2_000)
@@ -1217,9 +1241,10 @@ fn terminal_task_is_forgotten_once_its_last_update_is_acknowledged() {
         ),
     );
     assert_eq!(a.core.live_tasks(), 0);
-    assert!(
-        a.core.hello().tasks.is_empty(),
-        "not reported to a master as running"
+    assert_eq!(
+        a.core.hello().tasks.len(),
+        1,
+        "still reported to a master until its end is acknowledged"
     );
     // Not forgotten yet: the update is retried and a kill is a no-op.
     assert_eq!(a.tick(2_000), vec![fin]);
@@ -1372,5 +1397,137 @@ fn shutdown_framework_kills_its_tasks_and_still_reports_how_they_ended() {
             .filter(|o| matches!(o, Output::ToMaster(_)))
             .count(),
         0
+    );
+}
+
+// =====================================================================================
+// SHUTDOWN of one executor, and MESSAGE both ways
+// =====================================================================================
+
+#[test]
+fn shutdown_executor_kills_its_tasks_with_reason_executor_shutdown_and_stops_it() {
+    let mut a = Agent::new();
+    a.start("f1", &task("t1", "e1"), true);
+    a.start("f1", &task("t2", "e2"), true);
+    let outs = a.at(1_000).feed(Input::ShutdownExecutor {
+        key: key("f1", "e1"),
+    });
+    assert_eq!(outs.len(), 4, "{outs:?}");
+    let u = expect_update(
+        &outs[0],
+        "f1",
+        status(
+            "t1",
+            "e1",
+            TaskState::TaskKilling,
+            Reason::KilledByFramework,
+            "",
+            1_000,
+        ),
+    );
+    assert_eq!(
+        outs[1..],
+        [
+            to_executor(
+                "f1",
+                "e1",
+                agent_to_executor::Msg::Kill(v1::ExecutorKill {
+                    task_id: "t1".into()
+                })
+            ),
+            to_executor(
+                "f1",
+                "e1",
+                agent_to_executor::Msg::Shutdown(v1::ExecutorShutdown {})
+            ),
+            Output::ReapExecutor {
+                key: key("f1", "e1")
+            },
+        ]
+    );
+    assert_eq!(a.ack("f1", "t1", &u), vec![]);
+    // The executor reports the kill: the task ends KILLED naming the shutdown.
+    let outs = a
+        .at(1_100)
+        .executor_status("f1", "e1", exec_status("t1", TaskState::TaskKilled));
+    expect_update(
+        &outs[0],
+        "f1",
+        status(
+            "t1",
+            "e1",
+            TaskState::TaskKilled,
+            Reason::ExecutorShutdown,
+            "killed: the framework shut down executor e1",
+            1_100,
+        ),
+    );
+    // Its exit is reported (the framework asked for it); e2 is untouched.
+    assert_eq!(
+        a.executor_exited("f1", "e1", "exited with code 0"),
+        vec![exited("f1", "e1", "exited with code 0", Some(0))]
+    );
+    assert_eq!(a.core.live_tasks(), 1);
+}
+
+#[test]
+fn messages_are_relayed_to_a_registered_executor_and_back_to_the_master() {
+    let mut a = Agent::new();
+    a.start("f1", &task("t1", "e1"), true);
+    assert_eq!(
+        a.feed(Input::FrameworkMessage {
+            key: key("f1", "e1"),
+            data: b"hello".to_vec()
+        }),
+        vec![to_executor(
+            "f1",
+            "e1",
+            agent_to_executor::Msg::Message(v1::ExecutorMessage {
+                data: b"hello".to_vec()
+            })
+        )]
+    );
+    // No such executor here: dropped (best effort).
+    assert_eq!(
+        a.feed(Input::FrameworkMessage {
+            key: key("f1", "nope"),
+            data: b"x".to_vec()
+        }),
+        vec![]
+    );
+    assert_eq!(
+        a.feed(Input::ExecutorMessage {
+            key: key("f1", "e1"),
+            data: b"receipt".to_vec()
+        }),
+        vec![Output::ToMaster(AgentToMaster {
+            msg: Some(agent_to_master::Msg::ExecutorMessage(
+                v1::ExecutorToFramework {
+                    framework_id: "f1".into(),
+                    executor_id: "e1".into(),
+                    data: b"receipt".to_vec(),
+                }
+            )),
+        })]
+    );
+    // Too big to relay: dropped.
+    assert_eq!(
+        a.feed(Input::ExecutorMessage {
+            key: key("f1", "e1"),
+            data: vec![0; agora_agent::core::MAX_MESSAGE_BYTES + 1]
+        }),
+        vec![]
+    );
+}
+
+#[test]
+fn the_default_executor_ids_are_the_ones_the_master_routes_to() {
+    assert_eq!(
+        agora_agent::core::DEFAULT_EXECUTOR,
+        agora_proto::default_executor_id(false)
+    );
+    assert_eq!(
+        agora_agent::core::DEFAULT_NATIVE_EXECUTOR,
+        agora_proto::default_executor_id(true)
     );
 }

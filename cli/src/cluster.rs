@@ -40,8 +40,26 @@ pub struct DevArgs {
     /// The agent's attributes, e.g. "zone:a;rack:1".
     #[arg(long, default_value = "")]
     attributes: String,
+    /// Seconds an offer may stay unanswered before the master rescinds it and gives
+    /// its resources to others (0: never).
+    #[arg(long, default_value_t = DEFAULT_OFFER_TIMEOUT_SECS)]
+    offer_timeout: f64,
     #[command(flatten)]
     isolation: IsolationArgs,
+}
+
+/// Offers unanswered this long are rescinded. Mesos has no timeout by default, so a
+/// stuck framework can sit on resources forever; 30 s is long enough for any
+/// framework that is alive to answer.
+pub const DEFAULT_OFFER_TIMEOUT_SECS: f64 = 30.0;
+
+fn offer_timeout_ms(secs: f64) -> anyhow::Result<u64> {
+    if !(secs.is_finite() && (0.0..=86_400.0).contains(&secs)) {
+        anyhow::bail!(
+            "--offer-timeout {secs} is not a number of seconds between 0 (never) and 86400"
+        );
+    }
+    Ok((secs * 1000.0) as u64)
 }
 
 #[derive(Args)]
@@ -54,9 +72,19 @@ pub struct MasterArgs {
     /// Directory made by `agora certs init` (uses ca.pem, master.pem, master.key).
     #[arg(long)]
     certs: PathBuf,
-    /// Seconds an agent may stay silent before it is removed and its tasks are LOST.
+    /// Seconds an agent may stay silent (agents ping every second) before it is
+    /// removed: its tasks become UNREACHABLE for partition-aware frameworks (and
+    /// RUNNING again if it returns), LOST for the others. Mesos waits 75 s; 15 s
+    /// notices a dead machine quickly yet rides out a few lost packets or a GC pause.
     #[arg(long, default_value_t = 15)]
     agent_timeout: u64,
+    /// Seconds an offer may stay unanswered before it is rescinded (0: never).
+    #[arg(long, default_value_t = DEFAULT_OFFER_TIMEOUT_SECS)]
+    offer_timeout: f64,
+    /// After a restart, seconds to wait for the agents in the registry to
+    /// re-register before making offers without them (so nothing is offered twice).
+    #[arg(long, default_value_t = 20)]
+    agent_reregister_timeout: u64,
 }
 
 #[derive(Args)]
@@ -227,11 +255,15 @@ async fn start_master(
     data_dir: &Path,
     id: Identity,
     agent_timeout_ms: u64,
+    offer_timeout_ms: u64,
+    agent_reregister_ms: u64,
 ) -> anyhow::Result<MasterHandle> {
     let prefix = format!("{:08x}", (agora_proto::unix_millis() / 1000) as u32);
     let core = CoreConfig {
         id_prefix: prefix,
         agent_timeout_ms,
+        offer_timeout_ms,
+        agent_reregister_ms,
         ..CoreConfig::default()
     };
     agora_master::server::start(MasterConfig {
@@ -304,6 +336,7 @@ impl DevCluster {
         res: Resources,
         attrs: Vec<Attribute>,
         isolation: IsolationSettings,
+        offer_timeout_ms: u64,
     ) -> anyhow::Result<DevCluster> {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("cannot create {}", data_dir.display()))?;
@@ -313,6 +346,8 @@ impl DevCluster {
             &data_dir.join("master"),
             Identity::from_cert_dir(&cd, Role::Master)?,
             15_000,
+            offer_timeout_ms,
+            CoreConfig::default().agent_reregister_ms,
         )
         .await?;
         let agent = start_agent(
@@ -371,6 +406,7 @@ impl PrivateCluster {
             detect_resources(),
             Vec::new(),
             IsolationSettings::default(),
+            (DEFAULT_OFFER_TIMEOUT_SECS * 1000.0) as u64,
         )
         .await?;
         Ok(PrivateCluster {
@@ -388,8 +424,15 @@ impl PrivateCluster {
 pub async fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
     let res = resources(&a.resources)?;
     let attrs = parse_attributes(&a.attributes)?;
-    let cluster =
-        DevCluster::start(&a.data_dir, a.listen, res, attrs, a.isolation.settings()).await?;
+    let cluster = DevCluster::start(
+        &a.data_dir,
+        a.listen,
+        res,
+        attrs,
+        a.isolation.settings(),
+        offer_timeout_ms(a.offer_timeout)?,
+    )
+    .await?;
     let cfg_path = a.data_dir.join("client.json");
     cluster.client_config.save(&cfg_path)?;
     let default_cfg = ClientConfig::default_path().is_some_and(|p| p == cfg_path);
@@ -424,6 +467,8 @@ pub async fn master(a: MasterArgs) -> anyhow::Result<ExitCode> {
         &a.data_dir,
         Identity::from_cert_dir(&cd, Role::Master)?,
         a.agent_timeout * 1000,
+        offer_timeout_ms(a.offer_timeout)?,
+        a.agent_reregister_timeout * 1000,
     )
     .await?;
     println!("master listening on {} (QUIC)", master.addr);

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 mod bench;
 mod cluster;
 mod ops;
+mod roles;
 mod run;
 
 #[derive(Parser)]
@@ -60,6 +61,18 @@ enum Cmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Role weights: `agora role weight set ROLE W`, `agora role ls`.
+    Role {
+        #[command(subcommand)]
+        cmd: roles::RoleCmd,
+    },
+    /// Role quotas: `agora quota set|get|rm`.
+    Quota {
+        #[command(subcommand)]
+        cmd: roles::QuotaCmd,
+    },
+    /// Why a task waits (or what became of it), or why a role gets no offers.
+    Explain(roles::ExplainArgs),
     /// Benchmarks that run against a real cluster.
     Bench {
         #[command(subcommand)]
@@ -142,6 +155,9 @@ fn main() -> ExitCode {
             Cmd::Logs(a) => ops::logs(a).await,
             Cmd::Kill(a) => ops::kill(a).await,
             Cmd::Agents { target } => ops::agents(target).await,
+            Cmd::Role { cmd } => roles::role(cmd).await,
+            Cmd::Quota { cmd } => roles::quota(cmd).await,
+            Cmd::Explain(a) => roles::explain(a).await,
             Cmd::Bench { cmd } => bench::bench(cmd).await,
             Cmd::Executor {
                 cmd:

@@ -294,6 +294,9 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             roles: vec![a.role.clone()],
             failover_timeout_seconds: 0.0,
             offer_constraints: a.constraints.clone(),
+            // A task on an agent cut off from the master is UNREACHABLE, not LOST: it
+            // keeps running and its output is printed when the agent returns.
+            partition_aware: true,
             ..Default::default()
         })
         .await?;
@@ -360,6 +363,14 @@ async fn drive(
     ask: &Resources,
 ) -> anyhow::Result<ExitCode> {
     let task_id = task.task_id.clone();
+    // Kept to launch again if the launch is dropped (the master connection broke
+    // before it arrived).
+    let original = task.clone();
+    let pending = PendingTask {
+        task_id: task_id.clone(),
+        name: task.name.clone(),
+        resources: ask.to_proto(),
+    };
     let mut task = Some(task);
     let mut tail = Tail {
         stdout: 0,
@@ -434,6 +445,19 @@ async fn drive(
                     sched.suppress().await?;
                 }
             }
+            Event::Update(s) if s.task_id == task_id && s.state() == TaskState::TaskDropped => {
+                // Never reached the master: place it again.
+                eprintln!("{}", status_line(&s));
+                task = Some(original.clone());
+                sched.set_pending(vec![pending.clone()]).await?;
+                sched.revive().await?;
+            }
+            Event::Update(s) if s.task_id == task_id && s.state() == TaskState::TaskUnknown => {
+                // Asked after a reconnect: the master (restarted, its agents back)
+                // knows nothing of the task, so it is gone with its agent.
+                eprintln!("{}", status_line(&s));
+                return Ok(ExitCode::from(1));
+            }
             Event::Update(s) if s.task_id == task_id => {
                 sched.acknowledge(&s).await?;
                 let state = s.state();
@@ -451,10 +475,30 @@ async fn drive(
                 eprintln!("{}", status_line(&s));
             }
             Event::Update(s) => sched.acknowledge(&s).await?,
-            Event::Rescind(_) | Event::Heartbeat => {}
-            Event::Error(e) => anyhow::bail!("the master reported an error: {e}"),
-            Event::Failure { agent_id, message } => {
-                eprintln!("agora: agent {agent_id} failed: {message}")
+            Event::Rescind(_) | Event::Heartbeat | Event::Message { .. } => {}
+            // A refused call: the task's own update (TASK_ERROR or TASK_DROPPED, with
+            // the same words) follows and ends the run; a broken connection ends
+            // the event stream.
+            Event::Error(e) => eprintln!("agora: the master refused a call: {e}"),
+            Event::Failure {
+                agent_id,
+                executor_id: None,
+                message,
+                ..
+            } => eprintln!("agora: agent {agent_id} failed: {message}"),
+            Event::Failure { .. } => {}
+            Event::Disconnected(why) => {
+                eprintln!("agora: lost the master ({why}); reconnecting")
+            }
+            Event::Reconnected => {
+                eprintln!("agora: reconnected to the master");
+                if task.is_some() {
+                    // A restarted master forgot what we wait for.
+                    sched.set_pending(vec![pending.clone()]).await?;
+                    sched.revive().await?;
+                } else {
+                    sched.reconcile(vec![task_id.clone()]).await?;
+                }
             }
         }
     }

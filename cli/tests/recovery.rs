@@ -470,3 +470,349 @@ fn an_executor_killed_fails_its_tasks_naming_its_end_and_other_frameworks_go_on(
         "{all}"
     );
 }
+
+/// Fault test: the master killed with SIGKILL while a task runs, and started again on
+/// the same address and data dir. The agent re-registers with its task, the framework
+/// (`agora run`, started before the crash) re-subscribes with its id by itself and
+/// still prints the task's output and exits with its code; weights and quotas set
+/// before the crash are still there.
+#[test]
+fn master_killed_and_restarted_keeps_tasks_frameworks_weights_and_quotas() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let init = run_bounded(Command::new(AGORA).args(["certs", "init"]).arg(&certs), 60);
+    assert_eq!(code(&init), 0, "{}", stderr(&init));
+    let master = |listen: &str| {
+        let mut m = Command::new(AGORA);
+        m.args(["master", "--listen", listen, "--certs"])
+            .arg(&certs)
+            .arg("--data-dir")
+            .arg(dir.path().join("master"));
+        Proc::start(m, |l| l.starts_with("master listening on "))
+    };
+    let (mut first, line) = master("127.0.0.1:0");
+    let addr = line.split_whitespace().nth(3).unwrap().to_string();
+    let _agent = AgentProc::start(
+        &addr,
+        &certs,
+        &dir.path().join("agent"),
+        dir.path().join("agent.log"),
+    );
+    let client = |args: &[&str]| -> Command {
+        let mut c = Command::new(AGORA);
+        c.args(args)
+            .env("AGORA_CONFIG", certs.join("client.json"))
+            .env("AGORA_MASTER", &addr)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    };
+    let ok = |args: &[&str]| {
+        let o = run_bounded(&mut client(args), 120);
+        assert_eq!(code(&o), 0, "agora {args:?}: {}", stderr(&o));
+        stdout(&o)
+    };
+    let survivor_row = || {
+        let o = run_bounded(&mut client(&["ps", "--all"]), 120);
+        stdout(&o)
+            .lines()
+            .filter(|l| l.split_whitespace().nth(1) == Some("survivor"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    ok(&["role", "weight", "set", "eng", "2"]);
+    ok(&[
+        "quota",
+        "set",
+        "eng",
+        "--guarantee",
+        "cpus:0.5",
+        "--limit",
+        "cpus:2;mem:2GiB",
+    ]);
+
+    let go = dir.path().join("go");
+    let script = format!(
+        "while [ ! -e {} ]; do sleep 0.05; done; echo survived the master; exit 4",
+        go.display()
+    );
+    let mut run = spawn_tied_to_process(client(&[
+        "run",
+        "--name",
+        "survivor",
+        "--role",
+        "eng",
+        "--cpus",
+        "0.5",
+        "--mem",
+        "64MiB",
+        "--command",
+        &script,
+    ]));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let task = loop {
+        if let Some(r) = survivor_row().iter().find(|r| r.contains("RUNNING")) {
+            break r.split_whitespace().next().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "survivor never ran");
+        std::thread::sleep(Duration::from_millis(100)); // poll interval
+    };
+
+    // kill -9 the master, then start it again where it was.
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    let restarted = Instant::now();
+    let (_second, _) = master(&addr);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let rows = survivor_row();
+        if rows
+            .iter()
+            .any(|r| r.starts_with(&task) && r.contains("RUNNING"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the task did not come back: {rows:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50)); // poll interval
+    }
+    let recovered = restarted.elapsed();
+    let roles = ok(&["role", "ls"]);
+    let eng = roles
+        .lines()
+        .find(|l| l.starts_with("eng "))
+        .unwrap_or_else(|| panic!("{roles}"));
+    assert!(
+        eng.split_whitespace().nth(1) == Some("2"),
+        "weight kept: {roles}"
+    );
+    let quota = ok(&["quota", "get", "eng"]);
+    assert!(
+        quota.contains("cpus:0.5") && quota.contains("cpus:2"),
+        "quota kept: {quota}"
+    );
+
+    std::fs::write(&go, b"").unwrap();
+    let out = wait_child(&mut run, 120);
+    let mut printed = String::new();
+    if let Some(mut s) = run.stdout.take() {
+        use std::io::Read;
+        let _ = s.read_to_string(&mut printed);
+    }
+    assert!(
+        printed.contains("survived the master"),
+        "stdout: {printed}\nstderr: {}",
+        stderr(&out)
+    );
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+    let rows = survivor_row();
+    assert_eq!(rows.len(), 1, "one task, ended once: {rows:?}");
+    assert!(
+        rows[0].starts_with(&task) && rows[0].contains("FAILED"),
+        "{rows:?}"
+    );
+    println!(
+        "master restart: launched 1, terminal 1, lost 0, duplicated 0; task known RUNNING again {:.2} s after the new master started",
+        recovered.as_secs_f64()
+    );
+}
+
+/// What the framework saw of one task.
+#[derive(Default)]
+struct Seen {
+    /// Distinct (state, uuid) of terminal updates: more than one is a duplicate end.
+    terminal: Vec<(agora_sdk::TaskState, Vec<u8>)>,
+    /// The first terminal update's message.
+    message: String,
+}
+
+/// Fault test under load: a framework (the sdk, in this process) launches a few
+/// hundred tasks, wasm and native; the agent is killed with SIGKILL once a third of
+/// them have ended, and started again. Every task ends exactly once, with the ending
+/// it would have had without the fault, and none is LOST.
+#[test]
+fn agent_killed_in_the_middle_of_hundreds_of_tasks_loses_none() {
+    use agora_sdk::{
+        Client, ClientConfig, CommandInfo, Event, FrameworkInfo, Resources, TaskInfo, TaskState,
+        WasmModule,
+    };
+    const WASM: usize = 200;
+    const NATIVE: usize = 100;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let work = dir.path().join("agent");
+    let init = run_bounded(Command::new(AGORA).args(["certs", "init"]).arg(&certs), 60);
+    assert_eq!(code(&init), 0, "{}", stderr(&init));
+    let mut m = Command::new(AGORA);
+    m.args(["master", "--listen", "127.0.0.1:0", "--certs"])
+        .arg(&certs)
+        .arg("--data-dir")
+        .arg(dir.path().join("master"));
+    let (_master, line) = Proc::start(m, |l| l.starts_with("master listening on "));
+    let addr = line.split_whitespace().nth(3).unwrap().to_string();
+    let mut agent = Some(AgentProc::start(
+        &addr,
+        &certs,
+        &work,
+        dir.path().join("agent-1.log"),
+    ));
+    agent
+        .as_ref()
+        .unwrap()
+        .wait_for("registered with the master", 60);
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (seen, killed_after, outage_end) = rt.block_on(async {
+        let mut cfg = ClientConfig::load(&certs.join("client.json")).unwrap();
+        cfg.master = addr.clone();
+        let client = Client::connect(&cfg).await.unwrap();
+        let (sha256, size) = client.upload_file(&guest("spin")).await.unwrap();
+        let mut sched = client
+            .subscribe(FrameworkInfo {
+                name: "fault-load".into(),
+                failover_timeout_seconds: 120.0,
+                partition_aware: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let ask = Resources::cpus_mem(10, 8 << 20);
+        let mut queue: Vec<TaskInfo> = (0..WASM + NATIVE)
+            .map(|i| {
+                let mut t = TaskInfo {
+                    task_id: format!("load-{i:03}"),
+                    name: format!("load-{i:03}"),
+                    resources: ask.to_proto(),
+                    ..Default::default()
+                };
+                if i < WASM {
+                    // Spins until its deadline: 0.3 to 2.7 s.
+                    t.module = Some(WasmModule {
+                        sha256: sha256.clone(),
+                        size,
+                        timeout_ms: 300 + (i as u64 * 37) % 2400,
+                        ..Default::default()
+                    });
+                } else {
+                    t.command = Some(CommandInfo {
+                        shell: true,
+                        value: format!("sleep 0.{}", 2 + i % 8),
+                        ..Default::default()
+                    });
+                }
+                t
+            })
+            .collect();
+        queue.reverse();
+        let mut seen: std::collections::HashMap<String, Seen> = Default::default();
+        let mut killed_after = None;
+        let mut outage_end = None;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+        loop {
+            let ended = seen.values().filter(|s| !s.terminal.is_empty()).count();
+            if ended == WASM + NATIVE {
+                break;
+            }
+            if killed_after.is_none() && ended >= (WASM + NATIVE) / 3 {
+                // kill -9 of the agent with ~200 tasks in every phase of their lives.
+                let mut a = agent.take().unwrap();
+                a.child.kill().unwrap();
+                a.child.wait().unwrap();
+                killed_after = Some(ended);
+                tokio::time::sleep(OUTAGE).await; // the fault's length (see OUTAGE)
+                agent = Some(AgentProc::start(
+                    &addr,
+                    &certs,
+                    &work,
+                    dir.path().join("agent-2.log"),
+                ));
+                outage_end = Some(Instant::now());
+            }
+            let ev = tokio::time::timeout_at(deadline, sched.next_event())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("only {ended} of {} tasks ended within 240 s", WASM + NATIVE)
+                })
+                .expect("the scheduler's session ended");
+            match ev {
+                Event::Offers(offers) => {
+                    for o in offers {
+                        let mut free = Resources::from_proto(&o.resources).unwrap();
+                        let mut batch = Vec::new();
+                        while let Some(t) = queue.last() {
+                            let need = Resources::from_proto(&t.resources).unwrap();
+                            if !free.contains(&need) {
+                                break;
+                            }
+                            free.sub(&need);
+                            let mut t = queue.pop().unwrap();
+                            t.agent_id = o.agent_id.clone();
+                            batch.push(t);
+                        }
+                        if batch.is_empty() {
+                            sched.decline(vec![o.offer_id], Some(3600.0)).await.unwrap();
+                        } else {
+                            sched
+                                .accept(vec![o.offer_id], batch, Some(0.1))
+                                .await
+                                .unwrap();
+                        }
+                    }
+                    if queue.is_empty() {
+                        sched.suppress().await.unwrap();
+                    }
+                }
+                Event::Update(s) => {
+                    sched.acknowledge(&s).await.unwrap();
+                    let state = s.state();
+                    assert!(state != TaskState::TaskDropped, "no launch was lost: {s:?}");
+                    if state.is_terminal() {
+                        let e = seen.entry(s.task_id.clone()).or_default();
+                        if !e.terminal.iter().any(|(_, u)| *u == s.uuid) {
+                            if e.terminal.is_empty() {
+                                e.message = s.message.clone();
+                            }
+                            e.terminal.push((state, s.uuid.clone()));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        (seen, killed_after, outage_end)
+    });
+    let lost = seen
+        .values()
+        .filter(|s| {
+            s.terminal
+                .iter()
+                .any(|(st, _)| *st == agora_sdk::TaskState::TaskLost)
+        })
+        .count();
+    let duplicated = seen.values().filter(|s| s.terminal.len() > 1).count();
+    for (id, s) in &seen {
+        let i: usize = id.trim_start_matches("load-").parse().unwrap();
+        let want = if i < WASM {
+            agora_sdk::TaskState::TaskFailed // its deadline
+        } else {
+            agora_sdk::TaskState::TaskFinished
+        };
+        assert_eq!(
+            s.terminal[0].0, want,
+            "task {id} ended as it would have without the fault: {}",
+            s.message
+        );
+    }
+    println!(
+        "agent kill -9 under load: launched {}, terminal {}, lost {lost}, duplicated {duplicated}; killed after {} had ended; the rest ended within {:?} of the agent's restart",
+        WASM + NATIVE,
+        seen.len(),
+        killed_after.unwrap(),
+        outage_end.map(|t| t.elapsed()),
+    );
+    assert_eq!((lost, duplicated), (0, 0));
+    assert_eq!(seen.len(), WASM + NATIVE);
+}

@@ -9,12 +9,16 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use agora_proto::resources::{format_bytes, format_cpus, CPUS, MEM};
 use agora_proto::v1::{
     self, call, event, master_to_agent, AgentHello, AgentRegistered, AgentToMaster, Call, Event,
-    KillTask, MasterToAgent, Offer, Pong, Reason, RunTask, SchedulerHello, StatusUpdateAck,
-    Subscribed, TaskInfo, TaskState, TaskStatus, TaskSummary,
+    KillTask, MasterToAgent, Offer, Pong, Reason, SchedulerHello, StatusUpdateAck, Subscribed,
+    TaskInfo, TaskState, TaskStatus, TaskSummary,
 };
 use agora_proto::{is_sha256_hex, Resources};
 
 use crate::allocator::Allocator;
+use crate::registry::{FrameworkEntry, Registry, RegistryOp};
+
+mod calls;
+mod ops;
 
 /// Identifies one live connection (agent or scheduler) in the shell.
 pub type ConnId = u64;
@@ -32,6 +36,14 @@ pub struct CoreConfig {
     pub default_refuse_ms: u64,
     /// How many finished tasks are remembered for `ps --all` and logs.
     pub completed_task_limit: usize,
+    /// An offer unanswered this long is rescinded and its resources go back to the
+    /// allocator (`--offer-timeout`); 0: never.
+    pub offer_timeout_ms: u64,
+    /// HEARTBEAT events on every scheduler stream this often (SUBSCRIBED says it).
+    pub framework_heartbeat_ms: u64,
+    /// After a restart, how long the master waits for the agents of its registry to
+    /// re-register before it makes offers without them.
+    pub agent_reregister_ms: u64,
 }
 
 impl Default for CoreConfig {
@@ -43,6 +55,9 @@ impl Default for CoreConfig {
             default_failover_ms: 60_000,
             default_refuse_ms: 5_000,
             completed_task_limit: 1_000,
+            offer_timeout_ms: 30_000,
+            framework_heartbeat_ms: 5_000,
+            agent_reregister_ms: 20_000,
         }
     }
 }
@@ -113,13 +128,19 @@ struct FrameworkState {
     failover_ms: u64,
     disconnected_at: Option<u64>,
     pending: Vec<v1::PendingTask>,
+    /// Mesos's PARTITION_AWARE: TASK_UNREACHABLE instead of TASK_LOST.
+    partition_aware: bool,
 }
 
 #[derive(Debug, Clone)]
 struct OfferState {
     framework_id: String,
     agent_id: String,
+    /// The role the offer was made in (resources of one accept share it).
+    role: String,
     resources: Resources,
+    /// When it was made, for the offer timeout.
+    created_ms: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -149,11 +170,22 @@ pub struct MasterCore {
     /// when the agent re-registers with them.
     kills_pending: BTreeSet<(String, String)>,
     completed: VecDeque<TaskRecord>,
+    /// Tasks of partition-aware frameworks on agents that stopped answering
+    /// (TASK_UNREACHABLE): adopted again if their agent returns with them.
+    unreachable: BTreeMap<(String, String), TaskRecord>,
     artifacts: HashSet<String>,
     allocator: Allocator,
     out: Vec<Output>,
     /// Time of the latest input, for queries between inputs (explanations).
     last_now: u64,
+    /// Mirror of the durable registry (see `registry.rs`).
+    registry: Registry,
+    /// Registry changes not yet taken by the shell (`take_registry_ops`).
+    registry_ops: Vec<RegistryOp>,
+    /// Set while a restarted master waits for its agents.
+    recovery: Option<ops::Recovery>,
+    /// Framework id -> when its scheduler stream last got a HEARTBEAT (or SUBSCRIBED).
+    heartbeats: BTreeMap<String, u64>,
 }
 
 fn status(
@@ -188,10 +220,15 @@ impl MasterCore {
             tasks: BTreeMap::new(),
             kills_pending: BTreeSet::new(),
             completed: VecDeque::new(),
+            unreachable: BTreeMap::new(),
             artifacts: HashSet::new(),
             allocator: Allocator::new(),
             out: Vec::new(),
             last_now: 0,
+            registry: Registry::default(),
+            registry_ops: Vec::new(),
+            recovery: None,
+            heartbeats: BTreeMap::new(),
         }
     }
 
@@ -256,7 +293,7 @@ impl MasterCore {
             hello.agent_id.clone()
         };
         // Tasks the agent reports as running are the truth about that agent. Their
-        // resources are counted unreserved, as `accept` takes them from an offer.
+        // resources keep their reservation roles, as `accept` took them from an offer.
         let reported: Vec<((String, String), TaskInfo, TaskStatus, Resources)> = hello
             .tasks
             .iter()
@@ -264,7 +301,7 @@ impl MasterCore {
                 let (Some(info), Some(st)) = (&rt.task, &rt.status) else {
                     return None;
                 };
-                let res = Resources::from_proto(&info.resources).ok()?.unreserved();
+                let res = Resources::from_proto(&info.resources).ok()?;
                 Some((
                     (rt.framework_id.clone(), info.task_id.clone()),
                     info.clone(),
@@ -282,7 +319,30 @@ impl MasterCore {
                     .last_completed(&r.0)
                     .is_none_or(|t| t.agent_id != agent_id)
         });
-        let task_keys: BTreeSet<(String, String)> = reported.iter().map(|r| r.0.clone()).collect();
+        // Tasks of partition-aware frameworks reported UNREACHABLE (not terminal) come
+        // back: reconciled, not killed; their frameworks hear RUNNING again. Those the
+        // agent no longer has are LOST.
+        let mut returned = Vec::new();
+        let mut vanished = Vec::new();
+        let here: Vec<(String, String)> = self
+            .unreachable
+            .iter()
+            .filter(|(_, t)| t.agent_id == agent_id)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in here {
+            let rec = self.unreachable.remove(&key).expect("listed above");
+            if reported.iter().any(|r| r.0 == key) {
+                returned.push(key);
+            } else {
+                vanished.push(rec);
+            }
+        }
+        let mut task_keys: BTreeSet<(String, String)> =
+            reported.iter().map(|r| r.0.clone()).collect();
+        // Launches the agent never made durable (it was killed with them in flight):
+        // still STAGING here, never started there. They are sent again.
+        let mut relaunch = Vec::new();
         if let Some(old) = self.agents.get(&agent_id) {
             // Re-registration: the old connection, if still around, is stale.
             if let Some(old_conn) = old.conn {
@@ -296,8 +356,17 @@ impl MasterCore {
             }
             let old_tasks = old.tasks.clone();
             self.remove_agent_offers(&agent_id);
-            // Tasks we believed were there but the agent does not report are gone.
-            for key in old_tasks.difference(&task_keys) {
+            // Tasks we believed were there but the agent does not report are gone,
+            // unless their launch never reached it (see `relaunch`).
+            let missing: Vec<_> = old_tasks.difference(&task_keys).cloned().collect();
+            for key in &missing {
+                let staging = self.tasks.get(key).is_some_and(|r| {
+                    r.status() == TaskState::TaskStaging && !self.kills_pending.contains(key)
+                });
+                if staging {
+                    relaunch.push(key.clone());
+                    continue;
+                }
                 self.master_terminal(
                     key,
                     TaskState::TaskLost,
@@ -306,6 +375,7 @@ impl MasterCore {
                     now,
                 );
             }
+            task_keys.extend(relaunch.iter().cloned());
             // The others are given back here and tracked again below from the agent's
             // report; otherwise their frameworks' shares would count them twice.
             for key in old_tasks.intersection(&task_keys) {
@@ -342,6 +412,9 @@ impl MasterCore {
         {
             tracing::warn!(agent = %agent_id, "agent attributes not usable for constraints: {e}");
         }
+        // Registry bookkeeping, and the agent's dynamic reservations restored before
+        // its tasks are tracked: tasks may run on reserved resources.
+        self.registry_agent_back(&agent_id, &hello.hostname);
         for key in &task_keys {
             let rec = &self.tasks[key];
             if !rec.status().is_terminal() {
@@ -375,6 +448,29 @@ impl MasterCore {
         );
         self.agent_by_conn.insert(conn, agent_id.clone());
         tracing::info!(agent = %agent_id, "agent registered");
+        for mut rec in vanished {
+            rec.status = status(
+                &rec.info.task_id,
+                &agent_id,
+                TaskState::TaskLost,
+                Reason::AgentRemoved,
+                "the agent came back without this task",
+                now,
+            );
+            let (fid, st) = (rec.framework_id.clone(), rec.status.clone());
+            self.push_completed(rec);
+            self.send_update(&fid, st);
+        }
+        for key in returned {
+            if let Some(rec) = self.tasks.get(&key) {
+                let mut st = rec.status.clone();
+                st.uuid.clear(); // from the master: nothing to acknowledge
+                st.reason = Reason::AgentReregistered as i32;
+                st.message = format!("agent {agent_id} re-registered; the task kept running");
+                st.timestamp_ms = now;
+                self.send_update(&key.0, st);
+            }
+        }
         self.out.push(Output::ToAgent(
             conn,
             MasterToAgent {
@@ -395,6 +491,20 @@ impl MasterCore {
                     })),
                 },
             ));
+        }
+        for key in relaunch {
+            if let Some(rec) = self.tasks.get(&key) {
+                tracing::info!(task = %key.1, "launch never reached the restarted agent; sending it again");
+                self.out.push(Output::ToAgent(
+                    conn,
+                    MasterToAgent {
+                        msg: Some(master_to_agent::Msg::RunTask(v1::RunTask {
+                            framework_id: key.0.clone(),
+                            task: Some(rec.info.clone()),
+                        })),
+                    },
+                ));
+            }
         }
     }
 
@@ -418,6 +528,8 @@ impl MasterCore {
                 },
             )),
             Some(Msg::StatusUpdate(u)) => self.status_update(conn, &agent_id, u, now),
+            Some(Msg::ExecutorMessage(m)) => self.executor_message(&agent_id, m),
+            Some(Msg::ExecutorExited(x)) => self.executor_exited(&agent_id, x),
             None => {}
         }
     }
@@ -504,6 +616,10 @@ impl MasterCore {
         }
         self.allocator
             .recover(&rec.framework_id, &rec.agent_id, &rec.resources, None);
+        self.push_completed(rec);
+    }
+
+    fn push_completed(&mut self, rec: TaskRecord) {
         self.completed.push_back(rec);
         while self.completed.len() > self.cfg.completed_task_limit {
             self.completed.pop_front();
@@ -600,9 +716,61 @@ impl MasterCore {
             self.out.push(Output::CloseAgent(c, why.to_string()));
         }
         for key in a.tasks {
-            self.master_terminal(&key, TaskState::TaskLost, Reason::AgentRemoved, why, now);
+            // Partition-aware frameworks hear UNREACHABLE (not terminal: the task comes
+            // back if the agent does), the others LOST, as in Mesos.
+            if self
+                .frameworks
+                .get(&key.0)
+                .is_some_and(|f| f.partition_aware)
+            {
+                if let Some(mut rec) = self.tasks.remove(&key) {
+                    self.allocator
+                        .recover(&rec.framework_id, &rec.agent_id, &rec.resources, None);
+                    rec.status = status(
+                        &key.1,
+                        agent_id,
+                        TaskState::TaskUnreachable,
+                        Reason::AgentUnreachable,
+                        why,
+                        now,
+                    );
+                    let st = rec.status.clone();
+                    self.unreachable.insert(key.clone(), rec);
+                    self.send_update(&key.0, st);
+                }
+            } else {
+                self.master_terminal(
+                    &key,
+                    TaskState::TaskLost,
+                    Reason::AgentUnreachable,
+                    why,
+                    now,
+                );
+            }
+        }
+        // Bounded: the oldest unreachable tasks are given up as LOST.
+        while self.unreachable.len() > self.cfg.completed_task_limit * 10 {
+            let oldest = self
+                .unreachable
+                .iter()
+                .min_by_key(|(_, t)| t.status.timestamp_ms)
+                .map(|(k, _)| k.clone())
+                .expect("not empty");
+            let mut rec = self.unreachable.remove(&oldest).expect("present");
+            rec.status.state = TaskState::TaskLost as i32;
+            rec.status.message = "unreachable for too long; given up".into();
+            let (fid, st) = (rec.framework_id.clone(), rec.status.clone());
+            self.push_completed(rec);
+            self.send_update(&fid, st);
         }
         self.allocator.remove_agent(agent_id);
+        self.persist(RegistryOp::PutAgent {
+            agent_id: agent_id.to_string(),
+            entry: crate::registry::AgentEntry {
+                hostname: a.hostname.clone(),
+                unreachable: true,
+            },
+        });
         tracing::warn!(agent = %agent_id, "agent removed: {why}");
     }
 
@@ -641,17 +809,21 @@ impl MasterCore {
                 }
             }
         }
-        let failover_ms =
-            if info.failover_timeout_seconds > 0.0 && info.failover_timeout_seconds.is_finite() {
-                (info.failover_timeout_seconds * 1000.0).min(365.0 * 86_400_000.0) as u64
-            } else {
-                self.cfg.default_failover_ms
-            };
+        let failover_ms = self.failover_ms_of(&info);
         let id = if info.framework_id.is_empty() {
             self.new_id("F")
         } else {
             info.framework_id.clone()
         };
+        if let Some(when) = self.registry.removed_frameworks.get(&id) {
+            let msg = format!(
+                "framework {id} was removed (torn down at {when} ms since the epoch); \
+                 subscribe without a framework id to start a new one"
+            );
+            self.error(conn, format!("SUBSCRIBE refused: {msg}"));
+            self.out.push(Output::CloseScheduler(conn, msg));
+            return;
+        }
         if let Some(old) = self.frameworks.get(&id) {
             if let Some(oc) = old.conn {
                 if oc != conn {
@@ -692,9 +864,23 @@ impl MasterCore {
                 failover_ms,
                 disconnected_at: None,
                 pending,
+                partition_aware: info.partition_aware,
             },
         );
         self.framework_by_conn.insert(conn, id.clone());
+        let entry = FrameworkEntry {
+            name: self.frameworks[&id].name.clone(),
+            roles: roles.clone(),
+            failover_ms,
+            offer_constraints: info.offer_constraints.clone(),
+            partition_aware: info.partition_aware,
+        };
+        if self.registry.frameworks.get(&id) != Some(&entry) {
+            self.persist(RegistryOp::PutFramework {
+                framework_id: id.clone(),
+                entry,
+            });
+        }
         self.allocator.add_framework_roles(&id, &roles);
         for role in &roles {
             if let Err(e) = self
@@ -705,12 +891,13 @@ impl MasterCore {
             }
         }
         tracing::info!(framework = %id, "framework subscribed");
+        self.heartbeats.insert(id.clone(), self.last_now);
         self.out.push(Output::ToScheduler(
             conn,
             Event {
                 event: Some(event::Event::Subscribed(Subscribed {
                     framework_id: id,
-                    heartbeat_interval_ms: self.cfg.heartbeat_interval_ms,
+                    heartbeat_interval_ms: self.cfg.framework_heartbeat_ms,
                 })),
             },
         ));
@@ -773,6 +960,26 @@ impl MasterCore {
                     self.error(conn, format!("kill: {e}"));
                 }
             }
+            Some(call::Call::Acknowledge(a)) if a.uuid.is_empty() || a.task_id.is_empty() => {
+                self.error(
+                    conn,
+                    format!(
+                        "acknowledge: task `{}` with uuid of {} bytes: both are needed (updates without a uuid need no acknowledgement)",
+                        a.task_id,
+                        a.uuid.len()
+                    ),
+                );
+            }
+            Some(call::Call::Acknowledge(a)) if !self.agents.contains_key(&a.agent_id) => {
+                // The agent was removed: its updates were settled by the master.
+                self.error(
+                    conn,
+                    format!(
+                        "acknowledge: agent {} of task {} is not registered; nothing to acknowledge",
+                        a.agent_id, a.task_id
+                    ),
+                );
+            }
             Some(call::Call::Acknowledge(a)) => {
                 if let Some(c) = self.agents.get(&a.agent_id).and_then(|ag| ag.conn) {
                     self.out.push(Output::ToAgent(
@@ -788,8 +995,11 @@ impl MasterCore {
                 }
             }
             Some(call::Call::Reconcile(r)) => self.reconcile(conn, &fid, r.task_ids, now),
-            Some(call::Call::Revive(_)) => self.allocator.suppress(&fid, false),
-            Some(call::Call::Suppress(_)) => self.allocator.suppress(&fid, true),
+            Some(call::Call::Revive(r)) => self.revive_or_suppress(conn, &fid, &r.role, false),
+            Some(call::Call::Suppress(r)) => self.revive_or_suppress(conn, &fid, &r.role, true),
+            Some(call::Call::Shutdown(s)) => self.shutdown_executor(conn, &fid, s),
+            Some(call::Call::Message(m)) => self.framework_message(conn, &fid, m),
+            Some(call::Call::UpdateFramework(u)) => self.update_framework(conn, &fid, u),
             Some(call::Call::Teardown(_)) => self.teardown(&fid, "framework asked for TEARDOWN"),
             Some(call::Call::Pending(p)) => {
                 if let Some(f) = self.frameworks.get_mut(&fid) {
@@ -805,133 +1015,6 @@ impl MasterCore {
         match f.and_then(|f| f.refuse_seconds) {
             Some(s) if s.is_finite() && s >= 0.0 => (s * 1000.0).min(31_536_000_000.0) as u64,
             _ => self.cfg.default_refuse_ms,
-        }
-    }
-
-    fn accept(&mut self, conn: ConnId, fid: &str, a: v1::Accept, now: u64) {
-        // Every offer must be ours, outstanding and on one agent.
-        let mut agent_id: Option<String> = None;
-        let mut seen = HashSet::new();
-        for oid in &a.offer_ids {
-            let problem = match self.offers.get(oid) {
-                // Naming one offer twice would make us take it twice below.
-                _ if !seen.insert(oid) => Some(format!("offer {oid} is named twice")),
-                None => Some(format!("offer {oid} is unknown, already used or rescinded")),
-                Some(o) if o.framework_id != fid => {
-                    Some(format!("offer {oid} belongs to another framework"))
-                }
-                Some(o) => match &agent_id {
-                    Some(ag) if *ag != o.agent_id => {
-                        Some("offers from different agents cannot be combined".into())
-                    }
-                    _ => {
-                        agent_id = Some(o.agent_id.clone());
-                        None
-                    }
-                },
-            };
-            if let Some(p) = problem {
-                // The framework counts every offer it named as used: the valid ones go
-                // back (as in Mesos) instead of staying outstanding with nobody to
-                // answer them.
-                for oid in &a.offer_ids {
-                    if self.offers.get(oid).is_some_and(|o| o.framework_id == fid) {
-                        let o = self.offers.remove(oid).expect("present");
-                        self.allocator.recover(fid, &o.agent_id, &o.resources, None);
-                    }
-                }
-                self.refuse_accept(conn, fid, &a.launch, &p, now);
-                return;
-            }
-        }
-        let Some(agent_id) = agent_id else {
-            self.refuse_accept(conn, fid, &a.launch, "no offers named", now);
-            return;
-        };
-        let mut pool = Resources::new();
-        for oid in &a.offer_ids {
-            let o = self.offers.remove(oid).expect("checked above");
-            pool.add(&o.resources);
-        }
-        let agent_conn = self.agents.get(&agent_id).and_then(|ag| ag.conn);
-        for mut task in a.launch {
-            task.agent_id = agent_id.clone();
-            let checked = self.validate_task(fid, &task).and_then(|res| {
-                // The task takes unreserved resources from the pool; record exactly
-                // that, so that what its end gives back is what was taken.
-                match pool.checked_sub(&res.unreserved()) {
-                    Some(left) => Ok((res.unreserved(), left)),
-                    None => Err(format!("task asks for {res} but the offers hold only {pool} (after earlier tasks in this accept)")),
-                }
-            });
-            let (res, left) = match checked {
-                Ok(v) => v,
-                Err(e) => {
-                    let st = status(
-                        &task.task_id,
-                        &agent_id,
-                        TaskState::TaskError,
-                        Reason::InvalidTask,
-                        &e,
-                        now,
-                    );
-                    self.send_update(fid, st);
-                    continue;
-                }
-            };
-            let Some(ac) = agent_conn else {
-                let st = status(
-                    &task.task_id,
-                    &agent_id,
-                    TaskState::TaskLost,
-                    Reason::AgentDisconnected,
-                    "the agent disconnected before the task could be sent",
-                    now,
-                );
-                self.send_update(fid, st);
-                continue;
-            };
-            pool = left;
-            let key = (fid.to_string(), task.task_id.clone());
-            let st = status(
-                &task.task_id,
-                &agent_id,
-                TaskState::TaskStaging,
-                Reason::Unspecified,
-                "",
-                now,
-            );
-            self.tasks.insert(
-                key.clone(),
-                TaskRecord {
-                    framework_id: fid.to_string(),
-                    agent_id: agent_id.clone(),
-                    info: task.clone(),
-                    resources: res,
-                    status: st,
-                },
-            );
-            if let Some(ag) = self.agents.get_mut(&agent_id) {
-                ag.tasks.insert(key);
-            }
-            if let Some(f) = self.frameworks.get_mut(fid) {
-                f.pending.retain(|p| p.task_id != task.task_id);
-            }
-            self.out.push(Output::ToAgent(
-                ac,
-                MasterToAgent {
-                    msg: Some(master_to_agent::Msg::RunTask(RunTask {
-                        framework_id: fid.to_string(),
-                        task: Some(task),
-                    })),
-                },
-            ));
-        }
-        // What the tasks did not use goes back, filtered for a while (Mesos semantics).
-        if !pool.is_empty() {
-            let refuse = self.refuse_ms(a.filters.as_ref());
-            self.allocator
-                .recover(fid, &agent_id, &pool, Some(now + refuse));
         }
     }
 
@@ -1081,18 +1164,35 @@ impl MasterCore {
         }
     }
 
-    fn reconcile(&mut self, conn: ConnId, fid: &str, ids: Vec<String>, now: u64) {
+    fn reconcile_known(&self, fid: &str, id: &str) -> bool {
+        let key = (fid.to_string(), id.to_string());
+        self.tasks.contains_key(&key)
+            || self.unreachable.contains_key(&key)
+            || self
+                .completed
+                .iter()
+                .any(|t| t.framework_id == fid && t.info.task_id == id)
+    }
+
+    pub(crate) fn reconcile(&mut self, conn: ConnId, fid: &str, ids: Vec<String>, now: u64) {
         let statuses: Vec<TaskStatus> = if ids.is_empty() {
             self.tasks
                 .values()
+                .chain(self.unreachable.values())
                 .filter(|t| t.framework_id == fid)
                 .map(|t| t.status.clone())
                 .collect()
         } else {
+            // A restarted master still waiting for agents may not know a task yet: it
+            // answers once the agents are back (or the wait is over).
+            let ids: Vec<String> = ids
+                .into_iter()
+                .filter(|id| self.reconcile_known(fid, id) || !self.defer_reconcile(fid, id))
+                .collect();
             ids.iter()
                 .map(|id| {
                     let key = (fid.to_string(), id.clone());
-                    if let Some(t) = self.tasks.get(&key) {
+                    if let Some(t) = self.tasks.get(&key).or_else(|| self.unreachable.get(&key)) {
                         t.status.clone()
                     } else if let Some(t) = self
                         .completed
@@ -1145,6 +1245,7 @@ impl MasterCore {
         for oid in offers {
             self.rescind(&oid);
         }
+        self.heartbeats.remove(fid);
         if let Some(f) = self.frameworks.remove(fid) {
             if let Some(c) = f.conn {
                 self.framework_by_conn.remove(&c);
@@ -1164,12 +1265,18 @@ impl MasterCore {
             ));
         }
         self.allocator.remove_framework(fid);
+        self.unreachable.retain(|(f, _), _| f != fid);
+        self.persist(RegistryOp::RemoveFramework {
+            framework_id: fid.to_string(),
+            removed_ms: self.last_now,
+        });
         tracing::info!(framework = %fid, "framework removed: {why}");
     }
 
     // ---- time -----------------------------------------------------------------
 
     fn tick(&mut self, now: u64) {
+        self.scheduler_timers(now);
         let timeout = self.cfg.agent_timeout_ms;
         let silent: Vec<(String, bool)> = self
             .agents
@@ -1187,6 +1294,7 @@ impl MasterCore {
                 )
             };
             self.remove_agent(&id, &why, now);
+            self.agent_failure(&id, &why);
         }
         let expired: Vec<String> = self
             .frameworks
@@ -1206,6 +1314,9 @@ impl MasterCore {
     }
 
     fn allocate(&mut self, now: u64) {
+        if self.recovery_holds_offers(now) {
+            return;
+        }
         let allocations = self.allocator.allocate(now);
         let mut by_fw: BTreeMap<String, Vec<Offer>> = BTreeMap::new();
         for al in allocations {
@@ -1225,7 +1336,9 @@ impl MasterCore {
                 OfferState {
                     framework_id: al.framework_id.clone(),
                     agent_id: al.agent_id,
+                    role: al.role,
                     resources: al.resources,
+                    created_ms: now,
                 },
             );
             by_fw.entry(al.framework_id).or_default().push(offer);
@@ -1323,7 +1436,11 @@ impl MasterCore {
                 });
             }
         }
-        let mut live: Vec<&TaskRecord> = self.tasks.values().collect();
+        let mut live: Vec<&TaskRecord> = self
+            .tasks
+            .values()
+            .chain(self.unreachable.values())
+            .collect();
         live.sort_by(|a, b| {
             a.status
                 .timestamp_ms
@@ -1454,7 +1571,13 @@ impl MasterCore {
                     agent_id: id.clone(),
                     hostname: a.hostname.clone(),
                     total: a.total.to_proto(),
-                    allocated: a.total.checked_sub(&free).unwrap_or_default().to_proto(),
+                    // By amount: dynamic reservations re-tag part of `total`.
+                    allocated: a
+                        .total
+                        .unreserved()
+                        .checked_sub(&free.unreserved())
+                        .unwrap_or_default()
+                        .to_proto(),
                     attributes: a.attributes.clone(),
                 }
             })

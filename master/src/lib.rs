@@ -9,4 +9,5 @@
 pub mod allocator;
 pub mod artifacts;
 pub mod core;
+pub mod registry;
 pub mod server;

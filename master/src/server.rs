@@ -16,11 +16,12 @@ use agora_proto::v1::{
     self, operator_request, stream_open, ArtifactHeader, Event, MasterToAgent, OperatorRequest,
     OperatorResponse, SandboxData, SandboxRead, StreamOpen,
 };
-use agora_proto::{read_frame, transfer, unix_millis, write_frame};
+use agora_proto::{read_frame, transfer, unix_millis, write_frame, Resources};
 use tokio::sync::mpsc;
 
 use crate::artifacts::ArtifactStore;
 use crate::core::{ConnId, CoreConfig, Input, MasterCore, Output};
+use crate::registry::{Registry, RegistryStore};
 
 /// Messages queued to one peer before it counts as stuck and is disconnected.
 const PEER_QUEUE: usize = 4096;
@@ -41,6 +42,7 @@ enum Out<M> {
 
 struct Shared {
     core: MasterCore,
+    registry: RegistryStore,
     agents: HashMap<ConnId, (mpsc::Sender<Out<MasterToAgent>>, quinn::Connection)>,
     schedulers: HashMap<ConnId, mpsc::Sender<Out<Event>>>,
 }
@@ -53,6 +55,15 @@ impl Shared {
     }
 
     fn dispatch(&mut self, outs: Vec<Output>) {
+        // What the registry must remember is on disk before anything that follows
+        // from it is sent (a SUBSCRIBED, an offer of re-registered resources).
+        let ops = self.core.take_registry_ops();
+        if let Err(e) = self.registry.commit(&ops) {
+            // A master that cannot keep its registry would forget frameworks and
+            // agents on its next restart; stop rather than carry on (as Mesos does).
+            tracing::error!("{e:#}; the master stops: fix the data dir (disk full? permissions?) and start it again");
+            std::process::exit(70);
+        }
         for o in outs {
             match o {
                 Output::ToAgent(c, m) => {
@@ -117,11 +128,22 @@ pub async fn start(cfg: MasterConfig) -> anyhow::Result<MasterHandle> {
     let endpoint = tls::server_endpoint(cfg.bind, &cfg.identity)?;
     let addr = endpoint.local_addr()?;
     let mut core = MasterCore::new(cfg.core.clone());
+    let (registry, recovered) = RegistryStore::open(&cfg.data_dir)?;
+    if recovered != Registry::default() {
+        tracing::info!(
+            agents = recovered.agents.len(),
+            frameworks = recovered.frameworks.len(),
+            "recovering the master registry from {}",
+            cfg.data_dir.join(crate::registry::FILE).display()
+        );
+        core.recover(recovered, unix_millis());
+    }
     for sha in store.list()? {
         core.handle(Input::ArtifactStored { sha256: sha }, unix_millis());
     }
     let shared = Arc::new(Mutex::new(Shared {
         core,
+        registry,
         agents: HashMap::new(),
         schedulers: HashMap::new(),
     }));
@@ -429,6 +451,56 @@ impl Ctx {
                 OperatorResponse {
                     error: r.err().unwrap_or_default(),
                     ..Default::default()
+                }
+            }
+            Some(operator_request::Request::SetWeight(w)) => {
+                let mut s = self.lock();
+                let r = s.core.set_weight(&w.role, w.weight);
+                let outs = s.core.drain_outputs();
+                s.dispatch(outs);
+                OperatorResponse {
+                    error: r.err().unwrap_or_default(),
+                    ..Default::default()
+                }
+            }
+            Some(operator_request::Request::SetQuota(q)) => {
+                let parsed = Resources::from_proto(&q.guarantee)
+                    .and_then(|g| Resources::from_proto(&q.limit).map(|l| (g, l)));
+                let r = match parsed {
+                    Ok((g, l)) => {
+                        let mut s = self.lock();
+                        let r = s.core.set_quota(&q.role, &g, &l);
+                        let outs = s.core.drain_outputs();
+                        s.dispatch(outs);
+                        r
+                    }
+                    Err(e) => Err(format!("bad quota resources: {e}")),
+                };
+                OperatorResponse {
+                    error: r.err().unwrap_or_default(),
+                    ..Default::default()
+                }
+            }
+            Some(operator_request::Request::Roles(g)) => match self.lock().core.roles(&g.role) {
+                Ok(roles) => OperatorResponse {
+                    roles,
+                    ..Default::default()
+                },
+                Err(error) => OperatorResponse {
+                    error,
+                    ..Default::default()
+                },
+            },
+            Some(operator_request::Request::Explain(e)) => {
+                match self.lock().core.explain(&e.target) {
+                    Ok(explanation) => OperatorResponse {
+                        explanation,
+                        ..Default::default()
+                    },
+                    Err(error) => OperatorResponse {
+                        error,
+                        ..Default::default()
+                    },
                 }
             }
             Some(operator_request::Request::ReadFile(r)) => match self.read_sandbox(r).await {

@@ -37,8 +37,18 @@ struct Master {
 }
 
 impl Master {
+    /// A master whose scheduler-side timers (HEARTBEAT events, offer timeouts) are
+    /// off, so traces show only what each test is about; `with_config` turns them on.
     fn new() -> Self {
-        let mut core = MasterCore::new(CoreConfig::default());
+        Self::with_config(CoreConfig {
+            framework_heartbeat_ms: 0,
+            offer_timeout_ms: 0,
+            ..CoreConfig::default()
+        })
+    }
+
+    fn with_config(cfg: CoreConfig) -> Self {
+        let mut core = MasterCore::new(cfg);
         let outs = core.handle(
             Input::ArtifactStored {
                 sha256: MODULE.into(),
@@ -225,7 +235,7 @@ fn task(id: &str, milli_cpus: i64, mem: i64) -> TaskInfo {
 fn accept(offer_ids: &[&str], launch: Vec<TaskInfo>) -> call::Call {
     call::Call::Accept(v1::Accept {
         offer_ids: offer_ids.iter().map(|s| s.to_string()).collect(),
-        launch,
+        operations: vec![launch_op(launch)],
         filters: None,
     })
 }
@@ -233,11 +243,17 @@ fn accept(offer_ids: &[&str], launch: Vec<TaskInfo>) -> call::Call {
 fn accept_refusing(offer_ids: &[&str], launch: Vec<TaskInfo>, refuse_seconds: f64) -> call::Call {
     call::Call::Accept(v1::Accept {
         offer_ids: offer_ids.iter().map(|s| s.to_string()).collect(),
-        launch,
+        operations: vec![launch_op(launch)],
         filters: Some(v1::Filters {
             refuse_seconds: Some(refuse_seconds),
         }),
     })
+}
+
+fn launch_op(tasks: Vec<TaskInfo>) -> v1::Operation {
+    v1::Operation {
+        operation: Some(v1::operation::Operation::Launch(v1::Launch { tasks })),
+    }
 }
 
 fn decline(offer_ids: &[&str], refuse_seconds: Option<f64>) -> call::Call {
@@ -329,7 +345,7 @@ fn subscribed(conn: ConnId, fid: &str) -> Output {
         conn,
         event::Event::Subscribed(v1::Subscribed {
             framework_id: fid.into(),
-            heartbeat_interval_ms: 1_000,
+            heartbeat_interval_ms: 0, // no HEARTBEAT events (see `Master::new`)
         }),
     )
 }
@@ -364,6 +380,19 @@ fn error(conn: ConnId, message: &str) -> Output {
         conn,
         event::Event::Error(v1::Error {
             message: message.into(),
+        }),
+    )
+}
+
+/// FAILURE: the agent was removed.
+fn agent_failure(conn: ConnId, agent_id: &str, why: &str) -> Output {
+    to_scheduler(
+        conn,
+        event::Event::Failure(v1::Failure {
+            agent_id: agent_id.into(),
+            message: format!("agent {agent_id} was removed: {why}"),
+            executor_id: String::new(),
+            status: None,
         }),
     )
 }
@@ -852,7 +881,7 @@ fn accept_of_another_frameworks_offer_or_offers_of_two_agents_is_refused() {
         FW1,
         accept(&[&f1_offers[0], &f1_offers[1]], vec![task("t1", 1500, GIB)]),
     );
-    let why = "offers from different agents cannot be combined";
+    let why = "offers from different agents cannot be combined (offer m-O0005 is for agent m-A0002, an earlier one for m-A0001)";
     let again = offer_ids(&outs);
     assert_eq!(
         outs,
@@ -994,8 +1023,13 @@ fn task_bigger_than_the_offer_is_task_error_naming_both_amounts() {
     let outs = m
         .at(100)
         .call(FW1, accept(&[&o1], vec![task("big", 64_000, GIB)]));
-    assert_eq!(outs.len(), 1);
-    let st = update_to(&outs[0], FW1);
+    assert_eq!(outs.len(), 2);
+    // An ERROR for the call, then TASK_ERROR for the task, with the same words.
+    let st = update_to(&outs[1], FW1);
+    assert_eq!(
+        outs[0],
+        error(FW1, &format!("accept: task big: {}", st.message))
+    );
     assert_eq!(
         st,
         master_status(
@@ -1036,9 +1070,13 @@ fn task_bigger_than_the_offer_is_task_error_naming_both_amounts() {
     let outs = m
         .at(6_000)
         .call(FW1, accept(&[&o2], vec![t1.clone(), task("t2", 1000, GIB)]));
-    assert_eq!(outs.len(), 2);
+    assert_eq!(outs.len(), 3);
     assert_eq!(outs[0], run_task(AG1, &fid, &t1, &a1));
-    let st = update_to(&outs[1], FW1);
+    let st = update_to(&outs[2], FW1);
+    assert_eq!(
+        outs[1],
+        error(FW1, &format!("accept: task t2: {}", st.message))
+    );
     assert_eq!(
         st,
         master_status(
@@ -1071,17 +1109,23 @@ fn duplicate_task_id_of_a_live_task_is_task_error_until_it_ends() {
     let outs = m.call(FW1, accept(&[&o2], vec![task("t1", 500, GIB)]));
     assert_eq!(
         outs,
-        vec![update(
-            FW1,
-            master_status(
-                "t1",
-                &a1,
-                TaskState::TaskError,
-                Reason::InvalidTask,
-                "task id t1 is already in use by a live task of this framework",
-                5_000
+        vec![
+            error(
+                FW1,
+                "accept: task t1: task id t1 is already in use by a live task of this framework"
+            ),
+            update(
+                FW1,
+                master_status(
+                    "t1",
+                    &a1,
+                    TaskState::TaskError,
+                    Reason::InvalidTask,
+                    "task id t1 is already in use by a live task of this framework",
+                    5_000
+                )
             )
-        )]
+        ]
     );
     // The first t1 is unaffected...
     assert_eq!(
@@ -1112,6 +1156,12 @@ fn module_that_was_never_uploaded_is_task_error() {
     assert_eq!(
         outs,
         vec![
+            error(
+                FW1,
+                &format!(
+                    "accept: task t1: module {MISSING_MODULE} was never uploaded to this master"
+                )
+            ),
             update(
                 FW1,
                 master_status(
@@ -1122,6 +1172,10 @@ fn module_that_was_never_uploaded_is_task_error() {
                     &format!("module {MISSING_MODULE} was never uploaded to this master"),
                     0
                 )
+            ),
+            error(
+                FW1,
+                "accept: task t2: module hash `not-a-hash` is not a sha256 in hex"
             ),
             update(
                 FW1,
@@ -1152,54 +1206,30 @@ fn module_that_was_never_uploaded_is_task_error() {
 }
 
 #[test]
-fn task_resources_naming_a_role_are_given_back_exactly() {
-    // Regression: the task's resources were recorded with their role but taken from
-    // the offer unreserved, so its end gave back something never allocated (a debug
-    // assertion, and in release builds an agent whose allocation was wiped to zero).
+fn task_resources_naming_a_role_not_in_the_offer_are_refused_and_nothing_is_taken() {
+    // A task asking for `cpus(analytics)` from an offer of unreserved resources in
+    // role `*`: refused by name (it once launched with the role stripped), and the
+    // offer goes back whole.
     let mut m = Master::new();
-    let (a1, fid, o1) = one_agent_one_framework(&mut m, 2000, 4 * GIB);
+    let (a1, _fid, o1) = one_agent_one_framework(&mut m, 2000, 4 * GIB);
     let mut t1 = task("t1", 0, 0);
-    t1.resources = vec![
-        v1::Resource {
-            name: "cpus".into(),
-            value: 2000,
-            role: "analytics".into(),
-        },
-        v1::Resource {
-            name: "mem".into(),
-            value: 4 * GIB,
-            role: "analytics".into(),
-        },
-    ];
+    t1.resources = Resources::cpus_mem(2000, 4 * GIB)
+        .with_role("analytics")
+        .to_proto();
+    let why =
+        "it asks for resources reserved for role `analytics`, but the offers are for role `*`";
     assert_eq!(
         m.call(FW1, accept(&[&o1], vec![t1.clone()])),
-        vec![run_task(AG1, &fid, &t1, &a1)]
-    );
-    assert_eq!(m.allocated(&a1), Resources::cpus_mem(2000, 4 * GIB));
-    let fin = agent_status("t1", TaskState::TaskFinished, "u-1", 100);
-    let outs = m.at(100).agent_update(AG1, &fid, fin.clone());
-    let ids = offer_ids(&outs);
-    assert_eq!(
-        outs,
         vec![
-            update(FW1, relayed(fin, &a1)),
-            offers(
+            error(FW1, &format!("accept: task t1: {why}")),
+            update(
                 FW1,
-                vec![offer(
-                    &ids[0],
-                    &fid,
-                    &a1,
-                    "host-1",
-                    Resources::cpus_mem(2000, 4 * GIB)
-                )]
+                master_status("t1", &a1, TaskState::TaskError, Reason::InvalidTask, why, 0)
             ),
         ]
     );
+    assert_eq!(m.allocated(&a1), Resources::new());
 }
-
-// =====================================================================================
-// 4. Status updates and acknowledgements
-// =====================================================================================
 
 #[test]
 fn status_updates_are_relayed_acknowledged_and_a_terminal_one_frees_resources() {
@@ -1567,7 +1597,7 @@ fn agent_disconnect_rescinds_offers_and_after_the_timeout_its_tasks_are_lost() {
                     "t1",
                     &a1,
                     TaskState::TaskLost,
-                    Reason::AgentRemoved,
+                    Reason::AgentUnreachable,
                     &why,
                     25_001
                 )
@@ -1578,11 +1608,12 @@ fn agent_disconnect_rescinds_offers_and_after_the_timeout_its_tasks_are_lost() {
                     "t2",
                     &a1,
                     TaskState::TaskLost,
-                    Reason::AgentRemoved,
+                    Reason::AgentUnreachable,
                     &why,
                     25_001
                 )
             ),
+            agent_failure(FW1, &a1, &why),
         ]
     );
     assert!(m.core.agents().is_empty());
@@ -1599,7 +1630,7 @@ fn agent_disconnect_rescinds_offers_and_after_the_timeout_its_tasks_are_lost() {
                 "t1",
                 &a1,
                 TaskState::TaskLost,
-                Reason::AgentRemoved,
+                Reason::AgentUnreachable,
                 &why,
                 25_001
             ))
@@ -1641,11 +1672,12 @@ fn silent_agent_is_removed_after_the_timeout_and_pings_keep_it() {
                     "t1",
                     &a1,
                     TaskState::TaskLost,
-                    Reason::AgentRemoved,
+                    Reason::AgentUnreachable,
                     &why,
                     25_001
                 )
             ),
+            agent_failure(FW1, &a1, &why),
         ]
     );
     assert!(m.core.agents().is_empty());
@@ -1728,7 +1760,13 @@ fn agent_reregistering_without_a_task_loses_it_and_the_old_connection_is_closed(
         m.at(1_000).call(FW1, accept(&[&o1], vec![t1.clone()])),
         vec![run_task(AG1, &fid, &t1, &a1)]
     );
-    // The agent restarted and lost the task; its old connection is still open here.
+    let run = agent_status("t1", TaskState::TaskRunning, "u-1", 1_500);
+    assert_eq!(
+        m.at(1_500).agent_update(AG1, &fid, run.clone()),
+        vec![update(FW1, relayed(run, &a1))]
+    );
+    // The agent restarted and lost the running task; its old connection is still
+    // open here.
     let outs = m.at(3_000).agent_hello(
         AG2,
         hello(&a1, "host-1", Resources::cpus_mem(2000, 4 * GIB), vec![]),
@@ -1765,6 +1803,34 @@ fn agent_reregistering_without_a_task_loses_it_and_the_old_connection_is_closed(
 }
 
 #[test]
+fn a_launch_the_agent_never_recorded_is_sent_again_when_it_re_registers() {
+    // The agent was killed with the RunTask in flight: the task is still STAGING
+    // here and unknown there. It never started, so it is launched again rather than
+    // reported LOST, and what it asks stays taken.
+    let mut m = Master::new();
+    let (a1, fid, o1) = one_agent_one_framework(&mut m, 2000, 4 * GIB);
+    let t1 = task("t1", 2000, 4 * GIB);
+    assert_eq!(
+        m.at(1_000).call(FW1, accept(&[&o1], vec![t1.clone()])),
+        vec![run_task(AG1, &fid, &t1, &a1)]
+    );
+    let outs = m.at(3_000).agent_hello(
+        AG2,
+        hello(&a1, "host-1", Resources::cpus_mem(2000, 4 * GIB), vec![]),
+    );
+    assert_eq!(
+        outs,
+        vec![
+            Output::CloseAgent(AG1, "agent re-registered on a new connection".into()),
+            registered(AG2, &a1),
+            run_task(AG2, &fid, &t1, &a1),
+        ]
+    );
+    assert_eq!(m.allocated(&a1), Resources::cpus_mem(2000, 4 * GIB));
+    assert_eq!(m.core.list_tasks(false).len(), 1);
+}
+
+#[test]
 fn agent_returning_after_removal_does_not_bring_lost_tasks_back() {
     // Regression: the master adopted the tasks again, so the framework saw RUNNING and
     // FINISHED for a task it had been told was LOST (two ends for one task).
@@ -1784,17 +1850,20 @@ fn agent_returning_after_removal_does_not_bring_lost_tasks_back() {
     let why = format!("agent {a1} stayed disconnected for more than 15 s");
     assert_eq!(
         m.tick(17_001),
-        vec![update(
-            FW1,
-            master_status(
-                "t1",
-                &a1,
-                TaskState::TaskLost,
-                Reason::AgentRemoved,
-                &why,
-                17_001
-            )
-        )]
+        vec![
+            update(
+                FW1,
+                master_status(
+                    "t1",
+                    &a1,
+                    TaskState::TaskLost,
+                    Reason::AgentUnreachable,
+                    &why,
+                    17_001
+                )
+            ),
+            agent_failure(FW1, &a1, &why),
+        ]
     );
 
     // The agent returns with the same id, still running t1: it is told to kill it,
@@ -1819,7 +1888,7 @@ fn agent_returning_after_removal_does_not_bring_lost_tasks_back() {
                 "t1",
                 &a1,
                 TaskState::TaskLost,
-                Reason::AgentRemoved,
+                Reason::AgentUnreachable,
                 &why,
                 17_001
             ))
@@ -2999,7 +3068,9 @@ impl Sim {
                         }
                         master_to_agent::Msg::Ack(_)
                         | master_to_agent::Msg::Pong(_)
-                        | master_to_agent::Msg::Error(_) => {}
+                        | master_to_agent::Msg::Error(_)
+                        | master_to_agent::Msg::ShutdownExecutor(_)
+                        | master_to_agent::Msg::FrameworkMessage(_) => {}
                     }
                 }
                 Output::ToScheduler(c, ev) => {
@@ -3048,7 +3119,8 @@ impl Sim {
                         }
                         event::Event::Error(_)
                         | event::Event::Heartbeat(_)
-                        | event::Event::Failure(_) => {}
+                        | event::Event::Failure(_)
+                        | event::Event::Message(_) => {}
                     }
                 }
                 Output::CloseAgent(c, _) => {
@@ -3296,7 +3368,7 @@ impl Sim {
                 let refuse = [None, Some(0.0), Some(1.0), Some(10.0)][self.rng.below(4) as usize];
                 let call = call::Call::Accept(v1::Accept {
                     offer_ids: named,
-                    launch,
+                    operations: vec![launch_op(launch)],
                     filters: refuse.map(|r| v1::Filters {
                         refuse_seconds: Some(r),
                     }),
@@ -3525,5 +3597,652 @@ fn constraints_keep_offers_to_matching_agents() {
         agents,
         vec![edge],
         "only the edge agent, never {core_agent}"
+    );
+}
+
+// =====================================================================================
+// The scheduler API: ACCEPT operations, reservations, timers, SHUTDOWN, MESSAGE,
+// UPDATE_FRAMEWORK, per-role REVIVE/SUPPRESS
+// =====================================================================================
+
+fn accept_ops(offer_ids: &[&str], operations: Vec<v1::Operation>) -> call::Call {
+    call::Call::Accept(v1::Accept {
+        offer_ids: offer_ids.iter().map(|s| s.to_string()).collect(),
+        operations,
+        filters: None,
+    })
+}
+
+fn reserve_op(r: Resources) -> v1::Operation {
+    v1::Operation {
+        operation: Some(v1::operation::Operation::Reserve(v1::Reserve {
+            resources: r.to_proto(),
+        })),
+    }
+}
+
+fn unreserve_op(r: Resources) -> v1::Operation {
+    v1::Operation {
+        operation: Some(v1::operation::Operation::Unreserve(v1::Unreserve {
+            resources: r.to_proto(),
+        })),
+    }
+}
+
+fn group_op(executor_id: &str, tasks: Vec<TaskInfo>) -> v1::Operation {
+    v1::Operation {
+        operation: Some(v1::operation::Operation::LaunchGroup(v1::LaunchGroup {
+            executor_id: executor_id.into(),
+            tasks,
+        })),
+    }
+}
+
+fn in_role(mut info: FrameworkInfo, roles: &[&str]) -> FrameworkInfo {
+    info.roles = roles.iter().map(|r| r.to_string()).collect();
+    info
+}
+
+fn role_offer(offer_id: &str, fid: &str, agent_id: &str, role: &str, res: Resources) -> Offer {
+    Offer {
+        role: role.into(),
+        ..offer(offer_id, fid, agent_id, "host-1", res)
+    }
+}
+
+fn task_with(id: &str, res: Resources) -> TaskInfo {
+    TaskInfo {
+        resources: res.to_proto(),
+        ..task(id, 0, 0)
+    }
+}
+
+#[test]
+fn reserve_then_launch_on_the_reservation_which_is_offered_only_to_its_role() {
+    let mut m = Master::new();
+    let (a1, _) = m.register_agent(AG1, "host-1", 2000, 4 * GIB);
+    let (fa, outs) = m.subscribe_new(FW1, in_role(framework("a"), &["tenant-a"]));
+    let o1 = offer_ids(&outs)[0].clone();
+    assert_eq!(
+        outs,
+        vec![offers(
+            FW1,
+            vec![role_offer(
+                &o1,
+                &fa,
+                &a1,
+                "tenant-a",
+                Resources::cpus_mem(2000, 4 * GIB)
+            )]
+        )]
+    );
+    // One accept: reserve 1 cpu and 1 GiB, then launch on half of the reservation.
+    let reserved = Resources::cpus_mem(1000, GIB).with_role("tenant-a");
+    let t1 = task_with(
+        "t1",
+        Resources::cpus_mem(500, 512 * MIB).with_role("tenant-a"),
+    );
+    let mut sent = t1.clone();
+    sent.agent_id = a1.clone();
+    let outs = m.at(100).call(
+        FW1,
+        accept_ops(
+            &[&o1],
+            vec![
+                reserve_op(Resources::cpus_mem(1000, GIB)),
+                launch_op(vec![t1.clone()]),
+            ],
+        ),
+    );
+    // The reservation is written to the registry (durably, before the launch goes out).
+    let ops = m.core.take_registry_ops();
+    assert_eq!(
+        ops.last(),
+        Some(&agora_master::registry::RegistryOp::SetReservations {
+            agent_id: a1.clone(),
+            resources: vec![
+                agora_master::registry::Reserved {
+                    name: "cpus".into(),
+                    role: "tenant-a".into(),
+                    value: 1000
+                },
+                agora_master::registry::Reserved {
+                    name: "mem".into(),
+                    role: "tenant-a".into(),
+                    value: GIB
+                },
+            ],
+        })
+    );
+    assert_eq!(outs, vec![run_task(AG1, &fa, &sent, &a1)]);
+    assert_eq!(m.core.reservations().get(&a1), Some(&reserved));
+    assert_eq!(m.allocated(&a1), Resources::cpus_mem(500, 512 * MIB));
+
+    // Another role is offered the unreserved resources only.
+    let (fb, outs) = m.subscribe_new(FW2, in_role(framework("b"), &["tenant-b"]));
+    let ob = offer_ids(&outs)[0].clone();
+    assert_eq!(
+        outs,
+        vec![offers(
+            FW2,
+            vec![role_offer(
+                &ob,
+                &fb,
+                &a1,
+                "tenant-b",
+                Resources::cpus_mem(1000, 3 * GIB)
+            )]
+        )]
+    );
+    // Once its decline filter passes, tenant-a is offered the free half of its
+    // reservation (the unreserved rest is out in tenant-b's offer).
+    let outs = m.tick(5_100);
+    let oa = offer_ids(&outs)[0].clone();
+    let half = Resources::cpus_mem(500, 512 * MIB).with_role("tenant-a");
+    assert_eq!(
+        outs,
+        vec![offers(
+            FW1,
+            vec![role_offer(&oa, &fa, &a1, "tenant-a", half.clone())]
+        )]
+    );
+    // UNRESERVE of more than is free of the reservation is refused by name; the
+    // free half is given back.
+    let outs = m.call(
+        FW1,
+        accept_ops(&[&oa], vec![unreserve_op(Resources::cpus_mem(1000, GIB))]),
+    );
+    assert_eq!(outs.len(), 1);
+    let Output::ToScheduler(
+        FW1,
+        Event {
+            event: Some(event::Event::Error(e)),
+        },
+    ) = &outs[0]
+    else {
+        panic!("expected an ERROR, got {outs:?}");
+    };
+    assert_mentions(
+        &e.message,
+        &[
+            "accept: UNRESERVE refused",
+            "is not among the resources of the offers",
+        ],
+    );
+    let outs = m.tick(10_200);
+    let oa = offer_ids(&outs)[0].clone();
+    let outs = m.call(
+        FW1,
+        accept_ops(
+            &[&oa],
+            vec![unreserve_op(Resources::cpus_mem(500, 512 * MIB))],
+        ),
+    );
+    // Unreserved, the half is anyone's: tenant-b is offered it at once.
+    let ob2 = offer_ids(&outs)[0].clone();
+    assert_eq!(
+        outs,
+        vec![offers(
+            FW2,
+            vec![role_offer(
+                &ob2,
+                &fb,
+                &a1,
+                "tenant-b",
+                Resources::cpus_mem(500, 512 * MIB)
+            )]
+        )]
+    );
+    assert!(matches!(
+        m.core.take_registry_ops().last(),
+        Some(agora_master::registry::RegistryOp::SetReservations { .. })
+    ));
+    assert_eq!(m.core.reservations().get(&a1), Some(&half));
+}
+
+#[test]
+fn reserve_errors_name_the_problem() {
+    let mut m = Master::new();
+    // Role `*` cannot hold reservations.
+    let (_a1, _fid, o1) = one_agent_one_framework(&mut m, 2000, 4 * GIB);
+    let outs = m.call(
+        FW1,
+        accept_ops(&[&o1], vec![reserve_op(Resources::cpus_mem(1000, GIB))]),
+    );
+    assert_eq!(outs.len(), 1, "{outs:?}");
+    assert_mentions(
+        &format!("{outs:?}"),
+        &["RESERVE refused", "default role `*`"],
+    );
+
+    let mut m = Master::new();
+    let (a1, _) = m.register_agent(AG1, "host-1", 2000, 4 * GIB);
+    let (_fa, outs) = m.subscribe_new(FW1, in_role(framework("a"), &["tenant-a"]));
+    let o1 = offer_ids(&outs)[0].clone();
+    // More than the offer holds, and for a role that is not the offer's.
+    let outs = m.call(
+        FW1,
+        accept_ops(
+            &[&o1],
+            vec![
+                reserve_op(Resources::cpus_mem(3000, GIB)),
+                reserve_op(Resources::cpus_mem(1000, GIB).with_role("tenant-b")),
+            ],
+        ),
+    );
+    let text = format!("{outs:?}");
+    assert_eq!(outs.len(), 2, "{text}");
+    assert_mentions(
+        &text,
+        &["cpus:3;mem:1GiB is not among the unreserved resources of the offers (cpus:2;mem:4GiB)"],
+    );
+    assert_mentions(
+        &text,
+        &["it names role `tenant-b`, but the offers are for role `tenant-a`"],
+    );
+    assert!(m.core.reservations().get(&a1).is_none());
+}
+
+#[test]
+fn static_reservations_are_offered_only_to_their_role() {
+    let mut m = Master::new();
+    let mut res = Resources::parse("cpus(tenant-a):1;mem(tenant-a):1GiB;cpus:1;mem:1GiB").unwrap();
+    let outs = m.agent_hello(AG1, hello("", "host-1", res.clone(), vec![]));
+    let a1 = registered_id(&outs[0]);
+    let (fb, outs) = m.subscribe_new(FW2, in_role(framework("b"), &["tenant-b"]));
+    let ob = offer_ids(&outs)[0].clone();
+    assert_eq!(
+        outs,
+        vec![offers(
+            FW2,
+            vec![role_offer(
+                &ob,
+                &fb,
+                &a1,
+                "tenant-b",
+                Resources::cpus_mem(1000, GIB)
+            )]
+        )]
+    );
+    let (fa, outs) = m.subscribe_new(FW1, in_role(framework("a"), &["tenant-a"]));
+    let oa = offer_ids(&outs)[0].clone();
+    res = res.of_role("tenant-a");
+    assert_eq!(
+        outs,
+        vec![offers(
+            FW1,
+            vec![role_offer(&oa, &fa, &a1, "tenant-a", res.clone())]
+        )]
+    );
+    // Static reservations cannot be unreserved.
+    let outs = m.call(FW1, accept_ops(&[&oa], vec![unreserve_op(res)]));
+    assert_mentions(
+        &format!("{outs:?}"),
+        &["static reservations", "cannot be unreserved"],
+    );
+}
+
+#[test]
+fn launch_group_is_all_or_none_in_one_executor() {
+    let mut m = Master::new();
+    let (a1, fid, o1) = one_agent_one_framework(&mut m, 2000, 4 * GIB);
+    // The second task does not fit: neither starts, both are told why.
+    let outs = m.call(
+        FW1,
+        accept_ops(
+            &[&o1],
+            vec![group_op(
+                "grp",
+                vec![task("g1", 1000, GIB), task("g2", 4000, GIB)],
+            )],
+        ),
+    );
+    assert_eq!(outs.len(), 3, "{outs:?}");
+    assert_mentions(
+        &format!("{:?}", outs[0]),
+        &[
+            "LAUNCH_GROUP of [g1, g2] refused",
+            "task g2: task asks for cpus:4;mem:1GiB",
+        ],
+    );
+    assert_eq!(update_to(&outs[1], FW1).state(), TaskState::TaskError);
+    assert_eq!(update_to(&outs[2], FW1).task_id, "g2");
+    assert!(m.core.list_tasks(false).is_empty());
+    // A group naming two executors, or two agents, is refused.
+    let outs = m.tick(5_000);
+    let o2 = offer_ids(&outs)[0].clone();
+    let mut other = task("g2", 500, GIB);
+    other.executor_id = "elsewhere".into();
+    let outs = m.call(
+        FW1,
+        accept_ops(
+            &[&o2],
+            vec![group_op("grp", vec![task("g1", 500, GIB), other])],
+        ),
+    );
+    assert_mentions(
+        &format!("{:?}", outs[0]),
+        &["its tasks name several: elsewhere, grp"],
+    );
+    let outs = m.tick(10_000);
+    let o3 = offer_ids(&outs)[0].clone();
+    let mut far = task("g2", 500, GIB);
+    far.agent_id = "m-A9999".into();
+    let outs = m.call(
+        FW1,
+        accept_ops(&[&o3], vec![group_op("", vec![task("g1", 500, GIB), far])]),
+    );
+    assert_mentions(
+        &format!("{:?}", outs[0]),
+        &["a task group runs on one agent", "m-A9999"],
+    );
+    // A group that fits starts together, in the named executor.
+    let outs = m.tick(15_000);
+    let o4 = offer_ids(&outs)[0].clone();
+    let outs = m.call(
+        FW1,
+        accept_ops(
+            &[&o4],
+            vec![group_op(
+                "grp",
+                vec![task("g1", 500, GIB), task("g2", 500, GIB)],
+            )],
+        ),
+    );
+    let mut g1 = task("g1", 500, GIB);
+    let mut g2 = task("g2", 500, GIB);
+    for t in [&mut g1, &mut g2] {
+        t.executor_id = "grp".into();
+        t.agent_id = a1.clone();
+    }
+    assert_eq!(
+        outs,
+        vec![run_task(AG1, &fid, &g1, &a1), run_task(AG1, &fid, &g2, &a1)]
+    );
+}
+
+#[test]
+fn unanswered_offers_are_rescinded_after_the_offer_timeout_and_offered_again() {
+    let mut m = Master::with_config(CoreConfig {
+        framework_heartbeat_ms: 0,
+        offer_timeout_ms: 10_000,
+        ..CoreConfig::default()
+    });
+    let (a1, fid, o1) = one_agent_one_framework(&mut m, 2000, 4 * GIB);
+    assert_eq!(m.tick(9_999), vec![]);
+    let outs = m.tick(10_000);
+    let o2 = offer_ids(&outs)[0].clone();
+    assert_eq!(
+        outs,
+        vec![
+            rescind(FW1, &o1),
+            offers(
+                FW1,
+                vec![offer(
+                    &o2,
+                    &fid,
+                    &a1,
+                    "host-1",
+                    Resources::cpus_mem(2000, 4 * GIB)
+                )]
+            ),
+        ]
+    );
+    // Accepting the rescinded offer is an error that says offers time out.
+    let outs = m.call(FW1, accept(&[&o1], vec![]));
+    assert_eq!(
+        outs,
+        vec![error(FW1, &format!("accept: offer {o1} is unknown, already used or rescinded (offers time out after 10.0 s)"))]
+    );
+}
+
+#[test]
+fn heartbeats_follow_the_interval_given_in_subscribed() {
+    let mut m = Master::with_config(CoreConfig {
+        framework_heartbeat_ms: 1_000,
+        offer_timeout_ms: 0,
+        ..CoreConfig::default()
+    });
+    let outs = m.subscribe(FW1, framework("hb"));
+    let Output::ToScheduler(
+        FW1,
+        Event {
+            event: Some(event::Event::Subscribed(s)),
+        },
+    ) = &outs[0]
+    else {
+        panic!("{outs:?}")
+    };
+    assert_eq!(s.heartbeat_interval_ms, 1_000);
+    let hb = to_scheduler(FW1, event::Event::Heartbeat(v1::Heartbeat {}));
+    assert_eq!(m.tick(999), vec![]);
+    assert_eq!(m.tick(1_000), vec![hb.clone()]);
+    assert_eq!(m.tick(1_500), vec![]);
+    assert_eq!(m.tick(2_000), vec![hb]);
+    // None for a framework that is gone.
+    m.scheduler_closed(FW1);
+    assert_eq!(m.tick(5_000), vec![]);
+}
+
+#[test]
+fn revive_and_suppress_of_a_role_the_framework_does_not_hold_are_errors() {
+    let mut m = Master::new();
+    let (_a1, _) = m.register_agent(AG1, "host-1", 2000, 4 * GIB);
+    let (_fa, outs) = m.subscribe_new(FW1, in_role(framework("a"), &["x", "y"]));
+    let o1 = offer_ids(&outs)[0].clone();
+    let outs = m.call(FW1, call::Call::Suppress(v1::Suppress { role: "z".into() }));
+    assert_mentions(
+        &format!("{outs:?}"),
+        &["suppress: role `z` is not one of this framework's roles (x, y)"],
+    );
+    let outs = m.call(FW1, call::Call::Revive(v1::Revive { role: "z".into() }));
+    assert_mentions(&format!("{outs:?}"), &["revive: role `z`"]);
+    // SUPPRESS of both roles, one at a time: a decline is then not followed by offers.
+    assert_eq!(
+        m.call(FW1, call::Call::Suppress(v1::Suppress { role: "x".into() })),
+        vec![]
+    );
+    assert_eq!(
+        m.call(FW1, call::Call::Suppress(v1::Suppress { role: "y".into() })),
+        vec![]
+    );
+    assert_eq!(m.call(FW1, decline(&[&o1], Some(0.0))), vec![]);
+    assert_eq!(m.tick(10_000), vec![]);
+    // REVIVE of one role brings offers in that role only.
+    let outs = m.call(FW1, call::Call::Revive(v1::Revive { role: "y".into() }));
+    assert_eq!(offer_ids(&outs).len(), 1);
+    let Output::ToScheduler(
+        _,
+        Event {
+            event: Some(event::Event::Offers(of)),
+        },
+    ) = &outs[0]
+    else {
+        panic!("{outs:?}")
+    };
+    assert_eq!(of.offers[0].role, "y");
+}
+
+#[test]
+fn shutdown_and_message_go_to_the_executors_agent_and_executor_events_come_back() {
+    let mut m = Master::new();
+    let (a1, fid, o1) = one_agent_one_framework(&mut m, 2000, 4 * GIB);
+    let t1 = task("t1", 500, GIB);
+    m.call(FW1, accept(&[&o1], vec![t1]));
+    // MESSAGE to the default executor of the wasm task; one to an executor with no
+    // task there is an error.
+    let msg = |executor: &str, agent: &str| {
+        call::Call::Message(v1::Message {
+            agent_id: agent.into(),
+            executor_id: executor.into(),
+            data: b"hi".to_vec(),
+        })
+    };
+    assert_eq!(
+        m.call(FW1, msg("default", &a1)),
+        vec![to_agent(
+            AG1,
+            master_to_agent::Msg::FrameworkMessage(v1::FrameworkToExecutor {
+                framework_id: fid.clone(),
+                executor_id: "default".into(),
+                data: b"hi".to_vec(),
+            })
+        )]
+    );
+    assert_eq!(
+        m.call(FW1, msg("nope", &a1)),
+        vec![error(
+            FW1,
+            &format!("message: this framework has no live task in executor nope on agent {a1}")
+        )]
+    );
+    assert_eq!(
+        m.call(FW1, msg("default", "m-A9999")),
+        vec![error(
+            FW1,
+            "message: agent m-A9999 is not registered (see `agora agents`)"
+        )]
+    );
+    // The executor answers; its message reaches the framework.
+    let outs = m.agent_sends(
+        AG1,
+        agent_to_master::Msg::ExecutorMessage(v1::ExecutorToFramework {
+            framework_id: fid.clone(),
+            executor_id: "default".into(),
+            data: b"delivered 2 bytes to t1".to_vec(),
+        }),
+    );
+    assert_eq!(
+        outs,
+        vec![to_scheduler(
+            FW1,
+            event::Event::Message(v1::Message {
+                agent_id: a1.clone(),
+                executor_id: "default".into(),
+                data: b"delivered 2 bytes to t1".to_vec(),
+            })
+        )]
+    );
+    // SHUTDOWN goes to the agent; the executor's exit is a FAILURE with its status.
+    assert_eq!(
+        m.call(
+            FW1,
+            call::Call::Shutdown(v1::Shutdown {
+                executor_id: "default".into(),
+                agent_id: a1.clone()
+            })
+        ),
+        vec![to_agent(
+            AG1,
+            master_to_agent::Msg::ShutdownExecutor(v1::ShutdownExecutor {
+                framework_id: fid.clone(),
+                executor_id: "default".into(),
+            })
+        )]
+    );
+    let outs = m.agent_sends(
+        AG1,
+        agent_to_master::Msg::ExecutorExited(v1::ExecutorExited {
+            framework_id: fid.clone(),
+            executor_id: "default".into(),
+            message: "exited with code 3".into(),
+            status: Some(3),
+        }),
+    );
+    assert_eq!(
+        outs,
+        vec![to_scheduler(
+            FW1,
+            event::Event::Failure(v1::Failure {
+                agent_id: a1.clone(),
+                message: format!("executor default on agent {a1}: exited with code 3"),
+                executor_id: "default".into(),
+                status: Some(3),
+            })
+        )]
+    );
+}
+
+#[test]
+fn update_framework_changes_roles_and_rescinds_offers_of_roles_left() {
+    let mut m = Master::new();
+    let (a1, _) = m.register_agent(AG1, "host-1", 2000, 4 * GIB);
+    let (fid, outs) = m.subscribe_new(FW1, in_role(framework("a"), &["x"]));
+    let o1 = offer_ids(&outs)[0].clone();
+    let outs = m.call(
+        FW1,
+        call::Call::UpdateFramework(v1::UpdateFramework {
+            framework: Some(in_role(framework("renamed"), &["y"])),
+        }),
+    );
+    let o2 = offer_ids(&outs).last().cloned().unwrap();
+    assert_eq!(outs.len(), 2, "{outs:?}");
+    assert_eq!(outs[0], rescind(FW1, &o1));
+    assert_eq!(
+        outs[1],
+        offers(
+            FW1,
+            vec![role_offer(
+                &o2,
+                &fid,
+                &a1,
+                "y",
+                Resources::cpus_mem(2000, 4 * GIB)
+            )]
+        )
+    );
+    assert_eq!(m.core.list_tasks(false).len(), 0);
+    // Another framework's id, or a bad role, is refused by name.
+    let mut other = framework("z");
+    other.framework_id = "m-F9999".into();
+    let outs = m.call(
+        FW1,
+        call::Call::UpdateFramework(v1::UpdateFramework {
+            framework: Some(other),
+        }),
+    );
+    assert_mentions(
+        &format!("{outs:?}"),
+        &["update_framework: framework id m-F9999 is not this framework's"],
+    );
+    let outs = m.call(
+        FW1,
+        call::Call::UpdateFramework(v1::UpdateFramework {
+            framework: Some(in_role(framework("z"), &[".."])),
+        }),
+    );
+    assert_mentions(&format!("{outs:?}"), &["update_framework: role `..`"]);
+}
+
+#[test]
+fn a_torn_down_framework_cannot_subscribe_again_with_its_id() {
+    let mut m = Master::new();
+    let (_a1, fid, _o1) = one_agent_one_framework(&mut m, 2000, 4 * GIB);
+    m.call(FW1, call::Call::Teardown(v1::Teardown {}));
+    let outs = m.subscribe(FW2, framework_with("again", &fid, 0.0));
+    assert_eq!(outs.len(), 2, "{outs:?}");
+    assert_mentions(
+        &format!("{:?}", outs[0]),
+        &[
+            &format!("framework {fid} was removed"),
+            "subscribe without a framework id",
+        ],
+    );
+    assert!(matches!(outs[1], Output::CloseScheduler(FW2, _)));
+}
+
+#[test]
+fn acknowledge_without_a_uuid_or_for_an_unknown_agent_is_an_error() {
+    let mut m = Master::new();
+    let (a1, _fid, _o1) = one_agent_one_framework(&mut m, 2000, 4 * GIB);
+    let outs = m.call(FW1, acknowledge(&a1, "t1", ""));
+    assert_mentions(
+        &format!("{outs:?}"),
+        &["acknowledge: task `t1` with uuid of 0 bytes"],
+    );
+    let outs = m.call(FW1, acknowledge("m-A9999", "t1", "u-1"));
+    assert_mentions(
+        &format!("{outs:?}"),
+        &["acknowledge: agent m-A9999 of task t1 is not registered"],
     );
 }

@@ -16,7 +16,7 @@
 //! settle.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -87,6 +87,7 @@ pub async fn run_executor_with(
         outbox: Arc::default(),
         running: Arc::default(),
         tasks: JoinSet::new(),
+        roots: HashMap::new(),
     };
     let mut conn = Conn::start(stream, &executor, register.clone(), false);
     let result = loop {
@@ -222,6 +223,9 @@ struct Executor {
     outbox: Arc<Outbox>,
     running: Running,
     tasks: JoinSet<()>,
+    /// Root directory of each task launched (pruned to the running ones), where
+    /// framework messages are delivered.
+    roots: HashMap<String, PathBuf>,
 }
 
 impl Executor {
@@ -293,6 +297,22 @@ impl Executor {
             }
             Some(agent_to_executor::Msg::Shutdown(_)) => return Flow::Shutdown,
             Some(agent_to_executor::Msg::Ack(ack)) => self.outbox.ack(ack.seq),
+            Some(agent_to_executor::Msg::Message(m)) => {
+                let tasks: Vec<(String, PathBuf)> = {
+                    let running = lock(&self.running);
+                    self.roots.retain(|id, _| running.contains_key(id));
+                    let mut v: Vec<_> = self
+                        .roots
+                        .iter()
+                        .map(|(k, p)| (k.clone(), p.clone()))
+                        .collect();
+                    v.sort();
+                    v
+                };
+                let receipt = agora_proto::executor_link::deliver_message(&tasks, &m.data);
+                tracing::info!("framework message: {receipt}");
+                self.outbox.message(receipt.into_bytes());
+            }
             None => tracing::warn!("frame from the agent carries no known message; ignored"),
         }
         Flow::Continue
@@ -335,6 +355,10 @@ impl Executor {
                 ..Default::default()
             });
             return;
+        }
+        if !launch.root_dir.is_empty() {
+            self.roots
+                .insert(task_id.clone(), PathBuf::from(&launch.root_dir));
         }
         let kill = Arc::clone(&lock(&self.running)[&task_id].kill);
 

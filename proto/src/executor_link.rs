@@ -12,7 +12,9 @@ use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::mpsc;
 
 use crate::frame::write_frame;
-use crate::v1::{executor_to_agent, ExecutorRegister, ExecutorStatus, ExecutorToAgent};
+use crate::v1::{
+    executor_to_agent, ExecutorMessage, ExecutorRegister, ExecutorStatus, ExecutorToAgent,
+};
 
 /// Environment variable (milliseconds) the agent sets to say how long an executor
 /// waits for it to come back after losing it.
@@ -109,6 +111,64 @@ impl Outbox {
     pub fn detach(&self) {
         self.lock().out = None;
     }
+
+    /// A message for the framework: best effort, like MESSAGE itself (dropped while
+    /// the agent is away, never resent).
+    pub fn message(&self, data: Vec<u8>) {
+        let inner = self.lock();
+        if let Some(out) = &inner.out {
+            let _ = out.send(ExecutorToAgent {
+                msg: Some(executor_to_agent::Msg::Message(ExecutorMessage { data })),
+                seq: 0,
+            });
+        }
+    }
+}
+
+/// The file, at the root of each task's filesystem, that framework messages are
+/// appended to: `/messages` as a wasm guest sees it, `./messages` for a native task.
+pub const MESSAGES_FILE: &str = "messages";
+/// A task's `messages` file grows no larger; messages that would pass it are not
+/// delivered to that task (the receipt says so).
+pub const MESSAGES_FILE_LIMIT: u64 = 16 << 20;
+
+/// What the built-in executors do with a framework's MESSAGE: append its bytes to
+/// `messages` in the root of every task they run (`tasks`: task id and root dir).
+/// Returns the receipt the executor sends back to the framework:
+/// `delivered N bytes to A,B` (and `; not to C (why)` for failures).
+pub fn deliver_message(tasks: &[(String, std::path::PathBuf)], data: &[u8]) -> String {
+    use std::io::Write as _;
+    let mut ok = Vec::new();
+    let mut failed = Vec::new();
+    for (id, root) in tasks {
+        let path = root.join(MESSAGES_FILE);
+        let result = (|| -> std::io::Result<()> {
+            let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            if len + data.len() as u64 > MESSAGES_FILE_LIMIT {
+                return Err(std::io::Error::other(format!(
+                    "its messages file would pass {MESSAGES_FILE_LIMIT} bytes"
+                )));
+            }
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)?;
+            f.write_all(data)
+        })();
+        match result {
+            Ok(()) => ok.push(id.clone()),
+            Err(e) => failed.push(format!("{id} ({e})")),
+        }
+    }
+    let mut receipt = if ok.is_empty() {
+        format!("delivered {} bytes to no task", data.len())
+    } else {
+        format!("delivered {} bytes to {}", data.len(), ok.join(","))
+    };
+    if !failed.is_empty() {
+        receipt.push_str(&format!("; not to {}", failed.join(", ")));
+    }
+    receipt
 }
 
 impl OutboxInner {

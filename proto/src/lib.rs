@@ -19,6 +19,17 @@ pub use frame::{
 pub use resources::Resources;
 
 /// sha256 of some bytes, as lower-case hex: the name of an artifact.
+/// The executor a task runs in when it names none: one per framework and kind on
+/// each agent. The master needs the same rule as the agent to route SHUTDOWN and
+/// MESSAGE calls, hence here.
+pub fn default_executor_id(native: bool) -> &'static str {
+    if native {
+        "default-native"
+    } else {
+        "default"
+    }
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))

@@ -25,6 +25,8 @@ pub enum ResourceParseError {
     Syntax(String),
     #[error("resource `{name}` has value `{value}`, which is not a non-negative number")]
     Value { name: String, value: String },
+    #[error("resource `{0}` has a malformed role; write name(role):value, e.g. cpus(tenant-a):2")]
+    Role(String),
     #[error("size `{0}` is not understood; use a number with an optional unit: 512MiB, 2GiB, 64MB, 1048576")]
     Size(String),
 }
@@ -128,6 +130,40 @@ impl Resources {
         out
     }
 
+    /// This bag with every amount reserved for `role` ("" or "*": unreserved).
+    pub fn with_role(&self, role: &str) -> Resources {
+        let role = if role == "*" { "" } else { role };
+        let mut out = Resources::new();
+        for ((n, _), v) in &self.amounts {
+            out.add_scalar(n, role, *v);
+        }
+        out
+    }
+
+    /// The reservation roles present (unreserved amounts are not listed).
+    pub fn roles(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .amounts
+            .keys()
+            .filter(|(_, r)| !r.is_empty())
+            .map(|(_, r)| r.clone())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// The part of this bag reserved for `role` ("" for the unreserved part).
+    pub fn of_role(&self, role: &str) -> Resources {
+        let mut out = Resources::new();
+        for ((n, r), v) in &self.amounts {
+            if r == role {
+                out.add_scalar(n, r, *v);
+            }
+        }
+        out
+    }
+
     pub fn from_proto(list: &[Resource]) -> Result<Resources, String> {
         let mut r = Resources::new();
         for res in list {
@@ -158,6 +194,9 @@ impl Resources {
 
     /// Parses the agent flag form `cpus:4;mem:8192` (mem in MiB, as in Mesos; a unit
     /// such as `8GiB` may be given instead). Fractional cpus are allowed (`cpus:0.5`).
+    /// A role in parentheses reserves the amount for that role, as in Mesos's static
+    /// reservations: `cpus(tenant-a):2;mem(tenant-a):1GiB;cpus:2`. `(*)` is the same
+    /// as no role.
     pub fn parse(spec: &str) -> Result<Resources, ResourceParseError> {
         let mut r = Resources::new();
         for part in spec.split(';').map(str::trim).filter(|p| !p.is_empty()) {
@@ -165,6 +204,17 @@ impl Resources {
                 .split_once(':')
                 .ok_or_else(|| ResourceParseError::Syntax(part.into()))?;
             let (name, value) = (name.trim(), value.trim());
+            let (name, role) = match name.split_once('(') {
+                None => (name, ""),
+                Some((n, rest)) => {
+                    let role = rest
+                        .strip_suffix(')')
+                        .map(str::trim)
+                        .filter(|r| !r.is_empty() && !r.contains(['(', ')']))
+                        .ok_or_else(|| ResourceParseError::Role(part.into()))?;
+                    (n.trim(), if role == "*" { "" } else { role })
+                }
+            };
             if name.is_empty() {
                 return Err(ResourceParseError::Syntax(part.into()));
             }
@@ -191,7 +241,7 @@ impl Resources {
                     .filter(|v| *v >= 0)
                     .ok_or_else(bad)?,
             };
-            r.add_scalar(name, "", amount);
+            r.add_scalar(name, role, amount);
         }
         Ok(r)
     }
@@ -318,6 +368,25 @@ mod tests {
         assert_eq!(r.milli_cpus(), 250);
         assert_eq!(r.mem_bytes(), 2 << 30);
         assert_eq!(r.to_string(), "cpus:0.25;mem:2GiB");
+    }
+
+    #[test]
+    fn parses_static_reservations() {
+        let r = Resources::parse("cpus(tenant-a):2;mem(tenant-a):1GiB;cpus:2;mem(*):64").unwrap();
+        assert_eq!(r.milli_cpus(), 4000);
+        assert_eq!(
+            r.of_role("tenant-a"),
+            Resources::cpus_mem(2000, 1 << 30).with_role("tenant-a")
+        );
+        assert_eq!(r.of_role(""), Resources::cpus_mem(2000, 64 * MIB));
+        assert_eq!(r.roles(), vec!["tenant-a".to_string()]);
+        assert_eq!(Resources::parse(&r.to_string()).unwrap(), r);
+        let e = Resources::parse("cpus(:2").unwrap_err();
+        assert!(
+            e.to_string().contains("cpus(role):2") || e.to_string().contains("role"),
+            "{e}"
+        );
+        assert!(Resources::parse("cpus():2").is_err());
     }
 
     #[test]

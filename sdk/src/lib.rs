@@ -1,38 +1,116 @@
 //! The Rust library Agora frameworks and operator tools are written with.
 //!
+//! A framework connects with a [`Client`], subscribes (getting a [`Scheduler`]),
+//! then reacts to [`Event`]s with calls: the Mesos v1 scheduler API (ACCEPT with
+//! [`Operation`]s, DECLINE, REVIVE/SUPPRESS per role, KILL, SHUTDOWN, ACKNOWLEDGE,
+//! RECONCILE, MESSAGE, UPDATE_FRAMEWORK, TEARDOWN). A call the master refuses comes
+//! back as [`Event::Error`] naming what was wrong.
+//!
+//! # A worked example
+//!
+//! A framework in role `batch` that reserves one cpu and 256 MiB on the first agent
+//! it is offered, runs one wasm task on the reservation, acknowledges its updates,
+//! reconciles after a failover, and stops offers once done. Run it against
+//! `agora dev` (it finds the dev cluster's client config by itself).
+//!
 //! ```no_run
-//! use agora_sdk::{Client, ClientConfig, FrameworkInfo, Event};
+//! use agora_sdk::{
+//!     Client, ClientConfig, Event, FrameworkInfo, Operation, Resources, TaskInfo, TaskState,
+//!     WasmModule,
+//! };
 //! # async fn demo() -> anyhow::Result<()> {
-//! let cfg = ClientConfig::discover(None, None)?;          // `agora dev` writes one
+//! let cfg = ClientConfig::discover(None, None)?; // `agora dev` writes one
 //! let client = Client::connect(&cfg).await?;
-//! let (sha, size) = client.upload_file("hello.wasm".as_ref()).await?;
+//! let (sha256, size) = client.upload_file("hello.wasm".as_ref()).await?;
 //! let mut sched = client
-//!     .subscribe(FrameworkInfo { name: "demo".into(), ..Default::default() })
+//!     .subscribe(FrameworkInfo {
+//!         name: "example".into(),
+//!         roles: vec!["batch".into()],
+//!         // Tasks survive this long if the framework goes away (then re-subscribe
+//!         // with `framework_id: sched.framework_id().into()`).
+//!         failover_timeout_seconds: 300.0,
+//!         ..Default::default()
+//!     })
 //!     .await?;
+//! // After a failover: ask for the state of every task the master knows.
+//! sched.reconcile(vec![]).await?;
+//! let want = Resources::cpus_mem(1000, 256 << 20);
+//! let mut launched = false;
 //! while let Some(ev) = sched.next_event().await {
 //!     match ev {
-//!         Event::Offers(offers) => { /* accept one with a TaskInfo naming `sha` */ }
-//!         Event::Update(status) => sched.acknowledge(&status).await?,
-//!         _ => {}
+//!         Event::Offers(offers) => {
+//!             for offer in offers {
+//!                 let have = Resources::from_proto(&offer.resources).map_err(anyhow::Error::msg)?;
+//!                 if launched || !have.unreserved().contains(&want) {
+//!                     sched.decline(vec![offer.offer_id], Some(30.0)).await?;
+//!                     continue;
+//!                 }
+//!                 // Reserve, then launch on the reservation: one ACCEPT, in order.
+//!                 let reserved = want.with_role(&offer.role);
+//!                 let task = TaskInfo {
+//!                     task_id: "hello-1".into(),
+//!                     resources: reserved.to_proto(),
+//!                     module: Some(WasmModule { sha256: sha256.clone(), size, ..Default::default() }),
+//!                     ..Default::default()
+//!                 };
+//!                 sched
+//!                     .accept_operations(
+//!                         vec![offer.offer_id],
+//!                         vec![Operation::reserve(&want), Operation::launch(vec![task])],
+//!                         None,
+//!                     )
+//!                     .await?;
+//!                 launched = true;
+//!             }
+//!         }
+//!         Event::Update(status) => {
+//!             sched.acknowledge(&status).await?;
+//!             if status.state().is_terminal() {
+//!                 println!("task {} ended: {:?} {}", status.task_id, status.state(), status.message);
+//!                 sched.suppress().await?; // no more offers, please
+//!                 if status.state() == TaskState::TaskFinished {
+//!                     break;
+//!                 }
+//!             }
+//!         }
+//!         Event::Rescind(offer_id) => println!("offer {offer_id} was taken back"),
+//!         Event::Message { executor_id, data, .. } => {
+//!             println!("{executor_id} says {}", String::from_utf8_lossy(&data))
+//!         }
+//!         Event::Failure { agent_id, executor_id, status, message } => {
+//!             println!("failure on {agent_id} ({executor_id:?}, {status:?}): {message}")
+//!         }
+//!         Event::Error(e) => eprintln!("the master refused a call: {e}"),
+//!         // The sdk re-subscribes by itself after a broken connection.
+//!         Event::Disconnected(why) => eprintln!("lost the master ({why}); reconnecting"),
+//!         Event::Reconnected | Event::Heartbeat => {}
 //!     }
 //! }
+//! sched.teardown().await?;
 //! # Ok(()) }
 //! ```
+//!
+//! A runnable version of the same framework is `cargo run -p agora-sdk --example
+//! reserve_and_run -- FILE.wasm` (against a running `agora dev`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod session;
+
 use agora_proto::tls::{self, Identity};
 use agora_proto::v1::{
-    self, call, event, operator_request, stream_open, OperatorRequest, OperatorResponse, StreamOpen,
+    self, call, operator_request, stream_open, OperatorRequest, OperatorResponse, StreamOpen,
 };
 use agora_proto::{read_frame, transfer, write_frame};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-pub use agora_proto::v1::{FrameworkInfo, Offer, TaskInfo, TaskState, TaskStatus, TaskSummary};
+pub use agora_proto::v1::{
+    CommandInfo, FrameworkInfo, Offer, TaskInfo, TaskState, TaskStatus, TaskSummary, WasmModule,
+};
 pub use agora_proto::Resources;
 
 /// Where a client finds the master and its credentials. `agora dev` and
@@ -101,20 +179,97 @@ impl ClientConfig {
 
 /// A connection to the master, for operator requests, uploads and subscribing.
 pub struct Client {
-    conn: quinn::Connection,
-    _endpoint: quinn::Endpoint,
+    link: std::sync::Arc<session::Link>,
     pub master: SocketAddr,
 }
 
-/// What a framework hears from the master.
+/// What a framework hears from the master (after SUBSCRIBED, which `subscribe`
+/// consumes).
 #[derive(Debug, Clone)]
 pub enum Event {
+    /// Resources to ACCEPT or DECLINE; each offer is for one agent and one role.
     Offers(Vec<Offer>),
+    /// The offer with this id was taken back (agent lost, role left, offer timeout).
     Rescind(String),
+    /// A task's status; acknowledge it with [`Scheduler::acknowledge`].
     Update(TaskStatus),
+    /// A message from one of the framework's executors.
+    Message {
+        agent_id: String,
+        executor_id: String,
+        data: Vec<u8>,
+    },
+    /// An agent was removed (`executor_id` None), or an executor's process ended
+    /// (`status`: its exit code, when it had one).
+    Failure {
+        agent_id: String,
+        executor_id: Option<String>,
+        status: Option<i32>,
+        message: String,
+    },
+    /// A call was refused (the text names what was wrong), or the connection broke.
     Error(String),
-    Failure { agent_id: String, message: String },
+    /// The master is alive; sent every `heartbeat_interval` (see
+    /// [`Scheduler::heartbeat_interval`]).
     Heartbeat,
+    /// The connection to the master broke (the text says how); the scheduler is
+    /// dialling it again and re-subscribing. Offers held are void.
+    Disconnected(String),
+    /// Subscribed again with the same framework id after [`Event::Disconnected`];
+    /// implicit reconciliation was asked for, and the agents resend unacknowledged
+    /// updates. Reconcile explicitly any task whose launch may not have arrived.
+    Reconnected,
+}
+
+/// One operation of an ACCEPT (see [`Scheduler::accept_operations`]). Operations
+/// run in order on the pooled resources of the offers; each sees what the earlier
+/// ones left.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Operation(v1::Operation);
+
+impl Operation {
+    /// Launch tasks, each on its own: one that does not fit or is invalid gets
+    /// TASK_ERROR and the others still start.
+    pub fn launch(tasks: Vec<TaskInfo>) -> Operation {
+        Operation(v1::Operation {
+            operation: Some(v1::operation::Operation::Launch(v1::Launch { tasks })),
+        })
+    }
+
+    /// Launch tasks together in one executor, all or none. `executor_id` empty: the
+    /// default executor of the tasks' kind.
+    pub fn launch_group(executor_id: &str, tasks: Vec<TaskInfo>) -> Operation {
+        Operation(v1::Operation {
+            operation: Some(v1::operation::Operation::LaunchGroup(v1::LaunchGroup {
+                executor_id: executor_id.into(),
+                tasks,
+            })),
+        })
+    }
+
+    /// Reserve unreserved resources of the offer for the offer's role (dynamic
+    /// reservation). Later operations of the same accept can use them by role.
+    pub fn reserve(resources: &Resources) -> Operation {
+        Operation(v1::Operation {
+            operation: Some(v1::operation::Operation::Reserve(v1::Reserve {
+                resources: resources.to_proto(),
+            })),
+        })
+    }
+
+    /// Give resources of the offer that are dynamically reserved for its role back
+    /// to everyone.
+    pub fn unreserve(resources: &Resources) -> Operation {
+        Operation(v1::Operation {
+            operation: Some(v1::operation::Operation::Unreserve(v1::Unreserve {
+                resources: resources.to_proto(),
+            })),
+        })
+    }
+
+    pub fn into_proto(self) -> v1::Operation {
+        self.0
+    }
 }
 
 impl Client {
@@ -124,14 +279,13 @@ impl Client {
         let endpoint = tls::client_endpoint(master, &id)?;
         let conn = tls::connect(&endpoint, master).await?;
         Ok(Client {
-            conn,
-            _endpoint: endpoint,
+            link: std::sync::Arc::new(session::Link::new(endpoint, master, conn)),
             master,
         })
     }
 
     fn closed_reason(&self) -> String {
-        match self.conn.close_reason() {
+        match self.link.current().close_reason() {
             Some(quinn::ConnectionError::ApplicationClosed(c)) => {
                 String::from_utf8_lossy(&c.reason).into_owned()
             }
@@ -140,12 +294,32 @@ impl Client {
         }
     }
 
+    /// The master connection, dialled again if it was closed (e.g. the master
+    /// restarted since this client connected).
+    async fn connection(&self) -> anyhow::Result<quinn::Connection> {
+        let conn = self.link.current();
+        if conn.close_reason().is_none() {
+            return Ok(conn);
+        }
+        self.link.redial(&conn).await
+    }
+
+    /// A new stream to the master; one redial if the connection turns out broken.
+    async fn open_stream(&self) -> anyhow::Result<(quinn::SendStream, quinn::RecvStream)> {
+        let conn = self.connection().await?;
+        match conn.open_bi().await {
+            Ok(s) => Ok(s),
+            Err(_) => {
+                let conn = self.link.redial(&conn).await?;
+                conn.open_bi()
+                    .await
+                    .map_err(|e| anyhow::anyhow!("master connection lost: {e}"))
+            }
+        }
+    }
+
     async fn operator(&self, req: operator_request::Request) -> anyhow::Result<OperatorResponse> {
-        let (mut send, mut recv) = self
-            .conn
-            .open_bi()
-            .await
-            .map_err(|e| anyhow::anyhow!("master connection lost: {e}"))?;
+        let (mut send, mut recv) = self.open_stream().await?;
         let open = StreamOpen {
             kind: Some(stream_open::Kind::Operator(OperatorRequest {
                 request: Some(req),
@@ -203,6 +377,54 @@ impl Client {
         Ok(())
     }
 
+    /// Sets a role's weight among its siblings (default 1); the master keeps it in
+    /// its registry across restarts.
+    pub async fn set_weight(&self, role: &str, weight: f64) -> anyhow::Result<()> {
+        self.operator(operator_request::Request::SetWeight(v1::SetWeight {
+            role: role.into(),
+            weight,
+        }))
+        .await?;
+        Ok(())
+    }
+
+    /// Sets a role's quota (a guarantee and a limit, amounts without roles); both
+    /// empty remove it. Kept in the master's registry across restarts.
+    pub async fn set_quota(
+        &self,
+        role: &str,
+        guarantee: &Resources,
+        limit: &Resources,
+    ) -> anyhow::Result<()> {
+        self.operator(operator_request::Request::SetQuota(v1::SetQuota {
+            role: role.into(),
+            guarantee: guarantee.to_proto(),
+            limit: limit.to_proto(),
+        }))
+        .await?;
+        Ok(())
+    }
+
+    /// Weights, quotas and consumption of every known role (or of `role`).
+    pub async fn roles(&self, role: &str) -> anyhow::Result<Vec<v1::RoleSummary>> {
+        Ok(self
+            .operator(operator_request::Request::Roles(v1::GetRoles {
+                role: role.into(),
+            }))
+            .await?
+            .roles)
+    }
+
+    /// Why a role gets no offers or why a task waits (or what became of it).
+    pub async fn explain(&self, target: &str) -> anyhow::Result<String> {
+        Ok(self
+            .operator(operator_request::Request::Explain(v1::Explain {
+                target: target.into(),
+            }))
+            .await?
+            .explanation)
+    }
+
     /// Reads up to `length` bytes of a task's `stdout`, `stderr` or sandbox file at
     /// `offset`; returns the bytes and the file's current size.
     pub async fn read_file(
@@ -242,7 +464,7 @@ impl Client {
     }
 
     async fn upload(&self, sha: &str, size: u64, what: Upload<'_>) -> anyhow::Result<()> {
-        let (mut send, mut recv) = self.conn.open_bi().await?;
+        let (mut send, mut recv) = self.open_stream().await?;
         let open = StreamOpen {
             kind: Some(stream_open::Kind::Put(v1::ArtifactPut {
                 sha256: sha.into(),
@@ -275,76 +497,10 @@ impl Client {
     }
 
     /// Registers a framework (or re-registers one, when `info.framework_id` is set).
+    /// The returned [`Scheduler`] keeps its session across master restarts and
+    /// network cuts (see the `session` module): it re-subscribes by itself.
     pub async fn subscribe(&self, info: FrameworkInfo) -> anyhow::Result<Scheduler> {
-        let (mut send, mut recv) = self.conn.open_bi().await?;
-        let open = StreamOpen {
-            kind: Some(stream_open::Kind::Scheduler(v1::SchedulerHello {
-                framework: Some(info),
-            })),
-        };
-        write_frame(&mut send, &open).await?;
-        let first: v1::Event = tokio::time::timeout(Duration::from_secs(30), read_frame(&mut recv))
-            .await
-            .map_err(|_| anyhow::anyhow!("the master did not answer SUBSCRIBE within 30 s"))??
-            .ok_or_else(|| {
-                anyhow::anyhow!("the master refused SUBSCRIBE: {}", self.closed_reason())
-            })?;
-        let sub = match first.event {
-            Some(event::Event::Subscribed(s)) => s,
-            Some(event::Event::Error(e)) => anyhow::bail!("SUBSCRIBE refused: {}", e.message),
-            other => anyhow::bail!("unexpected first event from the master: {other:?}"),
-        };
-        let (call_tx, mut call_rx) = mpsc::channel::<v1::Call>(1024);
-        let (ev_tx, ev_rx) = mpsc::channel::<Event>(1024);
-        let writer = tokio::spawn(async move {
-            while let Some(c) = call_rx.recv().await {
-                if agora_proto::write_queued(&mut send, c, &mut call_rx)
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-            }
-            let _ = send.finish();
-        });
-        let reader = tokio::spawn(async move {
-            loop {
-                let ev: v1::Event = match read_frame(&mut recv).await {
-                    Ok(Some(e)) => e,
-                    Ok(None) => break,
-                    Err(e) => {
-                        let _ = ev_tx
-                            .send(Event::Error(format!("connection to the master broke: {e}")))
-                            .await;
-                        break;
-                    }
-                };
-                let ev = match ev.event {
-                    Some(event::Event::Offers(o)) => Event::Offers(o.offers),
-                    Some(event::Event::Rescind(r)) => Event::Rescind(r.offer_id),
-                    Some(event::Event::Update(u)) => match u.status {
-                        Some(s) => Event::Update(s),
-                        None => continue,
-                    },
-                    Some(event::Event::Error(e)) => Event::Error(e.message),
-                    Some(event::Event::Heartbeat(_)) => Event::Heartbeat,
-                    Some(event::Event::Failure(f)) => Event::Failure {
-                        agent_id: f.agent_id,
-                        message: f.message,
-                    },
-                    Some(event::Event::Subscribed(_)) | None => continue,
-                };
-                if ev_tx.send(ev).await.is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(Scheduler {
-            framework_id: sub.framework_id,
-            calls: call_tx,
-            events: ev_rx,
-            tasks: vec![writer, reader],
-        })
+        session::subscribe(self.link.clone(), info).await
     }
 }
 
@@ -356,6 +512,7 @@ enum Upload<'a> {
 /// A subscribed framework: send calls, receive events.
 pub struct Scheduler {
     framework_id: String,
+    heartbeat_interval: Duration,
     calls: mpsc::Sender<v1::Call>,
     events: mpsc::Receiver<Event>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -374,6 +531,12 @@ impl Scheduler {
         &self.framework_id
     }
 
+    /// How often the master sends HEARTBEAT events (from SUBSCRIBED). Three
+    /// intervals of silence count as a broken connection (see `Event::Disconnected`).
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.heartbeat_interval
+    }
+
     /// The next event; None once the master connection is gone.
     pub async fn next_event(&mut self) -> Option<Event> {
         self.events.recv().await
@@ -386,16 +549,31 @@ impl Scheduler {
             .map_err(|_| anyhow::anyhow!("the connection to the master is closed"))
     }
 
+    /// ACCEPT with one LAUNCH of `tasks`; what they leave is declined for
+    /// `refuse_seconds` (default 5 s).
     pub async fn accept(
         &self,
         offer_ids: Vec<String>,
-        launch: Vec<TaskInfo>,
+        tasks: Vec<TaskInfo>,
+        refuse_seconds: Option<f64>,
+    ) -> anyhow::Result<()> {
+        self.accept_operations(offer_ids, vec![Operation::launch(tasks)], refuse_seconds)
+            .await
+    }
+
+    /// ACCEPT with operations, carried out in order on the offers' pooled resources
+    /// (all offers of one agent and one role). What they leave is declined for
+    /// `refuse_seconds`.
+    pub async fn accept_operations(
+        &self,
+        offer_ids: Vec<String>,
+        operations: Vec<Operation>,
         refuse_seconds: Option<f64>,
     ) -> anyhow::Result<()> {
         self.call(call::Call::Accept(v1::Accept {
             offer_ids,
-            launch,
             filters: Some(v1::Filters { refuse_seconds }),
+            operations: operations.into_iter().map(Operation::into_proto).collect(),
         }))
         .await
     }
@@ -438,16 +616,61 @@ impl Scheduler {
             .await
     }
 
+    /// REVIVE in every role: offers again, decline filters dropped.
     pub async fn revive(&self) -> anyhow::Result<()> {
-        self.call(call::Call::Revive(v1::Revive {
-            role: String::new(),
+        self.revive_role("").await
+    }
+
+    /// REVIVE in one role ("" = every role).
+    pub async fn revive_role(&self, role: &str) -> anyhow::Result<()> {
+        self.call(call::Call::Revive(v1::Revive { role: role.into() }))
+            .await
+    }
+
+    /// SUPPRESS in every role: no offers until REVIVE.
+    pub async fn suppress(&self) -> anyhow::Result<()> {
+        self.suppress_role("").await
+    }
+
+    /// SUPPRESS in one role ("" = every role).
+    pub async fn suppress_role(&self, role: &str) -> anyhow::Result<()> {
+        self.call(call::Call::Suppress(v1::Suppress { role: role.into() }))
+            .await
+    }
+
+    /// SHUTDOWN an executor: the agent kills its tasks (TASK_KILLED, reason
+    /// EXECUTOR_SHUTDOWN) and stops its process.
+    pub async fn shutdown_executor(&self, agent_id: &str, executor_id: &str) -> anyhow::Result<()> {
+        self.call(call::Call::Shutdown(v1::Shutdown {
+            executor_id: executor_id.into(),
+            agent_id: agent_id.into(),
         }))
         .await
     }
 
-    pub async fn suppress(&self) -> anyhow::Result<()> {
-        self.call(call::Call::Suppress(v1::Suppress {
-            role: String::new(),
+    /// MESSAGE an executor (best effort, at most 1 MiB). The built-in executors
+    /// append it to the file `messages` at the root of each of their tasks and answer
+    /// with an [`Event::Message`] receipt.
+    pub async fn message(
+        &self,
+        agent_id: &str,
+        executor_id: &str,
+        data: Vec<u8>,
+    ) -> anyhow::Result<()> {
+        self.call(call::Call::Message(v1::Message {
+            agent_id: agent_id.into(),
+            executor_id: executor_id.into(),
+            data,
+        }))
+        .await
+    }
+
+    /// UPDATE_FRAMEWORK: new name, roles, failover timeout and offer constraints.
+    /// Offers of roles left are rescinded.
+    pub async fn update_framework(&self, mut info: FrameworkInfo) -> anyhow::Result<()> {
+        info.framework_id = self.framework_id.clone();
+        self.call(call::Call::UpdateFramework(v1::UpdateFramework {
+            framework: Some(info),
         }))
         .await
     }

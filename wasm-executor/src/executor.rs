@@ -86,6 +86,7 @@ pub async fn run_executor_with(
         outbox: Arc::default(),
         running: Arc::default(),
         tasks: JoinSet::new(),
+        roots: HashMap::new(),
     };
     let mut conn = Conn::start(stream, &executor, register.clone(), false);
     let result = loop {
@@ -218,6 +219,9 @@ struct Executor {
     running: Running,
     /// Task threads, joined to know when they are all gone.
     tasks: JoinSet<()>,
+    /// Root directory of each task launched (pruned to the running ones), where
+    /// framework messages are delivered.
+    roots: HashMap<String, PathBuf>,
 }
 
 impl Executor {
@@ -290,6 +294,22 @@ impl Executor {
             }
             Some(agent_to_executor::Msg::Shutdown(_)) => return Flow::Shutdown,
             Some(agent_to_executor::Msg::Ack(ack)) => self.outbox.ack(ack.seq),
+            Some(agent_to_executor::Msg::Message(m)) => {
+                let tasks: Vec<(String, PathBuf)> = {
+                    let running = lock(&self.running);
+                    self.roots.retain(|id, _| running.contains_key(id));
+                    let mut v: Vec<_> = self
+                        .roots
+                        .iter()
+                        .map(|(k, p)| (k.clone(), p.clone()))
+                        .collect();
+                    v.sort();
+                    v
+                };
+                let receipt = agora_proto::executor_link::deliver_message(&tasks, &m.data);
+                tracing::info!("framework message: {receipt}");
+                self.outbox.message(receipt.into_bytes());
+            }
             // A message kind from a newer agent: nothing to do with it.
             None => tracing::warn!("frame from the agent carries no known message; ignored"),
         }
@@ -322,6 +342,10 @@ impl Executor {
                 ..Default::default()
             });
             return;
+        }
+        if !launch.root_dir.is_empty() {
+            self.roots
+                .insert(task_id.clone(), PathBuf::from(&launch.root_dir));
         }
 
         tracing::info!(task_id = %task_id, module = %launch.module_sha256, "launching task");

@@ -1,0 +1,192 @@
+//! Operator commands on roles: `agora role weight set`, `agora role ls`,
+//! `agora quota set|get|rm`, and `agora explain ROLE|TASK`.
+
+use std::process::ExitCode;
+
+use agora_proto::Resources;
+use clap::{Args, Subcommand};
+
+use crate::ops::connect;
+use crate::Target;
+
+#[derive(Subcommand)]
+pub enum RoleCmd {
+    /// Weights of roles (default 1): a role with weight 2 gets twice the share of a
+    /// sibling with weight 1. Kept in the master's registry across restarts.
+    Weight {
+        #[command(subcommand)]
+        cmd: WeightCmd,
+    },
+    /// List roles with their weights, quotas, consumption and frameworks.
+    Ls {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum WeightCmd {
+    /// Set a role's weight, e.g. `agora role weight set eng/web 2`.
+    Set {
+        #[command(flatten)]
+        target: Target,
+        role: String,
+        weight: f64,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum QuotaCmd {
+    /// Set a role's guarantee and limit, e.g.
+    /// `agora quota set eng --guarantee "cpus:2;mem:4GiB" --limit "cpus:8;mem:16GiB"`.
+    Set(QuotaSetArgs),
+    /// Show quotas (of one role, or of every role that has one).
+    Get {
+        #[command(flatten)]
+        target: Target,
+        role: Option<String>,
+    },
+    /// Remove a role's quota.
+    Rm {
+        #[command(flatten)]
+        target: Target,
+        role: String,
+    },
+}
+
+#[derive(Args)]
+pub struct QuotaSetArgs {
+    #[command(flatten)]
+    target: Target,
+    role: String,
+    /// Resources the role is guaranteed to be able to get: "cpus:2;mem:4GiB".
+    #[arg(long, default_value = "")]
+    guarantee: String,
+    /// Most the role may consume: "cpus:8;mem:16GiB". A resource not named is unlimited.
+    #[arg(long, default_value = "")]
+    limit: String,
+}
+
+#[derive(Args)]
+pub struct ExplainArgs {
+    #[command(flatten)]
+    target: Target,
+    /// A task id (waiting, running or finished) or a role.
+    what: String,
+}
+
+fn parse(what: &str, spec: &str) -> anyhow::Result<Resources> {
+    if spec.trim().is_empty() {
+        return Ok(Resources::new());
+    }
+    Resources::parse(spec).map_err(|e| anyhow::anyhow!("--{what} {spec:?}: {e}"))
+}
+
+fn show(r: &[agora_proto::v1::Resource]) -> String {
+    let r = Resources::from_proto(r).unwrap_or_default();
+    if r.is_empty() {
+        "-".into()
+    } else {
+        r.to_string()
+    }
+}
+
+pub async fn role(cmd: RoleCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        RoleCmd::Weight {
+            cmd:
+                WeightCmd::Set {
+                    target,
+                    role,
+                    weight,
+                },
+        } => {
+            connect(&target).await?.set_weight(&role, weight).await?;
+            eprintln!("role {role}: weight {weight}");
+        }
+        RoleCmd::Ls { target } => {
+            let roles = connect(&target).await?.roles("").await?;
+            println!(
+                "{:<20} {:>7} {:<24} {:<24} {:<24} FRAMEWORKS",
+                "ROLE", "WEIGHT", "GUARANTEE", "LIMIT", "CONSUMED"
+            );
+            for r in roles {
+                println!(
+                    "{:<20} {:>7} {:<24} {:<24} {:<24} {}",
+                    r.role,
+                    r.weight,
+                    show(&r.guarantee),
+                    show(&r.limit),
+                    show(&r.consumed),
+                    r.frameworks.join(", ")
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn quota(cmd: QuotaCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        QuotaCmd::Set(a) => {
+            let g = parse("guarantee", &a.guarantee)?;
+            let l = parse("limit", &a.limit)?;
+            if g.is_empty() && l.is_empty() {
+                anyhow::bail!(
+                    "give --guarantee and/or --limit (to remove a quota: agora quota rm {})",
+                    a.role
+                );
+            }
+            connect(&a.target).await?.set_quota(&a.role, &g, &l).await?;
+            eprintln!(
+                "role {}: quota guarantee {}, limit {}",
+                a.role,
+                if g.is_empty() {
+                    "-".into()
+                } else {
+                    g.to_string()
+                },
+                if l.is_empty() {
+                    "-".into()
+                } else {
+                    l.to_string()
+                }
+            );
+        }
+        QuotaCmd::Rm { target, role } => {
+            connect(&target)
+                .await?
+                .set_quota(&role, &Resources::new(), &Resources::new())
+                .await?;
+            eprintln!("role {role}: quota removed");
+        }
+        QuotaCmd::Get { target, role } => {
+            let client = connect(&target).await?;
+            let one = role.is_some();
+            let roles = client.roles(role.as_deref().unwrap_or("")).await?;
+            println!(
+                "{:<20} {:<24} {:<24} CONSUMED",
+                "ROLE", "GUARANTEE", "LIMIT"
+            );
+            for r in roles
+                .into_iter()
+                .filter(|r| one || !r.guarantee.is_empty() || !r.limit.is_empty())
+            {
+                println!(
+                    "{:<20} {:<24} {:<24} {}",
+                    r.role,
+                    show(&r.guarantee),
+                    show(&r.limit),
+                    show(&r.consumed)
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn explain(a: ExplainArgs) -> anyhow::Result<ExitCode> {
+    let text = connect(&a.target).await?.explain(&a.what).await?;
+    println!("{text}");
+    Ok(ExitCode::SUCCESS)
+}

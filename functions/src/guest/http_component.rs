@@ -1,0 +1,287 @@
+//! `wasi:http/proxy` components, run as `wasmtime serve` runs them: a fresh instance
+//! per request from the function's `ProxyPre`, the request handed to the guest's
+//! `wasi:http/incoming-handler`, the response it sets read back.
+//!
+//! They run on wasmtime's async API inside the request's own task. The epoch callback
+//! yields to tokio at every tick, so a guest burning CPU shares its worker thread, and
+//! dropping the future at the deadline cancels a guest that is blocked in the host.
+//!
+//! Differences from `wasmtime serve`: the guest sees the path after `/fn/NAME`
+//! (so a component written for `/` works unchanged under any function name); outgoing
+//! HTTP requests are refused (`HTTP request denied`); the response is collected (up to
+//! the output limit) before it is sent, so that a guest failing half-way through its
+//! body gets a clean 5xx instead of a truncated 200.
+
+use std::future::Future;
+use std::time::Duration;
+
+use axum::http::{header, HeaderValue, Request, Response, Uri};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Engine, Store};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+use wasmtime_wasi_http::{
+    RequestOptions, WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView,
+};
+
+use crate::cgi;
+use crate::error::{error_text, FunctionError};
+use crate::limits::{self, HasLimits, LimitState, RequestLimits};
+use crate::outcome::{self, ErrorClass, Failure, GuestEnd};
+use crate::request::FunctionRequest;
+
+/// After the deadline, how long to wait for the epoch to stop a guest before the
+/// request's future is dropped anyway (a guest blocked in a host call never sees the
+/// epoch).
+const DEADLINE_GRACE: Duration = Duration::from_millis(50);
+
+/// Store data of one `wasi:http` request.
+pub(crate) struct ProxyCtx {
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    table: ResourceTable,
+    hooks: DenyOutgoing,
+    limits: LimitState,
+}
+
+impl WasiView for ProxyCtx {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for ProxyCtx {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.hooks,
+        }
+    }
+}
+
+impl HasLimits for ProxyCtx {
+    fn limits(&mut self) -> &mut LimitState {
+        &mut self.limits
+    }
+}
+
+/// Functions may not call out: the sandbox has no network. (A policy to relax per
+/// tenant later; then this is where it goes.)
+struct DenyOutgoing;
+
+impl WasiHttpHooks for DenyOutgoing {
+    fn send_request(
+        &mut self,
+        _request: axum::http::Request<WasiBody>,
+        _options: Option<RequestOptions>,
+        _fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+    ) -> Box<
+        dyn Future<
+                Output = wasmtime_wasi_http::Result<(
+                    axum::http::Response<WasiBody>,
+                    Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+                )>,
+            > + Send,
+    > {
+        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
+    }
+}
+
+/// The linker every component is prepared against: WASI 0.2 (the CLI interfaces
+/// too, which Rust's std imports, like `wasmtime serve -S cli`) and `wasi:http`.
+pub(crate) fn linker(engine: &Engine) -> Result<Linker<ProxyCtx>, FunctionError> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+        .and_then(|()| wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker))
+        .map_err(|e| {
+            FunctionError::Host(format!(
+                "cannot add WASI and wasi:http to the component linker: {}",
+                error_text(&e)
+            ))
+        })?;
+    Ok(linker)
+}
+
+/// Resolves the component's imports once and checks that it exports
+/// `wasi:http/incoming-handler`.
+pub(crate) fn prepare(
+    name: &str,
+    linker: &Linker<ProxyCtx>,
+    component: &Component,
+) -> Result<ProxyPre<ProxyCtx>, FunctionError> {
+    let pre = linker.instantiate_pre(component).map_err(|e| {
+        FunctionError::module(
+            name,
+            format!(
+                "cannot link component ({}); components may import WASI 0.2 and wasi:http \
+                 0.2 up to what wasmtime 48 provides (with Rust, build with `wasi = \"=0.13.3\"`)",
+                error_text(&e)
+            ),
+        )
+    })?;
+    ProxyPre::new(pre).map_err(|e| {
+        FunctionError::module(
+            name,
+            format!(
+                "component does not export wasi:http/incoming-handler ({}); is it a \
+                 wasi:http/proxy component?",
+                error_text(&e)
+            ),
+        )
+    })
+}
+
+/// Runs one request in a fresh instance. Returns the response (or why there is none)
+/// and the fuel burnt.
+pub(crate) async fn run(
+    engine: &Engine,
+    pre: &ProxyPre<ProxyCtx>,
+    request: FunctionRequest,
+    limits: &RequestLimits,
+) -> (Result<Response<Bytes>, Failure>, u64) {
+    let mut store = Store::new(
+        engine,
+        ProxyCtx {
+            wasi: WasiCtxBuilder::new().build(),
+            http: WasiHttpCtx::new(),
+            table: ResourceTable::new(),
+            hooks: DenyOutgoing,
+            limits: LimitState::new(limits.memory),
+        },
+    );
+    let initial_fuel = match limits::arm(&mut store, limits, true) {
+        Ok(fuel) => fuel,
+        Err(e) => return (Err(internal("cannot set up the request's limits", &e)), 0),
+    };
+    let hyper_request = match to_hyper(request) {
+        Ok(r) => r,
+        Err(message) => return (Err(Failure::new(ErrorClass::Internal, message)), 0),
+    };
+    let (sender, receiver) = tokio::sync::oneshot::channel();
+    let resources = store
+        .data_mut()
+        .http()
+        .new_incoming_request(Scheme::Http, hyper_request)
+        .and_then(|req| Ok((req, store.data_mut().http().new_response_outparam(sender)?)));
+    let (incoming, outparam) = match resources {
+        Ok(r) => r,
+        Err(e) => return (Err(internal("cannot hand the request to the guest", &e)), 0),
+    };
+
+    // The guest owns the store: when it ends, the store (and with it the body's
+    // sending half) goes away, so reading the body can never wait for a guest that is
+    // no longer running.
+    let pre = pre.clone();
+    let guest = async move {
+        let result = async {
+            let proxy = pre.instantiate_async(&mut store).await?;
+            proxy
+                .wasi_http_incoming_handler()
+                .call_handle(&mut store, incoming, outparam)
+                .await
+        }
+        .await;
+        let data = store.data();
+        let seen = (data.limits.deadline_hit, data.limits.memory.denied);
+        let fuel = limits::fuel_used(&store, initial_fuel);
+        drop(store);
+        (result, seen, fuel)
+    };
+    let output_limit = limits.output;
+    let response = async move {
+        match receiver.await {
+            Ok(Ok(response)) => Some(collect(response, output_limit).await),
+            Ok(Err(code)) => Some(Err(Failure::new(
+                ErrorClass::BadResponse,
+                format!("the component answered with an error: {code:?}"),
+            ))),
+            // Never set: the guest's ending says why.
+            Err(_) => None,
+        }
+    };
+
+    let both = async { tokio::join!(guest, response) };
+    let ((result, (deadline_hit, memory_denied), fuel), response) =
+        match tokio::time::timeout(limits.timeout + DEADLINE_GRACE, both).await {
+            Ok(done) => done,
+            // Dropping the futures dropped the store: the instance is gone.
+            // (The fuel it burnt went with the store; it is not counted.)
+            Err(_) => return (Err(outcome::deadline(limits.timeout)), 0),
+        };
+
+    let outcome = match result {
+        Err(error) => Err(outcome::classify(&GuestEnd {
+            error: &error,
+            deadline_hit,
+            memory_denied,
+            fuel_limit: limits.fuel,
+            timeout: limits.timeout,
+            output_full: None,
+        })),
+        Ok(()) => match response {
+            Some(response) => response,
+            None => Err(Failure::new(
+                ErrorClass::BadResponse,
+                "the component returned without setting a response (response-outparam::set)",
+            )),
+        },
+    };
+    (outcome, fuel)
+}
+
+fn internal(what: &str, e: &wasmtime::Error) -> Failure {
+    Failure::new(ErrorClass::Internal, format!("{what}: {}", error_text(e)))
+}
+
+/// The request as hyper hands it to `wasi:http`: the path after `/fn/NAME`, and an
+/// authority (`wasi:http` requires one; `localhost` when the client sent no Host).
+fn to_hyper(request: FunctionRequest) -> Result<Request<Full<Bytes>>, String> {
+    let uri: Uri = request
+        .path_and_query()
+        .parse()
+        .map_err(|e| format!("cannot pass the request path to the component: {e}"))?;
+    let mut out = Request::new(Full::new(request.body));
+    *out.method_mut() = request.method;
+    *out.uri_mut() = uri;
+    *out.version_mut() = request.version;
+    *out.headers_mut() = request.headers;
+    if !out.headers().contains_key(header::HOST) {
+        out.headers_mut()
+            .insert(header::HOST, HeaderValue::from_static("localhost"));
+    }
+    Ok(out)
+}
+
+/// Reads the component's whole response body, up to `limit` bytes.
+async fn collect(
+    response: Response<HyperOutgoingBody>,
+    limit: u64,
+) -> Result<Response<Bytes>, Failure> {
+    let (mut parts, body) = response.into_parts();
+    let limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
+    let bytes = match limited.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            return Err(outcome::output_limit(limit))
+        }
+        Err(e) => {
+            return Err(Failure::new(
+                ErrorClass::BadResponse,
+                format!("the component's response body failed: {e}"),
+            ))
+        }
+    };
+    cgi::strip_hop_by_hop(&mut parts.headers);
+    Ok(Response::from_parts(parts, bytes))
+}

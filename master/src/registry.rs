@@ -1,0 +1,513 @@
+//! The master's registry: what must survive a master restart (kill -9 included).
+//!
+//! Mesos keeps the same things in its replicated log: the agents it admitted, the
+//! frameworks it knows (with their failover timeouts), role weights, quotas and
+//! dynamic reservations. Tasks are *not* here: after a restart the agents bring them
+//! back when they re-register, so the registry never has to be written per task.
+//!
+//! The core decides what changes ([`RegistryOp`] outputs); this module holds the
+//! resulting [`Registry`] (pure, for the core's recovery) and the redb file it lives in,
+//! `<data dir>/registry.redb`. The shell writes every op of one input in one durable
+//! transaction before it sends any message of that input, so, for example, a framework
+//! never hears SUBSCRIBED for an id a restarted master would not know.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+/// File name under the master's data dir.
+pub const FILE: &str = "registry.redb";
+
+/// Layout version; a master refuses a registry with a version it does not know.
+const VERSION: u64 = 1;
+
+/// (kind, key) -> JSON of the entry.
+const ENTRIES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("entries");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// An agent the master admitted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentEntry {
+    pub hostname: String,
+    /// Removed after missing heartbeats: its tasks were reported UNREACHABLE/LOST and
+    /// are adopted again if it returns. A restarted master does not wait for it.
+    #[serde(default)]
+    pub unreachable: bool,
+}
+
+/// A framework the master knows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FrameworkEntry {
+    pub name: String,
+    pub roles: Vec<String>,
+    pub failover_ms: u64,
+    #[serde(default)]
+    pub offer_constraints: Vec<String>,
+    #[serde(default)]
+    pub partition_aware: bool,
+}
+
+/// A role's quota: amounts per resource name (milli-cpus, bytes).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct QuotaEntry {
+    pub guarantee: BTreeMap<String, i64>,
+    pub limit: BTreeMap<String, i64>,
+}
+
+/// One change to the registry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RegistryOp {
+    PutAgent {
+        agent_id: String,
+        entry: AgentEntry,
+    },
+    RemoveAgent {
+        agent_id: String,
+    },
+    PutFramework {
+        framework_id: String,
+        entry: FrameworkEntry,
+    },
+    /// Torn down or failed over too late: the id may never subscribe again.
+    RemoveFramework {
+        framework_id: String,
+        removed_ms: u64,
+    },
+    /// Weight 1 (the default) removes the entry.
+    SetWeight {
+        role: String,
+        weight: f64,
+    },
+    /// An empty quota removes the entry.
+    SetQuota {
+        role: String,
+        quota: QuotaEntry,
+    },
+    /// The dynamic reservations on one agent; empty removes the entry.
+    SetReservations {
+        agent_id: String,
+        resources: Vec<Reserved>,
+    },
+}
+
+/// Most removed framework ids remembered; the oldest are forgotten first.
+pub const MAX_REMOVED_FRAMEWORKS: usize = 10_000;
+
+/// Everything the registry holds.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Registry {
+    pub agents: BTreeMap<String, AgentEntry>,
+    pub frameworks: BTreeMap<String, FrameworkEntry>,
+    /// Removed framework id -> when (ms since the epoch).
+    pub removed_frameworks: BTreeMap<String, u64>,
+    pub weights: BTreeMap<String, f64>,
+    pub quotas: BTreeMap<String, QuotaEntry>,
+    pub reservations: BTreeMap<String, Vec<Reserved>>,
+}
+
+/// An amount of one resource reserved for a role.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reserved {
+    pub name: String,
+    pub role: String,
+    pub value: i64,
+}
+
+impl Registry {
+    pub fn apply(&mut self, op: &RegistryOp) {
+        match op {
+            RegistryOp::PutAgent { agent_id, entry } => {
+                self.agents.insert(agent_id.clone(), entry.clone());
+            }
+            RegistryOp::RemoveAgent { agent_id } => {
+                self.agents.remove(agent_id);
+                self.reservations.remove(agent_id);
+            }
+            RegistryOp::PutFramework {
+                framework_id,
+                entry,
+            } => {
+                self.frameworks.insert(framework_id.clone(), entry.clone());
+            }
+            RegistryOp::RemoveFramework {
+                framework_id,
+                removed_ms,
+            } => {
+                self.frameworks.remove(framework_id);
+                self.removed_frameworks
+                    .insert(framework_id.clone(), *removed_ms);
+                while self.removed_frameworks.len() > MAX_REMOVED_FRAMEWORKS {
+                    let oldest = self
+                        .removed_frameworks
+                        .iter()
+                        .min_by_key(|(id, t)| (**t, (*id).clone()))
+                        .map(|(id, _)| id.clone());
+                    match oldest {
+                        Some(id) => self.removed_frameworks.remove(&id),
+                        None => break,
+                    };
+                }
+            }
+            RegistryOp::SetWeight { role, weight } => {
+                if *weight == 1.0 {
+                    self.weights.remove(role);
+                } else {
+                    self.weights.insert(role.clone(), *weight);
+                }
+            }
+            RegistryOp::SetQuota { role, quota } => {
+                if quota.guarantee.is_empty() && quota.limit.is_empty() {
+                    self.quotas.remove(role);
+                } else {
+                    self.quotas.insert(role.clone(), quota.clone());
+                }
+            }
+            RegistryOp::SetReservations {
+                agent_id,
+                resources,
+            } => {
+                if resources.is_empty() {
+                    self.reservations.remove(agent_id);
+                } else {
+                    self.reservations
+                        .insert(agent_id.clone(), resources.clone());
+                }
+            }
+        }
+    }
+}
+
+/// Where a (kind, key) pair lives and what it holds, for the file.
+fn entry_of(op: &RegistryOp) -> (&'static str, String, Option<Vec<u8>>) {
+    fn json<T: Serialize>(v: &T) -> Option<Vec<u8>> {
+        Some(serde_json::to_vec(v).expect("registry entries serialize"))
+    }
+    match op {
+        RegistryOp::PutAgent { agent_id, entry } => ("agent", agent_id.clone(), json(entry)),
+        RegistryOp::RemoveAgent { agent_id } => ("agent", agent_id.clone(), None),
+        RegistryOp::PutFramework {
+            framework_id,
+            entry,
+        } => ("framework", framework_id.clone(), json(entry)),
+        RegistryOp::RemoveFramework {
+            framework_id,
+            removed_ms,
+        } => ("removed", framework_id.clone(), json(removed_ms)),
+        RegistryOp::SetWeight { role, weight } => (
+            "weight",
+            role.clone(),
+            (*weight != 1.0).then(|| json(weight)).flatten(),
+        ),
+        RegistryOp::SetQuota { role, quota } => (
+            "quota",
+            role.clone(),
+            (!(quota.guarantee.is_empty() && quota.limit.is_empty()))
+                .then(|| json(quota))
+                .flatten(),
+        ),
+        RegistryOp::SetReservations {
+            agent_id,
+            resources,
+        } => (
+            "reservations",
+            agent_id.clone(),
+            (!resources.is_empty()).then(|| json(resources)).flatten(),
+        ),
+    }
+}
+
+/// The registry file.
+pub struct RegistryStore {
+    db: Database,
+    path: PathBuf,
+    /// Mirror of the file, to keep the removed-framework set bounded there too.
+    state: Registry,
+}
+
+impl RegistryStore {
+    /// Opens (or creates) `<dir>/registry.redb` and reads what it holds.
+    pub fn open(dir: &Path) -> anyhow::Result<(RegistryStore, Registry)> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+        let path = dir.join(FILE);
+        let db = Database::create(&path).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open the master registry {}: {e} (is another master using this data dir?)",
+                path.display()
+            )
+        })?;
+        let state = Self::read(&db, &path)?;
+        Ok((
+            RegistryStore {
+                db,
+                path,
+                state: state.clone(),
+            },
+            state,
+        ))
+    }
+
+    fn read(db: &Database, path: &Path) -> anyhow::Result<Registry> {
+        let bad = |e: &dyn std::fmt::Display| {
+            anyhow::anyhow!("master registry {} is unreadable: {e}", path.display())
+        };
+        {
+            let w = db.begin_write().map_err(|e| bad(&e))?;
+            {
+                let mut meta = w.open_table(META).map_err(|e| bad(&e))?;
+                let v = meta.get("version").map_err(|e| bad(&e))?.map(|g| g.value());
+                match v {
+                    None => {
+                        meta.insert("version", VERSION).map_err(|e| bad(&e))?;
+                    }
+                    Some(VERSION) => {}
+                    Some(other) => anyhow::bail!(
+                        "master registry {} has layout version {other}; this master knows {VERSION}. \
+                         Use the master release that wrote it, or move the file away to start empty",
+                        path.display()
+                    ),
+                }
+                w.open_table(ENTRIES).map_err(|e| bad(&e))?;
+            }
+            w.commit().map_err(|e| bad(&e))?;
+        }
+        let r = db.begin_read().map_err(|e| bad(&e))?;
+        let t = r.open_table(ENTRIES).map_err(|e| bad(&e))?;
+        let mut reg = Registry::default();
+        for row in t.iter().map_err(|e| bad(&e))? {
+            let (k, v) = row.map_err(|e| bad(&e))?;
+            let (kind, key) = k.value();
+            let (kind, key) = (kind.to_string(), key.to_string());
+            let bytes = v.value();
+            let what = format!("entry {kind}/{key}");
+            let de_err = |e: serde_json::Error| bad(&format!("{what}: {e}"));
+            match kind.as_str() {
+                "agent" => {
+                    reg.agents
+                        .insert(key, serde_json::from_slice(bytes).map_err(de_err)?);
+                }
+                "framework" => {
+                    reg.frameworks
+                        .insert(key, serde_json::from_slice(bytes).map_err(de_err)?);
+                }
+                "removed" => {
+                    reg.removed_frameworks
+                        .insert(key, serde_json::from_slice(bytes).map_err(de_err)?);
+                }
+                "weight" => {
+                    reg.weights
+                        .insert(key, serde_json::from_slice(bytes).map_err(de_err)?);
+                }
+                "quota" => {
+                    reg.quotas
+                        .insert(key, serde_json::from_slice(bytes).map_err(de_err)?);
+                }
+                "reservations" => {
+                    reg.reservations
+                        .insert(key, serde_json::from_slice(bytes).map_err(de_err)?);
+                }
+                other => tracing::warn!("master registry: ignoring unknown entry kind {other}"),
+            }
+        }
+        Ok(reg)
+    }
+
+    /// Writes `ops` in one durable transaction (fsync before it returns).
+    pub fn commit(&mut self, ops: &[RegistryOp]) -> anyhow::Result<()> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let err = |e: &dyn std::fmt::Display| {
+            anyhow::anyhow!("writing the master registry {}: {e}", self.path.display())
+        };
+        let before: Vec<String> = self.state.removed_frameworks.keys().cloned().collect();
+        for op in ops {
+            self.state.apply(op);
+        }
+        let w = self.db.begin_write().map_err(|e| err(&e))?;
+        {
+            let mut t = w.open_table(ENTRIES).map_err(|e| err(&e))?;
+            for op in ops {
+                let (kind, key, value) = entry_of(op);
+                match value {
+                    Some(v) => {
+                        t.insert((kind, key.as_str()), v.as_slice())
+                            .map_err(|e| err(&e))?;
+                    }
+                    None => {
+                        t.remove((kind, key.as_str())).map_err(|e| err(&e))?;
+                    }
+                }
+                if let RegistryOp::RemoveFramework { framework_id, .. } = op {
+                    t.remove(("framework", framework_id.as_str()))
+                        .map_err(|e| err(&e))?;
+                }
+                if let RegistryOp::RemoveAgent { agent_id } = op {
+                    t.remove(("reservations", agent_id.as_str()))
+                        .map_err(|e| err(&e))?;
+                }
+            }
+            // Removed ids the bound pushed out of the set leave the file too.
+            for id in before {
+                if !self.state.removed_frameworks.contains_key(&id) {
+                    t.remove(("removed", id.as_str())).map_err(|e| err(&e))?;
+                }
+            }
+        }
+        w.commit().map_err(|e| err(&e))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ops() -> Vec<RegistryOp> {
+        vec![
+            RegistryOp::PutAgent {
+                agent_id: "a1".into(),
+                entry: AgentEntry {
+                    hostname: "h1".into(),
+                    unreachable: false,
+                },
+            },
+            RegistryOp::PutAgent {
+                agent_id: "a2".into(),
+                entry: AgentEntry {
+                    hostname: "h2".into(),
+                    unreachable: false,
+                },
+            },
+            RegistryOp::PutFramework {
+                framework_id: "f1".into(),
+                entry: FrameworkEntry {
+                    name: "web".into(),
+                    roles: vec!["eng/web".into()],
+                    failover_ms: 60_000,
+                    offer_constraints: vec!["zone=a".into()],
+                    partition_aware: true,
+                },
+            },
+            RegistryOp::PutFramework {
+                framework_id: "f2".into(),
+                entry: FrameworkEntry {
+                    name: "batch".into(),
+                    roles: vec!["*".into()],
+                    failover_ms: 1_000,
+                    offer_constraints: vec![],
+                    partition_aware: false,
+                },
+            },
+            RegistryOp::RemoveFramework {
+                framework_id: "f2".into(),
+                removed_ms: 42,
+            },
+            RegistryOp::SetWeight {
+                role: "eng".into(),
+                weight: 3.0,
+            },
+            RegistryOp::SetQuota {
+                role: "eng".into(),
+                quota: QuotaEntry {
+                    guarantee: [("cpus".to_string(), 2000)].into(),
+                    limit: [("mem".to_string(), 1 << 30)].into(),
+                },
+            },
+            RegistryOp::SetReservations {
+                agent_id: "a1".into(),
+                resources: vec![Reserved {
+                    name: "cpus".into(),
+                    role: "eng".into(),
+                    value: 1000,
+                }],
+            },
+            RegistryOp::RemoveAgent {
+                agent_id: "a2".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn what_is_committed_is_read_back_after_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, empty) = RegistryStore::open(dir.path()).unwrap();
+        assert_eq!(empty, Registry::default());
+        let ops = ops();
+        store.commit(&ops[..5]).unwrap();
+        store.commit(&ops[5..]).unwrap();
+        drop(store);
+        let (_, reg) = RegistryStore::open(dir.path()).unwrap();
+        let mut expect = Registry::default();
+        for op in &ops {
+            expect.apply(op);
+        }
+        assert_eq!(reg, expect);
+        assert_eq!(reg.agents.keys().collect::<Vec<_>>(), ["a1"]);
+        assert_eq!(reg.frameworks.keys().collect::<Vec<_>>(), ["f1"]);
+        assert_eq!(reg.removed_frameworks.get("f2"), Some(&42));
+        assert_eq!(reg.weights.get("eng"), Some(&3.0));
+        assert_eq!(reg.reservations["a1"][0].value, 1000);
+    }
+
+    #[test]
+    fn defaults_and_empties_remove_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, _) = RegistryStore::open(dir.path()).unwrap();
+        store.commit(&ops()).unwrap();
+        store
+            .commit(&[
+                RegistryOp::SetWeight {
+                    role: "eng".into(),
+                    weight: 1.0,
+                },
+                RegistryOp::SetQuota {
+                    role: "eng".into(),
+                    quota: QuotaEntry::default(),
+                },
+                RegistryOp::RemoveAgent {
+                    agent_id: "a1".into(),
+                },
+            ])
+            .unwrap();
+        drop(store);
+        let (_, reg) = RegistryStore::open(dir.path()).unwrap();
+        assert!(reg.weights.is_empty());
+        assert!(reg.quotas.is_empty());
+        assert!(reg.agents.is_empty());
+        assert!(
+            reg.reservations.is_empty(),
+            "an agent's reservations go with it"
+        );
+    }
+
+    #[test]
+    fn removed_framework_ids_are_bounded_oldest_first() {
+        let mut reg = Registry::default();
+        for i in 0..(MAX_REMOVED_FRAMEWORKS as u64 + 5) {
+            reg.apply(&RegistryOp::RemoveFramework {
+                framework_id: format!("f{i:06}"),
+                removed_ms: i,
+            });
+        }
+        assert_eq!(reg.removed_frameworks.len(), MAX_REMOVED_FRAMEWORKS);
+        assert!(!reg.removed_frameworks.contains_key("f000000"));
+        assert!(reg.removed_frameworks.contains_key("f000005"));
+    }
+
+    #[test]
+    fn an_unknown_layout_version_is_refused_with_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Database::create(dir.path().join(FILE)).unwrap();
+            let w = db.begin_write().unwrap();
+            w.open_table(META).unwrap().insert("version", 99).unwrap();
+            w.commit().unwrap();
+        }
+        let err = RegistryStore::open(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("layout version 99"), "{err}");
+        assert!(err.contains("move the file away"), "{err}");
+    }
+}

@@ -1,0 +1,471 @@
+//! Recovery through the master's pure core: what a master records in its registry,
+//! what a restarted master (a new core recovered from that record) does with it, and
+//! what happens to tasks when an agent stops answering and comes back.
+
+use agora_master::core::{ConnId, CoreConfig, Input, MasterCore, Output};
+use agora_master::registry::{Registry, RegistryOp};
+use agora_proto::v1::{
+    self, call, event, master_to_agent, AgentHello, Call, FrameworkInfo, RunningTask,
+    SchedulerHello, TaskInfo, TaskState, TaskStatus,
+};
+use agora_proto::Resources;
+
+const GIB: i64 = 1 << 30;
+/// How long a restarted master waits for its agents (shorter than the agent timeout).
+const REREGISTER_MS: u64 = 5_000;
+
+/// A core and the registry its shell would have written.
+struct Node {
+    core: MasterCore,
+    reg: Registry,
+    now: u64,
+}
+
+impl Node {
+    fn new() -> Self {
+        Node {
+            core: MasterCore::new(CoreConfig::default()),
+            reg: Registry::default(),
+            now: 1_000,
+        }
+    }
+
+    /// A new master process started from `reg` at `now`.
+    fn restarted(reg: &Registry, now: u64) -> Self {
+        let mut core = MasterCore::new(CoreConfig {
+            id_prefix: "m2".into(),
+            agent_reregister_ms: REREGISTER_MS,
+            ..CoreConfig::default()
+        });
+        core.recover(reg.clone(), now);
+        Node {
+            core,
+            reg: reg.clone(),
+            now,
+        }
+    }
+
+    fn feed(&mut self, input: Input) -> Vec<Output> {
+        let outs = self.core.handle(input, self.now);
+        self.commit();
+        outs
+    }
+
+    fn commit(&mut self) {
+        for op in self.core.take_registry_ops() {
+            self.reg.apply(&op);
+        }
+    }
+
+    fn agent(&mut self, conn: ConnId, id: &str, tasks: Vec<RunningTask>) -> (String, Vec<Output>) {
+        let outs = self.feed(Input::AgentHello {
+            conn,
+            hello: AgentHello {
+                agent_id: id.into(),
+                hostname: format!("host{conn}"),
+                resources: Resources::cpus_mem(4000, 4 * GIB).to_proto(),
+                attributes: vec![],
+                tasks,
+            },
+        });
+        let id = outs
+            .iter()
+            .find_map(|o| match o {
+                Output::ToAgent(c, m) if *c == conn => match &m.msg {
+                    Some(master_to_agent::Msg::Registered(r)) => Some(r.agent_id.clone()),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("agent on {conn} not registered: {outs:?}"));
+        (id, outs)
+    }
+
+    fn subscribe(&mut self, conn: ConnId, id: &str) -> Vec<Output> {
+        self.subscribe_with(conn, id, false)
+    }
+
+    fn subscribe_with(&mut self, conn: ConnId, id: &str, partition_aware: bool) -> Vec<Output> {
+        self.feed(Input::SchedulerHello {
+            conn,
+            hello: SchedulerHello {
+                framework: Some(FrameworkInfo {
+                    name: "web".into(),
+                    roles: vec!["eng".into()],
+                    framework_id: id.into(),
+                    failover_timeout_seconds: 120.0,
+                    partition_aware,
+                    ..Default::default()
+                }),
+            },
+        })
+    }
+
+    fn tick(&mut self, now: u64) -> Vec<Output> {
+        self.now = now;
+        self.feed(Input::Tick)
+    }
+}
+
+fn subscribed_id(outs: &[Output]) -> Option<String> {
+    outs.iter().find_map(|o| match o {
+        Output::ToScheduler(_, e) => match &e.event {
+            Some(event::Event::Subscribed(s)) => Some(s.framework_id.clone()),
+            _ => None,
+        },
+        _ => None,
+    })
+}
+
+fn offered(outs: &[Output]) -> Vec<v1::Offer> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::ToScheduler(_, e) => match &e.event {
+                Some(event::Event::Offers(o)) => Some(o.offers.clone()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+fn running_task(fid: &str, agent_id: &str, task_id: &str, milli_cpus: i64) -> RunningTask {
+    RunningTask {
+        framework_id: fid.into(),
+        task: Some(TaskInfo {
+            task_id: task_id.into(),
+            agent_id: agent_id.into(),
+            resources: Resources::cpus_mem(milli_cpus, GIB).to_proto(),
+            ..Default::default()
+        }),
+        status: Some(TaskStatus {
+            task_id: task_id.into(),
+            state: TaskState::TaskRunning as i32,
+            agent_id: agent_id.into(),
+            ..Default::default()
+        }),
+    }
+}
+
+#[test]
+fn agents_and_frameworks_are_recorded_when_they_first_register() {
+    let mut m = Node::new();
+    let (aid, _) = m.agent(1, "", vec![]);
+    let outs = m.subscribe(101, "");
+    let fid = subscribed_id(&outs).unwrap();
+    assert_eq!(m.reg.agents[&aid].hostname, "host1");
+    assert!(!m.reg.agents[&aid].unreachable);
+    let f = &m.reg.frameworks[&fid];
+    assert_eq!(
+        (f.name.as_str(), f.roles.clone(), f.failover_ms),
+        ("web", vec!["eng".to_string()], 120_000)
+    );
+    // Re-subscribing unchanged writes nothing.
+    m.feed(Input::SchedulerClosed { conn: 101 });
+    m.subscribe(102, &fid);
+    assert!(m.core.take_registry_ops().is_empty());
+}
+
+#[test]
+fn a_restarted_master_holds_offers_until_its_agents_are_back_and_keeps_their_tasks() {
+    let mut m = Node::new();
+    let (aid, _) = m.agent(1, "", vec![]);
+    let fid = subscribed_id(&m.subscribe(101, "")).unwrap();
+
+    // The master dies; a new one starts from the registry.
+    let mut m2 = Node::restarted(&m.reg, 50_000);
+    let outs = m2.subscribe(201, &fid);
+    assert_eq!(
+        subscribed_id(&outs).as_deref(),
+        Some(fid.as_str()),
+        "same framework id"
+    );
+    assert!(
+        offered(&outs).is_empty(),
+        "nothing offered before the agent is back: {outs:?}"
+    );
+    assert!(offered(&m2.tick(51_000)).is_empty());
+
+    // The agent re-registers with its running task: only what is free is offered.
+    let (back, outs) = m2.agent(2, &aid, vec![running_task(&fid, &aid, "t1", 3000)]);
+    assert_eq!(back, aid);
+    let offers = offered(&outs);
+    assert_eq!(offers.len(), 1, "{outs:?}");
+    let res = Resources::from_proto(&offers[0].resources).unwrap();
+    assert_eq!(
+        res.milli_cpus(),
+        1000,
+        "the running task's 3 cpus are not offered: {res}"
+    );
+    let list = m2.core.list_tasks(false);
+    assert!(list
+        .iter()
+        .any(|t| t.task_id == "t1" && t.state() == TaskState::TaskRunning));
+}
+
+#[test]
+fn agents_that_do_not_return_are_marked_unreachable_after_the_wait() {
+    let mut m = Node::new();
+    let (gone, _) = m.agent(1, "", vec![]);
+    let fid = subscribed_id(&m.subscribe(101, "")).unwrap();
+    let mut m2 = Node::restarted(&m.reg, 10_000);
+    m2.subscribe(201, &fid);
+    // A new agent joins, but the old one is still awaited: no offers yet.
+    let (_, outs) = m2.agent(2, "", vec![]);
+    assert!(offered(&outs).is_empty());
+    assert!(offered(&m2.tick(10_000 + REREGISTER_MS - 1)).is_empty());
+    let outs = m2.tick(10_000 + REREGISTER_MS);
+    assert_eq!(
+        offered(&outs).len(),
+        1,
+        "offers resume after the wait: {outs:?}"
+    );
+    assert!(m2.reg.agents[&gone].unreachable);
+    // A master restarted again does not wait for an unreachable agent.
+    let mut m3 = Node::restarted(&m2.reg, 100_000);
+    m3.subscribe(301, &fid);
+    let (_, outs) = m3.agent(3, "", vec![]);
+    assert_eq!(offered(&outs).len(), 1, "{outs:?}");
+}
+
+#[test]
+fn a_framework_not_back_within_its_failover_timeout_is_removed_for_good() {
+    let mut m = Node::new();
+    m.agent(1, "", vec![]);
+    let fid = subscribed_id(&m.subscribe(101, "")).unwrap();
+    let mut m2 = Node::restarted(&m.reg, 10_000);
+    m2.tick(10_000 + 120_001);
+    assert!(!m2.reg.frameworks.contains_key(&fid));
+    assert!(m2.reg.removed_frameworks.contains_key(&fid));
+    let outs = m2.subscribe(201, &fid);
+    assert!(subscribed_id(&outs).is_none());
+    let refused = outs.iter().any(|o| match o {
+        Output::ToScheduler(201, e) => match &e.event {
+            Some(event::Event::Error(e)) => {
+                e.message.contains(&fid) && e.message.contains("without a framework id")
+            }
+            _ => false,
+        },
+        _ => false,
+    });
+    assert!(refused, "{outs:?}");
+    assert!(outs
+        .iter()
+        .any(|o| matches!(o, Output::CloseScheduler(201, _))));
+}
+
+#[test]
+fn teardown_is_recorded_and_the_id_cannot_subscribe_again() {
+    let mut m = Node::new();
+    let fid = subscribed_id(&m.subscribe(101, "")).unwrap();
+    m.feed(Input::SchedulerCall {
+        conn: 101,
+        call: Call {
+            call: Some(call::Call::Teardown(v1::Teardown {})),
+        },
+    });
+    assert!(m.reg.removed_frameworks.contains_key(&fid));
+    let outs = m.subscribe(102, &fid);
+    assert!(subscribed_id(&outs).is_none(), "{outs:?}");
+}
+
+#[test]
+fn weights_and_quotas_survive_a_restart() {
+    let mut m = Node::new();
+    m.core.set_weight("eng", 3.0).unwrap();
+    let g = Resources::cpus_mem(2000, GIB);
+    let l = Resources::cpus_mem(8000, 8 * GIB);
+    m.core.set_quota("eng/web", &g, &l).unwrap();
+    m.commit();
+    let err = m.core.set_weight("eng", -1.0).unwrap_err();
+    assert!(err.contains("eng"), "{err}");
+    let err = m.core.set_quota("*", &g, &l).unwrap_err();
+    assert!(err.contains("default role"), "{err}");
+    let err = m.core.set_quota("x", &l, &g).unwrap_err();
+    assert!(err.contains("above its limit"), "{err}");
+    assert!(
+        m.core.take_registry_ops().is_empty(),
+        "refused changes are not recorded"
+    );
+
+    let m2 = Node::restarted(&m.reg, 5_000);
+    let roles = m2.core.roles("").unwrap();
+    let eng = roles.iter().find(|r| r.role == "eng").unwrap();
+    assert_eq!(eng.weight, 3.0);
+    let web = roles.iter().find(|r| r.role == "eng/web").unwrap();
+    assert_eq!(Resources::from_proto(&web.guarantee).unwrap(), g);
+    assert_eq!(Resources::from_proto(&web.limit).unwrap(), l);
+    // Removing a quota is recorded too.
+    let mut m2 = m2;
+    m2.core
+        .set_quota("eng/web", &Resources::new(), &Resources::new())
+        .unwrap();
+    m2.commit();
+    assert!(m2.reg.quotas.is_empty());
+    let ops: Vec<RegistryOp> = m2.core.take_registry_ops();
+    assert!(ops.is_empty());
+}
+
+#[test]
+fn explain_names_the_role_quota_and_what_holds_offers_back() {
+    let mut m = Node::new();
+    m.core
+        .set_quota("eng", &Resources::new(), &Resources::cpus_mem(1000, GIB))
+        .unwrap();
+    let text = m.core.explain("eng").unwrap();
+    assert!(text.contains("role eng"), "{text}");
+    assert!(text.contains("limit"), "{text}");
+    assert!(text.contains("no agent is connected"), "{text}");
+    let err = m.core.explain("no such thing!").unwrap_err();
+    assert!(err.contains("no task or role"), "{err}");
+}
+
+fn updates_to(outs: &[Output], conn: ConnId) -> Vec<TaskStatus> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::ToScheduler(c, e) if *c == conn => match &e.event {
+                Some(event::Event::Update(u)) => u.status.clone(),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+/// One agent running t1 of a partition-aware framework (conn 101) and t2 of one that
+/// is not (conn 102); the agent then stops answering past the timeout.
+fn partitioned() -> (Node, String, String, String, u64) {
+    let mut m = Node::new();
+    let pa = subscribed_id(&m.subscribe_with(101, "", true)).unwrap();
+    let plain = subscribed_id(&m.subscribe_with(102, "", false)).unwrap();
+    let (aid, _) = m.agent(1, "", vec![]);
+    // The agent restarts at once and reports the two tasks (as after a launch).
+    let (_, _) = m.agent(
+        2,
+        &aid,
+        vec![
+            running_task(&pa, &aid, "t1", 1000),
+            running_task(&plain, &aid, "t2", 1000),
+        ],
+    );
+    let timeout = CoreConfig::default().agent_timeout_ms;
+    let cut = m.now + timeout + 1;
+    let outs = m.tick(cut);
+    let to_pa = updates_to(&outs, 101);
+    assert_eq!(to_pa.len(), 1, "{outs:?}");
+    assert_eq!(to_pa[0].state(), TaskState::TaskUnreachable);
+    assert_eq!(to_pa[0].reason(), v1::Reason::AgentUnreachable);
+    let to_plain = updates_to(&outs, 102);
+    assert_eq!(to_plain.len(), 1, "{outs:?}");
+    assert_eq!(to_plain[0].state(), TaskState::TaskLost);
+    (m, pa, plain, aid, cut)
+}
+
+#[test]
+fn a_silent_agent_makes_partition_aware_tasks_unreachable_and_others_lost() {
+    let (mut m, _pa, _plain, _aid, _) = partitioned();
+    let live = m.core.list_tasks(false);
+    assert_eq!(live.len(), 1, "{live:?}");
+    assert_eq!(
+        (live[0].task_id.as_str(), live[0].state()),
+        ("t1", TaskState::TaskUnreachable)
+    );
+    let outs = m.feed(Input::SchedulerCall {
+        conn: 101,
+        call: Call {
+            call: Some(call::Call::Reconcile(v1::Reconcile { task_ids: vec![] })),
+        },
+    });
+    let st = updates_to(&outs, 101);
+    assert_eq!(st.len(), 1);
+    assert_eq!(st[0].state(), TaskState::TaskUnreachable);
+}
+
+#[test]
+fn a_returning_agent_brings_unreachable_tasks_back_running_and_lost_ones_are_killed() {
+    let (mut m, pa, plain, aid, cut) = partitioned();
+    m.now = cut + 30_000;
+    let (_, outs) = m.agent(
+        3,
+        &aid,
+        vec![
+            running_task(&pa, &aid, "t1", 1000),
+            running_task(&plain, &aid, "t2", 1000),
+        ],
+    );
+    let back = updates_to(&outs, 101);
+    assert_eq!(back.len(), 1, "{outs:?}");
+    assert_eq!(back[0].state(), TaskState::TaskRunning);
+    assert_eq!(back[0].reason(), v1::Reason::AgentReregistered);
+    assert!(back[0].uuid.is_empty(), "nothing to acknowledge");
+    // t2's framework was told LOST (terminal): t2 is killed, never RUNNING again.
+    assert!(updates_to(&outs, 102).is_empty(), "{outs:?}");
+    let killed = outs.iter().any(|o| match o {
+        Output::ToAgent(3, msg) => {
+            matches!(&msg.msg, Some(master_to_agent::Msg::KillTask(k)) if k.task_id == "t2")
+        }
+        _ => false,
+    });
+    assert!(killed, "{outs:?}");
+    let live = m.core.list_tasks(false);
+    assert_eq!(live.len(), 1);
+    assert_eq!(
+        (live[0].task_id.as_str(), live[0].state()),
+        ("t1", TaskState::TaskRunning)
+    );
+}
+
+#[test]
+fn an_unreachable_task_the_agent_no_longer_has_ends_lost_when_it_returns() {
+    let (mut m, _pa, _plain, aid, cut) = partitioned();
+    m.now = cut + 1_000;
+    let (_, outs) = m.agent(3, &aid, vec![]);
+    let st = updates_to(&outs, 101);
+    assert_eq!(st.len(), 1, "{outs:?}");
+    assert_eq!(st[0].state(), TaskState::TaskLost);
+    assert!(
+        st[0].message.contains("without this task"),
+        "{}",
+        st[0].message
+    );
+    assert!(m.core.list_tasks(false).is_empty());
+}
+
+#[test]
+fn reconciling_an_unknown_task_during_recovery_is_answered_when_its_agent_is_back() {
+    let mut m = Node::new();
+    let (aid, _) = m.agent(1, "", vec![]);
+    let fid = subscribed_id(&m.subscribe(101, "")).unwrap();
+    let mut m2 = Node::restarted(&m.reg, 20_000);
+    m2.subscribe(201, &fid);
+    let ask = |m: &mut Node| {
+        m.feed(Input::SchedulerCall {
+            conn: 201,
+            call: Call {
+                call: Some(call::Call::Reconcile(v1::Reconcile {
+                    task_ids: vec!["t1".into(), "t9".into()],
+                })),
+            },
+        })
+    };
+    assert!(
+        updates_to(&ask(&mut m2), 201).is_empty(),
+        "no answer while agents may still bring the tasks"
+    );
+    let (_, outs) = m2.agent(2, &aid, vec![running_task(&fid, &aid, "t1", 1000)]);
+    let mut answers: Vec<(String, TaskState)> = updates_to(&outs, 201)
+        .into_iter()
+        .map(|s| (s.task_id.clone(), s.state()))
+        .collect();
+    answers.sort();
+    assert_eq!(
+        answers,
+        vec![
+            ("t1".to_string(), TaskState::TaskRunning),
+            ("t9".to_string(), TaskState::TaskUnknown)
+        ]
+    );
+    // Once recovered, an unknown task is answered at once.
+    assert_eq!(updates_to(&ask(&mut m2), 201).len(), 2);
+}
