@@ -43,6 +43,7 @@ pub mod phase {
 pub mod kind {
     pub const WASM: u32 = 0;
     pub const NATIVE: u32 = 1;
+    pub const FUNCTION: u32 = 2;
 }
 
 #[derive(Clone, PartialEq, Message)]

@@ -33,16 +33,20 @@ pub const DEFAULT_EXECUTOR: &str = "default";
 /// Executor id used when a native (command) task names none.
 pub const DEFAULT_NATIVE_EXECUTOR: &str = "default-native";
 
-/// What an executor process runs: WebAssembly modules, or native commands.
+/// What an executor process runs: WebAssembly modules, native commands, or function
+/// hosts (a module served over HTTP, a fresh instance per request, until killed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExecutorKind {
     Wasm,
     Native,
+    Function,
 }
 
 impl ExecutorKind {
     pub fn of(task: &TaskInfo) -> ExecutorKind {
-        if task.command.is_some() {
+        if task.function.is_some() {
+            ExecutorKind::Function
+        } else if task.command.is_some() {
             ExecutorKind::Native
         } else {
             ExecutorKind::Wasm
@@ -53,6 +57,7 @@ impl ExecutorKind {
         match self {
             ExecutorKind::Wasm => "wasm",
             ExecutorKind::Native => "native",
+            ExecutorKind::Function => "function host",
         }
     }
 
@@ -60,16 +65,46 @@ impl ExecutorKind {
         match self {
             ExecutorKind::Wasm => checkpoint::kind::WASM,
             ExecutorKind::Native => checkpoint::kind::NATIVE,
+            ExecutorKind::Function => checkpoint::kind::FUNCTION,
         }
     }
 
     fn from_record(k: u32) -> ExecutorKind {
-        if k == checkpoint::kind::NATIVE {
-            ExecutorKind::Native
-        } else {
-            ExecutorKind::Wasm
+        match k {
+            checkpoint::kind::NATIVE => ExecutorKind::Native,
+            checkpoint::kind::FUNCTION => ExecutorKind::Function,
+            _ => ExecutorKind::Wasm,
         }
     }
+}
+
+/// Why a function host task cannot run, if it cannot: it needs a module and a
+/// function name, no command, and an executor id of its own (each host is a process
+/// of its own; the default executor ids belong to wasm and native tasks).
+fn function_task_problem(task: &TaskInfo) -> Option<String> {
+    let f = task.function.as_ref()?;
+    let id = &task.task_id;
+    if task.command.is_some() {
+        return Some(format!(
+            "task {id} has both a function and a command; a function host serves a wasm module, so drop one of them"
+        ));
+    }
+    if task.module.is_none() {
+        return Some(format!(
+            "function host task {id} has no module; set TaskInfo.module to the function's uploaded wasm module"
+        ));
+    }
+    if f.name.is_empty() {
+        return Some(format!(
+            "function host task {id} names no function; set FunctionInfo.name (it is the NAME in /fn/NAME/...)"
+        ));
+    }
+    if task.executor_id.is_empty() {
+        return Some(format!(
+            "function host task {id} names no executor id; give each host one of its own, e.g. fn-{id}"
+        ));
+    }
+    None
 }
 
 /// An executor's process, as the shell identifies it: the pid and the process's start
@@ -325,6 +360,12 @@ pub struct AgentCore {
     /// reason EXECUTOR_SHUTDOWN. (Not checkpointed: after an agent restart such
     /// tasks end as ordinary kills.)
     shutdown_asked: BTreeSet<ExecutorKey>,
+    /// Where the shell serves `/fn/NAME/...` over HTTP (told to the master in
+    /// `hello`); empty: nowhere.
+    http_address: String,
+    /// Some function host started or stopped serving since the last
+    /// `take_function_hosts_changed`.
+    function_hosts_changed: bool,
 }
 
 impl AgentCore {
@@ -343,6 +384,8 @@ impl AgentCore {
             dirty_durable: false,
             recovery_deadline: None,
             shutdown_asked: BTreeSet::new(),
+            http_address: String::new(),
+            function_hosts_changed: false,
         }
     }
 
@@ -358,6 +401,8 @@ impl AgentCore {
     /// - Ended tasks keep their unacknowledged updates, resent as they were.
     pub fn recover(cfg: AgentCoreConfig, state: CheckpointState, now: u64) -> (Self, Vec<Output>) {
         let mut core = AgentCore::new(cfg);
+        // Hosts still serving after the restart are routed to again.
+        core.function_hosts_changed = true;
         core.agent_id = state.agent_id;
         core.update_seq = state.update_seq;
         for (key, rec) in state.executors {
@@ -505,6 +550,15 @@ impl AgentCore {
         self.agent_id.as_deref()
     }
 
+    /// Names this agent installation (hostname and work dir) for the master, the
+    /// same across restarts; see `AgentHello.registration_token`.
+    pub fn registration_token(&self) -> String {
+        let mut bytes = self.cfg.hostname.clone().into_bytes();
+        bytes.push(0);
+        bytes.extend_from_slice(self.cfg.work_dir.to_string_lossy().as_bytes());
+        agora_proto::sha256_hex(&bytes)[..32].to_string()
+    }
+
     /// What to say to the master when (re)connecting.
     pub fn hello(&self) -> AgentHello {
         AgentHello {
@@ -512,12 +566,13 @@ impl AgentCore {
             hostname: self.cfg.hostname.clone(),
             resources: self.cfg.resources.to_proto(),
             attributes: self.cfg.attributes.clone(),
-            // Live tasks with their newest status. A task that ended with its
-            // terminal update not yet acknowledged is listed too, with its last live
-            // status, so that the master still holds it when the terminal update
-            // arrives (again) rather than ending it LOST itself: the update may have
-            // been lost on the way (the agent was killed as it sent it). A master
-            // that did get it knows the task ended here and does not adopt it again.
+            registration_token: self.registration_token(),
+            http_address: self.http_address.clone(),
+            // Live tasks with their newest status, and tasks that ended with their
+            // terminal update not yet acknowledged, with that terminal status: the
+            // update may have been lost on the way (the agent was killed as it sent
+            // it), and a master that never got it must not call the task LOST. Their
+            // resources are free here; the master does not count them.
             tasks: self
                 .tasks
                 .iter()
@@ -525,7 +580,12 @@ impl AgentCore {
                     let status = if t.phase != Phase::Terminal {
                         &t.latest
                     } else if !t.updates.queue.is_empty() {
-                        &t.live
+                        t.updates
+                            .queue
+                            .iter()
+                            .rev()
+                            .find(|u| u.state().is_terminal())
+                            .unwrap_or(&t.latest)
                     } else {
                         return None;
                     };
@@ -541,6 +601,31 @@ impl AgentCore {
 
     pub fn sandbox_dir(&self, key: &TaskKey) -> PathBuf {
         sandbox_dir(&self.cfg.work_dir, key)
+    }
+
+    /// Sets the host:port where the shell serves `/fn/NAME/...`, sent to the master
+    /// in the next `hello`.
+    pub fn set_http_address(&mut self, address: String) {
+        self.http_address = address;
+    }
+
+    /// The function hosts serving now, by function name: tasks RUNNING (not being
+    /// killed) with a `function`. Where the shell routes `/fn/NAME/...`.
+    pub fn function_hosts(&self) -> BTreeMap<String, Vec<TaskKey>> {
+        let mut out: BTreeMap<String, Vec<TaskKey>> = BTreeMap::new();
+        for (key, t) in &self.tasks {
+            let Some(f) = &t.info.function else { continue };
+            if t.phase == Phase::Launched && t.state == TaskState::TaskRunning && !t.kill_requested
+            {
+                out.entry(f.name.clone()).or_default().push(key.clone());
+            }
+        }
+        out
+    }
+
+    /// Whether `function_hosts` changed since the last call.
+    pub fn take_function_hosts_changed(&mut self) -> bool {
+        std::mem::take(&mut self.function_hosts_changed)
     }
 
     pub fn handle(&mut self, input: Input, now: u64) -> Vec<Output> {
@@ -693,8 +778,10 @@ impl AgentCore {
             return;
         }
         let exec_id = if info.executor_id.is_empty() {
+            // (A function task without an id is refused below; it is reported under
+            // the id the master routes it to.)
             match ExecutorKind::of(&info) {
-                ExecutorKind::Wasm => DEFAULT_EXECUTOR.to_string(),
+                ExecutorKind::Wasm | ExecutorKind::Function => DEFAULT_EXECUTOR.to_string(),
                 ExecutorKind::Native => DEFAULT_NATIVE_EXECUTOR.to_string(),
             }
         } else {
@@ -725,6 +812,14 @@ impl AgentCore {
             },
         );
         self.touch(&key);
+        if let Some(problem) = function_task_problem(&info) {
+            self.terminal(
+                &key,
+                new_status(TaskState::TaskError, Reason::InvalidTask, &problem),
+                now,
+            );
+            return;
+        }
         self.update(
             &key,
             new_status(
@@ -818,6 +913,12 @@ impl AgentCore {
         let module = t.info.module.clone().unwrap_or_default();
         let res = Resources::from_proto(&t.info.resources).unwrap_or_default();
         let mem = res.get(MEM).max(0) as u64;
+        // A function host's memory limit is per request: the function's own, else
+        // the task's memory.
+        let memory_bytes = match &t.info.function {
+            Some(f) if f.memory_bytes > 0 => f.memory_bytes,
+            _ => mem,
+        };
         let launch = ExecutorLaunch {
             task_id: key.1.clone(),
             module_path: artifact_path(&work, &module.sha256)
@@ -834,7 +935,7 @@ impl AgentCore {
             args: t.info.args.clone(),
             env: t.info.env.clone(),
             fuel: module.fuel,
-            memory_bytes: mem,
+            memory_bytes,
             timeout_ms: match &t.info.command {
                 Some(c) => c.timeout_ms,
                 None => module.timeout_ms,
@@ -842,6 +943,7 @@ impl AgentCore {
             output_limit_bytes: limit,
             command: t.info.command.clone(),
             milli_cpus: res.milli_cpus(),
+            function: t.info.function.clone(),
         };
         let exec = t.executor.clone();
         self.out.push(Output::ToExecutor {
@@ -1280,6 +1382,14 @@ impl AgentCore {
         st.agent_id = self.agent_id.clone().unwrap_or_default();
         st.executor_id = t.executor.1.clone();
         st.timestamp_ms = now;
+        // Only RUNNING hosts are routed to: entering or leaving it changes the routes.
+        let (was, is) = (t.state, st.state());
+        if t.info.function.is_some()
+            && was != is
+            && (was == TaskState::TaskRunning || is == TaskState::TaskRunning)
+        {
+            self.function_hosts_changed = true;
+        }
         t.state = st.state();
         if !t.state.is_terminal() {
             t.live = st.clone();

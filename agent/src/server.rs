@@ -53,8 +53,13 @@ pub struct AgentConfig {
     /// `--socket S --framework-id F --executor-id E --cgroup-root R [--isolation M]
     /// --pids-max N [--no-cfs-quota]`.
     pub native_executor_command: Vec<OsString>,
+    /// Program and leading arguments that start a function host executor; the shell
+    /// appends `--socket S --framework-id F --executor-id E --cache-dir D`.
+    pub function_executor_command: Vec<OsString>,
     pub isolation: IsolationSettings,
     pub gc: crate::gc::GcPolicy,
+    /// Where to serve `/fn/NAME/...` over HTTP; `None`: nowhere.
+    pub http: Option<crate::http::HttpSettings>,
 }
 
 /// How tasks and executors are isolated on this agent.
@@ -81,6 +86,9 @@ impl Default for IsolationSettings {
 /// Memory an executor process needs beyond its tasks' (runtime, compiled code).
 const WASM_EXECUTOR_OVERHEAD: i64 = 64 << 20;
 const NATIVE_EXECUTOR_OVERHEAD: i64 = 32 << 20;
+/// A function host also keeps up to 1 MiB of each instance slot it used resident
+/// between requests (faster instantiation) and runs an HTTP server.
+const FUNCTION_EXECUTOR_OVERHEAD: i64 = 128 << 20;
 
 struct Shared {
     core: AgentCore,
@@ -105,12 +113,15 @@ struct Agent {
     checkpoint: Arc<Writer>,
     /// Set once no executor from the checkpoint is awaited any more.
     recovered: Arc<tokio::sync::watch::Sender<bool>>,
+    /// The function hosts the HTTP server routes to, kept in step with the core.
+    routes: Arc<crate::http::Routes>,
 }
 
 pub struct AgentHandle {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     shared: Arc<Mutex<Shared>>,
     checkpoint: Arc<Writer>,
+    http_addr: Option<SocketAddr>,
 }
 
 impl AgentHandle {
@@ -167,6 +178,11 @@ impl AgentHandle {
         }
     }
 
+    /// The address the HTTP server (`/fn/NAME/...`) is bound to, if it runs.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
     pub fn agent_id(&self) -> Option<String> {
         self.shared
             .lock()
@@ -194,7 +210,40 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<AgentHandle> {
     let checkpoint = Checkpoint::open(&work)?;
     let state = checkpoint.load()?;
     let (n_tasks, n_execs) = (state.tasks.len(), state.executors.len());
-    let (core, adopt) = AgentCore::recover(cfg.core.clone(), state, unix_millis());
+    let (mut core, adopt) = AgentCore::recover(cfg.core.clone(), state, unix_millis());
+    // Bound before registering, so the master learns the address in the hello.
+    let http_listener = match &cfg.http {
+        Some(h) => {
+            let bound = match tokio::net::TcpListener::bind(h.bind).await {
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && h.any_port_if_taken => {
+                    let any = SocketAddr::new(h.bind.ip(), 0);
+                    let l = tokio::net::TcpListener::bind(any).await;
+                    if let Ok(l) = &l {
+                        tracing::warn!(
+                            "port {} is taken (another agent on this machine?); serving functions on {} instead (choose with --http)",
+                            h.bind.port(),
+                            l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+                        );
+                    }
+                    l
+                }
+                other => other,
+            };
+            let listener = bound.map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot serve functions over HTTP on {}: {e}; choose another address with --http",
+                    h.bind
+                )
+            })?;
+            let bound = listener.local_addr()?;
+            let advertised =
+                crate::http::advertised_address(bound, &cfg.core.hostname, h.advertise.as_deref());
+            tracing::info!(%bound, %advertised, "serving /fn/NAME/... over HTTP");
+            core.set_http_address(advertised);
+            Some((listener, bound))
+        }
+        None => None,
+    };
     if n_tasks + n_execs > 0 {
         tracing::info!(
             tasks = n_tasks,
@@ -248,10 +297,16 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<AgentHandle> {
         fetch_locks: Default::default(),
         checkpoint: checkpoint.clone(),
         recovered: Arc::new(recovered),
+        routes: Arc::default(),
     };
     // Find the executors of the earlier run (before anything can feed the core).
     agent.dispatch(adopt);
     let mut tasks = Vec::new();
+    let http_addr = http_listener.as_ref().map(|(_, bound)| *bound);
+    if let Some((listener, _)) = http_listener {
+        let routes = Arc::clone(&agent.routes);
+        tasks.push(tokio::spawn(crate::http::serve(listener, routes)));
+    }
     {
         let a = agent.clone();
         tasks.push(tokio::spawn(async move {
@@ -314,6 +369,7 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<AgentHandle> {
         tasks,
         shared,
         checkpoint,
+        http_addr,
     })
 }
 
@@ -445,6 +501,10 @@ impl Agent {
             // Resize executor groups before their tasks are sent: on cgroup v1 a task's
             // group may not have a larger CPU quota than its executor's.
             self.resize_groups(&mut s);
+            if s.core.take_function_hosts_changed() {
+                self.routes
+                    .replace(s.core.function_hosts(), &self.cfg.core.work_dir);
+            }
             if !s.core.recovering()
                 && self
                     .recovered
@@ -488,6 +548,7 @@ impl Agent {
         let overhead = match kind {
             ExecutorKind::Wasm => WASM_EXECUTOR_OVERHEAD,
             ExecutorKind::Native => NATIVE_EXECUTOR_OVERHEAD,
+            ExecutorKind::Function => FUNCTION_EXECUTOR_OVERHEAD,
         };
         let posix = self.isolator.mode() == IsolationMode::Posix;
         CgroupLimits {
@@ -908,6 +969,7 @@ impl Agent {
         let command = match kind {
             ExecutorKind::Wasm => &self.cfg.executor_command,
             ExecutorKind::Native => &self.cfg.native_executor_command,
+            ExecutorKind::Function => &self.cfg.function_executor_command,
         };
         let (prog, rest) = command
             .split_first()
@@ -933,7 +995,9 @@ impl Agent {
             .stdout(stdout)
             .stderr(stderr);
         match kind {
-            ExecutorKind::Wasm => {
+            // One cache directory for both: artifact names carry a hash of each
+            // engine's settings, so neither ever reads the other's.
+            ExecutorKind::Wasm | ExecutorKind::Function => {
                 cmd.arg("--cache-dir").arg(work.join("compiled"));
             }
             ExecutorKind::Native => {

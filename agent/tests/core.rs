@@ -294,6 +294,7 @@ fn launch_of(fid: &str, t: &TaskInfo) -> Output {
             output_limit_bytes: MIB as u64,
             command: None,
             milli_cpus: 500,
+            function: None,
         }),
     )
 }
@@ -552,8 +553,8 @@ fn command_tasks_get_a_native_executor_of_their_own() {
         st.message,
         "executor default runs wasm tasks; give a native task another executor id"
     );
-    // Until its end is acknowledged, a re-registering agent still lists c2 with its
-    // last live status, so a master that missed the TASK_ERROR does not call it LOST.
+    // Until its end is acknowledged, a re-registering agent still lists c2 with it,
+    // so a master that missed the TASK_ERROR does not call it LOST.
     let hello = a.core.hello();
     let listed: Vec<_> = hello
         .tasks
@@ -561,7 +562,7 @@ fn command_tasks_get_a_native_executor_of_their_own() {
         .filter(|t| t.task.as_ref().unwrap().task_id == "c2")
         .map(|t| t.status.as_ref().unwrap().state())
         .collect();
-    assert_eq!(listed, vec![TaskState::TaskStarting]);
+    assert_eq!(listed, vec![TaskState::TaskError]);
 }
 
 // =====================================================================================
@@ -1122,6 +1123,8 @@ fn hello_lists_live_tasks_with_their_latest_status() {
                 value: "z1".into()
             }],
             tasks: vec![],
+            registration_token: fresh.registration_token(),
+            http_address: String::new(),
         }
     );
     assert_eq!(fresh.handle(Input::Tick, 0), vec![]);
@@ -1148,8 +1151,8 @@ fn hello_lists_live_tasks_with_their_latest_status() {
             3_000,
         ),
     );
-    // t1 ended but its update is unacknowledged: listed with its last live status
-    // (the master may not have the update); t3 runs; t2 is still starting.
+    // t1 ended but its update is unacknowledged: listed with its end (the master may
+    // not have the update); t3 runs; t2 is still starting.
     let h = a.core.hello();
     assert_eq!(
         (h.agent_id.as_str(), h.hostname.as_str()),
@@ -1169,7 +1172,7 @@ fn hello_lists_live_tasks_with_their_latest_status() {
     assert_eq!(
         listed,
         vec![
-            ("f1".to_string(), "t1".to_string(), TaskState::TaskRunning),
+            ("f1".to_string(), "t1".to_string(), TaskState::TaskFinished),
             ("f1".to_string(), "t3".to_string(), TaskState::TaskRunning),
             ("f2".to_string(), "t2".to_string(), TaskState::TaskStarting),
         ]
@@ -1530,4 +1533,273 @@ fn the_default_executor_ids_are_the_ones_the_master_routes_to() {
         agora_agent::core::DEFAULT_NATIVE_EXECUTOR,
         agora_proto::default_executor_id(true)
     );
+}
+
+// =====================================================================================
+// Function hosts (issue 6)
+// =====================================================================================
+
+/// A function host task: the module served as function `name` by an executor of its
+/// own (`fn-<id>`).
+fn fn_task(id: &str, name: &str, memory_bytes: u64) -> TaskInfo {
+    let mut t = task(id, &format!("fn-{id}"));
+    t.args.clear();
+    t.env.clear();
+    t.function = Some(v1::FunctionInfo {
+        name: name.into(),
+        tenant: "web".into(),
+        memory_bytes,
+        max_concurrency: 4,
+        queue_len: 8,
+        max_queue_wait_ms: 500,
+    });
+    t
+}
+
+/// The launch of `fn_task`: the usual module fields, the function, and its
+/// per-request memory.
+fn fn_launch_of(fid: &str, t: &TaskInfo, memory_bytes: u64) -> Output {
+    let Output::ToExecutor {
+        key,
+        msg:
+            AgentToExecutor {
+                msg: Some(agent_to_executor::Msg::Launch(mut l)),
+            },
+    } = launch_of(fid, t)
+    else {
+        unreachable!()
+    };
+    l.args.clear();
+    l.env.clear();
+    l.memory_bytes = memory_bytes;
+    l.function = t.function.clone();
+    Output::ToExecutor {
+        key,
+        msg: AgentToExecutor {
+            msg: Some(agent_to_executor::Msg::Launch(l)),
+        },
+    }
+}
+
+#[test]
+fn function_host_runs_in_a_function_executor_and_is_routed_to_only_while_running() {
+    let mut a = Agent::new();
+    let h1 = fn_task("h1", "echo", 32 * MIB as u64);
+
+    let outs = a.at(100).run("f1", &h1);
+    assert_eq!(outs.len(), 2, "{outs:?}");
+    let u = expect_update(&outs[0], "f1", starting("h1", "fn-h1", 100));
+    assert_eq!(
+        outs[1],
+        Output::Prepare {
+            key: key("f1", "h1"),
+            task: h1.clone()
+        }
+    );
+    assert_eq!(a.ack("f1", "h1", &u), vec![]);
+    assert_eq!(
+        a.prepared("f1", "h1", Ok(())),
+        vec![Output::SpawnExecutor {
+            key: key("f1", "fn-h1")
+        }]
+    );
+    assert_eq!(
+        a.core.executor_kind(&key("f1", "fn-h1")),
+        Some(ExecutorKind::Function)
+    );
+    // The executor's cgroup is sized to the host task's resources, like any task's.
+    assert_eq!(
+        a.core.executor_demand()[&key("f1", "fn-h1")],
+        Resources::cpus_mem(500, 64 * MIB)
+    );
+    // The launch carries the function and its per-request memory (not the task's).
+    assert_eq!(
+        a.executor_registered("f1", "fn-h1"),
+        vec![fn_launch_of("f1", &h1, 32 * MIB as u64)]
+    );
+    // Not routed to before it says RUNNING (it is not listening yet).
+    assert!(a.core.function_hosts().is_empty());
+    assert!(!a.core.take_function_hosts_changed());
+
+    let outs = a.at(200).executor_status(
+        "f1",
+        "fn-h1",
+        ExecutorStatus {
+            instantiate_us: 1_234,
+            ..exec_status("h1", TaskState::TaskRunning)
+        },
+    );
+    let mut running = status(
+        "h1",
+        "fn-h1",
+        TaskState::TaskRunning,
+        Reason::Unspecified,
+        "",
+        200,
+    );
+    running.instantiate_us = 1_234;
+    let u = expect_update(&outs[0], "f1", running);
+    assert_eq!(a.ack("f1", "h1", &u), vec![]);
+    assert!(a.core.take_function_hosts_changed());
+    assert!(!a.core.take_function_hosts_changed(), "reported once");
+    assert_eq!(
+        a.core.function_hosts(),
+        [("echo".to_string(), vec![key("f1", "h1")])].into()
+    );
+
+    // A kill takes it out of the routes at once (KILLING), before the host has
+    // drained its requests and said KILLED.
+    let outs = a.at(300).kill("f1", "h1");
+    assert_eq!(outs.len(), 2, "{outs:?}");
+    let u = expect_update(
+        &outs[0],
+        "f1",
+        status(
+            "h1",
+            "fn-h1",
+            TaskState::TaskKilling,
+            Reason::KilledByFramework,
+            "",
+            300,
+        ),
+    );
+    assert_eq!(
+        outs[1],
+        to_executor(
+            "f1",
+            "fn-h1",
+            agent_to_executor::Msg::Kill(v1::ExecutorKill {
+                task_id: "h1".into()
+            })
+        )
+    );
+    assert!(a.core.take_function_hosts_changed());
+    assert!(a.core.function_hosts().is_empty());
+    assert_eq!(a.ack("f1", "h1", &u), vec![]);
+    let outs = a.at(400).executor_status(
+        "f1",
+        "fn-h1",
+        ExecutorStatus {
+            reason: Reason::KilledByFramework as i32,
+            message: "killed; function echo stopped serving".into(),
+            ..exec_status("h1", TaskState::TaskKilled)
+        },
+    );
+    expect_update(
+        &outs[0],
+        "f1",
+        status(
+            "h1",
+            "fn-h1",
+            TaskState::TaskKilled,
+            Reason::KilledByFramework,
+            "killed; function echo stopped serving",
+            400,
+        ),
+    );
+}
+
+#[test]
+fn function_host_without_its_own_memory_limit_gets_the_tasks_memory_per_request() {
+    let mut a = Agent::new();
+    let h2 = fn_task("h2", "echo", 0);
+    let u = expect_update(
+        &a.at(10).run("f1", &h2)[0],
+        "f1",
+        starting("h2", "fn-h2", 10),
+    );
+    a.ack("f1", "h2", &u);
+    a.prepared("f1", "h2", Ok(()));
+    assert_eq!(
+        a.executor_registered("f1", "fn-h2"),
+        vec![fn_launch_of("f1", &h2, 64 * MIB as u64)]
+    );
+}
+
+#[test]
+fn function_tasks_that_cannot_run_end_in_task_error_naming_why() {
+    let mut a = Agent::new();
+    let mut no_module = fn_task("n1", "echo", 0);
+    no_module.module = None;
+    let mut with_command = fn_task("n2", "echo", 0);
+    with_command.command = Some(v1::CommandInfo {
+        shell: true,
+        value: "echo hi".into(),
+        ..Default::default()
+    });
+    let mut no_name = fn_task("n3", "", 0);
+    no_name.task_id = "n3".into();
+    let mut no_executor = fn_task("n4", "echo", 0);
+    no_executor.executor_id.clear();
+    let cases = [
+        (no_module, "fn-n1", "function host task n1 has no module; set TaskInfo.module to the function's uploaded wasm module"),
+        (with_command, "fn-n2", "task n2 has both a function and a command; a function host serves a wasm module, so drop one of them"),
+        (no_name, "fn-n3", "function host task n3 names no function; set FunctionInfo.name (it is the NAME in /fn/NAME/...)"),
+        // Reported under the executor id the master routes an id-less task to.
+        (no_executor, "default", "function host task n4 names no executor id; give each host one of its own, e.g. fn-n4"),
+    ];
+    for (t, exec, why) in cases {
+        let outs = a.at(50).run("f1", &t);
+        // Nothing to prepare, no executor: the error is the only update.
+        assert_eq!(outs.len(), 1, "{outs:?}");
+        expect_update(
+            &outs[0],
+            "f1",
+            status(
+                &t.task_id,
+                exec,
+                TaskState::TaskError,
+                Reason::InvalidTask,
+                why,
+                50,
+            ),
+        );
+    }
+    assert_eq!(a.core.live_tasks(), 0);
+    assert!(a.core.executor_kind(&key("f1", "fn-n1")).is_none());
+}
+
+#[test]
+fn a_wasm_task_sent_to_a_function_hosts_executor_is_refused() {
+    let mut a = Agent::new();
+    let h3 = fn_task("h3", "echo", 0);
+    let u = expect_update(
+        &a.at(10).run("f1", &h3)[0],
+        "f1",
+        starting("h3", "fn-h3", 10),
+    );
+    a.ack("f1", "h3", &u);
+    a.prepared("f1", "h3", Ok(()));
+    assert_eq!(
+        a.executor_registered("f1", "fn-h3"),
+        vec![fn_launch_of("f1", &h3, 64 * MIB as u64)]
+    );
+    let w = task("w9", "fn-h3");
+    let u = expect_update(
+        &a.at(500).run("f1", &w)[0],
+        "f1",
+        starting("w9", "fn-h3", 500),
+    );
+    assert_eq!(a.prepared("f1", "w9", Ok(())), vec![]);
+    let outs = a.ack("f1", "w9", &u);
+    expect_update(
+        &outs[0],
+        "f1",
+        status(
+            "w9",
+            "fn-h3",
+            TaskState::TaskError,
+            Reason::InvalidTask,
+            "executor fn-h3 runs function host tasks; give a wasm task another executor id",
+            500,
+        ),
+    );
+}
+
+#[test]
+fn hello_carries_the_agents_http_address() {
+    let mut core = AgentCore::new(config());
+    assert_eq!(core.hello().http_address, "");
+    core.set_http_address("host-1:7071".into());
+    assert_eq!(core.hello().http_address, "host-1:7071");
 }

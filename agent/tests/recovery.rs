@@ -247,6 +247,7 @@ fn launch_of(fid: &str, t: &TaskInfo) -> Output {
                 output_limit_bytes: MIB as u64,
                 command: None,
                 milli_cpus: 500,
+                function: None,
             })),
         },
     }
@@ -467,12 +468,12 @@ fn tasks_of_an_executor_that_died_while_the_agent_was_down_fail_saying_so() {
     assert!(a.core.recovering(), "e2 is still awaited");
     assert_eq!(a.at(10_200).reregistered("f2", "e2", &["t3"]), vec![]);
     assert!(!a.core.recovering());
-    // t1 ended while no master listened: it is still reported (as it was last seen
-    // live), so the master holds it until its FAILED arrives.
+    // t1 ended while no master listened: it is reported with its end, which the
+    // master hears from the report even if the FAILED update itself is lost.
     assert_eq!(
         a.hello_tasks(),
         vec![
-            ("f1".into(), "t1".into(), TaskState::TaskRunning),
+            ("f1".into(), "t1".into(), TaskState::TaskFailed),
             ("f2".into(), "t3".into(), TaskState::TaskRunning),
         ]
     );
@@ -488,12 +489,12 @@ fn tasks_of_an_executor_that_died_while_the_agent_was_down_fail_saying_so() {
         Reason::ExecutorTerminated,
         "executor e1 died while the agent was down (process 100 is gone)",
     );
-    // Until the FAILED is acknowledged a re-registration still lists t1 (the update
-    // may be lost on the way); once it is, t1 is gone from the agent.
+    // Until the FAILED is acknowledged a re-registration still lists t1 with it (the
+    // update may be lost on the way); once it is, t1 is gone from the agent.
     assert_eq!(
         a.hello_tasks(),
         vec![
-            ("f1".into(), "t1".into(), TaskState::TaskRunning),
+            ("f1".into(), "t1".into(), TaskState::TaskFailed),
             ("f2".into(), "t3".into(), TaskState::TaskRunning),
         ]
     );
@@ -522,7 +523,7 @@ fn an_executor_that_does_not_reregister_in_time_is_given_up() {
     assert!(!a.core.recovering());
     assert_eq!(
         a.hello_tasks(),
-        vec![("f1".into(), "t1".into(), TaskState::TaskRunning)]
+        vec![("f1".into(), "t1".into(), TaskState::TaskFailed)]
     );
     let outs = a.feed(Input::Registered {
         agent_id: AGENT_ID.into(),

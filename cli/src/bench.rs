@@ -37,6 +37,9 @@ pub enum BenchCmd {
         #[arg(long)]
         skip_native: bool,
     },
+    /// A no-op function through a private cluster (agent HTTP, master HTTP) beside the
+    /// function runtime alone: req/s, p50 and p99 at each concurrency.
+    Fn(crate::fn_bench::FnBenchArgs),
 }
 
 /// `(module (memory 1) (func (export "_start")))`, encoded by hand.
@@ -58,13 +61,16 @@ fn pct(sorted: &[u64], p: f64) -> u64 {
 }
 
 pub async fn bench(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
-    let BenchCmd::Launch {
-        target,
-        n,
-        module,
-        use_config,
-        skip_native,
-    } = cmd;
+    let (target, n, module, use_config, skip_native) = match cmd {
+        BenchCmd::Fn(a) => return crate::fn_bench::bench_fn(a).await,
+        BenchCmd::Launch {
+            target,
+            n,
+            module,
+            use_config,
+            skip_native,
+        } => (target, n, module, use_config, skip_native),
+    };
     let bytes = match &module {
         Some(p) => std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?,
         None => NOOP_WASM.to_vec(),

@@ -7,8 +7,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use agora_agent::core::AgentCoreConfig;
+use agora_agent::http::HttpSettings;
 use agora_agent::server::{AgentConfig, AgentHandle, IsolationSettings};
 use agora_master::core::CoreConfig;
+use agora_master::functions::FunctionsConfig;
 use agora_master::server::{MasterConfig, MasterHandle};
 use agora_proto::tls::{self, CertDir, Identity, Role};
 use agora_proto::v1::Attribute;
@@ -46,7 +48,62 @@ pub struct DevArgs {
     offer_timeout: f64,
     #[command(flatten)]
     isolation: IsolationArgs,
+    /// Address of the master's HTTP server for functions (/fn/NAME/...).
+    #[arg(long = "http", default_value = "127.0.0.1:0")]
+    master_http: SocketAddr,
+    #[command(flatten)]
+    functions: FunctionsArgs,
 }
+
+/// Settings of the master's functions framework.
+#[derive(Args, Clone, Debug)]
+pub struct FunctionsArgs {
+    /// A function with no request for this long has its hosts stopped, down to its
+    /// --min-instances (e.g. 60s, 2s).
+    #[arg(long, default_value = "60s")]
+    fn_idle_timeout: String,
+}
+
+impl FunctionsArgs {
+    fn dev(&self, http: SocketAddr) -> anyhow::Result<DevFunctions> {
+        let idle =
+            crate::run::parse_duration_ms(&self.fn_idle_timeout).context("--fn-idle-timeout")?;
+        if idle == 0 {
+            anyhow::bail!("--fn-idle-timeout must be above 0");
+        }
+        Ok(DevFunctions {
+            http,
+            idle_timeout: Duration::from_millis(idle),
+            http_required: true,
+        })
+    }
+}
+
+/// Where the master serves functions over HTTP, and how soon idle hosts stop.
+#[derive(Clone, Debug)]
+pub struct DevFunctions {
+    pub http: SocketAddr,
+    pub idle_timeout: Duration,
+    /// Whether the master must stop when it cannot listen on `http`.
+    pub http_required: bool,
+}
+
+impl DevFunctions {
+    /// The functions framework subscribes with the cluster's client certificate.
+    fn config(&self, cd: &CertDir) -> FunctionsConfig {
+        FunctionsConfig {
+            http: Some(self.http),
+            http_required: self.http_required,
+            ca: cd.ca(),
+            client_cert: cd.cert(Role::Client),
+            client_key: cd.key(Role::Client),
+            idle_timeout: self.idle_timeout,
+        }
+    }
+}
+
+/// Default port of the master's HTTP server.
+pub const DEFAULT_MASTER_HTTP_PORT: u16 = 7070;
 
 /// Offers unanswered this long are rescinded. Mesos has no timeout by default, so a
 /// stuck framework can sit on resources forever; 30 s is long enough for any
@@ -85,6 +142,17 @@ pub struct MasterArgs {
     /// re-register before making offers without them (so nothing is offered twice).
     #[arg(long, default_value_t = 20)]
     agent_reregister_timeout: u64,
+    /// Offers smaller than all of these are not made, as Mesos's
+    /// --min_allocatable_resources: alternatives separated by `|`, e.g.
+    /// "cpus:0.1;mem:64MiB|mem:1GiB". Default "cpus:0.01|mem:32MiB".
+    #[arg(long)]
+    min_allocatable_resources: Option<String>,
+    /// Address of the HTTP server for functions (/fn/NAME/..., /fn, /fn-metrics).
+    /// Default 0.0.0.0:7070; when the default is taken the master runs without it.
+    #[arg(long = "http")]
+    master_http: Option<SocketAddr>,
+    #[command(flatten)]
+    functions: FunctionsArgs,
 }
 
 #[derive(Args)]
@@ -112,9 +180,22 @@ pub struct AgentArgs {
     /// for them to re-attach (at most 10 s) before it registers with the master.
     #[arg(long, default_value_t = 60)]
     recovery_timeout: u64,
+    /// Address of the agent's HTTP server, which serves /fn/NAME/... from the
+    /// function hosts on this agent (and /fn-metrics). Default: 0.0.0.0:7071, or a
+    /// free port when 7071 is taken (another agent on this machine), said at start.
+    #[arg(long = "http")]
+    agent_http: Option<SocketAddr>,
+    /// host:port the master (and clients it sends here) should use for the agent's
+    /// HTTP server. Default: the --http address, with this machine's hostname for
+    /// 0.0.0.0 or [::].
+    #[arg(long)]
+    http_advertise: Option<String>,
     #[command(flatten)]
     isolation: IsolationArgs,
 }
+
+/// Default port of the agent's HTTP server for functions.
+pub const DEFAULT_AGENT_HTTP_PORT: u16 = 7071;
 
 #[derive(Subcommand)]
 pub enum CertsCmd {
@@ -164,6 +245,7 @@ fn client_config(cd: &CertDir, master: &str) -> ClientConfig {
         ca: cd.ca(),
         cert: cd.cert(Role::Client),
         key: cd.key(Role::Client),
+        http: None,
     }
 }
 
@@ -250,6 +332,23 @@ impl IsolationArgs {
     }
 }
 
+/// `--min-allocatable-resources`: bags separated by `|`, each in `--resources` syntax.
+fn min_allocatable(spec: &str) -> anyhow::Result<Vec<Resources>> {
+    spec.split('|')
+        .map(|bag| {
+            let r = Resources::parse(bag.trim()).map_err(|e| {
+                anyhow::anyhow!("--min-allocatable-resources {spec:?}: {e}")
+            })?;
+            if r.is_empty() {
+                anyhow::bail!(
+                    "--min-allocatable-resources {spec:?}: an alternative is empty (write e.g. \"cpus:0.01|mem:32MiB\")"
+                );
+            }
+            Ok(r)
+        })
+        .collect()
+}
+
 async fn start_master(
     listen: SocketAddr,
     data_dir: &Path,
@@ -257,6 +356,8 @@ async fn start_master(
     agent_timeout_ms: u64,
     offer_timeout_ms: u64,
     agent_reregister_ms: u64,
+    functions: Option<FunctionsConfig>,
+    min_allocatable: Option<Vec<Resources>>,
 ) -> anyhow::Result<MasterHandle> {
     let prefix = format!("{:08x}", (agora_proto::unix_millis() / 1000) as u32);
     let core = CoreConfig {
@@ -264,6 +365,7 @@ async fn start_master(
         agent_timeout_ms,
         offer_timeout_ms,
         agent_reregister_ms,
+        min_allocatable,
         ..CoreConfig::default()
     };
     agora_master::server::start(MasterConfig {
@@ -271,6 +373,7 @@ async fn start_master(
         data_dir: data_dir.to_path_buf(),
         identity: id,
         core,
+        functions,
     })
     .await
     .with_context(|| format!("cannot start the master on {listen}"))
@@ -286,6 +389,7 @@ async fn start_agent(
     host: String,
     isolation: IsolationSettings,
     recovery_timeout_ms: u64,
+    http: Option<HttpSettings>,
 ) -> anyhow::Result<AgentHandle> {
     let core = AgentCoreConfig {
         hostname: host,
@@ -307,8 +411,10 @@ async fn start_agent(
         core,
         executor_command: executor_command("wasm")?,
         native_executor_command: executor_command("native")?,
+        function_executor_command: executor_command("fn")?,
         isolation,
         gc: agora_agent::gc::GcPolicy::default(),
+        http,
     })
     .await
 }
@@ -337,6 +443,7 @@ impl DevCluster {
         attrs: Vec<Attribute>,
         isolation: IsolationSettings,
         offer_timeout_ms: u64,
+        functions: DevFunctions,
     ) -> anyhow::Result<DevCluster> {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("cannot create {}", data_dir.display()))?;
@@ -348,6 +455,8 @@ impl DevCluster {
             15_000,
             offer_timeout_ms,
             CoreConfig::default().agent_reregister_ms,
+            Some(functions.config(&cd)),
+            None,
         )
         .await?;
         let agent = start_agent(
@@ -359,6 +468,12 @@ impl DevCluster {
             hostname(),
             isolation,
             60_000,
+            // A free loopback port: the master learns it when the agent registers.
+            Some(HttpSettings {
+                bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+                advertise: None,
+                any_port_if_taken: false,
+            }),
         )
         .await?;
         // Ready means the agent has registered, so the first task finds an offer.
@@ -375,7 +490,8 @@ impl DevCluster {
                 "the dev agent did not register with the dev master within 20 s; see the log above"
             );
         }
-        let client_config = client_config(&cd, &master.addr.to_string());
+        let mut client_config = client_config(&cd, &master.addr.to_string());
+        client_config.http = master.http_addr.map(|a| format!("http://{a}"));
         Ok(DevCluster {
             master,
             agent,
@@ -407,6 +523,11 @@ impl PrivateCluster {
             Vec::new(),
             IsolationSettings::default(),
             (DEFAULT_OFFER_TIMEOUT_SECS * 1000.0) as u64,
+            DevFunctions {
+                http: "127.0.0.1:0".parse().expect("literal"),
+                idle_timeout: Duration::from_secs(60),
+                http_required: true,
+            },
         )
         .await?;
         Ok(PrivateCluster {
@@ -431,6 +552,7 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
         attrs,
         a.isolation.settings(),
         offer_timeout_ms(a.offer_timeout)?,
+        a.functions.dev(a.master_http)?,
     )
     .await?;
     let cfg_path = a.data_dir.join("client.json");
@@ -438,11 +560,17 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
     let default_cfg = ClientConfig::default_path().is_some_and(|p| p == cfg_path);
     println!("agora dev cluster is up");
     println!("  master   {} (QUIC)", cluster.master.addr);
+    if let Some(http) = &cluster.client_config.http {
+        println!("  http     {http}");
+    }
     println!(
         "  agent    {} ({})",
         cluster.agent.agent_id().unwrap_or_default(),
         cluster.resources
     );
+    if let Some(http) = cluster.agent.http_addr() {
+        println!("  agent http  http://{http}");
+    }
     println!("  config   {}", cfg_path.display());
     println!("  data     {}", a.data_dir.display());
     if !default_cfg {
@@ -462,6 +590,21 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
 
 pub async fn master(a: MasterArgs) -> anyhow::Result<ExitCode> {
     let cd = CertDir::new(&a.certs);
+    let mut functions = a.functions.dev(
+        a.master_http
+            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], DEFAULT_MASTER_HTTP_PORT))),
+    )?;
+    functions.http_required = a.master_http.is_some();
+    // The functions framework needs the client certificate of `agora certs init`.
+    let functions = if cd.cert(Role::Client).exists() && cd.key(Role::Client).exists() {
+        Some(functions.config(&cd))
+    } else {
+        eprintln!(
+            "no client certificate in {}: the functions framework and HTTP server do not run (make one with `agora certs init`)",
+            a.certs.display()
+        );
+        None
+    };
     let master = start_master(
         a.listen,
         &a.data_dir,
@@ -469,9 +612,17 @@ pub async fn master(a: MasterArgs) -> anyhow::Result<ExitCode> {
         a.agent_timeout * 1000,
         offer_timeout_ms(a.offer_timeout)?,
         a.agent_reregister_timeout * 1000,
+        functions,
+        a.min_allocatable_resources
+            .as_deref()
+            .map(min_allocatable)
+            .transpose()?,
     )
     .await?;
     println!("master listening on {} (QUIC)", master.addr);
+    if let Some(http) = master.http_addr {
+        println!("master serving functions on http://{http}");
+    }
     wait_for_signal().await;
     master.shutdown().await;
     Ok(ExitCode::SUCCESS)
@@ -491,9 +642,19 @@ pub async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
         a.hostname.unwrap_or_else(hostname),
         a.isolation.settings(),
         a.recovery_timeout.max(1) * 1000,
+        Some(HttpSettings {
+            bind: a
+                .agent_http
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], DEFAULT_AGENT_HTTP_PORT))),
+            advertise: a.http_advertise,
+            any_port_if_taken: a.agent_http.is_none(),
+        }),
     )
     .await?;
     println!("agent offering {res} to the master at {master}");
+    if let Some(http) = agent.http_addr() {
+        println!("agent serving functions on http://{http}");
+    }
     wait_for_signal().await;
     agent.shutdown().await;
     Ok(ExitCode::SUCCESS)

@@ -7,6 +7,8 @@ use clap::{Args, Parser, Subcommand};
 
 mod bench;
 mod cluster;
+mod fn_bench;
+mod fns;
 mod ops;
 mod roles;
 mod run;
@@ -73,6 +75,11 @@ enum Cmd {
     },
     /// Why a task waits (or what became of it), or why a role gets no offers.
     Explain(roles::ExplainArgs),
+    /// Serverless functions: `agora fn deploy NAME FILE.wasm`, `fn ls`, `fn rm`, `fn logs`.
+    Fn {
+        #[command(subcommand)]
+        cmd: fns::FnCmd,
+    },
     /// Benchmarks that run against a real cluster.
     Bench {
         #[command(subcommand)]
@@ -89,6 +96,17 @@ enum Cmd {
 #[derive(Subcommand)]
 enum ExecutorCmd {
     Wasm {
+        #[arg(long)]
+        socket: PathBuf,
+        #[arg(long)]
+        framework_id: String,
+        #[arg(long)]
+        executor_id: String,
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+    },
+    /// A function host: serves the launched functions over HTTP on Unix sockets.
+    Fn {
         #[arg(long)]
         socket: PathBuf,
         #[arg(long)]
@@ -158,6 +176,7 @@ fn main() -> ExitCode {
             Cmd::Role { cmd } => roles::role(cmd).await,
             Cmd::Quota { cmd } => roles::quota(cmd).await,
             Cmd::Explain(a) => roles::explain(a).await,
+            Cmd::Fn { cmd } => fns::fns(cmd).await,
             Cmd::Bench { cmd } => bench::bench(cmd).await,
             Cmd::Executor {
                 cmd:
@@ -169,6 +188,24 @@ fn main() -> ExitCode {
                     },
             } => {
                 agora_wasm_executor::executor::run_executor(
+                    &socket,
+                    &framework_id,
+                    &executor_id,
+                    cache_dir,
+                )
+                .await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Cmd::Executor {
+                cmd:
+                    ExecutorCmd::Fn {
+                        socket,
+                        framework_id,
+                        executor_id,
+                        cache_dir,
+                    },
+            } => {
+                agora_functions::executor::run_executor(
                     &socket,
                     &framework_id,
                     &executor_id,

@@ -159,14 +159,15 @@ fn failover_within_the_timeout_gets_tasks_and_pending_updates_back_then_reconcil
         let again = update(&mut s, "fo-1", TaskState::TaskRunning, true).await;
         assert_eq!(again.uuid, running.uuid);
 
-        // Explicit reconciliation: the task's latest state, and UNKNOWN for a stranger.
+        // Explicit reconciliation: the task's latest state, and for a stranger LOST
+        // (this framework is not partition-aware; those get UNKNOWN, as in Mesos).
         s.reconcile(vec!["fo-1".into(), "no-such-task".into()])
             .await
             .unwrap();
         let st = update(&mut s, "fo-1", TaskState::TaskRunning, false).await;
         assert_eq!(st.reason(), Reason::Reconciliation);
         assert!(st.uuid.is_empty(), "reconciliation answers need no ack");
-        let st = update(&mut s, "no-such-task", TaskState::TaskUnknown, false).await;
+        let st = update(&mut s, "no-such-task", TaskState::TaskLost, false).await;
         assert_eq!(st.reason(), Reason::Reconciliation);
         // Implicit: every live task of the framework.
         s.reconcile(vec![]).await.unwrap();

@@ -1,7 +1,7 @@
 //! A loaded function: its prepared guest, its limits, its queue and its metrics; and
 //! the path of one request through them.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::http::Response;
@@ -51,7 +51,12 @@ pub struct Function {
     limits: RequestLimits,
     admission: Admission,
     metrics: FunctionMetrics,
+    /// Told the reason of every failed request (set once; see `set_failure_log`).
+    failure_log: OnceLock<FailureLog>,
 }
+
+/// Receives the reason of each failed request of a function.
+pub(crate) type FailureLog = Box<dyn Fn(&Failure) + Send + Sync>;
 
 impl Function {
     pub(crate) fn new(
@@ -76,7 +81,15 @@ impl Function {
             guest,
             limits,
             metrics: FunctionMetrics::default(),
+            failure_log: OnceLock::new(),
         }
+    }
+
+    /// Has `log` told the reason of every failed request from now on (the function
+    /// host executor appends them to the task's stderr file). Only the first call
+    /// takes effect.
+    pub(crate) fn set_failure_log(&self, log: FailureLog) {
+        let _ = self.failure_log.set(log);
     }
 
     /// The function's name.
@@ -151,6 +164,9 @@ impl Function {
         self.metrics.record_end(class, started.elapsed(), fuel);
         if let Err(failure) = &result {
             tracing::debug!(function = %self.name, status = failure.status().as_u16(), reason = %failure.message, "request failed");
+            if let Some(log) = self.failure_log.get() {
+                log(failure);
+            }
         }
         result
     }

@@ -20,7 +20,8 @@
 //! Layout: `host` (engine, linkers, artifact cache, ticker), `function` (one request's
 //! path), `admission` (queues and limits), `guest/` (the two styles), `cgi` (the CGI
 //! protocol), `limits` and `outcome` (limits in the store, and the one mapping of
-//! endings to HTTP answers), `metrics`, `registry`, `http`.
+//! endings to HTTP answers), `metrics`, `registry`, `http`; `executor` is the agent's
+//! function host executor process (`agora executor fn`), built on all of them.
 
 #![warn(missing_docs)]
 
@@ -28,6 +29,7 @@ mod admission;
 mod artifact_cache;
 mod cgi;
 mod error;
+pub mod executor;
 mod function;
 mod guest;
 mod host;

@@ -148,6 +148,29 @@ pub struct MetricsSnapshot {
     pub queued: u64,
 }
 
+impl MetricsSnapshot {
+    /// Adds `other`'s counters, gauges and histogram to these (summing one function
+    /// over several hosts). Identity fields stay as they are; a histogram with other
+    /// bucket bounds is not added (all hosts use [`LATENCY_BUCKETS_US`]).
+    pub fn add(&mut self, other: &MetricsSnapshot) {
+        self.requests += other.requests;
+        self.responses += other.responses;
+        self.errors.add(&other.errors);
+        if self.latency.bounds_us == other.latency.bounds_us
+            && self.latency.counts.len() == other.latency.counts.len()
+        {
+            for (mine, theirs) in self.latency.counts.iter_mut().zip(&other.latency.counts) {
+                *mine += theirs;
+            }
+            self.latency.count += other.latency.count;
+            self.latency.sum_us += other.latency.sum_us;
+        }
+        self.fuel_used += other.fuel_used;
+        self.in_flight += other.in_flight;
+        self.queued += other.queued;
+    }
+}
+
 /// Failed requests by [`ErrorClass`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorCounts {
@@ -174,6 +197,20 @@ pub struct ErrorCounts {
 }
 
 impl ErrorCounts {
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, other: &ErrorCounts) {
+        self.fuel += other.fuel;
+        self.memory += other.memory;
+        self.deadline += other.deadline;
+        self.trap += other.trap;
+        self.bad_response += other.bad_response;
+        self.output_limit += other.output_limit;
+        self.queue_full += other.queue_full;
+        self.queue_timeout += other.queue_timeout;
+        self.overloaded += other.overloaded;
+        self.internal += other.internal;
+    }
+
     /// All failures together.
     pub fn total(&self) -> u64 {
         self.fuel
@@ -252,5 +289,19 @@ mod tests {
         let json = serde_json::to_string(&s).unwrap();
         assert!(json.contains("\"deadline\":1"));
         assert_eq!(serde_json::from_str::<MetricsSnapshot>(&json).unwrap(), s);
+
+        let mut sum = s.clone();
+        sum.add(&s);
+        assert_eq!(
+            (
+                sum.requests,
+                sum.errors.deadline,
+                sum.fuel_used,
+                sum.latency.count
+            ),
+            (4, 2, 30, 4)
+        );
+        assert_eq!(sum.latency.counts[1], 2);
+        assert_eq!(sum.latency.sum_us, 2 * s.latency.sum_us);
     }
 }

@@ -44,6 +44,9 @@ pub struct CoreConfig {
     /// After a restart, how long the master waits for the agents of its registry to
     /// re-register before it makes offers without them.
     pub agent_reregister_ms: u64,
+    /// Offers smaller than every one of these are not made (Mesos's
+    /// --min_allocatable_resources); None: the allocator's default.
+    pub min_allocatable: Option<Vec<Resources>>,
 }
 
 impl Default for CoreConfig {
@@ -58,6 +61,7 @@ impl Default for CoreConfig {
             offer_timeout_ms: 30_000,
             framework_heartbeat_ms: 5_000,
             agent_reregister_ms: 20_000,
+            min_allocatable: None,
         }
     }
 }
@@ -119,6 +123,8 @@ struct AgentState {
     /// Tasks that ended here as far as the master is concerned (see `agent_hello`)
     /// but still run until the agent reports them gone; their resources stay taken.
     draining: BTreeMap<(String, String), Resources>,
+    /// host:port where the agent serves functions over HTTP; empty: none.
+    http_address: String,
 }
 
 #[derive(Debug)]
@@ -209,6 +215,12 @@ fn status(
 
 impl MasterCore {
     pub fn new(cfg: CoreConfig) -> Self {
+        let allocator = match &cfg.min_allocatable {
+            Some(min) => Allocator::with_config(crate::allocator::AllocatorConfig {
+                min_allocatable: min.clone(),
+            }),
+            None => Allocator::new(),
+        };
         Self {
             cfg,
             next_id: 1,
@@ -222,7 +234,7 @@ impl MasterCore {
             completed: VecDeque::new(),
             unreachable: BTreeMap::new(),
             artifacts: HashSet::new(),
-            allocator: Allocator::new(),
+            allocator,
             out: Vec::new(),
             last_now: 0,
             registry: Registry::default(),
@@ -287,10 +299,15 @@ impl MasterCore {
                 return;
             }
         };
-        let agent_id = if hello.agent_id.is_empty() {
-            self.new_id("A")
-        } else {
+        let agent_id = if !hello.agent_id.is_empty() {
             hello.agent_id.clone()
+        } else if let Some(id) = self.agent_by_token(&hello.registration_token) {
+            // It restarted before it heard AgentRegistered: same installation, same id
+            // (tasks launched on it meanwhile are still its own).
+            tracing::info!(agent = %id, "agent registered again before it knew its id; it keeps it");
+            id
+        } else {
+            self.new_id("A")
         };
         // Tasks the agent reports as running are the truth about that agent. Their
         // resources keep their reservation roles, as `accept` took them from an offer.
@@ -310,19 +327,55 @@ impl MasterCore {
                 ))
             })
             .collect();
+        // Tasks that ended on the agent whose terminal update is not acknowledged yet:
+        // the update may have been lost on the way (the agent was killed as it sent
+        // it), so the report is the news. Their resources are free on the agent.
+        let (ended_there, reported): (Vec<_>, Vec<_>) = reported
+            .into_iter()
+            .partition(|r| r.2.state().is_terminal());
+        // An agent this master (or the one before a restart) removed for silence:
+        // frameworks that are not partition-aware were told its tasks were LOST.
+        let was_unreachable = self
+            .registry
+            .agents
+            .get(&agent_id)
+            .is_some_and(|a| a.unreachable);
+        let partition_aware =
+            |s: &Self, fid: &str| s.frameworks.get(fid).is_some_and(|f| f.partition_aware);
+        for (key, info, st, res) in ended_there {
+            let told_lost = self.registry.lost_tasks.contains_key(&key);
+            self.ended_on_agent(&agent_id, key, info, st, res, told_lost);
+        }
         // Tasks this master already ended itself on this agent (LOST when the agent was
         // removed) stay ended: their frameworks were told so and may have replaced
         // them. They are killed, not adopted again.
         let (reported, ended): (Vec<_>, Vec<_>) = reported.into_iter().partition(|r| {
-            self.tasks.contains_key(&r.0)
-                || self
-                    .last_completed(&r.0)
-                    .is_none_or(|t| t.agent_id != agent_id)
+            if self.tasks.contains_key(&r.0) || self.unreachable.contains_key(&r.0) {
+                return true;
+            }
+            if self
+                .last_completed(&r.0)
+                .is_some_and(|t| t.agent_id == agent_id)
+            {
+                return false;
+            }
+            // Told LOST (by this master or the one before a restart): ended for
+            // its framework, whatever the agent says now.
+            !self.registry.lost_tasks.contains_key(&r.0)
         });
         // Tasks of partition-aware frameworks reported UNREACHABLE (not terminal) come
         // back: reconciled, not killed; their frameworks hear RUNNING again. Those the
         // agent no longer has are LOST.
-        let mut returned = Vec::new();
+        let mut returned: Vec<(String, String)> = reported
+            .iter()
+            .filter(|r| {
+                was_unreachable
+                    && partition_aware(self, &r.0 .0)
+                    && !self.tasks.contains_key(&r.0)
+                    && !self.unreachable.contains_key(&r.0)
+            })
+            .map(|r| r.0.clone())
+            .collect();
         let mut vanished = Vec::new();
         let here: Vec<(String, String)> = self
             .unreachable
@@ -414,7 +467,7 @@ impl MasterCore {
         }
         // Registry bookkeeping, and the agent's dynamic reservations restored before
         // its tasks are tracked: tasks may run on reserved resources.
-        self.registry_agent_back(&agent_id, &hello.hostname);
+        self.registry_agent_back(&agent_id, &hello.hostname, &hello.registration_token);
         for key in &task_keys {
             let rec = &self.tasks[key];
             if !rec.status().is_terminal() {
@@ -444,6 +497,7 @@ impl MasterCore {
                 last_seen_ms: now,
                 tasks: task_keys,
                 draining,
+                http_address: hello.http_address,
             },
         );
         self.agent_by_conn.insert(conn, agent_id.clone());
@@ -508,6 +562,55 @@ impl MasterCore {
         }
     }
 
+    /// A re-registering agent reports a task that ended there with its terminal
+    /// update unacknowledged. The framework hears the end (with the agent's uuid, so
+    /// its ACKNOWLEDGE reaches the agent) unless this master already knows it, or
+    /// unless the framework was told LOST when the agent was removed (`told_lost`):
+    /// then LOST stays its one end, and is what reconciliation answers.
+    fn ended_on_agent(
+        &mut self,
+        agent_id: &str,
+        key: (String, String),
+        info: TaskInfo,
+        st: TaskStatus,
+        res: Resources,
+        told_lost: bool,
+    ) {
+        let rec = if self.tasks.contains_key(&key) {
+            self.finish_task(&key);
+            self.completed.pop_back()
+        } else if let Some(rec) = self.unreachable.remove(&key) {
+            Some(rec)
+        } else if self.last_completed(&key).is_some() {
+            None
+        } else {
+            Some(TaskRecord {
+                framework_id: key.0.clone(),
+                agent_id: agent_id.to_string(),
+                info,
+                resources: res,
+                status: st.clone(),
+            })
+        };
+        if let Some(mut rec) = rec {
+            if told_lost {
+                rec.status = status(
+                    &key.1,
+                    agent_id,
+                    TaskState::TaskLost,
+                    Reason::AgentUnreachable,
+                    "its agent was removed after it stopped answering",
+                    st.timestamp_ms,
+                );
+                self.push_completed(rec);
+                return;
+            }
+            rec.status = st.clone();
+            self.push_completed(rec);
+            self.send_update(&key.0, st);
+        }
+    }
+
     fn agent_message(&mut self, conn: ConnId, msg: AgentToMaster, now: u64) {
         let Some(agent_id) = self.agent_by_conn.get(&conn).cloned() else {
             self.out.push(Output::CloseAgent(
@@ -540,13 +643,15 @@ impl MasterCore {
         let key = (u.framework_id.clone(), st.task_id.clone());
         let new_state = st.state();
         if !self.tasks.contains_key(&key)
-            && self
+            && (self
                 .last_completed(&key)
                 .is_some_and(|t| t.status.uuid != st.uuid)
+                || self.registry.lost_tasks.contains_key(&key))
         {
             // The task already ended, and this is not a retry of the update that ended
-            // it (the master ended it itself, e.g. LOST when the agent was removed): it
-            // must not end twice. Acknowledge it so that the agent stops sending it.
+            // it (the master ended it itself, e.g. LOST when the agent was removed, or
+            // told its framework LOST before a restart): it must not end twice, nor
+            // come back. Acknowledge it so that the agent stops sending it.
             if new_state.is_terminal() {
                 let res = self
                     .agents
@@ -746,6 +851,7 @@ impl MasterCore {
                     why,
                     now,
                 );
+                self.told_lost(&key);
             }
         }
         // Bounded: the oldest unreachable tasks are given up as LOST.
@@ -769,6 +875,12 @@ impl MasterCore {
             entry: crate::registry::AgentEntry {
                 hostname: a.hostname.clone(),
                 unreachable: true,
+                token: self
+                    .registry
+                    .agents
+                    .get(agent_id)
+                    .map(|e| e.token.clone())
+                    .unwrap_or_default(),
             },
         });
         tracing::warn!(agent = %agent_id, "agent removed: {why}");
@@ -1038,6 +1150,17 @@ impl MasterCore {
                 &format!("launch refused: {problem}"),
                 now,
             );
+            // Remembered like any ended task, so reconciliation answers DROPPED.
+            let key = (fid.to_string(), t.task_id.clone());
+            if !self.tasks.contains_key(&key) {
+                self.push_completed(TaskRecord {
+                    framework_id: fid.to_string(),
+                    agent_id: String::new(),
+                    info: t.clone(),
+                    resources: Resources::from_proto(&t.resources).unwrap_or_default(),
+                    status: st.clone(),
+                });
+            }
             self.send_update(fid, st);
         }
     }
@@ -1202,10 +1325,17 @@ impl MasterCore {
                     {
                         t.status.clone()
                     } else {
+                        // As Mesos answers: LOST to frameworks that are not
+                        // partition-aware (for them it is gone), UNKNOWN to the others.
+                        let state = if self.frameworks.get(fid).is_some_and(|f| f.partition_aware) {
+                            TaskState::TaskUnknown
+                        } else {
+                            TaskState::TaskLost
+                        };
                         status(
                             id,
                             "",
-                            TaskState::TaskUnknown,
+                            state,
                             Reason::Reconciliation,
                             "the master knows no such task",
                             now,
@@ -1214,6 +1344,11 @@ impl MasterCore {
                 })
                 .collect()
         };
+        for st in &statuses {
+            if st.state() == TaskState::TaskLost && st.agent_id.is_empty() {
+                self.told_lost(&(fid.to_string(), st.task_id.clone()));
+            }
+        }
         for mut st in statuses {
             st.uuid.clear(); // reconciliation answers are not acknowledged
             st.reason = Reason::Reconciliation as i32;
@@ -1579,6 +1714,7 @@ impl MasterCore {
                         .unwrap_or_default()
                         .to_proto(),
                     attributes: a.attributes.clone(),
+                    http_address: a.http_address.clone(),
                 }
             })
             .collect()

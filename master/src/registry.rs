@@ -35,6 +35,9 @@ pub struct AgentEntry {
     /// are adopted again if it returns. A restarted master does not wait for it.
     #[serde(default)]
     pub unreachable: bool,
+    /// The agent installation's `registration_token` (see AgentHello).
+    #[serde(default)]
+    pub token: String,
 }
 
 /// A framework the master knows.
@@ -54,6 +57,15 @@ pub struct FrameworkEntry {
 pub struct QuotaEntry {
     pub guarantee: BTreeMap<String, i64>,
     pub limit: BTreeMap<String, i64>,
+}
+
+/// A function deployed with `agora fn deploy`, kept so that a restarted master's
+/// functions framework serves it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionEntry {
+    /// The normalised `FunctionDeploy` (see `functions::service`), prost-encoded, in
+    /// hex: the wire message is the one definition of a function's spec.
+    pub deploy_hex: String,
 }
 
 /// One change to the registry.
@@ -85,15 +97,38 @@ pub enum RegistryOp {
         role: String,
         quota: QuotaEntry,
     },
+    /// A framework that is not partition-aware was told the task is LOST while its
+    /// agent may still run it (the agent stopped answering, or a restarted master
+    /// did not know the task): if the agent brings it back it is killed, not adopted.
+    TellLost {
+        framework_id: String,
+        task_id: String,
+        at_ms: u64,
+    },
     /// The dynamic reservations on one agent; empty removes the entry.
     SetReservations {
         agent_id: String,
         resources: Vec<Reserved>,
     },
+    /// A function deployed (or replaced).
+    PutFunction {
+        name: String,
+        entry: FunctionEntry,
+    },
+    RemoveFunction {
+        name: String,
+    },
+    /// The built-in functions framework's id, so that after a restart it
+    /// re-subscribes as itself and gets its hosts back; empty removes it.
+    SetFunctionsFramework {
+        framework_id: String,
+    },
 }
 
 /// Most removed framework ids remembered; the oldest are forgotten first.
 pub const MAX_REMOVED_FRAMEWORKS: usize = 10_000;
+/// Most told-LOST tasks remembered; the oldest are forgotten first.
+pub const MAX_LOST_TASKS: usize = 100_000;
 
 /// Everything the registry holds.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -105,6 +140,10 @@ pub struct Registry {
     pub weights: BTreeMap<String, f64>,
     pub quotas: BTreeMap<String, QuotaEntry>,
     pub reservations: BTreeMap<String, Vec<Reserved>>,
+    pub functions: BTreeMap<String, FunctionEntry>,
+    pub functions_framework: Option<String>,
+    /// (framework id, task id) -> when it was told LOST (see `RegistryOp::TellLost`).
+    pub lost_tasks: BTreeMap<(String, String), u64>,
 }
 
 /// An amount of one resource reserved for a role.
@@ -164,6 +203,25 @@ impl Registry {
                     self.quotas.insert(role.clone(), quota.clone());
                 }
             }
+            RegistryOp::TellLost {
+                framework_id,
+                task_id,
+                at_ms,
+            } => {
+                self.lost_tasks
+                    .insert((framework_id.clone(), task_id.clone()), *at_ms);
+                while self.lost_tasks.len() > MAX_LOST_TASKS {
+                    let oldest = self
+                        .lost_tasks
+                        .iter()
+                        .min_by_key(|(k, t)| (**t, (*k).clone()))
+                        .map(|(k, _)| k.clone());
+                    match oldest {
+                        Some(k) => self.lost_tasks.remove(&k),
+                        None => break,
+                    };
+                }
+            }
             RegistryOp::SetReservations {
                 agent_id,
                 resources,
@@ -174,6 +232,15 @@ impl Registry {
                     self.reservations
                         .insert(agent_id.clone(), resources.clone());
                 }
+            }
+            RegistryOp::PutFunction { name, entry } => {
+                self.functions.insert(name.clone(), entry.clone());
+            }
+            RegistryOp::RemoveFunction { name } => {
+                self.functions.remove(name);
+            }
+            RegistryOp::SetFunctionsFramework { framework_id } => {
+                self.functions_framework = (!framework_id.is_empty()).then(|| framework_id.clone());
             }
         }
     }
@@ -215,6 +282,20 @@ fn entry_of(op: &RegistryOp) -> (&'static str, String, Option<Vec<u8>>) {
             agent_id.clone(),
             (!resources.is_empty()).then(|| json(resources)).flatten(),
         ),
+        RegistryOp::PutFunction { name, entry } => ("function", name.clone(), json(entry)),
+        RegistryOp::RemoveFunction { name } => ("function", name.clone(), None),
+        RegistryOp::SetFunctionsFramework { framework_id } => (
+            "functions-framework",
+            String::new(),
+            (!framework_id.is_empty())
+                .then(|| json(framework_id))
+                .flatten(),
+        ),
+        RegistryOp::TellLost {
+            framework_id,
+            task_id,
+            at_ms,
+        } => ("lost", format!("{framework_id}\0{task_id}"), json(at_ms)),
     }
 }
 
@@ -308,6 +389,22 @@ impl RegistryStore {
                     reg.reservations
                         .insert(key, serde_json::from_slice(bytes).map_err(de_err)?);
                 }
+                "function" => {
+                    reg.functions
+                        .insert(key, serde_json::from_slice(bytes).map_err(de_err)?);
+                }
+                "functions-framework" => {
+                    reg.functions_framework = Some(serde_json::from_slice(bytes).map_err(de_err)?);
+                }
+                "lost" => {
+                    let Some((fid, tid)) = key.split_once('\0') else {
+                        return Err(bad(&format!("{what}: no framework/task separator")));
+                    };
+                    reg.lost_tasks.insert(
+                        (fid.to_string(), tid.to_string()),
+                        serde_json::from_slice(bytes).map_err(de_err)?,
+                    );
+                }
                 other => tracing::warn!("master registry: ignoring unknown entry kind {other}"),
             }
         }
@@ -323,6 +420,7 @@ impl RegistryStore {
             anyhow::anyhow!("writing the master registry {}: {e}", self.path.display())
         };
         let before: Vec<String> = self.state.removed_frameworks.keys().cloned().collect();
+        let lost_before: Vec<(String, String)> = self.state.lost_tasks.keys().cloned().collect();
         for op in ops {
             self.state.apply(op);
         }
@@ -355,6 +453,12 @@ impl RegistryStore {
                     t.remove(("removed", id.as_str())).map_err(|e| err(&e))?;
                 }
             }
+            for k in lost_before {
+                if !self.state.lost_tasks.contains_key(&k) {
+                    let key = format!("{}\0{}", k.0, k.1);
+                    t.remove(("lost", key.as_str())).map_err(|e| err(&e))?;
+                }
+            }
         }
         w.commit().map_err(|e| err(&e))?;
         Ok(())
@@ -372,6 +476,7 @@ mod tests {
                 entry: AgentEntry {
                     hostname: "h1".into(),
                     unreachable: false,
+                    token: "t1".into(),
                 },
             },
             RegistryOp::PutAgent {
@@ -379,6 +484,7 @@ mod tests {
                 entry: AgentEntry {
                     hostname: "h2".into(),
                     unreachable: false,
+                    token: String::new(),
                 },
             },
             RegistryOp::PutFramework {
@@ -426,6 +532,11 @@ mod tests {
             },
             RegistryOp::RemoveAgent {
                 agent_id: "a2".into(),
+            },
+            RegistryOp::TellLost {
+                framework_id: "f1".into(),
+                task_id: "t1".into(),
+                at_ms: 7,
             },
         ]
     }
@@ -481,6 +592,54 @@ mod tests {
             reg.reservations.is_empty(),
             "an agent's reservations go with it"
         );
+    }
+
+    #[test]
+    fn functions_and_the_functions_framework_id_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, _) = RegistryStore::open(dir.path()).unwrap();
+        let entry = |hex: &str| FunctionEntry {
+            deploy_hex: hex.into(),
+        };
+        store
+            .commit(&[
+                RegistryOp::PutFunction {
+                    name: "echo".into(),
+                    entry: entry("0a04"),
+                },
+                RegistryOp::PutFunction {
+                    name: "gone".into(),
+                    entry: entry("0a05"),
+                },
+                RegistryOp::SetFunctionsFramework {
+                    framework_id: "fw-1".into(),
+                },
+            ])
+            .unwrap();
+        store
+            .commit(&[
+                RegistryOp::PutFunction {
+                    name: "echo".into(),
+                    entry: entry("0a06"),
+                },
+                RegistryOp::RemoveFunction {
+                    name: "gone".into(),
+                },
+            ])
+            .unwrap();
+        drop(store);
+        let (mut store, reg) = RegistryStore::open(dir.path()).unwrap();
+        assert_eq!(reg.functions.len(), 1);
+        assert_eq!(reg.functions["echo"], entry("0a06"), "a replace wins");
+        assert_eq!(reg.functions_framework.as_deref(), Some("fw-1"));
+        store
+            .commit(&[RegistryOp::SetFunctionsFramework {
+                framework_id: String::new(),
+            }])
+            .unwrap();
+        drop(store);
+        let (_, reg) = RegistryStore::open(dir.path()).unwrap();
+        assert_eq!(reg.functions_framework, None);
     }
 
     #[test]

@@ -19,9 +19,12 @@ use agora_proto::v1::{
 use agora_proto::{read_frame, transfer, unix_millis, write_frame, Resources};
 use tokio::sync::mpsc;
 
+use anyhow::Context;
+
 use crate::artifacts::ArtifactStore;
 use crate::core::{ConnId, CoreConfig, Input, MasterCore, Output};
-use crate::registry::{Registry, RegistryStore};
+use crate::functions::Functions;
+use crate::registry::{Registry, RegistryOp, RegistryStore};
 
 /// Messages queued to one peer before it counts as stuck and is disconnected.
 const PEER_QUEUE: usize = 4096;
@@ -33,6 +36,9 @@ pub struct MasterConfig {
     pub data_dir: PathBuf,
     pub identity: Identity,
     pub core: CoreConfig,
+    /// The built-in functions framework and the HTTP server; None: neither runs (and
+    /// `agora fn` requests are refused).
+    pub functions: Option<crate::functions::FunctionsConfig>,
 }
 
 enum Out<M> {
@@ -108,6 +114,8 @@ impl Shared {
 /// A running master.
 pub struct MasterHandle {
     pub addr: SocketAddr,
+    /// Where the HTTP server (functions) listens, when it runs.
+    pub http_addr: Option<SocketAddr>,
     endpoint: quinn::Endpoint,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -129,6 +137,7 @@ pub async fn start(cfg: MasterConfig) -> anyhow::Result<MasterHandle> {
     let addr = endpoint.local_addr()?;
     let mut core = MasterCore::new(cfg.core.clone());
     let (registry, recovered) = RegistryStore::open(&cfg.data_dir)?;
+    let (fn_specs, fn_framework) = Functions::from_registry(&recovered);
     if recovered != Registry::default() {
         tracing::info!(
             agents = recovered.agents.len(),
@@ -148,6 +157,63 @@ pub async fn start(cfg: MasterConfig) -> anyhow::Result<MasterHandle> {
         schedulers: HashMap::new(),
     }));
     let next_conn = Arc::new(AtomicU64::new(1));
+    let mut tasks = Vec::new();
+    let mut http_addr = None;
+    let functions = match &cfg.functions {
+        None => None,
+        Some(fc) => {
+            let persist: crate::functions::Persist = {
+                let shared = shared.clone();
+                Arc::new(move |ops: &[RegistryOp]| {
+                    shared
+                        .lock()
+                        .expect("master state lock")
+                        .registry
+                        .commit(ops)
+                })
+            };
+            let functions = Functions::new(fn_specs, fn_framework, fc.idle_timeout, persist);
+            if let Some(bind) = fc.http {
+                match tokio::net::TcpListener::bind(bind).await {
+                    Ok(listener) => {
+                        let local = listener.local_addr()?;
+                        http_addr = Some(local);
+                        tasks.push(tokio::spawn(crate::functions::serve_http(
+                            listener,
+                            functions.clone(),
+                        )));
+                        tracing::info!(addr = %local, "master listening (HTTP: /fn/NAME/..., /fn, /fn-metrics)");
+                    }
+                    Err(e) if !fc.http_required => tracing::error!(
+                        "cannot listen for HTTP on {bind}: {e}; functions are not served over HTTP by this master (pass --http ADDR with a free address)"
+                    ),
+                    Err(e) => {
+                        return Err(anyhow::anyhow!(e)).with_context(|| {
+                            format!("cannot listen for HTTP on {bind} (in use? pass another --http address)")
+                        })
+                    }
+                }
+            }
+            // The framework dials this master like any client would.
+            let dial = if addr.ip().is_unspecified() {
+                SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+            } else {
+                addr
+            };
+            let client = agora_sdk::ClientConfig {
+                master: dial.to_string(),
+                ca: fc.ca.clone(),
+                cert: fc.client_cert.clone(),
+                key: fc.client_key.clone(),
+                http: None,
+            };
+            tasks.push(tokio::spawn(crate::functions::run_framework(
+                functions.clone(),
+                client,
+            )));
+            Some(functions)
+        }
+    };
 
     let ticker = {
         let shared = shared.clone();
@@ -164,6 +230,7 @@ pub async fn start(cfg: MasterConfig) -> anyhow::Result<MasterHandle> {
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
                 let ctx = Ctx {
+                    functions: functions.clone(),
                     shared: shared.clone(),
                     store: store.clone(),
                     next_conn: next_conn.clone(),
@@ -178,16 +245,21 @@ pub async fn start(cfg: MasterConfig) -> anyhow::Result<MasterHandle> {
         })
     };
     tracing::info!(%addr, "master listening (QUIC)");
+    tasks.push(ticker);
+    tasks.push(acceptor);
     Ok(MasterHandle {
         addr,
+        http_addr,
         endpoint,
-        tasks: vec![ticker, acceptor],
+        tasks,
     })
 }
 
 #[derive(Clone)]
 struct Ctx {
     shared: Arc<Mutex<Shared>>,
+    /// The functions framework's state, when it runs.
+    functions: Option<Arc<Functions>>,
     store: ArtifactStore,
     next_conn: Arc<AtomicU64>,
 }
@@ -513,6 +585,27 @@ impl Ctx {
                     ..Default::default()
                 },
             },
+            Some(operator_request::Request::FnDeploy(d)) => self.fn_deploy(d),
+            Some(operator_request::Request::FnRemove(r)) => match self.functions() {
+                Ok(f) => OperatorResponse {
+                    error: f.remove(&r.name).err().unwrap_or_default(),
+                    ..Default::default()
+                },
+                Err(error) => OperatorResponse {
+                    error,
+                    ..Default::default()
+                },
+            },
+            Some(operator_request::Request::FnList(_)) => match self.functions() {
+                Ok(f) => OperatorResponse {
+                    functions: f.list(),
+                    ..Default::default()
+                },
+                Err(error) => OperatorResponse {
+                    error,
+                    ..Default::default()
+                },
+            },
             None => OperatorResponse {
                 error: "unknown operator request (newer client?)".into(),
                 ..Default::default()
@@ -521,6 +614,42 @@ impl Ctx {
         write_frame(&mut send, &resp).await?;
         send.finish()?;
         Ok(())
+    }
+
+    fn functions(&self) -> Result<&Arc<Functions>, String> {
+        self.functions.as_ref().ok_or_else(|| {
+            "this master runs no functions framework (it was started without a client certificate for it)".to_string()
+        })
+    }
+
+    /// `agora fn deploy`: the module must be in the artifact store; the spec is in
+    /// the registry before the answer goes back.
+    fn fn_deploy(&self, d: v1::FunctionDeploy) -> OperatorResponse {
+        let r = self.functions().and_then(|f| {
+            let sha = d.module.as_ref().map(|m| m.sha256.clone()).unwrap_or_default();
+            if !self.lock().core.has_artifact(&sha) {
+                return Err(format!(
+                    "function {}: module {sha} was never uploaded to this master (upload it first; `agora fn deploy` does)",
+                    d.name
+                ));
+            }
+            f.deploy(d)
+        });
+        match r {
+            Ok(spec) => OperatorResponse {
+                functions: self
+                    .functions
+                    .iter()
+                    .flat_map(|f| f.list())
+                    .filter(|s| s.spec.as_ref().is_some_and(|x| x.name == spec.name))
+                    .collect(),
+                ..Default::default()
+            },
+            Err(error) => OperatorResponse {
+                error,
+                ..Default::default()
+            },
+        }
     }
 
     /// Asks every agent with live tasks for their usage now, concurrently, each

@@ -196,6 +196,7 @@ fn hello(agent_id: &str, host: &str, res: Resources, tasks: Vec<RunningTask>) ->
         resources: res.to_proto(),
         attributes: vec![],
         tasks,
+        ..Default::default()
     }
 }
 
@@ -857,13 +858,23 @@ fn accept_naming_an_unknown_or_used_offer_is_an_error_and_drops_its_tasks() {
             ),
         ]
     );
-    let listed: Vec<String> = m
+    // The dropped launches are remembered as ended (DROPPED), so `ps --all` and
+    // reconciliation tell the same story as the updates did.
+    let listed: Vec<(String, TaskState)> = m
         .core
         .list_tasks(true)
         .into_iter()
-        .map(|t| t.task_id)
+        .map(|t| (t.task_id.clone(), t.state()))
         .collect();
-    assert_eq!(listed, vec!["t3"]);
+    assert_eq!(
+        listed,
+        vec![
+            ("t3".to_string(), TaskState::TaskStaging),
+            ("t1".to_string(), TaskState::TaskDropped),
+            ("t2".to_string(), TaskState::TaskDropped),
+            ("t4".to_string(), TaskState::TaskDropped),
+        ]
+    );
 }
 
 #[test]
@@ -2252,7 +2263,8 @@ fn reconcile_explicit_and_implicit() {
     );
 
     // Explicit: a live task, a finished one and one the master never heard of, in
-    // the order asked; reason RECONCILIATION, no uuid (nothing to acknowledge).
+    // the order asked; reason RECONCILIATION, no uuid (nothing to acknowledge). The
+    // unknown one is LOST to a framework that is not partition-aware (as in Mesos).
     let outs = m.at(2_000).call(FW1, reconcile(&["t1", "t2", "ghost"]));
     assert_eq!(
         outs,
@@ -2264,7 +2276,7 @@ fn reconcile_explicit_and_implicit() {
                 master_status(
                     "ghost",
                     "",
-                    TaskState::TaskUnknown,
+                    TaskState::TaskLost,
                     Reason::Reconciliation,
                     "the master knows no such task",
                     2_000
@@ -2316,7 +2328,7 @@ fn reconcile_explicit_and_implicit() {
             master_status(
                 "t1",
                 "",
-                TaskState::TaskUnknown,
+                TaskState::TaskLost,
                 Reason::Reconciliation,
                 "the master knows no such task",
                 2_000
@@ -4244,5 +4256,30 @@ fn acknowledge_without_a_uuid_or_for_an_unknown_agent_is_an_error() {
     assert_mentions(
         &format!("{outs:?}"),
         &["acknowledge: agent m-A9999 of task t1 is not registered"],
+    );
+}
+
+#[test]
+fn the_agent_list_says_where_each_agent_serves_functions() {
+    let mut m = Master::new();
+    let outs = m.agent_hello(
+        AG1,
+        AgentHello {
+            http_address: "10.0.0.7:7071".into(),
+            ..hello("", "host-1", Resources::cpus_mem(2000, 4 * GIB), vec![])
+        },
+    );
+    let a1 = registered_id(&outs[0]);
+    let (a2, _) = m.register_agent(AG2, "host-2", 2000, 4 * GIB);
+    let listed: Vec<(String, String)> = m
+        .core
+        .agents()
+        .into_iter()
+        .map(|a| (a.agent_id, a.http_address))
+        .collect();
+    assert!(listed.contains(&(a1, "10.0.0.7:7071".into())), "{listed:?}");
+    assert!(
+        listed.contains(&(a2, String::new())),
+        "an agent without HTTP says none: {listed:?}"
     );
 }

@@ -66,6 +66,9 @@ impl Node {
                 resources: Resources::cpus_mem(4000, 4 * GIB).to_proto(),
                 attributes: vec![],
                 tasks,
+                // One installation per connection number (see `registration_token`).
+                registration_token: format!("install-{conn}"),
+                ..Default::default()
             },
         });
         let id = outs
@@ -463,9 +466,110 @@ fn reconciling_an_unknown_task_during_recovery_is_answered_when_its_agent_is_bac
         answers,
         vec![
             ("t1".to_string(), TaskState::TaskRunning),
-            ("t9".to_string(), TaskState::TaskUnknown)
+            ("t9".to_string(), TaskState::TaskLost)
         ]
     );
     // Once recovered, an unknown task is answered at once.
     assert_eq!(updates_to(&ask(&mut m2), 201).len(), 2);
+}
+
+fn kill_sent(outs: &[Output], conn: ConnId, task: &str) -> bool {
+    outs.iter().any(|o| match o {
+        Output::ToAgent(c, m) if *c == conn => {
+            matches!(&m.msg, Some(master_to_agent::Msg::KillTask(k)) if k.task_id == task)
+        }
+        _ => false,
+    })
+}
+
+#[test]
+fn a_task_told_lost_stays_lost_across_a_master_restart_when_its_agent_returns() {
+    // Regression (simulation, bug A): the restarted master had forgotten it told the
+    // framework LOST, adopted the task again, and the framework heard it end twice.
+    let mut m = Node::new();
+    let fid = subscribed_id(&m.subscribe_with(101, "", false)).unwrap();
+    let (aid, _) = m.agent(1, "", vec![]);
+    m.agent(2, &aid, vec![running_task(&fid, &aid, "t1", 1000)]);
+    let cut = m.now + CoreConfig::default().agent_timeout_ms + 1;
+    let st = updates_to(&m.tick(cut), 101);
+    assert_eq!(st[0].state(), TaskState::TaskLost);
+    let mut m2 = Node::restarted(&m.reg, cut + 1_000);
+    m2.subscribe_with(201, &fid, false);
+    let (_, outs) = m2.agent(3, &aid, vec![running_task(&fid, &aid, "t1", 1000)]);
+    assert!(updates_to(&outs, 201).is_empty(), "no second end: {outs:?}");
+    assert!(kill_sent(&outs, 3, "t1"), "{outs:?}");
+    assert!(m2.core.list_tasks(false).is_empty(), "not adopted");
+    // Its later updates are acknowledged by the master, never relayed.
+    let outs = m2.feed(Input::AgentMessage {
+        conn: 3,
+        msg: v1::AgentToMaster {
+            msg: Some(v1::agent_to_master::Msg::StatusUpdate(v1::StatusUpdate {
+                framework_id: fid.clone(),
+                status: Some(TaskStatus {
+                    task_id: "t1".into(),
+                    state: TaskState::TaskKilled as i32,
+                    uuid: b"u-9".to_vec(),
+                    ..Default::default()
+                }),
+            })),
+        },
+    });
+    assert!(updates_to(&outs, 201).is_empty(), "{outs:?}");
+}
+
+#[test]
+fn an_end_the_master_never_heard_is_taken_from_the_agents_report() {
+    // Regression (simulation, bug B, and the agent kill -9 fault test): the agent was
+    // killed as it sent FAILED; re-registering, it reports the task with that end.
+    let mut m = Node::new();
+    let fid = subscribed_id(&m.subscribe(101, "")).unwrap();
+    let (aid, _) = m.agent(1, "", vec![]);
+    m.agent(2, &aid, vec![running_task(&fid, &aid, "t1", 3000)]);
+    let mut ended = running_task(&fid, &aid, "t1", 3000);
+    if let Some(st) = ended.status.as_mut() {
+        st.state = TaskState::TaskFailed as i32;
+        st.uuid = b"u-7".to_vec();
+    }
+    let (_, outs) = m.agent(3, &aid, vec![ended]);
+    let st = updates_to(&outs, 101);
+    assert_eq!(st.len(), 1, "{outs:?}");
+    assert_eq!(
+        (st[0].state(), st[0].uuid.as_slice()),
+        (TaskState::TaskFailed, &b"u-7"[..])
+    );
+    assert!(m.core.list_tasks(false).is_empty());
+    // Its resources are free: the whole agent is offered.
+    let offers = offered(&outs);
+    assert_eq!(
+        Resources::from_proto(&offers[0].resources)
+            .unwrap()
+            .milli_cpus(),
+        4000
+    );
+}
+
+#[test]
+fn an_agent_that_restarts_before_it_hears_its_id_gets_the_same_id_back() {
+    // Regression (simulation, bug C): it registered anew and the tasks launched on
+    // its first id stayed UNREACHABLE for ever.
+    let mut m = Node::new();
+    let (first, _) = m.agent(1, "", vec![]);
+    let outs = m.feed(Input::AgentHello {
+        conn: 2,
+        hello: AgentHello {
+            agent_id: String::new(),
+            hostname: "host1".into(),
+            resources: Resources::cpus_mem(4000, 4 * GIB).to_proto(),
+            registration_token: "install-1".into(),
+            ..Default::default()
+        },
+    });
+    let again = outs.iter().find_map(|o| match o {
+        Output::ToAgent(2, msg) => match &msg.msg {
+            Some(master_to_agent::Msg::Registered(r)) => Some(r.agent_id.clone()),
+            _ => None,
+        },
+        _ => None,
+    });
+    assert_eq!(again.as_deref(), Some(first.as_str()));
 }

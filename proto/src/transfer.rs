@@ -82,9 +82,19 @@ pub async fn receive_to_file<R: AsyncRead + Unpin>(
         .parent()
         .ok_or_else(|| anyhow::anyhow!("{} has no parent directory", dest.display()))?;
     tokio::fs::create_dir_all(dir).await?;
-    let tmp = dir.join(format!(".{}.{}.partial", expected_sha, std::process::id()));
+    // One partial file per receive: two uploads (or fetches) of the same artifact at
+    // once must not write into, or rename away, each other's file.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(
+        ".{}.{}.{n}.partial",
+        expected_sha,
+        std::process::id()
+    ));
     let result = async {
-        let mut f = tokio::fs::File::create(&tmp).await?;
+        let mut f = tokio::fs::File::create(&tmp)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", tmp.display()))?;
         let mut hasher = Sha256::new();
         let mut got: u64 = 0;
         loop {
@@ -109,7 +119,9 @@ pub async fn receive_to_file<R: AsyncRead + Unpin>(
             anyhow::bail!("content hash is {sha}, expected {expected_sha}");
         }
         f.sync_all().await?;
-        tokio::fs::rename(&tmp, dest).await?;
+        tokio::fs::rename(&tmp, dest)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot move the upload into {}: {e}", dest.display()))?;
         Ok(())
     }
     .await;
@@ -161,6 +173,30 @@ mod tests {
         assert!(r.unwrap_err().to_string().contains("content hash"));
         assert!(!dest2.exists());
         // No partial file is left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[tokio::test]
+    async fn two_receives_of_the_same_artifact_at_once_both_succeed() {
+        // Regression: both wrote (and renamed) the same partial file, so one of two
+        // simultaneous `agora run`s of a module failed with "No such file or directory".
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 13) as u8).collect();
+        let sha = crate::sha256_hex(&data);
+        let dest = dir.path().join(&sha);
+        let (mut a1, mut b1) = tokio::io::duplex(1024);
+        let (mut a2, mut b2) = tokio::io::duplex(1024);
+        let (s1, s2, r1, r2) = tokio::join!(
+            send_bytes(&mut a1, &data),
+            send_bytes(&mut a2, &data),
+            receive_to_file(&mut b1, &dest, &sha, data.len() as u64),
+            receive_to_file(&mut b2, &dest, &sha, data.len() as u64),
+        );
+        s1.unwrap();
+        s2.unwrap();
+        r1.unwrap();
+        r2.unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), data);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }

@@ -122,6 +122,9 @@ pub struct ClientConfig {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// `http://host:port` of the master's HTTP server (functions), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<String>,
 }
 
 impl ClientConfig {

@@ -307,3 +307,170 @@ pub fn wait_child(child: &mut Child, secs: u64) -> Output {
         stderr: err,
     }
 }
+
+// ---- functions (issue 6) ------------------------------------------------------------
+
+/// The master's HTTP address (`host:port`) from the client config `agora dev` wrote.
+pub fn master_http(c: &Cluster) -> String {
+    let text = std::fs::read_to_string(&c.config).expect("client config");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("client config JSON");
+    let url = v["http"]
+        .as_str()
+        .unwrap_or_else(|| panic!("client config has no `http` field: {text}"));
+    url.trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string()
+}
+
+/// The `hello-http` component (wasm32-wasip2), built on first use into
+/// `target/guests/wasm32-wasip2/release/hello_http.wasm`, as scripts/build-guests.sh does.
+pub fn hello_http_component() -> PathBuf {
+    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace")
+            .to_path_buf();
+        let target_dir = workspace.join("target").join("guests");
+        let manifest = workspace
+            .join("guest-examples")
+            .join("hello-http")
+            .join("Cargo.toml");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let out = Command::new(cargo)
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip2",
+                "--manifest-path",
+            ])
+            .arg(&manifest)
+            .arg("--target-dir")
+            .arg(&target_dir)
+            .output()
+            .map_err(|e| format!("cannot run cargo: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "building hello-http failed:\n{}\nhint: run scripts/build-guests.sh",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(target_dir
+            .join("wasm32-wasip2")
+            .join("release")
+            .join("hello_http.wasm"))
+    });
+    match built {
+        Ok(p) => p.clone(),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// An HTTP answer as a test reads it.
+#[derive(Debug)]
+pub struct HttpReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpReply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection (`Connection: close`), bounded in time.
+pub fn http(method: &str, addr: &str, path: &str, body: &[u8]) -> HttpReply {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)
+        .unwrap_or_else(|e| panic!("cannot connect to {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(90)))
+        .expect("timeout");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\nX-Test: yes\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).expect("send");
+    s.write_all(body).expect("send body");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)
+        .unwrap_or_else(|e| panic!("{method} http://{addr}{path}: reading the answer: {e}"));
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(&raw)));
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut rest = raw[split + 4..].to_vec();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line in {head}"));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let chunked = headers.iter().any(|(n, v)| {
+        n.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
+    });
+    if chunked {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while let Some(nl) = rest[i..].windows(2).position(|w| w == b"\r\n") {
+            let size_line = String::from_utf8_lossy(&rest[i..i + nl]).into_owned();
+            let size = usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16)
+                .unwrap_or(0);
+            i += nl + 2;
+            if size == 0 || i + size > rest.len() {
+                break;
+            }
+            out.extend_from_slice(&rest[i..i + size]);
+            i += size + 2;
+        }
+        rest = out;
+    }
+    HttpReply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&rest).into_owned(),
+    }
+}
+
+/// `GET /fn` of the master: every function with its instances.
+pub fn fn_list(master_http: &str) -> serde_json::Value {
+    let r = http("GET", master_http, "/fn", b"");
+    assert_eq!(r.status, 200, "GET /fn: {r:?}");
+    serde_json::from_str(&r.body).expect("GET /fn answers JSON")
+}
+
+/// The function's entry in `GET /fn`.
+pub fn fn_entry(master_http: &str, name: &str) -> Option<serde_json::Value> {
+    fn_list(master_http)
+        .as_array()
+        .expect("a list")
+        .iter()
+        .find(|f| f["name"] == name)
+        .cloned()
+}
+
+/// Agent HTTP addresses of the function's RUNNING hosts.
+pub fn running_hosts(master_http: &str, name: &str) -> Vec<String> {
+    fn_entry(master_http, name)
+        .map(|f| {
+            f["instances"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|i| i["state"] == "TASK_RUNNING")
+                .filter_map(|i| i["http_address"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -422,19 +422,15 @@ impl MasterCore {
         let deferred = self.recovery.take().map(|r| r.deferred).unwrap_or_default();
         for agent_id in missing {
             tracing::warn!(agent = %agent_id, "agent did not re-register after the master restarted; marked unreachable");
-            let hostname = self
-                .registry
-                .agents
-                .get(&agent_id)
-                .map(|a| a.hostname.clone())
-                .unwrap_or_default();
-            self.persist(RegistryOp::PutAgent {
-                agent_id,
-                entry: crate::registry::AgentEntry {
-                    hostname,
+            let mut entry = self.registry.agents.get(&agent_id).cloned().unwrap_or(
+                crate::registry::AgentEntry {
+                    hostname: String::new(),
                     unreachable: true,
+                    token: String::new(),
                 },
-            });
+            );
+            entry.unreachable = true;
+            self.persist(RegistryOp::PutAgent { agent_id, entry });
         }
         // Now every task the master will learn of is known: answer what waited.
         let mut by_fw: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -461,14 +457,40 @@ impl MasterCore {
         }
     }
 
+    /// The framework was told this task is LOST while its agent may still run it:
+    /// recorded (durably, across restarts) so that if the agent brings it back the
+    /// task is killed and LOST stays its one end.
+    pub(super) fn told_lost(&mut self, key: &(String, String)) {
+        if !self.registry.lost_tasks.contains_key(key) {
+            self.persist(RegistryOp::TellLost {
+                framework_id: key.0.clone(),
+                task_id: key.1.clone(),
+                at_ms: self.last_now,
+            });
+        }
+    }
+
+    /// The agent whose installation registered with this token before, if any.
+    pub(super) fn agent_by_token(&self, token: &str) -> Option<String> {
+        if token.is_empty() {
+            return None;
+        }
+        self.registry
+            .agents
+            .iter()
+            .find(|(_, a)| a.token == token)
+            .map(|(id, _)| id.clone())
+    }
+
     /// An agent (re-)registered: note it in the registry and in the recovery.
-    pub(super) fn registry_agent_back(&mut self, agent_id: &str, hostname: &str) {
+    pub(super) fn registry_agent_back(&mut self, agent_id: &str, hostname: &str, token: &str) {
         if let Some(r) = &mut self.recovery {
             r.expected.remove(agent_id);
         }
         let entry = crate::registry::AgentEntry {
             hostname: hostname.to_string(),
             unreachable: false,
+            token: token.to_string(),
         };
         if self.registry.agents.get(agent_id) != Some(&entry) {
             self.persist(RegistryOp::PutAgent {

@@ -1,0 +1,365 @@
+//! `agora fn`: deploy, list and remove serverless functions, and read their hosts'
+//! output. Functions are served by the master's built-in functions framework; these
+//! commands are operator requests to the master (FunctionDeploy, FunctionList,
+//! FunctionRemove) plus an upload of the module to its artifact store.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use agora_functions::MetricsSnapshot;
+use agora_proto::resources::{format_bytes, parse_size};
+use agora_proto::tls::{self, Identity};
+use agora_proto::v1::{
+    self, operator_request, stream_open, FunctionDeploy, FunctionInfo, FunctionSummary,
+    OperatorRequest, OperatorResponse, StreamOpen, TaskState, WasmModule,
+};
+use agora_proto::{read_frame, write_frame, Resources};
+use agora_sdk::{Client, ClientConfig};
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use tokio::io::AsyncWriteExt;
+
+use crate::run::parse_duration_ms;
+use crate::Target;
+
+#[derive(Subcommand)]
+pub enum FnCmd {
+    /// Deploy (or replace) a function: upload FILE.wasm and register it with the
+    /// functions framework; prints its URL.
+    Deploy(DeployArgs),
+    /// List functions: hosts (running/target), requests, errors, latency.
+    Ls {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Remove a function: its hosts stop and requests to it get 404.
+    Rm {
+        #[command(flatten)]
+        target: Target,
+        name: String,
+    },
+    /// Print the stdout (or --stderr) of the function's current hosts.
+    Logs {
+        #[command(flatten)]
+        target: Target,
+        name: String,
+        /// Print stderr instead of stdout.
+        #[arg(long)]
+        stderr: bool,
+    },
+}
+
+#[derive(Args)]
+pub struct DeployArgs {
+    #[command(flatten)]
+    target: Target,
+    /// The function's name in URLs: /fn/NAME/... (letters, digits, '_', '.', '-').
+    name: String,
+    /// A WASI preview 1 command (CGI style) or a wasi:http/proxy component.
+    file: PathBuf,
+    /// The role (tenant) the function's hosts run in.
+    #[arg(long, default_value = "*")]
+    role: String,
+    /// Linear memory one request may use, e.g. 64MiB.
+    #[arg(long, default_value = "64MiB")]
+    mem: String,
+    /// Fuel (about one unit per wasm instruction) one request may burn; 0: unlimited.
+    #[arg(long, default_value_t = 0)]
+    fuel: u64,
+    /// Wall-clock limit of one request, e.g. 5s or 300ms.
+    #[arg(long, default_value = "5s")]
+    timeout: String,
+    /// Requests one host runs at once.
+    #[arg(long, default_value_t = 16)]
+    max_concurrency: u32,
+    /// Requests that may wait on a host beyond --max-concurrency; more get 429.
+    #[arg(long, default_value_t = 64)]
+    queue: u32,
+    /// Longest a request waits in a host's queue before it gets 503.
+    #[arg(long, default_value = "1s")]
+    queue_wait: String,
+    /// Hosts kept even when idle (0: scale to zero).
+    #[arg(long, default_value_t = 0)]
+    min_instances: u32,
+    /// Most hosts, whatever the load (0: one per agent).
+    #[arg(long, default_value_t = 0)]
+    max_instances: u32,
+    /// cpus of one host (default 0.1).
+    #[arg(long)]
+    host_cpus: Option<String>,
+    /// Memory of one host (default: --mem plus 32MiB).
+    #[arg(long)]
+    host_mem: Option<String>,
+}
+
+pub async fn fns(cmd: FnCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        FnCmd::Deploy(a) => deploy(a).await,
+        FnCmd::Ls { target } => ls(target).await,
+        FnCmd::Rm { target, name } => rm(target, name).await,
+        FnCmd::Logs {
+            target,
+            name,
+            stderr,
+        } => logs(target, name, stderr).await,
+    }
+}
+
+/// A core module (version 1) or a component (layer 1), from the header.
+fn check_wasm(path: &Path) -> anyhow::Result<&'static str> {
+    let mut head = [0u8; 8];
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let n = std::io::Read::read(&mut f, &mut head)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    if n < 8 || &head[..4] != b"\0asm" {
+        anyhow::bail!(
+            "{} is not a WebAssembly module or component (no \\0asm header); build it for wasm32-wasip1 (CGI style) or wasm32-wasip2 (wasi:http component)",
+            path.display()
+        );
+    }
+    match head[4..8] {
+        [1, 0, 0, 0] => Ok("WASI command (CGI)"),
+        [_, _, 1, 0] => Ok("wasi:http component"),
+        _ => anyhow::bail!(
+            "{} is WebAssembly of an unsupported version (bytes {:02x?})",
+            path.display(),
+            &head[4..8]
+        ),
+    }
+}
+
+/// One operator request on a stream of its own (the sdk's Client has no call for
+/// these requests).
+pub(crate) async fn operator(
+    cfg: &ClientConfig,
+    req: operator_request::Request,
+) -> anyhow::Result<OperatorResponse> {
+    let master = tls::resolve(&cfg.master)?;
+    let id = Identity::load(&cfg.ca, &cfg.cert, &cfg.key)?;
+    let endpoint = tls::client_endpoint(master, &id)?;
+    let conn = tls::connect(&endpoint, master).await?;
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| anyhow::anyhow!("master connection lost: {e}"))?;
+    let open = StreamOpen {
+        kind: Some(stream_open::Kind::Operator(OperatorRequest {
+            request: Some(req),
+        })),
+    };
+    write_frame(&mut send, &open).await?;
+    send.finish()
+        .map_err(|e| anyhow::anyhow!("master connection lost: {e}"))?;
+    let resp: OperatorResponse =
+        tokio::time::timeout(Duration::from_secs(30), read_frame(&mut recv))
+            .await
+            .map_err(|_| anyhow::anyhow!("the master did not answer within 30 s"))??
+            .ok_or_else(|| anyhow::anyhow!("the master closed the stream without answering"))?;
+    conn.close(0u32.into(), b"done");
+    if !resp.error.is_empty() {
+        anyhow::bail!("{}", resp.error);
+    }
+    Ok(resp)
+}
+
+fn config(t: &Target) -> anyhow::Result<ClientConfig> {
+    ClientConfig::discover(t.master.as_deref(), t.config.as_deref())
+}
+
+fn url(cfg: &ClientConfig, name: &str) -> String {
+    match &cfg.http {
+        Some(base) => format!("{}/fn/{name}/", base.trim_end_matches('/')),
+        None => format!("http://MASTER_HTTP/fn/{name}/ (the master's --http address)"),
+    }
+}
+
+async fn deploy(a: DeployArgs) -> anyhow::Result<ExitCode> {
+    let kind = check_wasm(&a.file)?;
+    let memory = parse_size(&a.mem).with_context(|| format!("--mem {}", a.mem))?;
+    let timeout_ms = parse_duration_ms(&a.timeout).context("--timeout")?;
+    if timeout_ms == 0 {
+        anyhow::bail!("--timeout must be above 0");
+    }
+    let queue_wait_ms = parse_duration_ms(&a.queue_wait).context("--queue-wait")?;
+    if a.max_concurrency == 0 {
+        anyhow::bail!("--max-concurrency must be at least 1");
+    }
+    let mut host = Resources::new();
+    if let Some(c) = &a.host_cpus {
+        let m = agora_proto::resources::parse_cpus(c)
+            .ok_or_else(|| anyhow::anyhow!("--host-cpus {c} is not a number of cpus, e.g. 0.25"))?;
+        host.add_scalar("cpus", "", m);
+    }
+    if let Some(m) = &a.host_mem {
+        host.add_scalar(
+            "mem",
+            "",
+            parse_size(m).with_context(|| format!("--host-mem {m}"))?,
+        );
+    }
+    if host.is_empty() {
+        // The framework's default.
+    } else if host.milli_cpus() <= 0 || host.mem_bytes() <= 0 {
+        anyhow::bail!("give both --host-cpus and --host-mem (or neither, for the defaults)");
+    }
+    let cfg = config(&a.target)?;
+    let client = Client::connect(&cfg).await?;
+    let (sha256, size) = client
+        .upload_file(&a.file)
+        .await
+        .with_context(|| format!("uploading {}", a.file.display()))?;
+    let spec = FunctionDeploy {
+        name: a.name.clone(),
+        module: Some(WasmModule {
+            sha256: sha256.clone(),
+            size,
+            fuel: a.fuel,
+            timeout_ms,
+        }),
+        role: a.role.clone(),
+        function: Some(FunctionInfo {
+            name: a.name.clone(),
+            memory_bytes: memory as u64,
+            max_concurrency: a.max_concurrency,
+            queue_len: a.queue,
+            max_queue_wait_ms: queue_wait_ms,
+            ..Default::default()
+        }),
+        min_instances: a.min_instances,
+        max_instances: a.max_instances,
+        resources: host.to_proto(),
+    };
+    operator(&cfg, operator_request::Request::FnDeploy(spec)).await?;
+    eprintln!(
+        "function {} deployed ({kind}, {}, sha256 {})",
+        a.name,
+        format_bytes(size as i64),
+        &sha256[..12]
+    );
+    println!("{}", url(&cfg, &a.name));
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn list(cfg: &ClientConfig) -> anyhow::Result<Vec<FunctionSummary>> {
+    Ok(
+        operator(cfg, operator_request::Request::FnList(v1::FunctionList {}))
+            .await?
+            .functions,
+    )
+}
+
+fn us(v: Option<u64>) -> String {
+    match v {
+        None => "-".into(),
+        Some(us) if us < 1_000 => format!("≤{us}µs"),
+        Some(us) if us < 1_000_000 => format!("≤{}ms", us / 1_000),
+        Some(us) => format!("≤{}s", us / 1_000_000),
+    }
+}
+
+async fn ls(t: Target) -> anyhow::Result<ExitCode> {
+    let cfg = config(&t)?;
+    let fns = list(&cfg).await?;
+    println!(
+        "{:<20} {:<10} {:<8} {:>9} {:>7} {:>9} {:>9}  URL",
+        "NAME", "ROLE", "HOSTS", "REQUESTS", "ERRORS", "P50", "P99"
+    );
+    for f in &fns {
+        let spec = f.spec.clone().unwrap_or_default();
+        let running = f
+            .instances
+            .iter()
+            .filter(|i| i.state() == TaskState::TaskRunning)
+            .count();
+        let m: Option<MetricsSnapshot> = (!f.metrics_json.is_empty())
+            .then(|| serde_json::from_str(&f.metrics_json).ok())
+            .flatten();
+        let (req, err, p50, p99) = match &m {
+            Some(m) => (
+                m.requests.to_string(),
+                m.errors.total().to_string(),
+                us(m.latency.quantile_upper_bound_us(0.5)),
+                us(m.latency.quantile_upper_bound_us(0.99)),
+            ),
+            None => ("0".into(), "0".into(), "-".into(), "-".into()),
+        };
+        println!(
+            "{:<20} {:<10} {:<8} {:>9} {:>7} {:>9} {:>9}  {}",
+            spec.name,
+            spec.role,
+            format!("{running}/{}", f.target),
+            req,
+            err,
+            p50,
+            p99,
+            url(&cfg, &spec.name)
+        );
+        if !f.last_failure.is_empty() {
+            println!("  last failure: {}", f.last_failure);
+        }
+    }
+    if fns.is_empty() {
+        eprintln!("no functions deployed; try: agora fn deploy NAME FILE.wasm");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn rm(t: Target, name: String) -> anyhow::Result<ExitCode> {
+    let cfg = config(&t)?;
+    operator(
+        &cfg,
+        operator_request::Request::FnRemove(v1::FunctionRemove { name: name.clone() }),
+    )
+    .await?;
+    eprintln!("function {name} removed; its hosts are stopping");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn logs(t: Target, name: String, stderr: bool) -> anyhow::Result<ExitCode> {
+    let cfg = config(&t)?;
+    let fns = list(&cfg).await?;
+    let f = fns
+        .iter()
+        .find(|f| f.spec.as_ref().is_some_and(|s| s.name == name))
+        .ok_or_else(|| {
+            anyhow::anyhow!("no function named {name:?} is deployed (see `agora fn ls`)")
+        })?;
+    if f.instances.is_empty() {
+        eprintln!(
+            "function {name} has no hosts now (scaled to zero?); output of ended hosts: `agora ps --all` lists tasks named fn:{name}, `agora logs TASK` prints one"
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let client = Client::connect(&cfg).await?;
+    let path = if stderr { "stderr" } else { "stdout" };
+    let many = f.instances.len() > 1;
+    let mut out = tokio::io::stdout();
+    for i in &f.instances {
+        if many {
+            out.write_all(format!("==> {} on {} <==\n", i.task_id, i.agent_id).as_bytes())
+                .await?;
+        }
+        let mut off = 0u64;
+        loop {
+            let (data, size) = match client.read_file(&i.task_id, path, off, 1 << 20).await {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("host {}: cannot read its {path}: {e:#}", i.task_id);
+                    break;
+                }
+            };
+            if data.is_empty() {
+                break;
+            }
+            off += data.len() as u64;
+            out.write_all(&data).await?;
+            if off >= size {
+                break;
+            }
+        }
+    }
+    out.flush().await?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,323 @@
+//! End-to-end tests of serverless functions (issue 6) through the real binaries: an
+//! `agora dev` cluster, `agora fn deploy|ls|logs|rm`, and HTTP requests to the master
+//! (which forwards to an agent, holding the request while a host starts) and to an
+//! agent directly.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn deploy(c: &Cluster, args: &[&str]) -> String {
+    let mut all = vec!["fn", "deploy"];
+    all.extend_from_slice(args);
+    let o = c.agora(&all);
+    assert_eq!(code(&o), 0, "agora {all:?} failed: {}", stderr(&o));
+    stdout(&o)
+}
+
+/// Waits (bounded) until the function has `n` running hosts.
+fn wait_hosts(http_addr: &str, name: &str, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let hosts = running_hosts(http_addr, name);
+        if hosts.len() == n {
+            return hosts;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "function {name} did not get {n} running host(s) within 60 s: {:?}",
+            fn_entry(http_addr, name)
+        );
+        std::thread::sleep(Duration::from_millis(100)); // poll interval
+    }
+}
+
+#[test]
+fn both_guest_styles_through_the_master_and_an_agent() {
+    let c = Cluster::start_with(&["--fn-idle-timeout", "2s"]);
+    let web = master_http(&c);
+
+    // A CGI-style WASI command. min 1: it stays while idle.
+    let echo = guest("echo");
+    let out = deploy(
+        &c,
+        &["echo", echo.to_str().unwrap(), "--min-instances", "1"],
+    );
+    assert!(
+        out.contains(&format!("http://{web}/fn/echo/")),
+        "deploy prints the URL: {out}"
+    );
+    let r = http("POST", &web, "/fn/echo/a/b?x=1", b"hello body");
+    assert_eq!(r.status, 200, "{r:?}");
+    for want in [
+        "REQUEST_METHOD: POST",
+        "PATH_INFO: /a/b",
+        "QUERY_STRING: x=1",
+        "HTTP_X_TEST: yes",
+    ] {
+        assert!(
+            r.body.contains(want),
+            "echo answer lacks {want:?}: {}",
+            r.body
+        );
+    }
+    assert!(r.body.ends_with("hello body"), "{}", r.body);
+
+    // The same function straight from the agent that hosts it.
+    let agents = wait_hosts(&web, "echo", 1);
+    let r = http("GET", &agents[0], "/fn/echo/direct?y=2", b"");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.body.contains("PATH_INFO: /direct"), "{}", r.body);
+
+    // A wasi:http/proxy component.
+    let hello = hello_http_component();
+    deploy(
+        &c,
+        &["hello", hello.to_str().unwrap(), "--min-instances", "1"],
+    );
+    let r = http("GET", &web, "/fn/hello/greet?who=you", b"");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(
+        r.body.contains("hello from a wasi:http component: GET"),
+        "{}",
+        r.body
+    );
+    assert_eq!(r.header("x-agora-guest"), Some("hello-http"));
+    let agents = wait_hosts(&web, "hello", 1);
+    let r = http("GET", &agents[0], "/fn/hello/", b"");
+    assert_eq!(r.status, 200, "{r:?}");
+
+    // Unknown functions: 404 naming them, at the master and at the agent.
+    let r = http("GET", &web, "/fn/nope/x", b"");
+    assert_eq!(r.status, 404);
+    assert!(r.body.contains("\"nope\""), "{}", r.body);
+
+    // fn ls: hosts running/target and the requests counted by the agents' metrics.
+    wait_until("fn ls to count echo's requests", || {
+        let ls = stdout(&c.agora(&["fn", "ls"]));
+        ls.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.first() == Some(&"echo")
+                && f.get(2) == Some(&"1/1")
+                && f.get(3).is_some_and(|n| n.parse::<u64>().unwrap_or(0) >= 2)
+        })
+    });
+    let ls = stdout(&c.agora(&["fn", "ls"]));
+    assert!(ls.lines().any(|l| l.starts_with("hello ")), "{ls}");
+    println!("{ls}");
+    let r = http("GET", &web, "/fn-metrics", b"");
+    assert_eq!(r.status, 200);
+    assert!(r.body.contains("\"name\":\"echo\""), "{}", r.body);
+
+    // fn logs reads the hosts' output through the master.
+    let o = c.agora(&["fn", "logs", "echo", "--stderr"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let o = c.agora(&["fn", "logs", "nope"]);
+    assert_ne!(code(&o), 0);
+    assert!(
+        stderr(&o).contains("no function named \"nope\""),
+        "{}",
+        stderr(&o)
+    );
+
+    // Bad input gets clear errors.
+    let notwasm = write_file(c.dir.path(), "x.wasm", "not wasm at all");
+    let o = c.agora(&["fn", "deploy", "bad", notwasm.to_str().unwrap()]);
+    assert_ne!(code(&o), 0);
+    assert!(
+        stderr(&o).contains("is not a WebAssembly module or component"),
+        "{}",
+        stderr(&o)
+    );
+    let o = c.agora(&["fn", "deploy", "a b", echo.to_str().unwrap()]);
+    assert_ne!(code(&o), 0);
+    assert!(stderr(&o).contains("contains ' '"), "{}", stderr(&o));
+    let o = c.agora(&["fn", "rm", "nope"]);
+    assert_ne!(code(&o), 0);
+    assert!(
+        stderr(&o).contains("no function named \"nope\""),
+        "{}",
+        stderr(&o)
+    );
+
+    // fn rm: the hosts stop and the function is gone.
+    let o = c.agora(&["fn", "rm", "echo"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let r = http("GET", &web, "/fn/echo/", b"");
+    assert_eq!(r.status, 404, "{r:?}");
+    assert!(r.body.contains("\"echo\""), "{}", r.body);
+    wait_until("echo's host to stop", || {
+        !stdout(&c.agora(&["ps"]))
+            .lines()
+            .any(|l| l.contains("fn:echo"))
+    });
+}
+
+#[test]
+fn per_request_limits_and_overload_answer_with_reasons() {
+    let c = Cluster::start_with(&["--fn-idle-timeout", "2s"]);
+    let web = master_http(&c);
+    let misbehave = guest("misbehave");
+    let m = misbehave.to_str().unwrap();
+    deploy(
+        &c,
+        &["fuel", m, "--fuel", "50000000", "--min-instances", "1"],
+    );
+    deploy(&c, &["mem", m, "--mem", "16MiB", "--min-instances", "1"]);
+    deploy(
+        &c,
+        &["deadline", m, "--timeout", "300ms", "--min-instances", "1"],
+    );
+
+    let r = http("GET", &web, "/fn/fuel/?spin", b"");
+    assert!(r.status >= 500, "{r:?}");
+    assert!(r.body.contains("fuel"), "{}", r.body);
+    assert_eq!(http("GET", &web, "/fn/fuel/", b"").body.trim(), "fine");
+
+    let r = http("GET", &web, "/fn/mem/?alloc=64", b"");
+    assert!(r.status >= 500, "{r:?}");
+    assert!(r.body.contains("memory limit"), "{}", r.body);
+    assert_eq!(http("GET", &web, "/fn/mem/", b"").status, 200);
+
+    let started = Instant::now();
+    let r = http("GET", &web, "/fn/deadline/?spin", b"");
+    assert!(r.status >= 500, "{r:?}");
+    assert!(r.body.contains("deadline"), "{}", r.body);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(http("GET", &web, "/fn/deadline/", b"").status, 200);
+
+    // One request at a time, one waiting: a burst gets 429/503 with Retry-After.
+    let slow = guest("slow");
+    deploy(
+        &c,
+        &[
+            "slow",
+            slow.to_str().unwrap(),
+            "--max-concurrency",
+            "1",
+            "--queue",
+            "1",
+            "--queue-wait",
+            "5s",
+            "--min-instances",
+            "1",
+            "--max-instances",
+            "1",
+        ],
+    );
+    assert_eq!(http("GET", &web, "/fn/slow/?ms=1", b"").status, 200);
+    let burst: Vec<_> = (0..6)
+        .map(|_| {
+            let web = web.clone();
+            std::thread::spawn(move || http("GET", &web, "/fn/slow/?ms=1500", b""))
+        })
+        .collect();
+    let answers: Vec<HttpReply> = burst
+        .into_iter()
+        .map(|t| t.join().expect("request"))
+        .collect();
+    let ok = answers.iter().filter(|r| r.status == 200).count();
+    let refused: Vec<&HttpReply> = answers
+        .iter()
+        .filter(|r| r.status == 429 || r.status == 503)
+        .collect();
+    assert!(ok >= 1 && !refused.is_empty(), "{answers:?}");
+    for r in &refused {
+        assert!(r.header("retry-after").is_some(), "{r:?}");
+    }
+    assert_eq!(ok + refused.len(), answers.len(), "{answers:?}");
+    // And the function still serves.
+    assert_eq!(http("GET", &web, "/fn/slow/?ms=1", b"").status, 200);
+}
+
+#[test]
+fn scale_to_zero_and_back_with_timed_cold_starts() {
+    let c = Cluster::start_with(&["--fn-idle-timeout", "2s"]);
+    let web = master_http(&c);
+    let noop = guest("noop");
+    deploy(&c, &["noop", noop.to_str().unwrap()]);
+    assert!(
+        running_hosts(&web, "noop").is_empty(),
+        "min 0: no host at deploy"
+    );
+
+    // First-ever start: no host, and the module not yet on the agent.
+    let t = Instant::now();
+    let r = http("GET", &web, "/fn/noop/", b"");
+    let first_ever = t.elapsed();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body.trim(), "ok");
+
+    // Warm.
+    let t = Instant::now();
+    assert_eq!(http("GET", &web, "/fn/noop/", b"").status, 200);
+    let warm = t.elapsed();
+
+    // Idle for the idle timeout: the host goes.
+    wait_until("noop to scale to zero", || {
+        fn_entry(&web, "noop").is_some_and(|f| {
+            f["instances"].as_array().is_some_and(|i| i.is_empty()) && f["target"] == 0
+        })
+    });
+
+    // Cold start: the module is cached (compiled) on the agent, no host runs.
+    let t = Instant::now();
+    let r = http("GET", &web, "/fn/noop/", b"");
+    let cold = t.elapsed();
+    assert_eq!(r.status, 200, "{r:?}");
+    println!(
+        "noop through the master: first-ever start {first_ever:?}, warm {warm:?}, cold start after scale to zero {cold:?}"
+    );
+    assert_eq!(running_hosts(&web, "noop").len(), 1);
+}
+
+#[test]
+fn deployed_functions_survive_a_master_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let start = || {
+        let mut cmd = std::process::Command::new(AGORA);
+        cmd.arg("dev")
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(["--fn-idle-timeout", "2s"]);
+        Proc::start(cmd, |l| l == "ready").0
+    };
+    let config = dir.path().join("client.json");
+    let agora = |args: &[&str]| {
+        run_bounded(
+            std::process::Command::new(AGORA)
+                .args(args)
+                .env("AGORA_CONFIG", &config)
+                .env_remove("AGORA_MASTER"),
+            120,
+        )
+    };
+    let web = |config: &std::path::Path| {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(config).expect("config")).expect("json");
+        v["http"]
+            .as_str()
+            .expect("http")
+            .trim_start_matches("http://")
+            .to_string()
+    };
+    let first = start();
+    let echo = guest("echo");
+    let o = agora(&["fn", "deploy", "echo", echo.to_str().unwrap()]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(http("GET", &web(&config), "/fn/echo/", b"").status, 200);
+    drop(first); // SIGTERM: master and agent stop
+
+    let _second = start();
+    let o = agora(&["fn", "ls"]);
+    assert!(
+        stdout(&o).lines().any(|l| l.starts_with("echo ")),
+        "{}",
+        stdout(&o)
+    );
+    let r = http("GET", &web(&config), "/fn/echo/again", b"");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.body.contains("PATH_INFO: /again"), "{}", r.body);
+}

@@ -1,0 +1,150 @@
+//! The load of each function: every second, each agent hosting functions is asked for
+//! `GET /fn-metrics` (its hosts' metrics summed per function); the answers are summed
+//! per function for the planner (in flight, queued, requests) and the HTTP API.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agora_functions::MetricsSnapshot;
+use agora_proto::unix_millis;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client as HttpClient;
+
+use super::planner::Load;
+use super::Functions;
+
+/// How often agents' metrics are read.
+pub const POLL_EVERY: Duration = Duration::from_secs(1);
+/// Bound on one agent's answer.
+const POLL_TIMEOUT: Duration = Duration::from_secs(1);
+const MAX_METRICS_BODY: usize = 4 << 20;
+/// How often the agents' HTTP addresses are read again even when all are known.
+const AGENTS_EVERY: Duration = Duration::from_secs(10);
+
+pub(crate) type Http = HttpClient<HttpConnector, Full<Bytes>>;
+
+pub(crate) fn http_client() -> Http {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    HttpClient::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(256)
+        .build(connector)
+}
+
+/// Reads the agents' HTTP addresses through the operator API, like any client.
+pub(crate) async fn refresh_agents(functions: &Functions, client: &agora_sdk::Client) {
+    match client.agents().await {
+        Ok(agents) => {
+            let map: BTreeMap<String, String> = agents
+                .into_iter()
+                .filter(|a| !a.http_address.is_empty())
+                .map(|a| (a.agent_id, a.http_address))
+                .collect();
+            let mut s = functions.lock();
+            s.planner.set_agents(map.len() as u32);
+            s.agent_http = map;
+        }
+        Err(e) => tracing::debug!("functions: cannot list agents: {e:#}"),
+    }
+}
+
+async fn fetch(http: &Http, addr: &str) -> anyhow::Result<Vec<MetricsSnapshot>> {
+    let req =
+        hyper::Request::get(format!("http://{addr}/fn-metrics")).body(Full::new(Bytes::new()))?;
+    let work = async {
+        let resp = http.request(req).await?;
+        if !resp.status().is_success() {
+            anyhow::bail!("answered {}", resp.status());
+        }
+        let body = Limited::new(resp.into_body(), MAX_METRICS_BODY)
+            .collect()
+            .await
+            .map_err(|e| anyhow::anyhow!("reading the answer: {e}"))?
+            .to_bytes();
+        Ok(serde_json::from_slice(&body)?)
+    };
+    tokio::time::timeout(POLL_TIMEOUT, work)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within {POLL_TIMEOUT:?}"))?
+}
+
+/// Polls forever (until aborted with the master).
+pub(crate) async fn run_poller(functions: Arc<Functions>, client: Arc<agora_sdk::Client>) {
+    let http = http_client();
+    let mut tick = tokio::time::interval(POLL_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_agents = tokio::time::Instant::now() - AGENTS_EVERY;
+    loop {
+        tick.tick().await;
+        let (addrs, unknown_agent) = {
+            let s = functions.lock();
+            let mut addrs = BTreeSet::new();
+            let mut unknown = false;
+            for h in s.planner.hosts().values() {
+                match s.agent_http.get(&h.agent_id) {
+                    Some(a) => {
+                        addrs.insert(a.clone());
+                    }
+                    None => unknown = true,
+                }
+            }
+            (addrs, unknown)
+        };
+        if unknown_agent || last_agents.elapsed() >= AGENTS_EVERY {
+            refresh_agents(&functions, &client).await;
+            last_agents = tokio::time::Instant::now();
+        }
+        let answers = futures_join(addrs.into_iter().map(|addr| {
+            let http = http.clone();
+            async move {
+                let r = fetch(&http, &addr).await;
+                (addr, r)
+            }
+        }))
+        .await;
+        let now = unix_millis();
+        let mut s = functions.lock();
+        s.metrics.clear();
+        for (addr, r) in answers {
+            match r {
+                Ok(m) => {
+                    s.metrics.insert(addr, m);
+                }
+                Err(e) => tracing::debug!(agent = %addr, "functions: no metrics: {e:#}"),
+            }
+        }
+        let by_fn = s.metrics_by_function();
+        let names: Vec<String> = s.planner.functions().keys().cloned().collect();
+        for name in names {
+            let load = by_fn.get(&name).map_or(Load::default(), |m| Load {
+                requests: m.requests,
+                in_flight: m.in_flight,
+                queued: m.queued,
+            });
+            s.planner.observe_load(&name, load, now);
+        }
+        drop(s);
+        functions.wake_framework();
+    }
+}
+
+/// Runs futures concurrently (each its own task) and collects what they return.
+async fn futures_join<F>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futs.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        if let Ok(v) = h.await {
+            out.push(v);
+        }
+    }
+    out
+}

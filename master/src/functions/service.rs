@@ -1,0 +1,660 @@
+//! The state the operator API, the functions framework and the HTTP server share:
+//! the planner (deployed functions and their hosts), where each agent serves HTTP,
+//! the load last read from the agents, and the requests waiting for a host.
+//!
+//! One std mutex guards it; nothing awaits while holding it. Whoever changes what the
+//! framework should act on wakes it ([`Functions::wake_framework`]); whoever changes
+//! which hosts serve bumps a watch so that waiting requests look again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use agora_functions::MetricsSnapshot;
+use agora_proto::v1::{self, FunctionDeploy, FunctionInfo, FunctionSummary, TaskState};
+use agora_proto::{unix_millis, Resources};
+use prost::Message;
+use tokio::sync::{watch, Notify};
+
+use super::planner::{HostState, Planner, PlannerConfig};
+use super::MAX_WAITERS;
+use crate::registry::{FunctionEntry, Registry, RegistryOp};
+
+/// Writes registry ops durably (the master shell's registry store).
+pub type Persist = Arc<dyn Fn(&[RegistryOp]) -> anyhow::Result<()> + Send + Sync>;
+
+/// cpus of a host when the deploy names none: most time a host waits for requests.
+pub const DEFAULT_HOST_CPUS_MILLI: i64 = 100;
+/// Memory of a host beyond one instance's limit (the host process, wasmtime, buffers).
+pub const HOST_MEM_MARGIN: i64 = 32 << 20;
+/// Per-request memory when the deploy names none (the functions crate's default).
+const DEFAULT_MEMORY: u64 = 64 << 20;
+const DEFAULT_MAX_CONCURRENCY: u32 = 16;
+const MAX_LIMIT: Duration = Duration::from_secs(15 * 60);
+const MAX_NAME_LEN: usize = 64;
+/// Function name reserved for the master's own routes (`/fn/-/metrics`).
+const RESERVED_NAME: &str = "-";
+
+pub struct Functions {
+    state: Mutex<State>,
+    wake: Notify,
+    changed: watch::Sender<u64>,
+    persist: Persist,
+}
+
+pub(crate) struct State {
+    pub planner: Planner,
+    /// agent id -> host:port where it serves `/fn/...`.
+    pub agent_http: BTreeMap<String, String>,
+    /// agent http address -> its latest `/fn-metrics`.
+    pub metrics: BTreeMap<String, Vec<MetricsSnapshot>>,
+    /// Requests held at the master per function.
+    pub waiting: BTreeMap<String, u32>,
+    /// Requests the master is forwarding, per agent http address.
+    pub forwarding: HashMap<String, u64>,
+    pub round_robin: usize,
+    pub framework_id: Option<String>,
+    /// Hosts to kill decided outside the framework's loop (a remove); it sends them.
+    pub kill_queue: Vec<String>,
+}
+
+/// Why a request found no host.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WaitError {
+    /// The function is not (or no longer) deployed.
+    Unknown,
+    /// Too many requests already wait for a host of this function.
+    Full,
+    /// No host became ready in time; with the last failure, if any.
+    Timeout(Option<String>),
+    /// A host failed to start while the request waited.
+    HostFailed(String),
+}
+
+/// An agent chosen to serve one request; counted as busy until dropped.
+pub struct Lease {
+    functions: Arc<Functions>,
+    pub addr: String,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut s = self.functions.lock();
+        if let Some(n) = s.forwarding.get_mut(&self.addr) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+/// Decrements a function's waiting count when a held request goes (answered,
+/// timed out or abandoned by its client).
+struct Waiting<'a> {
+    functions: &'a Functions,
+    name: &'a str,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut s = self.functions.lock();
+        let n = s
+            .waiting
+            .get(self.name)
+            .copied()
+            .unwrap_or(0)
+            .saturating_sub(1);
+        if n == 0 {
+            s.waiting.remove(self.name);
+        } else {
+            s.waiting.insert(self.name.to_string(), n);
+        }
+        s.planner.set_waiting(self.name, n, unix_millis());
+    }
+}
+
+impl Functions {
+    /// The functions of a recovered registry, and the framework's id.
+    pub fn from_registry(reg: &Registry) -> (Vec<FunctionDeploy>, Option<String>) {
+        let mut specs = Vec::new();
+        for (name, entry) in &reg.functions {
+            let decoded = hex::decode(&entry.deploy_hex)
+                .map_err(|e| e.to_string())
+                .and_then(|b| FunctionDeploy::decode(b.as_slice()).map_err(|e| e.to_string()));
+            match decoded {
+                Ok(spec) => specs.push(spec),
+                Err(e) => {
+                    tracing::warn!(function = %name, "registry: function entry unreadable, skipped: {e}")
+                }
+            }
+        }
+        (specs, reg.functions_framework.clone())
+    }
+
+    pub fn new(
+        specs: Vec<FunctionDeploy>,
+        framework_id: Option<String>,
+        idle_timeout: Duration,
+        persist: Persist,
+    ) -> Arc<Functions> {
+        let mut planner = Planner::new(PlannerConfig {
+            idle_timeout_ms: u64::try_from(idle_timeout.as_millis()).unwrap_or(u64::MAX),
+            ..PlannerConfig::default()
+        });
+        let now = unix_millis();
+        for spec in specs {
+            planner.deploy(spec, now);
+        }
+        Arc::new(Functions {
+            state: Mutex::new(State {
+                planner,
+                agent_http: BTreeMap::new(),
+                metrics: BTreeMap::new(),
+                waiting: BTreeMap::new(),
+                forwarding: HashMap::new(),
+                round_robin: 0,
+                framework_id,
+                kill_queue: Vec::new(),
+            }),
+            wake: Notify::new(),
+            changed: watch::Sender::new(0),
+            persist,
+        })
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent data (no multi-step
+        // invariants span an unlock), so carry on with it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes the framework to decide again (a deploy, a waiting request).
+    pub fn wake_framework(&self) {
+        self.wake.notify_one();
+    }
+
+    pub(crate) async fn woken(&self) {
+        self.wake.notified().await
+    }
+
+    /// Tells waiting requests to look for a host again.
+    pub(crate) fn hosts_changed(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    pub(crate) fn persist(&self, ops: &[RegistryOp]) -> anyhow::Result<()> {
+        (self.persist)(ops)
+    }
+
+    /// Registers or replaces a function (checked and normalised first), durably.
+    pub fn deploy(&self, spec: FunctionDeploy) -> Result<FunctionDeploy, String> {
+        let spec = normalize(spec)?;
+        let entry = FunctionEntry {
+            deploy_hex: hex::encode(spec.encode_to_vec()),
+        };
+        self.persist(&[RegistryOp::PutFunction {
+            name: spec.name.clone(),
+            entry,
+        }])
+        .map_err(|e| format!("function {} not deployed: {e:#}", spec.name))?;
+        let replaced = {
+            let mut s = self.lock();
+            let replaced = s.planner.function(&spec.name).is_some();
+            s.planner.deploy(spec.clone(), unix_millis());
+            replaced
+        };
+        tracing::info!(function = %spec.name, replaced, sha256 = %spec.module.as_ref().map(|m| m.sha256.as_str()).unwrap_or(""), "function deployed");
+        self.wake_framework();
+        Ok(spec)
+    }
+
+    /// Removes a function: its hosts are killed, requests to it get 404.
+    pub fn remove(&self, name: &str) -> Result<(), String> {
+        if self.lock().planner.function(name).is_none() {
+            return Err(format!(
+                "no function named {name:?} is deployed (see `agora fn ls`)"
+            ));
+        }
+        self.persist(&[RegistryOp::RemoveFunction {
+            name: name.to_string(),
+        }])
+        .map_err(|e| format!("function {name} not removed: {e:#}"))?;
+        // The framework kills the hosts on its next decision.
+        let kills = self.lock().planner.remove(name);
+        tracing::info!(function = %name, hosts = kills.len(), "function removed");
+        self.lock().kill_queue.extend(kills);
+        self.wake_framework();
+        self.hosts_changed();
+        Ok(())
+    }
+
+    /// Every function with its hosts, target and metrics.
+    pub fn list(&self) -> Vec<FunctionSummary> {
+        let s = self.lock();
+        let metrics = s.metrics_by_function();
+        s.planner
+            .functions()
+            .values()
+            .map(|f| {
+                let name = f.spec.name.as_str();
+                let instances = s
+                    .planner
+                    .hosts_of(name)
+                    .map(|(id, h)| v1::FunctionInstance {
+                        task_id: id.clone(),
+                        agent_id: h.agent_id.clone(),
+                        http_address: s.agent_http.get(&h.agent_id).cloned().unwrap_or_default(),
+                        state: match h.state {
+                            HostState::Launching => TaskState::TaskStaging,
+                            HostState::Starting => TaskState::TaskStarting,
+                            HostState::Running => TaskState::TaskRunning,
+                            HostState::Killing => TaskState::TaskKilling,
+                        } as i32,
+                    })
+                    .collect();
+                FunctionSummary {
+                    spec: Some(f.spec.clone()),
+                    instances,
+                    metrics_json: metrics
+                        .get(name)
+                        .and_then(|m| serde_json::to_string(m).ok())
+                        .unwrap_or_default(),
+                    target: f.target,
+                    last_failure: f.last_failure.clone().unwrap_or_default(),
+                }
+            })
+            .collect()
+    }
+
+    /// Per-function metrics summed over the agents.
+    pub fn metrics(&self) -> Vec<MetricsSnapshot> {
+        self.lock().metrics_by_function().into_values().collect()
+    }
+
+    pub fn is_deployed(&self, name: &str) -> bool {
+        self.lock().planner.function(name).is_some()
+    }
+
+    /// An agent with a running host of `name`, taken for one request; None when there
+    /// is none (or the function is unknown).
+    pub fn lease(self: &Arc<Self>, name: &str) -> Option<Lease> {
+        let mut s = self.lock();
+        let addr = s.pick(name)?;
+        *s.forwarding.entry(addr.clone()).or_default() += 1;
+        drop(s);
+        Some(Lease {
+            functions: self.clone(),
+            addr,
+        })
+    }
+
+    /// Holds a request until a host of `name` runs (asking the framework for one),
+    /// for at most `limit`.
+    pub async fn wait_for_host(
+        self: &Arc<Self>,
+        name: &str,
+        limit: Duration,
+    ) -> Result<Lease, WaitError> {
+        let mut changed = self.changed.subscribe();
+        let failures_before = {
+            let mut s = self.lock();
+            let Some(f) = s.planner.function(name) else {
+                return Err(WaitError::Unknown);
+            };
+            let failures = f.failures;
+            let n = s.waiting.get(name).copied().unwrap_or(0);
+            if n >= MAX_WAITERS {
+                return Err(WaitError::Full);
+            }
+            s.waiting.insert(name.to_string(), n + 1);
+            s.planner.set_waiting(name, n + 1, unix_millis());
+            failures
+        };
+        let _waiting = Waiting {
+            functions: self,
+            name,
+        };
+        self.wake_framework();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(lease) = self.lease(name) {
+                return Ok(lease);
+            }
+            {
+                let s = self.lock();
+                let Some(f) = s.planner.function(name) else {
+                    return Err(WaitError::Unknown);
+                };
+                if f.failures > failures_before {
+                    return Err(WaitError::HostFailed(
+                        f.last_failure
+                            .clone()
+                            .unwrap_or_else(|| "unknown reason".into()),
+                    ));
+                }
+            }
+            match tokio::time::timeout_at(deadline, changed.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => {
+                    let last = self
+                        .lock()
+                        .planner
+                        .function(name)
+                        .and_then(|f| f.last_failure.clone());
+                    return Err(WaitError::Timeout(last));
+                }
+            }
+        }
+    }
+}
+
+impl State {
+    /// Least-forwarding agent among those with a running host of `name` (an agent
+    /// with two hosts appears twice), ties broken round robin.
+    fn pick(&mut self, name: &str) -> Option<String> {
+        let addrs: Vec<&String> = self
+            .planner
+            .hosts_of(name)
+            .filter(|(_, h)| h.state == HostState::Running)
+            .filter_map(|(_, h)| self.agent_http.get(&h.agent_id))
+            .collect();
+        if addrs.is_empty() {
+            return None;
+        }
+        self.round_robin = self.round_robin.wrapping_add(1);
+        let start = self.round_robin % addrs.len();
+        let mut best: Option<(&String, u64)> = None;
+        for i in 0..addrs.len() {
+            let a = addrs[(start + i) % addrs.len()];
+            let busy = self.forwarding.get(a).copied().unwrap_or(0);
+            if best.is_none_or(|(_, b)| busy < b) {
+                best = Some((a, busy));
+            }
+        }
+        best.map(|(a, _)| a.clone())
+    }
+
+    pub fn metrics_by_function(&self) -> BTreeMap<String, MetricsSnapshot> {
+        let mut out: BTreeMap<String, MetricsSnapshot> = BTreeMap::new();
+        for snaps in self.metrics.values() {
+            for m in snaps {
+                if self.planner.function(&m.name).is_none() {
+                    continue;
+                }
+                match out.get_mut(&m.name) {
+                    Some(sum) => sum.add(m),
+                    None => {
+                        out.insert(m.name.clone(), m.clone());
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Checks a deploy and fills in defaults, so that every part of the system sees the
+/// same explicit values.
+pub fn normalize(mut d: FunctionDeploy) -> Result<FunctionDeploy, String> {
+    check_name(&d.name)?;
+    let name = d.name.clone();
+    let bad = |m: String| format!("function {name}: {m}");
+    let module = d
+        .module
+        .as_mut()
+        .ok_or_else(|| bad("the deploy names no module".into()))?;
+    if !agora_proto::is_sha256_hex(&module.sha256) {
+        return Err(bad(format!(
+            "module hash {:?} is not a sha256 in lower-case hex",
+            module.sha256
+        )));
+    }
+    if module.timeout_ms > MAX_LIMIT.as_millis() as u64 {
+        return Err(bad(format!(
+            "timeout of {} ms is above the limit of {} minutes per request",
+            module.timeout_ms,
+            MAX_LIMIT.as_secs() / 60
+        )));
+    }
+    let role = d.role.trim().to_string();
+    d.role = if role.is_empty() { "*".into() } else { role };
+    if d.role != "*" {
+        crate::allocator::validate_role(&d.role)
+            .map_err(|e| bad(format!("role {:?}: {e}", d.role)))?;
+    }
+    let info = d.function.get_or_insert_with(FunctionInfo::default);
+    info.name = name.clone();
+    info.tenant = tenant_of(&d.role);
+    if info.memory_bytes == 0 {
+        info.memory_bytes = DEFAULT_MEMORY;
+    }
+    if info.memory_bytes > 4 << 30 {
+        return Err(bad(
+            "memory per request is above the 4GiB a wasm32 instance can use".into(),
+        ));
+    }
+    if info.max_concurrency == 0 {
+        info.max_concurrency = DEFAULT_MAX_CONCURRENCY;
+    }
+    if info.max_concurrency > 10_000 || info.queue_len > 100_000 {
+        return Err(bad(format!(
+            "max concurrency {} / queue {} are above the limits (10000 / 100000)",
+            info.max_concurrency, info.queue_len
+        )));
+    }
+    if info.max_queue_wait_ms > MAX_LIMIT.as_millis() as u64 {
+        return Err(bad("queue wait is above 15 minutes".into()));
+    }
+    if d.max_instances > 1000 || d.min_instances > 1000 {
+        return Err(bad("min and max instances are at most 1000".into()));
+    }
+    if d.max_instances > 0 && d.min_instances > d.max_instances {
+        return Err(bad(format!(
+            "min instances ({}) is above max instances ({})",
+            d.min_instances, d.max_instances
+        )));
+    }
+    let res = Resources::from_proto(&d.resources).map_err(|e| bad(format!("resources: {e}")))?;
+    let res = if res.is_empty() {
+        Resources::cpus_mem(
+            DEFAULT_HOST_CPUS_MILLI,
+            info.memory_bytes as i64 + HOST_MEM_MARGIN,
+        )
+    } else {
+        if res.milli_cpus() <= 0 || res.mem_bytes() <= 0 {
+            return Err(bad(format!("resources {res} must include cpus and mem")));
+        }
+        res.unreserved()
+    };
+    d.resources = res.to_proto();
+    Ok(d)
+}
+
+/// Function names appear in URLs, task ids and file names: the functions crate's
+/// alphabet, and `-` alone is the master's own (`/fn/-/metrics`).
+fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return Err(format!(
+            "function name must be 1 to {MAX_NAME_LEN} characters, got {name:?}"
+        ));
+    }
+    if name.starts_with('.') {
+        return Err(format!("function name {name:?} must not start with '.'"));
+    }
+    if name == RESERVED_NAME {
+        return Err("function name \"-\" is reserved for the master's own routes".into());
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+    {
+        return Err(format!(
+            "function name {name:?} contains {c:?}; use only letters, digits, '_', '.' and '-'"
+        ));
+    }
+    Ok(())
+}
+
+/// The tenant of a role, in the functions crate's name alphabet: the default role is
+/// `default`, `/` of hierarchical roles becomes `.`.
+fn tenant_of(role: &str) -> String {
+    if role == "*" {
+        return "default".into();
+    }
+    let t: String = role
+        .chars()
+        .map(|c| match c {
+            '/' => '.',
+            c if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') => c,
+            _ => '_',
+        })
+        .take(MAX_NAME_LEN)
+        .collect();
+    t.trim_start_matches('.').to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agora_proto::v1::WasmModule;
+
+    fn deploy(name: &str) -> FunctionDeploy {
+        FunctionDeploy {
+            name: name.into(),
+            module: Some(WasmModule {
+                sha256: "ab".repeat(32),
+                size: 3,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn normalize_fills_defaults_and_refuses_bad_input() {
+        let d = normalize(deploy("echo")).unwrap();
+        assert_eq!(d.role, "*");
+        let info = d.function.as_ref().unwrap();
+        assert_eq!(
+            (info.name.as_str(), info.tenant.as_str()),
+            ("echo", "default")
+        );
+        assert_eq!(info.max_concurrency, 16);
+        let res = Resources::from_proto(&d.resources).unwrap();
+        assert_eq!(res.milli_cpus(), 100);
+        assert_eq!(res.mem_bytes(), (64 << 20) + HOST_MEM_MARGIN);
+
+        let mut d = deploy("web.api");
+        d.role = "eng/web".into();
+        assert_eq!(normalize(d).unwrap().function.unwrap().tenant, "eng.web");
+
+        for bad in ["", "a/b", ".x", "-", "a b"] {
+            assert!(normalize(deploy(bad)).is_err(), "{bad:?}");
+        }
+        let mut d = deploy("f");
+        d.min_instances = 3;
+        d.max_instances = 2;
+        assert!(normalize(d)
+            .unwrap_err()
+            .contains("min instances (3) is above max"));
+        let mut d = deploy("f");
+        d.module.as_mut().unwrap().sha256 = "nothex".into();
+        assert!(normalize(d).unwrap_err().contains("sha256"));
+        let mut d = deploy("f");
+        d.role = "eng/*".into();
+        assert!(normalize(d).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_waiting_request_gets_the_first_running_host() {
+        let persisted = Arc::new(Mutex::new(Vec::new()));
+        let p = persisted.clone();
+        let f = Functions::new(
+            vec![],
+            None,
+            Duration::from_secs(60),
+            Arc::new(move |ops: &[RegistryOp]| {
+                p.lock().unwrap().extend_from_slice(ops);
+                Ok(())
+            }),
+        );
+        f.deploy(deploy("echo")).unwrap();
+        assert!(matches!(
+            persisted.lock().unwrap()[0],
+            RegistryOp::PutFunction { .. }
+        ));
+        assert!(f.lease("echo").is_none());
+        assert_eq!(
+            f.wait_for_host("nope", Duration::from_secs(1)).await.err(),
+            Some(WaitError::Unknown)
+        );
+        let waiter = {
+            let f = f.clone();
+            tokio::spawn(async move {
+                f.wait_for_host("echo", Duration::from_secs(10))
+                    .await
+                    .map(|l| l.addr.clone())
+            })
+        };
+        // The framework would see the waiting request and launch a host.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while f.lock().waiting.get("echo").copied().unwrap_or(0) == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the waiter never registered"
+            );
+            tokio::task::yield_now().await;
+        }
+        {
+            let mut s = f.lock();
+            assert_eq!(s.planner.decide(unix_millis()).launch.get("echo"), Some(&1));
+            s.planner.launched("fn.echo.1", "echo", "a1", 0);
+            s.planner
+                .update("fn.echo.1", None, "a1", TaskState::TaskRunning, "", 0);
+            s.agent_http.insert("a1".into(), "127.0.0.1:9".into());
+        }
+        f.hosts_changed();
+        assert_eq!(waiter.await.unwrap(), Ok("127.0.0.1:9".to_string()));
+        assert_eq!(f.lock().waiting.get("echo"), None, "the waiter is gone");
+        let lease = f.lease("echo").unwrap();
+        assert_eq!(f.lock().forwarding["127.0.0.1:9"], 1);
+        drop(lease);
+        assert_eq!(f.lock().forwarding["127.0.0.1:9"], 0);
+        f.remove("echo").unwrap();
+        assert!(f.remove("echo").unwrap_err().contains("no function named"));
+        assert!(f.list().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_host_that_fails_to_start_fails_the_waiting_requests() {
+        let f = Functions::new(
+            vec![],
+            None,
+            Duration::from_secs(60),
+            Arc::new(|_: &[RegistryOp]| Ok(())),
+        );
+        f.deploy(deploy("bad")).unwrap();
+        let waiter = {
+            let f = f.clone();
+            tokio::spawn(async move { f.wait_for_host("bad", Duration::from_secs(10)).await.err() })
+        };
+        while f.lock().waiting.get("bad").copied().unwrap_or(0) == 0 {
+            tokio::task::yield_now().await;
+        }
+        {
+            let mut s = f.lock();
+            s.planner.launched("fn.bad.1", "bad", "a1", 0);
+            s.planner.update(
+                "fn.bad.1",
+                None,
+                "a1",
+                TaskState::TaskFailed,
+                "invalid module",
+                0,
+            );
+        }
+        f.hosts_changed();
+        match waiter.await.unwrap() {
+            Some(WaitError::HostFailed(m)) => assert!(m.contains("invalid module"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
