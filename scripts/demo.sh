@@ -44,3 +44,21 @@ step agents
 "$agora" agents
 step bench launch -n 200 --use-config
 "$agora" bench launch -n 200 --use-config
+
+# Functions: a CGI-style module and a wasi:http component, called over HTTP.
+http_url="$(sed -n 's/^ *http  *\(http:\/\/[^ ]*\).*/\1/p' "$log" | head -n 1)"
+step fn deploy echo echo.wasm --timeout 5s
+"$agora" fn deploy echo "$guests/echo.wasm" --timeout 5s
+step fn deploy hello hello_http.wasm
+"$agora" fn deploy hello "$root/target/guests/wasm32-wasip2/release/hello_http.wasm"
+if [ -n "$http_url" ] && command -v curl >/dev/null 2>&1; then
+    printf '\n\033[1m$ curl %s/fn/echo/any/path?x=1 -d "a body"\033[0m\n' "$http_url"
+    curl -sS --max-time 60 "$http_url/fn/echo/any/path?x=1" -d "a body"
+    printf '\n\033[1m$ curl %s/fn/hello/\033[0m\n' "$http_url"
+    curl -sS --max-time 60 "$http_url/fn/hello/"
+    echo
+else
+    echo "(no curl or no HTTP address: skipping the calls)"
+fi
+step fn ls
+"$agora" fn ls

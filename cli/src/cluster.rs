@@ -147,6 +147,13 @@ pub struct MasterArgs {
     /// "cpus:0.1;mem:64MiB|mem:1GiB". Default "cpus:0.01|mem:32MiB".
     #[arg(long)]
     min_allocatable_resources: Option<String>,
+    /// Finished tasks remembered for `ps --all`, logs and reconciliation.
+    #[arg(long, default_value_t = 1000)]
+    max_completed_tasks: usize,
+    /// Removed frameworks whose ids are remembered (and refused if they subscribe
+    /// again).
+    #[arg(long, default_value_t = 1000)]
+    max_completed_frameworks: usize,
     /// Address of the HTTP server for functions (/fn/NAME/..., /fn, /fn-metrics).
     /// Default 0.0.0.0:7070; when the default is taken the master runs without it.
     #[arg(long = "http")]
@@ -332,6 +339,24 @@ impl IsolationArgs {
     }
 }
 
+/// Master flags that bound what the core keeps or offers.
+struct MasterLimits {
+    min_allocatable: Option<Vec<Resources>>,
+    completed_tasks: usize,
+    completed_frameworks: usize,
+}
+
+impl Default for MasterLimits {
+    fn default() -> Self {
+        let d = CoreConfig::default();
+        MasterLimits {
+            min_allocatable: None,
+            completed_tasks: d.completed_task_limit,
+            completed_frameworks: d.completed_framework_limit,
+        }
+    }
+}
+
 /// `--min-allocatable-resources`: bags separated by `|`, each in `--resources` syntax.
 fn min_allocatable(spec: &str) -> anyhow::Result<Vec<Resources>> {
     spec.split('|')
@@ -357,7 +382,7 @@ async fn start_master(
     offer_timeout_ms: u64,
     agent_reregister_ms: u64,
     functions: Option<FunctionsConfig>,
-    min_allocatable: Option<Vec<Resources>>,
+    limits: MasterLimits,
 ) -> anyhow::Result<MasterHandle> {
     let prefix = format!("{:08x}", (agora_proto::unix_millis() / 1000) as u32);
     let core = CoreConfig {
@@ -365,7 +390,9 @@ async fn start_master(
         agent_timeout_ms,
         offer_timeout_ms,
         agent_reregister_ms,
-        min_allocatable,
+        min_allocatable: limits.min_allocatable,
+        completed_task_limit: limits.completed_tasks,
+        completed_framework_limit: limits.completed_frameworks,
         ..CoreConfig::default()
     };
     agora_master::server::start(MasterConfig {
@@ -456,7 +483,7 @@ impl DevCluster {
             offer_timeout_ms,
             CoreConfig::default().agent_reregister_ms,
             Some(functions.config(&cd)),
-            None,
+            MasterLimits::default(),
         )
         .await?;
         let agent = start_agent(
@@ -613,10 +640,15 @@ pub async fn master(a: MasterArgs) -> anyhow::Result<ExitCode> {
         offer_timeout_ms(a.offer_timeout)?,
         a.agent_reregister_timeout * 1000,
         functions,
-        a.min_allocatable_resources
-            .as_deref()
-            .map(min_allocatable)
-            .transpose()?,
+        MasterLimits {
+            min_allocatable: a
+                .min_allocatable_resources
+                .as_deref()
+                .map(min_allocatable)
+                .transpose()?,
+            completed_tasks: a.max_completed_tasks,
+            completed_frameworks: a.max_completed_frameworks,
+        },
     )
     .await?;
     println!("master listening on {} (QUIC)", master.addr);

@@ -36,6 +36,9 @@ pub struct CoreConfig {
     pub default_refuse_ms: u64,
     /// How many finished tasks are remembered for `ps --all` and logs.
     pub completed_task_limit: usize,
+    /// How many removed frameworks' ids are remembered (and refused if they try to
+    /// subscribe again); the oldest are forgotten first.
+    pub completed_framework_limit: usize,
     /// An offer unanswered this long is rescinded and its resources go back to the
     /// allocator (`--offer-timeout`); 0: never.
     pub offer_timeout_ms: u64,
@@ -58,6 +61,7 @@ impl Default for CoreConfig {
             default_failover_ms: 60_000,
             default_refuse_ms: 5_000,
             completed_task_limit: 1_000,
+            completed_framework_limit: 1_000,
             offer_timeout_ms: 30_000,
             framework_heartbeat_ms: 5_000,
             agent_reregister_ms: 20_000,
@@ -1405,6 +1409,16 @@ impl MasterCore {
             framework_id: fid.to_string(),
             removed_ms: self.last_now,
         });
+        while self.registry.removed_frameworks.len() > self.cfg.completed_framework_limit {
+            let oldest = self
+                .registry
+                .removed_frameworks
+                .iter()
+                .min_by_key(|(id, t)| (**t, (*id).clone()))
+                .map(|(id, _)| id.clone());
+            let Some(framework_id) = oldest else { break };
+            self.persist(RegistryOp::ForgetFramework { framework_id });
+        }
         tracing::info!(framework = %fid, "framework removed: {why}");
     }
 

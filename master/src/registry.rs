@@ -87,6 +87,10 @@ pub enum RegistryOp {
         framework_id: String,
         removed_ms: u64,
     },
+    /// A removed framework's id is forgotten (the bound on remembered ones).
+    ForgetFramework {
+        framework_id: String,
+    },
     /// Weight 1 (the default) removes the entry.
     SetWeight {
         role: String,
@@ -189,6 +193,9 @@ impl Registry {
                     };
                 }
             }
+            RegistryOp::ForgetFramework { framework_id } => {
+                self.removed_frameworks.remove(framework_id);
+            }
             RegistryOp::SetWeight { role, weight } => {
                 if *weight == 1.0 {
                     self.weights.remove(role);
@@ -262,6 +269,7 @@ fn entry_of(op: &RegistryOp) -> (&'static str, String, Option<Vec<u8>>) {
             framework_id,
             removed_ms,
         } => ("removed", framework_id.clone(), json(removed_ms)),
+        RegistryOp::ForgetFramework { framework_id } => ("removed", framework_id.clone(), None),
         RegistryOp::SetWeight { role, weight } => (
             "weight",
             role.clone(),

@@ -573,3 +573,29 @@ fn an_agent_that_restarts_before_it_hears_its_id_gets_the_same_id_back() {
     });
     assert_eq!(again.as_deref(), Some(first.as_str()));
 }
+
+#[test]
+fn removed_framework_ids_are_remembered_up_to_the_configured_bound() {
+    let mut m = Node {
+        core: MasterCore::new(CoreConfig {
+            completed_framework_limit: 2,
+            ..CoreConfig::default()
+        }),
+        reg: Registry::default(),
+        now: 1_000,
+    };
+    let mut ids = Vec::new();
+    for conn in 101..104 {
+        let fid = subscribed_id(&m.subscribe(conn, "")).unwrap();
+        m.now += 1;
+        m.feed(Input::SchedulerCall {
+            conn,
+            call: Call {
+                call: Some(call::Call::Teardown(v1::Teardown {})),
+            },
+        });
+        ids.push(fid);
+    }
+    let kept: Vec<&String> = m.reg.removed_frameworks.keys().collect();
+    assert_eq!(kept, vec![&ids[1], &ids[2]], "the oldest is forgotten");
+}
