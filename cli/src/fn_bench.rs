@@ -105,6 +105,17 @@ pub async fn bench_fn(a: FnBenchArgs) -> anyhow::Result<ExitCode> {
     let result = async {
         let client = Client::connect(&cfg).await?;
         let (sha256, size) = client.upload_file(&module).await?;
+        // One host with all of the agent's cpus: the host's cgroup quota follows its
+        // task's cpus, and the default host (0.1 cpu) would measure the quota instead.
+        let agent_cpus = client
+            .agents()
+            .await?
+            .iter()
+            .filter_map(|a| agora_proto::Resources::from_proto(&a.total).ok())
+            .map(|r| r.milli_cpus())
+            .max()
+            .unwrap_or(1000);
+        let host = agora_proto::Resources::cpus_mem(agent_cpus, 256 << 20);
         let deploy = FunctionDeploy {
             name: "noop".into(),
             module: Some(WasmModule {
@@ -122,7 +133,7 @@ pub async fn bench_fn(a: FnBenchArgs) -> anyhow::Result<ExitCode> {
             }),
             min_instances: 1,
             max_instances: 1,
-            resources: vec![],
+            resources: host.to_proto(),
         };
         crate::fns::operator(&cfg, operator_request::Request::FnDeploy(deploy)).await?;
         let agent = wait_for_host(&cfg).await?;
