@@ -24,16 +24,16 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use agora_proto::executor_link::{recovery_timeout_from_env, write_frames, Outbox};
-use agora_proto::frame::{read_frame, FrameError};
+use agora_proto::executor_link::{recovery_timeout_from_env, AgentConn, Outbox, FLUSH_GRACE};
+use agora_proto::frame::FrameError;
 use agora_proto::v1::{
     agent_to_executor, AgentToExecutor, ExecutorLaunch, ExecutorRegister, ExecutorStatus,
     FunctionInfo, Reason, TaskState,
 };
 use anyhow::Context as _;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot, Notify};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::sync::{oneshot, Notify};
+use tokio::task::JoinSet;
 
 use crate::outcome::Failure;
 use crate::spec::{FunctionSpec, ModuleSource, MAX_NAME_LEN};
@@ -43,8 +43,6 @@ use crate::{router, FunctionHost, FunctionRegistry, HostConfig, HttpConfig};
 pub const SOCKET_NAME: &str = "fn.sock";
 /// Most a kill waits for the requests in flight, whatever the function's deadline.
 const MAX_DRAIN_GRACE: Duration = Duration::from_secs(10);
-/// How long queued statuses get to reach the agent before the executor returns.
-const FLUSH_GRACE: Duration = Duration::from_secs(5);
 /// Backoff between attempts to reach a restarting agent: from the first to the cap.
 const RECONNECT_FIRST: Duration = Duration::from_millis(50);
 const RECONNECT_MAX: Duration = Duration::from_millis(250);
@@ -88,7 +86,13 @@ pub async fn run_executor(
         hosts: JoinSet::new(),
         roots: HashMap::new(),
     };
-    let mut conn = Conn::start(stream, &executor, register.clone(), false);
+    let mut conn = AgentConn::start(
+        stream,
+        &executor.outbox,
+        &executor.running,
+        register.clone(),
+        false,
+    );
     let result = loop {
         match executor.serve(&mut conn).await {
             End::Shutdown => {
@@ -110,7 +114,13 @@ pub async fn run_executor(
                 match executor.reconnect(socket, recovery_timeout).await {
                     Some(stream) => {
                         tracing::info!("reconnected to the agent");
-                        conn = Conn::start(stream, &executor, register.clone(), true);
+                        conn = AgentConn::start(
+                            stream,
+                            &executor.outbox,
+                            &executor.running,
+                            register.clone(),
+                            true,
+                        );
                     }
                     None => {
                         let n = lock(&executor.running).len();
@@ -136,64 +146,6 @@ enum End {
     Bad(FrameError),
 }
 
-/// One connection to the agent: its reader and writer tasks.
-struct Conn {
-    frames: mpsc::Receiver<Result<Option<AgentToExecutor>, FrameError>>,
-    reader: JoinHandle<()>,
-    writer: JoinHandle<()>,
-}
-
-impl Conn {
-    /// Starts the reader and writer, registers (naming the hosts known, when this is a
-    /// reconnect) and sends the statuses not yet acknowledged.
-    fn start(
-        stream: UnixStream,
-        ex: &Executor,
-        register: ExecutorRegister,
-        reconnect: bool,
-    ) -> Conn {
-        let (read_half, write_half) = stream.into_split();
-        let (out, out_rx) = mpsc::unbounded_channel();
-        let writer = tokio::spawn(write_frames(write_half, out_rx));
-        ex.outbox.attach(out, register, &ex.running, reconnect);
-        // `read_frame` is not cancel-safe: frames are read in a task of their own.
-        let (frames_tx, frames) = mpsc::channel(16);
-        let reader = tokio::spawn(async move {
-            let mut read_half = read_half;
-            loop {
-                let frame = read_frame::<_, AgentToExecutor>(&mut read_half).await;
-                let last = !matches!(frame, Ok(Some(_)));
-                if frames_tx.send(frame).await.is_err() || last {
-                    break;
-                }
-            }
-        });
-        Conn {
-            frames,
-            reader,
-            writer,
-        }
-    }
-
-    fn close(&mut self, outbox: &Outbox) {
-        outbox.detach();
-        self.reader.abort();
-        self.writer.abort();
-    }
-
-    async fn finish(mut self, outbox: &Outbox) {
-        self.reader.abort();
-        outbox.detach();
-        if tokio::time::timeout(FLUSH_GRACE, &mut self.writer)
-            .await
-            .is_err()
-        {
-            tracing::warn!("statuses not flushed to the agent within {FLUSH_GRACE:?}");
-            self.writer.abort();
-        }
-    }
-}
-
 /// Kill signals of the hosts running, by task id. A host's task removes its entry
 /// just before it sends its terminal status ([`Outbox::finish`]).
 type Running = Arc<Mutex<HashMap<String, Arc<Notify>>>>;
@@ -210,7 +162,7 @@ struct Executor {
 }
 
 impl Executor {
-    async fn serve(&mut self, conn: &mut Conn) -> End {
+    async fn serve(&mut self, conn: &mut AgentConn) -> End {
         loop {
             tokio::select! {
                 frame = conn.frames.recv() => match frame {

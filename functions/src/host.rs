@@ -5,9 +5,8 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::Semaphore;
 use wasmtime::component::Component;
@@ -22,7 +21,7 @@ use crate::spec::{check_name, FunctionSpec, GuestKind, ModuleSource};
 use crate::units::{GIB, MIB};
 
 /// How often the epoch advances: the granularity of deadlines.
-pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+pub use agora_wasm_executor::runner::{EpochTicker, EPOCH_TICK};
 
 /// Settings of a [`FunctionHost`]; `Default` suits an agent.
 #[derive(Clone, Debug)]
@@ -98,7 +97,7 @@ impl FunctionHost {
         let cgi_linker = cgi_module::linker(&engine)?;
         let component_linker = http_component::linker(&engine)?;
         let cache = ArtifactCache::new(&engine, config.cache_dir.clone());
-        let ticker = EpochTicker::start(&engine).map_err(|e| {
+        let ticker = EpochTicker::start(&engine, "agora-fn-epoch").map_err(|e| {
             FunctionError::Host(format!("cannot start the epoch ticker thread: {e}"))
         })?;
         Ok(Arc::new(FunctionHost {
@@ -312,44 +311,6 @@ fn build_engine(host: &HostConfig) -> Result<(Engine, bool), FunctionError> {
         ))
     })?;
     Ok((engine, false))
-}
-
-/// Advances the engine's epoch every [`EPOCH_TICK`] until dropped.
-struct EpochTicker {
-    stop: Option<mpsc::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl EpochTicker {
-    fn start(engine: &Engine) -> std::io::Result<Self> {
-        // A weak handle: the ticker must not keep the engine alive on its own.
-        let engine = engine.weak();
-        let (stop, stopped) = mpsc::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("agora-fn-epoch".to_string())
-            .spawn(move || {
-                // Dropping the sender (or the engine going away) is the stop signal.
-                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(EPOCH_TICK) {
-                    match engine.upgrade() {
-                        Some(engine) => engine.increment_epoch(),
-                        None => break,
-                    }
-                }
-            })?;
-        Ok(Self {
-            stop: Some(stop),
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for EpochTicker {
-    fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
 }
 
 // Shared between the HTTP tasks and blocking threads.

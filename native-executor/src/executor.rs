@@ -20,23 +20,20 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use agora_proto::frame::{read_frame, FrameError};
+use agora_proto::frame::FrameError;
 use agora_proto::v1::{
     agent_to_executor, AgentToExecutor, ExecutorLaunch, ExecutorRegister, ExecutorStatus, Reason,
     TaskState,
 };
 use anyhow::Context as _;
 use tokio::net::UnixStream;
-use tokio::sync::mpsc;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinSet;
 
 use crate::runner::{kill_grace, KillSwitch, NativeConfig, Runner};
-use agora_proto::executor_link::{recovery_timeout_from_env, write_frames, Outbox};
+use agora_proto::executor_link::{recovery_timeout_from_env, AgentConn, Outbox};
 
 /// Time beyond the longest kill grace that tasks get to report after a shutdown.
 const STOP_MARGIN: Duration = Duration::from_secs(15);
-/// How long queued statuses get to reach the agent before the executor returns.
-const FLUSH_GRACE: Duration = Duration::from_secs(5);
 /// Backoff between attempts to reach a restarting agent: from the first to the cap.
 const RECONNECT_FIRST: Duration = Duration::from_millis(50);
 const RECONNECT_MAX: Duration = Duration::from_millis(250);
@@ -89,7 +86,13 @@ pub async fn run_executor_with(
         tasks: JoinSet::new(),
         roots: HashMap::new(),
     };
-    let mut conn = Conn::start(stream, &executor, register.clone(), false);
+    let mut conn = AgentConn::start(
+        stream,
+        &executor.outbox,
+        &executor.running,
+        register.clone(),
+        false,
+    );
     let result = loop {
         match executor.serve(&mut conn).await {
             End::Shutdown => {
@@ -111,7 +114,13 @@ pub async fn run_executor_with(
                 match executor.reconnect(socket, recovery_timeout).await {
                     Some(stream) => {
                         tracing::info!("reconnected to the agent");
-                        conn = Conn::start(stream, &executor, register.clone(), true);
+                        conn = AgentConn::start(
+                            stream,
+                            &executor.outbox,
+                            &executor.running,
+                            register.clone(),
+                            true,
+                        );
                     }
                     None => {
                         let n = lock(&executor.running).len();
@@ -137,69 +146,6 @@ enum End {
     Shutdown,
     Eof,
     Bad(FrameError),
-}
-
-type Frames = mpsc::Receiver<Result<Option<AgentToExecutor>, FrameError>>;
-
-/// One connection to the agent: its reader and writer tasks.
-struct Conn {
-    frames: Frames,
-    reader: JoinHandle<()>,
-    writer: JoinHandle<()>,
-}
-
-impl Conn {
-    /// Starts the reader and writer, registers (naming the tasks known, when this is
-    /// a reconnect) and sends the statuses not yet acknowledged.
-    fn start(
-        stream: UnixStream,
-        ex: &Executor,
-        register: ExecutorRegister,
-        reconnect: bool,
-    ) -> Conn {
-        let (read_half, write_half) = stream.into_split();
-        let (out, out_rx) = mpsc::unbounded_channel();
-        let writer = tokio::spawn(write_frames(write_half, out_rx));
-        ex.outbox.attach(out, register, &ex.running, reconnect);
-        let (frames_tx, frames) = mpsc::channel(16);
-        let reader = tokio::spawn(async move {
-            let mut read_half = read_half;
-            loop {
-                let frame = read_frame::<_, AgentToExecutor>(&mut read_half).await;
-                let last = !matches!(frame, Ok(Some(_)));
-                if frames_tx.send(frame).await.is_err() || last {
-                    break;
-                }
-            }
-        });
-        Conn {
-            frames,
-            reader,
-            writer,
-        }
-    }
-
-    /// The agent is gone: statuses from now on wait in the outbox.
-    fn close(&mut self, outbox: &Outbox) {
-        outbox.detach();
-        self.reader.abort();
-        self.writer.abort();
-    }
-
-    /// The executor is ending: lets the writer flush what is queued (bounded).
-    async fn finish(mut self, outbox: &Outbox) {
-        self.reader.abort();
-        outbox.detach();
-        match tokio::time::timeout(FLUSH_GRACE, &mut self.writer).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) if e.is_cancelled() => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "frame writer task failed"),
-            Err(_) => {
-                tracing::warn!("statuses not flushed to the agent within {FLUSH_GRACE:?}");
-                self.writer.abort();
-            }
-        }
-    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -230,7 +176,7 @@ struct Executor {
 
 impl Executor {
     /// Serves one connection until it ends.
-    async fn serve(&mut self, conn: &mut Conn) -> End {
+    async fn serve(&mut self, conn: &mut AgentConn) -> End {
         loop {
             tokio::select! {
                 frame = conn.frames.recv() => match frame {

@@ -9,11 +9,14 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::UnixStream;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
-use crate::frame::write_frame;
+use crate::frame::{read_frame, write_frame, FrameError};
 use crate::v1::{
-    executor_to_agent, ExecutorMessage, ExecutorRegister, ExecutorStatus, ExecutorToAgent,
+    executor_to_agent, AgentToExecutor, ExecutorMessage, ExecutorRegister, ExecutorStatus,
+    ExecutorToAgent,
 };
 
 /// Environment variable (milliseconds) the agent sets to say how long an executor
@@ -205,4 +208,77 @@ pub async fn write_frames(
         }
     }
     let _ = socket.shutdown().await;
+}
+
+/// How long an ending executor waits for its writer to flush queued statuses.
+pub const FLUSH_GRACE: Duration = Duration::from_secs(5);
+
+/// Frames read from the agent, in order; the last is `Ok(None)` (end) or an error.
+pub type AgentFrames = mpsc::Receiver<Result<Option<AgentToExecutor>, FrameError>>;
+
+/// One connection of an executor to its agent: a reader task, a writer task, and the
+/// outbox attached to the writer. Every executor kind (wasm, native, function hosts)
+/// uses this one.
+pub struct AgentConn {
+    /// What the agent sends; `select!` on it (it is cancel-safe, `read_frame` is not).
+    pub frames: AgentFrames,
+    reader: JoinHandle<()>,
+    writer: JoinHandle<()>,
+}
+
+impl AgentConn {
+    /// Starts the reader and writer, registers (naming the tasks in `running`, when
+    /// this is a reconnect) and sends the statuses not yet acknowledged.
+    pub fn start<R>(
+        stream: UnixStream,
+        outbox: &Outbox,
+        running: &Mutex<HashMap<String, R>>,
+        register: ExecutorRegister,
+        reconnect: bool,
+    ) -> AgentConn {
+        let (read_half, write_half) = stream.into_split();
+        let (out, out_rx) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(write_frames(write_half, out_rx));
+        outbox.attach(out, register, running, reconnect);
+        // `read_frame` is not cancel-safe, so frames are read in a task of their own and
+        // handed over through a channel, which a loop can `select!` on safely.
+        let (frames_tx, frames) = mpsc::channel(16);
+        let reader = tokio::spawn(async move {
+            let mut read_half = read_half;
+            loop {
+                let frame = read_frame::<_, AgentToExecutor>(&mut read_half).await;
+                let last = !matches!(frame, Ok(Some(_)));
+                if frames_tx.send(frame).await.is_err() || last {
+                    break;
+                }
+            }
+        });
+        AgentConn {
+            frames,
+            reader,
+            writer,
+        }
+    }
+
+    /// The agent is gone: statuses from now on wait in the outbox.
+    pub fn close(&mut self, outbox: &Outbox) {
+        outbox.detach();
+        self.reader.abort();
+        self.writer.abort();
+    }
+
+    /// The executor is ending: lets the writer flush what is queued (bounded).
+    pub async fn finish(mut self, outbox: &Outbox) {
+        self.reader.abort();
+        outbox.detach();
+        match tokio::time::timeout(FLUSH_GRACE, &mut self.writer).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if e.is_cancelled() => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "frame writer task failed"),
+            Err(_) => {
+                tracing::warn!("statuses not flushed to the agent within {FLUSH_GRACE:?}");
+                self.writer.abort();
+            }
+        }
+    }
 }

@@ -29,7 +29,7 @@ use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 use crate::output::CappedOutput;
 
 /// How often the epoch advances: the granularity of deadlines and kills.
-const EPOCH_TICK: Duration = Duration::from_millis(10);
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// Output cap when the launch gives none.
 const DEFAULT_OUTPUT_LIMIT: u64 = 64 * MIB;
 /// argv[0] the guest sees.
@@ -208,7 +208,7 @@ impl Runner {
             }
         });
         let compat = compat_hash(&engine);
-        let ticker = EpochTicker::start(&engine)?;
+        let ticker = EpochTicker::start(&engine, "agora-epoch")?;
         Ok(Self {
             engine,
             linker,
@@ -899,19 +899,21 @@ impl ResourceLimiter for MemoryLimiter {
     }
 }
 
-/// Advances the engine's epoch every [`EPOCH_TICK`] until dropped.
-struct EpochTicker {
+/// Advances the engine's epoch every [`EPOCH_TICK`] until dropped; deadlines are
+/// counted in these ticks. Shared with the function host (agora-functions).
+pub struct EpochTicker {
     stop: Option<mpsc::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl EpochTicker {
-    fn start(engine: &Engine) -> anyhow::Result<Self> {
+    /// Starts the ticker thread, named `thread_name`.
+    pub fn start(engine: &Engine, thread_name: &str) -> std::io::Result<Self> {
         // A weak handle: the ticker must not keep the engine alive on its own.
         let engine = engine.weak();
         let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
-            .name("agora-epoch".to_string())
+            .name(thread_name.to_string())
             .spawn(move || {
                 // Dropping the sender (or the engine going away) is the stop signal.
                 while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(EPOCH_TICK) {
