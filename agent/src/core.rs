@@ -17,8 +17,8 @@ use std::path::PathBuf;
 use agora_proto::resources::MEM;
 use agora_proto::v1::{
     self, agent_to_executor, agent_to_master, AgentHello, AgentToExecutor, AgentToMaster,
-    ExecutorLaunch, ExecutorStatus, Reason, RunningTask, StatusUpdate, TaskInfo, TaskState,
-    TaskStatus,
+    ExecutorLaunch, ExecutorStatus, FunctionInfo, Reason, RunningTask, StatusUpdate, TaskInfo,
+    TaskState, TaskStatus,
 };
 use agora_proto::Resources;
 
@@ -609,16 +609,21 @@ impl AgentCore {
         self.http_address = address;
     }
 
-    /// The function hosts serving now, by function name: tasks RUNNING (not being
-    /// killed) with a `function`. Where the shell routes `/fn/NAME/...`.
+    /// The function hosts serving now: tasks RUNNING (not being killed) with a
+    /// `function`, with it. Where the shell routes `/fn/NAME/...`.
+    pub fn serving_function_hosts(&self) -> impl Iterator<Item = (&TaskKey, &FunctionInfo)> {
+        self.tasks.iter().filter_map(|(key, t)| {
+            let f = t.info.function.as_ref()?;
+            (t.phase == Phase::Launched && t.state == TaskState::TaskRunning && !t.kill_requested)
+                .then_some((key, f))
+        })
+    }
+
+    /// The function hosts serving now, by function name.
     pub fn function_hosts(&self) -> BTreeMap<String, Vec<TaskKey>> {
         let mut out: BTreeMap<String, Vec<TaskKey>> = BTreeMap::new();
-        for (key, t) in &self.tasks {
-            let Some(f) = &t.info.function else { continue };
-            if t.phase == Phase::Launched && t.state == TaskState::TaskRunning && !t.kill_requested
-            {
-                out.entry(f.name.clone()).or_default().push(key.clone());
-            }
+        for (key, f) in self.serving_function_hosts() {
+            out.entry(f.name.clone()).or_default().push(key.clone());
         }
         out
     }

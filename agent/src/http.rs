@@ -31,7 +31,10 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 
+use agora_proto::v1::FunctionInfo;
+
 use crate::core::{sandbox_dir, TaskKey};
+use crate::tenants::{self, GateCounts, Refusal, TenantGate};
 
 /// Largest request body passed to a host; more gets 413. The same as the functions
 /// runtime's own default cap.
@@ -79,50 +82,81 @@ pub fn advertised_address(bound: SocketAddr, hostname: &str, advertise: Option<&
 /// shell (see `Routes::replace`).
 #[derive(Default)]
 pub struct Routes {
-    by_name: RwLock<HashMap<String, Vec<Arc<HostLink>>>>,
+    by_name: RwLock<HashMap<String, FunctionRoute>>,
+}
+
+/// Where one function's requests go, and the gate of its tenant's limit, if any.
+#[derive(Clone)]
+struct FunctionRoute {
+    hosts: Vec<Arc<HostLink>>,
+    gate: Option<Arc<TenantGate>>,
+    counts: Arc<GateCounts>,
 }
 
 impl Routes {
-    /// Takes the core's current hosts (`AgentCore::function_hosts`). Hosts that stay
-    /// keep their pooled connections and in-flight counts.
-    pub fn replace(&self, hosts: BTreeMap<String, Vec<TaskKey>>, work_dir: &Path) {
+    /// Takes the core's current hosts (`AgentCore::serving_function_hosts`). Hosts
+    /// that stay keep their pooled connections and in-flight counts; tenants whose
+    /// limit stays keep their gate.
+    pub fn replace<'a>(
+        &self,
+        hosts: impl IntoIterator<Item = (&'a TaskKey, &'a FunctionInfo)>,
+        work_dir: &Path,
+    ) {
+        let hosts: Vec<(&TaskKey, &FunctionInfo)> = hosts.into_iter().collect();
+        let limits = tenants::strictest(
+            hosts
+                .iter()
+                .map(|(_, f)| (f.tenant.as_str(), f.tenant_limit.as_ref())),
+        );
         let mut by_name = self.by_name.write().unwrap_or_else(PoisonError::into_inner);
-        let old: HashMap<TaskKey, Arc<HostLink>> = by_name
+        let old_links: HashMap<TaskKey, Arc<HostLink>> = by_name
             .values()
-            .flatten()
+            .flat_map(|r| &r.hosts)
             .map(|h| (h.key.clone(), Arc::clone(h)))
             .collect();
-        let fresh = hosts
-            .into_iter()
-            .map(|(name, keys)| {
-                let links = keys
-                    .into_iter()
-                    .map(|key| {
-                        old.get(&key).cloned().unwrap_or_else(|| {
-                            let socket = agora_functions::executor::socket_path(&sandbox_dir(
-                                work_dir, &key,
-                            ));
-                            Arc::new(HostLink::new(key, socket))
-                        })
-                    })
-                    .collect();
-                (name, links)
-            })
-            .collect();
+        let mut gates: HashMap<String, Arc<TenantGate>> = HashMap::new();
+        for (tenant, limit) in limits {
+            let kept = by_name
+                .values()
+                .filter_map(|r| r.gate.as_ref())
+                .find(|g| g.tenant() == tenant && *g.limit() == limit)
+                .cloned();
+            let gate = kept.unwrap_or_else(|| Arc::new(TenantGate::new(&tenant, limit)));
+            gates.insert(tenant, gate);
+        }
+        let mut fresh: HashMap<String, FunctionRoute> = HashMap::new();
+        for (key, info) in hosts {
+            let route = fresh
+                .entry(info.name.clone())
+                .or_insert_with(|| FunctionRoute {
+                    hosts: Vec::new(),
+                    gate: gates.get(&info.tenant).cloned(),
+                    counts: by_name
+                        .get(&info.name)
+                        .map(|r| Arc::clone(&r.counts))
+                        .unwrap_or_default(),
+                });
+            let link = old_links.get(key).cloned().unwrap_or_else(|| {
+                let socket = agora_functions::executor::socket_path(&sandbox_dir(work_dir, key));
+                Arc::new(HostLink::new(key.clone(), socket))
+            });
+            route.hosts.push(link);
+        }
         *by_name = fresh;
     }
 
-    /// The hosts of `name`, least busy first.
-    fn hosts_of(&self, name: &str) -> Vec<Arc<HostLink>> {
-        let mut hosts = self
+    /// The route of `name`, its hosts least busy first.
+    fn route(&self, name: &str) -> Option<FunctionRoute> {
+        let mut route = self
             .by_name
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .get(name)
-            .cloned()
-            .unwrap_or_default();
-        hosts.sort_by_key(|h| h.in_flight.load(Ordering::Relaxed));
-        hosts
+            .cloned()?;
+        route
+            .hosts
+            .sort_by_key(|h| h.in_flight.load(Ordering::Relaxed));
+        Some(route)
     }
 
     fn all(&self) -> Vec<Arc<HostLink>> {
@@ -130,8 +164,17 @@ impl Routes {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .values()
-            .flatten()
-            .cloned()
+            .flat_map(|r| r.hosts.iter().cloned())
+            .collect()
+    }
+
+    /// Each routed function's tenant-gate counts.
+    fn gate_counts(&self) -> Vec<(String, Arc<GateCounts>)> {
+        self.by_name
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(name, r)| (name.clone(), Arc::clone(&r.counts)))
             .collect()
     }
 
@@ -371,10 +414,9 @@ async fn proxy(State(app): State<App>, request: Request) -> Response<Body> {
             "no function named in the path; use /fn/NAME/...\n".into(),
         );
     };
-    let hosts = app.routes.hosts_of(&name);
-    if hosts.is_empty() {
+    let Some(route) = app.routes.route(&name) else {
         return no_host(&name);
-    }
+    };
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
@@ -425,8 +467,16 @@ async fn proxy(State(app): State<App>, request: Request) -> Response<Body> {
             return plain(StatusCode::BAD_REQUEST, format!("bad request path: {e}\n"));
         }
     };
+    // The tenant's slot is held until the host has answered.
+    let _tenant_slot = match &route.gate {
+        None => None,
+        Some(gate) => match gate.admit(&name, &route.counts).await {
+            Ok(permit) => Some(permit),
+            Err(refusal) => return refused(refusal),
+        },
+    };
     let mut last_error = String::new();
-    for host in hosts {
+    for host in route.hosts {
         let mut upstream = hyper::Request::new(Full::new(body.clone()));
         *upstream.method_mut() = parts.method.clone();
         *upstream.uri_mut() = uri.clone();
@@ -453,6 +503,24 @@ fn function_name(uri: &Uri) -> Option<&str> {
     let rest = uri.path().strip_prefix("/fn/")?;
     let name = rest.split('/').next().unwrap_or("");
     (!name.is_empty()).then_some(name)
+}
+
+fn refused(refusal: Refusal) -> Response<Body> {
+    let (status, message, retry_after) = match refusal {
+        Refusal::Full {
+            message,
+            retry_after,
+        } => (StatusCode::TOO_MANY_REQUESTS, message, retry_after),
+        Refusal::Waited {
+            message,
+            retry_after,
+        } => (StatusCode::SERVICE_UNAVAILABLE, message, retry_after),
+    };
+    tracing::debug!(status = status.as_u16(), "{message}");
+    let mut r = plain(status, format!("{message}\n"));
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+    r
 }
 
 fn no_host(name: &str) -> Response<Body> {
@@ -519,6 +587,11 @@ async fn metrics(State(app): State<App>) -> Response<Body> {
                 }
             }
             Err(e) => tracing::warn!(task = %task, "a host's metrics are not valid JSON: {e}"),
+        }
+    }
+    for (name, counts) in app.routes.gate_counts() {
+        if let Some(m) = by_name.get_mut(&name) {
+            counts.add_to(m);
         }
     }
     let list: Vec<MetricsSnapshot> = by_name.into_values().collect();

@@ -12,3 +12,4 @@ pub mod core;
 pub mod gc;
 pub mod http;
 pub mod server;
+mod tenants;

@@ -503,7 +503,7 @@ impl Agent {
             self.resize_groups(&mut s);
             if s.core.take_function_hosts_changed() {
                 self.routes
-                    .replace(s.core.function_hosts(), &self.cfg.core.work_dir);
+                    .replace(s.core.serving_function_hosts(), &self.cfg.core.work_dir);
             }
             if !s.core.recovering()
                 && self

@@ -1552,6 +1552,7 @@ fn fn_task(id: &str, name: &str, memory_bytes: u64) -> TaskInfo {
         max_concurrency: 4,
         queue_len: 8,
         max_queue_wait_ms: 500,
+        tenant_limit: None,
     });
     t
 }

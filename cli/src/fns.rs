@@ -33,20 +33,35 @@ pub enum FnCmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Per-agent concurrency limits over all functions of a role (tenant).
+    #[command(subcommand)]
+    Tenant(crate::fn_tenants::TenantCmd),
     /// Remove a function: its hosts stop and requests to it get 404.
     Rm {
         #[command(flatten)]
         target: Target,
         name: String,
     },
-    /// Print the stdout (or --stderr) of the function's current hosts.
+    /// Print the log of the function's current hosts: its guests' output and failures.
+    ///
+    /// What its guests wrote (a CGI guest's stderr, a component's stdout and stderr;
+    /// at most 16KiB per stream and request) and a `<unix ms> request failed: STATUS
+    /// REASON` line per failed request. It is each host's stderr file, rotated at the
+    /// agent's output limit (to stderr.1, which is not shown).
     Logs {
         #[command(flatten)]
         target: Target,
         name: String,
-        /// Print stderr instead of stdout.
-        #[arg(long)]
+        /// Print the hosts' stdout (the host's own notes, e.g. its load time) instead.
+        #[arg(long, conflicts_with = "stderr")]
+        stdout: bool,
+        /// Print the log (the hosts' stderr): the default.
+        #[arg(long, hide = true)]
         stderr: bool,
+        /// Keep printing new lines (polling every 250 ms, picking up new hosts)
+        /// until Ctrl-C.
+        #[arg(long, short)]
+        follow: bool,
     },
 }
 
@@ -98,11 +113,14 @@ pub async fn fns(cmd: FnCmd) -> anyhow::Result<ExitCode> {
         FnCmd::Deploy(a) => deploy(a).await,
         FnCmd::Ls { target } => ls(target).await,
         FnCmd::Rm { target, name } => rm(target, name).await,
+        FnCmd::Tenant(cmd) => crate::fn_tenants::tenants(cmd).await,
         FnCmd::Logs {
             target,
             name,
-            stderr,
-        } => logs(target, name, stderr).await,
+            stdout,
+            stderr: _,
+            follow,
+        } => logs(target, name, stdout, follow).await,
     }
 }
 
@@ -164,7 +182,7 @@ pub(crate) async fn operator(
     Ok(resp)
 }
 
-fn config(t: &Target) -> anyhow::Result<ClientConfig> {
+pub(crate) fn config(t: &Target) -> anyhow::Result<ClientConfig> {
     ClientConfig::discover(t.master.as_deref(), t.config.as_deref())
 }
 
@@ -317,49 +335,136 @@ async fn rm(t: Target, name: String) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn logs(t: Target, name: String, stderr: bool) -> anyhow::Result<ExitCode> {
+async fn logs(t: Target, name: String, stdout: bool, follow: bool) -> anyhow::Result<ExitCode> {
+    /// Poll interval of --follow, as `agora logs --follow`.
+    const POLL: Duration = Duration::from_millis(250);
+    /// --follow looks for new (and gone) hosts every this many polls.
+    const RELIST_EVERY: u32 = 8;
     let cfg = config(&t)?;
-    let fns = list(&cfg).await?;
+    let path = if stdout { "stdout" } else { "stderr" };
+    let mut hosts = fn_hosts(&cfg, &name).await?;
+    if hosts.is_empty() {
+        eprintln!(
+            "function {name} has no hosts now (scaled to zero?); output of ended hosts: `agora ps --all` lists tasks named fn:{name}, `agora logs TASK --stderr` prints one"
+        );
+        if !follow {
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    let client = Client::connect(&cfg).await?;
+    let mut out = tokio::io::stdout();
+    let mut tails: Vec<HostTail> = Vec::new();
+    // The host whose output was printed last: a header goes before another's.
+    let mut shown: Option<String> = None;
+    let mut polls = 0u32;
+    loop {
+        for (task_id, agent_id) in hosts.drain(..) {
+            if !tails.iter().any(|h| h.task_id == task_id) {
+                tails.push(HostTail::new(task_id, agent_id));
+            }
+        }
+        let many = tails.len() > 1;
+        for tail in &mut tails {
+            let data = tail.read_new(&client, path, follow).await;
+            if many && (tail.fresh || !data.is_empty()) && shown.as_ref() != Some(&tail.task_id) {
+                out.write_all(
+                    format!("==> {} on {} <==\n", tail.task_id, tail.agent_id).as_bytes(),
+                )
+                .await?;
+                shown = Some(tail.task_id.clone());
+            }
+            tail.fresh = false;
+            out.write_all(&data).await?;
+        }
+        out.flush().await?;
+        if !follow {
+            return Ok(ExitCode::SUCCESS);
+        }
+        tokio::time::sleep(POLL).await; // poll interval for --follow
+        polls = polls.wrapping_add(1);
+        if polls.is_multiple_of(RELIST_EVERY) {
+            match fn_hosts(&cfg, &name).await {
+                Ok(now) => {
+                    tails.retain(|h| now.iter().any(|(id, _)| *id == h.task_id));
+                    hosts = now;
+                }
+                Err(e) => eprintln!("cannot list {name}'s hosts: {e:#}"),
+            }
+        }
+    }
+}
+
+/// The (task id, agent id) of each current host of function `name`.
+async fn fn_hosts(cfg: &ClientConfig, name: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let fns = list(cfg).await?;
     let f = fns
         .iter()
         .find(|f| f.spec.as_ref().is_some_and(|s| s.name == name))
         .ok_or_else(|| {
             anyhow::anyhow!("no function named {name:?} is deployed (see `agora fn ls`)")
         })?;
-    if f.instances.is_empty() {
-        eprintln!(
-            "function {name} has no hosts now (scaled to zero?); output of ended hosts: `agora ps --all` lists tasks named fn:{name}, `agora logs TASK` prints one"
-        );
-        return Ok(ExitCode::SUCCESS);
-    }
-    let client = Client::connect(&cfg).await?;
-    let path = if stderr { "stderr" } else { "stdout" };
-    let many = f.instances.len() > 1;
-    let mut out = tokio::io::stdout();
-    for i in &f.instances {
-        if many {
-            out.write_all(format!("==> {} on {} <==\n", i.task_id, i.agent_id).as_bytes())
-                .await?;
+    Ok(f.instances
+        .iter()
+        .map(|i| (i.task_id.clone(), i.agent_id.clone()))
+        .collect())
+}
+
+/// How far one host's file has been printed.
+struct HostTail {
+    task_id: String,
+    agent_id: String,
+    offset: u64,
+    /// Nothing printed for it yet (its header goes first even when empty).
+    fresh: bool,
+    /// A read failed and was reported; quiet until one works again.
+    failing: bool,
+}
+
+impl HostTail {
+    fn new(task_id: String, agent_id: String) -> Self {
+        HostTail {
+            task_id,
+            agent_id,
+            offset: 0,
+            fresh: true,
+            failing: false,
         }
-        let mut off = 0u64;
+    }
+
+    /// Everything written to the file since the last call (the file is bounded by
+    /// the agent's output limit, so this is too). A file smaller than what was read
+    /// was rotated: the new one is read from its start.
+    async fn read_new(&mut self, client: &Client, path: &str, follow: bool) -> Vec<u8> {
+        let mut new = Vec::new();
         loop {
-            let (data, size) = match client.read_file(&i.task_id, path, off, 1 << 20).await {
+            let (data, size) = match client
+                .read_file(&self.task_id, path, self.offset, 1 << 20)
+                .await
+            {
                 Ok(r) => r,
                 Err(e) => {
-                    eprintln!("host {}: cannot read its {path}: {e:#}", i.task_id);
-                    break;
+                    if !std::mem::replace(&mut self.failing, true) {
+                        eprintln!("host {}: cannot read its {path}: {e:#}", self.task_id);
+                    }
+                    return new;
                 }
             };
-            if data.is_empty() {
-                break;
+            self.failing = false;
+            if size < self.offset {
+                if follow {
+                    eprintln!("host {}: its {path} was rotated", self.task_id);
+                }
+                self.offset = 0;
+                continue;
             }
-            off += data.len() as u64;
-            out.write_all(&data).await?;
-            if off >= size {
-                break;
+            if data.is_empty() {
+                return new;
+            }
+            self.offset += data.len() as u64;
+            new.extend_from_slice(&data);
+            if self.offset >= size {
+                return new;
             }
         }
     }
-    out.flush().await?;
-    Ok(ExitCode::SUCCESS)
 }

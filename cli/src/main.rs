@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 mod bench;
 mod cluster;
 mod fn_bench;
+mod fn_tenants;
 mod fns;
 mod ops;
 mod roles;

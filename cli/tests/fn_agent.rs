@@ -53,6 +53,7 @@ fn host_task(id: &str, name: &str, sha256: &str, size: u64, fuel: u64) -> TaskIn
             max_concurrency: 8,
             queue_len: 16,
             max_queue_wait_ms: 1_000,
+            tenant_limit: None,
         }),
         executor_id: format!("fn-{id}"),
         ..Default::default()

@@ -321,3 +321,158 @@ fn deployed_functions_survive_a_master_restart() {
     assert_eq!(r.status, 200, "{r:?}");
     assert!(r.body.contains("PATH_INFO: /again"), "{}", r.body);
 }
+
+/// Task ids of the function's RUNNING hosts.
+fn running_task_ids(master_http: &str, name: &str) -> Vec<String> {
+    fn_entry(master_http, name)
+        .and_then(|f| f["instances"].as_array().cloned())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|i| i["state"] == "TASK_RUNNING")
+        .filter_map(|i| i["task_id"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Waits (bounded) until each function runs one host that is none of `before`.
+fn wait_replaced(master_http: &str, names: &[&str], before: &[String]) -> Vec<String> {
+    let now = std::cell::RefCell::new(Vec::new());
+    wait_until("the tenant's hosts to be replaced", || {
+        let ids: Vec<String> = names
+            .iter()
+            .flat_map(|n| running_task_ids(master_http, n))
+            .collect();
+        let done = ids.len() == names.len() && ids.iter().all(|id| !before.contains(id));
+        *now.borrow_mut() = ids;
+        done
+    });
+    now.into_inner()
+}
+
+/// Four 1.5 s requests at once, two to each function, through the master.
+fn burst(web: &str) -> Vec<HttpReply> {
+    let threads: Vec<_> = ["slow-a", "slow-b", "slow-a", "slow-b"]
+        .into_iter()
+        .map(|name| {
+            let web = web.to_string();
+            std::thread::spawn(move || http("GET", &web, &format!("/fn/{name}/?ms=1500"), b""))
+        })
+        .collect();
+    threads
+        .into_iter()
+        .map(|t| t.join().expect("request"))
+        .collect()
+}
+
+#[test]
+fn a_tenant_limit_bounds_all_of_its_functions_on_an_agent() {
+    let c = Cluster::start_with(&["--fn-idle-timeout", "60s"]);
+    let web = master_http(&c);
+    let slow = guest("slow");
+    for name in ["slow-a", "slow-b"] {
+        deploy(
+            &c,
+            &[
+                name,
+                slow.to_str().unwrap(),
+                "--role",
+                "acme",
+                "--max-concurrency",
+                "4",
+                "--min-instances",
+                "1",
+                "--max-instances",
+                "1",
+            ],
+        );
+    }
+    let first = wait_replaced(&web, &["slow-a", "slow-b"], &[]);
+    // Without a tenant limit, each function's own limit (4) lets all four run.
+    let answers = burst(&web);
+    assert!(answers.iter().all(|r| r.status == 200), "{answers:?}");
+
+    // Bad input is refused with the reason, and changes nothing.
+    let o = c.agora(&["fn", "tenant", "set", "bad role!", "--max-concurrency", "1"]);
+    assert_ne!(code(&o), 0);
+    assert!(stderr(&o).contains("bad role!"), "{}", stderr(&o));
+    let o = c.agora(&["fn", "tenant", "set", "acme", "--max-concurrency", "0"]);
+    assert_ne!(code(&o), 0);
+    assert!(stderr(&o).contains("at least 1"), "{}", stderr(&o));
+
+    // One request of acme at a time on the agent, one waiting: of four at once across
+    // its two functions, two run (one after the other) and two get 429 naming it.
+    let o = c.agora(&[
+        "fn",
+        "tenant",
+        "set",
+        "acme",
+        "--max-concurrency",
+        "1",
+        "--queue",
+        "1",
+        "--queue-wait",
+        "10s",
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let limited = wait_replaced(&web, &["slow-a", "slow-b"], &first);
+    let o = c.agora(&["fn", "tenant", "ls"]);
+    assert!(
+        stdout(&o)
+            .lines()
+            .any(|l| l.starts_with("acme") && l.contains(" 1 ")),
+        "{}",
+        stdout(&o)
+    );
+    let answers = burst(&web);
+    let ok = answers.iter().filter(|r| r.status == 200).count();
+    let refused: Vec<&HttpReply> = answers.iter().filter(|r| r.status == 429).collect();
+    assert_eq!((ok, refused.len()), (2, 2), "{answers:?}");
+    for r in &refused {
+        assert!(r.body.contains("tenant acme"), "{r:?}");
+        assert!(r.header("retry-after").is_some(), "{r:?}");
+    }
+    // The refusals count as errors of the functions.
+    wait_until("the refusals to show in the metrics", || {
+        ["slow-a", "slow-b"]
+            .iter()
+            .filter_map(|n| fn_entry(&web, n))
+            .map(|f| f["metrics"]["errors"]["queue_full"].as_u64().unwrap_or(0))
+            .sum::<u64>()
+            == 2
+    });
+    // ... and in the Prometheus exposition, labelled by function and tenant.
+    let r = http("GET", &web, "/metrics", b"");
+    assert_eq!(r.status, 200, "{r:?}");
+    let refused_series: u64 = r
+        .body
+        .lines()
+        .filter(|l| l.starts_with("agora_fn_errors_total{") && l.contains("class=\"queue_full\""))
+        .filter(|l| l.contains("tenant=\"acme\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(refused_series, 2, "{}", r.body);
+
+    // Removed: hosts are replaced again and all four run at once.
+    let o = c.agora(&["fn", "tenant", "rm", "acme"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    wait_replaced(&web, &["slow-a", "slow-b"], &limited);
+    let answers = burst(&web);
+    assert!(answers.iter().all(|r| r.status == 200), "{answers:?}");
+}
+
+#[test]
+fn guest_output_shows_in_fn_logs() {
+    let c = Cluster::start();
+    let web = master_http(&c);
+    let echo = guest("echo");
+    deploy(
+        &c,
+        &["echo", echo.to_str().unwrap(), "--min-instances", "1"],
+    );
+    let r = http("POST", &web, "/fn/echo/logged?x=1", b"12345");
+    assert_eq!(r.status, 200, "{r:?}");
+    // echo writes one stderr line per request; the host keeps it in its log.
+    wait_until("`agora fn logs echo` to show echo's stderr line", || {
+        let o = c.agora(&["fn", "logs", "echo"]);
+        code(&o) == 0 && stdout(&o).contains("echo: POST /logged 5 bytes\n")
+    });
+}

@@ -11,10 +11,12 @@
 //! [`FunctionHost`] (compiled modules cached in the agent's cache directory, as the
 //! wasm executor does), binds `<sandbox>/fn.sock` and serves the functions router on
 //! it: the agent's HTTP server proxies `/fn/NAME/...` there. RUNNING carries the load
-//! time as `instantiate_us`. Each failed request's status and reason is appended to
-//! the task's stderr file (bounded by the launch's output limit), so `agora logs
-//! --stderr` shows why requests fail. A kill stops accepting connections, lets the
-//! requests in flight finish (bounded by [`drain_grace`]), removes the socket and
+//! time as `instantiate_us`. The task's stderr file is the function's log
+//! (`LogFile`): what each request's guest wrote (a CGI guest's stderr, a
+//! component's stdout and stderr) and a line for each failed request with its status
+//! and reason, so `agora fn logs` shows both. It rotates at the launch's output limit
+//! (to `stderr.1`), keeping the newest lines. A kill stops accepting connections, lets
+//! the requests in flight finish (bounded by [`drain_grace`]), removes the socket and
 //! reports KILLED.
 
 use std::collections::HashMap;
@@ -35,8 +37,10 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinSet;
 
+use crate::function::{GuestOutput, RequestLog, GUEST_OUTPUT_LIMIT};
 use crate::outcome::Failure;
 use crate::spec::{FunctionSpec, ModuleSource, MAX_NAME_LEN};
+use crate::units::fmt_bytes;
 use crate::{router, FunctionHost, FunctionRegistry, HostConfig, HttpConfig};
 
 /// The Unix socket a host serves HTTP on, in its task's sandbox (beside `stdout`).
@@ -360,11 +364,10 @@ async fn serve_host(
             return ended(task_id, TaskState::TaskKilled, Reason::KilledByFramework, "killed while its module was loading".into());
         }
     };
-    let log = FailureFile::new(
+    function.set_request_log(Box::new(LogFile::new(
         PathBuf::from(&launch.stderr_path),
         launch.output_limit_bytes,
-    );
-    function.set_failure_log(Box::new(move |failure| log.append(failure)));
+    )));
     let registry = FunctionRegistry::new(Arc::clone(&host));
     registry.insert(Arc::clone(&function));
 
@@ -506,72 +509,154 @@ pub fn tenant_name(role: &str) -> String {
     name
 }
 
-/// The task's stderr file, to which each failed request's status and reason is
-/// appended, up to a byte limit (then one last line says logging stopped).
-struct FailureFile {
+/// A function host's log, the task's stderr file: each request that wrote output or
+/// failed is one entry, written in one piece under a lock (entries of concurrent
+/// requests never interleave): the guest's output as it wrote it (stdout, then
+/// stderr; `[output truncated at 16KiB]` after a stream that was cut), then, if the
+/// request failed, `<unix ms> request failed: <status> <reason>`.
+///
+/// An entry that would take the file past its limit first renames it to `stderr.1`
+/// (replacing the older one) and starts a new one, so at most twice the limit is kept
+/// and the newest entries survive; an entry is cut to the limit. Write errors (a full
+/// disk) drop the entry; they are logged once until a write works again.
+pub(crate) struct LogFile {
     path: PathBuf,
+    rotated: PathBuf,
     limit: u64,
-    state: Mutex<FailureFileState>,
+    state: Mutex<LogFileState>,
 }
 
 #[derive(Default)]
-struct FailureFileState {
+struct LogFileState {
     file: Option<std::fs::File>,
+    /// Bytes in the current file.
     written: u64,
-    full: bool,
+    /// An error was logged and no write has worked since.
+    failing: bool,
 }
 
-impl FailureFile {
-    fn new(path: PathBuf, limit: u64) -> Self {
-        FailureFile {
+/// Limit of a log file when the launch gives none.
+const DEFAULT_LOG_LIMIT: u64 = 1 << 20;
+
+impl LogFile {
+    /// The log at `path`, rotated at `limit` bytes (0: 1 MiB).
+    pub(crate) fn new(path: PathBuf, limit: u64) -> Self {
+        let mut rotated = path.clone().into_os_string();
+        rotated.push(".1");
+        LogFile {
             path,
-            limit: if limit == 0 { 1 << 20 } else { limit },
+            rotated: PathBuf::from(rotated),
+            limit: if limit == 0 { DEFAULT_LOG_LIMIT } else { limit },
             state: Mutex::default(),
         }
     }
 
-    fn append(&self, failure: &Failure) {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if state.full {
+    /// Appends one entry as a unit, rotating first when it would not fit; an entry
+    /// over the limit is cut to it (still ending in a newline).
+    fn append(&self, mut entry: Vec<u8>) {
+        if entry.is_empty() {
             return;
         }
-        if state.file.is_none() {
-            match std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.path)
-            {
-                Ok(f) => {
-                    state.written = f.metadata().map(|m| m.len()).unwrap_or(0);
-                    state.file = Some(f);
+        if entry.len() as u64 > self.limit {
+            entry.truncate(usize::try_from(self.limit - 1).unwrap_or(usize::MAX));
+            entry.push(b'\n');
+        }
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let written = self.write(&mut state, &entry);
+        match written {
+            Ok(()) => {
+                if std::mem::take(&mut state.failing) {
+                    tracing::info!(path = %self.path.display(), "writing the function's log again");
                 }
-                Err(e) => {
-                    tracing::warn!(path = %self.path.display(), error = %e, "cannot open the task's stderr file; request failures are not logged there");
-                    state.full = true;
-                    return;
+            }
+            Err(e) => {
+                // Reopen (and re-measure) next time: a partial write may have landed.
+                state.file = None;
+                if !std::mem::replace(&mut state.failing, true) {
+                    tracing::warn!(path = %self.path.display(), error = %e, "cannot write the function's log; dropping entries until it works again");
                 }
             }
         }
-        let mut line = format!(
-            "{} request failed: {} {}\n",
-            agora_proto::unix_millis(),
-            failure.status().as_u16(),
-            failure.message
+    }
+
+    fn write(&self, state: &mut LogFileState, entry: &[u8]) -> std::io::Result<()> {
+        let len = entry.len() as u64;
+        if state.file.is_none() {
+            let file = open_log(&self.path, false)?;
+            state.written = file.metadata().map(|m| m.len()).unwrap_or(0);
+            state.file = Some(file);
+        }
+        if state.written > 0 && state.written.saturating_add(len) > self.limit {
+            state.file = None;
+            let fresh = match std::fs::rename(&self.path, &self.rotated) {
+                Ok(()) => open_log(&self.path, false)?,
+                // Cannot keep the older half: start over in place, still bounded.
+                Err(e) => {
+                    tracing::debug!(path = %self.path.display(), error = %e, "cannot rotate the function's log; truncating it");
+                    open_log(&self.path, true)?
+                }
+            };
+            state.written = 0;
+            state.file = Some(fresh);
+        }
+        let Some(file) = state.file.as_mut() else {
+            return Ok(());
+        };
+        file.write_all(entry)?;
+        state.written += len;
+        Ok(())
+    }
+}
+
+fn open_log(path: &Path, truncate: bool) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true);
+    if truncate {
+        options.write(true).truncate(true);
+    } else {
+        options.append(true);
+    }
+    options.open(path)
+}
+
+impl RequestLog for LogFile {
+    fn record(&self, output: &GuestOutput, failure: Option<&Failure>) {
+        let mut entry = Vec::with_capacity(
+            output.stdout.bytes.len()
+                + output.stderr.bytes.len()
+                + if failure.is_some() { 128 } else { 0 },
         );
-        if state.written + line.len() as u64 > self.limit {
-            state.full = true;
-            line = format!(
-                "further request failures not logged: this file reached its limit of {} bytes\n",
-                self.limit
+        for stream in [&output.stdout, &output.stderr] {
+            if stream.bytes.is_empty() {
+                continue;
+            }
+            entry.extend_from_slice(&stream.bytes);
+            if !stream.bytes.ends_with(b"\n") {
+                entry.push(b'\n');
+            }
+            if stream.truncated {
+                entry.extend_from_slice(
+                    format!(
+                        "[output truncated at {}]\n",
+                        fmt_bytes(GUEST_OUTPUT_LIMIT as u64)
+                    )
+                    .as_bytes(),
+                );
+            }
+        }
+        if let Some(failure) = failure {
+            // One line, whatever the reason holds.
+            let reason = failure.message.replace(['\n', '\r'], " ");
+            entry.extend_from_slice(
+                format!(
+                    "{} request failed: {} {reason}\n",
+                    agora_proto::unix_millis(),
+                    failure.status().as_u16(),
+                )
+                .as_bytes(),
             );
         }
-        let n = line.len() as u64;
-        if let Some(f) = state.file.as_mut() {
-            if f.write_all(line.as_bytes()).is_err() {
-                state.full = true;
-            }
-        }
-        state.written += n;
+        self.append(entry);
     }
 }
 
@@ -650,21 +735,89 @@ mod tests {
         assert_eq!(drain_grace(&launch), Duration::from_secs(6));
     }
 
+    fn failed(reason: &str) -> Failure {
+        Failure::new(crate::ErrorClass::Deadline, reason)
+    }
+
+    fn output(stderr: &str) -> GuestOutput {
+        GuestOutput {
+            stderr: crate::function::Captured {
+                bytes: bytes::Bytes::copy_from_slice(stderr.as_bytes()),
+                truncated: false,
+            },
+            ..GuestOutput::default()
+        }
+    }
+
     #[test]
-    fn failure_file_is_bounded() {
+    fn log_file_keeps_entries_whole_and_tells_failures_apart() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("stderr");
-        let log = FailureFile::new(path.clone(), 200);
-        let f = Failure::new(crate::ErrorClass::Deadline, "deadline of 5s exceeded");
-        for _ in 0..20 {
-            log.append(&f);
-        }
+        let log = LogFile::new(path.clone(), 0);
+        log.record(&output("hello from the guest"), None);
+        let mut cut = output("x");
+        cut.stdout = crate::function::Captured {
+            bytes: bytes::Bytes::from_static(b"printed\n"),
+            truncated: true,
+        };
+        log.record(&cut, Some(&failed("deadline of 5s exceeded\nsecond line")));
+        log.record(&GuestOutput::default(), None);
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(
-            text.contains("request failed: 504 deadline of 5s exceeded"),
-            "{text}"
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 5, "{text}");
+        assert_eq!(lines[0], "hello from the guest");
+        assert_eq!(lines[1], "printed");
+        assert_eq!(lines[2], "[output truncated at 16KiB]");
+        assert_eq!(lines[3], "x");
+        let (ms, rest) = lines[4].split_once(' ').unwrap();
+        assert!(ms.parse::<u64>().is_ok(), "{text}");
+        assert_eq!(
+            rest,
+            "request failed: 504 deadline of 5s exceeded second line"
         );
-        assert!(text.ends_with("limit of 200 bytes\n"), "{text}");
-        assert!(text.len() < 200 + 100, "{}", text.len());
+    }
+
+    #[test]
+    fn log_file_rotates_and_keeps_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stderr");
+        let rotated = dir.path().join("stderr.1");
+        let limit = 200;
+        let log = LogFile::new(path.clone(), limit);
+        for i in 0..100 {
+            log.record(&output(&format!("request {i:03}")), None);
+        }
+        log.record(
+            &output(&format!("request {:03}", 100)),
+            Some(&failed("deadline of 5s exceeded")),
+        );
+        let newest = std::fs::read_to_string(&path).unwrap();
+        let older = std::fs::read_to_string(&rotated).unwrap();
+        assert!(
+            newest.ends_with("request failed: 504 deadline of 5s exceeded\n"),
+            "{newest}"
+        );
+        assert!(newest.contains("request 100\n"), "{newest}");
+        assert!(newest.len() as u64 <= limit, "{}", newest.len());
+        assert!(older.len() as u64 <= limit, "{}", older.len());
+        // Whole entries on both sides, and the older file holds the lines just before.
+        assert!(
+            older.starts_with("request ") && older.ends_with('\n'),
+            "{older}"
+        );
+        let first_newest: u32 = newest.lines().next().unwrap()[8..].parse().unwrap();
+        let last_older: u32 = older.lines().last().unwrap()[8..].parse().unwrap();
+        assert_eq!(last_older + 1, first_newest, "{older}|{newest}");
+
+        // An entry larger than the limit is cut to it, and sizes stay bounded.
+        log.record(&output(&"y".repeat(500)), None);
+        let cut = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(cut.len() as u64, limit);
+        assert!(cut.ends_with("yy\n"), "{cut}");
+        assert!(std::fs::metadata(&rotated).unwrap().len() <= limit);
+        // A host restarted on the same file continues from its size.
+        let again = LogFile::new(path.clone(), limit);
+        again.record(&output("after restart"), None);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "after restart\n");
     }
 }

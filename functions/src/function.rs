@@ -1,12 +1,17 @@
 //! A loaded function: its prepared guest, its limits, its queue and its metrics; and
-//! the path of one request through them.
+//! the path of one request through them, including what its guest wrote for the logs
+//! ([`CapturePipe`], [`GuestOutput`]) and where that goes ([`RequestLog`]).
 
-use std::sync::{Arc, OnceLock};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::http::Response;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use wasmtime::InstancePre;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 use crate::admission::{Admission, TenantSlots};
@@ -19,6 +24,7 @@ use crate::metrics::{FunctionIdentity, FunctionMetrics, MetricsSnapshot};
 use crate::outcome::{self, ErrorClass, Failure};
 use crate::request::FunctionRequest;
 use crate::spec::{FunctionSpec, GuestKind};
+use crate::units::KIB;
 
 /// After the deadline, how long a CGI request waits for its guest to be stopped by
 /// the epoch before it is answered anyway (a guest blocked in a host call, e.g. a
@@ -51,12 +57,10 @@ pub struct Function {
     limits: RequestLimits,
     admission: Admission,
     metrics: FunctionMetrics,
-    /// Told the reason of every failed request (set once; see `set_failure_log`).
-    failure_log: OnceLock<FailureLog>,
+    /// Told each request that failed or whose guest wrote output (set once; see
+    /// `set_request_log`).
+    request_log: OnceLock<Box<dyn RequestLog>>,
 }
-
-/// Receives the reason of each failed request of a function.
-pub(crate) type FailureLog = Box<dyn Fn(&Failure) + Send + Sync>;
 
 impl Function {
     pub(crate) fn new(
@@ -81,15 +85,15 @@ impl Function {
             guest,
             limits,
             metrics: FunctionMetrics::default(),
-            failure_log: OnceLock::new(),
+            request_log: OnceLock::new(),
         }
     }
 
-    /// Has `log` told the reason of every failed request from now on (the function
-    /// host executor appends them to the task's stderr file). Only the first call
-    /// takes effect.
-    pub(crate) fn set_failure_log(&self, log: FailureLog) {
-        let _ = self.failure_log.set(log);
+    /// Has `log` told, from now on, every request that failed or whose guest wrote
+    /// output (the function host executor writes them to the task's stderr file).
+    /// Only the first call takes effect.
+    pub(crate) fn set_request_log(&self, log: Box<dyn RequestLog>) {
+        let _ = self.request_log.set(log);
     }
 
     /// The function's name.
@@ -136,6 +140,7 @@ impl Function {
     pub async fn try_invoke(&self, request: FunctionRequest) -> Result<Response<Bytes>, Failure> {
         let started = Instant::now();
         self.metrics.record_request();
+        let mut output = GuestOutput::default();
         let (result, fuel) = match self
             .admission
             .admit(
@@ -149,12 +154,26 @@ impl Function {
             Ok(permits) => {
                 let _running = self.metrics.running();
                 match &self.guest {
-                    Guest::Cgi(pre) => self.run_cgi(pre, request, permits).await,
+                    Guest::Cgi(pre) => {
+                        // A CGI guest's stdout is its response: only stderr is output.
+                        let stderr = CapturePipe::new();
+                        let ran = self.run_cgi(pre, request, permits, stderr.clone()).await;
+                        output.stderr = stderr.take();
+                        ran
+                    }
                     Guest::Http(pre) => {
-                        let ran =
-                            http_component::run(self.host.engine(), pre, request, &self.limits)
-                                .await;
+                        let (stdout, stderr) = (CapturePipe::new(), CapturePipe::new());
+                        let ran = http_component::run(
+                            self.host.engine(),
+                            pre,
+                            request,
+                            &self.limits,
+                            (stdout.clone(), stderr.clone()),
+                        )
+                        .await;
                         drop(permits);
+                        output.stdout = stdout.take();
+                        output.stderr = stderr.take();
                         ran
                     }
                 }
@@ -164,8 +183,10 @@ impl Function {
         self.metrics.record_end(class, started.elapsed(), fuel);
         if let Err(failure) = &result {
             tracing::debug!(function = %self.name, status = failure.status().as_u16(), reason = %failure.message, "request failed");
-            if let Some(log) = self.failure_log.get() {
-                log(failure);
+        }
+        if result.is_err() || !output.is_empty() {
+            if let Some(log) = self.request_log.get() {
+                log.record(&output, result.as_ref().err());
             }
         }
         result
@@ -178,11 +199,13 @@ impl Function {
 
     /// Runs a CGI guest on a blocking thread (wasmtime's sync API blocks), holding the
     /// slots until the guest has really ended, even when the answer went earlier.
+    /// Its stderr goes to `stderr` (read by the caller, also after a deadline).
     async fn run_cgi(
         &self,
         pre: &InstancePre<CgiCtx>,
         request: FunctionRequest,
         permits: crate::admission::Permits,
+        stderr: CapturePipe,
     ) -> (Result<Response<Bytes>, Failure>, u64) {
         let env = cgi::meta_variables(&self.name, &request);
         let engine = self.host.engine().clone();
@@ -190,7 +213,7 @@ impl Function {
         let name = self.name.clone();
         let limits = self.limits;
         let job = tokio::task::spawn_blocking(move || {
-            let ran = cgi_module::run(&engine, &pre, &name, &env, request.body, &limits);
+            let ran = cgi_module::run(&engine, &pre, &name, &env, request.body, &limits, stderr);
             drop(permits);
             ran
         });
@@ -220,5 +243,356 @@ impl std::fmt::Debug for Function {
             .field("kind", &self.kind())
             .field("sha256", &self.sha256)
             .finish_non_exhaustive()
+    }
+}
+
+/// Receives each request of a function that failed or whose guest wrote output: both
+/// in one call, so a log can keep one request's lines together. Called on the request
+/// path, after the answer is ready and before it is sent: keep it cheap.
+pub(crate) trait RequestLog: Send + Sync {
+    /// One request ended: what its guest wrote (maybe nothing) and why it failed, if
+    /// it did. Silent successful requests are not recorded.
+    fn record(&self, output: &GuestOutput, failure: Option<&Failure>);
+}
+
+/// The most of each of a guest's diagnostic streams kept per request for the
+/// request log; the rest is dropped (the guest's writes still succeed).
+pub(crate) const GUEST_OUTPUT_LIMIT: usize = 16 * KIB as usize;
+
+/// What one request's guest wrote for the logs: a component's stdout and stderr, a
+/// CGI guest's stderr (its stdout is the response).
+#[derive(Debug, Default)]
+pub(crate) struct GuestOutput {
+    pub stdout: Captured,
+    pub stderr: Captured,
+}
+
+impl GuestOutput {
+    /// The guest wrote nothing.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.stdout.bytes.is_empty() && self.stderr.bytes.is_empty()
+    }
+}
+
+/// One captured stream: its first [`GUEST_OUTPUT_LIMIT`] bytes.
+#[derive(Debug, Default)]
+pub(crate) struct Captured {
+    pub bytes: Bytes,
+    /// The guest wrote more, which was dropped.
+    pub truncated: bool,
+}
+
+/// A guest's stdout or stderr, kept in memory up to [`GUEST_OUTPUT_LIMIT`]. Unlike
+/// wasmtime's `MemoryOutputPipe` it never fails a write: past the limit bytes are
+/// dropped and the capture marked truncated, so a chatty guest (whose `eprintln!`
+/// would panic on a failed write) is never failed for logging. Its buffer is only
+/// allocated when the guest writes.
+#[derive(Clone, Default)]
+pub(crate) struct CapturePipe {
+    shared: Arc<Mutex<Capture>>,
+}
+
+#[derive(Default)]
+struct Capture {
+    bytes: BytesMut,
+    truncated: bool,
+}
+
+/// Most bytes a guest may hand over in one write (what `check_write` allows); the
+/// pipe takes any amount, this only bounds the guest's buffers.
+const PIPE_PERMIT: usize = 64 * KIB as usize;
+
+impl CapturePipe {
+    pub(crate) fn new() -> Self {
+        CapturePipe::default()
+    }
+
+    /// Takes what was written so far (later writes start over; nobody reads them
+    /// after a request has been recorded).
+    pub(crate) fn take(&self) -> Captured {
+        let mut capture = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        Captured {
+            bytes: std::mem::take(&mut capture.bytes).freeze(),
+            truncated: std::mem::take(&mut capture.truncated),
+        }
+    }
+
+    fn push(&self, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        let mut capture = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        let room = GUEST_OUTPUT_LIMIT.saturating_sub(capture.bytes.len());
+        if data.len() > room {
+            capture.truncated = true;
+        }
+        capture
+            .bytes
+            .extend_from_slice(&data[..data.len().min(room)]);
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for CapturePipe {
+    async fn ready(&mut self) {}
+}
+
+impl OutputStream for CapturePipe {
+    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        self.push(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(PIPE_PERMIT)
+    }
+}
+
+impl tokio::io::AsyncWrite for CapturePipe {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.push(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl IsTerminal for CapturePipe {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for CapturePipe {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use super::*;
+    use crate::spec::ModuleSource;
+    use crate::HostConfig;
+
+    /// One recorded request: stdout, stderr, their truncation, the failure's reason.
+    type Entry = (String, String, bool, bool, Option<String>);
+
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<Vec<Entry>>>);
+
+    impl RequestLog for Recorder {
+        fn record(&self, output: &GuestOutput, failure: Option<&Failure>) {
+            self.0.lock().unwrap().push((
+                String::from_utf8_lossy(&output.stdout.bytes).into_owned(),
+                String::from_utf8_lossy(&output.stderr.bytes).into_owned(),
+                output.stdout.truncated,
+                output.stderr.truncated,
+                failure.map(|f| f.message.clone()),
+            ));
+        }
+    }
+
+    impl Recorder {
+        fn take(&self) -> Vec<Entry> {
+            std::mem::take(&mut *self.0.lock().unwrap())
+        }
+    }
+
+    fn host(dir: &Path) -> Arc<FunctionHost> {
+        FunctionHost::new(HostConfig {
+            cache_dir: Some(dir.to_path_buf()),
+            max_instances: 8,
+            max_memory_per_instance: 256 << 20,
+            ..HostConfig::default()
+        })
+        .unwrap()
+    }
+
+    fn load(host: &Arc<FunctionHost>, spec: FunctionSpec) -> (Arc<Function>, Recorder) {
+        let function = host.load(spec).unwrap();
+        let log = Recorder::default();
+        function.set_request_log(Box::new(log.clone()));
+        (function, log)
+    }
+
+    fn wat_spec(name: &str, wat: &str) -> FunctionSpec {
+        let bytes = wat::parse_str(wat).unwrap();
+        FunctionSpec::new(name, "tests", ModuleSource::Bytes(Bytes::from(bytes)))
+    }
+
+    /// A CGI guest writing `stderr` (WAT string syntax) to stderr, `count` times, then either answering
+    /// `ok` or trapping.
+    fn cgi_wat(stderr: &str, count: u32, then: &str) -> String {
+        format!(
+            r#"(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 1024) "Content-Type: text/plain\r\n\r\nok\n")
+  (data (i32.const 2048) "{stderr}")
+  (func $write (param $fd i32) (param $ptr i32) (param $len i32)
+    (i32.store (i32.const 0) (local.get $ptr))
+    (i32.store (i32.const 4) (local.get $len))
+    (drop (call $fd_write (local.get $fd) (i32.const 0) (i32.const 1) (i32.const 8))))
+  (func (export "_start") (local $i i32)
+    (block $done (loop $again
+      (br_if $done (i32.ge_u (local.get $i) (i32.const {count})))
+      (call $write (i32.const 2) (i32.const 2048) (i32.const {len}))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br $again)))
+    {then}))"#,
+            len = stderr.replace("\\n", "\n").len(),
+            then = if then == "trap" {
+                "unreachable"
+            } else {
+                "(call $write (i32.const 1) (i32.const 1024) (i32.const 31))"
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn cgi_stderr_and_failures_reach_the_request_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = host(dir.path());
+        let echo = FunctionSpec::new(
+            "echo",
+            "tests",
+            ModuleSource::Path(agora_guest_examples::wasm_path("echo")),
+        );
+        let (echo, log) = load(&host, echo);
+        let mut request = FunctionRequest::get("/a/b");
+        request.body = Bytes::from_static(b"hello");
+        assert_eq!(echo.try_invoke(request).await.unwrap().status(), 200);
+        assert_eq!(
+            log.take(),
+            vec![(
+                String::new(),
+                "echo: GET /a/b 5 bytes\n".into(),
+                false,
+                false,
+                None
+            )]
+        );
+
+        // Silent successful requests are not recorded.
+        let silent = wat_spec("silent", &cgi_wat("", 0, "answer"));
+        let (silent, log) = load(&host, silent);
+        assert_eq!(silent.invoke(FunctionRequest::get("/")).await.status(), 200);
+        assert_eq!(log.take(), vec![]);
+
+        // A failure, with what the guest wrote before it.
+        let trap = wat_spec("trap", &cgi_wat("about to trap\\n", 1, "trap"));
+        let (trap, log) = load(&host, trap);
+        let failure = trap
+            .try_invoke(FunctionRequest::get("/"))
+            .await
+            .unwrap_err();
+        let entries = log.take();
+        assert_eq!(entries.len(), 1, "{entries:?}");
+        assert_eq!(entries[0].1, "about to trap\n");
+        assert_eq!(entries[0].4.as_deref(), Some(failure.message.as_str()));
+    }
+
+    #[tokio::test]
+    async fn guest_output_is_capped_without_failing_the_guest() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = host(dir.path());
+        // 40 writes of 1000 bytes: 40 000 bytes, more than the cap.
+        let line = format!("{}\\n", "x".repeat(999));
+        let (chatty, log) = load(&host, wat_spec("chatty", &cgi_wat(&line, 40, "answer")));
+        let response = chatty.try_invoke(FunctionRequest::get("/")).await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.body().as_ref(), b"ok\n");
+        let entries = log.take();
+        assert_eq!(entries.len(), 1);
+        let (_, stderr, _, truncated, failure) = &entries[0];
+        assert_eq!(stderr.len(), GUEST_OUTPUT_LIMIT);
+        assert!(stderr.starts_with("xxx"));
+        assert!(*truncated);
+        assert_eq!(*failure, None);
+    }
+
+    #[tokio::test]
+    async fn component_stdout_and_stderr_reach_the_request_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = host(dir.path());
+        let mut spec = FunctionSpec::new("hello", "tests", ModuleSource::Path(hello_http()));
+        spec.timeout = Duration::from_millis(300);
+        let (hello, log) = load(&host, spec);
+        for _ in 0..2 {
+            let response = hello
+                .try_invoke(FunctionRequest::get("/x?y=1"))
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+        }
+        let said = (
+            "hello-http: GET /x?y=1\n".to_string(),
+            String::new(),
+            false,
+            false,
+            None,
+        );
+        assert_eq!(log.take(), vec![said.clone(), said]);
+
+        // Output written before a deadline is kept with the failure.
+        let failure = hello
+            .try_invoke(FunctionRequest::get("/spin"))
+            .await
+            .unwrap_err();
+        assert_eq!(failure.class, ErrorClass::Deadline);
+        assert_eq!(
+            log.take(),
+            vec![(
+                "hello-http: GET /spin\n".into(),
+                "hello-http: spinning until stopped\n".into(),
+                false,
+                false,
+                Some(failure.message)
+            )]
+        );
+    }
+
+    /// The `hello-http` component, built (by cargo, which decides what is stale) into
+    /// where scripts/build-guests.sh puts it, as the integration tests' helper does.
+    fn hello_http() -> PathBuf {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let target_dir = workspace.join("target").join("guests");
+        let manifest = workspace.join("guest-examples/hello-http/Cargo.toml");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let output = std::process::Command::new(cargo)
+            .args(["build", "--release", "--target", "wasm32-wasip2"])
+            .arg("--manifest-path")
+            .arg(&manifest)
+            .arg("--target-dir")
+            .arg(&target_dir)
+            .output()
+            .expect("cargo runs");
+        assert!(
+            output.status.success(),
+            "building hello-http failed (scripts/build-guests.sh installs the target):\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        target_dir.join("wasm32-wasip2/release/hello_http.wasm")
     }
 }

@@ -68,6 +68,14 @@ pub struct FunctionEntry {
     pub deploy_hex: String,
 }
 
+/// A role's per-agent concurrency limit over its functions (`agora fn tenant set`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantLimitEntry {
+    pub max_concurrency: u32,
+    pub queue_len: u32,
+    pub max_queue_wait_ms: u64,
+}
+
 /// One change to the registry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum RegistryOp {
@@ -127,6 +135,11 @@ pub enum RegistryOp {
     SetFunctionsFramework {
         framework_id: String,
     },
+    /// A role's tenant limit for functions; `None` removes it.
+    SetTenantLimit {
+        role: String,
+        limit: Option<TenantLimitEntry>,
+    },
 }
 
 /// Most removed framework ids remembered; the oldest are forgotten first.
@@ -146,6 +159,8 @@ pub struct Registry {
     pub reservations: BTreeMap<String, Vec<Reserved>>,
     pub functions: BTreeMap<String, FunctionEntry>,
     pub functions_framework: Option<String>,
+    /// Role -> its functions' per-agent concurrency limit.
+    pub tenant_limits: BTreeMap<String, TenantLimitEntry>,
     /// (framework id, task id) -> when it was told LOST (see `RegistryOp::TellLost`).
     pub lost_tasks: BTreeMap<(String, String), u64>,
 }
@@ -249,6 +264,14 @@ impl Registry {
             RegistryOp::SetFunctionsFramework { framework_id } => {
                 self.functions_framework = (!framework_id.is_empty()).then(|| framework_id.clone());
             }
+            RegistryOp::SetTenantLimit { role, limit } => match limit {
+                Some(l) => {
+                    self.tenant_limits.insert(role.clone(), *l);
+                }
+                None => {
+                    self.tenant_limits.remove(role);
+                }
+            },
         }
     }
 }
@@ -292,6 +315,9 @@ fn entry_of(op: &RegistryOp) -> (&'static str, String, Option<Vec<u8>>) {
         ),
         RegistryOp::PutFunction { name, entry } => ("function", name.clone(), json(entry)),
         RegistryOp::RemoveFunction { name } => ("function", name.clone(), None),
+        RegistryOp::SetTenantLimit { role, limit } => {
+            ("tenant-limit", role.clone(), limit.as_ref().and_then(json))
+        }
         RegistryOp::SetFunctionsFramework { framework_id } => (
             "functions-framework",
             String::new(),
@@ -399,6 +425,10 @@ impl RegistryStore {
                 }
                 "function" => {
                     reg.functions
+                        .insert(key, serde_json::from_slice(bytes).map_err(de_err)?);
+                }
+                "tenant-limit" => {
+                    reg.tenant_limits
                         .insert(key, serde_json::from_slice(bytes).map_err(de_err)?);
                 }
                 "functions-framework" => {
@@ -609,6 +639,11 @@ mod tests {
         let entry = |hex: &str| FunctionEntry {
             deploy_hex: hex.into(),
         };
+        let limit = |n: u32| TenantLimitEntry {
+            max_concurrency: n,
+            queue_len: 2 * n,
+            max_queue_wait_ms: 500,
+        };
         store
             .commit(&[
                 RegistryOp::PutFunction {
@@ -622,6 +657,14 @@ mod tests {
                 RegistryOp::SetFunctionsFramework {
                     framework_id: "fw-1".into(),
                 },
+                RegistryOp::SetTenantLimit {
+                    role: "tenant-a".into(),
+                    limit: Some(limit(4)),
+                },
+                RegistryOp::SetTenantLimit {
+                    role: "tenant-b".into(),
+                    limit: Some(limit(2)),
+                },
             ])
             .unwrap();
         store
@@ -633,10 +676,19 @@ mod tests {
                 RegistryOp::RemoveFunction {
                     name: "gone".into(),
                 },
+                RegistryOp::SetTenantLimit {
+                    role: "tenant-b".into(),
+                    limit: None,
+                },
             ])
             .unwrap();
         drop(store);
         let (mut store, reg) = RegistryStore::open(dir.path()).unwrap();
+        assert_eq!(
+            reg.tenant_limits,
+            BTreeMap::from([("tenant-a".to_string(), limit(4))]),
+            "a removed limit stays removed"
+        );
         assert_eq!(reg.functions.len(), 1);
         assert_eq!(reg.functions["echo"], entry("0a06"), "a replace wins");
         assert_eq!(reg.functions_framework.as_deref(), Some("fw-1"));

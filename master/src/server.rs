@@ -137,7 +137,7 @@ pub async fn start(cfg: MasterConfig) -> anyhow::Result<MasterHandle> {
     let addr = endpoint.local_addr()?;
     let mut core = MasterCore::new(cfg.core.clone());
     let (registry, recovered) = RegistryStore::open(&cfg.data_dir)?;
-    let (fn_specs, fn_framework) = Functions::from_registry(&recovered);
+    let fn_recovered = Functions::from_registry(&recovered);
     if recovered != Registry::default() {
         tracing::info!(
             agents = recovered.agents.len(),
@@ -172,7 +172,7 @@ pub async fn start(cfg: MasterConfig) -> anyhow::Result<MasterHandle> {
                         .commit(ops)
                 })
             };
-            let functions = Functions::new(fn_specs, fn_framework, fc.idle_timeout, persist);
+            let functions = Functions::new(fn_recovered, fc.idle_timeout, persist);
             if let Some(bind) = fc.http {
                 match tokio::net::TcpListener::bind(bind).await {
                     Ok(listener) => {
@@ -589,6 +589,32 @@ impl Ctx {
             Some(operator_request::Request::FnRemove(r)) => match self.functions() {
                 Ok(f) => OperatorResponse {
                     error: f.remove(&r.name).err().unwrap_or_default(),
+                    ..Default::default()
+                },
+                Err(error) => OperatorResponse {
+                    error,
+                    ..Default::default()
+                },
+            },
+            Some(operator_request::Request::FnTenantSet(r)) => {
+                let r = self.functions().and_then(|f| {
+                    f.set_tenant_limit(r.limit.unwrap_or_default())?;
+                    Ok(f.tenant_limits())
+                });
+                match r {
+                    Ok(tenant_limits) => OperatorResponse {
+                        tenant_limits,
+                        ..Default::default()
+                    },
+                    Err(error) => OperatorResponse {
+                        error,
+                        ..Default::default()
+                    },
+                }
+            }
+            Some(operator_request::Request::FnTenantList(_)) => match self.functions() {
+                Ok(f) => OperatorResponse {
+                    tenant_limits: f.tenant_limits(),
                     ..Default::default()
                 },
                 Err(error) => OperatorResponse {

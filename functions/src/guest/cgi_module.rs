@@ -1,6 +1,6 @@
 //! WASI preview 1 commands speaking CGI: a fresh instance per request from the
 //! function's `InstancePre`, the body on stdin, the request in the environment, the
-//! response parsed from stdout.
+//! response parsed from stdout; stderr is captured for the request log.
 //!
 //! These run with wasmtime's synchronous API, so [`run`] blocks: call it on a blocking
 //! thread, never on a tokio worker.
@@ -14,12 +14,10 @@ use wasmtime_wasi::{I32Exit, WasiCtxBuilder};
 
 use crate::cgi;
 use crate::error::{error_text, FunctionError};
+use crate::function::CapturePipe;
 use crate::limits::{self, HasLimits, LimitState, RequestLimits};
 use crate::outcome::{self, ErrorClass, Failure, GuestEnd};
 use crate::units::{fmt_bytes, KIB};
-
-/// The most of a guest's stderr kept for the log when a request fails.
-const STDERR_LIMIT: usize = 16 * KIB as usize;
 
 /// Store data of one CGI request.
 pub(crate) struct CgiCtx {
@@ -96,8 +94,8 @@ pub(crate) fn prepare(
     })
 }
 
-/// Runs one request in a fresh instance. Returns the response (or why there is none)
-/// and the fuel burnt.
+/// Runs one request in a fresh instance, the guest's stderr going to `stderr`.
+/// Returns the response (or why there is none) and the fuel burnt.
 pub(crate) fn run(
     engine: &Engine,
     pre: &InstancePre<CgiCtx>,
@@ -105,16 +103,16 @@ pub(crate) fn run(
     env: &[(String, String)],
     body: Bytes,
     limits: &RequestLimits,
+    stderr: CapturePipe,
 ) -> (Result<Response<Bytes>, Failure>, u64) {
     // The output pipe refuses writes past its capacity; a guest that fills it
     // exactly is treated as over the limit (it cannot be told from one that was cut).
     let output_cap = usize::try_from(limits.output).unwrap_or(usize::MAX);
     let stdout = MemoryOutputPipe::new(output_cap);
-    let stderr = MemoryOutputPipe::new(STDERR_LIMIT);
     let wasi = WasiCtxBuilder::new()
         .stdin(MemoryInputPipe::new(body))
         .stdout(stdout.clone())
-        .stderr(stderr.clone())
+        .stderr(stderr)
         .envs(env)
         .arg(name)
         .build_p1();
@@ -154,31 +152,20 @@ pub(crate) fn run(
         tracing::error!(function = name, "{}", failure.message);
         return (Err(failure), fuel);
     };
-    let stderr = take(stderr).unwrap_or_default();
     let output_full = (output.len() >= output_cap).then_some(limits.output);
 
     let outcome = match result {
-        Err(error) if !is_clean_exit(&error) => {
-            let failure = outcome::classify(&GuestEnd {
-                error: &error,
-                deadline_hit,
-                memory_denied,
-                fuel_limit: limits.fuel,
-                timeout: limits.timeout,
-                output_full,
-            });
-            log_stderr(name, &failure, &stderr);
-            Err(failure)
-        }
+        Err(error) if !is_clean_exit(&error) => Err(outcome::classify(&GuestEnd {
+            error: &error,
+            deadline_hit,
+            memory_denied,
+            fuel_limit: limits.fuel,
+            timeout: limits.timeout,
+            output_full,
+        })),
         _ if output_full.is_some() => Err(outcome::output_limit(limits.output)),
-        _ => cgi::parse_response(output).map_err(|reason| {
-            log_stderr(
-                name,
-                &Failure::new(ErrorClass::BadResponse, reason.clone()),
-                &stderr,
-            );
-            Failure::new(ErrorClass::BadResponse, reason)
-        }),
+        _ => cgi::parse_response(output)
+            .map_err(|reason| Failure::new(ErrorClass::BadResponse, reason)),
     };
     (outcome, fuel)
 }
@@ -191,13 +178,4 @@ fn is_clean_exit(error: &wasmtime::Error) -> bool {
 /// guest's handles to the pipe) is gone: `None` means some handle is still alive.
 fn take(pipe: MemoryOutputPipe) -> Option<Bytes> {
     pipe.try_into_inner().map(|bytes| bytes.freeze())
-}
-
-fn log_stderr(name: &str, failure: &Failure, stderr: &[u8]) {
-    tracing::debug!(
-        function = name,
-        reason = %failure.message,
-        stderr = %String::from_utf8_lossy(stderr),
-        "function request failed"
-    );
 }

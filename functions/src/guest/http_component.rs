@@ -10,7 +10,8 @@
 //! (so a component written for `/` works unchanged under any function name); outgoing
 //! HTTP requests are refused (`HTTP request denied`); the response is collected (up to
 //! the output limit) before it is sent, so that a guest failing half-way through its
-//! body gets a clean 5xx instead of a truncated 200.
+//! body gets a clean 5xx instead of a truncated 200; the guest's stdout and stderr are
+//! captured for the request log (`wasmtime serve` inherits them).
 
 use std::future::Future;
 use std::time::Duration;
@@ -30,6 +31,7 @@ use wasmtime_wasi_http::{
 
 use crate::cgi;
 use crate::error::{error_text, FunctionError};
+use crate::function::CapturePipe;
 use crate::limits::{self, HasLimits, LimitState, RequestLimits};
 use crate::outcome::{self, ErrorClass, Failure, GuestEnd};
 use crate::request::FunctionRequest;
@@ -139,18 +141,20 @@ pub(crate) fn prepare(
     })
 }
 
-/// Runs one request in a fresh instance. Returns the response (or why there is none)
-/// and the fuel burnt.
+/// Runs one request in a fresh instance, the guest's stdout and stderr going to
+/// `output`. Returns the response (or why there is none) and the fuel burnt.
 pub(crate) async fn run(
     engine: &Engine,
     pre: &ProxyPre<ProxyCtx>,
     request: FunctionRequest,
     limits: &RequestLimits,
+    output: (CapturePipe, CapturePipe),
 ) -> (Result<Response<Bytes>, Failure>, u64) {
+    let (stdout, stderr) = output;
     let mut store = Store::new(
         engine,
         ProxyCtx {
-            wasi: WasiCtxBuilder::new().build(),
+            wasi: WasiCtxBuilder::new().stdout(stdout).stderr(stderr).build(),
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
             hooks: DenyOutgoing,

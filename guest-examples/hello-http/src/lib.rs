@@ -4,6 +4,10 @@
 //! METHOD PATH_WITH_QUERY`, plus an `x-agora-guest: hello-http` header. A path that
 //! ends in `/spin` burns CPU forever instead, so tests can check that fuel and
 //! deadlines stop components too.
+//!
+//! It logs one line per request on stdout (`hello-http: METHOD PATH_WITH_QUERY`) and,
+//! before spinning, one on stderr, which the host keeps in the function's log
+//! (`agora fn logs NAME`).
 
 use std::hint::black_box;
 use std::io::Write as _;
@@ -19,10 +23,13 @@ wasi::http::proxy::export!(HelloHttp);
 impl wasi::exports::http::incoming_handler::Guest for HelloHttp {
     fn handle(request: IncomingRequest, response_out: ResponseOutparam) {
         let path = request.path_with_query().unwrap_or_default();
+        let method = method_name(&request.method());
+        // Writes to the host's log never fail the request: ignore their errors.
+        let _ = writeln!(std::io::stdout(), "hello-http: {method} {path}");
         if path.split('?').next().unwrap_or("").ends_with("/spin") {
+            let _ = writeln!(std::io::stderr(), "hello-http: spinning until stopped");
             spin();
         }
-        let method = method_name(&request.method());
 
         let headers = Fields::new();
         // Both names and values are valid, so these cannot fail; ignore rather than

@@ -6,6 +6,9 @@
 //! `CONTENT_LENGTH`, `SERVER_PROTOCOL`, then every `HTTP_*` header variable, sorted),
 //! a blank line, and the request body unchanged. `?status=CODE` makes it answer with
 //! that status (`Status: CODE Echo`), to exercise the `Status` header.
+//!
+//! It logs one line per request on stderr, which the host keeps in the function's
+//! log (`agora fn logs echo`): `echo: METHOD PATH_INFO N bytes`.
 
 use std::io::{Read, Write};
 
@@ -25,6 +28,13 @@ fn main() {
         eprintln!("echo: cannot read the request body: {e}");
         std::process::exit(1);
     }
+    let _ = writeln!(
+        std::io::stderr(),
+        "echo: {} {} {} bytes",
+        std::env::var("REQUEST_METHOD").unwrap_or_default(),
+        std::env::var("PATH_INFO").unwrap_or_default(),
+        body.len()
+    );
     let query = std::env::var("QUERY_STRING").unwrap_or_default();
     let status = query
         .split('&')

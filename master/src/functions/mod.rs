@@ -15,11 +15,13 @@
 //!   server (deployed specs, hosts, load, requests waiting for a host);
 //! - `framework`: the sdk loop carrying out the planner's decisions;
 //! - `load`: polling the agents' metrics, and summing them per function;
-//! - `proxy`: the HTTP routes (`/fn/...`, `/fn`, `/fn-metrics`).
+//! - `proxy`: the HTTP routes (`/fn/...`, `/fn`, `/fn-metrics`, `/metrics`);
+//! - `prometheus`: `/metrics` in Prometheus's text format.
 
 mod framework;
 mod load;
 pub mod planner;
+mod prometheus;
 mod proxy;
 mod service;
 
@@ -28,7 +30,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use framework::{function_of_task, FRAMEWORK_NAME};
-pub use service::{normalize, Functions, Persist, DEFAULT_HOST_CPUS_MILLI, HOST_MEM_MARGIN};
+pub use service::{
+    normalize, Functions, Persist, Recovered, DEFAULT_HOST_CPUS_MILLI, HOST_MEM_MARGIN,
+};
 
 /// How the master runs its functions framework and HTTP server.
 #[derive(Debug, Clone)]

@@ -5,7 +5,8 @@
 //!   held while a host starts when there is none (cold start), within bounds;
 //! - `GET /fn`: the functions with their hosts, target and metrics, as JSON;
 //! - `GET /fn-metrics` (and `GET /fn/-/metrics`): per-function metrics summed over
-//!   the agents, as JSON (the functions crate's `MetricsSnapshot`).
+//!   the agents, as JSON (the functions crate's `MetricsSnapshot`);
+//! - `GET /metrics`: the same in Prometheus's text format (see `prometheus`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,6 +38,7 @@ pub(crate) fn router(functions: Arc<Functions>) -> Router {
         .route("/fn/", get(list))
         .route("/fn-metrics", get(metrics))
         .route("/fn/-/metrics", get(metrics))
+        .route("/metrics", get(prometheus_metrics))
         .route("/fn/{name}", any(forward))
         .route("/fn/{name}/", any(forward))
         .route("/fn/{name}/{*path}", any(forward))
@@ -81,6 +83,11 @@ async fn list(State(app): State<App>) -> Json<serde_json::Value> {
                 "memory_bytes": info.memory_bytes,
                 "max_concurrency": info.max_concurrency,
                 "queue_len": info.queue_len,
+                "tenant_limit": info.tenant_limit.map(|l| serde_json::json!({
+                    "max_concurrency": l.max_concurrency,
+                    "queue_len": l.queue_len,
+                    "max_queue_wait_ms": l.max_queue_wait_ms,
+                })),
                 "min_instances": spec.min_instances,
                 "max_instances": spec.max_instances,
                 "target": f.target,
@@ -100,6 +107,35 @@ async fn list(State(app): State<App>) -> Json<serde_json::Value> {
 
 async fn metrics(State(app): State<App>) -> Json<Vec<agora_functions::MetricsSnapshot>> {
     Json(app.functions.metrics())
+}
+
+async fn prometheus_metrics(State(app): State<App>) -> Response<Body> {
+    let functions: Vec<_> = app
+        .functions
+        .list()
+        .into_iter()
+        .map(|f| {
+            let spec = f.spec.unwrap_or_default();
+            let tenant = spec.function.map(|i| i.tenant).unwrap_or_default();
+            let metrics = serde_json::from_str(&f.metrics_json).ok();
+            let running = f
+                .instances
+                .iter()
+                .filter(|i| i.state() == agora_proto::v1::TaskState::TaskRunning)
+                .count();
+            let counts = super::prometheus::HostCounts {
+                running,
+                target: f.target,
+            };
+            (spec.name, tenant, metrics, counts)
+        })
+        .collect();
+    let mut r = Response::new(Body::from(super::prometheus::render(&functions)));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    r
 }
 
 fn plain(status: StatusCode, text: String) -> Response<Body> {

@@ -11,14 +11,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use agora_functions::MetricsSnapshot;
-use agora_proto::v1::{self, FunctionDeploy, FunctionInfo, FunctionSummary, TaskState};
+use agora_proto::v1::{
+    self, FunctionDeploy, FunctionInfo, FunctionSummary, TaskState, TenantLimit,
+};
 use agora_proto::{unix_millis, Resources};
 use prost::Message;
 use tokio::sync::{watch, Notify};
 
 use super::planner::{HostState, Planner, PlannerConfig};
 use super::MAX_WAITERS;
-use crate::registry::{FunctionEntry, Registry, RegistryOp};
+use crate::registry::{FunctionEntry, Registry, RegistryOp, TenantLimitEntry};
 
 /// Writes registry ops durably (the master shell's registry store).
 pub type Persist = Arc<dyn Fn(&[RegistryOp]) -> anyhow::Result<()> + Send + Sync>;
@@ -56,6 +58,8 @@ pub(crate) struct State {
     pub framework_id: Option<String>,
     /// Hosts to kill decided outside the framework's loop (a remove); it sends them.
     pub kill_queue: Vec<String>,
+    /// Role -> the per-agent limit over its functions' requests.
+    pub tenant_limits: BTreeMap<String, TenantLimitEntry>,
 }
 
 /// Why a request found no host.
@@ -113,7 +117,7 @@ impl Drop for Waiting<'_> {
 
 impl Functions {
     /// The functions of a recovered registry, and the framework's id.
-    pub fn from_registry(reg: &Registry) -> (Vec<FunctionDeploy>, Option<String>) {
+    pub fn from_registry(reg: &Registry) -> Recovered {
         let mut specs = Vec::new();
         for (name, entry) in &reg.functions {
             let decoded = hex::decode(&entry.deploy_hex)
@@ -126,22 +130,26 @@ impl Functions {
                 }
             }
         }
-        (specs, reg.functions_framework.clone())
+        Recovered {
+            specs,
+            framework_id: reg.functions_framework.clone(),
+            tenant_limits: reg.tenant_limits.clone(),
+        }
     }
 
-    pub fn new(
-        specs: Vec<FunctionDeploy>,
-        framework_id: Option<String>,
-        idle_timeout: Duration,
-        persist: Persist,
-    ) -> Arc<Functions> {
+    pub fn new(recovered: Recovered, idle_timeout: Duration, persist: Persist) -> Arc<Functions> {
+        let Recovered {
+            specs,
+            framework_id,
+            tenant_limits,
+        } = recovered;
         let mut planner = Planner::new(PlannerConfig {
             idle_timeout_ms: u64::try_from(idle_timeout.as_millis()).unwrap_or(u64::MAX),
             ..PlannerConfig::default()
         });
         let now = unix_millis();
         for spec in specs {
-            planner.deploy(spec, now);
+            planner.deploy(with_tenant_limit(spec, &tenant_limits), now);
         }
         Arc::new(Functions {
             state: Mutex::new(State {
@@ -153,6 +161,7 @@ impl Functions {
                 round_robin: 0,
                 framework_id,
                 kill_queue: Vec::new(),
+                tenant_limits,
             }),
             wake: Notify::new(),
             changed: watch::Sender::new(0),
@@ -198,12 +207,57 @@ impl Functions {
         let replaced = {
             let mut s = self.lock();
             let replaced = s.planner.function(&spec.name).is_some();
-            s.planner.deploy(spec.clone(), unix_millis());
+            let effective = with_tenant_limit(spec.clone(), &s.tenant_limits);
+            s.planner.deploy(effective, unix_millis());
             replaced
         };
         tracing::info!(function = %spec.name, replaced, sha256 = %spec.module.as_ref().map(|m| m.sha256.as_str()).unwrap_or(""), "function deployed");
         self.wake_framework();
         Ok(spec)
+    }
+
+    /// Sets (or, with `max_concurrency` 0, removes) a role's per-agent limit over its
+    /// functions' requests, durably. Hosts of the role's functions are replaced by
+    /// hosts carrying the new limit (a new generation: the old ones serve until then).
+    pub fn set_tenant_limit(&self, limit: TenantLimit) -> Result<(), String> {
+        let (role, entry) = check_tenant_limit(limit)?;
+        self.persist(&[RegistryOp::SetTenantLimit {
+            role: role.clone(),
+            limit: entry,
+        }])
+        .map_err(|e| format!("tenant limit of role {role} not set: {e:#}"))?;
+        let replaced = {
+            let mut s = self.lock();
+            match entry {
+                Some(e) => s.tenant_limits.insert(role.clone(), e),
+                None => s.tenant_limits.remove(&role),
+            };
+            let specs: Vec<FunctionDeploy> = s
+                .planner
+                .functions()
+                .values()
+                .filter(|f| f.spec.role == role)
+                .map(|f| f.spec.clone())
+                .collect();
+            let now = unix_millis();
+            for spec in &specs {
+                let effective = with_tenant_limit(spec.clone(), &s.tenant_limits);
+                s.planner.deploy(effective, now);
+            }
+            specs.len()
+        };
+        tracing::info!(%role, limit = ?entry, functions = replaced, "tenant limit set");
+        self.wake_framework();
+        Ok(())
+    }
+
+    /// Every role's tenant limit.
+    pub fn tenant_limits(&self) -> Vec<TenantLimit> {
+        self.lock()
+            .tenant_limits
+            .iter()
+            .map(|(role, e)| to_proto_limit(role, e))
+            .collect()
     }
 
     /// Removes a function: its hosts are killed, requests to it get 404.
@@ -391,6 +445,79 @@ impl State {
     }
 }
 
+/// What the registry held about functions.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    pub specs: Vec<FunctionDeploy>,
+    pub framework_id: Option<String>,
+    pub tenant_limits: BTreeMap<String, TenantLimitEntry>,
+}
+
+/// Most requests a tenant limit lets run, or wait, on one agent.
+const MAX_TENANT_CONCURRENCY: u32 = 100_000;
+/// Queue wait of a tenant limit that names none.
+const DEFAULT_TENANT_QUEUE_WAIT_MS: u64 = 1000;
+
+fn to_proto_limit(role: &str, e: &TenantLimitEntry) -> TenantLimit {
+    TenantLimit {
+        role: role.to_string(),
+        max_concurrency: e.max_concurrency,
+        queue_len: e.queue_len,
+        max_queue_wait_ms: e.max_queue_wait_ms,
+    }
+}
+
+/// The spec hosts run: the deploy with its role's tenant limit, if any.
+fn with_tenant_limit(
+    mut spec: FunctionDeploy,
+    limits: &BTreeMap<String, TenantLimitEntry>,
+) -> FunctionDeploy {
+    let limit = limits
+        .get(&spec.role)
+        .map(|e| to_proto_limit(&spec.role, e));
+    if let Some(info) = spec.function.as_mut() {
+        info.tenant_limit = limit;
+    }
+    spec
+}
+
+/// Checks a tenant limit; returns its role and what to keep (`None`: remove).
+fn check_tenant_limit(l: TenantLimit) -> Result<(String, Option<TenantLimitEntry>), String> {
+    let role = match l.role.trim() {
+        "" | "*" => "*".to_string(),
+        r => {
+            crate::allocator::validate_role(r).map_err(|e| format!("role {r:?}: {e}"))?;
+            r.to_string()
+        }
+    };
+    if l.max_concurrency == 0 {
+        return Ok((role, None));
+    }
+    if l.max_concurrency > MAX_TENANT_CONCURRENCY || l.queue_len > MAX_TENANT_CONCURRENCY {
+        return Err(format!(
+            "tenant limit of role {role}: max concurrency {} / queue {} are above the limit of {MAX_TENANT_CONCURRENCY}",
+            l.max_concurrency, l.queue_len
+        ));
+    }
+    if l.max_queue_wait_ms > MAX_LIMIT.as_millis() as u64 {
+        return Err(format!(
+            "tenant limit of role {role}: queue wait is above 15 minutes"
+        ));
+    }
+    Ok((
+        role,
+        Some(TenantLimitEntry {
+            max_concurrency: l.max_concurrency,
+            queue_len: l.queue_len,
+            max_queue_wait_ms: if l.max_queue_wait_ms == 0 {
+                DEFAULT_TENANT_QUEUE_WAIT_MS
+            } else {
+                l.max_queue_wait_ms
+            },
+        }),
+    ))
+}
+
 /// Checks a deploy and fills in defaults, so that every part of the system sees the
 /// same explicit values.
 pub fn normalize(mut d: FunctionDeploy) -> Result<FunctionDeploy, String> {
@@ -423,6 +550,8 @@ pub fn normalize(mut d: FunctionDeploy) -> Result<FunctionDeploy, String> {
     let info = d.function.get_or_insert_with(FunctionInfo::default);
     info.name = name.clone();
     info.tenant = tenant_of(&d.role);
+    // Set from the role's tenant limit when hosts are planned, never by a client.
+    info.tenant_limit = None;
     if info.memory_bytes == 0 {
         info.memory_bytes = DEFAULT_MEMORY;
     }
@@ -563,19 +692,24 @@ mod tests {
         assert!(normalize(d).is_err());
     }
 
-    #[tokio::test]
-    async fn a_waiting_request_gets_the_first_running_host() {
+    /// Functions whose registry ops are kept in a list.
+    fn recording() -> (Arc<Functions>, Arc<Mutex<Vec<RegistryOp>>>) {
         let persisted = Arc::new(Mutex::new(Vec::new()));
         let p = persisted.clone();
         let f = Functions::new(
-            vec![],
-            None,
+            Recovered::default(),
             Duration::from_secs(60),
             Arc::new(move |ops: &[RegistryOp]| {
                 p.lock().unwrap().extend_from_slice(ops);
                 Ok(())
             }),
         );
+        (f, persisted)
+    }
+
+    #[tokio::test]
+    async fn a_waiting_request_gets_the_first_running_host() {
+        let (f, persisted) = recording();
         f.deploy(deploy("echo")).unwrap();
         assert!(matches!(
             persisted.lock().unwrap()[0],
@@ -626,8 +760,7 @@ mod tests {
     #[tokio::test]
     async fn a_host_that_fails_to_start_fails_the_waiting_requests() {
         let f = Functions::new(
-            vec![],
-            None,
+            Recovered::default(),
             Duration::from_secs(60),
             Arc::new(|_: &[RegistryOp]| Ok(())),
         );
@@ -656,5 +789,87 @@ mod tests {
             Some(WaitError::HostFailed(m)) => assert!(m.contains("invalid module"), "{m}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_tenant_limit_reaches_the_roles_hosts_as_a_new_generation() {
+        let (f, persisted) = recording();
+        let mut a = deploy("a");
+        a.role = "acme".into();
+        // A client cannot set the tenant limit through a deploy.
+        a.function = Some(FunctionInfo {
+            tenant_limit: Some(TenantLimit {
+                max_concurrency: 1000,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        f.deploy(a).unwrap();
+        f.deploy(deploy("other")).unwrap();
+        let limit_of = |name: &str| {
+            let s = f.lock();
+            let p = s.planner.function(name).unwrap();
+            (p.generation, p.spec.function.clone().unwrap().tenant_limit)
+        };
+        assert_eq!(limit_of("a"), (0, None));
+
+        let limit = TenantLimit {
+            role: "acme".into(),
+            max_concurrency: 2,
+            queue_len: 4,
+            max_queue_wait_ms: 0,
+        };
+        f.set_tenant_limit(limit.clone()).unwrap();
+        let want = TenantLimit {
+            max_queue_wait_ms: DEFAULT_TENANT_QUEUE_WAIT_MS,
+            ..limit
+        };
+        assert_eq!(limit_of("a"), (1, Some(want.clone())), "new hosts carry it");
+        assert_eq!(limit_of("other"), (0, None), "other roles keep their hosts");
+        assert_eq!(f.tenant_limits(), vec![want.clone()]);
+        assert!(matches!(
+            persisted.lock().unwrap().last(),
+            Some(RegistryOp::SetTenantLimit { role, limit: Some(_) }) if role == "acme"
+        ));
+        // The same limit again changes nothing; a function deployed later gets it.
+        f.set_tenant_limit(want.clone()).unwrap();
+        assert_eq!(limit_of("a").0, 1);
+        let mut b = deploy("b");
+        b.role = "acme".into();
+        f.deploy(b).unwrap();
+        assert_eq!(limit_of("b"), (0, Some(want.clone())));
+        // What is persisted for a function never holds the limit (the role's does).
+        let ops = persisted.lock().unwrap().clone();
+        for op in ops {
+            if let RegistryOp::PutFunction { entry, .. } = op {
+                let d = FunctionDeploy::decode(hex::decode(entry.deploy_hex).unwrap().as_slice())
+                    .unwrap();
+                assert_eq!(d.function.unwrap().tenant_limit, None);
+            }
+        }
+
+        // Bad limits are refused with the reason.
+        let bad = |l: TenantLimit| f.set_tenant_limit(l).unwrap_err();
+        assert!(bad(TenantLimit {
+            role: "no spaces".into(),
+            max_concurrency: 1,
+            ..Default::default()
+        })
+        .contains("no spaces"));
+        assert!(bad(TenantLimit {
+            role: "acme".into(),
+            max_concurrency: 1_000_000,
+            ..Default::default()
+        })
+        .contains("above the limit"));
+
+        // Removed: the hosts are replaced again, without a limit.
+        f.set_tenant_limit(TenantLimit {
+            role: "acme".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(limit_of("a"), (2, None));
+        assert!(f.tenant_limits().is_empty());
     }
 }
