@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the example WASI guests (guest-examples/src/bin/*) for wasm32-wasip1 into
 # target/guests/wasm32-wasip1/release/, the same place the tests' `wasm_path` uses,
-# and the wasi:http/proxy component guests (guest-examples/hello-http) for
+# and the wasi:http/proxy component guests (guest-examples/hello-http, fetch-http) for
 # wasm32-wasip2 into target/guests/wasm32-wasip2/release/.
 set -euo pipefail
 
@@ -19,6 +19,9 @@ cargo build --release --target wasm32-wasip1 -p agora-guest-examples \
 # `wasi` crate, which the host workspace has no use for.
 cargo build --release --target wasm32-wasip2 \
     --manifest-path "$root/guest-examples/hello-http/Cargo.toml" \
+    --target-dir "$root/target/guests"
+cargo build --release --target wasm32-wasip2 \
+    --manifest-path "$root/guest-examples/fetch-http/Cargo.toml" \
     --target-dir "$root/target/guests"
 
 out="$root/target/guests/wasm32-wasip1/release"

@@ -62,3 +62,7 @@ else
 fi
 step fn ls
 "$agora" fn ls
+step fn logs echo
+"$agora" fn logs echo
+step fn tenant set default --max-concurrency 64
+"$agora" fn tenant set default --max-concurrency 64

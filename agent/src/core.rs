@@ -1140,8 +1140,11 @@ impl AgentCore {
             })
             .map(|(k, _)| k.clone())
             .collect();
-        if !was_shutting_down || !live.is_empty() {
+        if !live.is_empty() {
             tracing::warn!(framework = %key.0, executor = %key.1, "executor exited: {detail}");
+        } else if !was_shutting_down {
+            // Nothing of its was running (a function host's executor ends with its host).
+            tracing::info!(framework = %key.0, executor = %key.1, "executor exited: {detail}");
         }
         for k in live {
             let t = &self.tasks[&k];
@@ -1164,6 +1167,13 @@ impl AgentCore {
             let msg = if was_recovering {
                 format!(
                     "executor {} died while the agent was down ({detail})",
+                    key.1
+                )
+            } else if reason == Reason::ExecutorShutdown {
+                // The process ended before its report of the kill reached us: say
+                // what the executor would have said.
+                format!(
+                    "killed: the framework shut down executor {} ({detail})",
                     key.1
                 )
             } else {

@@ -101,6 +101,9 @@ struct Shared {
     groups: HashMap<ExecutorKey, Arc<Group>>,
     /// The size last applied to each group.
     sized: HashMap<ExecutorKey, Resources>,
+    /// The agent is stopping: an executor that registers now is told to shut down
+    /// at once (it was starting when the others were asked).
+    shutting_down: bool,
 }
 
 #[derive(Clone)]
@@ -124,6 +127,14 @@ pub struct AgentHandle {
     http_addr: Option<SocketAddr>,
 }
 
+fn executor_shutdown() -> AgentToExecutor {
+    AgentToExecutor {
+        msg: Some(v1::agent_to_executor::Msg::Shutdown(
+            v1::ExecutorShutdown {},
+        )),
+    }
+}
+
 impl AgentHandle {
     /// Stops the agent (used by `agora agent` and `agora dev` on SIGTERM/Ctrl-C, and
     /// by tests). Executors would outlive the agent, so they are asked to shut down
@@ -131,12 +142,9 @@ impl AgentHandle {
     /// those still there are killed.
     pub async fn shutdown(self) {
         let asked = {
-            let s = self.shared.lock().expect("agent state lock");
-            let shutdown = AgentToExecutor {
-                msg: Some(v1::agent_to_executor::Msg::Shutdown(
-                    v1::ExecutorShutdown {},
-                )),
-            };
+            let mut s = self.shared.lock().expect("agent state lock");
+            s.shutting_down = true;
+            let shutdown = executor_shutdown();
             s.executors
                 .iter()
                 .filter(|(k, tx)| {
@@ -288,6 +296,7 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<AgentHandle> {
         children: HashMap::new(),
         groups: HashMap::new(),
         sized: HashMap::new(),
+        shutting_down: false,
     }));
     let agent = Agent {
         shared: shared.clone(),
@@ -1188,7 +1197,14 @@ impl Agent {
         };
         let key = (reg.framework_id, reg.executor_id);
         let (tx, mut rx) = mpsc::channel::<AgentToExecutor>(EXECUTOR_QUEUE);
-        self.lock().executors.insert(key.clone(), tx.clone());
+        {
+            let mut s = self.lock();
+            s.executors.insert(key.clone(), tx.clone());
+            if s.shutting_down {
+                tracing::info!(executor = %key.1, "executor registered while the agent stops; asking it to shut down");
+                let _ = tx.try_send(executor_shutdown());
+            }
+        }
         let writer = tokio::spawn(async move {
             while let Some(m) = rx.recv().await {
                 if agora_proto::write_queued(&mut wr, m, &mut rx)

@@ -1474,6 +1474,44 @@ fn shutdown_executor_kills_its_tasks_with_reason_executor_shutdown_and_stops_it(
 }
 
 #[test]
+fn a_shut_down_executor_whose_exit_comes_before_its_report_still_names_the_shutdown() {
+    let mut a = Agent::new();
+    a.start("f1", &task("t1", "e1"), true);
+    let outs = a.at(1_000).feed(Input::ShutdownExecutor {
+        key: key("f1", "e1"),
+    });
+    let u = expect_update(
+        &outs[0],
+        "f1",
+        status(
+            "t1",
+            "e1",
+            TaskState::TaskKilling,
+            Reason::KilledByFramework,
+            "",
+            1_000,
+        ),
+    );
+    assert_eq!(a.ack("f1", "t1", &u), vec![]);
+    // The process is seen gone before its KILLED report is read.
+    let outs = a
+        .at(1_100)
+        .executor_exited("f1", "e1", "exited with code 0");
+    expect_update(
+        &outs[0],
+        "f1",
+        status(
+            "t1",
+            "e1",
+            TaskState::TaskKilled,
+            Reason::ExecutorShutdown,
+            "killed: the framework shut down executor e1 (exited with code 0)",
+            1_100,
+        ),
+    );
+}
+
+#[test]
 fn messages_are_relayed_to_a_registered_executor_and_back_to_the_master() {
     let mut a = Agent::new();
     a.start("f1", &task("t1", "e1"), true);
@@ -1553,6 +1591,7 @@ fn fn_task(id: &str, name: &str, memory_bytes: u64) -> TaskInfo {
         queue_len: 8,
         max_queue_wait_ms: 500,
         tenant_limit: None,
+        allowed_outbound_hosts: Vec::new(),
     });
     t
 }

@@ -37,8 +37,9 @@ pub enum BenchCmd {
         #[arg(long)]
         skip_native: bool,
     },
-    /// A no-op function through a private cluster (agent HTTP, master HTTP) beside the
-    /// function runtime alone: req/s, p50 and p99 at each concurrency.
+    /// A no-op function through a private cluster (agent HTTP, master HTTP), the
+    /// function runtime alone, and a process per request (wasm and native CGI) as
+    /// baselines, in one run: req/s, p50 and p99 at each concurrency, and ratios.
     Fn(crate::fn_bench::FnBenchArgs),
 }
 

@@ -1,33 +1,48 @@
 //! `agora bench fn`: a no-op function through a real cluster, beside the function
-//! runtime alone, in the same run.
+//! runtime alone and two process-per-request baselines, all in the same run.
 //!
-//! Three ways to serve `GET /fn/noop` are loaded with N keep-alive HTTP/1.1
-//! connections each sending requests back to back (after a 1 s warm-up):
-//! - `runtime`: the functions crate's host and router in this process (what
-//!   `fn-bench`'s `host` server measures), the floor for everything else;
+//! Five ways to serve `GET /fn/noop` are loaded by the same load generator
+//! ([`agora_functions::bench::load`]: N keep-alive HTTP/1.1 connections each sending
+//! requests back to back, after a 1 s warm-up), all servers at one concurrency before
+//! the next:
+//! - `runtime`: the functions crate's host and router in this process, the floor for
+//!   everything else;
 //! - `agent`: a private dev cluster's agent HTTP server, which forwards over a Unix
 //!   socket to the function host process (`agora executor fn`) the functions framework
 //!   placed;
-//! - `master`: the same cluster's master HTTP server, which forwards to that agent.
+//! - `master`: the same cluster's master HTTP server, which forwards to that agent;
+//! - `wasm-process`: the same module in a fresh process per request, as `wasmtime run`
+//!   would run it precompiled (`fn-bench run-once`, so `fn-bench` must sit next to
+//!   this executable, as cargo builds them);
+//! - `native-process`: a native CGI process (`printf`) per request.
 //!
-//! The master, the agent and the load generator share this process (and the machine's
-//! cores); the host is a process of its own.
+//! It prints req/s, p50 and p99 per server and concurrency, then the ratios of
+//! runtime, agent and master to each baseline. With a cluster, it first times starts
+//! through the master: a first-ever start (a module no agent has seen: fetched,
+//! compiled, a host launched through an offer), a cold start (the module compiled and
+//! cached on the agent, no host running) and the warm request after it. The master, the agent, the runtime,
+//! the baselines' servers and the load generator share this process (and the
+//! machine's cores); the function host and the per-request processes are processes
+//! of their own.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use agora_functions::{
-    router, serve_tcp, FunctionHost, FunctionRegistry, FunctionSpec, HostConfig, HttpConfig,
-    ModuleSource,
-};
+use agora_functions::bench::{self, Baseline};
 use agora_proto::v1::{operator_request, FunctionDeploy, FunctionInfo, TaskState, WasmModule};
-use agora_sdk::Client;
+use agora_sdk::{Client, ClientConfig};
 use anyhow::Context;
-use bytes::Bytes;
 use clap::Args;
-use http_body_util::{BodyExt, Empty};
+
+const SERVERS: [&str; 5] = [
+    "runtime",
+    "agent",
+    "master",
+    "wasm-process",
+    "native-process",
+];
 
 #[derive(Args)]
 pub struct FnBenchArgs {
@@ -41,151 +56,288 @@ pub struct FnBenchArgs {
     /// scripts/build-guests.sh builds it under target/guests).
     #[arg(long)]
     module: Option<PathBuf>,
+    /// Rounds of start timings (first-ever, cold, warm) before the load; 0: none.
+    #[arg(long, default_value_t = 3)]
+    starts: usize,
+    /// Servers to measure, comma-separated (the cluster starts only for agent or master).
+    #[arg(
+        long,
+        default_value = "runtime,agent,master,wasm-process,native-process",
+        value_delimiter = ',',
+        value_parser = SERVERS
+    )]
+    servers: Vec<String>,
 }
 
-struct Measured {
-    requests: usize,
-    errors: usize,
-    seconds: f64,
-    p50_us: u64,
-    p99_us: u64,
-}
-
-impl Measured {
-    fn rps(&self) -> f64 {
-        self.requests as f64 / self.seconds
+/// The executable with `run-once` for the wasm-process baseline: `fn-bench` next to
+/// this one.
+fn run_once_helper() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot find this executable")?;
+    let helper = exe.with_file_name(format!("fn-bench{}", std::env::consts::EXE_SUFFIX));
+    if helper.is_file() {
+        return Ok(helper);
     }
-}
-
-fn default_module() -> anyhow::Result<PathBuf> {
-    let rel = Path::new("target/guests/wasm32-wasip1/release/noop.wasm");
-    let mut dir = std::env::current_dir()?;
-    loop {
-        if dir.join(rel).exists() {
-            return Ok(dir.join(rel));
-        }
-        if !dir.pop() {
-            anyhow::bail!(
-                "no noop.wasm found under target/guests (run scripts/build-guests.sh from the workspace, or pass --module FILE)"
-            );
-        }
-    }
-}
-
-/// The function runtime alone, serving `noop` on a free loopback port.
-async fn start_runtime(module: &Path) -> anyhow::Result<SocketAddr> {
-    let cache = std::env::temp_dir().join(format!("agora-bench-fn-{}", std::process::id()));
-    let host = FunctionHost::new(HostConfig {
-        cache_dir: Some(cache),
-        ..HostConfig::default()
-    })?;
-    let registry = FunctionRegistry::new(host);
-    let mut spec = FunctionSpec::new("noop", "bench", ModuleSource::Path(module.to_path_buf()));
-    spec.max_concurrency = 64;
-    spec.queue_len = 1024;
-    spec.max_queue_wait = Duration::from_secs(5);
-    registry.deploy(spec)?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(serve_tcp(listener, router(registry, HttpConfig::default())));
-    Ok(addr)
+    anyhow::bail!(
+        "the wasm-process baseline runs `fn-bench run-once` per request, and there is no {}: \
+         build it with `cargo build --release -p agora-functions --bin fn-bench` (the same \
+         profile as this agora), or leave the baseline out with \
+         --servers runtime,agent,master,native-process",
+        helper.display()
+    )
 }
 
 pub async fn bench_fn(a: FnBenchArgs) -> anyhow::Result<ExitCode> {
+    let duration = bench::check_settings(a.seconds, &a.concurrency)?;
     let module = match a.module {
         Some(m) => m,
-        None => default_module()?,
+        None => bench::default_module()?,
     };
-    let runtime = start_runtime(&module)
-        .await
-        .context("starting the in-process function runtime")?;
+    let wanted = |name: &str| a.servers.iter().any(|s| s == name);
+    // Everything that can fail without a cluster, before starting one.
+    let helper = if wanted(Baseline::WasmProcess.name()) {
+        Some(run_once_helper()?)
+    } else {
+        None
+    };
+    let mut local: Vec<(&str, bench::Served)> = Vec::new();
+    if wanted("runtime") {
+        let served = bench::start_runtime(&module)
+            .await
+            .context("starting the in-process function runtime")?;
+        local.push(("runtime", served));
+    }
+    for b in Baseline::ALL {
+        if wanted(b.name()) {
+            let served = bench::start_baseline(b, &module, helper.as_deref())
+                .await
+                .with_context(|| format!("starting the {} baseline", b.name()))?;
+            local.push((b.name(), served));
+        }
+    }
 
-    let cluster = crate::cluster::PrivateCluster::start().await?;
-    let cfg = cluster.client_config.clone();
+    let cluster = if wanted("agent") || wanted("master") {
+        Some(crate::cluster::PrivateCluster::start().await?)
+    } else {
+        None
+    };
     let result = async {
-        let client = Client::connect(&cfg).await?;
-        let (sha256, size) = client.upload_file(&module).await?;
-        // One host with all of the agent's cpus: the host's cgroup quota follows its
-        // task's cpus, and the default host (0.1 cpu) would measure the quota instead.
-        let agent_cpus = client
-            .agents()
-            .await?
-            .iter()
-            .filter_map(|a| agora_proto::Resources::from_proto(&a.total).ok())
-            .map(|r| r.milli_cpus())
-            .max()
-            .unwrap_or(1000);
-        let host = agora_proto::Resources::cpus_mem(agent_cpus, 256 << 20);
-        let deploy = FunctionDeploy {
-            name: "noop".into(),
-            module: Some(WasmModule {
-                sha256,
-                size,
-                fuel: 0,
-                timeout_ms: 5_000,
-            }),
-            role: "*".into(),
-            function: Some(FunctionInfo {
-                max_concurrency: 64,
-                queue_len: 1024,
-                max_queue_wait_ms: 5_000,
-                ..Default::default()
-            }),
-            min_instances: 1,
-            max_instances: 1,
-            resources: host.to_proto(),
+        let (agent, master) = match &cluster {
+            Some(cluster) => {
+                let cfg = &cluster.client_config;
+                let master = cfg
+                    .http
+                    .as_deref()
+                    .map(|u| u.trim_start_matches("http://").to_string())
+                    .ok_or_else(|| anyhow::anyhow!("the private cluster serves no HTTP"))?;
+                let master: SocketAddr = master
+                    .parse()
+                    .with_context(|| format!("the master's HTTP address {master:?}"))?;
+                if a.starts > 0 {
+                    measure_starts(cfg, &module, master, a.starts).await?;
+                }
+                let agent = deploy_noop(cfg, &module).await?;
+                (Some(agent), Some(master))
+            }
+            None => (None, None),
         };
-        crate::fns::operator(&cfg, operator_request::Request::FnDeploy(deploy)).await?;
-        let agent = wait_for_host(&cfg).await?;
-        let master = cfg
-            .http
-            .as_deref()
-            .map(|u| u.trim_start_matches("http://").to_string())
-            .ok_or_else(|| anyhow::anyhow!("the private cluster serves no HTTP"))?;
-        let targets: [(&str, SocketAddr); 3] = [
-            ("runtime", runtime),
-            ("agent", agent.parse().context("agent http address")?),
-            ("master", master.parse().context("master http address")?),
-        ];
-        println!(
-            "no-op function (GET /fn/noop), {} s per row, {} cores",
-            a.seconds,
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        );
-        println!(
-            "{:<8} {:>4} {:>10} {:>10} {:>10} {:>7}  VS RUNTIME",
-            "SERVER", "CONN", "REQ/S", "P50", "P99", "ERRORS"
-        );
-        for &c in &a.concurrency {
-            let mut base: Option<f64> = None;
-            for (label, addr) in targets {
-                let m = load(addr, c, Duration::from_secs_f64(a.seconds)).await?;
-                let ratio = match base {
-                    None => {
-                        base = Some(m.rps());
-                        "1.00".to_string()
-                    }
-                    Some(b) if b > 0.0 => format!("{:.2}", m.rps() / b),
-                    Some(_) => "-".into(),
-                };
-                println!(
-                    "{:<8} {:>4} {:>10.0} {:>8}µs {:>8}µs {:>7}  {}",
-                    label,
-                    c,
-                    m.rps(),
-                    m.p50_us,
-                    m.p99_us,
-                    m.errors,
-                    ratio
-                );
+        // In SERVERS order: the ratios' rows follow it.
+        let mut servers: Vec<(String, SocketAddr)> = Vec::new();
+        for name in SERVERS {
+            if !wanted(name) {
+                continue;
+            }
+            let addr = match name {
+                "agent" => agent,
+                "master" => master,
+                _ => local.iter().find(|(n, _)| *n == name).map(|(_, s)| s.addr),
+            };
+            if let Some(addr) = addr {
+                servers.push((name.to_string(), addr));
             }
         }
+        println!(
+            "no-op function (GET {}), {} s per row after {} s of warm-up, {} cores, module {}",
+            bench::NOOP_PATH,
+            duration.as_secs_f64(),
+            bench::WARMUP.as_secs(),
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+            module.display()
+        );
+        for b in Baseline::ALL {
+            if wanted(b.name()) {
+                println!("{}: {}", b.name(), b.describe());
+            }
+        }
+        println!();
+        let rows = bench::measure(&servers, &a.concurrency, duration).await?;
+        bench::print_ratios(&rows);
         anyhow::Ok(())
     }
     .await;
-    cluster.stop().await;
+    if let Some(cluster) = cluster {
+        cluster.stop().await;
+    }
+    drop(local);
     result?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Deploys the noop function to the cluster with [`bench::noop_spec`]'s settings on
+/// one host, and returns the agent HTTP address serving it.
+async fn deploy_noop(cfg: &ClientConfig, module: &Path) -> anyhow::Result<SocketAddr> {
+    let client = Client::connect(cfg).await?;
+    let uploaded = client.upload_file(module).await?;
+    // One host with all of the agent's cpus: the host's cgroup quota follows its
+    // task's cpus, and the default host (0.1 cpu) would measure the quota instead.
+    let agent_cpus = client
+        .agents()
+        .await?
+        .iter()
+        .filter_map(|a| agora_proto::Resources::from_proto(&a.total).ok())
+        .map(|r| r.milli_cpus())
+        .max()
+        .unwrap_or(1000);
+    let host = agora_proto::Resources::cpus_mem(agent_cpus, 256 << 20);
+    let spec = bench::noop_spec(module);
+    deploy(cfg, &spec.name, module, uploaded, 1, host.to_proto()).await?;
+    let agent = wait_for_host(cfg).await?;
+    agent
+        .parse()
+        .with_context(|| format!("the agent's HTTP address {agent:?}"))
+}
+
+/// Deploys `module` (already uploaded: `(sha256, size)`) as `name` with
+/// [`bench::noop_spec`]'s limits, on one host of `resources` (empty: the default).
+async fn deploy(
+    cfg: &ClientConfig,
+    name: &str,
+    module: &Path,
+    (sha256, size): (String, u64),
+    min_instances: u32,
+    resources: Vec<agora_proto::v1::Resource>,
+) -> anyhow::Result<()> {
+    let spec = bench::noop_spec(module);
+    let deploy = FunctionDeploy {
+        name: name.to_string(),
+        module: Some(WasmModule {
+            sha256,
+            size,
+            fuel: spec.fuel,
+            timeout_ms: u64::try_from(spec.timeout.as_millis()).unwrap_or(u64::MAX),
+        }),
+        role: "*".into(),
+        function: Some(FunctionInfo {
+            memory_bytes: spec.memory_limit,
+            max_concurrency: spec.max_concurrency,
+            queue_len: spec.queue_len,
+            max_queue_wait_ms: u64::try_from(spec.max_queue_wait.as_millis()).unwrap_or(u64::MAX),
+            ..Default::default()
+        }),
+        min_instances,
+        max_instances: 1,
+        resources,
+    };
+    crate::fns::operator(cfg, operator_request::Request::FnDeploy(deploy)).await?;
+    Ok(())
+}
+
+/// `module` with a custom section naming `tag` appended: the same code under a
+/// sha256 no agent has seen (custom sections do not change what a module does).
+fn with_custom_section(module: &[u8], tag: &str) -> Vec<u8> {
+    fn leb128(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    let name = b"agora-bench";
+    let mut payload = Vec::new();
+    leb128(name.len(), &mut payload);
+    payload.extend_from_slice(name);
+    payload.extend_from_slice(tag.as_bytes());
+    let mut out = module.to_vec();
+    out.push(0); // custom section id
+    leb128(payload.len(), &mut out);
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// Times starts through the master, `rounds` times: the first request of a function
+/// whose module no agent has seen (first-ever start), the first request of another
+/// function with that module, now compiled in the agent's cache (cold start), and the
+/// request after it (warm). Each function scales from zero; they are removed after.
+async fn measure_starts(
+    cfg: &ClientConfig,
+    module: &Path,
+    master: SocketAddr,
+    rounds: usize,
+) -> anyhow::Result<()> {
+    const LIMIT: Duration = Duration::from_secs(60);
+    let bytes = std::fs::read(module).with_context(|| format!("reading {}", module.display()))?;
+    let dir = tempfile::tempdir().context("a temporary directory for the start modules")?;
+    let client = Client::connect(cfg).await?;
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let (mut first, mut cold, mut warm) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let path = dir.path().join(format!("start-{round}.wasm"));
+        let unique = with_custom_section(&bytes, &format!("{nonce}-{round}"));
+        std::fs::write(&path, unique).with_context(|| format!("writing {}", path.display()))?;
+        let uploaded = client.upload_file(&path).await?;
+        let names = [
+            format!("start-{round}-first"),
+            format!("start-{round}-cold"),
+        ];
+        let mut timed = Vec::new();
+        for name in &names {
+            deploy(cfg, name, &path, uploaded.clone(), 0, Vec::new()).await?;
+            let fn_path = format!("/fn/{name}/");
+            let (status, body, took) = bench::get_once(master, &fn_path, LIMIT).await?;
+            if status != 200 || &body[..] != bench::NOOP_BODY {
+                anyhow::bail!(
+                    "GET {fn_path} through the master answered {status}: {}",
+                    String::from_utf8_lossy(&body).trim()
+                );
+            }
+            timed.push(took);
+        }
+        let (_, _, took) = bench::get_once(master, &format!("/fn/{}/", names[1]), LIMIT).await?;
+        first.push(timed[0]);
+        cold.push(timed[1]);
+        warm.push(took);
+        for name in &names {
+            crate::fns::operator(
+                cfg,
+                operator_request::Request::FnRemove(agora_proto::v1::FunctionRemove {
+                    name: name.clone(),
+                }),
+            )
+            .await?;
+        }
+    }
+    println!("starts through the master ({rounds} rounds; each function scaled from zero, a new connection per request)");
+    println!(
+        "{:<12} {:>10} {:>10} {:>10}",
+        "START", "MIN", "MEDIAN", "MAX"
+    );
+    for (what, mut times) in [("first-ever", first), ("cold", cold), ("warm", warm)] {
+        times.sort();
+        let ms = |d: &Duration| format!("{:.1}ms", d.as_secs_f64() * 1e3);
+        println!(
+            "{what:<12} {:>10} {:>10} {:>10}",
+            ms(&times[0]),
+            ms(&times[times.len() / 2]),
+            ms(&times[times.len() - 1])
+        );
+    }
+    println!();
+    Ok(())
 }
 
 /// The agent HTTP address of the function's first running host (bounded wait).
@@ -210,76 +362,4 @@ async fn wait_for_host(cfg: &agora_sdk::ClientConfig) -> anyhow::Result<String> 
         }
         tokio::time::sleep(Duration::from_millis(100)).await; // poll for the host
     }
-}
-
-async fn load(addr: SocketAddr, c: usize, duration: Duration) -> anyhow::Result<Measured> {
-    let measure_from = Instant::now() + Duration::from_secs(1);
-    let end = measure_from + duration;
-    let tasks: Vec<_> = (0..c)
-        .map(|_| tokio::spawn(connection(addr, measure_from, end)))
-        .collect();
-    let mut latencies: Vec<u32> = Vec::new();
-    let mut errors = 0;
-    for t in tasks {
-        let (lat, errs) = t.await.context("load task failed")??;
-        latencies.extend(lat);
-        errors += errs;
-    }
-    latencies.sort_unstable();
-    let pct = |q: f64| -> u64 {
-        if latencies.is_empty() {
-            return 0;
-        }
-        let i = ((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len()) - 1;
-        u64::from(latencies[i])
-    };
-    Ok(Measured {
-        requests: latencies.len(),
-        errors,
-        seconds: duration.as_secs_f64(),
-        p50_us: pct(0.50),
-        p99_us: pct(0.99),
-    })
-}
-
-/// One keep-alive connection sending requests back to back until `end`; latencies
-/// of answers `ok` inside the measured window, and the count of other answers.
-async fn connection(
-    addr: SocketAddr,
-    measure_from: Instant,
-    end: Instant,
-) -> anyhow::Result<(Vec<u32>, usize)> {
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("connect to {addr}"))?;
-    stream.set_nodelay(true)?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let mut latencies = Vec::new();
-    let mut errors = 0;
-    loop {
-        let start = Instant::now();
-        if start >= end {
-            break;
-        }
-        let request = hyper::Request::get("/fn/noop")
-            .header("host", "bench")
-            .body(Empty::<Bytes>::new())?;
-        sender.ready().await?;
-        let response = sender.send_request(request).await?;
-        let ok = response.status() == hyper::StatusCode::OK;
-        let body = response.into_body().collect().await?.to_bytes();
-        let done = Instant::now();
-        if start >= measure_from && done <= end {
-            if ok && &body[..] == b"ok\n" {
-                latencies.push(
-                    u32::try_from(done.duration_since(start).as_micros()).unwrap_or(u32::MAX),
-                );
-            } else {
-                errors += 1;
-            }
-        }
-    }
-    Ok((latencies, errors))
 }

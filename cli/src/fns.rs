@@ -106,6 +106,11 @@ pub struct DeployArgs {
     /// Memory of one host (default: --mem plus 32MiB).
     #[arg(long)]
     host_mem: Option<String>,
+    /// Lets the function's wasi:http component send requests to SCHEME://HOST[:PORT]
+    /// (SCHEME http, https or *; HOST a name, an IP, *.example.com or *; PORT a number
+    /// or *, default the scheme's); repeatable. Without it, none are allowed.
+    #[arg(long = "allow-outbound", value_name = "URL")]
+    allow_outbound: Vec<String>,
 }
 
 pub async fn fns(cmd: FnCmd) -> anyhow::Result<ExitCode> {
@@ -243,6 +248,7 @@ async fn deploy(a: DeployArgs) -> anyhow::Result<ExitCode> {
             max_concurrency: a.max_concurrency,
             queue_len: a.queue,
             max_queue_wait_ms: queue_wait_ms,
+            allowed_outbound_hosts: a.allow_outbound.clone(),
             ..Default::default()
         }),
         min_instances: a.min_instances,
@@ -250,6 +256,12 @@ async fn deploy(a: DeployArgs) -> anyhow::Result<ExitCode> {
         resources: host.to_proto(),
     };
     operator(&cfg, operator_request::Request::FnDeploy(spec)).await?;
+    if kind.starts_with("WASI command") && !a.allow_outbound.is_empty() {
+        eprintln!(
+            "warning: --allow-outbound has no effect on {}: a WASI command (CGI) has no network; only wasi:http components send requests",
+            a.name
+        );
+    }
     eprintln!(
         "function {} deployed ({kind}, {}, sha256 {})",
         a.name,

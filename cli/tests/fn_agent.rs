@@ -54,6 +54,7 @@ fn host_task(id: &str, name: &str, sha256: &str, size: u64, fuel: u64) -> TaskIn
             queue_len: 16,
             max_queue_wait_ms: 1_000,
             tenant_limit: None,
+            allowed_outbound_hosts: Vec::new(),
         }),
         executor_id: format!("fn-{id}"),
         ..Default::default()

@@ -476,3 +476,103 @@ fn guest_output_shows_in_fn_logs() {
         code(&o) == 0 && stdout(&o).contains("echo: POST /logged 5 bytes\n")
     });
 }
+
+/// Outgoing HTTP from a component through the whole stack: `--allow-outbound` reaches
+/// the master (which refuses a bad entry, naming it), `GET /fn` and the function host,
+/// whose component may then call the upstream it names, and only that.
+#[test]
+fn allow_outbound_lets_a_component_call_only_the_hosts_it_names() {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// `guest-examples/fetch-http`, built on first use.
+    fn fetch_http_component() -> std::path::PathBuf {
+        agora_guest_examples::component_path("fetch-http")
+    }
+
+    // The upstream: a free loopback port, one fixed answer per connection, counted.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let upstream = listener.local_addr().expect("local addr");
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicUsize::new(0));
+    let server = std::thread::spawn({
+        let (stop, served) = (Arc::clone(&stop), Arc::clone(&served));
+        move || {
+            for stream in listener.incoming() {
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(mut s) = stream else { continue };
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+                    match s.read(&mut buf) {
+                        Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                        _ => break,
+                    }
+                }
+                let body = "hello from upstream\n";
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                if s.write_all(answer.as_bytes()).is_ok() {
+                    served.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }
+    });
+
+    let c = Cluster::start();
+    let web = master_http(&c);
+    let fetch = fetch_http_component();
+    let fetch = fetch.to_str().unwrap();
+    let allowed = format!("http://127.0.0.1:{}", upstream.port());
+
+    let o = c.agora(&["fn", "deploy", "bad", fetch, "--allow-outbound", "ftp://x"]);
+    assert_ne!(code(&o), 0);
+    assert!(
+        stderr(&o).contains("\"ftp://x\"") && stderr(&o).contains("not supported"),
+        "{}",
+        stderr(&o)
+    );
+
+    deploy(&c, &["fetch", fetch, "--allow-outbound", &allowed]);
+    deploy(&c, &["closed", fetch]);
+    let path = format!("/?url=http://{upstream}/x");
+    let r = http("GET", &web, &format!("/fn/fetch{path}"), b"");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body, "upstream status 200\nhello from upstream\n");
+    let r = http("GET", &web, &format!("/fn/closed{path}"), b"");
+    assert_eq!(r.status, 502, "{r:?}");
+    assert_eq!(r.body, "HttpRequestDenied\n");
+    assert_eq!(served.load(Ordering::SeqCst), 1);
+    let entry = fn_entry(&web, "fetch").expect("fetch in GET /fn");
+    assert_eq!(
+        entry["allowed_outbound_hosts"],
+        serde_json::json!([allowed])
+    );
+
+    // A CGI module has no network: the flag is accepted with a warning.
+    let echo = guest("echo");
+    let o = c.agora(&[
+        "fn",
+        "deploy",
+        "echo",
+        echo.to_str().unwrap(),
+        "--allow-outbound",
+        &allowed,
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("warning: --allow-outbound has no effect on echo"),
+        "{}",
+        stderr(&o)
+    );
+
+    stop.store(true, Ordering::SeqCst);
+    let _ = std::net::TcpStream::connect(upstream); // wakes the accept loop
+    server.join().expect("upstream thread");
+}

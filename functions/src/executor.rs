@@ -38,6 +38,7 @@ use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinSet;
 
 use crate::function::{GuestOutput, RequestLog, GUEST_OUTPUT_LIMIT};
+use crate::outbound::OutboundAllowList;
 use crate::outcome::Failure;
 use crate::spec::{FunctionSpec, ModuleSource, MAX_NAME_LEN};
 use crate::units::fmt_bytes;
@@ -347,7 +348,10 @@ async fn serve_host(
         );
     };
     let started = Instant::now();
-    let spec = spec_of(launch, info);
+    let spec = match spec_of(launch, info) {
+        Ok(spec) => spec,
+        Err(message) => return fail(Reason::InvalidTask, message),
+    };
     let name = spec.name.clone();
     let loading = tokio::task::spawn_blocking({
         let host = Arc::clone(&host);
@@ -456,8 +460,10 @@ pub fn drain_grace(launch: &ExecutorLaunch) -> Duration {
 }
 
 /// The function's spec from the launch: per-request limits from the module fields
-/// (0: the runtime's default), serving limits from `FunctionInfo` (0: default).
-fn spec_of(launch: &ExecutorLaunch, info: &FunctionInfo) -> FunctionSpec {
+/// (0: the runtime's default), serving limits and the allowed outbound hosts from
+/// `FunctionInfo` (0: default). Fails on an allowed outbound host that does not parse
+/// (the master checks them at deploy, so only a launch from elsewhere has one).
+fn spec_of(launch: &ExecutorLaunch, info: &FunctionInfo) -> Result<FunctionSpec, String> {
     let mut spec = FunctionSpec::new(
         info.name.clone(),
         tenant_name(&info.tenant),
@@ -480,7 +486,9 @@ fn spec_of(launch: &ExecutorLaunch, info: &FunctionInfo) -> FunctionSpec {
     if info.max_queue_wait_ms > 0 {
         spec.max_queue_wait = Duration::from_millis(info.max_queue_wait_ms);
     }
-    spec
+    spec.allowed_outbound_hosts = OutboundAllowList::parse(&info.allowed_outbound_hosts)
+        .map_err(|e| format!("function {}: {e}", info.name))?;
+    Ok(spec)
 }
 
 /// A tenant name the runtime accepts, from a role: the default role `*` (or none) is
@@ -723,7 +731,7 @@ mod tests {
             max_concurrency: 3,
             ..Default::default()
         };
-        let spec = spec_of(&launch, &info);
+        let spec = spec_of(&launch, &info).unwrap();
         assert_eq!(spec.sha256, None);
         assert_eq!(spec.memory_limit, crate::DEFAULT_MEMORY_LIMIT);
         assert_eq!(spec.timeout, crate::DEFAULT_TIMEOUT);
@@ -733,6 +741,31 @@ mod tests {
         );
         assert_eq!(spec.tenant, "default");
         assert_eq!(drain_grace(&launch), Duration::from_secs(6));
+        assert!(spec.allowed_outbound_hosts.is_empty());
+    }
+
+    #[test]
+    fn specs_carry_the_allowed_outbound_hosts() {
+        let launch = ExecutorLaunch::default();
+        let mut info = FunctionInfo {
+            name: "fetch".into(),
+            allowed_outbound_hosts: vec![
+                "https://*.example.com".into(),
+                "http://[::1]:8080".into(),
+            ],
+            ..Default::default()
+        };
+        let spec = spec_of(&launch, &info).unwrap();
+        assert_eq!(
+            spec.allowed_outbound_hosts.entries().collect::<Vec<_>>(),
+            ["https://*.example.com", "http://[::1]:8080"]
+        );
+        info.allowed_outbound_hosts.push("ftp://x".into());
+        let message = spec_of(&launch, &info).unwrap_err();
+        assert!(
+            message.contains("function fetch") && message.contains("\"ftp://x\""),
+            "{message}"
+        );
     }
 
     fn failed(reason: &str) -> Failure {

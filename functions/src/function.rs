@@ -21,6 +21,7 @@ use crate::guest::http_component::{self, ProxyCtx};
 use crate::host::FunctionHost;
 use crate::limits::RequestLimits;
 use crate::metrics::{FunctionIdentity, FunctionMetrics, MetricsSnapshot};
+use crate::outbound::OutboundAllowList;
 use crate::outcome::{self, ErrorClass, Failure};
 use crate::request::FunctionRequest;
 use crate::spec::{FunctionSpec, GuestKind};
@@ -55,6 +56,8 @@ pub struct Function {
     sha256: String,
     guest: Guest,
     limits: RequestLimits,
+    /// Where its components' outgoing HTTP requests may go.
+    outbound: OutboundAllowList,
     admission: Admission,
     metrics: FunctionMetrics,
     /// Told each request that failed or whose guest wrote output (set once; see
@@ -84,6 +87,7 @@ impl Function {
             sha256,
             guest,
             limits,
+            outbound: spec.allowed_outbound_hosts,
             metrics: FunctionMetrics::default(),
             request_log: OnceLock::new(),
         }
@@ -168,6 +172,8 @@ impl Function {
                             pre,
                             request,
                             &self.limits,
+                            &self.outbound,
+                            &self.metrics,
                             (stdout.clone(), stderr.clone()),
                         )
                         .await;
@@ -573,26 +579,7 @@ mod tests {
         );
     }
 
-    /// The `hello-http` component, built (by cargo, which decides what is stale) into
-    /// where scripts/build-guests.sh puts it, as the integration tests' helper does.
     fn hello_http() -> PathBuf {
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-        let target_dir = workspace.join("target").join("guests");
-        let manifest = workspace.join("guest-examples/hello-http/Cargo.toml");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let output = std::process::Command::new(cargo)
-            .args(["build", "--release", "--target", "wasm32-wasip2"])
-            .arg("--manifest-path")
-            .arg(&manifest)
-            .arg("--target-dir")
-            .arg(&target_dir)
-            .output()
-            .expect("cargo runs");
-        assert!(
-            output.status.success(),
-            "building hello-http failed (scripts/build-guests.sh installs the target):\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        target_dir.join("wasm32-wasip2/release/hello_http.wasm")
+        agora_guest_examples::component_path("hello-http")
     }
 }

@@ -27,6 +27,7 @@
 
 mod admission;
 mod artifact_cache;
+pub mod bench;
 mod cgi;
 mod error;
 pub mod executor;
@@ -36,6 +37,7 @@ mod host;
 mod http;
 mod limits;
 mod metrics;
+pub mod outbound;
 mod outcome;
 mod registry;
 mod request;
@@ -54,11 +56,3 @@ pub use spec::{
     FunctionSpec, GuestKind, ModuleSource, DEFAULT_MEMORY_LIMIT, DEFAULT_TIMEOUT, MAX_NAME_LEN,
     MAX_TIMEOUT,
 };
-
-/// Parses CGI responses as the host does; public for tools (the benchmark's
-/// process-per-request baselines) that must judge output the same way.
-pub fn parse_cgi_response(
-    output: bytes::Bytes,
-) -> Result<axum::http::Response<bytes::Bytes>, String> {
-    cgi::parse_response(output)
-}

@@ -2,6 +2,7 @@
 //! snapshot the master's HTTP API shows.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -27,9 +28,30 @@ pub(crate) struct FunctionMetrics {
     fuel_used: AtomicU64,
     in_flight: AtomicU64,
     queued: AtomicU64,
+    /// Shared with the requests' `wasi:http` hooks, which count as they decide.
+    outbound: Arc<OutboundCounters>,
+}
+
+/// Outgoing HTTP requests of a function's components, allowed and denied.
+#[derive(Default)]
+pub(crate) struct OutboundCounters {
+    allowed: AtomicU64,
+    denied: AtomicU64,
+}
+
+impl OutboundCounters {
+    pub(crate) fn record(&self, allowed: bool) {
+        let counter = if allowed { &self.allowed } else { &self.denied };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl FunctionMetrics {
+    /// The outgoing-request counters, for a request's hooks to hold.
+    pub(crate) fn outbound(&self) -> &Arc<OutboundCounters> {
+        &self.outbound
+    }
+
     pub(crate) fn record_request(&self) {
         self.requests.fetch_add(1, Ordering::Relaxed);
     }
@@ -92,6 +114,8 @@ impl FunctionMetrics {
             fuel_used: load(&self.fuel_used),
             in_flight: load(&self.in_flight),
             queued: load(&self.queued),
+            outbound_allowed: load(&self.outbound.allowed),
+            outbound_denied: load(&self.outbound.denied),
         }
     }
 }
@@ -146,6 +170,14 @@ pub struct MetricsSnapshot {
     pub in_flight: u64,
     /// Requests waiting for a slot now.
     pub queued: u64,
+    /// Outgoing HTTP requests of its components that were sent (allow-listed, within
+    /// the per-request cap), whatever their outcome.
+    #[serde(default)]
+    pub outbound_allowed: u64,
+    /// Outgoing HTTP requests of its components that were refused (not allow-listed,
+    /// or over the per-request cap).
+    #[serde(default)]
+    pub outbound_denied: u64,
 }
 
 impl MetricsSnapshot {
@@ -168,6 +200,8 @@ impl MetricsSnapshot {
         self.fuel_used += other.fuel_used;
         self.in_flight += other.in_flight;
         self.queued += other.queued;
+        self.outbound_allowed += other.outbound_allowed;
+        self.outbound_denied += other.outbound_denied;
     }
 }
 
@@ -271,6 +305,9 @@ mod tests {
         m.record_request();
         m.record_end(None, Duration::from_micros(70), 10);
         m.record_end(Some(ErrorClass::Deadline), Duration::from_secs(5), 5);
+        m.outbound().record(true);
+        m.outbound().record(false);
+        m.outbound().record(false);
         let s = m.snapshot(FunctionIdentity {
             name: "f".into(),
             tenant: "t".into(),
@@ -282,6 +319,7 @@ mod tests {
             (2, 1, 1, 1)
         );
         assert_eq!(s.fuel_used, 15);
+        assert_eq!((s.outbound_allowed, s.outbound_denied), (1, 2));
         assert_eq!(s.latency.count, 2);
         assert_eq!(s.latency.counts[1], 1); // 70µs: the <=100µs bucket
         assert_eq!(s.latency.quantile_upper_bound_us(0.5), Some(100));
@@ -289,6 +327,13 @@ mod tests {
         let json = serde_json::to_string(&s).unwrap();
         assert!(json.contains("\"deadline\":1"));
         assert_eq!(serde_json::from_str::<MetricsSnapshot>(&json).unwrap(), s);
+        // JSON from hosts that predate the outbound counters still parses.
+        let mut old: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let fields = old.as_object_mut().unwrap();
+        fields.remove("outbound_allowed");
+        fields.remove("outbound_denied");
+        let old: MetricsSnapshot = serde_json::from_value(old).unwrap();
+        assert_eq!((old.outbound_allowed, old.outbound_denied), (0, 0));
 
         let mut sum = s.clone();
         sum.add(&s);
@@ -302,6 +347,7 @@ mod tests {
             (4, 2, 30, 4)
         );
         assert_eq!(sum.latency.counts[1], 2);
+        assert_eq!((sum.outbound_allowed, sum.outbound_denied), (2, 4));
         assert_eq!(sum.latency.sum_us, 2 * s.latency.sum_us);
     }
 }

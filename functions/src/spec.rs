@@ -7,6 +7,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::error::FunctionError;
+use crate::outbound::OutboundAllowList;
 use crate::units::{fmt_bytes, MIB};
 
 /// Longest accepted name of a function or a tenant.
@@ -55,11 +56,14 @@ pub struct FunctionSpec {
     pub queue_len: u32,
     /// Longest a request waits in the queue before it gets 503.
     pub max_queue_wait: Duration,
+    /// Where a `wasi:http` component may send outgoing requests; empty (the default)
+    /// denies them all. CGI modules have no network and ignore it.
+    pub allowed_outbound_hosts: OutboundAllowList,
 }
 
 impl FunctionSpec {
     /// A spec with the defaults: 64 MiB of memory, unlimited fuel, a 5 s deadline,
-    /// 16 concurrent requests, a queue of 64 waiting at most 1 s.
+    /// 16 concurrent requests, a queue of 64 waiting at most 1 s, no outgoing requests.
     pub fn new(name: impl Into<String>, tenant: impl Into<String>, module: ModuleSource) -> Self {
         FunctionSpec {
             name: name.into(),
@@ -72,6 +76,7 @@ impl FunctionSpec {
             max_concurrency: 16,
             queue_len: 64,
             max_queue_wait: Duration::from_secs(1),
+            allowed_outbound_hosts: OutboundAllowList::default(),
         }
     }
 

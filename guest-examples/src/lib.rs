@@ -8,6 +8,7 @@
 
 #[cfg(not(target_family = "wasm"))]
 mod host {
+    use std::collections::HashMap;
     use std::path::{Path, PathBuf};
     use std::process::Command;
     use std::sync::OnceLock;
@@ -135,7 +136,66 @@ mod host {
         );
         path
     }
+
+    /// Target of the component guests (`guest-examples/<name>/`, crates of their own).
+    pub const COMPONENT_TARGET: &str = "wasm32-wasip2";
+
+    /// Path of the component guest `name` (a directory beside `src/`, e.g.
+    /// `hello-http`), built for wasm32-wasip2 into
+    /// `target/guests/wasm32-wasip2/release/<name with _>.wasm`, as
+    /// scripts/build-guests.sh does. The first call per name in a process runs the
+    /// cargo build (cargo decides what is stale; a no-op takes well under a second).
+    ///
+    /// # Panics
+    /// When the build fails; the message says why, with a hint about the target.
+    pub fn component_path(name: &str) -> PathBuf {
+        static BUILT: OnceLock<std::sync::Mutex<HashMap<String, Result<PathBuf, String>>>> =
+            OnceLock::new();
+        let mut built = BUILT
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let result = built
+            .entry(name.to_string())
+            .or_insert_with(|| build_component(name));
+        match result {
+            Ok(path) => path.clone(),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn build_component(name: &str) -> Result<PathBuf, String> {
+        let manifest = package_dir().join(name).join("Cargo.toml");
+        if !manifest.is_file() {
+            return Err(format!(
+                "no component guest named {name:?} (expected {})",
+                manifest.display()
+            ));
+        }
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let output = Command::new(&cargo)
+            .args(["build", "--release", "--target", COMPONENT_TARGET])
+            .arg("--manifest-path")
+            .arg(&manifest)
+            .arg("--target-dir")
+            .arg(guests_target_dir())
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", Path::new(&cargo).display()))?;
+        if !output.status.success() {
+            return Err(format!(
+                "building the {name} component failed ({}):\n{}\n\
+                 hint: if the {COMPONENT_TARGET} target is missing, run `rustup target add \
+                 {COMPONENT_TARGET}` (scripts/build-guests.sh does that and the build)",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
+        Ok(guests_target_dir()
+            .join(COMPONENT_TARGET)
+            .join("release")
+            .join(format!("{}.wasm", name.replace('-', "_"))))
+    }
 }
 
 #[cfg(not(target_family = "wasm"))]
-pub use host::{out_dir, wasm_path, TARGET};
+pub use host::{component_path, out_dir, wasm_path, COMPONENT_TARGET, TARGET};

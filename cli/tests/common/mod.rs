@@ -322,49 +322,9 @@ pub fn master_http(c: &Cluster) -> String {
         .to_string()
 }
 
-/// The `hello-http` component (wasm32-wasip2), built on first use into
-/// `target/guests/wasm32-wasip2/release/hello_http.wasm`, as scripts/build-guests.sh does.
+/// The `hello-http` component (wasm32-wasip2), built on first use.
 pub fn hello_http_component() -> PathBuf {
-    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
-    let built = BUILT.get_or_init(|| {
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("workspace")
-            .to_path_buf();
-        let target_dir = workspace.join("target").join("guests");
-        let manifest = workspace
-            .join("guest-examples")
-            .join("hello-http")
-            .join("Cargo.toml");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let out = Command::new(cargo)
-            .args([
-                "build",
-                "--release",
-                "--target",
-                "wasm32-wasip2",
-                "--manifest-path",
-            ])
-            .arg(&manifest)
-            .arg("--target-dir")
-            .arg(&target_dir)
-            .output()
-            .map_err(|e| format!("cannot run cargo: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "building hello-http failed:\n{}\nhint: run scripts/build-guests.sh",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        Ok(target_dir
-            .join("wasm32-wasip2")
-            .join("release")
-            .join("hello_http.wasm"))
-    });
-    match built {
-        Ok(p) => p.clone(),
-        Err(e) => panic!("{e}"),
-    }
+    agora_guest_examples::component_path("hello-http")
 }
 
 /// An HTTP answer as a test reads it.

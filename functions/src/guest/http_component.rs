@@ -8,13 +8,16 @@
 //!
 //! Differences from `wasmtime serve`: the guest sees the path after `/fn/NAME`
 //! (so a component written for `/` works unchanged under any function name); outgoing
-//! HTTP requests are refused (`HTTP request denied`); the response is collected (up to
+//! HTTP requests go only where the function's allow-list says ([`crate::outbound`];
+//! others get `HTTP request denied`), at most [`MAX_OUTGOING_PER_REQUEST`] per
+//! request, and time out by the request's deadline; the response is collected (up to
 //! the output limit) before it is sent, so that a guest failing half-way through its
 //! body gets a clean 5xx instead of a truncated 200; the guest's stdout and stderr are
 //! captured for the request log (`wasmtime serve` inherits them).
 
 use std::future::Future;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::http::{header, HeaderValue, Request, Response, Uri};
 use bytes::Bytes;
@@ -33,6 +36,8 @@ use crate::cgi;
 use crate::error::{error_text, FunctionError};
 use crate::function::CapturePipe;
 use crate::limits::{self, HasLimits, LimitState, RequestLimits};
+use crate::metrics::{FunctionMetrics, OutboundCounters};
+use crate::outbound::OutboundAllowList;
 use crate::outcome::{self, ErrorClass, Failure, GuestEnd};
 use crate::request::FunctionRequest;
 
@@ -41,12 +46,16 @@ use crate::request::FunctionRequest;
 /// epoch).
 const DEADLINE_GRACE: Duration = Duration::from_millis(50);
 
+/// Most outgoing HTTP requests one function request may send; more are denied, so
+/// that one request cannot fan out without bound.
+pub(crate) const MAX_OUTGOING_PER_REQUEST: u32 = 16;
+
 /// Store data of one `wasi:http` request.
 pub(crate) struct ProxyCtx {
     wasi: WasiCtx,
     http: WasiHttpCtx,
     table: ResourceTable,
-    hooks: DenyOutgoing,
+    hooks: OutgoingHooks,
     limits: LimitState,
 }
 
@@ -75,25 +84,80 @@ impl HasLimits for ProxyCtx {
     }
 }
 
-/// Functions may not call out: the sandbox has no network. (A policy to relax per
-/// tenant later; then this is where it goes.)
-struct DenyOutgoing;
+/// Outgoing requests of one function request: sent (by wasmtime-wasi-http's
+/// `default_send_request`) when the function's allow-list names their scheme and
+/// authority and the request has sent fewer than [`MAX_OUTGOING_PER_REQUEST`];
+/// denied (`HttpRequestDenied`) otherwise. Their connect, first-byte and
+/// between-bytes timeouts end by the request's deadline (a guest's request-options
+/// may only shorten them); the whole call ends with the request's store anyway.
+struct OutgoingHooks {
+    allowed: OutboundAllowList,
+    counters: Arc<OutboundCounters>,
+    deadline: Instant,
+    sent: u32,
+}
 
-impl WasiHttpHooks for DenyOutgoing {
+type IoFuture = Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>;
+
+impl OutgoingHooks {
+    /// Why `uri` may not be called now, if it may not.
+    fn refusal(&self, uri: &Uri) -> Option<&'static str> {
+        if !self.allowed.allows_uri(uri) {
+            Some("not in the function's allowed outbound hosts")
+        } else if self.sent >= MAX_OUTGOING_PER_REQUEST {
+            Some("over the limit of outgoing requests per request")
+        } else {
+            None
+        }
+    }
+}
+
+impl WasiHttpHooks for OutgoingHooks {
     fn send_request(
         &mut self,
-        _request: axum::http::Request<WasiBody>,
-        _options: Option<RequestOptions>,
-        _fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+        request: axum::http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        _fut: IoFuture,
     ) -> Box<
-        dyn Future<
-                Output = wasmtime_wasi_http::Result<(
-                    axum::http::Response<WasiBody>,
-                    Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
-                )>,
-            > + Send,
+        dyn Future<Output = wasmtime_wasi_http::Result<(axum::http::Response<WasiBody>, IoFuture)>>
+            + Send,
     > {
-        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
+        if let Some(why) = self.refusal(request.uri()) {
+            self.counters.record(false);
+            tracing::debug!(
+                scheme = request.uri().scheme_str().unwrap_or(""),
+                authority = request.uri().authority().map_or("", |a| a.as_str()),
+                why,
+                "outgoing HTTP request denied"
+            );
+            return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
+        }
+        self.sent += 1;
+        self.counters.record(true);
+        let options = bounded_options(
+            options,
+            self.deadline.saturating_duration_since(Instant::now()),
+        );
+        Box::new(async move {
+            let (response, io) =
+                wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
+            Ok((
+                response.map(BodyExt::boxed_unsync),
+                Box::new(io) as IoFuture,
+            ))
+        })
+    }
+}
+
+/// The guest's timeouts, none longer than `remaining` (the time left until the
+/// request's deadline), which is also the default of each.
+fn bounded_options(options: Option<RequestOptions>, remaining: Duration) -> RequestOptions {
+    let options = options.unwrap_or_default();
+    let bound = |asked: Option<Duration>| Some(asked.map_or(remaining, |d| d.min(remaining)));
+    RequestOptions {
+        connect_timeout: bound(options.connect_timeout),
+        first_byte_timeout: bound(options.first_byte_timeout),
+        between_bytes_timeout: bound(options.between_bytes_timeout),
     }
 }
 
@@ -142,22 +206,31 @@ pub(crate) fn prepare(
 }
 
 /// Runs one request in a fresh instance, the guest's stdout and stderr going to
-/// `output`. Returns the response (or why there is none) and the fuel burnt.
+/// `output`, its outgoing requests going only where `outbound` allows (counted in
+/// `metrics`). Returns the response (or why there is none) and the fuel burnt.
 pub(crate) async fn run(
     engine: &Engine,
     pre: &ProxyPre<ProxyCtx>,
     request: FunctionRequest,
     limits: &RequestLimits,
+    outbound: &OutboundAllowList,
+    metrics: &FunctionMetrics,
     output: (CapturePipe, CapturePipe),
 ) -> (Result<Response<Bytes>, Failure>, u64) {
     let (stdout, stderr) = output;
+    let hooks = OutgoingHooks {
+        allowed: outbound.clone(),
+        counters: Arc::clone(metrics.outbound()),
+        deadline: Instant::now() + limits.timeout,
+        sent: 0,
+    };
     let mut store = Store::new(
         engine,
         ProxyCtx {
             wasi: WasiCtxBuilder::new().stdout(stdout).stderr(stderr).build(),
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
-            hooks: DenyOutgoing,
+            hooks,
             limits: LimitState::new(limits.memory),
         },
     );
@@ -288,4 +361,53 @@ async fn collect(
     };
     cgi::strip_hop_by_hop(&mut parts.headers);
     Ok(Response::from_parts(parts, bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outgoing_timeouts_end_by_the_deadline() {
+        let left = Duration::from_secs(2);
+        let none = bounded_options(None, left);
+        assert_eq!(
+            (
+                none.connect_timeout,
+                none.first_byte_timeout,
+                none.between_bytes_timeout
+            ),
+            (Some(left), Some(left), Some(left))
+        );
+        let asked = bounded_options(
+            Some(RequestOptions {
+                connect_timeout: Some(Duration::from_millis(100)),
+                first_byte_timeout: Some(Duration::from_secs(60)),
+                between_bytes_timeout: None,
+            }),
+            left,
+        );
+        assert_eq!(asked.connect_timeout, Some(Duration::from_millis(100)));
+        assert_eq!(asked.first_byte_timeout, Some(left));
+        assert_eq!(asked.between_bytes_timeout, Some(left));
+    }
+
+    #[test]
+    fn outgoing_requests_are_capped_per_request() {
+        let mut hooks = OutgoingHooks {
+            allowed: OutboundAllowList::parse(&["http://127.0.0.1:*"]).unwrap(),
+            counters: Arc::default(),
+            deadline: Instant::now(),
+            sent: 0,
+        };
+        let ok: Uri = "http://127.0.0.1:9/".parse().unwrap();
+        let other: Uri = "http://127.0.0.2:9/".parse().unwrap();
+        assert_eq!(hooks.refusal(&ok), None);
+        assert!(hooks
+            .refusal(&other)
+            .unwrap()
+            .contains("allowed outbound hosts"));
+        hooks.sent = MAX_OUTGOING_PER_REQUEST;
+        assert!(hooks.refusal(&ok).unwrap().contains("limit"));
+    }
 }

@@ -5,8 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agora_functions::{
@@ -24,36 +23,9 @@ pub fn cgi_guest(name: &str) -> PathBuf {
     agora_guest_examples::wasm_path(name)
 }
 
-/// The `hello-http` component: `guest-examples/hello-http`, built for wasm32-wasip2
-/// into `target/guests/wasm32-wasip2/release/hello_http.wasm` on first use (the same
-/// place scripts/build-guests.sh puts it).
+/// The `hello-http` component, built on first use.
 pub fn hello_http_component() -> PathBuf {
-    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let built = BUILT.get_or_init(|| {
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
-        let target_dir = workspace.join("target").join("guests");
-        let manifest = workspace.join("guest-examples").join("hello-http").join("Cargo.toml");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        // Cargo decides whether anything is stale; a no-op build takes well under a second.
-        let output = Command::new(cargo)
-            .args(["build", "--release", "--target", "wasm32-wasip2", "--manifest-path"])
-            .arg(&manifest)
-            .arg("--target-dir")
-            .arg(&target_dir)
-            .output()
-            .map_err(|e| format!("cannot run cargo: {e}"))?;
-        if !output.status.success() {
-            return Err(format!(
-                "building hello-http failed:\n{}\nhint: run scripts/build-guests.sh (it installs the wasm32-wasip2 target)",
-                String::from_utf8_lossy(&output.stderr)
-            ));
-        }
-        Ok(target_dir.join("wasm32-wasip2").join("release").join("hello_http.wasm"))
-    });
-    match built {
-        Ok(path) => path.clone(),
-        Err(e) => panic!("{e}"),
-    }
+    agora_guest_examples::component_path("hello-http")
 }
 
 /// A host with a small pool and a private artifact cache.

@@ -31,7 +31,7 @@ pub(crate) fn render(
         )
     };
     type Get = fn(&MetricsSnapshot) -> u64;
-    let simple: [(&str, &str, &str, Get); 5] = [
+    let simple: [(&str, &str, &str, Get); 7] = [
         (
             "agora_fn_requests_total",
             "counter",
@@ -49,6 +49,18 @@ pub(crate) fn render(
             "counter",
             "Fuel burnt by the function's requests.",
             |m| m.fuel_used,
+        ),
+        (
+            "agora_fn_outbound_allowed_total",
+            "counter",
+            "Outgoing HTTP requests of components that their allow-list let through.",
+            |m| m.outbound_allowed,
+        ),
+        (
+            "agora_fn_outbound_denied_total",
+            "counter",
+            "Outgoing HTTP requests of components denied (not allowed, or over the cap).",
+            |m| m.outbound_denied,
         ),
         (
             "agora_fn_in_flight",
@@ -172,7 +184,7 @@ mod tests {
                        "overloaded": 0, "internal": 0},
             "latency": {"bounds_us": [50, 100, 1500000], "counts": [2, 1, 1, 1],
                         "count": 5, "sum_us": 2500250},
-            "fuel_used": 77, "in_flight": 1, "queued": 0
+            "fuel_used": 77, "in_flight": 1, "queued": 0, "outbound_denied": 3
         }))
         .expect("a snapshot")
     }
@@ -211,6 +223,7 @@ mod tests {
         has("agora_fn_errors_total{function=\"echo\",tenant=\"acme\",class=\"fuel\"} 1");
         has("agora_fn_errors_total{function=\"echo\",tenant=\"acme\",class=\"queue_full\"} 1");
         has("agora_fn_fuel_used_total{function=\"echo\",tenant=\"acme\"} 77");
+        has("agora_fn_outbound_denied_total{function=\"echo\",tenant=\"acme\"} 3");
         // Buckets are cumulative, in seconds; the overflow only in +Inf.
         has("agora_fn_request_duration_seconds_bucket{function=\"echo\",tenant=\"acme\",le=\"0.00005\"} 2");
         has("agora_fn_request_duration_seconds_bucket{function=\"echo\",tenant=\"acme\",le=\"0.0001\"} 3");

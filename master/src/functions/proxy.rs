@@ -83,6 +83,7 @@ async fn list(State(app): State<App>) -> Json<serde_json::Value> {
                 "memory_bytes": info.memory_bytes,
                 "max_concurrency": info.max_concurrency,
                 "queue_len": info.queue_len,
+                "allowed_outbound_hosts": info.allowed_outbound_hosts,
                 "tenant_limit": info.tenant_limit.map(|l| serde_json::json!({
                     "max_concurrency": l.max_concurrency,
                     "queue_len": l.queue_len,

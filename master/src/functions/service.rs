@@ -552,6 +552,8 @@ pub fn normalize(mut d: FunctionDeploy) -> Result<FunctionDeploy, String> {
     info.tenant = tenant_of(&d.role);
     // Set from the role's tenant limit when hosts are planned, never by a client.
     info.tenant_limit = None;
+    agora_functions::outbound::OutboundAllowList::parse(&info.allowed_outbound_hosts)
+        .map_err(&bad)?;
     if info.memory_bytes == 0 {
         info.memory_bytes = DEFAULT_MEMORY;
     }
