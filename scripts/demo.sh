@@ -64,5 +64,5 @@ step fn ls
 "$agora" fn ls
 step fn logs echo
 "$agora" fn logs echo
-step fn tenant set default --max-concurrency 64
-"$agora" fn tenant set default --max-concurrency 64
+step "fn tenant set '*' --max-concurrency 64"
+"$agora" fn tenant set '*' --max-concurrency 64

@@ -63,9 +63,9 @@ pub async fn tenants(cmd: TenantCmd) -> anyhow::Result<ExitCode> {
                 queue_len: queue,
                 max_queue_wait_ms: parse_duration_ms(&queue_wait)?,
             };
-            let limits = set(&target, limit).await?;
-            print(&limits);
-            eprintln!("tenant limit of role {role} set; hosts of its functions are being replaced to carry it");
+            let r = set(&target, limit).await?;
+            print(&r.tenant_limits);
+            eprintln!("tenant limit of role {role} set; {}", replaced(&role, &r));
             Ok(ExitCode::SUCCESS)
         }
         TenantCmd::Ls { target } => {
@@ -84,7 +84,7 @@ pub async fn tenants(cmd: TenantCmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         TenantCmd::Rm { target, role } => {
-            let limits = set(
+            let r = set(
                 &target,
                 TenantLimit {
                     role: role.clone(),
@@ -92,21 +92,47 @@ pub async fn tenants(cmd: TenantCmd) -> anyhow::Result<ExitCode> {
                 },
             )
             .await?;
-            print(&limits);
-            eprintln!("tenant limit of role {role} removed");
+            print(&r.tenant_limits);
+            eprintln!(
+                "tenant limit of role {role} removed; {}",
+                replaced(&role, &r)
+            );
             Ok(ExitCode::SUCCESS)
         }
     }
 }
 
-async fn set(target: &Target, limit: TenantLimit) -> anyhow::Result<Vec<TenantLimit>> {
+async fn set(target: &Target, limit: TenantLimit) -> anyhow::Result<v1::OperatorResponse> {
     let cfg = config(target)?;
-    let r = operator(
+    operator(
         &cfg,
         operator_request::Request::FnTenantSet(v1::SetTenantLimit { limit: Some(limit) }),
     )
-    .await?;
-    Ok(r.tenant_limits)
+    .await
+}
+
+/// Which functions' hosts are replaced to carry the change (those of the role).
+fn replaced(role: &str, r: &v1::OperatorResponse) -> String {
+    let names: Vec<&str> = r
+        .functions
+        .iter()
+        .filter_map(|f| f.spec.as_ref().map(|s| s.name.as_str()))
+        .collect();
+    if names.is_empty() {
+        let hint = if role == "default" {
+            " (functions deployed without --role have role '*')"
+        } else {
+            ""
+        };
+        format!(
+            "no function of role {role} is deployed yet{hint}; it applies to those deployed later"
+        )
+    } else {
+        format!(
+            "the hosts of {} are being replaced to carry it",
+            names.join(", ")
+        )
+    }
 }
 
 fn print(limits: &[TenantLimit]) {

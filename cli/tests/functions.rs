@@ -413,6 +413,11 @@ fn a_tenant_limit_bounds_all_of_its_functions_on_an_agent() {
         "10s",
     ]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("the hosts of slow-a, slow-b are being replaced"),
+        "{}",
+        stderr(&o)
+    );
     let limited = wait_replaced(&web, &["slow-a", "slow-b"], &first);
     let o = c.agora(&["fn", "tenant", "ls"]);
     assert!(

@@ -598,12 +598,19 @@ impl Ctx {
             },
             Some(operator_request::Request::FnTenantSet(r)) => {
                 let r = self.functions().and_then(|f| {
-                    f.set_tenant_limit(r.limit.unwrap_or_default())?;
-                    Ok(f.tenant_limits())
+                    let names = f.set_tenant_limit(r.limit.unwrap_or_default())?;
+                    let functions = f
+                        .list()
+                        .into_iter()
+                        .filter(|s| s.spec.as_ref().is_some_and(|d| names.contains(&d.name)))
+                        .collect();
+                    Ok((f.tenant_limits(), functions))
                 });
                 match r {
-                    Ok(tenant_limits) => OperatorResponse {
+                    // The role's functions, whose hosts are replaced to carry it.
+                    Ok((tenant_limits, functions)) => OperatorResponse {
                         tenant_limits,
+                        functions,
                         ..Default::default()
                     },
                     Err(error) => OperatorResponse {

@@ -219,7 +219,8 @@ impl Functions {
     /// Sets (or, with `max_concurrency` 0, removes) a role's per-agent limit over its
     /// functions' requests, durably. Hosts of the role's functions are replaced by
     /// hosts carrying the new limit (a new generation: the old ones serve until then).
-    pub fn set_tenant_limit(&self, limit: TenantLimit) -> Result<(), String> {
+    /// Returns the names of the role's functions.
+    pub fn set_tenant_limit(&self, limit: TenantLimit) -> Result<Vec<String>, String> {
         let (role, entry) = check_tenant_limit(limit)?;
         self.persist(&[RegistryOp::SetTenantLimit {
             role: role.clone(),
@@ -244,11 +245,11 @@ impl Functions {
                 let effective = with_tenant_limit(spec.clone(), &s.tenant_limits);
                 s.planner.deploy(effective, now);
             }
-            specs.len()
+            specs.into_iter().map(|f| f.name).collect::<Vec<_>>()
         };
-        tracing::info!(%role, limit = ?entry, functions = replaced, "tenant limit set");
+        tracing::info!(%role, limit = ?entry, functions = ?replaced, "tenant limit set");
         self.wake_framework();
-        Ok(())
+        Ok(replaced)
     }
 
     /// Every role's tenant limit.
@@ -821,7 +822,7 @@ mod tests {
             queue_len: 4,
             max_queue_wait_ms: 0,
         };
-        f.set_tenant_limit(limit.clone()).unwrap();
+        assert_eq!(f.set_tenant_limit(limit.clone()).unwrap(), vec!["a"]);
         let want = TenantLimit {
             max_queue_wait_ms: DEFAULT_TENANT_QUEUE_WAIT_MS,
             ..limit
