@@ -26,8 +26,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use agora_proto::executor_link::{recovery_timeout_from_env, AgentConn, Outbox, FLUSH_GRACE};
-use agora_proto::frame::FrameError;
+use agora_proto::executor_link::{
+    self, recovery_timeout_from_env, Flow, LinkedExecutor, Outbox, FLUSH_GRACE,
+};
 use agora_proto::v1::{
     agent_to_executor, AgentToExecutor, ExecutorLaunch, ExecutorRegister, ExecutorStatus,
     FunctionInfo, Reason, TaskState,
@@ -48,9 +49,6 @@ use crate::{router, FunctionHost, FunctionRegistry, HostConfig, HttpConfig};
 pub const SOCKET_NAME: &str = "fn.sock";
 /// Most a kill waits for the requests in flight, whatever the function's deadline.
 const MAX_DRAIN_GRACE: Duration = Duration::from_secs(10);
-/// Backoff between attempts to reach a restarting agent: from the first to the cap.
-const RECONNECT_FIRST: Duration = Duration::from_millis(50);
-const RECONNECT_MAX: Duration = Duration::from_millis(250);
 /// Tenant of a function whose owner is the default role (`*`) or not given.
 pub const DEFAULT_TENANT: &str = "default";
 
@@ -91,64 +89,9 @@ pub async fn run_executor(
         hosts: JoinSet::new(),
         roots: HashMap::new(),
     };
-    let mut conn = AgentConn::start(
-        stream,
-        &executor.outbox,
-        &executor.running,
-        register.clone(),
-        false,
-    );
-    let result = loop {
-        match executor.serve(&mut conn).await {
-            End::Shutdown => {
-                tracing::info!("shutdown requested; stopping the function hosts");
-                executor.stop_all().await;
-                break Ok(());
-            }
-            End::Bad(e) => {
-                tracing::error!(error = %e, "bad frame from the agent; exiting");
-                executor.stop_all().await;
-                break Err(anyhow::Error::new(e).context("reading a frame from the agent"));
-            }
-            End::Eof => {
-                tracing::warn!(
-                    hosts = lock(&executor.running).len(),
-                    "lost the agent; functions keep serving while reconnecting for up to {recovery_timeout:?}"
-                );
-                conn.close(&executor.outbox);
-                match executor.reconnect(socket, recovery_timeout).await {
-                    Some(stream) => {
-                        tracing::info!("reconnected to the agent");
-                        conn = AgentConn::start(
-                            stream,
-                            &executor.outbox,
-                            &executor.running,
-                            register.clone(),
-                            true,
-                        );
-                    }
-                    None => {
-                        let n = lock(&executor.running).len();
-                        tracing::error!("the agent did not come back within {recovery_timeout:?}; stopping {n} function hosts");
-                        executor.stop_all().await;
-                        break Err(anyhow::anyhow!(
-                            "the agent at {} did not come back within {recovery_timeout:?}; {n} function hosts were stopped",
-                            socket.display()
-                        ));
-                    }
-                }
-            }
-        }
-    };
-    conn.finish(&executor.outbox).await;
+    let result =
+        executor_link::drive(&mut executor, stream, socket, register, recovery_timeout).await;
     result
-}
-
-/// How a connection to the agent ended.
-enum End {
-    Shutdown,
-    Eof,
-    Bad(FrameError),
 }
 
 /// Kill signals of the hosts running, by task id. A host's task removes its entry
@@ -167,91 +110,6 @@ struct Executor {
 }
 
 impl Executor {
-    async fn serve(&mut self, conn: &mut AgentConn) -> End {
-        loop {
-            tokio::select! {
-                frame = conn.frames.recv() => match frame {
-                    Some(Ok(Some(msg))) => {
-                        if self.handle(msg) {
-                            return End::Shutdown;
-                        }
-                    }
-                    Some(Ok(None)) | None => return End::Eof,
-                    Some(Err(FrameError::Io(e))) => {
-                        tracing::debug!(error = %e, "connection to the agent failed");
-                        return End::Eof;
-                    }
-                    Some(Err(FrameError::Truncated)) => return End::Eof,
-                    Some(Err(e)) => return End::Bad(e),
-                },
-                Some(done) = self.hosts.join_next() => reap(done),
-            }
-        }
-    }
-
-    async fn reconnect(&mut self, socket: &Path, timeout: Duration) -> Option<UnixStream> {
-        let deadline = Instant::now() + timeout;
-        let mut backoff = RECONNECT_FIRST;
-        loop {
-            match UnixStream::connect(socket).await {
-                Ok(s) => return Some(s),
-                Err(e) => tracing::debug!(error = %e, "agent not back yet"),
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return None;
-            }
-            let pause = tokio::time::sleep(backoff.min(deadline - now)); // reconnect backoff
-            tokio::pin!(pause);
-            loop {
-                tokio::select! {
-                    _ = &mut pause => break,
-                    Some(done) = self.hosts.join_next() => reap(done),
-                }
-            }
-            backoff = (backoff * 2).min(RECONNECT_MAX);
-        }
-    }
-
-    /// Handles one message; `true` means shut down.
-    fn handle(&mut self, msg: AgentToExecutor) -> bool {
-        match msg.msg {
-            Some(agent_to_executor::Msg::Launch(launch)) => self.launch(launch),
-            Some(agent_to_executor::Msg::Kill(kill)) => {
-                match lock(&self.running).get(&kill.task_id) {
-                    Some(stop) => {
-                        tracing::info!(task_id = %kill.task_id, "stopping function host");
-                        stop.notify_one();
-                    }
-                    None => tracing::warn!(
-                        task_id = %kill.task_id,
-                        "kill for a task this executor is not running; ignored"
-                    ),
-                }
-            }
-            Some(agent_to_executor::Msg::Shutdown(_)) => return true,
-            Some(agent_to_executor::Msg::Ack(ack)) => self.outbox.ack(ack.seq),
-            Some(agent_to_executor::Msg::Message(m)) => {
-                let tasks: Vec<(String, PathBuf)> = {
-                    let running = lock(&self.running);
-                    self.roots.retain(|id, _| running.contains_key(id));
-                    let mut v: Vec<_> = self
-                        .roots
-                        .iter()
-                        .map(|(k, p)| (k.clone(), p.clone()))
-                        .collect();
-                    v.sort();
-                    v
-                };
-                let receipt = agora_proto::executor_link::deliver_message(&tasks, &m.data);
-                tracing::info!("framework message: {receipt}");
-                self.outbox.message(receipt.into_bytes());
-            }
-            None => tracing::warn!("frame from the agent carries no known message; ignored"),
-        }
-        false
-    }
-
     fn launch(&mut self, launch: ExecutorLaunch) {
         let task_id = launch.task_id.clone();
         let stop = Arc::new(Notify::new());
@@ -296,6 +154,66 @@ impl Executor {
             );
             outbox.finish(&running, &launch.task_id, status);
         });
+    }
+}
+
+impl LinkedExecutor for Executor {
+    type Entry = Arc<Notify>;
+    const RUNS: &'static str = "function hosts";
+
+    fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    fn running(&self) -> &Mutex<HashMap<String, Self::Entry>> {
+        &self.running
+    }
+
+    /// Handles one message; `true` means shut down.
+    fn handle(&mut self, msg: AgentToExecutor) -> Flow {
+        match msg.msg {
+            Some(agent_to_executor::Msg::Launch(launch)) => self.launch(launch),
+            Some(agent_to_executor::Msg::Kill(kill)) => {
+                match lock(&self.running).get(&kill.task_id) {
+                    Some(stop) => {
+                        tracing::info!(task_id = %kill.task_id, "stopping function host");
+                        stop.notify_one();
+                    }
+                    None => tracing::warn!(
+                        task_id = %kill.task_id,
+                        "kill for a task this executor is not running; ignored"
+                    ),
+                }
+            }
+            Some(agent_to_executor::Msg::Shutdown(_)) => return Flow::Shutdown,
+            Some(agent_to_executor::Msg::Ack(ack)) => self.outbox.ack(ack.seq),
+            Some(agent_to_executor::Msg::Message(m)) => {
+                let tasks: Vec<(String, PathBuf)> = {
+                    let running = lock(&self.running);
+                    self.roots.retain(|id, _| running.contains_key(id));
+                    let mut v: Vec<_> = self
+                        .roots
+                        .iter()
+                        .map(|(k, p)| (k.clone(), p.clone()))
+                        .collect();
+                    v.sort();
+                    v
+                };
+                let receipt = agora_proto::executor_link::deliver_message(&tasks, &m.data);
+                tracing::info!("framework message: {receipt}");
+                self.outbox.message(receipt.into_bytes());
+            }
+            None => tracing::warn!("frame from the agent carries no known message; ignored"),
+        }
+        Flow::Continue
+    }
+
+    fn tasks(&mut self) -> &mut JoinSet<()> {
+        &mut self.hosts
+    }
+
+    fn reap(done: Result<(), tokio::task::JoinError>) {
+        reap(done)
     }
 
     /// Stops every host and waits (bounded) for all of them to report.

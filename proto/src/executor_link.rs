@@ -33,6 +33,180 @@ pub fn recovery_timeout_from_env() -> Duration {
         .unwrap_or(DEFAULT_RECOVERY_TIMEOUT)
 }
 
+/// How a connection to the agent ended.
+pub enum End {
+    /// The agent said `shutdown`.
+    Shutdown,
+    /// The connection closed or broke: the agent went away (maybe to restart).
+    Eof,
+    /// The agent sent something that is not a frame of ours.
+    Bad(FrameError),
+}
+
+/// Whether to go on after a message from the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    /// The agent said `shutdown`.
+    Shutdown,
+}
+
+/// An executor process as [`drive`] runs it: what it does with each message of the
+/// agent, the async tasks it runs them in, how it stops them, and what it keeps
+/// across connections.
+#[allow(async_fn_in_trait)] // used in this workspace only, on one runtime
+pub trait LinkedExecutor {
+    /// An entry of the running map (the tasks named again after a reconnect).
+    type Entry;
+    /// The word for what it runs, in logs and errors ("running tasks", "function hosts").
+    const RUNS: &'static str;
+    fn outbox(&self) -> &Outbox;
+    fn running(&self) -> &Mutex<HashMap<String, Self::Entry>>;
+    /// Handles one message from the agent.
+    fn handle(&mut self, msg: AgentToExecutor) -> Flow;
+    /// Its async tasks (one per task or host), joined as they end so the set stays small.
+    fn tasks(&mut self) -> &mut tokio::task::JoinSet<()>;
+    /// Takes the end of one of `tasks` (they catch their own failures; this logs the rest).
+    fn reap(done: Result<(), tokio::task::JoinError>);
+    /// Stops (kills) everything it runs, boundedly, reporting each end.
+    async fn stop_all(&mut self);
+}
+
+/// Serves one connection until it ends, reaping the executor's tasks meanwhile.
+async fn serve<E: LinkedExecutor>(executor: &mut E, conn: &mut AgentConn) -> End {
+    loop {
+        tokio::select! {
+            frame = conn.frames.recv() => match frame {
+                Some(Ok(Some(msg))) => {
+                    if executor.handle(msg) == Flow::Shutdown {
+                        return End::Shutdown;
+                    }
+                }
+                Some(Ok(None)) | None => return End::Eof,
+                // The agent died (kill -9 included): a reset connection, or one cut
+                // in the middle of a frame, is the agent going away too.
+                Some(Err(FrameError::Io(e))) => {
+                    tracing::debug!(error = %e, "connection to the agent failed");
+                    return End::Eof;
+                }
+                Some(Err(FrameError::Truncated)) => return End::Eof,
+                Some(Err(e)) => return End::Bad(e),
+            },
+            Some(done) = executor.tasks().join_next() => E::reap(done),
+        }
+    }
+}
+
+/// Runs an executor's link to the agent, first over `stream`, until the agent says
+/// `shutdown` (an `Ok` end, after stopping everything). When the agent goes away what
+/// runs keeps running while the socket is dialled again for up to `recovery_timeout`;
+/// an agent that does not come back, or a malformed frame, stops everything and is an
+/// error. The statuses not yet sent are flushed (boundedly) before it returns.
+pub async fn drive<E: LinkedExecutor>(
+    executor: &mut E,
+    stream: UnixStream,
+    socket: &std::path::Path,
+    register: ExecutorRegister,
+    recovery_timeout: Duration,
+) -> anyhow::Result<()> {
+    let runs = E::RUNS;
+    let mut conn = AgentConn::start(
+        stream,
+        executor.outbox(),
+        executor.running(),
+        register.clone(),
+        false,
+    );
+    let running = |e: &E| {
+        e.running()
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    };
+    let result = loop {
+        match serve(executor, &mut conn).await {
+            End::Shutdown => {
+                tracing::info!("shutdown requested; stopping the {runs}");
+                executor.stop_all().await;
+                break Ok(());
+            }
+            End::Bad(e) => {
+                tracing::error!(error = %e, "bad frame from the agent; exiting");
+                executor.stop_all().await;
+                break Err(anyhow::Error::new(e).context("reading a frame from the agent"));
+            }
+            End::Eof => {
+                tracing::warn!(
+                    running = running(executor),
+                    "lost the agent; the {runs} keep running while reconnecting for up to {recovery_timeout:?}"
+                );
+                conn.close(executor.outbox());
+                match redial(socket, recovery_timeout, executor.tasks(), E::reap).await {
+                    Some(stream) => {
+                        tracing::info!("reconnected to the agent");
+                        conn = AgentConn::start(
+                            stream,
+                            executor.outbox(),
+                            executor.running(),
+                            register.clone(),
+                            true,
+                        );
+                    }
+                    None => {
+                        let n = running(executor);
+                        tracing::error!("the agent did not come back within {recovery_timeout:?}; stopping {n} {runs}");
+                        executor.stop_all().await;
+                        break Err(anyhow::anyhow!(
+                            "the agent at {} did not come back within {recovery_timeout:?}; {n} {runs} were stopped",
+                            socket.display()
+                        ));
+                    }
+                }
+            }
+        }
+    };
+    conn.finish(executor.outbox()).await;
+    result
+}
+
+/// First pause between attempts to reach a restarting agent; it doubles up to
+/// [`REDIAL_MAX`].
+pub const REDIAL_FIRST: Duration = Duration::from_millis(50);
+/// Longest pause between those attempts.
+pub const REDIAL_MAX: Duration = Duration::from_millis(250);
+
+/// Dials the agent's socket again, with backoff, until it answers (the stream) or
+/// `timeout` passes (`None`). Meanwhile the executor's `tasks` that end are handed to
+/// `reap`, so that the executor keeps its bookkeeping while the agent is away.
+pub async fn redial(
+    socket: &std::path::Path,
+    timeout: Duration,
+    tasks: &mut tokio::task::JoinSet<()>,
+    reap: fn(Result<(), tokio::task::JoinError>),
+) -> Option<UnixStream> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut backoff = REDIAL_FIRST;
+    loop {
+        match UnixStream::connect(socket).await {
+            Ok(s) => return Some(s),
+            Err(e) => tracing::debug!(error = %e, "agent not back yet"),
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return None;
+        }
+        let pause = tokio::time::sleep(backoff.min(deadline - now)); // redial backoff
+        tokio::pin!(pause);
+        loop {
+            tokio::select! {
+                _ = &mut pause => break,
+                Some(done) = tasks.join_next() => reap(done),
+            }
+        }
+        backoff = (backoff * 2).min(REDIAL_MAX);
+    }
+}
+
 /// Statuses on their way to the agent, kept until it acknowledges them.
 #[derive(Default)]
 pub struct Outbox {

@@ -18,9 +18,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use agora_proto::frame::FrameError;
 use agora_proto::v1::{
     agent_to_executor, AgentToExecutor, ExecutorLaunch, ExecutorRegister, ExecutorStatus, Reason,
     TaskState,
@@ -30,15 +29,12 @@ use tokio::net::UnixStream;
 use tokio::task::JoinSet;
 
 use crate::runner::Runner;
-use agora_proto::executor_link::{recovery_timeout_from_env, AgentConn, Outbox};
+use agora_proto::executor_link::{self, recovery_timeout_from_env, Flow, LinkedExecutor, Outbox};
 
 /// How long tasks get to end after a kill when the executor is going away. Guests
 /// executing wasm stop within one epoch tick; this only matters for a guest blocked in
 /// a host call (e.g. a long WASI sleep), which the epoch cannot interrupt.
 const STOP_GRACE: Duration = Duration::from_secs(10);
-/// Backoff between attempts to reach a restarting agent: from the first to the cap.
-const RECONNECT_FIRST: Duration = Duration::from_millis(50);
-const RECONNECT_MAX: Duration = Duration::from_millis(250);
 
 /// Runs the executor until the agent says `shutdown` (an `Ok` end, after killing the
 /// running tasks). Losing the agent does not end it: see the module docs; an agent
@@ -85,71 +81,10 @@ pub async fn run_executor_with(
         tasks: JoinSet::new(),
         roots: HashMap::new(),
     };
-    let mut conn = AgentConn::start(
-        stream,
-        &executor.outbox,
-        &executor.running,
-        register.clone(),
-        false,
-    );
-    let result = loop {
-        match executor.serve(&mut conn).await {
-            End::Shutdown => {
-                tracing::info!("shutdown requested; killing tasks");
-                executor.stop_all().await;
-                break Ok(());
-            }
-            End::Bad(e) => {
-                tracing::error!(error = %e, "bad frame from the agent; exiting");
-                executor.stop_all().await;
-                break Err(frame_error(e));
-            }
-            End::Eof => {
-                tracing::warn!(
-                    tasks = lock(&executor.running).len(),
-                    "lost the agent; tasks keep running while reconnecting for up to {recovery_timeout:?}"
-                );
-                conn.close(&executor.outbox);
-                match executor.reconnect(socket, recovery_timeout).await {
-                    Some(stream) => {
-                        tracing::info!("reconnected to the agent");
-                        conn = AgentConn::start(
-                            stream,
-                            &executor.outbox,
-                            &executor.running,
-                            register.clone(),
-                            true,
-                        );
-                    }
-                    None => {
-                        let n = lock(&executor.running).len();
-                        tracing::error!("the agent did not come back within {recovery_timeout:?}; killing {n} tasks");
-                        executor.stop_all().await;
-                        break Err(anyhow::anyhow!(
-                            "the agent at {} did not come back within {recovery_timeout:?}; {n} running tasks were killed",
-                            socket.display()
-                        ));
-                    }
-                }
-            }
-        }
-    };
-    conn.finish(&executor.outbox).await;
+    let result =
+        executor_link::drive(&mut executor, stream, socket, register, recovery_timeout).await;
     drop(executor);
     result
-}
-
-/// How a connection to the agent ended.
-enum End {
-    Shutdown,
-    Eof,
-    Bad(FrameError),
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum Flow {
-    Continue,
-    Shutdown,
 }
 
 /// Kill flags of the running tasks, by task id. A task's thread removes its entry just
@@ -169,97 +104,6 @@ struct Executor {
 }
 
 impl Executor {
-    /// Serves one connection until it ends.
-    async fn serve(&mut self, conn: &mut AgentConn) -> End {
-        loop {
-            tokio::select! {
-                frame = conn.frames.recv() => match frame {
-                    Some(Ok(Some(msg))) => {
-                        if self.handle(msg) == Flow::Shutdown {
-                            return End::Shutdown;
-                        }
-                    }
-                    Some(Ok(None)) | None => return End::Eof,
-                    // The agent died (kill -9 included): a reset connection, or one
-                    // cut in the middle of a frame, is the agent going away too.
-                    Some(Err(FrameError::Io(e))) => {
-                        tracing::debug!(error = %e, "connection to the agent failed");
-                        return End::Eof;
-                    }
-                    Some(Err(FrameError::Truncated)) => return End::Eof,
-                    Some(Err(e)) => return End::Bad(e),
-                },
-                // Collect finished task threads as they end, so the set does not grow.
-                Some(done) = self.tasks.join_next() => reap(done),
-            }
-        }
-    }
-
-    /// Tries to reach the agent again until `timeout` passes, collecting finished
-    /// task threads meanwhile.
-    async fn reconnect(&mut self, socket: &Path, timeout: Duration) -> Option<UnixStream> {
-        let deadline = Instant::now() + timeout;
-        let mut backoff = RECONNECT_FIRST;
-        loop {
-            match UnixStream::connect(socket).await {
-                Ok(s) => return Some(s),
-                Err(e) => tracing::debug!(error = %e, "agent not back yet"),
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return None;
-            }
-            let pause = tokio::time::sleep(backoff.min(deadline - now));
-            tokio::pin!(pause);
-            loop {
-                tokio::select! {
-                    _ = &mut pause => break,
-                    Some(done) = self.tasks.join_next() => reap(done),
-                }
-            }
-            backoff = (backoff * 2).min(RECONNECT_MAX);
-        }
-    }
-
-    fn handle(&mut self, msg: AgentToExecutor) -> Flow {
-        match msg.msg {
-            Some(agent_to_executor::Msg::Launch(launch)) => self.launch(launch),
-            Some(agent_to_executor::Msg::Kill(kill)) => {
-                match lock(&self.running).get(&kill.task_id) {
-                    Some(flag) => {
-                        tracing::info!(task_id = %kill.task_id, "killing task");
-                        flag.store(true, Ordering::Relaxed);
-                    }
-                    None => tracing::warn!(
-                        task_id = %kill.task_id,
-                        "kill for a task this executor is not running; ignored"
-                    ),
-                }
-            }
-            Some(agent_to_executor::Msg::Shutdown(_)) => return Flow::Shutdown,
-            Some(agent_to_executor::Msg::Ack(ack)) => self.outbox.ack(ack.seq),
-            Some(agent_to_executor::Msg::Message(m)) => {
-                let tasks: Vec<(String, PathBuf)> = {
-                    let running = lock(&self.running);
-                    self.roots.retain(|id, _| running.contains_key(id));
-                    let mut v: Vec<_> = self
-                        .roots
-                        .iter()
-                        .map(|(k, p)| (k.clone(), p.clone()))
-                        .collect();
-                    v.sort();
-                    v
-                };
-                let receipt = agora_proto::executor_link::deliver_message(&tasks, &m.data);
-                tracing::info!("framework message: {receipt}");
-                self.outbox.message(receipt.into_bytes());
-            }
-            // A message kind from a newer agent: nothing to do with it.
-            None => tracing::warn!("frame from the agent carries no known message; ignored"),
-        }
-        Flow::Continue
-    }
-
     fn launch(&mut self, launch: ExecutorLaunch) {
         let task_id = launch.task_id.clone();
         let kill = Arc::new(AtomicBool::new(false));
@@ -320,6 +164,66 @@ impl Executor {
             outbox.finish(&running, &launch.task_id, status);
         });
     }
+}
+
+impl LinkedExecutor for Executor {
+    type Entry = Arc<AtomicBool>;
+    const RUNS: &'static str = "running tasks";
+
+    fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    fn running(&self) -> &Mutex<HashMap<String, Self::Entry>> {
+        &self.running
+    }
+
+    fn handle(&mut self, msg: AgentToExecutor) -> Flow {
+        match msg.msg {
+            Some(agent_to_executor::Msg::Launch(launch)) => self.launch(launch),
+            Some(agent_to_executor::Msg::Kill(kill)) => {
+                match lock(&self.running).get(&kill.task_id) {
+                    Some(flag) => {
+                        tracing::info!(task_id = %kill.task_id, "killing task");
+                        flag.store(true, Ordering::Relaxed);
+                    }
+                    None => tracing::warn!(
+                        task_id = %kill.task_id,
+                        "kill for a task this executor is not running; ignored"
+                    ),
+                }
+            }
+            Some(agent_to_executor::Msg::Shutdown(_)) => return Flow::Shutdown,
+            Some(agent_to_executor::Msg::Ack(ack)) => self.outbox.ack(ack.seq),
+            Some(agent_to_executor::Msg::Message(m)) => {
+                let tasks: Vec<(String, PathBuf)> = {
+                    let running = lock(&self.running);
+                    self.roots.retain(|id, _| running.contains_key(id));
+                    let mut v: Vec<_> = self
+                        .roots
+                        .iter()
+                        .map(|(k, p)| (k.clone(), p.clone()))
+                        .collect();
+                    v.sort();
+                    v
+                };
+                let receipt = agora_proto::executor_link::deliver_message(&tasks, &m.data);
+                tracing::info!("framework message: {receipt}");
+                self.outbox.message(receipt.into_bytes());
+            }
+            // A message kind from a newer agent: nothing to do with it.
+            None => tracing::warn!("frame from the agent carries no known message; ignored"),
+        }
+        Flow::Continue
+    }
+
+    fn tasks(&mut self) -> &mut JoinSet<()> {
+        &mut self.tasks
+    }
+
+    fn reap(done: Result<(), tokio::task::JoinError>) {
+        reap(done)
+    }
 
     /// Kills every task and waits (bounded) for all of them to report.
     async fn stop_all(&mut self) {
@@ -368,8 +272,4 @@ fn reap(done: Result<(), tokio::task::JoinError>) {
 /// a poisoned lock still holds consistent data.
 fn lock(running: &Running) -> MutexGuard<'_, HashMap<String, Arc<AtomicBool>>> {
     running.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn frame_error(e: FrameError) -> anyhow::Error {
-    anyhow::Error::new(e).context("reading a frame from the agent")
 }

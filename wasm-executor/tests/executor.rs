@@ -410,7 +410,7 @@ async fn an_agent_that_does_not_come_back_in_time_gets_tasks_killed_and_the_exec
         .await
         .expect_err("giving up on the agent is an error");
     assert!(
-        format!("{err:#}").contains("did not come back within 500ms; 1 running tasks were killed"),
+        format!("{err:#}").contains("did not come back within 500ms; 1 running tasks were stopped"),
         "{err:#}"
     );
     assert!(
