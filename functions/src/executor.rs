@@ -27,11 +27,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use agora_proto::executor_link::{
-    self, recovery_timeout_from_env, Flow, LinkedExecutor, Outbox, FLUSH_GRACE,
+    self, recovery_timeout_from_env, LinkedExecutor, Outbox, FLUSH_GRACE,
 };
 use agora_proto::v1::{
-    agent_to_executor, AgentToExecutor, ExecutorLaunch, ExecutorRegister, ExecutorStatus,
-    FunctionInfo, Reason, TaskState,
+    ExecutorLaunch, ExecutorRegister, ExecutorStatus, FunctionInfo, Reason, TaskState,
 };
 use anyhow::Context as _;
 use tokio::net::{UnixListener, UnixStream};
@@ -109,7 +108,24 @@ struct Executor {
     roots: HashMap<String, PathBuf>,
 }
 
-impl Executor {
+impl Executor {}
+
+impl LinkedExecutor for Executor {
+    type Entry = Arc<Notify>;
+    const RUNS: &'static str = "function hosts";
+
+    fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    fn running(&self) -> &Mutex<HashMap<String, Self::Entry>> {
+        &self.running
+    }
+
+    fn roots(&mut self) -> &mut HashMap<String, PathBuf> {
+        &mut self.roots
+    }
+
     fn launch(&mut self, launch: ExecutorLaunch) {
         let task_id = launch.task_id.clone();
         let stop = Arc::new(Notify::new());
@@ -155,65 +171,13 @@ impl Executor {
             outbox.finish(&running, &launch.task_id, status);
         });
     }
-}
 
-impl LinkedExecutor for Executor {
-    type Entry = Arc<Notify>;
-    const RUNS: &'static str = "function hosts";
-
-    fn outbox(&self) -> &Outbox {
-        &self.outbox
-    }
-
-    fn running(&self) -> &Mutex<HashMap<String, Self::Entry>> {
-        &self.running
-    }
-
-    /// Handles one message; `true` means shut down.
-    fn handle(&mut self, msg: AgentToExecutor) -> Flow {
-        match msg.msg {
-            Some(agent_to_executor::Msg::Launch(launch)) => self.launch(launch),
-            Some(agent_to_executor::Msg::Kill(kill)) => {
-                match lock(&self.running).get(&kill.task_id) {
-                    Some(stop) => {
-                        tracing::info!(task_id = %kill.task_id, "stopping function host");
-                        stop.notify_one();
-                    }
-                    None => tracing::warn!(
-                        task_id = %kill.task_id,
-                        "kill for a task this executor is not running; ignored"
-                    ),
-                }
-            }
-            Some(agent_to_executor::Msg::Shutdown(_)) => return Flow::Shutdown,
-            Some(agent_to_executor::Msg::Ack(ack)) => self.outbox.ack(ack.seq),
-            Some(agent_to_executor::Msg::Message(m)) => {
-                let tasks: Vec<(String, PathBuf)> = {
-                    let running = lock(&self.running);
-                    self.roots.retain(|id, _| running.contains_key(id));
-                    let mut v: Vec<_> = self
-                        .roots
-                        .iter()
-                        .map(|(k, p)| (k.clone(), p.clone()))
-                        .collect();
-                    v.sort();
-                    v
-                };
-                let receipt = agora_proto::executor_link::deliver_message(&tasks, &m.data);
-                tracing::info!("framework message: {receipt}");
-                self.outbox.message(receipt.into_bytes());
-            }
-            None => tracing::warn!("frame from the agent carries no known message; ignored"),
-        }
-        Flow::Continue
+    fn kill(entry: &Self::Entry) {
+        entry.notify_one();
     }
 
     fn tasks(&mut self) -> &mut JoinSet<()> {
         &mut self.hosts
-    }
-
-    fn reap(done: Result<(), tokio::task::JoinError>) {
-        reap(done)
     }
 
     /// Stops every host and waits (bounded) for all of them to report.
@@ -223,7 +187,7 @@ impl LinkedExecutor for Executor {
         }
         let drain = async {
             while let Some(done) = self.hosts.join_next().await {
-                reap(done);
+                Self::reap(done);
             }
         };
         // Each host bounds its own drain; this only guards against a bug there.
@@ -605,12 +569,6 @@ fn ended(task_id: &str, state: TaskState, reason: Reason, message: String) -> Ex
         reason: reason as i32,
         message,
         ..Default::default()
-    }
-}
-
-fn reap(done: Result<(), tokio::task::JoinError>) {
-    if let Err(e) = done {
-        tracing::error!(error = %e, "function host task failed");
     }
 }
 

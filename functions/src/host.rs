@@ -283,7 +283,7 @@ fn build_engine(host: &HostConfig) -> Result<(Engine, bool), FunctionError> {
             .total_tables(n.saturating_mul(4))
             .total_stacks(n)
             .max_memory_size(usize::try_from(host.max_memory_per_instance).unwrap_or(usize::MAX))
-            .table_elements(crate::limits::MAX_TABLE_ELEMENTS)
+            .table_elements(agora_wasm_executor::MAX_TABLE_ELEMENTS)
             // Measured (fn-bench, noop guest): resetting a slot's dirty pages with
             // memset, found with the PAGEMAP_SCAN ioctl (Linux 6.7+; off where the
             // kernel lacks it), instead of madvise + copy-on-write faults, halves the

@@ -3,10 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use wasmtime::{ResourceLimiter, Store, UpdateDeadline};
-
-/// Largest table a guest may grow to (elements).
-pub(crate) const MAX_TABLE_ELEMENTS: usize = 100_000;
+use agora_wasm_executor::MemoryLimiter;
+use wasmtime::{Store, UpdateDeadline};
 
 /// The limits of one request.
 #[derive(Clone, Copy, Debug)]
@@ -31,7 +29,7 @@ pub(crate) struct LimitState {
 impl LimitState {
     pub(crate) fn new(memory_limit: u64) -> Self {
         LimitState {
-            memory: MemoryLimiter::new(memory_limit),
+            memory: MemoryLimiter::new(Some(memory_limit)),
             deadline_hit: false,
         }
     }
@@ -75,66 +73,4 @@ pub(crate) fn arm<T: HasLimits>(
 /// Fuel burnt since [`arm`] gave the store `initial`.
 pub(crate) fn fuel_used<T>(store: &Store<T>, initial: u64) -> u64 {
     initial.saturating_sub(store.get_fuel().unwrap_or(initial))
-}
-
-/// Enforces the request's memory limit over all its linear memories and remembers a
-/// refusal, which explains the trap or exit that usually follows.
-pub(crate) struct MemoryLimiter {
-    limit: u64,
-    total: u64,
-    /// The last permitted growth, undone if the growth then fails.
-    pending: Option<(u64, u64)>,
-    /// The limit, once a growth past it was refused.
-    pub denied: Option<u64>,
-}
-
-impl MemoryLimiter {
-    fn new(limit: u64) -> Self {
-        Self {
-            limit,
-            total: 0,
-            pending: None,
-            denied: None,
-        }
-    }
-}
-
-impl ResourceLimiter for MemoryLimiter {
-    fn memory_growing(
-        &mut self,
-        current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        let (current, desired) = (current as u64, desired as u64);
-        let total = self.total.saturating_sub(current).saturating_add(desired);
-        if total > self.limit {
-            tracing::debug!(
-                requested = total,
-                limit = self.limit,
-                "memory growth refused"
-            );
-            self.denied.get_or_insert(self.limit);
-            return Ok(false);
-        }
-        self.total = total;
-        self.pending = Some((current, desired));
-        Ok(true)
-    }
-
-    fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
-        if let Some((current, desired)) = self.pending.take() {
-            self.total = self.total.saturating_sub(desired).saturating_add(current);
-        }
-        Ok(())
-    }
-
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        Ok(desired <= MAX_TABLE_ELEMENTS)
-    }
 }

@@ -15,8 +15,8 @@ use tokio::task::JoinHandle;
 
 use crate::frame::{read_frame, write_frame, FrameError};
 use crate::v1::{
-    executor_to_agent, AgentToExecutor, ExecutorMessage, ExecutorRegister, ExecutorStatus,
-    ExecutorToAgent,
+    executor_to_agent, AgentToExecutor, ExecutorLaunch, ExecutorMessage, ExecutorRegister,
+    ExecutorStatus, ExecutorToAgent,
 };
 
 /// Environment variable (milliseconds) the agent sets to say how long an executor
@@ -62,14 +62,70 @@ pub trait LinkedExecutor {
     const RUNS: &'static str;
     fn outbox(&self) -> &Outbox;
     fn running(&self) -> &Mutex<HashMap<String, Self::Entry>>;
-    /// Handles one message from the agent.
-    fn handle(&mut self, msg: AgentToExecutor) -> Flow;
+    /// Root directory of each task launched, where framework messages are delivered
+    /// (pruned to the running ones when one comes).
+    fn roots(&mut self) -> &mut HashMap<String, std::path::PathBuf>;
+    /// Starts a task the agent sent.
+    fn launch(&mut self, launch: ExecutorLaunch);
+    /// Asks a running task to stop (it reports its end itself).
+    fn kill(entry: &Self::Entry);
     /// Its async tasks (one per task or host), joined as they end so the set stays small.
     fn tasks(&mut self) -> &mut tokio::task::JoinSet<()>;
-    /// Takes the end of one of `tasks` (they catch their own failures; this logs the rest).
-    fn reap(done: Result<(), tokio::task::JoinError>);
+    /// Takes the end of one of `tasks`: they catch their own failures, so one that
+    /// failed anyway (a panic) is logged.
+    fn reap(done: Result<(), tokio::task::JoinError>) {
+        if let Err(e) = done {
+            tracing::error!(error = %e, "a task of the executor failed");
+        }
+    }
     /// Stops (kills) everything it runs, boundedly, reporting each end.
     async fn stop_all(&mut self);
+}
+
+/// Does what one message of the agent asks.
+fn handle<E: LinkedExecutor>(executor: &mut E, msg: AgentToExecutor) -> Flow {
+    use crate::v1::agent_to_executor::Msg;
+    match msg.msg {
+        Some(Msg::Launch(launch)) => executor.launch(launch),
+        Some(Msg::Kill(kill)) => {
+            let running = executor
+                .running()
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            match running.get(&kill.task_id) {
+                Some(entry) => {
+                    tracing::info!(task_id = %kill.task_id, "killing task");
+                    E::kill(entry);
+                }
+                None => tracing::warn!(
+                    task_id = %kill.task_id,
+                    "kill for a task this executor is not running; ignored"
+                ),
+            }
+        }
+        Some(Msg::Shutdown(_)) => return Flow::Shutdown,
+        Some(Msg::Ack(ack)) => executor.outbox().ack(ack.seq),
+        Some(Msg::Message(m)) => {
+            let live: std::collections::HashSet<String> = executor
+                .running()
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .keys()
+                .cloned()
+                .collect();
+            let roots = executor.roots();
+            roots.retain(|id, _| live.contains(id));
+            let mut tasks: Vec<(String, std::path::PathBuf)> =
+                roots.iter().map(|(k, p)| (k.clone(), p.clone())).collect();
+            tasks.sort();
+            let receipt = deliver_message(&tasks, &m.data);
+            tracing::info!("framework message: {receipt}");
+            executor.outbox().message(receipt.into_bytes());
+        }
+        // A message kind from a newer agent: nothing to do with it.
+        None => tracing::warn!("frame from the agent carries no known message; ignored"),
+    }
+    Flow::Continue
 }
 
 /// Serves one connection until it ends, reaping the executor's tasks meanwhile.
@@ -78,7 +134,7 @@ async fn serve<E: LinkedExecutor>(executor: &mut E, conn: &mut AgentConn) -> End
         tokio::select! {
             frame = conn.frames.recv() => match frame {
                 Some(Ok(Some(msg))) => {
-                    if executor.handle(msg) == Flow::Shutdown {
+                    if handle(executor, msg) == Flow::Shutdown {
                         return End::Shutdown;
                     }
                 }

@@ -20,16 +20,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use agora_proto::v1::{
-    agent_to_executor, AgentToExecutor, ExecutorLaunch, ExecutorRegister, ExecutorStatus, Reason,
-    TaskState,
-};
+use agora_proto::v1::{ExecutorLaunch, ExecutorRegister, ExecutorStatus, Reason, TaskState};
 use anyhow::Context as _;
 use tokio::net::UnixStream;
 use tokio::task::JoinSet;
 
 use crate::runner::Runner;
-use agora_proto::executor_link::{self, recovery_timeout_from_env, Flow, LinkedExecutor, Outbox};
+use agora_proto::executor_link::{self, recovery_timeout_from_env, LinkedExecutor, Outbox};
 
 /// How long tasks get to end after a kill when the executor is going away. Guests
 /// executing wasm stop within one epoch tick; this only matters for a guest blocked in
@@ -103,7 +100,24 @@ struct Executor {
     roots: HashMap<String, PathBuf>,
 }
 
-impl Executor {
+impl Executor {}
+
+impl LinkedExecutor for Executor {
+    type Entry = Arc<AtomicBool>;
+    const RUNS: &'static str = "running tasks";
+
+    fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    fn running(&self) -> &Mutex<HashMap<String, Self::Entry>> {
+        &self.running
+    }
+
+    fn roots(&mut self) -> &mut HashMap<String, PathBuf> {
+        &mut self.roots
+    }
+
     fn launch(&mut self, launch: ExecutorLaunch) {
         let task_id = launch.task_id.clone();
         let kill = Arc::new(AtomicBool::new(false));
@@ -164,65 +178,13 @@ impl Executor {
             outbox.finish(&running, &launch.task_id, status);
         });
     }
-}
 
-impl LinkedExecutor for Executor {
-    type Entry = Arc<AtomicBool>;
-    const RUNS: &'static str = "running tasks";
-
-    fn outbox(&self) -> &Outbox {
-        &self.outbox
-    }
-
-    fn running(&self) -> &Mutex<HashMap<String, Self::Entry>> {
-        &self.running
-    }
-
-    fn handle(&mut self, msg: AgentToExecutor) -> Flow {
-        match msg.msg {
-            Some(agent_to_executor::Msg::Launch(launch)) => self.launch(launch),
-            Some(agent_to_executor::Msg::Kill(kill)) => {
-                match lock(&self.running).get(&kill.task_id) {
-                    Some(flag) => {
-                        tracing::info!(task_id = %kill.task_id, "killing task");
-                        flag.store(true, Ordering::Relaxed);
-                    }
-                    None => tracing::warn!(
-                        task_id = %kill.task_id,
-                        "kill for a task this executor is not running; ignored"
-                    ),
-                }
-            }
-            Some(agent_to_executor::Msg::Shutdown(_)) => return Flow::Shutdown,
-            Some(agent_to_executor::Msg::Ack(ack)) => self.outbox.ack(ack.seq),
-            Some(agent_to_executor::Msg::Message(m)) => {
-                let tasks: Vec<(String, PathBuf)> = {
-                    let running = lock(&self.running);
-                    self.roots.retain(|id, _| running.contains_key(id));
-                    let mut v: Vec<_> = self
-                        .roots
-                        .iter()
-                        .map(|(k, p)| (k.clone(), p.clone()))
-                        .collect();
-                    v.sort();
-                    v
-                };
-                let receipt = agora_proto::executor_link::deliver_message(&tasks, &m.data);
-                tracing::info!("framework message: {receipt}");
-                self.outbox.message(receipt.into_bytes());
-            }
-            // A message kind from a newer agent: nothing to do with it.
-            None => tracing::warn!("frame from the agent carries no known message; ignored"),
-        }
-        Flow::Continue
+    fn kill(entry: &Self::Entry) {
+        entry.store(true, Ordering::Relaxed);
     }
 
     fn tasks(&mut self) -> &mut JoinSet<()> {
         &mut self.tasks
-    }
-
-    fn reap(done: Result<(), tokio::task::JoinError>) {
-        reap(done)
     }
 
     /// Kills every task and waits (bounded) for all of them to report.
@@ -232,7 +194,7 @@ impl LinkedExecutor for Executor {
         }
         let drain = async {
             while let Some(done) = self.tasks.join_next().await {
-                reap(done);
+                Self::reap(done);
             }
         };
         if tokio::time::timeout(STOP_GRACE, drain).await.is_err() {
@@ -258,13 +220,6 @@ fn panicked(task_id: &str, panic: &(dyn std::any::Any + Send)) -> ExecutorStatus
         reason: Reason::ExecutorTerminated as i32,
         message: format!("executor failure while running the task: {what}"),
         ..Default::default()
-    }
-}
-
-fn reap(done: Result<(), tokio::task::JoinError>) {
-    // Task closures catch panics and are never aborted, so this is unexpected.
-    if let Err(e) = done {
-        tracing::error!(error = %e, "task thread failed");
     }
 }
 

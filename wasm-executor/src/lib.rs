@@ -3,8 +3,10 @@
 //! protocol over a Unix socket ([`executor`]).
 
 pub mod executor;
+mod limiter;
 mod output;
 pub mod runner;
 
 pub use executor::run_executor;
+pub use limiter::{MemoryLimiter, MAX_TABLE_ELEMENTS};
 pub use runner::{validate_module, Runner};

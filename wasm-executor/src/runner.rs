@@ -21,11 +21,12 @@ use agora_proto::v1::{ExecutorLaunch, ExecutorStatus, Reason, TaskState};
 use sha2::Digest;
 use wasmtime::{
     Config, Engine, ExternType, InstanceAllocationStrategy, InstancePre, Linker, Module,
-    PoolingAllocationConfig, ResourceLimiter, Store, Trap, UpdateDeadline,
+    PoolingAllocationConfig, Store, Trap, UpdateDeadline,
 };
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
+use crate::limiter::{MemoryLimiter, MAX_TABLE_ELEMENTS};
 use crate::output::CappedOutput;
 
 /// How often the epoch advances: the granularity of deadlines and kills.
@@ -35,7 +36,6 @@ const DEFAULT_OUTPUT_LIMIT: u64 = 64 * MIB;
 /// argv[0] the guest sees.
 const ARGV0: &str = "main.wasm";
 /// Largest table a guest may grow to (elements). Matches the pool's table slots.
-const MAX_TABLE_ELEMENTS: usize = 100_000;
 /// Pool slots: room for ~64 concurrent tasks with headroom, since a slot is held
 /// until its store is dropped.
 const POOL_INSTANCES: u32 = 128;
@@ -327,13 +327,17 @@ impl Runner {
             phase,
             result,
             interrupt: store.data().interrupt,
-            memory_denied: store.data().limiter.denied,
+            memory_denied: store
+                .data()
+                .limiter
+                .denied()
+                .map(|limit| MemoryDenied { limit }),
             fuel_limit,
             fuel_used: initial_fuel.saturating_sub(store.get_fuel().unwrap_or(initial_fuel)),
             timeout_ms: launch.timeout_ms,
             instantiate_us,
             declared_memory: prepared.declared_memory,
-            peak_memory: store.data().limiter.total,
+            peak_memory: store.data().limiter.total(),
         };
 
         // A kill that arrived while the module was loading: do not start it at all.
@@ -839,64 +843,6 @@ fn compat_hash(engine: &Engine) -> String {
     let mut hasher = Sha(sha2::Sha256::new());
     std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut hasher);
     hex::encode(&hasher.0.finalize()[..8])
-}
-
-/// Enforces the task's memory limit over all its linear memories and remembers a
-/// refusal, which explains the trap or exit that usually follows.
-struct MemoryLimiter {
-    limit: Option<u64>,
-    total: u64,
-    /// The last permitted growth, undone if the growth then fails.
-    pending: Option<(u64, u64)>,
-    denied: Option<MemoryDenied>,
-}
-
-impl MemoryLimiter {
-    fn new(limit: Option<u64>) -> Self {
-        Self {
-            limit,
-            total: 0,
-            pending: None,
-            denied: None,
-        }
-    }
-}
-
-impl ResourceLimiter for MemoryLimiter {
-    fn memory_growing(
-        &mut self,
-        current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        let (current, desired) = (current as u64, desired as u64);
-        let total = self.total.saturating_sub(current).saturating_add(desired);
-        if let Some(limit) = self.limit.filter(|&l| total > l) {
-            tracing::debug!(requested = total, limit, "memory growth refused");
-            // Keep the first refusal: it is the one that started the failure.
-            self.denied.get_or_insert(MemoryDenied { limit });
-            return Ok(false);
-        }
-        self.total = total;
-        self.pending = Some((current, desired));
-        Ok(true)
-    }
-
-    fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
-        if let Some((current, desired)) = self.pending.take() {
-            self.total = self.total.saturating_sub(desired).saturating_add(current);
-        }
-        Ok(())
-    }
-
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        Ok(desired <= MAX_TABLE_ELEMENTS)
-    }
 }
 
 /// Advances the engine's epoch every [`EPOCH_TICK`] until dropped; deadlines are

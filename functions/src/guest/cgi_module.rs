@@ -140,7 +140,7 @@ pub(crate) fn run(
         .and_then(|start| start.call(&mut store, ()));
     let fuel = limits::fuel_used(&store, initial_fuel);
     let deadline_hit = store.data().limits.deadline_hit;
-    let memory_denied = store.data().limits.memory.denied;
+    let memory_denied = store.data().limits.memory.denied();
     // The store holds the other ends of the pipes: drop it so they can be taken
     // without a copy.
     drop(store);

@@ -267,7 +267,7 @@ pub(crate) async fn run(
         }
         .await;
         let data = store.data();
-        let seen = (data.limits.deadline_hit, data.limits.memory.denied);
+        let seen = (data.limits.deadline_hit, data.limits.memory.denied());
         let fuel = limits::fuel_used(&store, initial_fuel);
         drop(store);
         (result, seen, fuel)
