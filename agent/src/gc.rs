@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use crate::core::TaskKey;
+use agora_agent_core::TaskKey;
 
 #[derive(Debug, Clone, Copy)]
 pub struct GcPolicy {
@@ -72,7 +72,7 @@ pub fn collect(work: &Path, live: &HashSet<TaskKey>, p: GcPolicy) -> std::io::Re
     }
     let doomed = plan(found, live, SystemTime::now(), p);
     for key in &doomed {
-        let dir = crate::core::sandbox_dir(work, key);
+        let dir = agora_agent_core::sandbox_dir(work, key);
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             tracing::warn!(dir = %dir.display(), "cannot remove sandbox: {e}");
         }
@@ -131,7 +131,7 @@ mod tests {
     fn collect_removes_directories_on_disk() {
         let work = tempfile::tempdir().unwrap();
         for t in ["a", "b", "c"] {
-            let d = crate::core::sandbox_dir(work.path(), &key(t));
+            let d = agora_agent_core::sandbox_dir(work.path(), &key(t));
             std::fs::create_dir_all(d.join("fs")).unwrap();
             std::fs::write(d.join("stdout"), t).unwrap();
         }
@@ -146,7 +146,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(n, 2);
-        assert!(crate::core::sandbox_dir(work.path(), &key("b")).exists());
-        assert!(!crate::core::sandbox_dir(work.path(), &key("a")).exists());
+        assert!(agora_agent_core::sandbox_dir(work.path(), &key("b")).exists());
+        assert!(!agora_agent_core::sandbox_dir(work.path(), &key("a")).exists());
     }
 }

@@ -33,8 +33,8 @@ use tokio::net::UnixStream;
 
 use agora_proto::v1::FunctionInfo;
 
-use crate::core::{sandbox_dir, TaskKey};
 use crate::tenants::{self, GateCounts, Refusal, TenantGate};
+use agora_agent_core::{sandbox_dir, TaskKey};
 
 /// Largest request body passed to a host; more gets 413. The same as the functions
 /// runtime's own default cap.

@@ -19,17 +19,17 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use agora_proto::executor_link::RECOVERY_TIMEOUT_ENV;
-use agora_proto::tls::{self, Identity};
+use agora_executor_link::RECOVERY_TIMEOUT_ENV;
+use agora_net::tls::{self, Identity};
+use agora_net::{read_frame, transfer, unix_millis, write_frame};
 use agora_proto::v1::{
     self, executor_to_agent, master_to_agent, stream_open, AgentToExecutor, AgentToMaster,
     ArtifactGet, ArtifactHeader, MasterToAgent, SandboxData, SandboxRead, StreamOpen, TaskInfo,
 };
-use agora_proto::{read_frame, transfer, unix_millis, write_frame};
 use tokio::sync::mpsc;
 
 use crate::checkpoint::{Checkpoint, Writer};
-use crate::core::{
+use agora_agent_core::{
     artifact_path, AgentCore, AgentCoreConfig, ExecutorKey, ExecutorKind, ExecutorProcess, Input,
     Output, TaskKey,
 };
@@ -698,7 +698,7 @@ impl Agent {
         });
         let writer = tokio::spawn(async move {
             while let Some(m) = rx.recv().await {
-                if agora_proto::write_queued(&mut send, m, &mut rx)
+                if agora_net::write_queued(&mut send, m, &mut rx)
                     .await
                     .is_err()
                 {
@@ -852,7 +852,7 @@ impl Agent {
                 anyhow::bail!("bad task or framework id");
             }
         }
-        let dir = crate::core::sandbox_dir(&self.cfg.core.work_dir, &key);
+        let dir = agora_agent_core::sandbox_dir(&self.cfg.core.work_dir, &key);
         let path = match req.path.as_str() {
             "stdout" | "stderr" => dir.join(&req.path),
             p if !p.is_empty() && !p.starts_with('/') && !p.split('/').any(|c| c == "..") => {
@@ -881,7 +881,7 @@ impl Agent {
                 .await
                 .map_err(|e| anyhow::anyhow!("fetch of the module failed: {e:#}"))?;
         }
-        let dir = crate::core::sandbox_dir(&self.cfg.core.work_dir, key);
+        let dir = agora_agent_core::sandbox_dir(&self.cfg.core.work_dir, key);
         let root = dir.join("fs");
         tokio::fs::create_dir_all(&root)
             .await
@@ -1207,10 +1207,7 @@ impl Agent {
         }
         let writer = tokio::spawn(async move {
             while let Some(m) = rx.recv().await {
-                if agora_proto::write_queued(&mut wr, m, &mut rx)
-                    .await
-                    .is_err()
-                {
+                if agora_net::write_queued(&mut wr, m, &mut rx).await.is_err() {
                     break;
                 }
             }

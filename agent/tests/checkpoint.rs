@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use agora_agent::checkpoint::{
     phase, Checkpoint, CheckpointDelta, CheckpointState, ExecutorRecord, TaskRecord, Writer,
 };
-use agora_agent::core::{AgentCore, AgentCoreConfig, ExecutorProcess, Input};
+use agora_agent_core::{AgentCore, AgentCoreConfig, ExecutorProcess, Input};
 use agora_proto::v1::{self, TaskInfo, TaskState, TaskStatus, WasmModule};
 use agora_proto::Resources;
 

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use agora_agent::checkpoint::{phase, CheckpointState};
-use agora_agent::core::{AgentCore, AgentCoreConfig, ExecutorProcess, Input, Output};
+use agora_agent_core::{AgentCore, AgentCoreConfig, ExecutorProcess, Input, Output};
 use agora_proto::v1::{
     self, agent_to_executor, agent_to_master, AgentToExecutor, AgentToMaster, ExecutorLaunch,
     ExecutorStatus, Reason, TaskInfo, TaskState, TaskStatus, WasmModule,

@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use agora_agent::core::AgentCoreConfig;
 use agora_agent::http::HttpSettings;
 use agora_agent::server::{AgentConfig, AgentHandle, IsolationSettings};
-use agora_master::core::CoreConfig;
+use agora_agent_core::AgentCoreConfig;
 use agora_master::functions::FunctionsConfig;
 use agora_master::server::{MasterConfig, MasterHandle};
-use agora_proto::tls::{self, CertDir, Identity, Role};
+use agora_master_core::CoreConfig;
+use agora_net::tls::{self, CertDir, Identity, Role};
 use agora_proto::v1::Attribute;
 use agora_proto::Resources;
 use agora_sdk::ClientConfig;
@@ -384,7 +384,7 @@ async fn start_master(
     functions: Option<FunctionsConfig>,
     limits: MasterLimits,
 ) -> anyhow::Result<MasterHandle> {
-    let prefix = format!("{:08x}", (agora_proto::unix_millis() / 1000) as u32);
+    let prefix = format!("{:08x}", (agora_net::unix_millis() / 1000) as u32);
     let core = CoreConfig {
         id_prefix: prefix,
         agent_timeout_ms,

@@ -8,13 +8,14 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use agora_functions::MetricsSnapshot;
+use agora_net::tls::{self, Identity};
+use agora_net::{read_frame, write_frame};
 use agora_proto::resources::{format_bytes, parse_size};
-use agora_proto::tls::{self, Identity};
 use agora_proto::v1::{
     self, operator_request, stream_open, FunctionDeploy, FunctionInfo, FunctionSummary,
     OperatorRequest, OperatorResponse, StreamOpen, TaskState, WasmModule,
 };
-use agora_proto::{read_frame, write_frame, Resources};
+use agora_proto::Resources;
 use agora_sdk::{Client, ClientConfig};
 use anyhow::Context;
 use clap::{Args, Subcommand};

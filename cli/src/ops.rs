@@ -54,7 +54,7 @@ fn age(ms: u64) -> String {
     if ms == 0 {
         return "-".into();
     }
-    let s = agora_proto::unix_millis().saturating_sub(ms) / 1000;
+    let s = agora_net::unix_millis().saturating_sub(ms) / 1000;
     match s {
         0..=119 => format!("{s}s"),
         120..=7199 => format!("{}m", s / 60),

@@ -403,19 +403,16 @@ fn clients_without_a_valid_certificate_are_refused_clearly() {
     // No certificate at all.
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let addr = agora_proto::tls::resolve(&c.master).unwrap();
-        let ep = agora_proto::tls::client_endpoint_without_identity(
+        let addr = agora_net::tls::resolve(&c.master).unwrap();
+        let ep = agora_net::tls::client_endpoint_without_identity(
             addr,
             &c.dir.path().join("certs/ca.pem"),
         )
         .unwrap();
-        let err = tokio::time::timeout(
-            Duration::from_secs(20),
-            agora_proto::tls::connect(&ep, addr),
-        )
-        .await
-        .expect("refusal, not a hang")
-        .unwrap_err();
+        let err = tokio::time::timeout(Duration::from_secs(20), agora_net::tls::connect(&ep, addr))
+            .await
+            .expect("refusal, not a hang")
+            .unwrap_err();
         assert!(format!("{err:#}").contains("certificate"), "{err:#}");
     });
     // And the cluster still works.
@@ -430,16 +427,16 @@ fn malformed_and_oversized_frames_close_only_that_connection() {
     let c = cluster();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let addr = agora_proto::tls::resolve(&c.master).unwrap();
-        let certs = agora_proto::tls::CertDir::new(c.dir.path().join("certs"));
-        let id = agora_proto::tls::Identity::from_cert_dir(&certs, agora_proto::tls::Role::Client)
-            .unwrap();
+        let addr = agora_net::tls::resolve(&c.master).unwrap();
+        let certs = agora_net::tls::CertDir::new(c.dir.path().join("certs"));
+        let id =
+            agora_net::tls::Identity::from_cert_dir(&certs, agora_net::tls::Role::Client).unwrap();
         for bytes in [
             u32::MAX.to_be_bytes().to_vec(),
             vec![0, 0, 0, 3, 0xff, 0xff, 0xff],
         ] {
-            let ep = agora_proto::tls::client_endpoint(addr, &id).unwrap();
-            let conn = agora_proto::tls::connect(&ep, addr).await.unwrap();
+            let ep = agora_net::tls::client_endpoint(addr, &id).unwrap();
+            let conn = agora_net::tls::connect(&ep, addr).await.unwrap();
             let (mut send, _recv) = conn.open_bi().await.unwrap();
             send.write_all(&bytes).await.unwrap();
             let reason = tokio::time::timeout(Duration::from_secs(20), conn.closed())

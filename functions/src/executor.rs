@@ -2,7 +2,7 @@
 //!
 //! The agent starts one per function host task (its executor id is `fn-<task id>`, so
 //! each host is a process of its own, in a cgroup of its own). It speaks the same link
-//! as the wasm and native executors ([`agora_proto::executor_link`]): it registers,
+//! as the wasm and native executors ([`agora_executor_link`]): it registers,
 //! takes launches and kills, and reports statuses numbered and held until the agent
 //! acknowledges them; when the agent goes away the hosts keep serving while it
 //! reconnects, for up to the recovery timeout.
@@ -26,8 +26,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use agora_proto::executor_link::{
-    self, recovery_timeout_from_env, LinkedExecutor, Outbox, FLUSH_GRACE,
+use agora_executor_link::{
+    self as executor_link, recovery_timeout_from_env, LinkedExecutor, Outbox, FLUSH_GRACE,
 };
 use agora_proto::v1::{
     ExecutorLaunch, ExecutorRegister, ExecutorStatus, FunctionInfo, Reason, TaskState,
@@ -88,8 +88,9 @@ pub async fn run_executor(
         hosts: JoinSet::new(),
         roots: HashMap::new(),
     };
-    let result =
-        executor_link::drive(&mut executor, stream, socket, register, recovery_timeout).await;
+    let result = executor_link::drive(&mut executor, stream, socket, register, recovery_timeout)
+        .await
+        .map_err(anyhow::Error::from);
     result
 }
 
@@ -540,7 +541,7 @@ impl RequestLog for LogFile {
             entry.extend_from_slice(
                 format!(
                     "{} request failed: {} {reason}\n",
-                    agora_proto::unix_millis(),
+                    agora_net::unix_millis(),
                     failure.status().as_u16(),
                 )
                 .as_bytes(),

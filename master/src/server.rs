@@ -11,20 +11,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use agora_proto::tls::{self, Identity, Role};
+use agora_net::tls::{self, Identity, Role};
+use agora_net::{read_frame, transfer, unix_millis, write_frame};
 use agora_proto::v1::{
     self, operator_request, stream_open, ArtifactHeader, Event, MasterToAgent, OperatorRequest,
     OperatorResponse, SandboxData, SandboxRead, StreamOpen,
 };
-use agora_proto::{read_frame, transfer, unix_millis, write_frame, Resources};
+use agora_proto::Resources;
 use tokio::sync::mpsc;
 
 use anyhow::Context;
 
 use crate::artifacts::ArtifactStore;
-use crate::core::{ConnId, CoreConfig, Input, MasterCore, Output};
 use crate::functions::Functions;
 use crate::registry::{Registry, RegistryOp, RegistryStore};
+use agora_master_core::{ConnId, CoreConfig, Input, MasterCore, Output};
 
 /// Messages queued to one peer before it counts as stuck and is disconnected.
 const PEER_QUEUE: usize = 4096;
@@ -877,8 +878,8 @@ async fn write_out_batch<M: prost::Message>(
     first: M,
     rx: &mut mpsc::Receiver<Out<M>>,
     close: &mut Option<String>,
-) -> Result<(), agora_proto::FrameError> {
-    let mut batch = agora_proto::FrameBatch::new();
+) -> Result<(), agora_net::FrameError> {
+    let mut batch = agora_net::FrameBatch::new();
     batch.push(&first)?;
     while !batch.is_full() {
         match rx.try_recv() {

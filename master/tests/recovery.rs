@@ -2,8 +2,8 @@
 //! what a restarted master (a new core recovered from that record) does with it, and
 //! what happens to tasks when an agent stops answering and comes back.
 
-use agora_master::core::{ConnId, CoreConfig, Input, MasterCore, Output};
 use agora_master::registry::{Registry, RegistryOp};
+use agora_master_core::{ConnId, CoreConfig, Input, MasterCore, Output};
 use agora_proto::v1::{
     self, call, event, master_to_agent, AgentHello, Call, FrameworkInfo, RunningTask,
     SchedulerHello, TaskInfo, TaskState, TaskStatus,

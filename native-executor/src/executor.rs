@@ -12,7 +12,7 @@
 //! recovery timeout, registers again naming the tasks it still knows, and sends the
 //! held statuses in order; if the agent does not come back in time it kills its tasks
 //! and exits. The plumbing is duplicated rather than shared because the wasm executor
-//! keeps it private; a shared `agora_proto::executor` module could hold it once both
+//! keeps it private; a shared `agora_executor_link` module could hold it once both
 //! settle.
 
 use std::collections::HashMap;
@@ -26,14 +26,16 @@ use tokio::net::UnixStream;
 use tokio::task::JoinSet;
 
 use crate::runner::{kill_grace, KillSwitch, NativeConfig, Runner};
-use agora_proto::executor_link::{self, recovery_timeout_from_env, LinkedExecutor, Outbox};
+use agora_executor_link::{
+    self as executor_link, recovery_timeout_from_env, LinkedExecutor, Outbox,
+};
 
 /// Time beyond the longest kill grace that tasks get to report after a shutdown.
 const STOP_MARGIN: Duration = Duration::from_secs(15);
 
 /// Runs the executor until the agent says `shutdown` (an `Ok` end, after killing the
 /// running tasks). Losing the agent does not end it (see the module docs); an agent
-/// that does not come back within the recovery timeout ([`agora_proto::executor_link::RECOVERY_TIMEOUT_ENV`]) is
+/// that does not come back within the recovery timeout ([`agora_executor_link::RECOVERY_TIMEOUT_ENV`]) is
 /// an error, after the tasks were killed. Failing to set up isolation as configured
 /// (cgroups forced where unusable), a failed first connection or a malformed frame is
 /// an error too: the agent then sees the executor die.
@@ -79,8 +81,9 @@ pub async fn run_executor_with(
         tasks: JoinSet::new(),
         roots: HashMap::new(),
     };
-    let result =
-        executor_link::drive(&mut executor, stream, socket, register, recovery_timeout).await;
+    let result = executor_link::drive(&mut executor, stream, socket, register, recovery_timeout)
+        .await
+        .map_err(anyhow::Error::from);
     drop(executor);
     runner.remove_executor_groups();
     result

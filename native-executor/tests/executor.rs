@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use agora_native_executor::executor::run_executor_with;
 use agora_native_executor::{run_executor, IsolationMode, NativeConfig};
-use agora_proto::frame::{read_frame, write_frame};
+use agora_net::frame::{read_frame, write_frame};
 use agora_proto::v1::{
     agent_to_executor, executor_to_agent, AgentToExecutor, ExecutorAck, ExecutorKill,
     ExecutorLaunch, ExecutorRegister, ExecutorShutdown, ExecutorStatus, ExecutorToAgent, Reason,

@@ -1,24 +1,17 @@
-//! Agora's wire format and the plumbing every process shares: generated protobuf
-//! types (`v1`), the frame codec, the `Resources` arithmetic, artifact hashing and the
-//! QUIC/TLS set-up (certificates, endpoints).
+//! Agora's wire format: generated protobuf types (`v1`), the `Resources` arithmetic,
+//! and artifact names (sha256). Pure: no I/O, no async runtime, no clock; the cores
+//! depend on it, so it must stay that way (`cargo tree -p agora-proto` shows no tokio).
+//! The plumbing that moves these messages (frames, QUIC/TLS) is `agora-net`.
 
-pub mod executor_link;
-pub mod frame;
 pub mod resources;
-pub mod tls;
-pub mod transfer;
 
 /// Types generated from `proto/agora.proto`.
 pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/agora.v1.rs"));
 }
 
-pub use frame::{
-    read_frame, read_frame_limited, write_frame, write_queued, FrameBatch, FrameError, MAX_FRAME,
-};
 pub use resources::Resources;
 
-/// sha256 of some bytes, as lower-case hex: the name of an artifact.
 /// The executor a task runs in when it names none: one per framework and kind on
 /// each agent. The master needs the same rule as the agent to route SHUTDOWN and
 /// MESSAGE calls, hence here.
@@ -30,6 +23,7 @@ pub fn default_executor_id(native: bool) -> &'static str {
     }
 }
 
+/// sha256 of some bytes, as lower-case hex: the name of an artifact.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
@@ -62,13 +56,4 @@ impl v1::Reason {
     pub fn short_name(self) -> &'static str {
         self.as_str_name().trim_start_matches("REASON_")
     }
-}
-
-/// Milliseconds since the Unix epoch, for timestamps that cross the wire. Shells call
-/// this; cores receive time as a parameter.
-pub fn unix_millis() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

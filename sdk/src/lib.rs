@@ -99,11 +99,11 @@ use std::time::Duration;
 
 mod session;
 
-use agora_proto::tls::{self, Identity};
+use agora_net::tls::{self, Identity};
+use agora_net::{read_frame, transfer, write_frame};
 use agora_proto::v1::{
     self, call, operator_request, stream_open, OperatorRequest, OperatorResponse, StreamOpen,
 };
-use agora_proto::{read_frame, transfer, write_frame};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;

@@ -19,9 +19,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agora_proto::tls;
+use agora_net::tls;
+use agora_net::{read_frame, write_frame, FrameBatch};
 use agora_proto::v1::{self, call, event, stream_open, FrameworkInfo, StreamOpen};
-use agora_proto::{read_frame, write_frame, FrameBatch};
 use tokio::sync::mpsc;
 
 use crate::{Event, Scheduler};
@@ -292,7 +292,7 @@ async fn drive(
                 task_id: t,
                 state: v1::TaskState::TaskDropped as i32,
                 message: "the connection to the master broke before this launch reached it; launch it again".into(),
-                timestamp_ms: agora_proto::unix_millis(),
+                timestamp_ms: agora_net::unix_millis(),
                 ..Default::default()
             };
             if events.send(Event::Update(st)).await.is_err() {

@@ -26,7 +26,9 @@ use tokio::net::UnixStream;
 use tokio::task::JoinSet;
 
 use crate::runner::Runner;
-use agora_proto::executor_link::{self, recovery_timeout_from_env, LinkedExecutor, Outbox};
+use agora_executor_link::{
+    self as executor_link, recovery_timeout_from_env, LinkedExecutor, Outbox,
+};
 
 /// How long tasks get to end after a kill when the executor is going away. Guests
 /// executing wasm stop within one epoch tick; this only matters for a guest blocked in
@@ -35,7 +37,7 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs the executor until the agent says `shutdown` (an `Ok` end, after killing the
 /// running tasks). Losing the agent does not end it: see the module docs; an agent
-/// that does not come back within the recovery timeout ([`agora_proto::executor_link::RECOVERY_TIMEOUT_ENV`]) is
+/// that does not come back within the recovery timeout ([`agora_executor_link::RECOVERY_TIMEOUT_ENV`]) is
 /// an error, after the tasks were killed. A failed first connection or a malformed
 /// frame is an error too: the agent then sees the executor die.
 pub async fn run_executor(
@@ -78,8 +80,9 @@ pub async fn run_executor_with(
         tasks: JoinSet::new(),
         roots: HashMap::new(),
     };
-    let result =
-        executor_link::drive(&mut executor, stream, socket, register, recovery_timeout).await;
+    let result = executor_link::drive(&mut executor, stream, socket, register, recovery_timeout)
+        .await
+        .map_err(anyhow::Error::from);
     drop(executor);
     result
 }

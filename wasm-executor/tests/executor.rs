@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use agora_proto::frame::{read_frame, write_frame};
+use agora_net::frame::{read_frame, write_frame};
 use agora_proto::v1::{
     agent_to_executor, executor_to_agent, AgentToExecutor, ExecutorAck, ExecutorKill,
     ExecutorLaunch, ExecutorRegister, ExecutorShutdown, ExecutorStatus, ExecutorToAgent, Reason,

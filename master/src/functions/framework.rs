@@ -12,8 +12,9 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use agora_net::unix_millis;
 use agora_proto::v1::{FunctionDeploy, TaskState};
-use agora_proto::{unix_millis, Resources};
+use agora_proto::Resources;
 use agora_sdk::{Client, ClientConfig, Event, FrameworkInfo, Offer, Scheduler, TaskInfo};
 
 use super::load::{refresh_agents, run_poller};

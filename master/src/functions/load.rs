@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agora_functions::MetricsSnapshot;
-use agora_proto::unix_millis;
+use agora_net::unix_millis;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;

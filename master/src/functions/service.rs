@@ -11,10 +11,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use agora_functions::MetricsSnapshot;
+use agora_net::unix_millis;
 use agora_proto::v1::{
     self, FunctionDeploy, FunctionInfo, FunctionSummary, TaskState, TenantLimit,
 };
-use agora_proto::{unix_millis, Resources};
+use agora_proto::Resources;
 use prost::Message;
 use tokio::sync::{watch, Notify};
 
@@ -487,7 +488,7 @@ fn check_tenant_limit(l: TenantLimit) -> Result<(String, Option<TenantLimitEntry
     let role = match l.role.trim() {
         "" | "*" => "*".to_string(),
         r => {
-            crate::allocator::validate_role(r).map_err(|e| format!("role {r:?}: {e}"))?;
+            agora_allocator::validate_role(r).map_err(|e| format!("role {r:?}: {e}"))?;
             r.to_string()
         }
     };
@@ -545,7 +546,7 @@ pub fn normalize(mut d: FunctionDeploy) -> Result<FunctionDeploy, String> {
     let role = d.role.trim().to_string();
     d.role = if role.is_empty() { "*".into() } else { role };
     if d.role != "*" {
-        crate::allocator::validate_role(&d.role)
+        agora_allocator::validate_role(&d.role)
             .map_err(|e| bad(format!("role {:?}: {e}", d.role)))?;
     }
     let info = d.function.get_or_insert_with(FunctionInfo::default);

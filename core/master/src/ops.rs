@@ -8,8 +8,8 @@ use agora_proto::v1;
 use agora_proto::Resources;
 
 use super::MasterCore;
-use crate::allocator::{Quota, WaitCause, WaitExplanation};
 use crate::registry::{FrameworkEntry, QuotaEntry, Registry, RegistryOp};
+use agora_allocator::{Quota, WaitCause, WaitExplanation};
 
 fn amount(name: &str, v: i64) -> String {
     match name {
@@ -152,7 +152,7 @@ impl MasterCore {
         let role = role.trim();
         if !role.is_empty() {
             if !names.contains(role) {
-                crate::allocator::validate_role(role)
+                agora_allocator::validate_role(role)
                     .map_err(|e| format!("`{role}` is not a role name: {e}"))?;
             }
             names = [role.to_string()].into();
@@ -305,7 +305,7 @@ impl MasterCore {
         // Otherwise a role.
         let known = self.roles("")?.into_iter().any(|r| r.role == target);
         if !known {
-            crate::allocator::validate_role(target).map_err(|_| {
+            agora_allocator::validate_role(target).map_err(|_| {
                 format!("no task or role is named `{target}` (see `agora ps --all` and `agora quota get`)")
             })?;
         }
@@ -397,7 +397,7 @@ impl MasterCore {
         let constraints: Vec<_> = f
             .offer_constraints
             .iter()
-            .filter_map(|t| crate::allocator::Constraint::parse(t).ok())
+            .filter_map(|t| agora_allocator::Constraint::parse(t).ok())
             .collect();
         for role in &f.roles {
             if let Err(e) = self

@@ -1,4 +1,4 @@
-//! Integration tests of `agora_proto::tls`: certificates, mutual TLS over QUIC on loopback,
+//! Integration tests of `agora_net::tls`: certificates, mutual TLS over QUIC on loopback,
 //! and the errors users see when certificates do not match.
 
 use std::future::Future;
@@ -6,8 +6,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
-use agora_proto::frame::{read_frame, write_frame};
-use agora_proto::tls::{self, CertDir, Identity, Role};
+use agora_net::frame::{read_frame, write_frame};
+use agora_net::tls::{self, CertDir, Identity, Role};
 use agora_proto::v1::Ping;
 
 /// Upper bound on every test step: nothing here should take more than a few seconds.

@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use agora_master::allocator::{Allocation, Allocator, Constraint, Quota, WaitCause};
+use agora_allocator::{Allocation, Allocator, Constraint, Quota, WaitCause};
 use agora_proto::Resources;
 
 const MIB: i64 = 1 << 20;

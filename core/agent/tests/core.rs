@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use agora_agent::core::{AgentCore, AgentCoreConfig, ExecutorKind, Input, Output};
+use agora_agent_core::{AgentCore, AgentCoreConfig, ExecutorKind, Input, Output};
 use agora_proto::v1::{
     self, agent_to_executor, agent_to_master, AgentToExecutor, AgentToMaster, Attribute,
     ExecutorLaunch, ExecutorStatus, Reason, RunningTask, TaskInfo, TaskState, TaskStatus,
@@ -1555,7 +1555,7 @@ fn messages_are_relayed_to_a_registered_executor_and_back_to_the_master() {
     assert_eq!(
         a.feed(Input::ExecutorMessage {
             key: key("f1", "e1"),
-            data: vec![0; agora_agent::core::MAX_MESSAGE_BYTES + 1]
+            data: vec![0; agora_agent_core::MAX_MESSAGE_BYTES + 1]
         }),
         vec![]
     );
@@ -1564,11 +1564,11 @@ fn messages_are_relayed_to_a_registered_executor_and_back_to_the_master() {
 #[test]
 fn the_default_executor_ids_are_the_ones_the_master_routes_to() {
     assert_eq!(
-        agora_agent::core::DEFAULT_EXECUTOR,
+        agora_agent_core::DEFAULT_EXECUTOR,
         agora_proto::default_executor_id(false)
     );
     assert_eq!(
-        agora_agent::core::DEFAULT_NATIVE_EXECUTOR,
+        agora_agent_core::DEFAULT_NATIVE_EXECUTOR,
         agora_proto::default_executor_id(true)
     );
 }

@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::frame::{read_frame, write_frame};
-use crate::v1::DataChunk;
+use agora_proto::v1::DataChunk;
 
 /// Largest artifact accepted anywhere (module or input file).
 pub const MAX_ARTIFACT: u64 = 1024 * 1024 * 1024;
@@ -156,7 +156,7 @@ mod tests {
     async fn roundtrip_verifies_hash_and_size() {
         let dir = tempfile::tempdir().unwrap();
         let data: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
-        let sha = crate::sha256_hex(&data);
+        let sha = agora_proto::sha256_hex(&data);
         let (mut a, mut b) = tokio::io::duplex(64 * 1024);
         let send = async { send_bytes(&mut a, &data).await.unwrap() };
         let dest = dir.path().join("x");
@@ -182,7 +182,7 @@ mod tests {
         // simultaneous `agora run`s of a module failed with "No such file or directory".
         let dir = tempfile::tempdir().unwrap();
         let data: Vec<u8> = (0..300_000u32).map(|i| (i % 13) as u8).collect();
-        let sha = crate::sha256_hex(&data);
+        let sha = agora_proto::sha256_hex(&data);
         let dest = dir.path().join(&sha);
         let (mut a1, mut b1) = tokio::io::duplex(1024);
         let (mut a2, mut b2) = tokio::io::duplex(1024);

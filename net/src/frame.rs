@@ -166,7 +166,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::v1::{Ping, StreamOpen};
+    use agora_proto::v1::{Ping, StreamOpen};
 
     #[tokio::test]
     async fn roundtrip_and_clean_eof() {

@@ -393,7 +393,7 @@ impl MasterCore {
         if asked.is_empty() {
             return Err("it names no resources".into());
         }
-        if cx.role == crate::allocator::DEFAULT_ROLE {
+        if cx.role == agora_allocator::DEFAULT_ROLE {
             return Err("the offers are for the default role `*`, which cannot hold reservations; subscribe with a role of your own".into());
         }
         if let Some(r) = asked.roles().into_iter().find(|r| *r != cx.role) {
@@ -697,7 +697,7 @@ impl MasterCore {
         };
         let mut constraints = Vec::new();
         for text in &info.offer_constraints {
-            match crate::allocator::Constraint::parse(text) {
+            match agora_allocator::Constraint::parse(text) {
                 Ok(c) => constraints.push(c),
                 Err(e) => {
                     self.error(conn, format!("update_framework: {e}"));
@@ -767,15 +767,15 @@ impl MasterCore {
     ) -> Result<Vec<String>, String> {
         let mut roles: Vec<String> = Vec::new();
         for r in info.roles.iter().map(|r| r.trim().to_string()) {
-            if r != crate::allocator::DEFAULT_ROLE {
-                crate::allocator::validate_role(&r).map_err(|why| format!("role `{r}`: {why}"))?;
+            if r != agora_allocator::DEFAULT_ROLE {
+                agora_allocator::validate_role(&r).map_err(|why| format!("role `{r}`: {why}"))?;
             }
             if !roles.contains(&r) {
                 roles.push(r);
             }
         }
         if roles.is_empty() {
-            roles.push(crate::allocator::DEFAULT_ROLE.into());
+            roles.push(agora_allocator::DEFAULT_ROLE.into());
         }
         Ok(roles)
     }

@@ -14,11 +14,12 @@ use agora_proto::v1::{
 };
 use agora_proto::{is_sha256_hex, Resources};
 
-use crate::allocator::Allocator;
 use crate::registry::{FrameworkEntry, Registry, RegistryOp};
+use agora_allocator::Allocator;
 
 mod calls;
 mod ops;
+pub mod registry;
 
 /// Identifies one live connection (agent or scheduler) in the shell.
 pub type ConnId = u64;
@@ -220,7 +221,7 @@ fn status(
 impl MasterCore {
     pub fn new(cfg: CoreConfig) -> Self {
         let allocator = match &cfg.min_allocatable {
-            Some(min) => Allocator::with_config(crate::allocator::AllocatorConfig {
+            Some(min) => Allocator::with_config(agora_allocator::AllocatorConfig {
                 min_allocatable: min.clone(),
             }),
             None => Allocator::new(),
@@ -900,7 +901,7 @@ impl MasterCore {
             roles.push("*".into());
         }
         if let Some((r, why)) = roles.iter().filter(|r| r.as_str() != "*").find_map(|r| {
-            crate::allocator::validate_role(r)
+            agora_allocator::validate_role(r)
                 .err()
                 .map(|e| (r.clone(), e))
         }) {
@@ -913,7 +914,7 @@ impl MasterCore {
         }
         let mut constraints = Vec::new();
         for text in &info.offer_constraints {
-            match crate::allocator::Constraint::parse(text) {
+            match agora_allocator::Constraint::parse(text) {
                 Ok(c) => constraints.push(c),
                 Err(e) => {
                     self.error(conn, format!("SUBSCRIBE refused: {e}"));
@@ -1699,7 +1700,7 @@ impl MasterCore {
                 .iter()
                 .map(|c| match c {
                     // Times relative to now read better than epoch milliseconds.
-                    crate::allocator::WaitCause::Filtered { agents, of_agents, until_ms, .. } => format!(
+                    agora_allocator::WaitCause::Filtered { agents, of_agents, until_ms, .. } => format!(
                         "the framework declined {agents} of {of_agents} agents that could serve it, for {:.1} s more (REVIVE clears this)",
                         until_ms.saturating_sub(now) as f64 / 1000.0
                     ),

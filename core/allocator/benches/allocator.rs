@@ -34,7 +34,7 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use agora_master::allocator::{Allocator, Quota};
+use agora_allocator::{Allocator, Quota};
 use agora_proto::Resources;
 
 const GIB: i64 = 1 << 30;

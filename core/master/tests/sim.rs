@@ -36,12 +36,12 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 
-use agora_agent::checkpoint::CheckpointState;
-use agora_agent::core::{
+use agora_agent_core::checkpoint::CheckpointState;
+use agora_agent_core::{
     self as agent, AgentCore, AgentCoreConfig, ExecutorKey, ExecutorProcess, TaskKey,
 };
-use agora_master::core::{self as master, ConnId, CoreConfig, MasterCore};
-use agora_master::registry::Registry;
+use agora_master_core::registry::Registry;
+use agora_master_core::{self as master, ConnId, CoreConfig, MasterCore};
 use agora_proto::v1::{
     self, agent_to_executor, agent_to_master, call, event, master_to_agent, AgentHello,
     AgentToExecutor, AgentToMaster, Call, Event, ExecutorStatus, FrameworkInfo, MasterToAgent,

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use agora_master::allocator::{
+use agora_allocator::{
     Allocation, Allocator, AllocatorConfig, AllocatorError, Constraint, Quota, WaitCause,
 };
 use agora_proto::Resources;
@@ -752,7 +752,7 @@ fn explains_sizes_limits_and_headroom_with_numbers() {
         allowance: 500,
         unallocated: 3_000,
         held_back: 2_500,
-        guarantees: vec![agora_master::allocator::UnmetGuarantee {
+        guarantees: vec![agora_allocator::UnmetGuarantee {
             role: "prod".into(),
             resource: "cpus".into(),
             guarantee: 2_500,

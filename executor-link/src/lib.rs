@@ -13,8 +13,8 @@ use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::frame::{read_frame, write_frame, FrameError};
-use crate::v1::{
+use agora_net::frame::{read_frame, write_frame, FrameError};
+use agora_proto::v1::{
     executor_to_agent, AgentToExecutor, ExecutorLaunch, ExecutorMessage, ExecutorRegister,
     ExecutorStatus, ExecutorToAgent,
 };
@@ -31,6 +31,20 @@ pub fn recovery_timeout_from_env() -> Duration {
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map(Duration::from_millis)
         .unwrap_or(DEFAULT_RECOVERY_TIMEOUT)
+}
+
+/// Why [`drive`] gave up on the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("reading a frame from the agent: {0}")]
+    BadFrame(FrameError),
+    #[error("the agent at {} did not come back within {waited:?}; {stopped} {runs} were stopped", socket.display())]
+    AgentGone {
+        socket: std::path::PathBuf,
+        waited: Duration,
+        stopped: usize,
+        runs: &'static str,
+    },
 }
 
 /// How a connection to the agent ended.
@@ -84,7 +98,7 @@ pub trait LinkedExecutor {
 
 /// Does what one message of the agent asks.
 fn handle<E: LinkedExecutor>(executor: &mut E, msg: AgentToExecutor) -> Flow {
-    use crate::v1::agent_to_executor::Msg;
+    use agora_proto::v1::agent_to_executor::Msg;
     match msg.msg {
         Some(Msg::Launch(launch)) => executor.launch(launch),
         Some(Msg::Kill(kill)) => {
@@ -164,7 +178,7 @@ pub async fn drive<E: LinkedExecutor>(
     socket: &std::path::Path,
     register: ExecutorRegister,
     recovery_timeout: Duration,
-) -> anyhow::Result<()> {
+) -> Result<(), LinkError> {
     let runs = E::RUNS;
     let mut conn = AgentConn::start(
         stream,
@@ -189,7 +203,7 @@ pub async fn drive<E: LinkedExecutor>(
             End::Bad(e) => {
                 tracing::error!(error = %e, "bad frame from the agent; exiting");
                 executor.stop_all().await;
-                break Err(anyhow::Error::new(e).context("reading a frame from the agent"));
+                break Err(LinkError::BadFrame(e));
             }
             End::Eof => {
                 tracing::warn!(
@@ -212,10 +226,12 @@ pub async fn drive<E: LinkedExecutor>(
                         let n = running(executor);
                         tracing::error!("the agent did not come back within {recovery_timeout:?}; stopping {n} {runs}");
                         executor.stop_all().await;
-                        break Err(anyhow::anyhow!(
-                            "the agent at {} did not come back within {recovery_timeout:?}; {n} {runs} were stopped",
-                            socket.display()
-                        ));
+                        break Err(LinkError::AgentGone {
+                            socket: socket.to_path_buf(),
+                            waited: recovery_timeout,
+                            stopped: n,
+                            runs,
+                        });
                     }
                 }
             }

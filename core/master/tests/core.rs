@@ -5,8 +5,8 @@
 //! Ids handed out by the master (agents, frameworks, offers) are read from the
 //! output that introduces them and then used to build the exact expected messages.
 
-use agora_master::allocator::{Allocation, Allocator};
-use agora_master::core::{ConnId, CoreConfig, Input, MasterCore, Output};
+use agora_allocator::{Allocation, Allocator};
+use agora_master_core::{ConnId, CoreConfig, Input, MasterCore, Output};
 use agora_proto::v1::{
     self, agent_to_master, call, event, master_to_agent, AgentHello, AgentToMaster, Attribute,
     Call, Event, FrameworkInfo, MasterToAgent, Offer, Reason, RunningTask, SchedulerHello,
@@ -2875,8 +2875,8 @@ fn run_allocator_property(seed: u64, steps: usize) {
                     .filter(|(id, (_, active))| {
                         let free = model.free_on(id);
                         *active
-                            && (free.milli_cpus() >= agora_master::allocator::MIN_OFFER_MILLI_CPUS
-                                || free.mem_bytes() >= agora_master::allocator::MIN_OFFER_MEM)
+                            && (free.milli_cpus() >= agora_allocator::MIN_OFFER_MILLI_CPUS
+                                || free.mem_bytes() >= agora_allocator::MIN_OFFER_MEM)
                             && model.frameworks.keys().any(|f| model.eligible(f, id, now))
                     })
                     .map(|(id, _)| id.clone())
@@ -3710,15 +3710,15 @@ fn reserve_then_launch_on_the_reservation_which_is_offered_only_to_its_role() {
     let ops = m.core.take_registry_ops();
     assert_eq!(
         ops.last(),
-        Some(&agora_master::registry::RegistryOp::SetReservations {
+        Some(&agora_master_core::registry::RegistryOp::SetReservations {
             agent_id: a1.clone(),
             resources: vec![
-                agora_master::registry::Reserved {
+                agora_master_core::registry::Reserved {
                     name: "cpus".into(),
                     role: "tenant-a".into(),
                     value: 1000
                 },
-                agora_master::registry::Reserved {
+                agora_master_core::registry::Reserved {
                     name: "mem".into(),
                     role: "tenant-a".into(),
                     value: GIB
@@ -3807,7 +3807,7 @@ fn reserve_then_launch_on_the_reservation_which_is_offered_only_to_its_role() {
     );
     assert!(matches!(
         m.core.take_registry_ops().last(),
-        Some(agora_master::registry::RegistryOp::SetReservations { .. })
+        Some(agora_master_core::registry::RegistryOp::SetReservations { .. })
     ));
     assert_eq!(m.core.reservations().get(&a1), Some(&half));
 }

@@ -22,7 +22,9 @@ use agora_proto::v1::{
 };
 use agora_proto::Resources;
 
-use crate::checkpoint::{self, CheckpointDelta, CheckpointState, ExecutorRecord, TaskRecord};
+pub mod checkpoint;
+
+use crate::checkpoint::{CheckpointDelta, CheckpointState, ExecutorRecord, TaskRecord};
 
 /// Largest executor -> framework MESSAGE relayed (the master has the same bound the
 /// other way).

@@ -142,7 +142,7 @@ pub fn init_cert_dir(dir: &Path, extra_master_names: &[String]) -> anyhow::Resul
             params.distinguished_name = rcgen::DistinguishedName::new();
             // Each cluster's CA gets its own name: a verifier that meets a certificate of
             // another cluster then reports "unknown issuer", not a confusing bad signature.
-            let id = &crate::sha256_hex(key.public_key_raw())[..12];
+            let id = &agora_proto::sha256_hex(key.public_key_raw())[..12];
             params
                 .distinguished_name
                 .push(DnType::CommonName, format!("{CA_COMMON_NAME} {id}"));

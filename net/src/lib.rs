@@ -1,0 +1,19 @@
+//! How Agora's processes reach each other, and what shells read that cores may not:
+//!
+//! - `frame`: the one frame codec (length-prefixed protobuf) over async streams;
+//! - `tls`: certificates, roles and QUIC endpoints with mutual TLS;
+//! - `transfer`: artifact bytes over a stream, checked against their sha256;
+//! - `clock`: the monotonic clock that times every timeout, and wall-clock stamps.
+//!
+//! The cores never depend on this crate: they get messages already decoded and time
+//! as a parameter.
+
+pub mod clock;
+pub mod frame;
+pub mod tls;
+pub mod transfer;
+
+pub use clock::{unix_millis, Monotonic};
+pub use frame::{
+    read_frame, read_frame_limited, write_frame, write_queued, FrameBatch, FrameError, MAX_FRAME,
+};
