@@ -5,6 +5,8 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 scripts/setup.sh
+# The architecture's dependency rules (ARCHITECTURE.md), before anything slow.
+scripts/check-layout.sh
 # Guests once per run, then one build of the workspace that every test reuses.
 scripts/build-guests.sh >/dev/null
 cargo build --workspace --all-targets

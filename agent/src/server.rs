@@ -21,11 +21,12 @@ use std::time::{Duration, Instant};
 
 use agora_executor_link::RECOVERY_TIMEOUT_ENV;
 use agora_net::tls::{self, Identity};
-use agora_net::{read_frame, transfer, unix_millis, write_frame};
+use agora_net::{read_frame, transfer, unix_millis, write_frame, Monotonic};
 use agora_proto::v1::{
     self, executor_to_agent, master_to_agent, stream_open, AgentToExecutor, AgentToMaster,
     ArtifactGet, ArtifactHeader, MasterToAgent, SandboxData, SandboxRead, StreamOpen, TaskInfo,
 };
+use agora_proto::Now;
 use tokio::sync::mpsc;
 
 use crate::checkpoint::{Checkpoint, Writer};
@@ -92,6 +93,8 @@ const FUNCTION_EXECUTOR_OVERHEAD: i64 = 128 << 20;
 
 struct Shared {
     core: AgentCore,
+    /// Times every timeout of the core (retries, idle executors, recovery).
+    clock: Monotonic,
     master_tx: Option<mpsc::Sender<AgentToMaster>>,
     master_conn: Option<quinn::Connection>,
     executors: HashMap<ExecutorKey, mpsc::Sender<AgentToExecutor>>,
@@ -218,7 +221,8 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<AgentHandle> {
     let checkpoint = Checkpoint::open(&work)?;
     let state = checkpoint.load()?;
     let (n_tasks, n_execs) = (state.tasks.len(), state.executors.len());
-    let (mut core, adopt) = AgentCore::recover(cfg.core.clone(), state, unix_millis());
+    let clock = Monotonic::new();
+    let (mut core, adopt) = AgentCore::recover(cfg.core.clone(), state, now(&clock));
     // Bound before registering, so the master learns the address in the hello.
     let http_listener = match &cfg.http {
         Some(h) => {
@@ -290,6 +294,7 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<AgentHandle> {
     let (recovered, _) = tokio::sync::watch::channel(!core.recovering());
     let shared = Arc::new(Mutex::new(Shared {
         core,
+        clock,
         master_tx: None,
         master_conn: None,
         executors: HashMap::new(),
@@ -503,7 +508,8 @@ impl Agent {
     fn feed(&self, input: Input) {
         let (outs, ticket) = {
             let mut s = self.lock();
-            let outs = s.core.handle(input, unix_millis());
+            let now = now(&s.clock);
+            let outs = s.core.handle(input, now);
             // Queued under the lock, so that deltas are written in the order they were
             // made; written (group commit) before any output is acted on, below.
             let ticket = self.checkpoint.submit(s.core.take_checkpoint());
@@ -1327,4 +1333,12 @@ fn strip_ansi(s: &str) -> String {
         }
     }
     out
+}
+
+/// Both clocks, as the core takes them (see `agora_proto::Now`).
+fn now(clock: &Monotonic) -> Now {
+    Now {
+        mono_ms: clock.now_ms(),
+        wall_ms: unix_millis(),
+    }
 }

@@ -4,7 +4,7 @@
 //! timeout the agent hands its executors.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt as _;
@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use agora_net::frame::{read_frame, write_frame, FrameError};
 use agora_proto::v1::{
     executor_to_agent, AgentToExecutor, ExecutorLaunch, ExecutorMessage, ExecutorRegister,
-    ExecutorStatus, ExecutorToAgent,
+    ExecutorStatus, ExecutorToAgent, Reason, TaskState,
 };
 
 /// Environment variable (milliseconds) the agent sets to say how long an executor
@@ -74,17 +74,25 @@ pub trait LinkedExecutor {
     type Entry;
     /// The word for what it runs, in logs and errors ("running tasks", "function hosts").
     const RUNS: &'static str;
-    fn outbox(&self) -> &Outbox;
-    fn running(&self) -> &Mutex<HashMap<String, Self::Entry>>;
-    /// Root directory of each task launched, where framework messages are delivered
-    /// (pruned to the running ones when one comes).
-    fn roots(&mut self) -> &mut HashMap<String, std::path::PathBuf>;
+    /// What it keeps for the link: see [`Tasks`].
+    fn link(&self) -> &Tasks<Self::Entry>;
+    fn link_mut(&mut self) -> &mut Tasks<Self::Entry>;
     /// Starts a task the agent sent.
     fn launch(&mut self, launch: ExecutorLaunch);
     /// Asks a running task to stop (it reports its end itself).
     fn kill(entry: &Self::Entry);
-    /// Its async tasks (one per task or host), joined as they end so the set stays small.
-    fn tasks(&mut self) -> &mut tokio::task::JoinSet<()>;
+    fn outbox(&self) -> &Outbox {
+        &self.link().outbox
+    }
+    fn running(&self) -> &Mutex<HashMap<String, Self::Entry>> {
+        &self.link().running
+    }
+    fn roots(&mut self) -> &mut HashMap<String, std::path::PathBuf> {
+        &mut self.link_mut().roots
+    }
+    fn tasks(&mut self) -> &mut tokio::task::JoinSet<()> {
+        &mut self.link_mut().set
+    }
     /// Takes the end of one of `tasks`: they catch their own failures, so one that
     /// failed anyway (a panic) is logged.
     fn reap(done: Result<(), tokio::task::JoinError>) {
@@ -94,6 +102,122 @@ pub trait LinkedExecutor {
     }
     /// Stops (kills) everything it runs, boundedly, reporting each end.
     async fn stop_all(&mut self);
+}
+
+/// What every executor keeps beside its runner, for the link: the statuses on their
+/// way ([`Outbox`]), what runs (task id -> the executor's handle to stop it), the
+/// async tasks running them, and each task's root directory (where framework
+/// messages are delivered).
+pub struct Tasks<E> {
+    pub outbox: Arc<Outbox>,
+    /// A task's entry is removed just before its terminal status is sent
+    /// ([`Outbox::finish`]), so once the agent has seen that status it may reuse the id.
+    pub running: Arc<Mutex<HashMap<String, E>>>,
+    /// One async task per task or host, joined to know when they are all gone.
+    pub set: tokio::task::JoinSet<()>,
+    pub roots: HashMap<String, std::path::PathBuf>,
+}
+
+impl<E> Default for Tasks<E> {
+    fn default() -> Self {
+        Tasks {
+            outbox: Arc::default(),
+            running: Arc::default(),
+            set: tokio::task::JoinSet::new(),
+            roots: HashMap::new(),
+        }
+    }
+}
+
+impl<E> Tasks<E> {
+    /// The running map. Only touched in short critical sections that cannot panic
+    /// midway, so a poisoned lock still holds consistent data.
+    pub fn lock(&self) -> MutexGuard<'_, HashMap<String, E>> {
+        lock_running(&self.running)
+    }
+
+    /// Takes a launch in with the handle that will stop it, or refuses it (no task id,
+    /// or one already running here) with a FAILED status (INVALID_TASK) to the agent.
+    /// True when taken.
+    pub fn admit(&mut self, launch: &ExecutorLaunch, entry: E) -> bool {
+        let task_id = &launch.task_id;
+        let refusal = if task_id.is_empty() {
+            Some("launch without a task id".to_string())
+        } else {
+            let mut running = self.lock();
+            if running.contains_key(task_id) {
+                Some(format!(
+                    "task {task_id} is already running in this executor"
+                ))
+            } else {
+                running.insert(task_id.clone(), entry);
+                None
+            }
+        };
+        if let Some(message) = refusal {
+            self.refuse(task_id, message);
+            return false;
+        }
+        if !launch.root_dir.is_empty() {
+            self.roots
+                .insert(task_id.clone(), std::path::PathBuf::from(&launch.root_dir));
+        }
+        true
+    }
+
+    /// Reports a launch that cannot run as FAILED (INVALID_TASK), saying why.
+    pub fn refuse(&self, task_id: &str, message: String) {
+        tracing::warn!(task_id = %task_id, "{message}");
+        self.outbox.status(ExecutorStatus {
+            task_id: task_id.to_string(),
+            state: TaskState::TaskFailed as i32,
+            reason: Reason::InvalidTask as i32,
+            message,
+            ..Default::default()
+        });
+    }
+
+    /// Waits, for at most `bound`, for every async task to end (after they were told
+    /// to stop); names those left running when the bound passes.
+    pub async fn drain(&mut self, bound: Duration, runs: &str) {
+        let set = &mut self.set;
+        let drain = async {
+            while let Some(done) = set.join_next().await {
+                if let Err(e) = done {
+                    tracing::error!(error = %e, "a task of the executor failed");
+                }
+            }
+        };
+        if tokio::time::timeout(bound, drain).await.is_err() {
+            tracing::warn!(
+                tasks = ?self.lock().keys().collect::<Vec<_>>(),
+                "{runs} did not end within {bound:?} of being killed; leaving them"
+            );
+        }
+    }
+}
+
+/// The running map of [`Tasks`], locked (see [`Tasks::lock`]).
+pub fn lock_running<E>(running: &Mutex<HashMap<String, E>>) -> MutexGuard<'_, HashMap<String, E>> {
+    running.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The status of a task whose runner panicked: a bug of ours, but the agent must
+/// still hear how the task ended.
+pub fn panicked(task_id: &str, panic: &(dyn std::any::Any + Send)) -> ExecutorStatus {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    tracing::error!(task_id, panic = %what, "task runner panicked");
+    ExecutorStatus {
+        task_id: task_id.to_string(),
+        state: TaskState::TaskFailed as i32,
+        reason: Reason::ExecutorTerminated as i32,
+        message: format!("executor failure while running the task: {what}"),
+        ..Default::default()
+    }
 }
 
 /// Does what one message of the agent asks.

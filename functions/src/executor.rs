@@ -19,15 +19,14 @@
 //! the requests in flight finish (bounded by [`drain_grace`]), removes the socket and
 //! reports KILLED.
 
-use std::collections::HashMap;
 use std::future::IntoFuture as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use agora_executor_link::{
-    self as executor_link, recovery_timeout_from_env, LinkedExecutor, Outbox, FLUSH_GRACE,
+    self as executor_link, recovery_timeout_from_env, LinkedExecutor, Outbox, Tasks, FLUSH_GRACE,
 };
 use agora_proto::v1::{
     ExecutorLaunch, ExecutorRegister, ExecutorStatus, FunctionInfo, Reason, TaskState,
@@ -35,7 +34,6 @@ use agora_proto::v1::{
 use anyhow::Context as _;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{oneshot, Notify};
-use tokio::task::JoinSet;
 
 use crate::function::{GuestOutput, RequestLog, GUEST_OUTPUT_LIMIT};
 use crate::outbound::OutboundAllowList;
@@ -83,10 +81,7 @@ pub async fn run_executor(
     };
     let mut executor = Executor {
         host,
-        outbox: Arc::default(),
-        running: Arc::default(),
-        hosts: JoinSet::new(),
-        roots: HashMap::new(),
+        link: Tasks::default(),
     };
     let result = executor_link::drive(&mut executor, stream, socket, register, recovery_timeout)
         .await
@@ -94,73 +89,35 @@ pub async fn run_executor(
     result
 }
 
-/// Kill signals of the hosts running, by task id. A host's task removes its entry
-/// just before it sends its terminal status ([`Outbox::finish`]).
-type Running = Arc<Mutex<HashMap<String, Arc<Notify>>>>;
+/// A running host's stop signal.
+type Stop = Arc<Notify>;
 
 struct Executor {
     host: Arc<FunctionHost>,
-    outbox: Arc<Outbox>,
-    running: Running,
-    /// One async task per host, joined to know when they are all gone.
-    hosts: JoinSet<()>,
-    /// Root directory of each host launched (pruned to the running ones), where
-    /// framework messages are delivered, as the other executors do.
-    roots: HashMap<String, PathBuf>,
+    link: Tasks<Stop>,
 }
 
-impl Executor {}
-
 impl LinkedExecutor for Executor {
-    type Entry = Arc<Notify>;
+    type Entry = Stop;
     const RUNS: &'static str = "function hosts";
 
-    fn outbox(&self) -> &Outbox {
-        &self.outbox
+    fn link(&self) -> &Tasks<Stop> {
+        &self.link
     }
 
-    fn running(&self) -> &Mutex<HashMap<String, Self::Entry>> {
-        &self.running
-    }
-
-    fn roots(&mut self) -> &mut HashMap<String, PathBuf> {
-        &mut self.roots
+    fn link_mut(&mut self) -> &mut Tasks<Stop> {
+        &mut self.link
     }
 
     fn launch(&mut self, launch: ExecutorLaunch) {
-        let task_id = launch.task_id.clone();
         let stop = Arc::new(Notify::new());
-        let refusal = if task_id.is_empty() {
-            Some("launch without a task id".to_string())
-        } else {
-            let mut running = lock(&self.running);
-            if running.contains_key(&task_id) {
-                Some(format!(
-                    "task {task_id} is already running in this executor"
-                ))
-            } else {
-                running.insert(task_id.clone(), Arc::clone(&stop));
-                None
-            }
-        };
-        if let Some(message) = refusal {
-            tracing::warn!(task_id = %task_id, "{message}");
-            self.outbox.status(ended(
-                &task_id,
-                TaskState::TaskFailed,
-                Reason::InvalidTask,
-                message,
-            ));
+        if !self.link.admit(&launch, Arc::clone(&stop)) {
             return;
         }
-        if !launch.root_dir.is_empty() {
-            self.roots
-                .insert(task_id.clone(), PathBuf::from(&launch.root_dir));
-        }
         let host = Arc::clone(&self.host);
-        let outbox = Arc::clone(&self.outbox);
-        let running = Arc::clone(&self.running);
-        self.hosts.spawn(async move {
+        let outbox = Arc::clone(&self.link.outbox);
+        let running = Arc::clone(&self.link.running);
+        self.link.set.spawn(async move {
             let status = serve_host(&launch, host, &outbox, stop).await;
             tracing::info!(
                 task_id = %launch.task_id,
@@ -177,30 +134,14 @@ impl LinkedExecutor for Executor {
         entry.notify_one();
     }
 
-    fn tasks(&mut self) -> &mut JoinSet<()> {
-        &mut self.hosts
-    }
-
     /// Stops every host and waits (bounded) for all of them to report.
     async fn stop_all(&mut self) {
-        for stop in lock(&self.running).values() {
+        for stop in self.link.lock().values() {
             stop.notify_one();
         }
-        let drain = async {
-            while let Some(done) = self.hosts.join_next().await {
-                Self::reap(done);
-            }
-        };
         // Each host bounds its own drain; this only guards against a bug there.
-        if tokio::time::timeout(MAX_DRAIN_GRACE + FLUSH_GRACE, drain)
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                hosts = ?lock(&self.running).keys().collect::<Vec<_>>(),
-                "function hosts did not stop in time; leaving them"
-            );
-        }
+        let bound = MAX_DRAIN_GRACE + FLUSH_GRACE;
+        self.link.drain(bound, Self::RUNS).await;
     }
 }
 
@@ -571,11 +512,6 @@ fn ended(task_id: &str, state: TaskState, reason: Reason, message: String) -> Ex
         message,
         ..Default::default()
     }
-}
-
-/// Short critical sections that cannot panic midway: a poisoned lock is still sound.
-fn lock(running: &Running) -> MutexGuard<'_, HashMap<String, Arc<Notify>>> {
-    running.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

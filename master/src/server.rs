@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agora_net::tls::{self, Identity, Role};
-use agora_net::{read_frame, transfer, unix_millis, write_frame};
+use agora_net::{read_frame, transfer, unix_millis, write_frame, Monotonic};
 use agora_proto::v1::{
     self, operator_request, stream_open, ArtifactHeader, Event, MasterToAgent, OperatorRequest,
     OperatorResponse, SandboxData, SandboxRead, StreamOpen,
@@ -25,7 +25,7 @@ use anyhow::Context;
 use crate::artifacts::ArtifactStore;
 use crate::functions::Functions;
 use crate::registry::{Registry, RegistryOp, RegistryStore};
-use agora_master_core::{ConnId, CoreConfig, Input, MasterCore, Output};
+use agora_master_core::{ConnId, CoreConfig, Input, MasterCore, Now, OperatorOp, Output};
 
 /// Messages queued to one peer before it counts as stuck and is disconnected.
 const PEER_QUEUE: usize = 4096;
@@ -52,13 +52,43 @@ struct Shared {
     registry: RegistryStore,
     agents: HashMap<ConnId, (mpsc::Sender<Out<MasterToAgent>>, quinn::Connection)>,
     schedulers: HashMap<ConnId, mpsc::Sender<Out<Event>>>,
+    /// Times every timeout of the core (see `agora_master_core::Now`).
+    clock: Monotonic,
+    /// Numbers operator requests, to find each one's answer among the outputs.
+    next_request: u64,
 }
 
 impl Shared {
+    fn now(&self) -> Now {
+        Now {
+            mono_ms: self.clock.now_ms(),
+            wall_ms: unix_millis(),
+        }
+    }
+
     /// Runs the core on one input and carries out what it asks.
     fn feed(&mut self, input: Input) {
-        let outs = self.core.handle(input, unix_millis());
+        let outs = self.core.handle(input, self.now());
         self.dispatch(outs);
+    }
+
+    /// Runs an operator's request through the core and returns its answer (after the
+    /// outputs it caused are on their way).
+    fn operate(&mut self, op: OperatorOp) -> Result<(), String> {
+        self.next_request += 1;
+        let request = self.next_request;
+        let outs = self
+            .core
+            .handle(Input::Operator { request, op }, self.now());
+        let answer = outs.iter().find_map(|o| match o {
+            Output::OperatorDone { request: r, result } if *r == request => Some(result.clone()),
+            _ => None,
+        });
+        self.dispatch(outs);
+        match answer {
+            Some(r) => r.map_err(|e| e.0),
+            None => Err("the master did not answer the request (a bug: please report it)".into()),
+        }
     }
 
     fn dispatch(&mut self, outs: Vec<Output>) {
@@ -107,6 +137,8 @@ impl Shared {
                         let _ = tx.try_send(Out::Close(why));
                     }
                 }
+                // Picked out by `operate`, which asked.
+                Output::OperatorDone { .. } => {}
             }
         }
     }
@@ -136,6 +168,11 @@ pub async fn start(cfg: MasterConfig) -> anyhow::Result<MasterHandle> {
     let store = ArtifactStore::open(&cfg.data_dir.join("artifacts"))?;
     let endpoint = tls::server_endpoint(cfg.bind, &cfg.identity)?;
     let addr = endpoint.local_addr()?;
+    let clock = Monotonic::new();
+    let now = || Now {
+        mono_ms: clock.now_ms(),
+        wall_ms: unix_millis(),
+    };
     let mut core = MasterCore::new(cfg.core.clone());
     let (registry, recovered) = RegistryStore::open(&cfg.data_dir)?;
     let fn_recovered = Functions::from_registry(&recovered);
@@ -146,16 +183,23 @@ pub async fn start(cfg: MasterConfig) -> anyhow::Result<MasterHandle> {
             "recovering the master registry from {}",
             cfg.data_dir.join(crate::registry::FILE).display()
         );
-        core.recover(recovered, unix_millis());
+        core.handle(
+            Input::Recover {
+                registry: recovered,
+            },
+            now(),
+        );
     }
     for sha in store.list()? {
-        core.handle(Input::ArtifactStored { sha256: sha }, unix_millis());
+        core.handle(Input::ArtifactStored { sha256: sha }, now());
     }
     let shared = Arc::new(Mutex::new(Shared {
         core,
         registry,
         agents: HashMap::new(),
         schedulers: HashMap::new(),
+        clock,
+        next_request: 0,
     }));
     let next_conn = Arc::new(AtomicU64::new(1));
     let mut tasks = Vec::new();
@@ -498,7 +542,10 @@ impl Ctx {
     async fn operator(self, req: OperatorRequest, mut send: Send) -> anyhow::Result<()> {
         let resp = match req.request {
             Some(operator_request::Request::ListTasks(l)) => {
-                let mut tasks = self.lock().core.list_tasks(l.all);
+                let mut tasks = {
+                    let s = self.lock();
+                    s.core.list_tasks(l.all, s.clock.now_ms())
+                };
                 if l.stats {
                     let live = self.live_usage().await;
                     for t in tasks.iter_mut().filter(|t| t.usage.is_none()) {
@@ -517,20 +564,17 @@ impl Ctx {
                 ..Default::default()
             },
             Some(operator_request::Request::Kill(k)) => {
-                let mut s = self.lock();
-                let r = s.core.operator_kill(&k.task_id);
-                let outs = s.core.drain_outputs();
-                s.dispatch(outs);
+                let r = self.lock().operate(OperatorOp::Kill { task_id: k.task_id });
                 OperatorResponse {
                     error: r.err().unwrap_or_default(),
                     ..Default::default()
                 }
             }
             Some(operator_request::Request::SetWeight(w)) => {
-                let mut s = self.lock();
-                let r = s.core.set_weight(&w.role, w.weight);
-                let outs = s.core.drain_outputs();
-                s.dispatch(outs);
+                let r = self.lock().operate(OperatorOp::SetWeight {
+                    role: w.role,
+                    weight: w.weight,
+                });
                 OperatorResponse {
                     error: r.err().unwrap_or_default(),
                     ..Default::default()
@@ -540,13 +584,11 @@ impl Ctx {
                 let parsed = Resources::from_proto(&q.guarantee)
                     .and_then(|g| Resources::from_proto(&q.limit).map(|l| (g, l)));
                 let r = match parsed {
-                    Ok((g, l)) => {
-                        let mut s = self.lock();
-                        let r = s.core.set_quota(&q.role, &g, &l);
-                        let outs = s.core.drain_outputs();
-                        s.dispatch(outs);
-                        r
-                    }
+                    Ok((guarantee, limit)) => self.lock().operate(OperatorOp::SetQuota {
+                        role: q.role.clone(),
+                        guarantee,
+                        limit,
+                    }),
                     Err(e) => Err(format!("bad quota resources: {e}")),
                 };
                 OperatorResponse {
@@ -565,7 +607,11 @@ impl Ctx {
                 },
             },
             Some(operator_request::Request::Explain(e)) => {
-                match self.lock().core.explain(&e.target) {
+                let explained = {
+                    let s = self.lock();
+                    s.core.explain(&e.target, s.clock.now_ms())
+                };
+                match explained {
                     Ok(explanation) => OperatorResponse {
                         explanation,
                         ..Default::default()

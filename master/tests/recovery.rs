@@ -3,7 +3,7 @@
 //! what happens to tasks when an agent stops answering and comes back.
 
 use agora_master::registry::{Registry, RegistryOp};
-use agora_master_core::{ConnId, CoreConfig, Input, MasterCore, Output};
+use agora_master_core::{ConnId, CoreConfig, Input, MasterCore, OperatorOp, Output};
 use agora_proto::v1::{
     self, call, event, master_to_agent, AgentHello, Call, FrameworkInfo, RunningTask,
     SchedulerHello, TaskInfo, TaskState, TaskStatus,
@@ -37,12 +37,46 @@ impl Node {
             agent_reregister_ms: REREGISTER_MS,
             ..CoreConfig::default()
         });
-        core.recover(reg.clone(), now);
+        core.handle(
+            Input::Recover {
+                registry: reg.clone(),
+            },
+            now,
+        );
         Node {
             core,
             reg: reg.clone(),
             now,
         }
+    }
+
+    /// An operator's request, answered without writing the registry file (as a
+    /// refused one would leave it).
+    fn operate(&mut self, op: OperatorOp) -> Result<(), String> {
+        let outs = self
+            .core
+            .handle(Input::Operator { request: 1, op }, self.now);
+        outs.into_iter()
+            .find_map(|o| match o {
+                Output::OperatorDone { result, .. } => Some(result.map_err(|e| e.0)),
+                _ => None,
+            })
+            .expect("an answer")
+    }
+
+    fn set_weight(&mut self, role: &str, weight: f64) -> Result<(), String> {
+        self.operate(OperatorOp::SetWeight {
+            role: role.into(),
+            weight,
+        })
+    }
+
+    fn set_quota(&mut self, role: &str, g: &Resources, l: &Resources) -> Result<(), String> {
+        self.operate(OperatorOp::SetQuota {
+            role: role.into(),
+            guarantee: g.clone(),
+            limit: l.clone(),
+        })
     }
 
     fn feed(&mut self, input: Input) -> Vec<Output> {
@@ -201,7 +235,7 @@ fn a_restarted_master_holds_offers_until_its_agents_are_back_and_keeps_their_tas
         1000,
         "the running task's 3 cpus are not offered: {res}"
     );
-    let list = m2.core.list_tasks(false);
+    let list = m2.core.list_tasks(false, m2.now);
     assert!(list
         .iter()
         .any(|t| t.task_id == "t1" && t.state() == TaskState::TaskRunning));
@@ -276,16 +310,16 @@ fn teardown_is_recorded_and_the_id_cannot_subscribe_again() {
 #[test]
 fn weights_and_quotas_survive_a_restart() {
     let mut m = Node::new();
-    m.core.set_weight("eng", 3.0).unwrap();
+    m.set_weight("eng", 3.0).unwrap();
     let g = Resources::cpus_mem(2000, GIB);
     let l = Resources::cpus_mem(8000, 8 * GIB);
-    m.core.set_quota("eng/web", &g, &l).unwrap();
+    m.set_quota("eng/web", &g, &l).unwrap();
     m.commit();
-    let err = m.core.set_weight("eng", -1.0).unwrap_err();
+    let err = m.set_weight("eng", -1.0).unwrap_err();
     assert!(err.contains("eng"), "{err}");
-    let err = m.core.set_quota("*", &g, &l).unwrap_err();
+    let err = m.set_quota("*", &g, &l).unwrap_err();
     assert!(err.contains("default role"), "{err}");
-    let err = m.core.set_quota("x", &l, &g).unwrap_err();
+    let err = m.set_quota("x", &l, &g).unwrap_err();
     assert!(err.contains("above its limit"), "{err}");
     assert!(
         m.core.take_registry_ops().is_empty(),
@@ -301,8 +335,7 @@ fn weights_and_quotas_survive_a_restart() {
     assert_eq!(Resources::from_proto(&web.limit).unwrap(), l);
     // Removing a quota is recorded too.
     let mut m2 = m2;
-    m2.core
-        .set_quota("eng/web", &Resources::new(), &Resources::new())
+    m2.set_quota("eng/web", &Resources::new(), &Resources::new())
         .unwrap();
     m2.commit();
     assert!(m2.reg.quotas.is_empty());
@@ -313,14 +346,13 @@ fn weights_and_quotas_survive_a_restart() {
 #[test]
 fn explain_names_the_role_quota_and_what_holds_offers_back() {
     let mut m = Node::new();
-    m.core
-        .set_quota("eng", &Resources::new(), &Resources::cpus_mem(1000, GIB))
+    m.set_quota("eng", &Resources::new(), &Resources::cpus_mem(1000, GIB))
         .unwrap();
-    let text = m.core.explain("eng").unwrap();
+    let text = m.core.explain("eng", m.now).unwrap();
     assert!(text.contains("role eng"), "{text}");
     assert!(text.contains("limit"), "{text}");
     assert!(text.contains("no agent is connected"), "{text}");
-    let err = m.core.explain("no such thing!").unwrap_err();
+    let err = m.core.explain("no such thing!", m.now).unwrap_err();
     assert!(err.contains("no task or role"), "{err}");
 }
 
@@ -368,7 +400,7 @@ fn partitioned() -> (Node, String, String, String, u64) {
 #[test]
 fn a_silent_agent_makes_partition_aware_tasks_unreachable_and_others_lost() {
     let (mut m, _pa, _plain, _aid, _) = partitioned();
-    let live = m.core.list_tasks(false);
+    let live = m.core.list_tasks(false, m.now);
     assert_eq!(live.len(), 1, "{live:?}");
     assert_eq!(
         (live[0].task_id.as_str(), live[0].state()),
@@ -411,7 +443,7 @@ fn a_returning_agent_brings_unreachable_tasks_back_running_and_lost_ones_are_kil
         _ => false,
     });
     assert!(killed, "{outs:?}");
-    let live = m.core.list_tasks(false);
+    let live = m.core.list_tasks(false, m.now);
     assert_eq!(live.len(), 1);
     assert_eq!(
         (live[0].task_id.as_str(), live[0].state()),
@@ -432,7 +464,7 @@ fn an_unreachable_task_the_agent_no_longer_has_ends_lost_when_it_returns() {
         "{}",
         st[0].message
     );
-    assert!(m.core.list_tasks(false).is_empty());
+    assert!(m.core.list_tasks(false, m.now).is_empty());
 }
 
 #[test]
@@ -498,7 +530,7 @@ fn a_task_told_lost_stays_lost_across_a_master_restart_when_its_agent_returns() 
     let (_, outs) = m2.agent(3, &aid, vec![running_task(&fid, &aid, "t1", 1000)]);
     assert!(updates_to(&outs, 201).is_empty(), "no second end: {outs:?}");
     assert!(kill_sent(&outs, 3, "t1"), "{outs:?}");
-    assert!(m2.core.list_tasks(false).is_empty(), "not adopted");
+    assert!(m2.core.list_tasks(false, m2.now).is_empty(), "not adopted");
     // Its later updates are acknowledged by the master, never relayed.
     let outs = m2.feed(Input::AgentMessage {
         conn: 3,
@@ -537,7 +569,7 @@ fn an_end_the_master_never_heard_is_taken_from_the_agents_report() {
         (st[0].state(), st[0].uuid.as_slice()),
         (TaskState::TaskFailed, &b"u-7"[..])
     );
-    assert!(m.core.list_tasks(false).is_empty());
+    assert!(m.core.list_tasks(false, m.now).is_empty());
     // Its resources are free: the whole agent is offered.
     let offers = offered(&outs);
     assert_eq!(

@@ -15,19 +15,17 @@
 //! keeps it private; a shared `agora_executor_link` module could hold it once both
 //! settle.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use agora_proto::v1::{ExecutorLaunch, ExecutorRegister, ExecutorStatus, Reason, TaskState};
+use agora_proto::v1::{ExecutorLaunch, ExecutorRegister, ExecutorStatus, TaskState};
 use anyhow::Context as _;
 use tokio::net::UnixStream;
-use tokio::task::JoinSet;
 
 use crate::runner::{kill_grace, KillSwitch, NativeConfig, Runner};
 use agora_executor_link::{
-    self as executor_link, recovery_timeout_from_env, LinkedExecutor, Outbox,
+    self as executor_link, panicked, recovery_timeout_from_env, LinkedExecutor, Tasks,
 };
 
 /// Time beyond the longest kill grace that tasks get to report after a shutdown.
@@ -76,10 +74,7 @@ pub async fn run_executor_with(
     };
     let mut executor = Executor {
         runner: Arc::clone(&runner),
-        outbox: Arc::default(),
-        running: Arc::default(),
-        tasks: JoinSet::new(),
-        roots: HashMap::new(),
+        link: Tasks::default(),
     };
     let result = executor_link::drive(&mut executor, stream, socket, register, recovery_timeout)
         .await
@@ -95,81 +90,40 @@ struct Entry {
     grace: Duration,
 }
 
-/// Running tasks by id. A task's thread removes its entry just before it sends its
-/// terminal status, so once the agent has seen that status it may reuse the id.
-type Running = Arc<Mutex<HashMap<String, Entry>>>;
-
 struct Executor {
     runner: Arc<Runner>,
-    outbox: Arc<Outbox>,
-    running: Running,
-    tasks: JoinSet<()>,
-    /// Root directory of each task launched (pruned to the running ones), where
-    /// framework messages are delivered.
-    roots: HashMap<String, PathBuf>,
+    link: Tasks<Entry>,
 }
-
-impl Executor {}
 
 impl LinkedExecutor for Executor {
     type Entry = Entry;
     const RUNS: &'static str = "running tasks";
 
-    fn outbox(&self) -> &Outbox {
-        &self.outbox
+    fn link(&self) -> &Tasks<Entry> {
+        &self.link
     }
 
-    fn running(&self) -> &Mutex<HashMap<String, Self::Entry>> {
-        &self.running
-    }
-
-    fn roots(&mut self) -> &mut HashMap<String, PathBuf> {
-        &mut self.roots
+    fn link_mut(&mut self) -> &mut Tasks<Entry> {
+        &mut self.link
     }
 
     fn launch(&mut self, launch: ExecutorLaunch) {
         let task_id = launch.task_id.clone();
         let grace = kill_grace(launch.command.as_ref().and_then(|c| c.kill_grace_seconds));
-        let refusal = if task_id.is_empty() {
-            Some("launch without a task id".to_string())
-        } else {
-            match KillSwitch::new() {
-                Err(e) => Some(format!("cannot create the task's kill switch: {e}")),
-                Ok(kill) => {
-                    let mut running = lock(&self.running);
-                    if running.contains_key(&task_id) {
-                        Some(format!(
-                            "task {task_id} is already running in this executor"
-                        ))
-                    } else {
-                        running.insert(
-                            task_id.clone(),
-                            Entry {
-                                kill: Arc::new(kill),
-                                grace,
-                            },
-                        );
-                        None
-                    }
-                }
+        let kill = match KillSwitch::new() {
+            Ok(kill) => Arc::new(kill),
+            Err(e) => {
+                let why = format!("cannot create the task's kill switch: {e}");
+                return self.link.refuse(&task_id, why);
             }
         };
-        if let Some(message) = refusal {
-            tracing::warn!(task_id = %task_id, "{message}");
-            self.outbox.status(ExecutorStatus {
-                task_id,
-                state: TaskState::TaskFailed as i32,
-                reason: Reason::InvalidTask as i32,
-                message,
-                ..Default::default()
-            });
+        let entry = Entry {
+            kill: Arc::clone(&kill),
+            grace,
+        };
+        if !self.link.admit(&launch, entry) {
             return;
         }
-        if !launch.root_dir.is_empty() {
-            self.roots
-                .insert(task_id.clone(), PathBuf::from(&launch.root_dir));
-        }
-        let kill = Arc::clone(&lock(&self.running)[&task_id].kill);
 
         tracing::info!(
             task_id = %task_id,
@@ -177,9 +131,9 @@ impl LinkedExecutor for Executor {
             "launching task"
         );
         let runner = Arc::clone(&self.runner);
-        let outbox = Arc::clone(&self.outbox);
-        let running = Arc::clone(&self.running);
-        self.tasks.spawn_blocking(move || {
+        let outbox = Arc::clone(&self.link.outbox);
+        let running = Arc::clone(&self.link.running);
+        self.link.set.spawn_blocking(move || {
             let on_running = || {
                 outbox.status(ExecutorStatus {
                     task_id: launch.task_id.clone(),
@@ -206,51 +160,16 @@ impl LinkedExecutor for Executor {
         entry.kill.trigger();
     }
 
-    fn tasks(&mut self) -> &mut JoinSet<()> {
-        &mut self.tasks
-    }
-
     /// Kills every task (each with its own grace) and waits, bounded, for all of them
     /// to report.
     async fn stop_all(&mut self) {
         let longest = {
-            let running = lock(&self.running);
+            let running = self.link.lock();
             for entry in running.values() {
                 entry.kill.trigger();
             }
             running.values().map(|e| e.grace).max().unwrap_or_default()
         };
-        let bound = longest + STOP_MARGIN;
-        let drain = async {
-            while let Some(done) = self.tasks.join_next().await {
-                Self::reap(done);
-            }
-        };
-        if tokio::time::timeout(bound, drain).await.is_err() {
-            tracing::warn!(
-                tasks = ?lock(&self.running).keys().collect::<Vec<_>>(),
-                "tasks did not end within {bound:?} of being killed; leaving them"
-            );
-        }
+        self.link.drain(longest + STOP_MARGIN, Self::RUNS).await;
     }
-}
-
-fn panicked(task_id: &str, panic: &(dyn std::any::Any + Send)) -> ExecutorStatus {
-    let what = panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_default();
-    tracing::error!(task_id, panic = %what, "task runner panicked");
-    ExecutorStatus {
-        task_id: task_id.to_string(),
-        state: TaskState::TaskFailed as i32,
-        reason: Reason::ExecutorTerminated as i32,
-        message: format!("executor failure while running the task: {what}"),
-        ..Default::default()
-    }
-}
-
-fn lock(running: &Running) -> MutexGuard<'_, HashMap<String, Entry>> {
-    running.lock().unwrap_or_else(PoisonError::into_inner)
 }

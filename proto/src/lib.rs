@@ -4,6 +4,7 @@
 //! The plumbing that moves these messages (frames, QUIC/TLS) is `agora-net`.
 
 pub mod resources;
+pub mod time;
 
 /// Types generated from `proto/agora.proto`.
 pub mod v1 {
@@ -11,6 +12,7 @@ pub mod v1 {
 }
 
 pub use resources::Resources;
+pub use time::Now;
 
 /// The executor a task runs in when it names none: one per framework and kind on
 /// each agent. The master needs the same rule as the agent to route SHUTDOWN and

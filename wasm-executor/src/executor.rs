@@ -14,20 +14,18 @@
 //! naming the tasks it still knows, and sends the held statuses in order. If the agent
 //! does not come back in time, the executor kills its tasks and exits.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
-use agora_proto::v1::{ExecutorLaunch, ExecutorRegister, ExecutorStatus, Reason, TaskState};
+use agora_proto::v1::{ExecutorLaunch, ExecutorRegister, ExecutorStatus, TaskState};
 use anyhow::Context as _;
 use tokio::net::UnixStream;
-use tokio::task::JoinSet;
 
 use crate::runner::Runner;
 use agora_executor_link::{
-    self as executor_link, recovery_timeout_from_env, LinkedExecutor, Outbox,
+    self as executor_link, panicked, recovery_timeout_from_env, LinkedExecutor, Tasks,
 };
 
 /// How long tasks get to end after a kill when the executor is going away. Guests
@@ -75,10 +73,7 @@ pub async fn run_executor_with(
     };
     let mut executor = Executor {
         runner,
-        outbox: Arc::default(),
-        running: Arc::default(),
-        tasks: JoinSet::new(),
-        roots: HashMap::new(),
+        link: Tasks::default(),
     };
     let result = executor_link::drive(&mut executor, stream, socket, register, recovery_timeout)
         .await
@@ -87,77 +82,37 @@ pub async fn run_executor_with(
     result
 }
 
-/// Kill flags of the running tasks, by task id. A task's thread removes its entry just
-/// before it sends its terminal status, so once the agent has seen that status it may
-/// reuse the id at once.
-type Running = Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>;
+/// A running task's kill flag.
+type Kill = Arc<AtomicBool>;
 
 struct Executor {
     runner: Arc<Runner>,
-    outbox: Arc<Outbox>,
-    running: Running,
-    /// Task threads, joined to know when they are all gone.
-    tasks: JoinSet<()>,
-    /// Root directory of each task launched (pruned to the running ones), where
-    /// framework messages are delivered.
-    roots: HashMap<String, PathBuf>,
+    link: Tasks<Kill>,
 }
 
-impl Executor {}
-
 impl LinkedExecutor for Executor {
-    type Entry = Arc<AtomicBool>;
+    type Entry = Kill;
     const RUNS: &'static str = "running tasks";
 
-    fn outbox(&self) -> &Outbox {
-        &self.outbox
+    fn link(&self) -> &Tasks<Kill> {
+        &self.link
     }
 
-    fn running(&self) -> &Mutex<HashMap<String, Self::Entry>> {
-        &self.running
-    }
-
-    fn roots(&mut self) -> &mut HashMap<String, PathBuf> {
-        &mut self.roots
+    fn link_mut(&mut self) -> &mut Tasks<Kill> {
+        &mut self.link
     }
 
     fn launch(&mut self, launch: ExecutorLaunch) {
-        let task_id = launch.task_id.clone();
         let kill = Arc::new(AtomicBool::new(false));
-        let refusal = if task_id.is_empty() {
-            Some("launch without a task id".to_string())
-        } else {
-            let mut running = lock(&self.running);
-            if running.contains_key(&task_id) {
-                Some(format!(
-                    "task {task_id} is already running in this executor"
-                ))
-            } else {
-                running.insert(task_id.clone(), Arc::clone(&kill));
-                None
-            }
-        };
-        if let Some(message) = refusal {
-            tracing::warn!(task_id = %task_id, "{message}");
-            self.outbox.status(ExecutorStatus {
-                task_id,
-                state: TaskState::TaskFailed as i32,
-                reason: Reason::InvalidTask as i32,
-                message,
-                ..Default::default()
-            });
+        if !self.link.admit(&launch, Arc::clone(&kill)) {
             return;
         }
-        if !launch.root_dir.is_empty() {
-            self.roots
-                .insert(task_id.clone(), PathBuf::from(&launch.root_dir));
-        }
-
+        let task_id = launch.task_id.clone();
         tracing::info!(task_id = %task_id, module = %launch.module_sha256, "launching task");
         let runner = Arc::clone(&self.runner);
-        let outbox = Arc::clone(&self.outbox);
-        let running = Arc::clone(&self.running);
-        self.tasks.spawn_blocking(move || {
+        let outbox = Arc::clone(&self.link.outbox);
+        let running = Arc::clone(&self.link.running);
+        self.link.set.spawn_blocking(move || {
             let on_running = |instantiate_us| {
                 outbox.status(ExecutorStatus {
                     task_id: launch.task_id.clone(),
@@ -186,48 +141,11 @@ impl LinkedExecutor for Executor {
         entry.store(true, Ordering::Relaxed);
     }
 
-    fn tasks(&mut self) -> &mut JoinSet<()> {
-        &mut self.tasks
-    }
-
     /// Kills every task and waits (bounded) for all of them to report.
     async fn stop_all(&mut self) {
-        for flag in lock(&self.running).values() {
+        for flag in self.link.lock().values() {
             flag.store(true, Ordering::Relaxed);
         }
-        let drain = async {
-            while let Some(done) = self.tasks.join_next().await {
-                Self::reap(done);
-            }
-        };
-        if tokio::time::timeout(STOP_GRACE, drain).await.is_err() {
-            tracing::warn!(
-                tasks = ?lock(&self.running).keys().collect::<Vec<_>>(),
-                "tasks did not end within {STOP_GRACE:?} of being killed; leaving them"
-            );
-        }
+        self.link.drain(STOP_GRACE, Self::RUNS).await;
     }
-}
-
-/// The status of a task whose runner panicked.
-fn panicked(task_id: &str, panic: &(dyn std::any::Any + Send)) -> ExecutorStatus {
-    let what = panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_default();
-    tracing::error!(task_id, panic = %what, "task runner panicked");
-    ExecutorStatus {
-        task_id: task_id.to_string(),
-        state: TaskState::TaskFailed as i32,
-        reason: Reason::ExecutorTerminated as i32,
-        message: format!("executor failure while running the task: {what}"),
-        ..Default::default()
-    }
-}
-
-/// The map is only touched in short critical sections that cannot panic midway, so
-/// a poisoned lock still holds consistent data.
-fn lock(running: &Running) -> MutexGuard<'_, HashMap<String, Arc<AtomicBool>>> {
-    running.lock().unwrap_or_else(PoisonError::into_inner)
 }

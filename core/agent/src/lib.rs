@@ -20,7 +20,7 @@ use agora_proto::v1::{
     ExecutorLaunch, ExecutorStatus, FunctionInfo, Reason, RunningTask, StatusUpdate, TaskInfo,
     TaskState, TaskStatus,
 };
-use agora_proto::Resources;
+use agora_proto::{Now, Resources};
 
 pub mod checkpoint;
 
@@ -368,6 +368,9 @@ pub struct AgentCore {
     /// Some function host started or stopped serving since the last
     /// `take_function_hosts_changed`.
     function_hosts_changed: bool,
+    /// Wall-clock time of the input being handled, for the stamps of status updates
+    /// (see [`Now`]); never for timeouts, never read between inputs.
+    wall_ms: u64,
 }
 
 impl AgentCore {
@@ -388,6 +391,7 @@ impl AgentCore {
             shutdown_asked: BTreeSet::new(),
             http_address: String::new(),
             function_hosts_changed: false,
+            wall_ms: 0,
         }
     }
 
@@ -401,8 +405,17 @@ impl AgentCore {
     /// - Launched tasks wait for their executor; if it died meanwhile they end FAILED
     ///   (EXECUTOR_TERMINATED) saying so.
     /// - Ended tasks keep their unacknowledged updates, resent as they were.
-    pub fn recover(cfg: AgentCoreConfig, state: CheckpointState, now: u64) -> (Self, Vec<Output>) {
+    pub fn recover(
+        cfg: AgentCoreConfig,
+        state: CheckpointState,
+        now: impl Into<Now>,
+    ) -> (Self, Vec<Output>) {
+        let Now {
+            mono_ms: now,
+            wall_ms,
+        } = now.into();
         let mut core = AgentCore::new(cfg);
+        core.wall_ms = wall_ms;
         // Hosts still serving after the restart are routed to again.
         core.function_hosts_changed = true;
         core.agent_id = state.agent_id;
@@ -635,7 +648,14 @@ impl AgentCore {
         std::mem::take(&mut self.function_hosts_changed)
     }
 
-    pub fn handle(&mut self, input: Input, now: u64) -> Vec<Output> {
+    /// Feeds one input; returns what the shell must do, in order. `now.mono_ms` times
+    /// retries and idle executors; `now.wall_ms` stamps status updates.
+    pub fn handle(&mut self, input: Input, now: impl Into<Now>) -> Vec<Output> {
+        let Now {
+            mono_ms: now,
+            wall_ms,
+        } = now.into();
+        self.wall_ms = wall_ms;
         match input {
             Input::Registered { agent_id } => {
                 if let Some(old) = &self.agent_id {
@@ -800,7 +820,7 @@ impl AgentCore {
             state: TaskState::TaskStaging as i32,
             agent_id,
             executor_id: exec_id.clone(),
-            timestamp_ms: now,
+            timestamp_ms: self.wall_ms,
             ..Default::default()
         };
         self.tasks.insert(
@@ -1315,7 +1335,7 @@ impl AgentCore {
                 reason: Reason::Reconciliation as i32,
                 message: "the agent has no such task".into(),
                 agent_id: self.agent_id.clone().unwrap_or_default(),
-                timestamp_ms: now,
+                timestamp_ms: self.wall_ms,
                 ..Default::default()
             };
             self.out.push(Output::ToMaster(AgentToMaster {
@@ -1398,7 +1418,7 @@ impl AgentCore {
         st.task_id = key.1.clone();
         st.agent_id = self.agent_id.clone().unwrap_or_default();
         st.executor_id = t.executor.1.clone();
-        st.timestamp_ms = now;
+        st.timestamp_ms = self.wall_ms;
         // Only RUNNING hosts are routed to: entering or leaving it changes the routes.
         let (was, is) = (t.state, st.state());
         if t.info.function.is_some()

@@ -123,12 +123,12 @@ impl MasterCore {
                         self.allocator.recover(fid, &o.agent_id, &o.resources, None);
                     }
                 }
-                self.refuse_accept(conn, fid, &all_tasks, &p, now);
+                self.refuse_accept(conn, fid, &all_tasks, &p);
                 return;
             }
         }
         let Some((agent_id, role)) = first else {
-            self.refuse_accept(conn, fid, &all_tasks, "no offers named", now);
+            self.refuse_accept(conn, fid, &all_tasks, "no offers named");
             return;
         };
         let mut pool = Resources::new();
@@ -149,10 +149,10 @@ impl MasterCore {
             match op {
                 Op::Launch(tasks) => {
                     for t in tasks {
-                        self.launch_one(&mut cx, t, now);
+                        self.launch_one(&mut cx, t);
                     }
                 }
-                Op::Group(g) => self.launch_group(&mut cx, g, now),
+                Op::Group(g) => self.launch_group(&mut cx, g),
                 Op::Reserve(r) => {
                     if let Err(e) = self.reserve_op(&mut cx, &r) {
                         self.error(conn, format!("accept: RESERVE refused: {e}"));
@@ -200,7 +200,7 @@ impl MasterCore {
     }
 
     /// An invalid task of an accept: an ERROR naming it, and TASK_ERROR for it.
-    fn task_refused(&mut self, cx: &AcceptCtx, task_id: &str, problem: &str, now: u64) {
+    fn task_refused(&mut self, cx: &AcceptCtx, task_id: &str, problem: &str) {
         self.error(cx.conn, format!("accept: task {task_id}: {problem}"));
         let st = status(
             task_id,
@@ -208,24 +208,24 @@ impl MasterCore {
             TaskState::TaskError,
             Reason::InvalidTask,
             problem,
-            now,
+            self.wall_ms,
         );
         self.send_update(&cx.fid, st);
     }
 
-    fn launch_one(&mut self, cx: &mut AcceptCtx, mut t: TaskInfo, now: u64) {
+    fn launch_one(&mut self, cx: &mut AcceptCtx, mut t: TaskInfo) {
         match self.check_launch(cx, &t) {
             Ok(res) => {
                 t.agent_id = cx.agent_id.clone();
                 cx.pool.sub(&res);
-                self.place_task(cx, t, res, now);
+                self.place_task(cx, t, res);
             }
-            Err(e) => self.task_refused(cx, &t.task_id.clone(), &e, now),
+            Err(e) => self.task_refused(cx, &t.task_id.clone(), &e),
         }
     }
 
     /// LAUNCH_GROUP: every task in one executor, all or none.
-    fn launch_group(&mut self, cx: &mut AcceptCtx, g: v1::LaunchGroup, now: u64) {
+    fn launch_group(&mut self, cx: &mut AcceptCtx, g: v1::LaunchGroup) {
         let mut tasks = g.tasks;
         let problem = (|| {
             if tasks.is_empty() {
@@ -274,7 +274,7 @@ impl MasterCore {
         let executor = match problem {
             Ok(e) => e,
             Err(e) => {
-                self.group_refused(cx, &tasks, &e, now);
+                self.group_refused(cx, &tasks, &e);
                 return;
             }
         };
@@ -297,7 +297,7 @@ impl MasterCore {
                 }
                 Err(e) => {
                     let e = format!("task {}: {e}", t.task_id);
-                    self.group_refused(cx, &tasks, &e, now);
+                    self.group_refused(cx, &tasks, &e);
                     return;
                 }
             }
@@ -308,11 +308,11 @@ impl MasterCore {
             if let Some(e) = &executor {
                 t.executor_id = e.clone();
             }
-            self.place_task(cx, t, res, now);
+            self.place_task(cx, t, res);
         }
     }
 
-    fn group_refused(&mut self, cx: &AcceptCtx, tasks: &[TaskInfo], problem: &str, now: u64) {
+    fn group_refused(&mut self, cx: &AcceptCtx, tasks: &[TaskInfo], problem: &str) {
         let ids: Vec<&str> = tasks.iter().map(|t| t.task_id.as_str()).collect();
         self.error(
             cx.conn,
@@ -328,14 +328,14 @@ impl MasterCore {
                 TaskState::TaskError,
                 Reason::InvalidTask,
                 &format!("its task group was refused: {problem}"),
-                now,
+                self.wall_ms,
             );
             self.send_update(&cx.fid, st);
         }
     }
 
     /// Records a launched task and sends it to its agent.
-    fn place_task(&mut self, cx: &AcceptCtx, task: TaskInfo, res: Resources, now: u64) {
+    fn place_task(&mut self, cx: &AcceptCtx, task: TaskInfo, res: Resources) {
         let Some(ac) = cx.agent_conn else {
             // The resources stay in the pool's accounting: give them back.
             cx_recover(self, cx, &res);
@@ -345,7 +345,7 @@ impl MasterCore {
                 TaskState::TaskLost,
                 Reason::AgentDisconnected,
                 "the agent disconnected before the task could be sent",
-                now,
+                self.wall_ms,
             );
             self.send_update(&cx.fid, st);
             return;
@@ -357,7 +357,7 @@ impl MasterCore {
             TaskState::TaskStaging,
             Reason::Unspecified,
             "",
-            now,
+            self.wall_ms,
         );
         self.tasks.insert(
             key.clone(),

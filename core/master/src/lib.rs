@@ -12,6 +12,7 @@ use agora_proto::v1::{
     KillTask, MasterToAgent, Offer, Pong, Reason, SchedulerHello, StatusUpdateAck, Subscribed,
     TaskInfo, TaskState, TaskStatus, TaskSummary,
 };
+pub use agora_proto::Now;
 use agora_proto::{is_sha256_hex, Resources};
 
 use crate::registry::{FrameworkEntry, Registry, RegistryOp};
@@ -95,9 +96,16 @@ pub enum Input {
     SchedulerClosed {
         conn: ConnId,
     },
-    /// An operator asks to kill a task by id.
-    OperatorKill {
-        task_id: String,
+    /// An operator's request (`agora kill`, `agora role weight set`, `agora quota
+    /// set`); answered by one [`Output::OperatorDone`] with the same `request`.
+    Operator {
+        request: u64,
+        op: OperatorOp,
+    },
+    /// A restarted master's registry, from the previous run: the first input of a new
+    /// core (see `recover`).
+    Recover {
+        registry: Registry,
     },
     /// The artifact store now holds this sha256.
     ArtifactStored {
@@ -107,12 +115,37 @@ pub enum Input {
     Tick,
 }
 
+/// What an operator may change.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OperatorOp {
+    /// Kill by task id alone (refused when two frameworks use the id).
+    Kill { task_id: String },
+    /// A role's weight for DRF; 1 is the default.
+    SetWeight { role: String, weight: f64 },
+    /// A role's quota; both empty remove it.
+    SetQuota {
+        role: String,
+        guarantee: Resources,
+        limit: Resources,
+    },
+}
+
+/// Why an operator's request was refused, said so that the operator can act on it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
     ToAgent(ConnId, MasterToAgent),
     ToScheduler(ConnId, Event),
     CloseAgent(ConnId, String),
     CloseScheduler(ConnId, String),
+    /// The answer to `Input::Operator { request, .. }`, after the outputs it caused.
+    OperatorDone {
+        request: u64,
+        result: Result<(), Refused>,
+    },
 }
 
 #[derive(Debug)]
@@ -187,8 +220,9 @@ pub struct MasterCore {
     artifacts: HashSet<String>,
     allocator: Allocator,
     out: Vec<Output>,
-    /// Time of the latest input, for queries between inputs (explanations).
-    last_now: u64,
+    /// Wall-clock time of the input being handled, for stamps (see [`Now`]); never
+    /// for timeouts, never read between inputs.
+    wall_ms: u64,
     /// Mirror of the durable registry (see `registry.rs`).
     registry: Registry,
     /// Registry changes not yet taken by the shell (`take_registry_ops`).
@@ -241,17 +275,12 @@ impl MasterCore {
             artifacts: HashSet::new(),
             allocator,
             out: Vec::new(),
-            last_now: 0,
+            wall_ms: 0,
             registry: Registry::default(),
             registry_ops: Vec::new(),
             recovery: None,
             heartbeats: BTreeMap::new(),
         }
-    }
-
-    /// Outputs produced by direct calls such as `operator_kill`.
-    pub fn drain_outputs(&mut self) -> Vec<Output> {
-        std::mem::take(&mut self.out)
     }
 
     pub fn config(&self) -> &CoreConfig {
@@ -264,21 +293,41 @@ impl MasterCore {
         id
     }
 
-    /// Feeds one input; returns what the shell must do, in order.
-    pub fn handle(&mut self, input: Input, now: u64) -> Vec<Output> {
-        self.last_now = now;
+    /// Feeds one input; returns what the shell must do, in order. This is the only
+    /// way the core's state changes.
+    pub fn handle(&mut self, input: Input, now: impl Into<Now>) -> Vec<Output> {
+        let Now {
+            mono_ms: now,
+            wall_ms,
+        } = now.into();
+        self.wall_ms = wall_ms;
         match input {
             Input::AgentHello { conn, hello } => self.agent_hello(conn, hello, now),
             Input::AgentMessage { conn, msg } => self.agent_message(conn, msg, now),
             Input::AgentClosed { conn } => self.agent_closed(conn, now),
-            Input::SchedulerHello { conn, hello } => self.scheduler_hello(conn, hello),
+            Input::SchedulerHello { conn, hello } => self.scheduler_hello(conn, hello, now),
             Input::SchedulerCall { conn, call } => self.scheduler_call(conn, call, now),
             Input::SchedulerClosed { conn } => self.scheduler_closed(conn, now),
-            Input::OperatorKill { task_id } => {
-                if let Err(e) = self.operator_kill(&task_id) {
-                    tracing::info!("operator kill refused: {e}");
+            Input::Operator { request, op } => {
+                let result = match op {
+                    OperatorOp::Kill { task_id } => self.operator_kill(&task_id),
+                    OperatorOp::SetWeight { role, weight } => self.set_weight(&role, weight),
+                    OperatorOp::SetQuota {
+                        role,
+                        guarantee,
+                        limit,
+                    } => self.set_quota(&role, &guarantee, &limit),
+                };
+                if let Err(e) = &result {
+                    tracing::info!("operator request refused: {e}");
                 }
+                // After what it caused (a kill), before what allocation then does.
+                self.out.push(Output::OperatorDone {
+                    request,
+                    result: result.map_err(Refused),
+                });
             }
+            Input::Recover { registry } => self.recover(registry, now),
             Input::ArtifactStored { sha256 } => {
                 self.artifacts.insert(sha256);
             }
@@ -430,7 +479,6 @@ impl MasterCore {
                     TaskState::TaskLost,
                     Reason::AgentRemoved,
                     "the agent re-registered without this task",
-                    now,
                 );
             }
             task_keys.extend(relaunch.iter().cloned());
@@ -514,7 +562,7 @@ impl MasterCore {
                 TaskState::TaskLost,
                 Reason::AgentRemoved,
                 "the agent came back without this task",
-                now,
+                self.wall_ms,
             );
             let (fid, st) = (rec.framework_id.clone(), rec.status.clone());
             self.push_completed(rec);
@@ -526,7 +574,7 @@ impl MasterCore {
                 st.uuid.clear(); // from the master: nothing to acknowledge
                 st.reason = Reason::AgentReregistered as i32;
                 st.message = format!("agent {agent_id} re-registered; the task kept running");
-                st.timestamp_ms = now;
+                st.timestamp_ms = self.wall_ms;
                 self.send_update(&key.0, st);
             }
         }
@@ -635,14 +683,14 @@ impl MasterCore {
                     msg: Some(master_to_agent::Msg::Pong(Pong { seq: p.seq })),
                 },
             )),
-            Some(Msg::StatusUpdate(u)) => self.status_update(conn, &agent_id, u, now),
+            Some(Msg::StatusUpdate(u)) => self.status_update(conn, &agent_id, u),
             Some(Msg::ExecutorMessage(m)) => self.executor_message(&agent_id, m),
             Some(Msg::ExecutorExited(x)) => self.executor_exited(&agent_id, x),
             None => {}
         }
     }
 
-    fn status_update(&mut self, conn: ConnId, agent_id: &str, u: v1::StatusUpdate, now: u64) {
+    fn status_update(&mut self, conn: ConnId, agent_id: &str, u: v1::StatusUpdate) {
         let Some(mut st) = u.status else { return };
         st.agent_id = agent_id.to_string();
         let key = (u.framework_id.clone(), st.task_id.clone());
@@ -682,7 +730,7 @@ impl MasterCore {
             // An update for a task we already saw end (a retry) changes nothing.
             if !rec.status().is_terminal() {
                 rec.status = st.clone();
-                rec.status.timestamp_ms = now.max(st.timestamp_ms);
+                rec.status.timestamp_ms = self.wall_ms.max(st.timestamp_ms);
             }
         }
         if new_state.is_terminal() {
@@ -751,12 +799,18 @@ impl MasterCore {
         state: TaskState,
         reason: Reason,
         msg: &str,
-        now: u64,
     ) {
         let Some(rec) = self.tasks.get_mut(key) else {
             return;
         };
-        rec.status = status(&key.1, &rec.agent_id.clone(), state, reason, msg, now);
+        rec.status = status(
+            &key.1,
+            &rec.agent_id.clone(),
+            state,
+            reason,
+            msg,
+            self.wall_ms,
+        );
         let st = rec.status.clone();
         self.finish_task(key);
         self.send_update(&key.0, st);
@@ -816,7 +870,7 @@ impl MasterCore {
         }
     }
 
-    fn remove_agent(&mut self, agent_id: &str, why: &str, now: u64) {
+    fn remove_agent(&mut self, agent_id: &str, why: &str) {
         self.remove_agent_offers(agent_id);
         let Some(a) = self.agents.remove(agent_id) else {
             return;
@@ -842,20 +896,14 @@ impl MasterCore {
                         TaskState::TaskUnreachable,
                         Reason::AgentUnreachable,
                         why,
-                        now,
+                        self.wall_ms,
                     );
                     let st = rec.status.clone();
                     self.unreachable.insert(key.clone(), rec);
                     self.send_update(&key.0, st);
                 }
             } else {
-                self.master_terminal(
-                    &key,
-                    TaskState::TaskLost,
-                    Reason::AgentUnreachable,
-                    why,
-                    now,
-                );
+                self.master_terminal(&key, TaskState::TaskLost, Reason::AgentUnreachable, why);
                 self.told_lost(&key);
             }
         }
@@ -893,7 +941,7 @@ impl MasterCore {
 
     // ---- frameworks -----------------------------------------------------------
 
-    fn scheduler_hello(&mut self, conn: ConnId, hello: SchedulerHello) {
+    fn scheduler_hello(&mut self, conn: ConnId, hello: SchedulerHello, now: u64) {
         let info = hello.framework.unwrap_or_default();
         // A framework may hold several roles; each offer carries one of them.
         let mut roles: Vec<String> = info.roles.iter().map(|r| r.trim().to_string()).collect();
@@ -1008,7 +1056,7 @@ impl MasterCore {
             }
         }
         tracing::info!(framework = %id, "framework subscribed");
-        self.heartbeats.insert(id.clone(), self.last_now);
+        self.heartbeats.insert(id.clone(), now);
         self.out.push(Output::ToScheduler(
             conn,
             Event {
@@ -1111,7 +1159,7 @@ impl MasterCore {
                     ));
                 }
             }
-            Some(call::Call::Reconcile(r)) => self.reconcile(conn, &fid, r.task_ids, now),
+            Some(call::Call::Reconcile(r)) => self.reconcile(conn, &fid, r.task_ids),
             Some(call::Call::Revive(r)) => self.revive_or_suppress(conn, &fid, &r.role, false),
             Some(call::Call::Suppress(r)) => self.revive_or_suppress(conn, &fid, &r.role, true),
             Some(call::Call::Shutdown(s)) => self.shutdown_executor(conn, &fid, s),
@@ -1137,14 +1185,7 @@ impl MasterCore {
 
     /// An accept that cannot be carried out: an error, and every launch in it dropped
     /// so the framework does not wait for them.
-    fn refuse_accept(
-        &mut self,
-        conn: ConnId,
-        fid: &str,
-        launch: &[TaskInfo],
-        problem: &str,
-        now: u64,
-    ) {
+    fn refuse_accept(&mut self, conn: ConnId, fid: &str, launch: &[TaskInfo], problem: &str) {
         self.error(conn, format!("accept: {problem}"));
         for t in launch {
             let st = status(
@@ -1153,7 +1194,7 @@ impl MasterCore {
                 TaskState::TaskDropped,
                 Reason::InvalidTask,
                 &format!("launch refused: {problem}"),
-                now,
+                self.wall_ms,
             );
             // Remembered like any ended task, so reconciliation answers DROPPED.
             let key = (fid.to_string(), t.task_id.clone());
@@ -1273,7 +1314,7 @@ impl MasterCore {
 
     /// Kill by task id alone, for operators. Task ids are unique per framework, so an id
     /// used by two frameworks is refused as ambiguous.
-    pub fn operator_kill(&mut self, task_id: &str) -> Result<(), String> {
+    fn operator_kill(&mut self, task_id: &str) -> Result<(), String> {
         let keys: Vec<_> = self
             .tasks
             .keys()
@@ -1302,7 +1343,7 @@ impl MasterCore {
                 .any(|t| t.framework_id == fid && t.info.task_id == id)
     }
 
-    pub(crate) fn reconcile(&mut self, conn: ConnId, fid: &str, ids: Vec<String>, now: u64) {
+    pub(crate) fn reconcile(&mut self, conn: ConnId, fid: &str, ids: Vec<String>) {
         let statuses: Vec<TaskStatus> = if ids.is_empty() {
             self.tasks
                 .values()
@@ -1343,7 +1384,7 @@ impl MasterCore {
                             state,
                             Reason::Reconciliation,
                             "the master knows no such task",
-                            now,
+                            self.wall_ms,
                         )
                     }
                 })
@@ -1408,7 +1449,7 @@ impl MasterCore {
         self.unreachable.retain(|(f, _), _| f != fid);
         self.persist(RegistryOp::RemoveFramework {
             framework_id: fid.to_string(),
-            removed_ms: self.last_now,
+            removed_ms: self.wall_ms,
         });
         while self.registry.removed_frameworks.len() > self.cfg.completed_framework_limit {
             let oldest = self
@@ -1443,7 +1484,7 @@ impl MasterCore {
                     timeout / 1000
                 )
             };
-            self.remove_agent(&id, &why, now);
+            self.remove_agent(&id, &why);
             self.agent_failure(&id, &why);
         }
         let expired: Vec<String> = self
@@ -1549,7 +1590,9 @@ impl MasterCore {
         out
     }
 
-    pub fn list_tasks(&self, all: bool) -> Vec<TaskSummary> {
+    /// The tasks (`all`: finished ones too), as of `now` (monotonic, for how long
+    /// filters still hold).
+    pub fn list_tasks(&self, all: bool, now: u64) -> Vec<TaskSummary> {
         let summary = |t: &TaskRecord, fw_name: &str| TaskSummary {
             task_id: t.info.task_id.clone(),
             name: t.info.name.clone(),
@@ -1581,7 +1624,7 @@ impl MasterCore {
                     framework_name: f.name.clone(),
                     state: TaskState::Unspecified as i32,
                     resources: p.resources.clone(),
-                    waiting_for: self.explain_pending(fid, p),
+                    waiting_for: self.explain_pending(fid, p, now),
                     ..Default::default()
                 });
             }
@@ -1612,7 +1655,7 @@ impl MasterCore {
     }
 
     /// Why a task waits, with data: what it asks and the most any agent has.
-    pub fn explain_pending(&self, fid: &str, p: &v1::PendingTask) -> String {
+    pub fn explain_pending(&self, fid: &str, p: &v1::PendingTask, now: u64) -> String {
         let Ok(ask) = Resources::from_proto(&p.resources) else {
             return "its resources are malformed".into();
         };
@@ -1690,11 +1733,8 @@ impl MasterCore {
             .framework_roles(fid)
             .and_then(|r| r.into_iter().next())
             .unwrap_or_else(|| "*".into());
-        let why = self
-            .allocator
-            .explain_request(fid, &role, &ask, self.last_now);
+        let why = self.allocator.explain_request(fid, &role, &ask, now);
         if !why.causes.is_empty() {
-            let now = self.last_now;
             return why
                 .causes
                 .iter()

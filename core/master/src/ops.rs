@@ -73,7 +73,7 @@ impl MasterCore {
     }
 
     /// `agora role weight set ROLE W`.
-    pub fn set_weight(&mut self, role: &str, weight: f64) -> Result<(), String> {
+    pub(super) fn set_weight(&mut self, role: &str, weight: f64) -> Result<(), String> {
         let role = role.trim();
         self.allocator
             .set_weight(role, weight)
@@ -86,7 +86,7 @@ impl MasterCore {
     }
 
     /// `agora quota set ROLE --guarantee .. --limit ..`; both empty remove the quota.
-    pub fn set_quota(
+    pub(super) fn set_quota(
         &mut self,
         role: &str,
         guarantee: &Resources,
@@ -174,7 +174,7 @@ impl MasterCore {
     }
 
     /// One cause as an operator should read it (times relative to now).
-    pub(super) fn render_cause(&self, c: &WaitCause) -> String {
+    pub(super) fn render_cause(&self, c: &WaitCause, now: u64) -> String {
         match c {
             WaitCause::Filtered {
                 framework_id,
@@ -185,13 +185,13 @@ impl MasterCore {
             } => format!(
                 "framework {framework_id} declined {agents} of {of_agents} agents that could serve it, \
                  for {:.1} s more (REVIVE clears this)",
-                until_ms.saturating_sub(self.last_now) as f64 / 1000.0
+                until_ms.saturating_sub(now) as f64 / 1000.0
             ),
             other => other.to_string(),
         }
     }
 
-    fn render_explanation(&self, w: &WaitExplanation, lines: &mut Vec<String>) {
+    fn render_explanation(&self, w: &WaitExplanation, lines: &mut Vec<String>, now: u64) {
         lines.push(format!(
             "  agents eligible: {} of {} registered",
             w.eligible_agents,
@@ -229,13 +229,14 @@ impl MasterCore {
         } else {
             lines.push("  held back by:".into());
             for c in &w.causes {
-                lines.push(format!("  - {}", self.render_cause(c)));
+                lines.push(format!("  - {}", self.render_cause(c, now)));
             }
         }
     }
 
     /// `agora explain ROLE|TASK`: the whole answer, one fact per line.
-    pub fn explain(&self, target: &str) -> Result<String, String> {
+    /// `agora explain TARGET` (a task or a role), as of `now` (monotonic).
+    pub fn explain(&self, target: &str, now: u64) -> Result<String, String> {
         let target = target.trim();
         if target.is_empty() {
             return Err("name a task id or a role to explain".into());
@@ -250,13 +251,11 @@ impl MasterCore {
                     if p.name.is_empty() { "unnamed" } else { &p.name },
                     f.name
                 ));
-                lines.push(format!("  why: {}", self.explain_pending(fid, p)));
+                lines.push(format!("  why: {}", self.explain_pending(fid, p, now)));
                 for role in self.allocator.framework_roles(fid).unwrap_or_default() {
                     lines.push(format!("in role {role}:"));
-                    let w = self
-                        .allocator
-                        .explain_request(fid, &role, &ask, self.last_now);
-                    self.render_explanation(&w, &mut lines);
+                    let w = self.allocator.explain_request(fid, &role, &ask, now);
+                    self.render_explanation(&w, &mut lines, now);
                 }
                 return Ok(lines.join("\n"));
             }
@@ -323,8 +322,8 @@ impl MasterCore {
         } else {
             lines.push(format!("  frameworks: {}", summary.frameworks.join(", ")));
         }
-        let w = self.allocator.explain_role(target, self.last_now);
-        self.render_explanation(&w, &mut lines);
+        let w = self.allocator.explain_role(target, now);
+        self.render_explanation(&w, &mut lines, now);
         if let Some(r) = &self.recovery {
             lines.push(format!(
                 "  the master restarted and holds offers until {} more agent(s) re-register",
@@ -337,8 +336,7 @@ impl MasterCore {
     /// Starts a new core from the registry of a previous run of this master: weights,
     /// quotas, frameworks (disconnected, their failover timeouts counting from now),
     /// and the agents it waits for before making offers (at most `reregister_ms`).
-    pub fn recover(&mut self, reg: Registry, now: u64) {
-        self.last_now = now;
+    pub(super) fn recover(&mut self, reg: Registry, now: u64) {
         for (role, w) in &reg.weights {
             if let Err(e) = self.allocator.set_weight(role, *w) {
                 tracing::warn!("registry: weight of {role} not restored: {e}");
@@ -439,7 +437,7 @@ impl MasterCore {
         }
         for (fid, ids) in by_fw {
             if let Some(conn) = self.frameworks.get(&fid).and_then(|f| f.conn) {
-                self.reconcile(conn, &fid, ids, now);
+                self.reconcile(conn, &fid, ids);
             }
         }
         false
@@ -465,7 +463,7 @@ impl MasterCore {
             self.persist(RegistryOp::TellLost {
                 framework_id: key.0.clone(),
                 task_id: key.1.clone(),
-                at_ms: self.last_now,
+                at_ms: self.wall_ms,
             });
         }
     }

@@ -6,7 +6,7 @@
 //! output that introduces them and then used to build the exact expected messages.
 
 use agora_allocator::{Allocation, Allocator};
-use agora_master_core::{ConnId, CoreConfig, Input, MasterCore, Output};
+use agora_master_core::{ConnId, CoreConfig, Input, MasterCore, OperatorOp, Output};
 use agora_proto::v1::{
     self, agent_to_master, call, event, master_to_agent, AgentHello, AgentToMaster, Attribute,
     Call, Event, FrameworkInfo, MasterToAgent, Offer, Reason, RunningTask, SchedulerHello,
@@ -697,7 +697,7 @@ fn accept_launches_the_task_and_the_rest_is_reoffered_after_the_refuse_filter() 
     assert_eq!(outs, vec![run_task(AG1, &fid, &t1, &a1)]);
     // The task holds its share; the unused rest is back in the pool, but filtered.
     assert_eq!(m.allocated(&a1), Resources::cpus_mem(500, GIB));
-    let listed = m.core.list_tasks(false);
+    let listed = m.core.list_tasks(false, m.now);
     assert_eq!(listed.len(), 1);
     let s = summary(&listed, "t1");
     assert_eq!(
@@ -862,7 +862,7 @@ fn accept_naming_an_unknown_or_used_offer_is_an_error_and_drops_its_tasks() {
     // reconciliation tell the same story as the updates did.
     let listed: Vec<(String, TaskState)> = m
         .core
-        .list_tasks(true)
+        .list_tasks(true, m.now)
         .into_iter()
         .map(|t| (t.task_id.clone(), t.state()))
         .collect();
@@ -1057,7 +1057,7 @@ fn task_bigger_than_the_offer_is_task_error_naming_both_amounts() {
         &["asks for cpus:64;mem:1GiB", "hold only cpus:2;mem:4GiB"],
     );
     // Nothing was launched; the whole offer went back, filtered for 5 s.
-    assert!(m.core.list_tasks(true).is_empty());
+    assert!(m.core.list_tasks(true, m.now).is_empty());
     assert_eq!(m.allocated(&a1), Resources::new());
     assert_eq!(m.tick(5_099), vec![]);
     let outs = m.tick(5_100);
@@ -1140,7 +1140,7 @@ fn duplicate_task_id_of_a_live_task_is_task_error_until_it_ends() {
     );
     // The first t1 is unaffected...
     assert_eq!(
-        summary(&m.core.list_tasks(false), "t1").state(),
+        summary(&m.core.list_tasks(false, m.now), "t1").state(),
         TaskState::TaskStaging
     );
     // ...and once it ended, its id may be used again.
@@ -1256,7 +1256,7 @@ fn status_updates_are_relayed_acknowledged_and_a_terminal_one_frees_resources() 
     let run = agent_status("t1", TaskState::TaskRunning, "u-1", 1_100);
     let outs = m.at(1_200).agent_update(AG1, &fid, run.clone());
     assert_eq!(outs, vec![update(FW1, relayed(run, &a1))]);
-    let s = m.core.list_tasks(false);
+    let s = m.core.list_tasks(false, m.now);
     assert_eq!(
         (summary(&s, "t1").state(), summary(&s, "t1").updated_ms),
         (TaskState::TaskRunning, 1_200)
@@ -1301,7 +1301,7 @@ fn status_updates_are_relayed_acknowledged_and_a_terminal_one_frees_resources() 
         m.call(FW1, acknowledge(&a1, "t1", "u-2")),
         vec![ack_to_agent(AG1, &fid, "t1", "u-2")]
     );
-    let all = m.core.list_tasks(true);
+    let all = m.core.list_tasks(true, m.now);
     assert_eq!(all.len(), 1);
     assert_eq!(
         (all[0].state(), all[0].exit_code),
@@ -1461,26 +1461,19 @@ fn operator_kills_by_task_id() {
         vec![run_task(AG1, &fid, &t1, &a1)]
     );
 
-    // Direct call (the operator API): the outputs are drained afterwards.
-    assert_eq!(m.core.operator_kill("t1"), Ok(()));
-    assert_eq!(m.core.drain_outputs(), vec![kill_task(AG1, &fid, "t1")]);
-    // The same as an input.
-    assert_eq!(
-        m.feed(Input::OperatorKill {
-            task_id: "t1".into()
-        }),
-        vec![kill_task(AG1, &fid, "t1")]
-    );
+    // The operator's request is an input like any other; its answer follows the
+    // outputs it caused.
+    let (r, outs) = operate(&mut m, "t1");
+    assert_eq!(r, Ok(()));
+    assert_eq!(outs, vec![kill_task(AG1, &fid, "t1")]);
+    // Asked again while the kill is under way: sent again.
+    let (r, outs) = operate(&mut m, "t1");
+    assert_eq!(r, Ok(()));
+    assert_eq!(outs, vec![kill_task(AG1, &fid, "t1")]);
 
-    let e = m.core.operator_kill("ghost").unwrap_err();
-    assert_mentions(&e, &["no live task with id ghost"]);
-    assert_eq!(m.core.drain_outputs(), vec![]);
-    assert_eq!(
-        m.feed(Input::OperatorKill {
-            task_id: "ghost".into()
-        }),
-        vec![]
-    );
+    let (r, outs) = operate(&mut m, "ghost");
+    assert_mentions(&r.unwrap_err(), &["no live task with id ghost"]);
+    assert_eq!(outs, vec![]);
 
     // Another framework uses the same task id: the operator must not guess.
     let (f2, outs) = m.subscribe_new(FW2, framework("other"));
@@ -1490,9 +1483,29 @@ fn operator_kills_by_task_id() {
         m.call(FW2, accept(&[&o2], vec![t1b.clone()])),
         vec![run_task(AG1, &f2, &t1b, &a1)]
     );
-    let e = m.core.operator_kill("t1").unwrap_err();
-    assert_eq!(e, "task id t1 is used by 2 frameworks; cannot tell which");
-    assert_eq!(m.core.drain_outputs(), vec![]);
+    let (r, outs) = operate(&mut m, "t1");
+    assert_eq!(
+        r.unwrap_err(),
+        "task id t1 is used by 2 frameworks; cannot tell which"
+    );
+    assert_eq!(outs, vec![]);
+}
+
+/// `agora kill TASK` as the master's shell feeds it: the answer, and the other outputs.
+fn operate(m: &mut Master, task_id: &str) -> (Result<(), String>, Vec<Output>) {
+    let outs = m.feed(Input::Operator {
+        request: 7,
+        op: OperatorOp::Kill {
+            task_id: task_id.into(),
+        },
+    });
+    let (done, rest): (Vec<_>, Vec<_>) = outs
+        .into_iter()
+        .partition(|o| matches!(o, Output::OperatorDone { .. }));
+    match done.as_slice() {
+        [Output::OperatorDone { request: 7, result }] => (result.clone().map_err(|e| e.0), rest),
+        other => panic!("expected one answer to request 7, got {other:?}"),
+    }
 }
 
 #[test]
@@ -1595,7 +1608,7 @@ fn agent_disconnect_rescinds_offers_and_after_the_timeout_its_tasks_are_lost() {
     // A disconnected agent gets no offers, and its tasks are kept for 15 s.
     assert_eq!(m.tick(20_000), vec![]);
     assert_eq!(m.tick(25_000), vec![]);
-    assert_eq!(m.core.list_tasks(false).len(), 2);
+    assert_eq!(m.core.list_tasks(false, m.now).len(), 2);
     // Past the timeout the agent is removed and its tasks are LOST (AGENT_REMOVED).
     let why = format!("agent {a1} stayed disconnected for more than 15 s");
     let outs = m.tick(25_001);
@@ -1628,8 +1641,8 @@ fn agent_disconnect_rescinds_offers_and_after_the_timeout_its_tasks_are_lost() {
         ]
     );
     assert!(m.core.agents().is_empty());
-    assert!(m.core.list_tasks(false).is_empty());
-    assert_eq!(m.core.list_tasks(true).len(), 2);
+    assert!(m.core.list_tasks(false, m.now).is_empty());
+    assert_eq!(m.core.list_tasks(true, m.now).len(), 2);
     assert_eq!(m.tick(40_000), vec![], "removed once");
     // Reconciliation tells the same story.
     let outs = m.call(FW1, reconcile(&["t1"]));
@@ -1724,7 +1737,7 @@ fn agent_reregistering_before_the_timeout_keeps_its_tasks() {
     // Past the 15 s the old disconnect would have allowed: nothing is lost.
     assert_eq!(m.tick(17_001), vec![]);
     assert_eq!(m.tick(24_000), vec![]);
-    let s = m.core.list_tasks(false);
+    let s = m.core.list_tasks(false, m.now);
     assert_eq!(
         (s.len(), s[0].state(), s[0].agent_id.as_str()),
         (1, TaskState::TaskRunning, a1.as_str())
@@ -1838,7 +1851,7 @@ fn a_launch_the_agent_never_recorded_is_sent_again_when_it_re_registers() {
         ]
     );
     assert_eq!(m.allocated(&a1), Resources::cpus_mem(2000, 4 * GIB));
-    assert_eq!(m.core.list_tasks(false).len(), 1);
+    assert_eq!(m.core.list_tasks(false, m.now).len(), 1);
 }
 
 #[test]
@@ -1890,7 +1903,7 @@ fn agent_returning_after_removal_does_not_bring_lost_tasks_back() {
     );
     assert_eq!(outs, vec![registered(AG2, &a1), kill_task(AG2, &fid, "t1")]);
     assert_eq!(m.allocated(&a1), Resources::cpus_mem(2000, 4 * GIB));
-    assert!(m.core.list_tasks(false).is_empty(), "t1 stays ended");
+    assert!(m.core.list_tasks(false, m.now).is_empty(), "t1 stays ended");
     assert_eq!(
         m.call(FW1, reconcile(&["t1"])),
         vec![update(
@@ -2142,7 +2155,7 @@ fn framework_resubscribing_within_its_failover_timeout_keeps_its_tasks() {
     assert_eq!(m.tick(12_001), vec![], "no teardown");
     assert_eq!(m.tick(17_000), vec![]);
     // Its pending list survived.
-    let listed = m.core.list_tasks(false);
+    let listed = m.core.list_tasks(false, m.now);
     assert_eq!(
         listed
             .iter()
@@ -2355,7 +2368,7 @@ fn pending_tasks_are_listed_with_why_they_wait() {
         ("p-fits", 500, GIB),
     ];
     assert_eq!(m.call(FW1, pending(&asks)), vec![]);
-    let listed = m.core.list_tasks(false);
+    let listed = m.core.list_tasks(false, m.now);
     assert_eq!(listed.len(), asks.len());
     for (s, (id, c, mem)) in listed.iter().zip(asks.iter()) {
         assert_eq!(
@@ -2387,7 +2400,7 @@ fn pending_tasks_are_listed_with_why_they_wait() {
         vec![run_task(AG1, &fid, &p, &a1)]
     );
 
-    let listed = m.core.list_tasks(false);
+    let listed = m.core.list_tasks(false, m.now);
     let ids: Vec<&str> = listed.iter().map(|t| t.task_id.as_str()).collect();
     assert_eq!(
         ids,
@@ -2426,7 +2439,7 @@ fn pending_tasks_are_listed_with_why_they_wait() {
     assert_eq!(summary(&listed, "p-launch").state(), TaskState::TaskStaging);
 
     assert_eq!(m.scheduler_closed(FW1), vec![]);
-    let listed = m.core.list_tasks(false);
+    let listed = m.core.list_tasks(false, m.now);
     assert_eq!(
         summary(&listed, "p-fits").waiting_for,
         "its framework is disconnected"
@@ -2439,7 +2452,7 @@ fn pending_tasks_are_listed_with_why_they_wait() {
         resources: Resources::cpus_mem(64_000, GIB).to_proto(),
     };
     assert_eq!(
-        m.core.explain_pending(&fid, &p),
+        m.core.explain_pending(&fid, &p, m.now),
         "cpus: asks 64, no agent has that much (the largest has 2)"
     );
 }
@@ -2466,12 +2479,12 @@ fn list_tasks_all_includes_finished_tasks() {
         m.at(2_000).agent_update(AG1, &fid, failed.clone()),
         vec![update(FW1, relayed(failed, &a1))]
     );
-    let live = m.core.list_tasks(false);
+    let live = m.core.list_tasks(false, m.now);
     assert_eq!(
         live.iter().map(|t| t.task_id.as_str()).collect::<Vec<_>>(),
         vec!["t2"]
     );
-    let all = m.core.list_tasks(true);
+    let all = m.core.list_tasks(true, m.now);
     assert_eq!(
         all.iter().map(|t| t.task_id.as_str()).collect::<Vec<_>>(),
         vec!["t2", "t1"]
@@ -3149,6 +3162,12 @@ impl Sim {
                         f.disconnected_at = Some(self.m.now);
                     }
                 }
+                Output::OperatorDone { request, .. } => {
+                    panic!(
+                        "{}: answer to operator request {request} nobody made",
+                        self.ctx
+                    )
+                }
             }
         }
     }
@@ -3175,7 +3194,7 @@ impl Sim {
     }
 
     fn check(&self) {
-        let live = self.m.core.list_tasks(false);
+        let live = self.m.core.list_tasks(false, self.m.now);
         for summary in self.m.core.agents() {
             let total = Resources::from_proto(&summary.total).unwrap();
             let allocated = Resources::from_proto(&summary.allocated).unwrap();
@@ -3919,7 +3938,7 @@ fn launch_group_is_all_or_none_in_one_executor() {
     );
     assert_eq!(update_to(&outs[1], FW1).state(), TaskState::TaskError);
     assert_eq!(update_to(&outs[2], FW1).task_id, "g2");
-    assert!(m.core.list_tasks(false).is_empty());
+    assert!(m.core.list_tasks(false, m.now).is_empty());
     // A group naming two executors, or two agents, is refused.
     let outs = m.tick(5_000);
     let o2 = offer_ids(&outs)[0].clone();
@@ -4203,7 +4222,7 @@ fn update_framework_changes_roles_and_rescinds_offers_of_roles_left() {
             )]
         )
     );
-    assert_eq!(m.core.list_tasks(false).len(), 0);
+    assert_eq!(m.core.list_tasks(false, m.now).len(), 0);
     // Another framework's id, or a bad role, is refused by name.
     let mut other = framework("z");
     other.framework_id = "m-F9999".into();

@@ -548,6 +548,10 @@ impl World {
                 let d = self.rng.range(0, 500);
                 self.sever(c, Some(0), d);
             }
+            // The simulation sends no operator requests.
+            master::Output::OperatorDone { request, .. } => {
+                panic!("answer to operator request {request} nobody made")
+            }
         }
     }
 
@@ -1645,7 +1649,12 @@ impl World {
         }
         self.master_inc += 1;
         let mut core = MasterCore::new(master_cfg(self.master_inc));
-        core.recover(self.registry.clone(), self.now);
+        core.handle(
+            master::Input::Recover {
+                registry: self.registry.clone(),
+            },
+            self.now,
+        );
         self.master = core;
         self.offers.clear();
         Some("restart master")
@@ -1700,7 +1709,7 @@ impl World {
         // Resources are never double-allocated: per agent, what its executors really
         // run plus what is out in offers, and what the master believes runs there
         // plus what is out in offers, each fit in the agent.
-        let live = self.master.list_tasks(false);
+        let live = self.master.list_tasks(false, self.now);
         let mut problems = Vec::new();
         for (ai, m) in self.machines.iter().enumerate() {
             if m.agent_id.is_empty() {
@@ -1776,7 +1785,7 @@ impl World {
     /// After the settling: every launched task is over, or still running on a live
     /// agent, and the framework and the master agree on its state.
     fn final_check(&mut self) {
-        let all = self.master.list_tasks(true);
+        let all = self.master.list_tasks(true, self.now);
         let registered: BTreeSet<String> = self
             .master
             .agents()

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The architecture rules of ARCHITECTURE.md that the compiler cannot see by itself:
+# the pure crates depend on nothing that does I/O and read no clock, and the master
+# and the agent do not link the WebAssembly runtime. Run by scripts/test.sh.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+fail=0
+# Crates that must never do I/O: no async runtime, socket, disk or clock.
+pure=(agora-proto agora-allocator agora-master-core agora-agent-core)
+forbidden='^(tokio|quinn|quinn-proto|rustls|redb|hyper|hyper-util|axum|mio|socket2|wasmtime|cgroups-rs|libc) v'
+for c in "${pure[@]}"; do
+    bad=$(cargo tree -q -p "$c" -e normal --prefix none | grep -E "$forbidden" | sort -u || true)
+    if [ -n "$bad" ]; then
+        echo "layout: $c must stay pure, but depends on:" >&2
+        echo "$bad" | sed 's/^/  /' >&2
+        fail=1
+    fi
+done
+# Nor may their sources reach the disk, the network or a clock through std.
+for d in proto/src core/allocator/src core/master/src core/agent/src; do
+    bad=$(grep -rnE 'std::(fs|net|process|thread)\b|Instant::now|SystemTime::now|std::env::var' "$d" || true)
+    if [ -n "$bad" ]; then
+        echo "layout: $d is pure (time comes in as a parameter), but:" >&2
+        echo "$bad" | sed 's/^/  /' >&2
+        fail=1
+    fi
+done
+# The master and the agent route functions; they never run them.
+for c in ${NO_WASMTIME:-}; do
+    if cargo tree -q -p "$c" -e normal -i wasmtime >/dev/null 2>&1; then
+        echo "layout: $c links wasmtime:" >&2
+        cargo tree -q -p "$c" -e normal -i wasmtime | head -20 | sed 's/^/  /' >&2
+        fail=1
+    fi
+done
+if [ "$fail" = 0 ]; then
+    echo "layout: pure crates (${pure[*]}) depend on no I/O crate and read no clock"
+fi
+exit "$fail"
