@@ -7,6 +7,7 @@ pub mod frame;
 pub mod resources;
 pub mod tls;
 pub mod transfer;
+pub mod units;
 
 /// Types generated from `proto/agora.proto`.
 pub mod v1 {
