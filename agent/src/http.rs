@@ -31,6 +31,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 
+use agora_proto::units::{format_bytes, format_duration};
 use agora_proto::v1::FunctionInfo;
 
 use crate::tenants::{self, GateCounts, Refusal, TenantGate};
@@ -259,8 +260,8 @@ impl HostLink {
                     StatusCode::BAD_GATEWAY,
                     if too_big {
                         format!(
-                            "the host's response is larger than the agent's limit of {} MiB",
-                            MAX_RESPONSE_BODY >> 20
+                            "the host's response is larger than the agent's limit of {}",
+                            format_bytes(MAX_RESPONSE_BODY as u64)
                         )
                     } else {
                         format!("the host's response was cut off: {e}")
@@ -332,9 +333,9 @@ impl HostLink {
         Upstream::Failed(
             StatusCode::GATEWAY_TIMEOUT,
             format!(
-                "the host of task {} did not answer within {} s",
+                "the host of task {} did not answer within {}",
                 self.key.1,
-                UPSTREAM_TIMEOUT.as_secs()
+                format_duration(UPSTREAM_TIMEOUT)
             ),
         )
     }
@@ -426,8 +427,8 @@ async fn proxy(State(app): State<App>, request: Request) -> Response<Body> {
         plain(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
-                "function {name}: request body larger than the agent's limit of {} MiB\n",
-                MAX_REQUEST_BODY >> 20
+                "function {name}: request body larger than the agent's limit of {}\n",
+                format_bytes(MAX_REQUEST_BODY as u64)
             ),
         )
     };

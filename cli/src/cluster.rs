@@ -13,6 +13,7 @@ use agora_master::functions::FunctionsConfig;
 use agora_master::server::{MasterConfig, MasterHandle};
 use agora_master_core::CoreConfig;
 use agora_net::tls::{self, CertDir, Identity, Role};
+use agora_proto::units::parse_duration_ms;
 use agora_proto::v1::Attribute;
 use agora_proto::Resources;
 use agora_sdk::ClientConfig;
@@ -42,10 +43,10 @@ pub struct DevArgs {
     /// The agent's attributes, e.g. "zone:a;rack:1".
     #[arg(long, default_value = "")]
     attributes: String,
-    /// Seconds an offer may stay unanswered before the master rescinds it and gives
-    /// its resources to others (0: never).
-    #[arg(long, default_value_t = DEFAULT_OFFER_TIMEOUT_SECS)]
-    offer_timeout: f64,
+    /// How long an offer may stay unanswered before the master rescinds it and gives
+    /// its resources to others, e.g. 30s or 2m; a bare number is seconds (0: never).
+    #[arg(long, default_value = DEFAULT_OFFER_TIMEOUT)]
+    offer_timeout: String,
     #[command(flatten)]
     isolation: IsolationArgs,
     /// Address of the master's HTTP server for functions (/fn/NAME/...).
@@ -66,8 +67,7 @@ pub struct FunctionsArgs {
 
 impl FunctionsArgs {
     fn dev(&self, http: SocketAddr) -> anyhow::Result<DevFunctions> {
-        let idle =
-            crate::run::parse_duration_ms(&self.fn_idle_timeout).context("--fn-idle-timeout")?;
+        let idle = parse_duration_ms(&self.fn_idle_timeout).context("--fn-idle-timeout")?;
         if idle == 0 {
             anyhow::bail!("--fn-idle-timeout must be above 0");
         }
@@ -108,15 +108,14 @@ pub const DEFAULT_MASTER_HTTP_PORT: u16 = 7070;
 /// Offers unanswered this long are rescinded. Mesos has no timeout by default, so a
 /// stuck framework can sit on resources forever; 30 s is long enough for any
 /// framework that is alive to answer.
-pub const DEFAULT_OFFER_TIMEOUT_SECS: f64 = 30.0;
+pub const DEFAULT_OFFER_TIMEOUT: &str = "30s";
 
-fn offer_timeout_ms(secs: f64) -> anyhow::Result<u64> {
-    if !(secs.is_finite() && (0.0..=86_400.0).contains(&secs)) {
-        anyhow::bail!(
-            "--offer-timeout {secs} is not a number of seconds between 0 (never) and 86400"
-        );
+fn offer_timeout_ms(s: &str) -> anyhow::Result<u64> {
+    let ms = parse_duration_ms(s).context("--offer-timeout")?;
+    if ms > 86_400_000 {
+        anyhow::bail!("--offer-timeout {s} is more than a day (24h); 0 means never");
     }
-    Ok((secs * 1000.0) as u64)
+    Ok(ms)
 }
 
 #[derive(Args)]
@@ -135,9 +134,10 @@ pub struct MasterArgs {
     /// notices a dead machine quickly yet rides out a few lost packets or a GC pause.
     #[arg(long, default_value_t = 15)]
     agent_timeout: u64,
-    /// Seconds an offer may stay unanswered before it is rescinded (0: never).
-    #[arg(long, default_value_t = DEFAULT_OFFER_TIMEOUT_SECS)]
-    offer_timeout: f64,
+    /// How long an offer may stay unanswered before it is rescinded, e.g. 30s or 2m;
+    /// a bare number is seconds (0: never).
+    #[arg(long, default_value = DEFAULT_OFFER_TIMEOUT)]
+    offer_timeout: String,
     /// After a restart, seconds to wait for the agents in the registry to
     /// re-register before making offers without them (so nothing is offered twice).
     #[arg(long, default_value_t = 20)]
@@ -549,7 +549,7 @@ impl PrivateCluster {
             detect_resources(),
             Vec::new(),
             IsolationSettings::default(),
-            (DEFAULT_OFFER_TIMEOUT_SECS * 1000.0) as u64,
+            offer_timeout_ms(DEFAULT_OFFER_TIMEOUT)?,
             DevFunctions {
                 http: "127.0.0.1:0".parse().expect("literal"),
                 idle_timeout: Duration::from_secs(60),
@@ -578,7 +578,7 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
         res,
         attrs,
         a.isolation.settings(),
-        offer_timeout_ms(a.offer_timeout)?,
+        offer_timeout_ms(&a.offer_timeout)?,
         a.functions.dev(a.master_http)?,
     )
     .await?;
@@ -637,7 +637,7 @@ pub async fn master(a: MasterArgs) -> anyhow::Result<ExitCode> {
         &a.data_dir,
         Identity::from_cert_dir(&cd, Role::Master)?,
         a.agent_timeout * 1000,
-        offer_timeout_ms(a.offer_timeout)?,
+        offer_timeout_ms(&a.offer_timeout)?,
         a.agent_reregister_timeout * 1000,
         functions,
         MasterLimits {

@@ -4,12 +4,13 @@
 //! get 429 or 503 with `Retry-After`.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
+use agora_proto::units::{format_duration, parse_duration_ms};
 use agora_proto::v1::{self, operator_request, TenantLimit};
 use clap::Subcommand;
 
 use crate::fns::{config, operator};
-use crate::run::parse_duration_ms;
 use crate::Target;
 
 #[derive(Subcommand)]
@@ -145,8 +146,11 @@ fn print(limits: &[TenantLimit]) {
     );
     for l in limits {
         println!(
-            "{:<20} {:>16} {:>8} {:>9}ms",
-            l.role, l.max_concurrency, l.queue_len, l.max_queue_wait_ms
+            "{:<20} {:>16} {:>8} {:>11}",
+            l.role,
+            l.max_concurrency,
+            l.queue_len,
+            format_duration(Duration::from_millis(l.max_queue_wait_ms))
         );
     }
 }

@@ -10,7 +10,8 @@ use std::time::Duration;
 use agora_functions::MetricsSnapshot;
 use agora_net::tls::{self, Identity};
 use agora_net::{read_frame, write_frame};
-use agora_proto::resources::{format_bytes, parse_size};
+use agora_proto::resources::format_bytes;
+use agora_proto::units::{format_duration, parse_duration_ms, parse_size};
 use agora_proto::v1::{
     self, operator_request, stream_open, FunctionDeploy, FunctionInfo, FunctionSummary,
     OperatorRequest, OperatorResponse, StreamOpen, TaskState, WasmModule,
@@ -21,7 +22,6 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use tokio::io::AsyncWriteExt;
 
-use crate::run::parse_duration_ms;
 use crate::Target;
 
 #[derive(Subcommand)]
@@ -217,11 +217,9 @@ async fn deploy(a: DeployArgs) -> anyhow::Result<ExitCode> {
         host.add_scalar("cpus", "", m);
     }
     if let Some(m) = &a.host_mem {
-        host.add_scalar(
-            "mem",
-            "",
-            parse_size(m).with_context(|| format!("--host-mem {m}"))?,
-        );
+        let bytes = parse_size(m).with_context(|| format!("--host-mem {m}"))?;
+        let bytes = i64::try_from(bytes).with_context(|| format!("--host-mem {m} is too large"))?;
+        host.add_scalar("mem", "", bytes);
     }
     if host.is_empty() {
         // The framework's default.
@@ -245,7 +243,7 @@ async fn deploy(a: DeployArgs) -> anyhow::Result<ExitCode> {
         role: a.role.clone(),
         function: Some(FunctionInfo {
             name: a.name.clone(),
-            memory_bytes: memory as u64,
+            memory_bytes: memory,
             max_concurrency: a.max_concurrency,
             queue_len: a.queue,
             max_queue_wait_ms: queue_wait_ms,
@@ -284,9 +282,7 @@ async fn list(cfg: &ClientConfig) -> anyhow::Result<Vec<FunctionSummary>> {
 fn us(v: Option<u64>) -> String {
     match v {
         None => "-".into(),
-        Some(us) if us < 1_000 => format!("≤{us}µs"),
-        Some(us) if us < 1_000_000 => format!("≤{}ms", us / 1_000),
-        Some(us) => format!("≤{}s", us / 1_000_000),
+        Some(us) => format!("≤{}", format_duration(Duration::from_micros(us))),
     }
 }
 

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use agora_proto::resources::{parse_cpus, parse_size};
+use agora_proto::resources::parse_cpus;
+use agora_proto::units::{parse_duration_ms, parse_size};
 use agora_proto::v1::{CommandInfo, InputFile, PendingTask, Reason, WasmModule};
 use agora_proto::Resources;
 use agora_sdk::{
@@ -74,25 +75,6 @@ pub struct RunArgs {
     /// Arguments for the guest (after `--`).
     #[arg(last = true)]
     args: Vec<String>,
-}
-
-pub fn parse_duration_ms(s: &str) -> anyhow::Result<u64> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num.parse().map_err(|_| {
-        anyhow::anyhow!("duration `{s}` is not understood; use e.g. 30s, 500ms, 2m")
-    })?;
-    let mult = match unit {
-        "ms" => 1.0,
-        "" | "s" => 1000.0,
-        "m" => 60_000.0,
-        "h" => 3_600_000.0,
-        _ => anyhow::bail!("duration `{s}` has an unknown unit `{unit}`; use ms, s, m or h"),
-    };
-    Ok((n * mult).round() as u64)
 }
 
 /// Files to place in the sandbox: (local path, sandbox-relative dest), plus empty dirs.
@@ -171,6 +153,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         )
     })?;
     let mem = parse_size(&a.mem).map_err(|e| anyhow::anyhow!("--mem: {e}"))?;
+    let mem = i64::try_from(mem).map_err(|_| anyhow::anyhow!("--mem {} is too large", a.mem))?;
     if mem <= 0 {
         anyhow::bail!("--mem must be above zero");
     }

@@ -9,10 +9,11 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use agora_proto::units::format_duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::outcome::{ErrorClass, Failure};
-use crate::units::{fmt_duration, retry_after_secs};
+use crate::units::retry_after_secs;
 
 /// The slots a running request holds; dropping it frees them.
 pub(crate) struct Permits {
@@ -170,7 +171,7 @@ impl Admission {
                     class: ErrorClass::QueueTimeout,
                     message: format!(
                         "waited {} in the queue and {what}; try again later",
-                        fmt_duration(self.max_wait)
+                        format_duration(self.max_wait)
                     ),
                     retry_after,
                 })

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use agora_executor_link::{
     self as executor_link, recovery_timeout_from_env, LinkedExecutor, Outbox, Tasks, FLUSH_GRACE,
 };
+use agora_proto::units::format_bytes;
 use agora_proto::v1::{
     ExecutorLaunch, ExecutorRegister, ExecutorStatus, FunctionInfo, Reason, TaskState,
 };
@@ -39,7 +40,6 @@ use crate::function::{GuestOutput, RequestLog, GUEST_OUTPUT_LIMIT};
 use crate::outbound::OutboundAllowList;
 use crate::outcome::Failure;
 use crate::spec::{FunctionSpec, ModuleSource, MAX_NAME_LEN};
-use crate::units::fmt_bytes;
 use crate::{router, FunctionHost, FunctionRegistry, HostConfig, HttpConfig};
 
 /// The Unix socket a host serves HTTP on, in its task's sandbox (beside `stdout`).
@@ -470,7 +470,7 @@ impl RequestLog for LogFile {
                 entry.extend_from_slice(
                     format!(
                         "[output truncated at {}]\n",
-                        fmt_bytes(GUEST_OUTPUT_LIMIT as u64)
+                        format_bytes(GUEST_OUTPUT_LIMIT as u64)
                     )
                     .as_bytes(),
                 );

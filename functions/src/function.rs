@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use agora_proto::units::KIB;
 use axum::http::Response;
 use bytes::{Bytes, BytesMut};
 use wasmtime::InstancePre;
@@ -25,7 +26,6 @@ use crate::outbound::OutboundAllowList;
 use crate::outcome::{self, ErrorClass, Failure};
 use crate::request::FunctionRequest;
 use crate::spec::{FunctionSpec, GuestKind};
-use crate::units::KIB;
 
 /// After the deadline, how long a CGI request waits for its guest to be stopped by
 /// the epoch before it is answered anyway (a guest blocked in a host call, e.g. a

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
+use agora_proto::units::{GIB, MIB};
 use tokio::sync::Semaphore;
 use wasmtime::component::Component;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, Module, PoolingAllocationConfig};
@@ -18,7 +19,6 @@ use crate::error::{error_text, FunctionError};
 use crate::function::{Function, Guest};
 use crate::guest::{cgi_module, http_component};
 use crate::spec::{check_name, FunctionSpec, GuestKind, ModuleSource};
-use crate::units::{GIB, MIB};
 
 /// How often the epoch advances: the granularity of deadlines.
 pub use agora_wasm_executor::runner::{EpochTicker, EPOCH_TICK};

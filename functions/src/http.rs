@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use agora_proto::units::{format_bytes, MIB};
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::header::{self, HeaderValue};
@@ -17,7 +18,6 @@ use bytes::Bytes;
 
 use crate::registry::FunctionRegistry;
 use crate::request::FunctionRequest;
-use crate::units::{fmt_bytes, MIB};
 
 /// Settings of the router.
 #[derive(Clone, Debug)]
@@ -102,7 +102,7 @@ async fn invoke(State(state): State<AppState>, request: Request) -> Response<Bod
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
                 "function {name}: request body larger than the limit of {}\n",
-                fmt_bytes(limit)
+                format_bytes(limit)
             ),
         )
     };

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use agora_proto::units::{format_bytes, format_duration};
 use axum::http::header::{self, HeaderValue};
 use axum::http::{Response, StatusCode};
 use bytes::Bytes;
@@ -10,7 +11,6 @@ use serde::{Deserialize, Serialize};
 use wasmtime::Trap;
 
 use crate::error::error_text;
-use crate::units::{fmt_bytes, fmt_duration};
 
 /// Why a request failed, for the per-function error counters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -147,7 +147,7 @@ pub(crate) fn classify(end: &GuestEnd<'_>) -> Failure {
     if let Some(limit) = end.memory_denied {
         return Failure::new(
             ErrorClass::Memory,
-            format!("memory limit of {} reached", fmt_bytes(limit)),
+            format!("memory limit of {} reached", format_bytes(limit)),
         );
     }
     if let Some(limit) = end.output_full {
@@ -179,7 +179,7 @@ pub(crate) fn classify(end: &GuestEnd<'_>) -> Failure {
 pub(crate) fn deadline(timeout: Duration) -> Failure {
     Failure::new(
         ErrorClass::Deadline,
-        format!("deadline of {} exceeded", fmt_duration(timeout)),
+        format!("deadline of {} exceeded", format_duration(timeout)),
     )
 }
 
@@ -188,7 +188,7 @@ pub(crate) fn output_limit(limit: u64) -> Failure {
         ErrorClass::OutputLimit,
         format!(
             "response larger than the output limit of {}",
-            fmt_bytes(limit)
+            format_bytes(limit)
         ),
     )
 }

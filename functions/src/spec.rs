@@ -3,12 +3,12 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use agora_proto::units::{format_bytes, format_duration, MIB};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::error::FunctionError;
 use crate::outbound::OutboundAllowList;
-use crate::units::{fmt_bytes, MIB};
 
 /// Longest accepted name of a function or a tenant.
 pub const MAX_NAME_LEN: usize = 64;
@@ -105,8 +105,8 @@ impl FunctionSpec {
                 format!(
                     "memory limit of {} is more than this host allows per instance ({}); \
                      ask for less or raise HostConfig::max_memory_per_instance",
-                    fmt_bytes(self.memory_limit),
-                    fmt_bytes(max_memory)
+                    format_bytes(self.memory_limit),
+                    format_bytes(max_memory)
                 ),
             ));
         }
@@ -114,9 +114,9 @@ impl FunctionSpec {
             return Err(FunctionError::spec(
                 &self.name,
                 format!(
-                    "timeout must be above 0 and at most {} minutes, got {:?}",
-                    MAX_TIMEOUT.as_secs() / 60,
-                    self.timeout
+                    "timeout must be above 0 and at most {}, got {}",
+                    format_duration(MAX_TIMEOUT),
+                    format_duration(self.timeout)
                 ),
             ));
         }
@@ -130,8 +130,8 @@ impl FunctionSpec {
             return Err(FunctionError::spec(
                 &self.name,
                 format!(
-                    "max_queue_wait must be at most {} minutes",
-                    MAX_TIMEOUT.as_secs() / 60
+                    "max_queue_wait must be at most {}",
+                    format_duration(MAX_TIMEOUT)
                 ),
             ));
         }

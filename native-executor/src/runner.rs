@@ -14,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use agora_proto::units::{format_bytes, format_duration};
 use agora_proto::v1::{ExecutorLaunch, ExecutorStatus, Reason, ResourceUsage, TaskState};
 
 use crate::isolation::{
@@ -666,7 +667,10 @@ pub(crate) fn classify(ending: &Ending) -> Verdict {
         Some(Stop::Deadline) => {
             return failed(
                 Reason::DeadlineExceeded,
-                with_notes(format!("deadline of {} exceeded", fmt_ms(r.timeout_ms))),
+                with_notes(format!(
+                    "deadline of {} exceeded",
+                    format_duration(Duration::from_millis(r.timeout_ms))
+                )),
                 None,
             )
         }
@@ -675,7 +679,7 @@ pub(crate) fn classify(ending: &Ending) -> Verdict {
     if r.oom_killed {
         let message = format!(
             "memory limit of {} reached (out-of-memory kill)",
-            fmt_bytes(r.limits.mem_bytes)
+            format_bytes(r.limits.mem_bytes)
         );
         return failed(Reason::MemoryLimit, with_notes(message), code);
     }
@@ -732,37 +736,10 @@ fn signal_name(sig: i32) -> &'static str {
         .unwrap_or("unknown signal")
 }
 
-const KIB: u64 = 1024;
-const MIB: u64 = 1024 * KIB;
-const GIB: u64 = 1024 * MIB;
-
-/// `128MiB`, `1GiB`, `1500 bytes` (as the wasm executor writes sizes).
-fn fmt_bytes(n: u64) -> String {
-    match n {
-        0 => "0 bytes".to_string(),
-        n if n % GIB == 0 => format!("{}GiB", n / GIB),
-        n if n % MIB == 0 => format!("{}MiB", n / MIB),
-        n if n % KIB == 0 => format!("{}KiB", n / KIB),
-        n => format!("{n} bytes"),
-    }
-}
-
-/// `300ms`, `2s`, `1.5s`, `2min`.
-fn fmt_ms(ms: u64) -> String {
-    match ms {
-        ms if ms < 1000 => format!("{ms}ms"),
-        ms if ms % 60_000 == 0 => format!("{}min", ms / 60_000),
-        ms if ms % 1000 == 0 => format!("{}s", ms / 1000),
-        ms => {
-            let s = format!("{}.{:03}", ms / 1000, ms % 1000);
-            format!("{}s", s.trim_end_matches('0'))
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use agora_proto::units::MIB;
 
     fn ran(exit: Exit) -> Ran {
         Ran {

@@ -578,16 +578,8 @@ async fn wait_handshake_confirmed(conn: &quinn::Connection) -> Result<(), Connec
 fn no_answer(addr: SocketAddr, timeout: Duration) -> anyhow::Error {
     anyhow!(
         "no answer from the master at {addr} within {}: is it running? check --master / AGORA_MASTER",
-        human_duration(timeout)
+        agora_proto::units::format_duration(timeout)
     )
-}
-
-fn human_duration(d: Duration) -> String {
-    if d.subsec_millis() == 0 {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{}ms", d.as_millis())
-    }
 }
 
 /// TLS alert codes (RFC 8446 section 6) that mean "your certificate is not acceptable".

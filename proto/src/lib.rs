@@ -5,6 +5,7 @@
 
 pub mod resources;
 pub mod time;
+pub mod units;
 
 /// Types generated from `proto/agora.proto`.
 pub mod v1 {

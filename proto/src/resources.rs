@@ -27,8 +27,6 @@ pub enum ResourceParseError {
     Value { name: String, value: String },
     #[error("resource `{0}` has a malformed role; write name(role):value, e.g. cpus(tenant-a):2")]
     Role(String),
-    #[error("size `{0}` is not understood; use a number with an optional unit: 512MiB, 2GiB, 64MB, 1048576")]
-    Size(String),
 }
 
 impl Resources {
@@ -232,7 +230,10 @@ impl Resources {
                             .checked_mul(MIB)
                             .ok_or_else(bad)?
                     } else {
-                        parse_size(value).map_err(|_| bad())?
+                        crate::units::parse_size(value)
+                            .ok()
+                            .and_then(|b| i64::try_from(b).ok())
+                            .ok_or_else(bad)?
                     }
                 }
                 _ => value
@@ -271,46 +272,14 @@ pub fn parse_cpus(s: &str) -> Option<i64> {
     whole.checked_mul(1000)?.checked_add(milli)
 }
 
-/// Parses a byte size: `64MiB`, `2GiB`, `512MB`, `1k`, or a bare number of bytes.
-pub fn parse_size(s: &str) -> Result<i64, ResourceParseError> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kb" => 1e3,
-        "kib" => 1024.0,
-        "m" | "mb" => 1e6,
-        "mib" => 1024.0 * 1024.0,
-        "g" | "gb" => 1e9,
-        "gib" => 1024.0 * 1024.0 * 1024.0,
-        _ => return Err(ResourceParseError::Size(s.into())),
-    };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| ResourceParseError::Size(s.into()))?;
-    let v = n * mult;
-    if !(0.0..9.0e18).contains(&v) {
-        return Err(ResourceParseError::Size(s.into()));
-    }
-    Ok(v.round() as i64)
-}
-
-/// Human form of a byte count: 64MiB, 1.5GiB, 512B.
+/// A memory amount in [`crate::units::format_bytes`]'s form (`64MiB`, `1536KiB`).
 pub fn format_bytes(b: i64) -> String {
-    const UNITS: [(&str, i64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
-    for (u, m) in UNITS {
-        if b >= m {
-            return if b % m == 0 {
-                format!("{}{u}", b / m)
-            } else {
-                format!("{:.1}{u}", b as f64 / m as f64)
-            };
-        }
+    let s = crate::units::format_bytes(b.unsigned_abs());
+    if b < 0 {
+        format!("-{s}")
+    } else {
+        s
     }
-    format!("{b}B")
 }
 
 /// Human form of milli-cpus: 2, 0.5, 0.125.
@@ -427,11 +396,13 @@ mod tests {
 
     #[test]
     fn sizes() {
-        assert_eq!(parse_size("64MiB").unwrap(), 64 * MIB);
-        assert_eq!(parse_size("1.5GiB").unwrap(), 3 << 29);
-        assert_eq!(parse_size("1000").unwrap(), 1000);
-        assert_eq!(parse_size("2MB").unwrap(), 2_000_000);
-        assert!(parse_size("12 parsecs").is_err());
+        let mem = |s: &str| Resources::parse(&format!("mem:{s}")).map(|r| r.mem_bytes());
+        assert_eq!(mem("64MiB"), Ok(64 * MIB));
+        assert_eq!(mem("1.5GiB"), Ok(3 << 29));
+        assert_eq!(mem("1000B"), Ok(1000));
+        assert_eq!(mem("2MB"), Ok(2_000_000));
+        assert!(mem("12 parsecs").is_err());
+        assert!(mem("9000000TiB").is_err(), "above i64::MAX");
         assert_eq!(format_bytes(64 * MIB), "64MiB");
         assert_eq!(format_cpus(100), "0.1");
     }

@@ -256,8 +256,8 @@ async fn drive(
                     if Instant::now() >= give_up {
                         let _ = events
                             .send(Event::Error(format!(
-                                "could not reach the master again within the failover timeout ({:.0} s): {m}",
-                                failover.as_secs_f64()
+                                "could not reach the master again within the failover timeout ({}): {m}",
+                                agora_proto::units::format_duration(failover)
                             )))
                             .await;
                         return;

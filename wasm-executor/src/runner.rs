@@ -17,6 +17,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
+use agora_proto::units::{format_bytes, format_duration, GIB, KIB, MIB};
 use agora_proto::v1::{ExecutorLaunch, ExecutorStatus, Reason, TaskState};
 use sha2::Digest;
 use wasmtime::{
@@ -41,10 +42,6 @@ const ARGV0: &str = "main.wasm";
 const POOL_INSTANCES: u32 = 128;
 /// Largest linear memory (the whole 32-bit space).
 const MAX_MEMORY: u64 = 4 * GIB;
-
-const KIB: u64 = 1024;
-const MIB: u64 = 1024 * KIB;
-const GIB: u64 = 1024 * MIB;
 
 /// Runs tasks; one per executor process, shared between task threads via `Arc`.
 pub struct Runner {
@@ -549,7 +546,10 @@ fn classify(ending: &Ending) -> Verdict {
             }
         }
         Some(Interrupt::Deadline) => {
-            let message = format!("deadline of {} exceeded", fmt_ms(g.timeout_ms));
+            let message = format!(
+                "deadline of {} exceeded",
+                format_duration(Duration::from_millis(g.timeout_ms))
+            );
             return failed(Reason::DeadlineExceeded, message);
         }
         None => {}
@@ -576,7 +576,7 @@ fn classify(ending: &Ending) -> Verdict {
             (Phase::Instantiate, Some(declared)) if declared > denied.limit => {
                 initial_memory_message(declared, denied.limit)
             }
-            _ => format!("memory limit of {} reached", fmt_bytes(denied.limit)),
+            _ => format!("memory limit of {} reached", format_bytes(denied.limit)),
         };
         return failed(Reason::MemoryLimit, message);
     }
@@ -782,8 +782,8 @@ fn declared_initial_memory(module: &Module) -> Option<u64> {
 fn initial_memory_message(declared: u64, limit: u64) -> String {
     format!(
         "module declares {} of initial memory, more than the task's mem of {}",
-        fmt_bytes(declared),
-        fmt_bytes(limit)
+        format_bytes(declared),
+        format_bytes(limit)
     )
 }
 
@@ -802,30 +802,6 @@ fn error_text(e: &wasmtime::Error) -> String {
         }
     }
     parts.join(": ")
-}
-
-/// `64MiB`, `4GiB`, `1536KiB`, `1000 bytes`.
-fn fmt_bytes(n: u64) -> String {
-    match n {
-        0 => "0 bytes".to_string(),
-        n if n % GIB == 0 => format!("{}GiB", n / GIB),
-        n if n % MIB == 0 => format!("{}MiB", n / MIB),
-        n if n % KIB == 0 => format!("{}KiB", n / KIB),
-        n => format!("{n} bytes"),
-    }
-}
-
-/// `300ms`, `2s`, `1.5s`, `2min`.
-fn fmt_ms(ms: u64) -> String {
-    match ms {
-        ms if ms < 1000 => format!("{ms}ms"),
-        ms if ms % 60_000 == 0 => format!("{}min", ms / 60_000),
-        ms if ms % 1000 == 0 => format!("{}s", ms / 1000),
-        ms => {
-            let s = format!("{}.{:03}", ms / 1000, ms % 1000);
-            format!("{}s", s.trim_end_matches('0'))
-        }
-    }
 }
 
 /// Hex digest of the engine's compatibility hash (the `Hash` is fed into sha256, which
@@ -894,19 +870,6 @@ const _: () = {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn formats_sizes_and_durations() {
-        assert_eq!(fmt_bytes(64 * MIB), "64MiB");
-        assert_eq!(fmt_bytes(4 * GIB), "4GiB");
-        assert_eq!(fmt_bytes(1536 * KIB), "1536KiB");
-        assert_eq!(fmt_bytes(1000), "1000 bytes");
-        assert_eq!(fmt_ms(300), "300ms");
-        assert_eq!(fmt_ms(2000), "2s");
-        assert_eq!(fmt_ms(1500), "1.5s");
-        assert_eq!(fmt_ms(1234), "1.234s");
-        assert_eq!(fmt_ms(120_000), "2min");
-    }
 
     #[test]
     fn header_checks() {

@@ -13,8 +13,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use agora_proto::resources::MEM;
+use agora_proto::units::format_duration;
 use agora_proto::v1::{
     self, agent_to_executor, agent_to_master, AgentHello, AgentToExecutor, AgentToMaster,
     ExecutorLaunch, ExecutorStatus, FunctionInfo, Reason, RunningTask, StatusUpdate, TaskInfo,
@@ -1242,7 +1244,7 @@ impl AgentCore {
             let msg = format!(
                 "executor {} did not re-register within {} after the agent restarted",
                 key.1,
-                fmt_ms(self.cfg.reregister_timeout_ms)
+                format_duration(Duration::from_millis(self.cfg.reregister_timeout_ms))
             );
             let e = self.executors.get_mut(&key).expect("listed above");
             e.recovering = false;
@@ -1582,15 +1584,6 @@ fn shutdown_msg(key: &ExecutorKey) -> Output {
         msg: AgentToExecutor {
             msg: Some(agent_to_executor::Msg::Shutdown(v1::ExecutorShutdown {})),
         },
-    }
-}
-
-/// `60s`, `1500ms`.
-fn fmt_ms(ms: u64) -> String {
-    if ms % 1000 == 0 {
-        format!("{}s", ms / 1000)
-    } else {
-        format!("{ms}ms")
     }
 }
 

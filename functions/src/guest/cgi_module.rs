@@ -5,6 +5,7 @@
 //! These run with wasmtime's synchronous API, so [`run`] blocks: call it on a blocking
 //! thread, never on a tokio worker.
 
+use agora_proto::units::{format_bytes, KIB};
 use axum::http::Response;
 use bytes::Bytes;
 use wasmtime::{Engine, ExternType, InstancePre, Linker, Module, Store};
@@ -17,7 +18,6 @@ use crate::error::{error_text, FunctionError};
 use crate::function::CapturePipe;
 use crate::limits::{self, HasLimits, LimitState, RequestLimits};
 use crate::outcome::{self, ErrorClass, Failure, GuestEnd};
-use crate::units::{fmt_bytes, KIB};
 
 /// Store data of one CGI request.
 pub(crate) struct CgiCtx {
@@ -76,8 +76,8 @@ pub(crate) fn prepare(
                 name,
                 format!(
                     "module declares {} of initial memory, more than the function's memory limit of {}",
-                    fmt_bytes(declared),
-                    fmt_bytes(memory_limit)
+                    format_bytes(declared),
+                    format_bytes(memory_limit)
                 ),
             ));
         }

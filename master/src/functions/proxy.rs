@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use agora_proto::units::{format_bytes, format_duration};
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::header::{self, HeaderName, HeaderValue};
@@ -207,8 +208,8 @@ async fn forward(State(app): State<App>, request: Request) -> Response<Body> {
         plain(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
-                "function {name}: request body larger than the limit of {} MiB\n",
-                MAX_BODY >> 20
+                "function {name}: request body larger than the limit of {}\n",
+                format_bytes(MAX_BODY as u64)
             ),
         )
     };
@@ -254,8 +255,8 @@ async fn forward(State(app): State<App>, request: Request) -> Response<Body> {
                     StatusCode::SERVICE_UNAVAILABLE,
                     5,
                     format!(
-                        "function {name}: no host became ready within {} s{why}; the cluster may lack free resources (see `agora fn ls`, `agora explain`)\n",
-                        MAX_HOST_WAIT.as_secs()
+                        "function {name}: no host became ready within {}{why}; the cluster may lack free resources (see `agora fn ls`, `agora explain`)\n",
+                        format_duration(MAX_HOST_WAIT)
                     ),
                 );
             }
@@ -346,9 +347,9 @@ async fn forward(State(app): State<App>, request: Request) -> Response<Body> {
                 return plain(
                     StatusCode::GATEWAY_TIMEOUT,
                     format!(
-                        "function {name}: the agent at {} did not answer within {} s\n",
+                        "function {name}: the agent at {} did not answer within {}\n",
                         lease.addr,
-                        limit.as_secs()
+                        format_duration(limit)
                     ),
                 )
             }

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use agora_functions::MetricsSnapshot;
 use agora_net::unix_millis;
+use agora_proto::units::format_duration;
 use agora_proto::v1::{
     self, FunctionDeploy, FunctionInfo, FunctionSummary, TaskState, TenantLimit,
 };
@@ -538,9 +539,9 @@ pub fn normalize(mut d: FunctionDeploy) -> Result<FunctionDeploy, String> {
     }
     if module.timeout_ms > MAX_LIMIT.as_millis() as u64 {
         return Err(bad(format!(
-            "timeout of {} ms is above the limit of {} minutes per request",
-            module.timeout_ms,
-            MAX_LIMIT.as_secs() / 60
+            "timeout of {} is above the limit of {} per request",
+            format_duration(Duration::from_millis(module.timeout_ms)),
+            format_duration(MAX_LIMIT)
         )));
     }
     let role = d.role.trim().to_string();
