@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use agora_functions::MetricsSnapshot;
+use agora_fn_api::MetricsSnapshot;
 use agora_net::unix_millis;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
