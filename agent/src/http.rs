@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
-use agora_functions::MetricsSnapshot;
+use agora_fn_api::MetricsSnapshot;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -138,7 +138,7 @@ impl Routes {
                         .unwrap_or_default(),
                 });
             let link = old_links.get(key).cloned().unwrap_or_else(|| {
-                let socket = agora_functions::executor::socket_path(&sandbox_dir(work_dir, key));
+                let socket = agora_fn_api::socket_path(&sandbox_dir(work_dir, key));
                 Arc::new(HostLink::new(key.clone(), socket))
             });
             route.hosts.push(link);

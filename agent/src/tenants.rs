@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use agora_functions::MetricsSnapshot;
+use agora_fn_api::MetricsSnapshot;
 use agora_proto::v1::TenantLimit;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 

@@ -9,6 +9,8 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub mod fn_load;
+
 use agora_proto::v1::{CommandInfo, ExecutorLaunch, TaskState, WasmModule};
 use agora_proto::Resources;
 use agora_sdk::{Client, ClientConfig, Event, FrameworkInfo, Scheduler, TaskInfo};
@@ -41,6 +43,26 @@ pub enum BenchCmd {
     /// function runtime alone, and a process per request (wasm and native CGI) as
     /// baselines, in one run: req/s, p50 and p99 at each concurrency, and ratios.
     Fn(crate::fn_bench::FnBenchArgs),
+    /// Runs a module precompiled by `agora bench fn`'s wasm-process baseline once
+    /// with this process's environment and stdio, like `wasmtime run`, and exits with
+    /// the guest's code (one process per request of that baseline).
+    #[command(hide = true)]
+    RunOnce {
+        /// The precompiled module.
+        cwasm: std::path::PathBuf,
+    },
+}
+
+/// `agora bench run-once CWASM`, before any async runtime starts (it is the cost of
+/// a bare process per request that the baseline measures).
+pub fn run_once(cwasm: &std::path::Path) -> ExitCode {
+    match fn_load::run_once(cwasm) {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("agora bench run-once: {e:#}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 /// `(module (memory 1) (func (export "_start")))`, encoded by hand.
@@ -64,6 +86,7 @@ fn pct(sorted: &[u64], p: f64) -> u64 {
 pub async fn bench(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
     let (target, n, module, use_config, skip_native) = match cmd {
         BenchCmd::Fn(a) => return crate::fn_bench::bench_fn(a).await,
+        BenchCmd::RunOnce { cwasm } => return Ok(run_once(&cwasm)),
         BenchCmd::Launch {
             target,
             n,

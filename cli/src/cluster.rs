@@ -9,8 +9,8 @@ use std::time::Duration;
 use agora_agent::http::HttpSettings;
 use agora_agent::server::{AgentConfig, AgentHandle, IsolationSettings};
 use agora_agent_core::AgentCoreConfig;
-use agora_master::functions::FunctionsConfig;
-use agora_master::server::{MasterConfig, MasterHandle};
+use agora_fn_gateway::FunctionsConfig;
+use agora_master::server::{FunctionsDoor, MasterConfig};
 use agora_master_core::CoreConfig;
 use agora_net::tls::{self, CertDir, Identity, Role};
 use agora_proto::units::parse_duration_ms;
@@ -374,6 +374,38 @@ fn min_allocatable(spec: &str) -> anyhow::Result<Vec<Resources>> {
         .collect()
 }
 
+/// A master, and the functions gateway (`agora-fn-gateway`) started beside it in
+/// this process: the gateway subscribes to the master as a framework and serves
+/// `--http`; the master hands it `agora fn` requests through [`FunctionsDoor`].
+pub struct MasterHandle {
+    pub addr: SocketAddr,
+    /// Where the gateway's HTTP server listens, when it runs.
+    pub http_addr: Option<SocketAddr>,
+    master: agora_master::server::MasterHandle,
+    gateway: Option<agora_fn_gateway::GatewayHandle>,
+}
+
+impl MasterHandle {
+    pub async fn shutdown(self) {
+        drop(self.gateway);
+        self.master.shutdown().await;
+    }
+}
+
+/// The master's door to the gateway's operator API.
+struct GatewayDoor(std::sync::Arc<agora_fn_gateway::Functions>);
+
+impl FunctionsDoor for GatewayDoor {
+    fn handle(
+        &self,
+        request: agora_proto::v1::operator_request::Request,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = agora_proto::v1::OperatorResponse> + Send + '_>,
+    > {
+        Box::pin(self.0.operator(request))
+    }
+}
+
 async fn start_master(
     listen: SocketAddr,
     data_dir: &Path,
@@ -395,15 +427,39 @@ async fn start_master(
         completed_framework_limit: limits.completed_frameworks,
         ..CoreConfig::default()
     };
-    agora_master::server::start(MasterConfig {
+    let gateway = functions.map(agora_fn_gateway::Gateway::new);
+    let door = gateway.as_ref().map(|g| {
+        std::sync::Arc::new(GatewayDoor(g.functions())) as std::sync::Arc<dyn FunctionsDoor>
+    });
+    let master = agora_master::server::start(MasterConfig {
         bind: listen,
         data_dir: data_dir.to_path_buf(),
         identity: id,
         core,
-        functions,
+        functions: door,
     })
     .await
-    .with_context(|| format!("cannot start the master on {listen}"))
+    .with_context(|| format!("cannot start the master on {listen}"))?;
+    let gateway = match gateway {
+        Some(g) => match g
+            .start(master.addr)
+            .await
+            .with_context(|| format!("cannot start the master on {listen}"))
+        {
+            Ok(h) => Some(h),
+            Err(e) => {
+                master.shutdown().await;
+                return Err(e);
+            }
+        },
+        None => None,
+    };
+    Ok(MasterHandle {
+        addr: master.addr,
+        http_addr: gateway.as_ref().and_then(|g| g.http_addr),
+        master,
+        gateway,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]

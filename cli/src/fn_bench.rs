@@ -2,7 +2,7 @@
 //! runtime alone and two process-per-request baselines, all in the same run.
 //!
 //! Five ways to serve `GET /fn/noop` are loaded by the same load generator
-//! ([`agora_functions::bench::load`]: N keep-alive HTTP/1.1 connections each sending
+//! ([`crate::bench::fn_load::load`]: N keep-alive HTTP/1.1 connections each sending
 //! requests back to back, after a 1 s warm-up), all servers at one concurrency before
 //! the next:
 //! - `runtime`: the functions crate's host and router in this process, the floor for
@@ -12,8 +12,8 @@
 //!   placed;
 //! - `master`: the same cluster's master HTTP server, which forwards to that agent;
 //! - `wasm-process`: the same module in a fresh process per request, as `wasmtime run`
-//!   would run it precompiled (`fn-bench run-once`, so `fn-bench` must sit next to
-//!   this executable, as cargo builds them);
+//!   would run it precompiled (`agora bench run-once`, a hidden subcommand of this
+//!   executable);
 //! - `native-process`: a native CGI process (`printf`) per request.
 //!
 //! It prints req/s, p50 and p99 per server and concurrency, then the ratios of
@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use agora_functions::bench::{self, Baseline};
+use crate::bench::fn_load::{self as bench, Baseline};
 use agora_proto::v1::{operator_request, FunctionDeploy, FunctionInfo, TaskState, WasmModule};
 use agora_sdk::{Client, ClientConfig};
 use anyhow::Context;
@@ -69,21 +69,9 @@ pub struct FnBenchArgs {
     servers: Vec<String>,
 }
 
-/// The executable with `run-once` for the wasm-process baseline: `fn-bench` next to
-/// this one.
+/// The executable with `bench run-once` for the wasm-process baseline: this one.
 fn run_once_helper() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe().context("cannot find this executable")?;
-    let helper = exe.with_file_name(format!("fn-bench{}", std::env::consts::EXE_SUFFIX));
-    if helper.is_file() {
-        return Ok(helper);
-    }
-    anyhow::bail!(
-        "the wasm-process baseline runs `fn-bench run-once` per request, and there is no {}: \
-         build it with `cargo build --release -p agora-functions --bin fn-bench` (the same \
-         profile as this agora), or leave the baseline out with \
-         --servers runtime,agent,master,native-process",
-        helper.display()
-    )
+    std::env::current_exe().context("cannot find this executable (the run-once helper)")
 }
 
 pub async fn bench_fn(a: FnBenchArgs) -> anyhow::Result<ExitCode> {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use agora_functions::MetricsSnapshot;
+use agora_fn_api::MetricsSnapshot;
 use agora_net::tls::{self, Identity};
 use agora_net::{read_frame, write_frame};
 use agora_proto::resources::format_bytes;

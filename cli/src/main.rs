@@ -153,6 +153,12 @@ fn main() -> ExitCode {
         Cmd::Dev(_) | Cmd::Master(_) | Cmd::Agent(_) | Cmd::Executor { .. }
     );
     init_tracing(if servers { "info" } else { "warn" });
+    if let Cmd::Bench {
+        cmd: bench::BenchCmd::RunOnce { cwasm },
+    } = &cli.cmd
+    {
+        return bench::run_once(cwasm);
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -206,13 +212,8 @@ fn main() -> ExitCode {
                         cache_dir,
                     },
             } => {
-                agora_functions::executor::run_executor(
-                    &socket,
-                    &framework_id,
-                    &executor_id,
-                    cache_dir,
-                )
-                .await?;
+                agora_fn_host::run_executor(&socket, &framework_id, &executor_id, cache_dir)
+                    .await?;
                 Ok(ExitCode::SUCCESS)
             }
             Cmd::Executor {

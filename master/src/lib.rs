@@ -7,10 +7,11 @@
 //! - `registry`: the registry's redb file.
 //! - `server`: the QUIC shell that feeds the core and carries out its outputs.
 //! - `artifacts`: the content-addressed store of modules and inputs.
-//! - `functions`: the built-in functions framework and the HTTP front door for
-//!   functions (`/fn/NAME/...`).
+//! - `server` also defines [`server::FunctionsDoor`], through which `agora fn`
+//!   operator requests reach the functions framework when one runs beside this
+//!   master (the cli plugs in `agora-fn-gateway`); the master itself runs no
+//!   functions and links no WebAssembly runtime.
 
 pub mod artifacts;
-pub mod functions;
 pub mod registry;
 pub mod server;

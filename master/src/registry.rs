@@ -15,7 +15,10 @@ pub use agora_master_core::registry::*;
 pub const FILE: &str = "registry.redb";
 
 /// Layout version; a master refuses a registry with a version it does not know.
-const VERSION: u64 = 1;
+/// 2: the functions framework's deployments are its framework state (`state`
+/// entries); version 1 kept them as `function`, `tenant-limit` and
+/// `functions-framework` entries, which opening migrates ([`migrate_v1`]).
+const VERSION: u64 = 2;
 
 /// (kind, key) -> JSON of the entry.
 const ENTRIES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("entries");
@@ -58,18 +61,19 @@ fn entry_of(op: &RegistryOp) -> (&'static str, String, Option<Vec<u8>>) {
             agent_id.clone(),
             (!resources.is_empty()).then(|| json(resources)).flatten(),
         ),
-        RegistryOp::PutFunction { name, entry } => ("function", name.clone(), json(entry)),
-        RegistryOp::RemoveFunction { name } => ("function", name.clone(), None),
-        RegistryOp::SetTenantLimit { role, limit } => {
-            ("tenant-limit", role.clone(), limit.as_ref().and_then(json))
-        }
-        RegistryOp::SetFunctionsFramework { framework_id } => (
-            "functions-framework",
-            String::new(),
-            (!framework_id.is_empty())
-                .then(|| json(framework_id))
-                .flatten(),
+        // The value as it is: a framework's state is its own bytes.
+        RegistryOp::PutFrameworkState {
+            framework_id,
+            key,
+            value,
+        } => (
+            "state",
+            format!("{framework_id}\0{key}"),
+            Some(value.clone()),
         ),
+        RegistryOp::RemoveFrameworkState { framework_id, key } => {
+            ("state", format!("{framework_id}\0{key}"), None)
+        }
         RegistryOp::TellLost {
             framework_id,
             task_id,
@@ -123,6 +127,10 @@ impl RegistryStore {
                         meta.insert("version", VERSION).map_err(|e| bad(&e))?;
                     }
                     Some(VERSION) => {}
+                    Some(1) => {
+                        migrate_v1(&w, path).map_err(|e| bad(&e))?;
+                        meta.insert("version", VERSION).map_err(|e| bad(&e))?;
+                    }
                     Some(other) => anyhow::bail!(
                         "master registry {} has layout version {other}; this master knows {VERSION}. \
                          Use the master release that wrote it, or move the file away to start empty",
@@ -168,16 +176,14 @@ impl RegistryStore {
                     reg.reservations
                         .insert(key, serde_json::from_slice(bytes).map_err(de_err)?);
                 }
-                "function" => {
-                    reg.functions
-                        .insert(key, serde_json::from_slice(bytes).map_err(de_err)?);
-                }
-                "tenant-limit" => {
-                    reg.tenant_limits
-                        .insert(key, serde_json::from_slice(bytes).map_err(de_err)?);
-                }
-                "functions-framework" => {
-                    reg.functions_framework = Some(serde_json::from_slice(bytes).map_err(de_err)?);
+                "state" => {
+                    let Some((fid, k)) = key.split_once('\0') else {
+                        return Err(bad(&format!("{what}: no framework/key separator")));
+                    };
+                    reg.framework_state
+                        .entry(fid.to_string())
+                        .or_default()
+                        .insert(k.to_string(), bytes.to_vec());
                 }
                 "lost" => {
                     let Some((fid, tid)) = key.split_once('\0') else {
@@ -224,6 +230,20 @@ impl RegistryStore {
                 if let RegistryOp::RemoveFramework { framework_id, .. } = op {
                     t.remove(("framework", framework_id.as_str()))
                         .map_err(|e| err(&e))?;
+                    // Its state goes with it.
+                    let prefix = format!("{framework_id}\0");
+                    let keys: Vec<String> = t
+                        .range(("state", prefix.as_str())..)
+                        .map_err(|e| err(&e))?
+                        .map_while(|row| {
+                            let (k, _) = row.ok()?;
+                            let (kind, key) = k.value();
+                            (kind == "state" && key.starts_with(&prefix)).then(|| key.to_string())
+                        })
+                        .collect();
+                    for k in keys {
+                        t.remove(("state", k.as_str())).map_err(|e| err(&e))?;
+                    }
                 }
                 if let RegistryOp::RemoveAgent { agent_id } = op {
                     t.remove(("reservations", agent_id.as_str()))
@@ -246,6 +266,76 @@ impl RegistryStore {
         w.commit().map_err(|e| err(&e))?;
         Ok(())
     }
+}
+
+/// Layout 1 to 2: the functions the master's built-in functions framework kept as
+/// `function` entries (a hex prost `FunctionDeploy`) and the tenant limits
+/// (`tenant-limit`, JSON) become that framework's state under its fixed id
+/// ([`agora_fn_api::gateway_state`]), so deployed functions survive the upgrade. The
+/// old framework id (`functions-framework`) is dropped: the gateway now subscribes
+/// with the fixed id, and the old framework's hosts end at its failover timeout
+/// while the gateway starts new ones.
+fn migrate_v1(w: &redb::WriteTransaction, path: &Path) -> anyhow::Result<()> {
+    use agora_fn_api::gateway_state::{FRAMEWORK_ID, FUNCTION_PREFIX, TENANT_PREFIX};
+    use prost::Message;
+
+    #[derive(serde::Deserialize)]
+    struct FunctionEntry {
+        deploy_hex: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct TenantLimitEntry {
+        max_concurrency: u32,
+        queue_len: u32,
+        max_queue_wait_ms: u64,
+    }
+    let mut t = w.open_table(ENTRIES)?;
+    let mut old: Vec<(String, String, Vec<u8>)> = Vec::new();
+    for row in t.iter()? {
+        let (k, v) = row?;
+        let (kind, key) = k.value();
+        if matches!(kind, "function" | "tenant-limit" | "functions-framework") {
+            old.push((kind.to_string(), key.to_string(), v.value().to_vec()));
+        }
+    }
+    let mut moved = 0;
+    for (kind, key, bytes) in old {
+        t.remove((kind.as_str(), key.as_str()))?;
+        let state = match kind.as_str() {
+            "function" => serde_json::from_slice::<FunctionEntry>(&bytes)
+                .ok()
+                .and_then(|e| hex::decode(e.deploy_hex).ok())
+                .map(|v| (format!("{FUNCTION_PREFIX}{key}"), v)),
+            "tenant-limit" => serde_json::from_slice::<TenantLimitEntry>(&bytes)
+                .ok()
+                .map(|e| {
+                    let limit = agora_proto::v1::TenantLimit {
+                        role: key.clone(),
+                        max_concurrency: e.max_concurrency,
+                        queue_len: e.queue_len,
+                        max_queue_wait_ms: e.max_queue_wait_ms,
+                    };
+                    (format!("{TENANT_PREFIX}{key}"), limit.encode_to_vec())
+                }),
+            _ => continue,
+        };
+        match state {
+            Some((k, v)) => {
+                let row = format!("{FRAMEWORK_ID}\0{k}");
+                t.insert(("state", row.as_str()), v.as_slice())?;
+                moved += 1;
+            }
+            None => tracing::warn!(
+                "master registry: {kind} entry {key:?} is unreadable; dropped while migrating"
+            ),
+        }
+    }
+    tracing::info!(
+        entries = moved,
+        "master registry {}: migrated from layout 1 (functions now kept as the functions framework's state)",
+        path.display()
+    );
+    Ok(())
 }
 
 #[cfg(test)]
@@ -379,73 +469,106 @@ mod tests {
     }
 
     #[test]
-    fn functions_and_the_functions_framework_id_survive_a_reopen() {
+    fn framework_state_survives_a_reopen_and_goes_with_its_framework() {
         let dir = tempfile::tempdir().unwrap();
         let (mut store, _) = RegistryStore::open(dir.path()).unwrap();
-        let entry = |hex: &str| FunctionEntry {
-            deploy_hex: hex.into(),
-        };
-        let limit = |n: u32| TenantLimitEntry {
-            max_concurrency: n,
-            queue_len: 2 * n,
-            max_queue_wait_ms: 500,
+        let put = |fid: &str, key: &str, value: &[u8]| RegistryOp::PutFrameworkState {
+            framework_id: fid.into(),
+            key: key.into(),
+            value: value.to_vec(),
         };
         store
             .commit(&[
-                RegistryOp::PutFunction {
-                    name: "echo".into(),
-                    entry: entry("0a04"),
-                },
-                RegistryOp::PutFunction {
-                    name: "gone".into(),
-                    entry: entry("0a05"),
-                },
-                RegistryOp::SetFunctionsFramework {
-                    framework_id: "fw-1".into(),
-                },
-                RegistryOp::SetTenantLimit {
-                    role: "tenant-a".into(),
-                    limit: Some(limit(4)),
-                },
-                RegistryOp::SetTenantLimit {
-                    role: "tenant-b".into(),
-                    limit: Some(limit(2)),
-                },
+                put("f1", "function/echo", b"\x0a\x04"),
+                put("f1", "function/gone", b"\x0a\x05"),
+                put("f1", "tenant/a", b"\x00"),
+                put("f2", "x", b"y"),
             ])
             .unwrap();
         store
             .commit(&[
-                RegistryOp::PutFunction {
-                    name: "echo".into(),
-                    entry: entry("0a06"),
-                },
-                RegistryOp::RemoveFunction {
-                    name: "gone".into(),
-                },
-                RegistryOp::SetTenantLimit {
-                    role: "tenant-b".into(),
-                    limit: None,
+                put("f1", "function/echo", b"\x0a\x06"),
+                RegistryOp::RemoveFrameworkState {
+                    framework_id: "f1".into(),
+                    key: "function/gone".into(),
                 },
             ])
             .unwrap();
         drop(store);
         let (mut store, reg) = RegistryStore::open(dir.path()).unwrap();
         assert_eq!(
-            reg.tenant_limits,
-            BTreeMap::from([("tenant-a".to_string(), limit(4))]),
-            "a removed limit stays removed"
+            reg.framework_state["f1"],
+            BTreeMap::from([
+                ("function/echo".to_string(), b"\x0a\x06".to_vec()),
+                ("tenant/a".to_string(), b"\x00".to_vec()),
+            ]),
+            "a replace wins; a removed key stays removed"
         );
-        assert_eq!(reg.functions.len(), 1);
-        assert_eq!(reg.functions["echo"], entry("0a06"), "a replace wins");
-        assert_eq!(reg.functions_framework.as_deref(), Some("fw-1"));
         store
-            .commit(&[RegistryOp::SetFunctionsFramework {
-                framework_id: String::new(),
+            .commit(&[RegistryOp::RemoveFramework {
+                framework_id: "f1".into(),
+                removed_ms: 5,
             }])
             .unwrap();
         drop(store);
         let (_, reg) = RegistryStore::open(dir.path()).unwrap();
-        assert_eq!(reg.functions_framework, None);
+        assert!(!reg.framework_state.contains_key("f1"), "removed with f1");
+        assert_eq!(reg.framework_state["f2"]["x"], b"y".to_vec());
+    }
+
+    #[test]
+    fn a_layout_1_registry_keeps_its_functions_as_the_gateways_state() {
+        use agora_fn_api::gateway_state::FRAMEWORK_ID;
+        use prost::Message;
+        let dir = tempfile::tempdir().unwrap();
+        let deploy = agora_proto::v1::FunctionDeploy {
+            name: "echo".into(),
+            role: "acme".into(),
+            ..Default::default()
+        };
+        {
+            // As a master of layout 1 wrote it.
+            let db = Database::create(dir.path().join(FILE)).unwrap();
+            let w = db.begin_write().unwrap();
+            w.open_table(META).unwrap().insert("version", 1).unwrap();
+            {
+                let mut t = w.open_table(ENTRIES).unwrap();
+                let function = format!(
+                    "{{\"deploy_hex\":\"{}\"}}",
+                    hex::encode(deploy.encode_to_vec())
+                );
+                t.insert(("function", "echo"), function.as_bytes()).unwrap();
+                t.insert(
+                    ("tenant-limit", "acme"),
+                    &br#"{"max_concurrency":4,"queue_len":8,"max_queue_wait_ms":500}"#[..],
+                )
+                .unwrap();
+                t.insert(("functions-framework", ""), &br#""m-F0001""#[..])
+                    .unwrap();
+                t.insert(("weight", "eng"), &b"3.0"[..]).unwrap();
+            }
+            w.commit().unwrap();
+        }
+        let (_, reg) = RegistryStore::open(dir.path()).unwrap();
+        let state = &reg.framework_state[FRAMEWORK_ID];
+        assert_eq!(state.len(), 2, "{state:?}");
+        let back =
+            agora_proto::v1::FunctionDeploy::decode(state["function/echo"].as_slice()).unwrap();
+        assert_eq!(back, deploy);
+        let limit = agora_proto::v1::TenantLimit::decode(state["tenant/acme"].as_slice()).unwrap();
+        assert_eq!(
+            (
+                limit.role.as_str(),
+                limit.max_concurrency,
+                limit.queue_len,
+                limit.max_queue_wait_ms
+            ),
+            ("acme", 4, 8, 500)
+        );
+        assert_eq!(reg.weights["eng"], 3.0, "the rest is read as before");
+        // Migrated once: the file now has layout 2.
+        let (_, again) = RegistryStore::open(dir.path()).unwrap();
+        assert_eq!(again, reg);
     }
 
     #[test]

@@ -20,11 +20,8 @@ use agora_proto::v1::{
 use agora_proto::Resources;
 use tokio::sync::mpsc;
 
-use anyhow::Context;
-
 use crate::artifacts::ArtifactStore;
-use crate::functions::Functions;
-use crate::registry::{Registry, RegistryOp, RegistryStore};
+use crate::registry::{Registry, RegistryStore};
 use agora_master_core::{ConnId, CoreConfig, Input, MasterCore, Now, OperatorOp, Output};
 
 /// Messages queued to one peer before it counts as stuck and is disconnected.
@@ -37,9 +34,25 @@ pub struct MasterConfig {
     pub data_dir: PathBuf,
     pub identity: Identity,
     pub core: CoreConfig,
-    /// The built-in functions framework and the HTTP server; None: neither runs (and
-    /// `agora fn` requests are refused).
-    pub functions: Option<crate::functions::FunctionsConfig>,
+    /// Where `agora fn` requests go: the functions framework run beside this master
+    /// (the cli starts `agora-fn-gateway` and plugs it in here); None: they are
+    /// refused.
+    pub functions: Option<Arc<dyn FunctionsDoor>>,
+}
+
+/// The master's side of the functions framework's operator API: the `agora fn`
+/// requests (`OperatorRequest::Fn*`) are handed to it as they come, and its answer
+/// goes back as it is. Defined here so that the master does not depend on the
+/// framework (which reaches the master only as a framework, through the scheduler
+/// API); whoever starts both connects them. The master checks what only it can
+/// before handing a request over: a deploy's module must be in its artifact store.
+pub trait FunctionsDoor: std::marker::Send + Sync {
+    fn handle(
+        &self,
+        request: operator_request::Request,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = OperatorResponse> + std::marker::Send + '_>,
+    >;
 }
 
 enum Out<M> {
@@ -147,8 +160,6 @@ impl Shared {
 /// A running master.
 pub struct MasterHandle {
     pub addr: SocketAddr,
-    /// Where the HTTP server (functions) listens, when it runs.
-    pub http_addr: Option<SocketAddr>,
     endpoint: quinn::Endpoint,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -175,7 +186,6 @@ pub async fn start(cfg: MasterConfig) -> anyhow::Result<MasterHandle> {
     };
     let mut core = MasterCore::new(cfg.core.clone());
     let (registry, recovered) = RegistryStore::open(&cfg.data_dir)?;
-    let fn_recovered = Functions::from_registry(&recovered);
     if recovered != Registry::default() {
         tracing::info!(
             agents = recovered.agents.len(),
@@ -203,62 +213,7 @@ pub async fn start(cfg: MasterConfig) -> anyhow::Result<MasterHandle> {
     }));
     let next_conn = Arc::new(AtomicU64::new(1));
     let mut tasks = Vec::new();
-    let mut http_addr = None;
-    let functions = match &cfg.functions {
-        None => None,
-        Some(fc) => {
-            let persist: crate::functions::Persist = {
-                let shared = shared.clone();
-                Arc::new(move |ops: &[RegistryOp]| {
-                    shared
-                        .lock()
-                        .expect("master state lock")
-                        .registry
-                        .commit(ops)
-                })
-            };
-            let functions = Functions::new(fn_recovered, fc.idle_timeout, persist);
-            if let Some(bind) = fc.http {
-                match tokio::net::TcpListener::bind(bind).await {
-                    Ok(listener) => {
-                        let local = listener.local_addr()?;
-                        http_addr = Some(local);
-                        tasks.push(tokio::spawn(crate::functions::serve_http(
-                            listener,
-                            functions.clone(),
-                        )));
-                        tracing::info!(addr = %local, "master listening (HTTP: /fn/NAME/..., /fn, /fn-metrics)");
-                    }
-                    Err(e) if !fc.http_required => tracing::error!(
-                        "cannot listen for HTTP on {bind}: {e}; functions are not served over HTTP by this master (pass --http ADDR with a free address)"
-                    ),
-                    Err(e) => {
-                        return Err(anyhow::anyhow!(e)).with_context(|| {
-                            format!("cannot listen for HTTP on {bind} (in use? pass another --http address)")
-                        })
-                    }
-                }
-            }
-            // The framework dials this master like any client would.
-            let dial = if addr.ip().is_unspecified() {
-                SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
-            } else {
-                addr
-            };
-            let client = agora_sdk::ClientConfig {
-                master: dial.to_string(),
-                ca: fc.ca.clone(),
-                cert: fc.client_cert.clone(),
-                key: fc.client_key.clone(),
-                http: None,
-            };
-            tasks.push(tokio::spawn(crate::functions::run_framework(
-                functions.clone(),
-                client,
-            )));
-            Some(functions)
-        }
-    };
+    let functions = cfg.functions.clone();
 
     let ticker = {
         let shared = shared.clone();
@@ -294,7 +249,6 @@ pub async fn start(cfg: MasterConfig) -> anyhow::Result<MasterHandle> {
     tasks.push(acceptor);
     Ok(MasterHandle {
         addr,
-        http_addr,
         endpoint,
         tasks,
     })
@@ -303,8 +257,8 @@ pub async fn start(cfg: MasterConfig) -> anyhow::Result<MasterHandle> {
 #[derive(Clone)]
 struct Ctx {
     shared: Arc<Mutex<Shared>>,
-    /// The functions framework's state, when it runs.
-    functions: Option<Arc<Functions>>,
+    /// Where `agora fn` requests go, when a functions framework runs beside us.
+    functions: Option<Arc<dyn FunctionsDoor>>,
     store: ArtifactStore,
     next_conn: Arc<AtomicU64>,
 }
@@ -504,7 +458,10 @@ impl Ctx {
                         }
                         if let Some(why) = pending.take() {
                             let e = Event {
-                                event: Some(v1::event::Event::Error(v1::Error { message: why })),
+                                event: Some(v1::event::Event::Error(v1::Error {
+                                    message: why,
+                                    request_id: 0,
+                                })),
                             };
                             let _ = write_frame(&mut send, &e).await;
                             let _ = send.finish();
@@ -513,7 +470,10 @@ impl Ctx {
                     }
                     Out::Close(why) => {
                         let e = Event {
-                            event: Some(v1::event::Event::Error(v1::Error { message: why })),
+                            event: Some(v1::event::Event::Error(v1::Error {
+                                message: why,
+                                request_id: 0,
+                            })),
                         };
                         let _ = write_frame(&mut send, &e).await;
                         let _ = send.finish();
@@ -632,55 +592,14 @@ impl Ctx {
                     ..Default::default()
                 },
             },
-            Some(operator_request::Request::FnDeploy(d)) => self.fn_deploy(d),
-            Some(operator_request::Request::FnRemove(r)) => match self.functions() {
-                Ok(f) => OperatorResponse {
-                    error: f.remove(&r.name).err().unwrap_or_default(),
-                    ..Default::default()
-                },
-                Err(error) => OperatorResponse {
-                    error,
-                    ..Default::default()
-                },
-            },
-            Some(operator_request::Request::FnTenantSet(r)) => {
-                let r = self.functions().and_then(|f| {
-                    let names = f.set_tenant_limit(r.limit.unwrap_or_default())?;
-                    let functions = f
-                        .list()
-                        .into_iter()
-                        .filter(|s| s.spec.as_ref().is_some_and(|d| names.contains(&d.name)))
-                        .collect();
-                    Ok((f.tenant_limits(), functions))
-                });
-                match r {
-                    // The role's functions, whose hosts are replaced to carry it.
-                    Ok((tenant_limits, functions)) => OperatorResponse {
-                        tenant_limits,
-                        functions,
-                        ..Default::default()
-                    },
-                    Err(error) => OperatorResponse {
-                        error,
-                        ..Default::default()
-                    },
-                }
-            }
-            Some(operator_request::Request::FnTenantList(_)) => match self.functions() {
-                Ok(f) => OperatorResponse {
-                    tenant_limits: f.tenant_limits(),
-                    ..Default::default()
-                },
-                Err(error) => OperatorResponse {
-                    error,
-                    ..Default::default()
-                },
-            },
-            Some(operator_request::Request::FnList(_)) => match self.functions() {
-                Ok(f) => OperatorResponse {
-                    functions: f.list(),
-                    ..Default::default()
-                },
+            Some(operator_request::Request::FnDeploy(d)) => self.fn_deploy(d).await,
+            Some(
+                r @ (operator_request::Request::FnRemove(_)
+                | operator_request::Request::FnTenantSet(_)
+                | operator_request::Request::FnTenantList(_)
+                | operator_request::Request::FnList(_)),
+            ) => match self.functions() {
+                Ok(f) => f.handle(r).await,
                 Err(error) => OperatorResponse {
                     error,
                     ..Default::default()
@@ -696,40 +615,39 @@ impl Ctx {
         Ok(())
     }
 
-    fn functions(&self) -> Result<&Arc<Functions>, String> {
+    fn functions(&self) -> Result<&Arc<dyn FunctionsDoor>, String> {
         self.functions.as_ref().ok_or_else(|| {
             "this master runs no functions framework (it was started without a client certificate for it)".to_string()
         })
     }
 
-    /// `agora fn deploy`: the module must be in the artifact store; the spec is in
-    /// the registry before the answer goes back.
-    fn fn_deploy(&self, d: v1::FunctionDeploy) -> OperatorResponse {
-        let r = self.functions().and_then(|f| {
-            let sha = d.module.as_ref().map(|m| m.sha256.clone()).unwrap_or_default();
-            if !self.lock().core.has_artifact(&sha) {
-                return Err(format!(
+    /// `agora fn deploy`: the module must be in the artifact store; the functions
+    /// framework has the spec in the registry (its state) before it answers.
+    async fn fn_deploy(&self, d: v1::FunctionDeploy) -> OperatorResponse {
+        let f = match self.functions() {
+            Ok(f) => f,
+            Err(error) => {
+                return OperatorResponse {
+                    error,
+                    ..Default::default()
+                }
+            }
+        };
+        let sha = d
+            .module
+            .as_ref()
+            .map(|m| m.sha256.clone())
+            .unwrap_or_default();
+        if !self.lock().core.has_artifact(&sha) {
+            return OperatorResponse {
+                error: format!(
                     "function {}: module {sha} was never uploaded to this master (upload it first; `agora fn deploy` does)",
                     d.name
-                ));
-            }
-            f.deploy(d)
-        });
-        match r {
-            Ok(spec) => OperatorResponse {
-                functions: self
-                    .functions
-                    .iter()
-                    .flat_map(|f| f.list())
-                    .filter(|s| s.spec.as_ref().is_some_and(|x| x.name == spec.name))
-                    .collect(),
+                ),
                 ..Default::default()
-            },
-            Err(error) => OperatorResponse {
-                error,
-                ..Default::default()
-            },
+            };
         }
+        f.handle(operator_request::Request::FnDeploy(d)).await
     }
 
     /// Asks every agent with live tasks for their usage now, concurrently, each

@@ -516,6 +516,9 @@ enum Upload<'a> {
 pub struct Scheduler {
     framework_id: String,
     heartbeat_interval: Duration,
+    /// The framework's state records as SUBSCRIBED brought them.
+    state: Vec<v1::StateEntry>,
+    state_writer: StateWriter,
     calls: mpsc::Sender<v1::Call>,
     events: mpsc::Receiver<Event>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -538,6 +541,19 @@ impl Scheduler {
     /// intervals of silence count as a broken connection (see `Event::Disconnected`).
     pub fn heartbeat_interval(&self) -> Duration {
         self.heartbeat_interval
+    }
+
+    /// The framework's state records (see [`StateWriter`]) as the master's registry
+    /// held them when this scheduler subscribed: after a master restart, what the
+    /// framework stored before it.
+    pub fn stored_state(&self) -> &[v1::StateEntry] {
+        &self.state
+    }
+
+    /// A handle that stores and deletes this framework's state records, usable
+    /// beside the event loop (it is cheap to clone).
+    pub fn state_writer(&self) -> StateWriter {
+        self.state_writer.clone()
     }
 
     /// The next event; None once the master connection is gone.
@@ -686,5 +702,86 @@ impl Scheduler {
     /// Ends the framework: its tasks are killed and it is forgotten.
     pub async fn teardown(&self) -> anyhow::Result<()> {
         self.call(call::Call::Teardown(v1::Teardown {})).await
+    }
+}
+
+/// Most a state write waits for the master's STATE_STORED.
+const STATE_ACK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Waiters for STATE_STORED (or the ERROR refusing the write), by request id.
+pub(crate) type StateWaiters = std::sync::Arc<
+    std::sync::Mutex<
+        std::collections::HashMap<u64, tokio::sync::oneshot::Sender<Result<u64, String>>>,
+    >,
+>;
+
+/// Stores a framework's own small records in the master's registry (SET_STATE):
+/// durable across master restarts, handed back in SUBSCRIBED
+/// ([`Scheduler::stored_state`]), removed with the framework. Keys have 1 to 256
+/// bytes, values at most 256 KiB, and a framework keeps at most 10,000 keys.
+#[derive(Clone)]
+pub struct StateWriter {
+    calls: mpsc::Sender<v1::Call>,
+    waiters: StateWaiters,
+    next: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl StateWriter {
+    pub(crate) fn new(calls: mpsc::Sender<v1::Call>, waiters: StateWaiters) -> StateWriter {
+        StateWriter {
+            calls,
+            waiters,
+            next: Default::default(),
+        }
+    }
+
+    /// Stores `value` under `key`; returns once the master has it on disk (its
+    /// STATE_STORED sequence number), or the master's reason for refusing it.
+    pub async fn put(&self, key: &str, value: Vec<u8>) -> anyhow::Result<u64> {
+        self.set(key, Some(value)).await
+    }
+
+    /// Deletes `key` (an absent key too); returns once that is on disk.
+    pub async fn delete(&self, key: &str) -> anyhow::Result<u64> {
+        self.set(key, None).await
+    }
+
+    async fn set(&self, key: &str, value: Option<Vec<u8>>) -> anyhow::Result<u64> {
+        let request_id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(request_id, tx);
+        let forget = || {
+            self.waiters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&request_id);
+        };
+        let call = v1::Call {
+            call: Some(call::Call::SetState(v1::SetState {
+                key: key.to_string(),
+                value,
+                request_id,
+            })),
+        };
+        if self.calls.send(call).await.is_err() {
+            forget();
+            anyhow::bail!("the connection to the master is closed");
+        }
+        match tokio::time::timeout(STATE_ACK_TIMEOUT, rx).await {
+            Ok(Ok(Ok(seq))) => Ok(seq),
+            Ok(Ok(Err(refused))) => Err(anyhow::anyhow!("{refused}")),
+            Ok(Err(_)) => {
+                anyhow::bail!("the scheduler session ended before the master stored {key:?}")
+            }
+            Err(_) => {
+                forget();
+                anyhow::bail!(
+                    "the master did not confirm storing {key:?} within {STATE_ACK_TIMEOUT:?} (unreachable?)"
+                )
+            }
+        }
     }
 }

@@ -24,7 +24,7 @@ use agora_net::{read_frame, write_frame, FrameBatch};
 use agora_proto::v1::{self, call, event, stream_open, FrameworkInfo, StreamOpen};
 use tokio::sync::mpsc;
 
-use crate::{Event, Scheduler};
+use crate::{Event, Scheduler, StateWaiters, StateWriter};
 
 /// The client's connection to the master, replaced by a fresh one when it breaks.
 pub(crate) struct Link {
@@ -147,8 +147,30 @@ fn convert(ev: v1::Event) -> Option<Event> {
             executor_id: m.executor_id,
             data: m.data,
         },
-        event::Event::Subscribed(_) => return None,
+        event::Event::Subscribed(_) | event::Event::StateStored(_) => return None,
     })
+}
+
+/// Hands STATE_STORED, and the ERROR refusing a SET_STATE, to the [`StateWriter`]
+/// call waiting for it; other events go on to the framework.
+fn settle_state_write(ev: v1::Event, waiters: &StateWaiters) -> Option<v1::Event> {
+    let (request_id, answer) = match &ev.event {
+        Some(event::Event::StateStored(s)) => (s.request_id, Ok(s.seq)),
+        Some(event::Event::Error(e)) if e.request_id != 0 => (e.request_id, Err(e.message.clone())),
+        _ => return Some(ev),
+    };
+    let waiter = waiters
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&request_id);
+    match waiter {
+        Some(tx) => {
+            let _ = tx.send(answer);
+            None
+        }
+        // Nobody waits any more (timed out): an error still reaches the framework.
+        None => answer.err().map(|_| ev),
+    }
 }
 
 /// Silence after which the master (or the path to it) counts as gone.
@@ -185,10 +207,15 @@ pub(crate) async fn subscribe(
     let heartbeat_interval = Duration::from_millis(first.sub.heartbeat_interval_ms);
     let (call_tx, call_rx) = mpsc::channel::<v1::Call>(1024);
     let (ev_tx, ev_rx) = mpsc::channel::<Event>(1024);
-    let driver = tokio::spawn(drive(link, info, conn, first, call_rx, ev_tx));
+    let waiters = StateWaiters::default();
+    let state = first.sub.state.clone();
+    let state_writer = StateWriter::new(call_tx.clone(), waiters.clone());
+    let driver = tokio::spawn(drive(link, info, conn, first, call_rx, ev_tx, waiters));
     Ok(Scheduler {
         framework_id,
         heartbeat_interval,
+        state,
+        state_writer,
         calls: call_tx,
         events: ev_rx,
         tasks: vec![driver],
@@ -210,6 +237,7 @@ async fn drive(
     mut session: Session,
     mut calls: mpsc::Receiver<v1::Call>,
     events: mpsc::Sender<Event>,
+    waiters: StateWaiters,
 ) {
     let failover = Duration::from_secs_f64(if info.failover_timeout_seconds > 0.0 {
         info.failover_timeout_seconds.min(365.0 * 86_400.0)
@@ -225,6 +253,7 @@ async fn drive(
             &events,
             &mut torn_down,
             std::mem::take(&mut resend),
+            &waiters,
         )
         .await;
         let why = match end {
@@ -326,6 +355,7 @@ async fn run(
     events: &mpsc::Sender<Event>,
     torn_down: &mut bool,
     first: Vec<v1::Call>,
+    waiters: &StateWaiters,
 ) -> End {
     let silence = silence_limit(&session.sub);
     // The reader runs on its own (a frame read must never be cut in half); what it
@@ -380,11 +410,13 @@ async fn run(
             },
             f = frames.recv() => match f {
                 Some(Ok(ev)) => {
+                    if let Some(ev) = settle_state_write(ev, waiters) {
                     if let Some(ev) = convert(ev) {
                         if events.send(ev).await.is_err() {
                             let _ = send.finish();
                             return End::Done;
                         }
+                    }
                     }
                 }
                 Some(Err(end)) => return end,

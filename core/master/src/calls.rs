@@ -16,7 +16,7 @@ use agora_proto::v1::{
 use agora_proto::Resources;
 
 use super::{status, ConnId, MasterCore, Output, TaskRecord};
-use crate::registry::{RegistryOp, Reserved};
+use crate::registry::{RegistryOp, Reserved, MAX_STATE_KEY, MAX_STATE_KEYS, MAX_STATE_VALUE};
 
 /// One operation of an ACCEPT, decoded.
 enum Op {
@@ -834,4 +834,111 @@ pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
 fn cx_recover(core: &mut MasterCore, cx: &AcceptCtx, res: &Resources) {
     core.allocator
         .recover_role(&cx.fid, &cx.role, &cx.agent_id, res, None);
+}
+
+// ---- framework state (SET_STATE) ---------------------------------------------
+
+impl MasterCore {
+    /// SET_STATE: checked against the bounds, then one registry op; STATE_STORED
+    /// follows it out (the shell sends it after the commit), an ERROR naming the
+    /// bound otherwise.
+    pub(super) fn set_state(&mut self, conn: ConnId, fid: &str, st: v1::SetState) {
+        let refuse = |core: &mut MasterCore, message: String| {
+            core.out.push(Output::ToScheduler(
+                conn,
+                Event {
+                    event: Some(event::Event::Error(v1::Error {
+                        message: format!("set_state {:?}: {message}", truncated(&st.key)),
+                        request_id: st.request_id,
+                    })),
+                },
+            ));
+        };
+        if st.key.is_empty() || st.key.len() > MAX_STATE_KEY {
+            return refuse(
+                self,
+                format!(
+                    "a key must have 1 to {MAX_STATE_KEY} bytes (this one has {})",
+                    st.key.len()
+                ),
+            );
+        }
+        let state = self.registry.framework_state.get(fid);
+        let op = match st.value {
+            Some(value) => {
+                if value.len() > MAX_STATE_VALUE {
+                    return refuse(
+                        self,
+                        format!(
+                            "a value may have at most {MAX_STATE_VALUE} bytes (256 KiB; this one has {})",
+                            value.len()
+                        ),
+                    );
+                }
+                let keys = state.map_or(0, |s| s.len());
+                let new = state.is_none_or(|s| !s.contains_key(&st.key));
+                if new && keys >= MAX_STATE_KEYS {
+                    return refuse(
+                        self,
+                        format!(
+                            "a framework may keep at most {MAX_STATE_KEYS} keys (it has {keys}); delete some first"
+                        ),
+                    );
+                }
+                RegistryOp::PutFrameworkState {
+                    framework_id: fid.to_string(),
+                    key: st.key.clone(),
+                    value,
+                }
+            }
+            None => RegistryOp::RemoveFrameworkState {
+                framework_id: fid.to_string(),
+                key: st.key.clone(),
+            },
+        };
+        let changes = match &op {
+            RegistryOp::PutFrameworkState { key, value, .. } => {
+                state.and_then(|s| s.get(key)) != Some(value)
+            }
+            _ => state.is_some_and(|s| s.contains_key(&st.key)),
+        };
+        if changes {
+            self.persist(op);
+        }
+        self.state_seq += 1;
+        self.out.push(Output::ToScheduler(
+            conn,
+            Event {
+                event: Some(event::Event::StateStored(v1::StateStored {
+                    key: st.key,
+                    seq: self.state_seq,
+                    request_id: st.request_id,
+                })),
+            },
+        ));
+    }
+
+    /// A framework's state records, for SUBSCRIBED.
+    pub(super) fn framework_state_of(&self, fid: &str) -> Vec<v1::StateEntry> {
+        self.registry
+            .framework_state
+            .get(fid)
+            .map(|s| {
+                s.iter()
+                    .map(|(key, value)| v1::StateEntry {
+                        key: key.clone(),
+                        value: value.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// A key as an error message quotes it (keys may be long).
+fn truncated(key: &str) -> &str {
+    match key.char_indices().nth(64) {
+        Some((i, _)) => &key[..i],
+        None => key,
+    }
 }

@@ -231,6 +231,8 @@ pub struct MasterCore {
     recovery: Option<ops::Recovery>,
     /// Framework id -> when its scheduler stream last got a HEARTBEAT (or SUBSCRIBED).
     heartbeats: BTreeMap<String, u64>,
+    /// STATE_STORED's sequence number: state changes acknowledged since start.
+    state_seq: u64,
 }
 
 fn status(
@@ -280,6 +282,7 @@ impl MasterCore {
             registry_ops: Vec::new(),
             recovery: None,
             heartbeats: BTreeMap::new(),
+            state_seq: 0,
         }
     }
 
@@ -1061,6 +1064,7 @@ impl MasterCore {
             conn,
             Event {
                 event: Some(event::Event::Subscribed(Subscribed {
+                    state: self.framework_state_of(&id),
                     framework_id: id,
                     heartbeat_interval_ms: self.cfg.framework_heartbeat_ms,
                 })),
@@ -1094,7 +1098,10 @@ impl MasterCore {
         self.out.push(Output::ToScheduler(
             conn,
             Event {
-                event: Some(event::Event::Error(v1::Error { message })),
+                event: Some(event::Event::Error(v1::Error {
+                    message,
+                    request_id: 0,
+                })),
             },
         ));
     }
@@ -1166,6 +1173,7 @@ impl MasterCore {
             Some(call::Call::Message(m)) => self.framework_message(conn, &fid, m),
             Some(call::Call::UpdateFramework(u)) => self.update_framework(conn, &fid, u),
             Some(call::Call::Teardown(_)) => self.teardown(&fid, "framework asked for TEARDOWN"),
+            Some(call::Call::SetState(st)) => self.set_state(conn, &fid, st),
             Some(call::Call::Pending(p)) => {
                 if let Some(f) = self.frameworks.get_mut(&fid) {
                     f.pending = p.tasks;

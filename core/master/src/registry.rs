@@ -49,22 +49,12 @@ pub struct QuotaEntry {
     pub limit: BTreeMap<String, i64>,
 }
 
-/// A function deployed with `agora fn deploy`, kept so that a restarted master's
-/// functions framework serves it again.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FunctionEntry {
-    /// The normalised `FunctionDeploy` (see `functions::service`), prost-encoded, in
-    /// hex: the wire message is the one definition of a function's spec.
-    pub deploy_hex: String,
-}
-
-/// A role's per-agent concurrency limit over its functions (`agora fn tenant set`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TenantLimitEntry {
-    pub max_concurrency: u32,
-    pub queue_len: u32,
-    pub max_queue_wait_ms: u64,
-}
+/// Longest key of a framework's state record (SET_STATE), in bytes.
+pub const MAX_STATE_KEY: usize = 256;
+/// Largest value of a framework's state record, in bytes.
+pub const MAX_STATE_VALUE: usize = 256 << 10;
+/// Most state records one framework may keep.
+pub const MAX_STATE_KEYS: usize = 10_000;
 
 /// One change to the registry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -112,24 +102,32 @@ pub enum RegistryOp {
         agent_id: String,
         resources: Vec<Reserved>,
     },
-    /// A function deployed (or replaced).
-    PutFunction {
-        name: String,
-        entry: FunctionEntry,
-    },
-    RemoveFunction {
-        name: String,
-    },
-    /// The built-in functions framework's id, so that after a restart it
-    /// re-subscribes as itself and gets its hosts back; empty removes it.
-    SetFunctionsFramework {
+    /// One record of a framework's own state (SET_STATE), e.g. the built-in
+    /// functions framework's deployments. Removed with the framework.
+    PutFrameworkState {
         framework_id: String,
+        key: String,
+        #[serde(with = "hex_bytes")]
+        value: Vec<u8>,
     },
-    /// A role's tenant limit for functions; `None` removes it.
-    SetTenantLimit {
-        role: String,
-        limit: Option<TenantLimitEntry>,
+    RemoveFrameworkState {
+        framework_id: String,
+        key: String,
     },
+}
+
+/// Values in JSON as hex strings, not arrays of numbers.
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        hex::decode(text).map_err(serde::de::Error::custom)
+    }
 }
 
 /// Most removed framework ids remembered; the oldest are forgotten first.
@@ -147,10 +145,8 @@ pub struct Registry {
     pub weights: BTreeMap<String, f64>,
     pub quotas: BTreeMap<String, QuotaEntry>,
     pub reservations: BTreeMap<String, Vec<Reserved>>,
-    pub functions: BTreeMap<String, FunctionEntry>,
-    pub functions_framework: Option<String>,
-    /// Role -> its functions' per-agent concurrency limit.
-    pub tenant_limits: BTreeMap<String, TenantLimitEntry>,
+    /// Framework id -> its state records (key -> value), see SET_STATE.
+    pub framework_state: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
     /// (framework id, task id) -> when it was told LOST (see `RegistryOp::TellLost`).
     pub lost_tasks: BTreeMap<(String, String), u64>,
 }
@@ -184,6 +180,7 @@ impl Registry {
                 removed_ms,
             } => {
                 self.frameworks.remove(framework_id);
+                self.framework_state.remove(framework_id);
                 self.removed_frameworks
                     .insert(framework_id.clone(), *removed_ms);
                 while self.removed_frameworks.len() > MAX_REMOVED_FRAMEWORKS {
@@ -245,23 +242,24 @@ impl Registry {
                         .insert(agent_id.clone(), resources.clone());
                 }
             }
-            RegistryOp::PutFunction { name, entry } => {
-                self.functions.insert(name.clone(), entry.clone());
+            RegistryOp::PutFrameworkState {
+                framework_id,
+                key,
+                value,
+            } => {
+                self.framework_state
+                    .entry(framework_id.clone())
+                    .or_default()
+                    .insert(key.clone(), value.clone());
             }
-            RegistryOp::RemoveFunction { name } => {
-                self.functions.remove(name);
-            }
-            RegistryOp::SetFunctionsFramework { framework_id } => {
-                self.functions_framework = (!framework_id.is_empty()).then(|| framework_id.clone());
-            }
-            RegistryOp::SetTenantLimit { role, limit } => match limit {
-                Some(l) => {
-                    self.tenant_limits.insert(role.clone(), *l);
+            RegistryOp::RemoveFrameworkState { framework_id, key } => {
+                if let Some(state) = self.framework_state.get_mut(framework_id) {
+                    state.remove(key);
+                    if state.is_empty() {
+                        self.framework_state.remove(framework_id);
+                    }
                 }
-                None => {
-                    self.tenant_limits.remove(role);
-                }
-            },
+            }
         }
     }
 }

@@ -347,6 +347,7 @@ fn subscribed(conn: ConnId, fid: &str) -> Output {
         event::Event::Subscribed(v1::Subscribed {
             framework_id: fid.into(),
             heartbeat_interval_ms: 0, // no HEARTBEAT events (see `Master::new`)
+            state: vec![],
         }),
     )
 }
@@ -381,6 +382,7 @@ fn error(conn: ConnId, message: &str) -> Output {
         conn,
         event::Event::Error(v1::Error {
             message: message.into(),
+            request_id: 0,
         }),
     )
 }
@@ -3143,6 +3145,7 @@ impl Sim {
                             }
                         }
                         event::Event::Error(_)
+                        | event::Event::StateStored(_)
                         | event::Event::Heartbeat(_)
                         | event::Event::Failure(_)
                         | event::Event::Message(_) => {}
@@ -4301,4 +4304,228 @@ fn the_agent_list_says_where_each_agent_serves_functions() {
         listed.contains(&(a2, String::new())),
         "an agent without HTTP says none: {listed:?}"
     );
+}
+
+// ---- framework state (SET_STATE) ------------------------------------------------
+
+fn set_state(key: &str, value: Option<&[u8]>, request_id: u64) -> call::Call {
+    call::Call::SetState(v1::SetState {
+        key: key.into(),
+        value: value.map(<[u8]>::to_vec),
+        request_id,
+    })
+}
+
+fn state_stored(conn: ConnId, key: &str, seq: u64, request_id: u64) -> Output {
+    to_scheduler(
+        conn,
+        event::Event::StateStored(v1::StateStored {
+            key: key.into(),
+            seq,
+            request_id,
+        }),
+    )
+}
+
+fn refused(conn: ConnId, message: &str, request_id: u64) -> Output {
+    to_scheduler(
+        conn,
+        event::Event::Error(v1::Error {
+            message: message.into(),
+            request_id,
+        }),
+    )
+}
+
+#[test]
+fn set_state_is_a_registry_op_acknowledged_after_it() {
+    use agora_master_core::registry::RegistryOp;
+    let mut m = Master::new();
+    let (fid, _) = m.subscribe_new(FW1, framework("fns"));
+    m.core.take_registry_ops();
+
+    let outs = m.call(FW1, set_state("function/echo", Some(b"v1"), 7));
+    assert_eq!(outs, vec![state_stored(FW1, "function/echo", 1, 7)]);
+    assert_eq!(
+        m.core.take_registry_ops(),
+        vec![RegistryOp::PutFrameworkState {
+            framework_id: fid.clone(),
+            key: "function/echo".into(),
+            value: b"v1".to_vec(),
+        }]
+    );
+    // The same value again: acknowledged, nothing to write.
+    let outs = m.call(FW1, set_state("function/echo", Some(b"v1"), 8));
+    assert_eq!(outs, vec![state_stored(FW1, "function/echo", 2, 8)]);
+    assert_eq!(m.core.take_registry_ops(), vec![]);
+
+    let outs = m.call(FW1, set_state("function/echo", None, 9));
+    assert_eq!(outs, vec![state_stored(FW1, "function/echo", 3, 9)]);
+    assert_eq!(
+        m.core.take_registry_ops(),
+        vec![RegistryOp::RemoveFrameworkState {
+            framework_id: fid,
+            key: "function/echo".into(),
+        }]
+    );
+    // Deleting an absent key: acknowledged, nothing to write.
+    let outs = m.call(FW1, set_state("function/echo", None, 10));
+    assert_eq!(outs, vec![state_stored(FW1, "function/echo", 4, 10)]);
+    assert_eq!(m.core.take_registry_ops(), vec![]);
+}
+
+#[test]
+fn set_state_over_its_bounds_is_refused_naming_the_bound() {
+    use agora_master_core::registry::{MAX_STATE_KEY, MAX_STATE_KEYS, MAX_STATE_VALUE};
+    let mut m = Master::new();
+    m.subscribe_new(FW1, framework("fns"));
+    m.core.take_registry_ops();
+
+    let long = "k".repeat(MAX_STATE_KEY + 1);
+    let outs = m.call(FW1, set_state(&long, Some(b"v"), 1));
+    assert_eq!(
+        outs,
+        vec![refused(
+            FW1,
+            &format!(
+                "set_state {:?}: a key must have 1 to 256 bytes (this one has 257)",
+                &long[..64]
+            ),
+            1
+        )]
+    );
+    let outs = m.call(FW1, set_state("", Some(b"v"), 2));
+    assert_eq!(
+        outs,
+        vec![refused(
+            FW1,
+            "set_state \"\": a key must have 1 to 256 bytes (this one has 0)",
+            2
+        )]
+    );
+    let big = vec![0u8; MAX_STATE_VALUE + 1];
+    let outs = m.call(FW1, set_state("big", Some(&big), 3));
+    assert_eq!(
+        outs,
+        vec![refused(
+            FW1,
+            "set_state \"big\": a value may have at most 262144 bytes (256 KiB; this one has 262145)",
+            3
+        )]
+    );
+    assert_eq!(m.core.take_registry_ops(), vec![]);
+
+    for i in 0..MAX_STATE_KEYS {
+        let outs = m.call(FW1, set_state(&format!("k{i}"), Some(b""), 0));
+        assert!(matches!(
+            &outs[..],
+            [Output::ToScheduler(
+                _,
+                Event {
+                    event: Some(event::Event::StateStored(_))
+                }
+            )]
+        ));
+    }
+    let outs = m.call(FW1, set_state("one-more", Some(b""), 4));
+    assert_eq!(
+        outs,
+        vec![refused(
+            FW1,
+            "set_state \"one-more\": a framework may keep at most 10000 keys (it has 10000); delete some first",
+            4
+        )]
+    );
+    // Replacing a kept key is not a new one.
+    let outs = m.call(FW1, set_state("k0", Some(b"x"), 5));
+    assert_eq!(
+        outs,
+        vec![state_stored(FW1, "k0", MAX_STATE_KEYS as u64 + 1, 5)]
+    );
+}
+
+#[test]
+fn subscribed_returns_the_frameworks_state_after_a_restart() {
+    let mut m = Master::new();
+    let info = framework_with("fns", "agora-functions", 300.0);
+    let (fid, _) = m.subscribe_new(FW1, info.clone());
+    assert_eq!(
+        fid, "agora-functions",
+        "an id the master does not know is taken"
+    );
+    m.call(FW1, set_state("function/b", Some(b"2"), 1));
+    m.call(FW1, set_state("function/a", Some(b"1"), 2));
+    let mut kept = agora_master_core::registry::Registry::default();
+    for op in m.core.take_registry_ops() {
+        kept.apply(&op);
+    }
+
+    // A restarted master: the core is rebuilt from its registry.
+    let mut m2 = Master::new();
+    m2.core.handle(Input::Recover { registry: kept }, 0);
+    let outs = m2.subscribe(FW2, info);
+    assert_eq!(
+        outs[0],
+        to_scheduler(
+            FW2,
+            event::Event::Subscribed(v1::Subscribed {
+                framework_id: fid,
+                heartbeat_interval_ms: 0,
+                state: vec![
+                    v1::StateEntry {
+                        key: "function/a".into(),
+                        value: b"1".to_vec(),
+                    },
+                    v1::StateEntry {
+                        key: "function/b".into(),
+                        value: b"2".to_vec(),
+                    },
+                ],
+            })
+        )
+    );
+}
+
+#[test]
+fn a_removed_framework_takes_its_state_with_it() {
+    use agora_master_core::registry::{Registry, RegistryOp};
+    let mut m = Master::new();
+    let (fid, _) = m.subscribe_new(FW1, framework_with("fns", "", 0.0));
+    m.call(FW1, set_state("k", Some(b"v"), 1));
+    let (other, _) = m.subscribe_new(FW2, framework("other"));
+    m.call(FW2, set_state("k", Some(b"w"), 1));
+    let mut kept = Registry::default();
+    for op in m.core.take_registry_ops() {
+        kept.apply(&op);
+    }
+    assert_eq!(kept.framework_state.len(), 2);
+
+    m.call(FW1, call::Call::Teardown(v1::Teardown {}));
+    let ops = m.core.take_registry_ops();
+    assert!(
+        ops.iter().any(|op| matches!(op, RegistryOp::RemoveFramework { framework_id, .. } if *framework_id == fid)),
+        "{ops:?}"
+    );
+    for op in &ops {
+        kept.apply(op);
+    }
+    assert_eq!(
+        kept.framework_state.keys().collect::<Vec<_>>(),
+        [&other],
+        "the torn-down framework's records went with it"
+    );
+    // Subscribing anew (a new id) starts with no state.
+    let outs = m.subscribe(FW3, framework("fns"));
+    match &outs[0] {
+        Output::ToScheduler(
+            _,
+            Event {
+                event: Some(event::Event::Subscribed(s)),
+            },
+        ) => {
+            assert_ne!(s.framework_id, fid);
+            assert!(s.state.is_empty());
+        }
+        other => panic!("{other:?}"),
+    }
 }

@@ -953,7 +953,10 @@ impl World {
                 }
             }
             event::Event::Error(e) => self.log(format!("fw{fi} ERROR event: {}", e.message)),
-            event::Event::Failure(_) | event::Event::Heartbeat(_) | event::Event::Message(_) => {}
+            event::Event::Failure(_)
+            | event::Event::Heartbeat(_)
+            | event::Event::Message(_)
+            | event::Event::StateStored(_) => {}
         }
     }
 
@@ -2048,6 +2051,7 @@ fn describe(peer: &Peer, link: LinkId, msg: &Msg) -> String {
             Some(event::Event::Failure(f)) => format!("failure: {}", f.message),
             Some(event::Event::Heartbeat(_)) => "heartbeat".into(),
             Some(event::Event::Message(_)) => "message".into(),
+            Some(event::Event::StateStored(s)) => format!("state stored {}", s.key),
             None => "?".into(),
         },
         _ => format!("{msg:?}"),

@@ -9,7 +9,7 @@
 
 use std::fmt::Write as _;
 
-use agora_functions::MetricsSnapshot;
+use agora_fn_api::MetricsSnapshot;
 
 /// What is known about one function's hosts besides their metrics.
 pub(crate) struct HostCounts {

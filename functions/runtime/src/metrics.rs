@@ -5,17 +5,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+pub use agora_fn_api::{
+    ErrorCounts, GuestKind, LatencyHistogram, MetricsSnapshot, LATENCY_BUCKETS_US,
+};
 
 use crate::outcome::ErrorClass;
-use crate::spec::GuestKind;
-
-/// Upper bounds of the latency histogram's buckets, in microseconds; a last, unbounded
-/// bucket follows. Fixed so that snapshots from many hosts add up bucket by bucket.
-pub const LATENCY_BUCKETS_US: [u64; 18] = [
-    50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000,
-    1_000_000, 2_000_000, 5_000_000, 10_000_000, 60_000_000,
-];
 
 /// The live counters of one function.
 #[derive(Default)]
@@ -142,156 +136,6 @@ pub(crate) struct FunctionIdentity {
     pub tenant: String,
     pub kind: GuestKind,
     pub sha256: String,
-}
-
-/// A function's metrics at one moment. Counters only grow while the function stays
-/// loaded; `in_flight` and `queued` are gauges.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MetricsSnapshot {
-    /// The function's name.
-    pub name: String,
-    /// Its tenant.
-    pub tenant: String,
-    /// Its guest style.
-    pub kind: GuestKind,
-    /// sha256 of its module.
-    pub sha256: String,
-    /// Requests received (including those refused by the queue).
-    pub requests: u64,
-    /// Requests answered by the guest itself, whatever status it chose.
-    pub responses: u64,
-    /// Requests that failed, by class.
-    pub errors: ErrorCounts,
-    /// Time from receipt to answer (queueing included), successes and failures.
-    pub latency: LatencyHistogram,
-    /// Fuel burnt by all requests together (0 while fuel is unlimited and unused).
-    pub fuel_used: u64,
-    /// Requests running now.
-    pub in_flight: u64,
-    /// Requests waiting for a slot now.
-    pub queued: u64,
-    /// Outgoing HTTP requests of its components that were sent (allow-listed, within
-    /// the per-request cap), whatever their outcome.
-    #[serde(default)]
-    pub outbound_allowed: u64,
-    /// Outgoing HTTP requests of its components that were refused (not allow-listed,
-    /// or over the per-request cap).
-    #[serde(default)]
-    pub outbound_denied: u64,
-}
-
-impl MetricsSnapshot {
-    /// Adds `other`'s counters, gauges and histogram to these (summing one function
-    /// over several hosts). Identity fields stay as they are; a histogram with other
-    /// bucket bounds is not added (all hosts use [`LATENCY_BUCKETS_US`]).
-    pub fn add(&mut self, other: &MetricsSnapshot) {
-        self.requests += other.requests;
-        self.responses += other.responses;
-        self.errors.add(&other.errors);
-        if self.latency.bounds_us == other.latency.bounds_us
-            && self.latency.counts.len() == other.latency.counts.len()
-        {
-            for (mine, theirs) in self.latency.counts.iter_mut().zip(&other.latency.counts) {
-                *mine += theirs;
-            }
-            self.latency.count += other.latency.count;
-            self.latency.sum_us += other.latency.sum_us;
-        }
-        self.fuel_used += other.fuel_used;
-        self.in_flight += other.in_flight;
-        self.queued += other.queued;
-        self.outbound_allowed += other.outbound_allowed;
-        self.outbound_denied += other.outbound_denied;
-    }
-}
-
-/// Failed requests by [`ErrorClass`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorCounts {
-    /// Fuel exhausted.
-    pub fuel: u64,
-    /// Memory limit reached.
-    pub memory: u64,
-    /// Deadline exceeded.
-    pub deadline: u64,
-    /// Trapped or exited non-zero for another reason.
-    pub trap: u64,
-    /// Answer not a valid response.
-    pub bad_response: u64,
-    /// Answer over the output limit.
-    pub output_limit: u64,
-    /// Refused: queue full (429).
-    pub queue_full: u64,
-    /// Refused: waited too long (503).
-    pub queue_timeout: u64,
-    /// Refused: no instance slot on the host (503).
-    pub overloaded: u64,
-    /// Host failure.
-    pub internal: u64,
-}
-
-impl ErrorCounts {
-    /// Adds `other`'s counts to these.
-    pub fn add(&mut self, other: &ErrorCounts) {
-        self.fuel += other.fuel;
-        self.memory += other.memory;
-        self.deadline += other.deadline;
-        self.trap += other.trap;
-        self.bad_response += other.bad_response;
-        self.output_limit += other.output_limit;
-        self.queue_full += other.queue_full;
-        self.queue_timeout += other.queue_timeout;
-        self.overloaded += other.overloaded;
-        self.internal += other.internal;
-    }
-
-    /// All failures together.
-    pub fn total(&self) -> u64 {
-        self.fuel
-            + self.memory
-            + self.deadline
-            + self.trap
-            + self.bad_response
-            + self.output_limit
-            + self.queue_full
-            + self.queue_timeout
-            + self.overloaded
-            + self.internal
-    }
-}
-
-/// A fixed-bucket latency histogram: `counts[i]` requests took at most
-/// `bounds_us[i]` µs (and more than the bound before it); the last count is the
-/// overflow bucket.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LatencyHistogram {
-    /// Bucket upper bounds in µs ([`LATENCY_BUCKETS_US`]).
-    pub bounds_us: Vec<u64>,
-    /// One count per bound, plus the overflow bucket.
-    pub counts: Vec<u64>,
-    /// All requests counted.
-    pub count: u64,
-    /// Sum of all latencies, in µs.
-    pub sum_us: u64,
-}
-
-impl LatencyHistogram {
-    /// The bucket bound at or below which a fraction `q` (0..=1) of requests fell:
-    /// an upper estimate of that quantile. `None` when empty or in the overflow bucket.
-    pub fn quantile_upper_bound_us(&self, q: f64) -> Option<u64> {
-        if self.count == 0 {
-            return None;
-        }
-        let target = ((self.count as f64) * q.clamp(0.0, 1.0)).ceil().max(1.0) as u64;
-        let mut seen = 0;
-        for (i, &n) in self.counts.iter().enumerate() {
-            seen += n;
-            if seen >= target {
-                return self.bounds_us.get(i).copied();
-            }
-        }
-        None
-    }
 }
 
 #[cfg(test)]

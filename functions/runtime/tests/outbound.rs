@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agora_functions::outbound::OutboundAllowList;
-use agora_functions::{FunctionRegistry, FunctionSpec, HttpConfig};
+use agora_fn_runtime::outbound::OutboundAllowList;
+use agora_fn_runtime::{FunctionRegistry, FunctionSpec, HttpConfig};
 use common::*;
 use hyper::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

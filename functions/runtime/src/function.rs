@@ -96,7 +96,7 @@ impl Function {
     /// Has `log` told, from now on, every request that failed or whose guest wrote
     /// output (the function host executor writes them to the task's stderr file).
     /// Only the first call takes effect.
-    pub(crate) fn set_request_log(&self, log: Box<dyn RequestLog>) {
+    pub fn set_request_log(&self, log: Box<dyn RequestLog>) {
         let _ = self.request_log.set(log);
     }
 
@@ -255,7 +255,7 @@ impl std::fmt::Debug for Function {
 /// Receives each request of a function that failed or whose guest wrote output: both
 /// in one call, so a log can keep one request's lines together. Called on the request
 /// path, after the answer is ready and before it is sent: keep it cheap.
-pub(crate) trait RequestLog: Send + Sync {
+pub trait RequestLog: Send + Sync {
     /// One request ended: what its guest wrote (maybe nothing) and why it failed, if
     /// it did. Silent successful requests are not recorded.
     fn record(&self, output: &GuestOutput, failure: Option<&Failure>);
@@ -263,26 +263,29 @@ pub(crate) trait RequestLog: Send + Sync {
 
 /// The most of each of a guest's diagnostic streams kept per request for the
 /// request log; the rest is dropped (the guest's writes still succeed).
-pub(crate) const GUEST_OUTPUT_LIMIT: usize = 16 * KIB as usize;
+pub const GUEST_OUTPUT_LIMIT: usize = 16 * KIB as usize;
 
 /// What one request's guest wrote for the logs: a component's stdout and stderr, a
 /// CGI guest's stderr (its stdout is the response).
 #[derive(Debug, Default)]
-pub(crate) struct GuestOutput {
+pub struct GuestOutput {
+    /// What it wrote on stdout.
     pub stdout: Captured,
+    /// What it wrote on stderr.
     pub stderr: Captured,
 }
 
 impl GuestOutput {
     /// The guest wrote nothing.
-    pub(crate) fn is_empty(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
         self.stdout.bytes.is_empty() && self.stderr.bytes.is_empty()
     }
 }
 
 /// One captured stream: its first [`GUEST_OUTPUT_LIMIT`] bytes.
 #[derive(Debug, Default)]
-pub(crate) struct Captured {
+pub struct Captured {
+    /// The bytes kept.
     pub bytes: Bytes,
     /// The guest wrote more, which was dropped.
     pub truncated: bool,

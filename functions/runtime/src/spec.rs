@@ -3,9 +3,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use agora_fn_api::GuestKind;
 use agora_proto::units::{format_bytes, format_duration, MIB};
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 
 use crate::error::FunctionError;
 use crate::outbound::OutboundAllowList;
@@ -140,7 +140,7 @@ impl FunctionSpec {
 }
 
 /// Names appear in URLs, metrics and file names: keep them to a safe alphabet.
-pub(crate) fn check_name(what: &str, name: &str) -> Result<(), String> {
+pub fn check_name(what: &str, name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > MAX_NAME_LEN {
         return Err(format!(
             "{what} must be 1 to {MAX_NAME_LEN} characters, got {name:?}"
@@ -162,42 +162,6 @@ pub(crate) fn check_name(what: &str, name: &str) -> Result<(), String> {
 
 pub(crate) fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
-/// Which of the two guest styles a module is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum GuestKind {
-    /// A WASI preview 1 command speaking CGI on stdin/stdout.
-    CgiModule,
-    /// A `wasi:http/proxy` component.
-    HttpComponent,
-}
-
-impl GuestKind {
-    /// Tells a core module from a component by the header, with a sentence for anything
-    /// else.
-    pub(crate) fn detect(bytes: &[u8]) -> Result<GuestKind, String> {
-        if !bytes.starts_with(b"\0asm") {
-            return Err(format!(
-                "not a WebAssembly module or component (bad magic number; {} bytes)",
-                bytes.len()
-            ));
-        }
-        match bytes.get(4..8) {
-            Some([1, 0, 0, 0]) => Ok(GuestKind::CgiModule),
-            Some([_, _, 1, 0]) => Ok(GuestKind::HttpComponent),
-            _ => Err("not a WebAssembly module or component (unsupported version)".to_string()),
-        }
-    }
-
-    /// Suffix of compiled artifacts of this kind in the cache directory.
-    pub(crate) fn artifact_extension(self) -> &'static str {
-        match self {
-            GuestKind::CgiModule => "cwasm",
-            GuestKind::HttpComponent => "ccomp",
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
-//! Load-testing a no-op function against process-per-request baselines: the pieces
-//! `fn-bench` and `agora bench fn` share, so both measure the same way.
+//! Load-testing a no-op function against process-per-request baselines, for
+//! `agora bench fn` (moved here from the functions library: benchmarks are not part
+//! of the runtime).
 //!
 //! Every server answers `GET /fn/noop` with `ok\n` and is loaded the same way
 //! ([`load`]): N keep-alive HTTP/1.1 connections on loopback, each sending requests
@@ -7,12 +8,12 @@
 //! answers that start and end inside the window count, anything else is an error.
 //!
 //! The servers this module starts, all in the calling process on the current tokio
-//! runtime, all on the same axum server ([`crate::serve_tcp`]):
-//! - the runtime ([`start_runtime`]): this crate's [`FunctionHost`] and [`router`], a
+//! runtime, all on the same axum server ([`agora_fn_runtime::serve_tcp`]):
+//! - the runtime ([`start_runtime`]): the runtime's [`FunctionHost`] and [`router`], a
 //!   fresh instance per request from the pre-instantiated module, as an agent's
 //!   function host serves it ([`noop_spec`] has the limits);
 //! - [`Baseline::WasmProcess`]: a fresh process per request running the same module
-//!   CGI-style, as `wasmtime run` would: a helper executable's `run-once CWASM`
+//!   CGI-style, as `wasmtime run` would: `agora bench run-once CWASM` (hidden)
 //!   ([`run_once`]), which loads the module precompiled once ([`precompile`], like
 //!   `wasmtime compile`), runs it with the request's CGI environment and stdio, and exits;
 //! - [`Baseline::NativeProcess`]: a native CGI program per request (`printf` writing
@@ -32,7 +33,7 @@ use axum::http::{Response, StatusCode};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 
-use crate::{
+use agora_fn_runtime::{
     router, serve_tcp, FunctionHost, FunctionRegistry, FunctionSpec, HostConfig, HttpConfig,
     ModuleSource,
 };
@@ -45,9 +46,9 @@ pub const NOOP_BODY: &[u8] = b"ok\n";
 pub const WARMUP: Duration = Duration::from_secs(1);
 /// Where `scripts/build-guests.sh` puts the noop guest, relative to the workspace.
 pub const NOOP_MODULE: &str = "target/guests/wasm32-wasip1/release/noop.wasm";
-/// The subcommand of a helper executable that runs a precompiled module once
-/// ([`run_once`]); `fn-bench` has it.
-pub const RUN_ONCE: &str = "run-once";
+/// The (hidden) subcommand of `agora` that runs a precompiled module once
+/// ([`run_once`]).
+pub const RUN_ONCE: [&str; 2] = ["bench", "run-once"];
 
 /// The noop guest built by `scripts/build-guests.sh`: looked for under the current
 /// directory and its parents, then in the workspace this crate was built from.
@@ -176,8 +177,8 @@ impl Baseline {
 
 /// Starts `baseline` on a free loopback port. The wasm one precompiles `module` into
 /// a scratch directory (removed when the server is dropped) and runs
-/// `helper run-once CWASM` per request; `helper` must be an executable calling
-/// [`run_once`] for that subcommand, as `fn-bench` does (the native one needs none).
+/// `helper bench run-once CWASM` per request; `helper` must be an executable calling
+/// [`run_once`] for that subcommand, as `agora` does (the native one needs none).
 pub async fn start_baseline(
     baseline: Baseline,
     module: &Path,
@@ -186,7 +187,10 @@ pub async fn start_baseline(
     match baseline {
         Baseline::WasmProcess => {
             let Some(helper) = helper else {
-                bail!("the wasm-process baseline needs an executable with a `{RUN_ONCE}` subcommand (fn-bench)");
+                bail!(
+                    "the wasm-process baseline needs an executable with a `{}` subcommand (agora)",
+                    RUN_ONCE.join(" ")
+                );
             };
             let scratch = ScratchDir::new()?;
             let cwasm = scratch.path.join("noop.cwasm");
@@ -194,7 +198,7 @@ pub async fn start_baseline(
             let helper = helper.to_path_buf();
             let app = process_router(Arc::new(move || {
                 let mut cmd = tokio::process::Command::new(&helper);
-                cmd.arg(RUN_ONCE).arg(&cwasm);
+                cmd.args(RUN_ONCE).arg(&cwasm);
                 cmd
             }));
             serve_router(app, Some(scratch)).await
@@ -234,7 +238,7 @@ fn process_router(command: Arc<dyn Fn() -> tokio::process::Command + Send + Sync
                 .kill_on_drop(true);
             let answer = match cmd.output().await {
                 Ok(out) if out.status.success() => {
-                    crate::cgi::parse_response(Bytes::from(out.stdout))
+                    agora_fn_runtime::parse_cgi_response(Bytes::from(out.stdout))
                 }
                 Ok(out) => Err(format!("CGI process failed: {}", out.status)),
                 Err(e) => Err(format!("cannot spawn the CGI process: {e}")),

@@ -84,7 +84,7 @@ fn protocol(version: Version) -> &'static str {
 
 /// Parses a CGI response: header lines (`\n` or `\r\n`), a blank line, the body.
 /// The error is a short sentence saying what is wrong with the output.
-pub(crate) fn parse_response(output: Bytes) -> Result<Response<Bytes>, String> {
+pub fn parse_response(output: Bytes) -> Result<Response<Bytes>, String> {
     if output.is_empty() {
         return Err("the function wrote nothing on stdout (a CGI response needs headers, a blank line and a body)".to_string());
     }

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use agora_functions::MetricsSnapshot;
-use agora_net::unix_millis;
+use agora_fn_api::MetricsSnapshot;
+
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -107,7 +107,7 @@ pub(crate) async fn run_poller(functions: Arc<Functions>, client: Arc<agora_sdk:
             }
         }))
         .await;
-        let now = unix_millis();
+        let now = crate::now_ms();
         let mut s = functions.lock();
         s.metrics.clear();
         for (addr, r) in answers {

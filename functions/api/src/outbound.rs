@@ -22,7 +22,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
-use axum::http::Uri;
+use http::Uri;
 
 /// Most entries one function may list.
 pub const MAX_ENTRIES: usize = 64;

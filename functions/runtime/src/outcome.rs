@@ -83,7 +83,8 @@ pub struct Failure {
 }
 
 impl Failure {
-    pub(crate) fn new(class: ErrorClass, message: impl Into<String>) -> Self {
+    /// A failure of `class`, with the sentence its answer carries.
+    pub fn new(class: ErrorClass, message: impl Into<String>) -> Self {
         Failure {
             class,
             message: message.into(),

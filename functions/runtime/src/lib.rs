@@ -20,32 +20,38 @@
 //! Layout: `host` (engine, linkers, artifact cache, ticker), `function` (one request's
 //! path), `admission` (queues and limits), `guest/` (the two styles), `cgi` (the CGI
 //! protocol), `limits` and `outcome` (limits in the store, and the one mapping of
-//! endings to HTTP answers), `metrics`, `registry`, `http`; `executor` is the agent's
-//! function host executor process (`agora executor fn`), built on all of them.
+//! endings to HTTP answers), `metrics`, `registry`, `http`. The agent's function host
+//! executor process (`agora executor fn`) is built on all of them in `agora-fn-host`;
+//! what master, agent and gateway share with this crate (metrics snapshots, the
+//! outbound allow-list) is in `agora-fn-api`, which does not link wasmtime.
+//!
+//! This crate owns the WebAssembly side of functions; it must never be a dependency
+//! of the master, the agent or the gateway (they use `agora-fn-api`), nor talk to a
+//! master itself.
 
 #![warn(missing_docs)]
 
 mod admission;
 mod artifact_cache;
-pub mod bench;
 mod cgi;
 mod error;
-pub mod executor;
 mod function;
 mod guest;
 mod host;
 mod http;
 mod limits;
 mod metrics;
-pub mod outbound;
 mod outcome;
 mod registry;
 mod request;
 mod spec;
 mod units;
 
+pub use agora_fn_api::outbound;
+pub use cgi::parse_response as parse_cgi_response;
 pub use error::FunctionError;
 pub use function::Function;
+pub use function::{Captured, GuestOutput, RequestLog, GUEST_OUTPUT_LIMIT};
 pub use host::{FunctionHost, HostConfig, EPOCH_TICK};
 pub use http::{router, serve, serve_tcp, HttpConfig};
 pub use metrics::{ErrorCounts, LatencyHistogram, MetricsSnapshot, LATENCY_BUCKETS_US};
@@ -53,6 +59,6 @@ pub use outcome::{ErrorClass, Failure};
 pub use registry::FunctionRegistry;
 pub use request::FunctionRequest;
 pub use spec::{
-    FunctionSpec, GuestKind, ModuleSource, DEFAULT_MEMORY_LIMIT, DEFAULT_TIMEOUT, MAX_NAME_LEN,
-    MAX_TIMEOUT,
+    check_name, FunctionSpec, GuestKind, ModuleSource, DEFAULT_MEMORY_LIMIT, DEFAULT_TIMEOUT,
+    MAX_NAME_LEN, MAX_TIMEOUT,
 };

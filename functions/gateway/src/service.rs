@@ -2,16 +2,25 @@
 //! the planner (deployed functions and their hosts), where each agent serves HTTP,
 //! the load last read from the agents, and the requests waiting for a host.
 //!
+//! Deployments and tenant limits are kept in the master's registry as the
+//! framework's state (keys of [`agora_fn_api::gateway_state`]), written through the
+//! framework's scheduler session ([`StateStore`]) and read back from SUBSCRIBED
+//! ([`Functions::recover`]).
+//!
 //! One std mutex guards it; nothing awaits while holding it. Whoever changes what the
 //! framework should act on wakes it ([`Functions::wake_framework`]); whoever changes
 //! which hosts serve bumps a watch so that waiting requests look again.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use agora_functions::MetricsSnapshot;
-use agora_net::unix_millis;
+use agora_fn_api::gateway_state::{FUNCTION_PREFIX, TENANT_PREFIX};
+
+use agora_fn_api::MetricsSnapshot;
+
 use agora_proto::units::format_duration;
 use agora_proto::v1::{
     self, FunctionDeploy, FunctionInfo, FunctionSummary, TaskState, TenantLimit,
@@ -22,10 +31,41 @@ use tokio::sync::{watch, Notify};
 
 use super::planner::{HostState, Planner, PlannerConfig};
 use super::MAX_WAITERS;
-use crate::registry::{FunctionEntry, Registry, RegistryOp, TenantLimitEntry};
+/// Keeps one record of the framework's state durably (`None`: deletes it); the
+/// framework's scheduler session ([`agora_sdk::StateWriter`]) in a running gateway.
+pub(crate) trait StateStore: Send + Sync {
+    fn set(
+        &self,
+        key: String,
+        value: Option<Vec<u8>>,
+    ) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send + '_>>;
+}
 
-/// Writes registry ops durably (the master shell's registry store).
-pub type Persist = Arc<dyn Fn(&[RegistryOp]) -> anyhow::Result<()> + Send + Sync>;
+impl StateStore for agora_sdk::StateWriter {
+    fn set(
+        &self,
+        key: String,
+        value: Option<Vec<u8>>,
+    ) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send + '_>> {
+        Box::pin(async move {
+            match value {
+                Some(v) => self.put(&key, v).await.map(|_| ()),
+                None => self.delete(&key).await.map(|_| ()),
+            }
+        })
+    }
+}
+
+/// Longest an operator request waits for the framework's first subscription.
+const STORE_WAIT: Duration = Duration::from_secs(20);
+
+/// A role's per-agent concurrency limit over its functions (`agora fn tenant set`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TenantLimitEntry {
+    pub max_concurrency: u32,
+    pub queue_len: u32,
+    pub max_queue_wait_ms: u64,
+}
 
 /// cpus of a host when the deploy names none: most time a host waits for requests.
 pub const DEFAULT_HOST_CPUS_MILLI: i64 = 100;
@@ -43,7 +83,8 @@ pub struct Functions {
     state: Mutex<State>,
     wake: Notify,
     changed: watch::Sender<u64>,
-    persist: Persist,
+    /// Where deployments are kept; None until the framework has subscribed.
+    store: watch::Sender<Option<Arc<dyn StateStore>>>,
 }
 
 pub(crate) struct State {
@@ -62,6 +103,8 @@ pub(crate) struct State {
     pub kill_queue: Vec<String>,
     /// Role -> the per-agent limit over its functions' requests.
     pub tenant_limits: BTreeMap<String, TenantLimitEntry>,
+    /// The framework's stored state was taken (see [`Functions::recover`]).
+    pub recovered: bool,
 }
 
 /// Why a request found no host.
@@ -113,46 +156,16 @@ impl Drop for Waiting<'_> {
         } else {
             s.waiting.insert(self.name.to_string(), n);
         }
-        s.planner.set_waiting(self.name, n, unix_millis());
+        s.planner.set_waiting(self.name, n, crate::now_ms());
     }
 }
 
 impl Functions {
-    /// The functions of a recovered registry, and the framework's id.
-    pub fn from_registry(reg: &Registry) -> Recovered {
-        let mut specs = Vec::new();
-        for (name, entry) in &reg.functions {
-            let decoded = hex::decode(&entry.deploy_hex)
-                .map_err(|e| e.to_string())
-                .and_then(|b| FunctionDeploy::decode(b.as_slice()).map_err(|e| e.to_string()));
-            match decoded {
-                Ok(spec) => specs.push(spec),
-                Err(e) => {
-                    tracing::warn!(function = %name, "registry: function entry unreadable, skipped: {e}")
-                }
-            }
-        }
-        Recovered {
-            specs,
-            framework_id: reg.functions_framework.clone(),
-            tenant_limits: reg.tenant_limits.clone(),
-        }
-    }
-
-    pub fn new(recovered: Recovered, idle_timeout: Duration, persist: Persist) -> Arc<Functions> {
-        let Recovered {
-            specs,
-            framework_id,
-            tenant_limits,
-        } = recovered;
-        let mut planner = Planner::new(PlannerConfig {
+    pub fn new(idle_timeout: Duration) -> Arc<Functions> {
+        let planner = Planner::new(PlannerConfig {
             idle_timeout_ms: u64::try_from(idle_timeout.as_millis()).unwrap_or(u64::MAX),
             ..PlannerConfig::default()
         });
-        let now = unix_millis();
-        for spec in specs {
-            planner.deploy(with_tenant_limit(spec, &tenant_limits), now);
-        }
         Arc::new(Functions {
             state: Mutex::new(State {
                 planner,
@@ -161,14 +174,85 @@ impl Functions {
                 waiting: BTreeMap::new(),
                 forwarding: HashMap::new(),
                 round_robin: 0,
-                framework_id,
+                framework_id: None,
                 kill_queue: Vec::new(),
-                tenant_limits,
+                tenant_limits: BTreeMap::new(),
+                recovered: false,
             }),
             wake: Notify::new(),
             changed: watch::Sender::new(0),
-            persist,
+            store: watch::Sender::new(None),
         })
+    }
+
+    /// Where deployments are kept from now on (the framework's new session).
+    pub(crate) fn set_store(&self, store: Arc<dyn StateStore>) {
+        self.store.send_replace(Some(store));
+    }
+
+    /// The framework's state store, once it has subscribed (and so taken back what
+    /// the registry held): right after a start that may take a moment, so this waits
+    /// a bit. None if it still has not.
+    pub(crate) async fn subscribed(&self) -> Option<Arc<dyn StateStore>> {
+        let mut rx = self.store.subscribe();
+        tokio::time::timeout(STORE_WAIT, rx.wait_for(|s| s.is_some()))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .and_then(|s| s.clone())
+    }
+
+    async fn keep(&self, key: String, value: Option<Vec<u8>>) -> anyhow::Result<()> {
+        match self.subscribed().await {
+            Some(store) => store.set(key, value).await,
+            None => anyhow::bail!(
+                "the functions framework has not subscribed to the master yet; try again in a moment"
+            ),
+        }
+    }
+
+    /// Takes the deployments and tenant limits the framework's state held (from
+    /// SUBSCRIBED), once: after that this process's own view is the newer one.
+    pub fn recover(&self, state: &[v1::StateEntry]) {
+        let mut s = self.lock();
+        if s.recovered {
+            return;
+        }
+        s.recovered = true;
+        let mut specs = Vec::new();
+        for e in state {
+            if let Some(role) = e.key.strip_prefix(TENANT_PREFIX) {
+                match TenantLimit::decode(e.value.as_slice()) {
+                    Ok(l) => {
+                        s.tenant_limits.insert(
+                            role.to_string(),
+                            TenantLimitEntry {
+                                max_concurrency: l.max_concurrency,
+                                queue_len: l.queue_len,
+                                max_queue_wait_ms: l.max_queue_wait_ms,
+                            },
+                        );
+                    }
+                    Err(e) => {
+                        tracing::warn!(%role, "functions state: tenant limit unreadable, skipped: {e}")
+                    }
+                }
+            } else if let Some(name) = e.key.strip_prefix(FUNCTION_PREFIX) {
+                match FunctionDeploy::decode(e.value.as_slice()) {
+                    Ok(spec) => specs.push(spec),
+                    Err(e) => {
+                        tracing::warn!(function = %name, "functions state: function unreadable, skipped: {e}")
+                    }
+                }
+            }
+        }
+        let now = crate::now_ms();
+        for spec in specs {
+            let effective = with_tenant_limit(spec, &s.tenant_limits);
+            s.planner.deploy(effective, now);
+        }
+        drop(s);
+        self.wake_framework();
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
@@ -191,26 +275,20 @@ impl Functions {
         self.changed.send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    pub(crate) fn persist(&self, ops: &[RegistryOp]) -> anyhow::Result<()> {
-        (self.persist)(ops)
-    }
-
     /// Registers or replaces a function (checked and normalised first), durably.
-    pub fn deploy(&self, spec: FunctionDeploy) -> Result<FunctionDeploy, String> {
+    pub async fn deploy(&self, spec: FunctionDeploy) -> Result<FunctionDeploy, String> {
         let spec = normalize(spec)?;
-        let entry = FunctionEntry {
-            deploy_hex: hex::encode(spec.encode_to_vec()),
-        };
-        self.persist(&[RegistryOp::PutFunction {
-            name: spec.name.clone(),
-            entry,
-        }])
+        self.keep(
+            format!("{FUNCTION_PREFIX}{}", spec.name),
+            Some(spec.encode_to_vec()),
+        )
+        .await
         .map_err(|e| format!("function {} not deployed: {e:#}", spec.name))?;
         let replaced = {
             let mut s = self.lock();
             let replaced = s.planner.function(&spec.name).is_some();
             let effective = with_tenant_limit(spec.clone(), &s.tenant_limits);
-            s.planner.deploy(effective, unix_millis());
+            s.planner.deploy(effective, crate::now_ms());
             replaced
         };
         tracing::info!(function = %spec.name, replaced, sha256 = %spec.module.as_ref().map(|m| m.sha256.as_str()).unwrap_or(""), "function deployed");
@@ -222,12 +300,13 @@ impl Functions {
     /// functions' requests, durably. Hosts of the role's functions are replaced by
     /// hosts carrying the new limit (a new generation: the old ones serve until then).
     /// Returns the names of the role's functions.
-    pub fn set_tenant_limit(&self, limit: TenantLimit) -> Result<Vec<String>, String> {
+    pub async fn set_tenant_limit(&self, limit: TenantLimit) -> Result<Vec<String>, String> {
         let (role, entry) = check_tenant_limit(limit)?;
-        self.persist(&[RegistryOp::SetTenantLimit {
-            role: role.clone(),
-            limit: entry,
-        }])
+        self.keep(
+            format!("{TENANT_PREFIX}{role}"),
+            entry.map(|e| to_proto_limit(&role, &e).encode_to_vec()),
+        )
+        .await
         .map_err(|e| format!("tenant limit of role {role} not set: {e:#}"))?;
         let replaced = {
             let mut s = self.lock();
@@ -242,7 +321,7 @@ impl Functions {
                 .filter(|f| f.spec.role == role)
                 .map(|f| f.spec.clone())
                 .collect();
-            let now = unix_millis();
+            let now = crate::now_ms();
             for spec in &specs {
                 let effective = with_tenant_limit(spec.clone(), &s.tenant_limits);
                 s.planner.deploy(effective, now);
@@ -264,16 +343,15 @@ impl Functions {
     }
 
     /// Removes a function: its hosts are killed, requests to it get 404.
-    pub fn remove(&self, name: &str) -> Result<(), String> {
+    pub async fn remove(&self, name: &str) -> Result<(), String> {
         if self.lock().planner.function(name).is_none() {
             return Err(format!(
                 "no function named {name:?} is deployed (see `agora fn ls`)"
             ));
         }
-        self.persist(&[RegistryOp::RemoveFunction {
-            name: name.to_string(),
-        }])
-        .map_err(|e| format!("function {name} not removed: {e:#}"))?;
+        self.keep(format!("{FUNCTION_PREFIX}{name}"), None)
+            .await
+            .map_err(|e| format!("function {name} not removed: {e:#}"))?;
         // The framework kills the hosts on its next decision.
         let kills = self.lock().planner.remove(name);
         tracing::info!(function = %name, hosts = kills.len(), "function removed");
@@ -362,7 +440,7 @@ impl Functions {
                 return Err(WaitError::Full);
             }
             s.waiting.insert(name.to_string(), n + 1);
-            s.planner.set_waiting(name, n + 1, unix_millis());
+            s.planner.set_waiting(name, n + 1, crate::now_ms());
             failures
         };
         let _waiting = Waiting {
@@ -446,14 +524,6 @@ impl State {
         }
         out
     }
-}
-
-/// What the registry held about functions.
-#[derive(Debug, Default)]
-pub struct Recovered {
-    pub specs: Vec<FunctionDeploy>,
-    pub framework_id: Option<String>,
-    pub tenant_limits: BTreeMap<String, TenantLimitEntry>,
 }
 
 /// Most requests a tenant limit lets run, or wait, on one agent.
@@ -555,8 +625,7 @@ pub fn normalize(mut d: FunctionDeploy) -> Result<FunctionDeploy, String> {
     info.tenant = tenant_of(&d.role);
     // Set from the role's tenant limit when hosts are planned, never by a client.
     info.tenant_limit = None;
-    agora_functions::outbound::OutboundAllowList::parse(&info.allowed_outbound_hosts)
-        .map_err(&bad)?;
+    agora_fn_api::outbound::OutboundAllowList::parse(&info.allowed_outbound_hosts).map_err(&bad)?;
     if info.memory_bytes == 0 {
         info.memory_bytes = DEFAULT_MEMORY;
     }
@@ -697,28 +766,37 @@ mod tests {
         assert!(normalize(d).is_err());
     }
 
-    /// Functions whose registry ops are kept in a list.
-    fn recording() -> (Arc<Functions>, Arc<Mutex<Vec<RegistryOp>>>) {
-        let persisted = Arc::new(Mutex::new(Vec::new()));
-        let p = persisted.clone();
-        let f = Functions::new(
-            Recovered::default(),
-            Duration::from_secs(60),
-            Arc::new(move |ops: &[RegistryOp]| {
-                p.lock().unwrap().extend_from_slice(ops);
-                Ok(())
-            }),
-        );
+    type Kept = Arc<Mutex<Vec<(String, Option<Vec<u8>>)>>>;
+
+    /// Keeps the state writes in a list.
+    struct Recorder(Kept);
+
+    impl StateStore for Recorder {
+        fn set(
+            &self,
+            key: String,
+            value: Option<Vec<u8>>,
+        ) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send + '_>> {
+            self.0.lock().unwrap().push((key, value));
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    /// Functions whose state writes are kept in a list.
+    fn recording() -> (Arc<Functions>, Kept) {
+        let persisted = Kept::default();
+        let f = Functions::new(Duration::from_secs(60));
+        f.set_store(Arc::new(Recorder(persisted.clone())));
         (f, persisted)
     }
 
     #[tokio::test]
     async fn a_waiting_request_gets_the_first_running_host() {
         let (f, persisted) = recording();
-        f.deploy(deploy("echo")).unwrap();
+        f.deploy(deploy("echo")).await.unwrap();
         assert!(matches!(
-            persisted.lock().unwrap()[0],
-            RegistryOp::PutFunction { .. }
+            &persisted.lock().unwrap()[0],
+            (key, Some(_)) if key == "function/echo"
         ));
         assert!(f.lease("echo").is_none());
         assert_eq!(
@@ -744,7 +822,10 @@ mod tests {
         }
         {
             let mut s = f.lock();
-            assert_eq!(s.planner.decide(unix_millis()).launch.get("echo"), Some(&1));
+            assert_eq!(
+                s.planner.decide(crate::now_ms()).launch.get("echo"),
+                Some(&1)
+            );
             s.planner.launched("fn.echo.1", "echo", "a1", 0);
             s.planner
                 .update("fn.echo.1", None, "a1", TaskState::TaskRunning, "", 0);
@@ -757,19 +838,19 @@ mod tests {
         assert_eq!(f.lock().forwarding["127.0.0.1:9"], 1);
         drop(lease);
         assert_eq!(f.lock().forwarding["127.0.0.1:9"], 0);
-        f.remove("echo").unwrap();
-        assert!(f.remove("echo").unwrap_err().contains("no function named"));
+        f.remove("echo").await.unwrap();
+        assert!(f
+            .remove("echo")
+            .await
+            .unwrap_err()
+            .contains("no function named"));
         assert!(f.list().is_empty());
     }
 
     #[tokio::test]
     async fn a_host_that_fails_to_start_fails_the_waiting_requests() {
-        let f = Functions::new(
-            Recovered::default(),
-            Duration::from_secs(60),
-            Arc::new(|_: &[RegistryOp]| Ok(())),
-        );
-        f.deploy(deploy("bad")).unwrap();
+        let (f, _) = recording();
+        f.deploy(deploy("bad")).await.unwrap();
         let waiter = {
             let f = f.clone();
             tokio::spawn(async move { f.wait_for_host("bad", Duration::from_secs(10)).await.err() })
@@ -796,8 +877,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_tenant_limit_reaches_the_roles_hosts_as_a_new_generation() {
+    #[tokio::test]
+    async fn a_tenant_limit_reaches_the_roles_hosts_as_a_new_generation() {
         let (f, persisted) = recording();
         let mut a = deploy("a");
         a.role = "acme".into();
@@ -809,8 +890,8 @@ mod tests {
             }),
             ..Default::default()
         });
-        f.deploy(a).unwrap();
-        f.deploy(deploy("other")).unwrap();
+        f.deploy(a).await.unwrap();
+        f.deploy(deploy("other")).await.unwrap();
         let limit_of = |name: &str| {
             let s = f.lock();
             let p = s.planner.function(name).unwrap();
@@ -824,7 +905,7 @@ mod tests {
             queue_len: 4,
             max_queue_wait_ms: 0,
         };
-        assert_eq!(f.set_tenant_limit(limit.clone()).unwrap(), vec!["a"]);
+        assert_eq!(f.set_tenant_limit(limit.clone()).await.unwrap(), vec!["a"]);
         let want = TenantLimit {
             max_queue_wait_ms: DEFAULT_TENANT_QUEUE_WAIT_MS,
             ..limit
@@ -834,38 +915,42 @@ mod tests {
         assert_eq!(f.tenant_limits(), vec![want.clone()]);
         assert!(matches!(
             persisted.lock().unwrap().last(),
-            Some(RegistryOp::SetTenantLimit { role, limit: Some(_) }) if role == "acme"
+            Some((key, Some(_))) if key == "tenant/acme"
         ));
         // The same limit again changes nothing; a function deployed later gets it.
-        f.set_tenant_limit(want.clone()).unwrap();
+        f.set_tenant_limit(want.clone()).await.unwrap();
         assert_eq!(limit_of("a").0, 1);
         let mut b = deploy("b");
         b.role = "acme".into();
-        f.deploy(b).unwrap();
+        f.deploy(b).await.unwrap();
         assert_eq!(limit_of("b"), (0, Some(want.clone())));
         // What is persisted for a function never holds the limit (the role's does).
         let ops = persisted.lock().unwrap().clone();
-        for op in ops {
-            if let RegistryOp::PutFunction { entry, .. } = op {
-                let d = FunctionDeploy::decode(hex::decode(entry.deploy_hex).unwrap().as_slice())
-                    .unwrap();
+        for (key, value) in ops {
+            if let (true, Some(v)) = (key.starts_with("function/"), value) {
+                let d = FunctionDeploy::decode(v.as_slice()).unwrap();
                 assert_eq!(d.function.unwrap().tenant_limit, None);
             }
         }
 
         // Bad limits are refused with the reason.
-        let bad = |l: TenantLimit| f.set_tenant_limit(l).unwrap_err();
+        let bad = |l: TenantLimit| {
+            let f = f.clone();
+            async move { f.set_tenant_limit(l).await.unwrap_err() }
+        };
         assert!(bad(TenantLimit {
             role: "no spaces".into(),
             max_concurrency: 1,
             ..Default::default()
         })
+        .await
         .contains("no spaces"));
         assert!(bad(TenantLimit {
             role: "acme".into(),
             max_concurrency: 1_000_000,
             ..Default::default()
         })
+        .await
         .contains("above the limit"));
 
         // Removed: the hosts are replaced again, without a limit.
@@ -873,6 +958,7 @@ mod tests {
             role: "acme".into(),
             ..Default::default()
         })
+        .await
         .unwrap();
         assert_eq!(limit_of("a"), (2, None));
         assert!(f.tenant_limits().is_empty());

@@ -107,7 +107,7 @@ async fn list(State(app): State<App>) -> Json<serde_json::Value> {
     Json(serde_json::Value::Array(functions))
 }
 
-async fn metrics(State(app): State<App>) -> Json<Vec<agora_functions::MetricsSnapshot>> {
+async fn metrics(State(app): State<App>) -> Json<Vec<agora_fn_api::MetricsSnapshot>> {
     Json(app.functions.metrics())
 }
 

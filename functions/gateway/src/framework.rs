@@ -12,7 +12,6 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agora_net::unix_millis;
 use agora_proto::v1::{FunctionDeploy, TaskState};
 use agora_proto::Resources;
 use agora_sdk::{Client, ClientConfig, Event, FrameworkInfo, Offer, Scheduler, TaskInfo};
@@ -20,7 +19,6 @@ use agora_sdk::{Client, ClientConfig, Event, FrameworkInfo, Offer, Scheduler, Ta
 use super::load::{refresh_agents, run_poller};
 use super::planner::HostState;
 use super::Functions;
-use crate::registry::RegistryOp;
 
 /// The framework's name, as `agora ps` shows it.
 pub const FRAMEWORK_NAME: &str = "agora-functions";
@@ -94,41 +92,47 @@ pub(crate) async fn run(functions: Arc<Functions>, cfg: ClientConfig) {
     }
 }
 
-/// SUBSCRIBE as the framework of the previous run when the registry names one (its
-/// hosts come back), else as a new one; retried until it works.
+/// SUBSCRIBE with the gateway's fixed framework id
+/// ([`agora_fn_api::gateway_state::FRAMEWORK_ID`]): after a master restart that is
+/// the framework of the previous run, whose hosts and state (its deployments) come
+/// back; the master accepts an id it does not know (a first start). Only if the
+/// master refuses that id (the framework was torn down, and its state with it) does
+/// the gateway register anew, under an id the master picks, for as long as this
+/// process runs. Retried until it works.
 async fn subscribe(functions: &Functions, client: &Client) -> Scheduler {
     let mut backoff = Duration::from_millis(100);
     loop {
         let (roles, known) = {
             let s = functions.lock();
-            (s.planner.roles(), s.framework_id.clone())
+            let known = s
+                .framework_id
+                .clone()
+                .unwrap_or_else(|| agora_fn_api::gateway_state::FRAMEWORK_ID.to_string());
+            (s.planner.roles(), known)
         };
-        let attempt = match &known {
-            Some(id) => match client
-                .subscribe(framework_info(roles.clone(), id.clone()))
-                .await
-            {
-                Ok(s) => Ok(s),
-                Err(e) => {
-                    tracing::warn!("functions framework: re-subscribing as {id} failed ({e:#}); registering anew");
-                    client.subscribe(framework_info(roles, String::new())).await
-                }
-            },
-            None => client.subscribe(framework_info(roles, String::new())).await,
+        let attempt = match client
+            .subscribe(framework_info(roles.clone(), known.clone()))
+            .await
+        {
+            Ok(s) => Ok(s),
+            Err(e) if e.to_string().contains("was removed") => {
+                tracing::warn!("functions framework: re-subscribing as {known} failed ({e:#}); registering anew");
+                client.subscribe(framework_info(roles, String::new())).await
+            }
+            Err(e) => Err(e),
         };
         match attempt {
             Ok(sched) => {
                 let id = sched.framework_id().to_string();
-                if known.as_deref() != Some(id.as_str()) {
-                    if let Err(e) = functions.persist(&[RegistryOp::SetFunctionsFramework {
-                        framework_id: id.clone(),
-                    }]) {
-                        tracing::error!("functions framework: cannot record its id {id}: {e:#}");
-                    }
+                functions.recover(sched.stored_state());
+                functions.set_store(std::sync::Arc::new(sched.state_writer()));
+                {
                     let mut s = functions.lock();
+                    if s.framework_id.as_deref().is_some_and(|k| k != id) {
+                        // A new framework: the old one's tasks are not ours to track.
+                        s.planner.clear_hosts();
+                    }
                     s.framework_id = Some(id.clone());
-                    // A new framework: the old one's tasks are not ours to track.
-                    s.planner.clear_hosts();
                 }
                 tracing::info!(framework = %id, "functions framework subscribed");
                 if let Err(e) = sched.reconcile(vec![]).await {
@@ -187,7 +191,7 @@ impl Framework {
     async fn act(&mut self) -> std::collections::BTreeMap<String, u32> {
         let (plan, queued, roles, wanting) = {
             let mut s = self.functions.lock();
-            let plan = s.planner.decide(unix_millis());
+            let plan = s.planner.decide(crate::now_ms());
             let queued = std::mem::take(&mut s.kill_queue);
             let roles = s.planner.roles();
             let wanting: BTreeSet<String> = plan
@@ -241,7 +245,7 @@ impl Framework {
                     tracing::warn!("functions framework: acknowledge: {e:#}");
                 }
                 let state = status.state();
-                let now = unix_millis();
+                let now = crate::now_ms();
                 let (kill, unknown_agent) = {
                     let mut s = self.functions.lock();
                     let kill = s.planner.update(
@@ -354,7 +358,7 @@ impl Framework {
         offer: &Offer,
         wants: &mut std::collections::BTreeMap<String, u32>,
     ) -> Vec<TaskInfo> {
-        let now = unix_millis();
+        let now = crate::now_ms();
         let mut s = self.functions.lock();
         if !s.agent_http.contains_key(&offer.agent_id) {
             return Vec::new(); // the agent serves no HTTP: no function can be reached there

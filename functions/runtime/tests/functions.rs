@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agora_functions::{
+use agora_fn_runtime::{
     FunctionError, FunctionRegistry, FunctionSpec, GuestKind, HttpConfig, MetricsSnapshot,
     ModuleSource,
 };
@@ -487,7 +487,7 @@ async fn compiled_artifacts_are_cached_by_sha256() {
         let loaded = second.load(s).unwrap();
         assert_eq!(loaded.kind(), f.kind());
         let response = loaded
-            .invoke(agora_functions::FunctionRequest::get("/x"))
+            .invoke(agora_fn_runtime::FunctionRequest::get("/x"))
             .await;
         assert_eq!(response.status(), StatusCode::OK);
     }
@@ -501,9 +501,9 @@ async fn serves_on_a_unix_socket() {
     registry.deploy(spec("noop", cgi_guest("noop"))).unwrap();
     let socket = dir.path().join("fn.sock");
     let listener = tokio::net::UnixListener::bind(&socket).unwrap();
-    tokio::spawn(agora_functions::serve(
+    tokio::spawn(agora_fn_runtime::serve(
         listener,
-        agora_functions::router(Arc::clone(&registry), HttpConfig::default()),
+        agora_fn_runtime::router(Arc::clone(&registry), HttpConfig::default()),
     ));
 
     let stream = tokio::net::UnixStream::connect(&socket).await.unwrap();

@@ -1,4 +1,4 @@
-//! `agora executor fn`: the function host executor, the process form of this crate.
+//! `agora executor fn`: the function host executor, the process form of `agora-fn-runtime`.
 //!
 //! The agent starts one per function host task (its executor id is `fn-<task id>`, so
 //! each host is a process of its own, in a cgroup of its own). It speaks the same link
@@ -36,23 +36,17 @@ use anyhow::Context as _;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{oneshot, Notify};
 
-use crate::function::{GuestOutput, RequestLog, GUEST_OUTPUT_LIMIT};
-use crate::outbound::OutboundAllowList;
-use crate::outcome::Failure;
-use crate::spec::{FunctionSpec, ModuleSource, MAX_NAME_LEN};
-use crate::{router, FunctionHost, FunctionRegistry, HostConfig, HttpConfig};
+use agora_fn_runtime::outbound::OutboundAllowList;
+use agora_fn_runtime::{router, FunctionHost, FunctionRegistry, HostConfig, HttpConfig};
+use agora_fn_runtime::{Failure, GuestOutput, RequestLog, GUEST_OUTPUT_LIMIT};
+use agora_fn_runtime::{FunctionSpec, ModuleSource, MAX_NAME_LEN};
 
 /// The Unix socket a host serves HTTP on, in its task's sandbox (beside `stdout`).
-pub const SOCKET_NAME: &str = "fn.sock";
+pub use agora_fn_api::{socket_path, SOCKET_NAME};
 /// Most a kill waits for the requests in flight, whatever the function's deadline.
 const MAX_DRAIN_GRACE: Duration = Duration::from_secs(10);
 /// Tenant of a function whose owner is the default role (`*`) or not given.
 pub const DEFAULT_TENANT: &str = "default";
-
-/// The socket of the host whose task writes its stdout to `stdout_path`.
-pub fn socket_path(sandbox: &Path) -> PathBuf {
-    sandbox.join(SOCKET_NAME)
-}
 
 /// Runs the executor until the agent says `shutdown` (an `Ok` end, after stopping
 /// every host). A failed first connection, a malformed frame, or an agent that does
@@ -278,7 +272,7 @@ pub fn drain_grace(launch: &ExecutorLaunch) -> Duration {
     let deadline = if launch.timeout_ms > 0 {
         Duration::from_millis(launch.timeout_ms)
     } else {
-        crate::DEFAULT_TIMEOUT
+        agora_fn_runtime::DEFAULT_TIMEOUT
     };
     (deadline + Duration::from_secs(1)).min(MAX_DRAIN_GRACE)
 }
@@ -525,7 +519,7 @@ mod tests {
         assert_eq!(tenant_name("eng/web"), "eng.web");
         assert_eq!(tenant_name("a b"), "a_b");
         assert_eq!(tenant_name("/x"), "_x");
-        assert!(crate::spec::check_name("tenant", &tenant_name(&"r".repeat(100))).is_ok());
+        assert!(agora_fn_runtime::check_name("tenant", &tenant_name(&"r".repeat(100))).is_ok());
     }
 
     #[test]
@@ -546,8 +540,8 @@ mod tests {
         };
         let spec = spec_of(&launch, &info).unwrap();
         assert_eq!(spec.sha256, None);
-        assert_eq!(spec.memory_limit, crate::DEFAULT_MEMORY_LIMIT);
-        assert_eq!(spec.timeout, crate::DEFAULT_TIMEOUT);
+        assert_eq!(spec.memory_limit, agora_fn_runtime::DEFAULT_MEMORY_LIMIT);
+        assert_eq!(spec.timeout, agora_fn_runtime::DEFAULT_TIMEOUT);
         assert_eq!(
             (spec.fuel, spec.max_concurrency, spec.queue_len),
             (7, 3, 64)
@@ -582,12 +576,12 @@ mod tests {
     }
 
     fn failed(reason: &str) -> Failure {
-        Failure::new(crate::ErrorClass::Deadline, reason)
+        Failure::new(agora_fn_runtime::ErrorClass::Deadline, reason)
     }
 
     fn output(stderr: &str) -> GuestOutput {
         GuestOutput {
-            stderr: crate::function::Captured {
+            stderr: agora_fn_runtime::Captured {
                 bytes: bytes::Bytes::copy_from_slice(stderr.as_bytes()),
                 truncated: false,
             },
@@ -602,7 +596,7 @@ mod tests {
         let log = LogFile::new(path.clone(), 0);
         log.record(&output("hello from the guest"), None);
         let mut cut = output("x");
-        cut.stdout = crate::function::Captured {
+        cut.stdout = agora_fn_runtime::Captured {
             bytes: bytes::Bytes::from_static(b"printed\n"),
             truncated: true,
         };
