@@ -159,6 +159,28 @@ fn main() -> ExitCode {
     {
         return bench::run_once(cwasm);
     }
+    // Client commands print tables and logs that people pipe into `head` or `grep -m1`:
+    // let a closed pipe end them quietly, as it does `cat`, instead of a panic in
+    // `println!`. Not for the daemons and executors: a write to a peer that went away
+    // must be an error there, never a signal that kills the process.
+    if matches!(
+        cli.cmd,
+        Cmd::Ps(_)
+            | Cmd::Logs(_)
+            | Cmd::Kill(_)
+            | Cmd::Agents { .. }
+            | Cmd::Role { .. }
+            | Cmd::Quota { .. }
+            | Cmd::Explain(_)
+            | Cmd::Fn { .. }
+            | Cmd::Run(_)
+            | Cmd::Certs { .. }
+    ) {
+        // SAFETY: called before any thread is started; SIG_DFL is a valid disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

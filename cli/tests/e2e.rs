@@ -497,3 +497,29 @@ fn offer_constraints_pin_work_to_matching_agents_and_say_why_otherwise() {
     assert_eq!(code(&o), 2, "{}", stderr(&o));
     assert!(stderr(&o).contains("=oops"), "{}", stderr(&o));
 }
+
+#[test]
+fn a_client_piped_into_a_reader_that_leaves_ends_quietly() {
+    // `agora agents | head -0`: the reader is gone before the table is written. The
+    // client must end as `cat` would (SIGPIPE), not panic with a backtrace.
+    use std::os::unix::process::ExitStatusExt as _;
+    let c = cluster();
+    let mut child = Command::new(AGORA)
+        .args(["agents"])
+        .env("AGORA_CONFIG", &c.config)
+        .env_remove("AGORA_MASTER")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("agora starts");
+    drop(child.stdout.take()); // the reader leaves at once
+    let out = wait_child(&mut child, 60);
+    let err = stderr(&out);
+    assert!(!err.contains("panicked"), "the client panicked:\n{err}");
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "status {:?}, stderr:\n{err}",
+        out.status
+    );
+}
