@@ -21,12 +21,11 @@ use std::time::{Duration, Instant};
 
 use agora_executor_link::RECOVERY_TIMEOUT_ENV;
 use agora_net::tls::{self, Identity};
-use agora_net::{read_frame, transfer, unix_millis, write_frame, Monotonic};
+use agora_net::{read_frame, transfer, write_frame, Monotonic};
 use agora_proto::v1::{
     self, executor_to_agent, master_to_agent, stream_open, AgentToExecutor, AgentToMaster,
     ArtifactGet, ArtifactHeader, MasterToAgent, SandboxData, SandboxRead, StreamOpen, TaskInfo,
 };
-use agora_proto::Now;
 use tokio::sync::mpsc;
 
 use crate::checkpoint::{Checkpoint, Writer};
@@ -222,7 +221,7 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<AgentHandle> {
     let state = checkpoint.load()?;
     let (n_tasks, n_execs) = (state.tasks.len(), state.executors.len());
     let clock = Monotonic::new();
-    let (mut core, adopt) = AgentCore::recover(cfg.core.clone(), state, now(&clock));
+    let (mut core, adopt) = AgentCore::recover(cfg.core.clone(), state, clock.read());
     // Bound before registering, so the master learns the address in the hello.
     let http_listener = match &cfg.http {
         Some(h) => {
@@ -508,7 +507,7 @@ impl Agent {
     fn feed(&self, input: Input) {
         let (outs, ticket) = {
             let mut s = self.lock();
-            let now = now(&s.clock);
+            let now = s.clock.read();
             let outs = s.core.handle(input, now);
             // Queued under the lock, so that deltas are written in the order they were
             // made; written (group commit) before any output is acted on, below.
@@ -1333,12 +1332,4 @@ fn strip_ansi(s: &str) -> String {
         }
     }
     out
-}
-
-/// Both clocks, as the core takes them (see `agora_proto::Now`).
-fn now(clock: &Monotonic) -> Now {
-    Now {
-        mono_ms: clock.now_ms(),
-        wall_ms: unix_millis(),
-    }
 }

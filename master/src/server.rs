@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agora_net::tls::{self, Identity, Role};
-use agora_net::{read_frame, transfer, unix_millis, write_frame, Monotonic};
+use agora_net::{read_frame, transfer, write_frame, Monotonic};
 use agora_proto::v1::{
     self, operator_request, stream_open, ArtifactHeader, Event, MasterToAgent, OperatorRequest,
     OperatorResponse, SandboxData, SandboxRead, StreamOpen,
@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 
 use crate::artifacts::ArtifactStore;
 use crate::registry::{Registry, RegistryStore};
-use agora_master_core::{ConnId, CoreConfig, Input, MasterCore, Now, OperatorOp, Output};
+use agora_master_core::{ConnId, CoreConfig, Input, MasterCore, OperatorOp, Output};
 
 /// Messages queued to one peer before it counts as stuck and is disconnected.
 const PEER_QUEUE: usize = 4096;
@@ -72,16 +72,9 @@ struct Shared {
 }
 
 impl Shared {
-    fn now(&self) -> Now {
-        Now {
-            mono_ms: self.clock.now_ms(),
-            wall_ms: unix_millis(),
-        }
-    }
-
     /// Runs the core on one input and carries out what it asks.
     fn feed(&mut self, input: Input) {
-        let outs = self.core.handle(input, self.now());
+        let outs = self.core.handle(input, self.clock.read());
         self.dispatch(outs);
     }
 
@@ -92,7 +85,7 @@ impl Shared {
         let request = self.next_request;
         let outs = self
             .core
-            .handle(Input::Operator { request, op }, self.now());
+            .handle(Input::Operator { request, op }, self.clock.read());
         let answer = outs.iter().find_map(|o| match o {
             Output::OperatorDone { request: r, result } if *r == request => Some(result.clone()),
             _ => None,
@@ -180,10 +173,6 @@ pub async fn start(cfg: MasterConfig) -> anyhow::Result<MasterHandle> {
     let endpoint = tls::server_endpoint(cfg.bind, &cfg.identity)?;
     let addr = endpoint.local_addr()?;
     let clock = Monotonic::new();
-    let now = || Now {
-        mono_ms: clock.now_ms(),
-        wall_ms: unix_millis(),
-    };
     let mut core = MasterCore::new(cfg.core.clone());
     let (registry, recovered) = RegistryStore::open(&cfg.data_dir)?;
     if recovered != Registry::default() {
@@ -197,11 +186,11 @@ pub async fn start(cfg: MasterConfig) -> anyhow::Result<MasterHandle> {
             Input::Recover {
                 registry: recovered,
             },
-            now(),
+            clock.read(),
         );
     }
     for sha in store.list()? {
-        core.handle(Input::ArtifactStored { sha256: sha }, now());
+        core.handle(Input::ArtifactStored { sha256: sha }, clock.read());
     }
     let shared = Arc::new(Mutex::new(Shared {
         core,

@@ -31,6 +31,14 @@ impl Monotonic {
     pub fn now_ms(&self) -> u64 {
         u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
+
+    /// Both clocks read together, as a core takes them with an input.
+    pub fn read(&self) -> agora_proto::Now {
+        agora_proto::Now {
+            mono_ms: self.now_ms(),
+            wall_ms: unix_millis(),
+        }
+    }
 }
 
 impl Default for Monotonic {
