@@ -299,7 +299,7 @@ where
         let mut request = Request::new(RequestBody {
             shared: Arc::clone(&self.shared),
             inner: None,
-            size_hint: self.size_hint.clone(),
+            size_hint: self.size_hint,
             end_stream: self.end_stream,
             limit: self.limits.request_body,
             done: false,
@@ -449,7 +449,7 @@ where
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
             Some(b) => b.size_hint(),
-            None => self.size_hint.clone(),
+            None => self.size_hint,
         }
     }
 }

@@ -72,6 +72,11 @@ impl Cluster {
         }
     }
 
+    /// The `agora dev` process (its master and agents run in it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `agora ARGS` against this cluster, with a bounded run time.
     pub fn agora(&self, args: &[&str]) -> Output {
         run_bounded(
@@ -360,10 +365,84 @@ pub fn http(method: &str, addr: &str, path: &str, body: &[u8]) -> HttpReply {
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)
         .unwrap_or_else(|e| panic!("{method} http://{addr}{path}: reading the answer: {e}"));
+    parse_reply(&raw)
+}
+
+/// A POST whose body (`total` bytes of `x`, in `chunk`-byte writes) is sent by a
+/// thread of its own while this one reads the answer, as real clients do: with
+/// `Transfer-Encoding: chunked`, or with its `Content-Length` declared. The writer
+/// stops when the server closes (a refusal before the end). Returns the answer and
+/// the body bytes the socket accepted.
+pub fn upload(addr: &str, path: &str, total: u64, chunk: usize, chunked: bool) -> (HttpReply, u64) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let mut s = std::net::TcpStream::connect(addr)
+        .unwrap_or_else(|e| panic!("cannot connect to {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(90)))
+        .expect("timeout");
+    let length = if chunked {
+        "Transfer-Encoding: chunked".to_string()
+    } else {
+        format!("Content-Length: {total}")
+    };
+    let head =
+        format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{length}\r\n\r\n");
+    s.write_all(head.as_bytes()).expect("send");
+    let written = Arc::new(AtomicU64::new(0));
+    let mut w = s.try_clone().expect("clone the socket");
+    let count = Arc::clone(&written);
+    let writer = std::thread::spawn(move || {
+        let data = vec![b'x'; chunk];
+        let mut left = total;
+        while left > 0 {
+            let n = left.min(chunk as u64) as usize;
+            let r = if chunked {
+                let mut frame = format!("{n:x}\r\n").into_bytes();
+                frame.extend_from_slice(&data[..n]);
+                frame.extend_from_slice(b"\r\n");
+                w.write_all(&frame)
+            } else {
+                w.write_all(&data[..n])
+            };
+            if r.is_err() {
+                return; // the server closed: it will not read the rest
+            }
+            left -= n as u64;
+            count.fetch_add(n as u64, Ordering::SeqCst);
+        }
+        if chunked {
+            let _ = w.write_all(b"0\r\n\r\n");
+        }
+    });
+    // Read until the server closes; a reset after the answer's head (a refusal with
+    // unread body bytes in flight) still leaves that head.
+    let mut raw = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(e) if raw.windows(4).any(|w| w == b"\r\n\r\n") => {
+                eprintln!(
+                    "POST http://{addr}{path}: connection ended with {e} after the answer's head"
+                );
+                break;
+            }
+            Err(e) => panic!("POST http://{addr}{path}: reading the answer: {e}"),
+        }
+    }
+    let _ = s.shutdown(std::net::Shutdown::Both);
+    writer.join().expect("the writer thread");
+    (parse_reply(&raw), written.load(Ordering::SeqCst))
+}
+
+/// An HTTP/1.1 answer as read off the wire (a chunked body reassembled).
+pub fn parse_reply(raw: &[u8]) -> HttpReply {
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(&raw)));
+        .unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(raw)));
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let mut rest = raw[split + 4..].to_vec();
     let mut lines = head.split("\r\n");

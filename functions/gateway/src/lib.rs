@@ -64,8 +64,9 @@ pub struct FunctionsConfig {
     pub idle_timeout: Duration,
 }
 
-/// Largest request body the master forwards to a function.
-pub const MAX_BODY: usize = 16 << 20;
+/// Largest request or response body the master forwards, enforced while it
+/// streams: the one limit of every hop (`agora_http_forward::MAX_BODY`).
+pub const MAX_BODY: u64 = agora_http_forward::MAX_BODY;
 /// Longest a request waits at the master for a host of its function to start.
 pub const MAX_HOST_WAIT: Duration = Duration::from_secs(30);
 /// Requests of one function that may wait at the master for a host at once.

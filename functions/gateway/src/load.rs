@@ -24,9 +24,15 @@ const MAX_METRICS_BODY: usize = 4 << 20;
 /// How often the agents' HTTP addresses are read again even when all are known.
 const AGENTS_EVERY: Duration = Duration::from_secs(10);
 
-pub(crate) type Http = HttpClient<HttpConnector, Full<Bytes>>;
+/// Metrics requests carry no body.
+type Http = HttpClient<HttpConnector, Full<Bytes>>;
 
-pub(crate) fn http_client() -> Http {
+/// A pooled HTTP/1.1 client to the agents (for the proxy and the metrics poller).
+pub(crate) fn http_client<B>() -> HttpClient<HttpConnector, B>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+{
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(Duration::from_secs(2)));
@@ -53,24 +59,26 @@ pub(crate) async fn refresh_agents(functions: &Functions, client: &agora_sdk::Cl
     }
 }
 
-async fn fetch(http: &Http, addr: &str) -> anyhow::Result<Vec<MetricsSnapshot>> {
-    let req =
-        hyper::Request::get(format!("http://{addr}/fn-metrics")).body(Full::new(Bytes::new()))?;
+/// One agent's `/fn-metrics`, or why not (for the debug log).
+async fn fetch(http: &Http, addr: &str) -> Result<Vec<MetricsSnapshot>, String> {
+    let req = hyper::Request::get(format!("http://{addr}/fn-metrics"))
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| format!("bad agent address: {e}"))?;
     let work = async {
-        let resp = http.request(req).await?;
+        let resp = http.request(req).await.map_err(|e| e.to_string())?;
         if !resp.status().is_success() {
-            anyhow::bail!("answered {}", resp.status());
+            return Err(format!("answered {}", resp.status()));
         }
         let body = Limited::new(resp.into_body(), MAX_METRICS_BODY)
             .collect()
             .await
-            .map_err(|e| anyhow::anyhow!("reading the answer: {e}"))?
+            .map_err(|e| format!("reading the answer: {e}"))?
             .to_bytes();
-        Ok(serde_json::from_slice(&body)?)
+        serde_json::from_slice(&body).map_err(|e| format!("not metrics JSON: {e}"))
     };
     tokio::time::timeout(POLL_TIMEOUT, work)
         .await
-        .map_err(|_| anyhow::anyhow!("no answer within {POLL_TIMEOUT:?}"))?
+        .map_err(|_| format!("no answer within {POLL_TIMEOUT:?}"))?
 }
 
 /// Polls forever (until aborted with the master).
@@ -115,7 +123,7 @@ pub(crate) async fn run_poller(functions: Arc<Functions>, client: Arc<agora_sdk:
                 Ok(m) => {
                     s.metrics.insert(addr, m);
                 }
-                Err(e) => tracing::debug!(agent = %addr, "functions: no metrics: {e:#}"),
+                Err(e) => tracing::debug!(agent = %addr, "functions: no metrics: {e}"),
             }
         }
         let by_fn = s.metrics_by_function();

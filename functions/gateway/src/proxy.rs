@@ -12,20 +12,24 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use agora_http_forward::{Forward, Limits, RequestBody};
 use agora_proto::units::{format_bytes, format_duration};
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::header::{self, HeaderName, HeaderValue};
+use axum::http::header::{self, HeaderValue};
 use axum::http::{Response, StatusCode, Uri};
 use axum::routing::{any, get};
 use axum::serve::ListenerExt;
 use axum::{Json, Router};
-use bytes::Bytes;
-use http_body_util::Full;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client as HttpClient;
 
-use super::load::{http_client, Http};
-use super::service::{Lease, WaitError};
+use super::load::http_client;
+use super::service::WaitError;
 use super::{Functions, MAX_BODY, MAX_HOST_WAIT};
+
+/// The pooled client to the agents, streaming each client's body as it comes.
+type Http = HttpClient<HttpConnector, RequestBody<Body>>;
 
 #[derive(Clone)]
 struct App {
@@ -157,39 +161,10 @@ fn retry_later(status: StatusCode, secs: u64, text: String) -> Response<Body> {
     r
 }
 
-/// Headers that describe one hop, not the request (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
-fn strip_hop_by_hop(headers: &mut axum::http::HeaderMap) {
-    // Headers named by Connection are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::try_from(n.trim()).ok())
-        .collect();
-    for n in named {
-        headers.remove(n);
-    }
-    for n in HOP_BY_HOP {
-        headers.remove(n);
-    }
-}
-
 async fn forward(State(app): State<App>, request: Request) -> Response<Body> {
-    let (mut parts, body) = request.into_parts();
-    let path = parts.uri.path().to_string();
-    let name = path
+    let name = request
+        .uri()
+        .path()
         .strip_prefix("/fn/")
         .unwrap_or("")
         .split('/')
@@ -204,32 +179,15 @@ async fn forward(State(app): State<App>, request: Request) -> Response<Body> {
             ),
         );
     }
-    let too_big = || {
-        plain(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "function {name}: request body larger than the limit of {}\n",
-                format_bytes(MAX_BODY as u64)
-            ),
-        )
-    };
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY as u64) {
-        return too_big();
-    }
-    let body = match axum::body::to_bytes(body, MAX_BODY).await {
-        Ok(b) => b,
-        Err(e) if is_length_limit(&e) => return too_big(),
-        Err(e) => {
-            return plain(
-                StatusCode::BAD_REQUEST,
-                format!("function {name}: cannot read the request body: {e}\n"),
-            )
-        }
+    let client = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(a)| a.ip());
+    // The body is not read here: it streams to the agent once a host is leased,
+    // held to the limit as it goes (a declared length over it is refused now).
+    let forward = match Forward::new(request, client, Limits::both(MAX_BODY)) {
+        Ok(f) => f,
+        Err(_) => return too_big(&name),
     };
 
     let lease = match app.functions.lease(&name) {
@@ -269,33 +227,16 @@ async fn forward(State(app): State<App>, request: Request) -> Response<Body> {
         },
     };
 
-    let remote = parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(a)| a.ip().to_string());
-    strip_hop_by_hop(&mut parts.headers);
-    if let Some(ip) = remote {
-        let value = match parts
-            .headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(prev) => format!("{prev}, {ip}"),
-            None => ip,
-        };
-        if let Ok(v) = HeaderValue::try_from(value) {
-            parts.headers.insert("x-forwarded-for", v);
-        }
-    }
-    let path_and_query = parts
-        .uri
+    let path_and_query = forward
+        .uri()
         .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| path.clone());
+        .map_or("/", |p| p.as_str())
+        .to_string();
     let limit = request_limit(&app.functions, &name);
 
     // One more agent is tried when the first cannot be connected to (it just went
-    // away): the request never reached a guest, so it is safe to send again.
+    // away): the request never reached a guest and its body was not touched, so it
+    // is safe to send again.
     let mut lease = lease;
     let mut tried_again = false;
     loop {
@@ -311,16 +252,39 @@ async fn forward(State(app): State<App>, request: Request) -> Response<Body> {
                 )
             }
         };
-        let mut req = hyper::Request::new(Full::new(body.clone()));
-        *req.method_mut() = parts.method.clone();
-        *req.uri_mut() = uri;
-        *req.headers_mut() = parts.headers.clone();
-        match tokio::time::timeout(limit, app.http.request(req)).await {
-            Ok(Ok(mut resp)) => {
-                strip_hop_by_hop(resp.headers_mut());
-                return finish(resp, lease);
+        let Some(upstream) = forward.attempt(uri) else {
+            return plain(
+                StatusCode::BAD_GATEWAY,
+                format!(
+                    "function {name}: the agent at {} failed after the request body was sent\n",
+                    lease.addr
+                ),
+            );
+        };
+        match tokio::time::timeout(limit, app.http.request(upstream)).await {
+            Ok(Ok(response)) => {
+                return match forward.response(response) {
+                    // The lease is held until the body is sent (so the agent counts
+                    // as busy meanwhile).
+                    Ok(r) => r.map(|body| Body::new(body.hold(lease))),
+                    Err(t) => plain(
+                        StatusCode::BAD_GATEWAY,
+                        format!(
+                            "function {name}: the response of {} is larger than the master's limit of {}\n",
+                            format_bytes(t.declared.unwrap_or(t.limit)),
+                            format_bytes(t.limit)
+                        ),
+                    ),
+                };
             }
-            Ok(Err(e)) if e.is_connect() && !tried_again => {
+            Ok(Err(_)) if forward.body_too_large() => return too_big(&name),
+            Ok(Err(e)) if forward.client_body_failed() => {
+                return plain(
+                    StatusCode::BAD_REQUEST,
+                    format!("function {name}: cannot read the request body: {e}\n"),
+                )
+            }
+            Ok(Err(e)) if e.is_connect() && !tried_again && forward.can_retry() => {
                 tracing::warn!(function = %name, agent = %lease.addr, "cannot connect to the agent: {e}; trying another host");
                 tried_again = true;
                 match app.functions.lease(&name) {
@@ -357,40 +321,14 @@ async fn forward(State(app): State<App>, request: Request) -> Response<Body> {
     }
 }
 
-/// The response, with the lease held until its body is sent (so the agent counts as
-/// busy meanwhile).
-fn finish(resp: hyper::Response<hyper::body::Incoming>, lease: Lease) -> Response<Body> {
-    let (parts, body) = resp.into_parts();
-    let body = LeasedBody {
-        body,
-        _lease: lease,
-    };
-    Response::from_parts(parts, Body::new(body))
-}
-
-struct LeasedBody {
-    body: hyper::body::Incoming,
-    _lease: Lease,
-}
-
-impl hyper::body::Body for LeasedBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
-        hyper::body::Body::poll_frame(std::pin::Pin::new(&mut self.body), cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        hyper::body::Body::is_end_stream(&self.body)
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        hyper::body::Body::size_hint(&self.body)
-    }
+fn too_big(name: &str) -> Response<Body> {
+    plain(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!(
+            "function {name}: request body larger than the limit of {}\n",
+            format_bytes(MAX_BODY)
+        ),
+    )
 }
 
 /// How long one forwarded request may take: the function's own deadline and queue
@@ -406,15 +344,4 @@ fn request_limit(functions: &Functions, name: &str) -> Duration {
     let timeout_ms = if timeout_ms == 0 { 5_000 } else { timeout_ms };
     let wait_ms = if wait_ms == 0 { 1_000 } else { wait_ms };
     Duration::from_millis(timeout_ms + wait_ms + 30_000)
-}
-
-fn is_length_limit(e: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = source {
-        if err.is::<http_body_util::LengthLimitError>() {
-            return true;
-        }
-        source = err.source();
-    }
-    false
 }
