@@ -27,7 +27,7 @@ for d in proto/src core/allocator/src core/master/src core/agent/src; do
     fi
 done
 # The master and the agent route functions; they never run them.
-for c in agora-master agora-agent agora-fn-gateway agora-fn-api; do
+for c in agora-master agora-agent agora-fn-gateway agora-fn-api agora-executor-link; do
     if cargo tree -q -p "$c" -e normal -i wasmtime >/dev/null 2>&1; then
         echo "layout: $c links wasmtime:" >&2
         cargo tree -q -p "$c" -e normal -i wasmtime | head -20 | sed 's/^/  /' >&2
@@ -36,6 +36,6 @@ for c in agora-master agora-agent agora-fn-gateway agora-fn-api; do
 done
 if [ "$fail" = 0 ]; then
     echo "layout: pure crates (${pure[*]}) depend on no I/O crate and read no clock;"
-    echo "layout: master, agent and the functions gateway do not link wasmtime"
+    echo "layout: master, agent, the functions gateway, fn-api and executor-link do not link wasmtime"
 fi
 exit "$fail"

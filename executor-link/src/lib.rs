@@ -3,6 +3,9 @@
 //! survive an agent restart), the single writer of the socket, and the recovery
 //! timeout the agent hands its executors.
 
+pub mod artifacts;
+pub mod output;
+
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;

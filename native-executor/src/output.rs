@@ -6,15 +6,15 @@
 //! `[agora: output truncated at N bytes]`, as the wasm executor does. The copier also
 //! keeps the last line it saw, for error messages (a shell's "not found").
 //!
-//! The capping mirrors wasm-executor's `output.rs`, which is private to that crate.
+//! The capping is the executors' one `CappedFile` (agora-executor-link).
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
+
+use agora_executor_link::output::CappedFile;
 use std::sync::mpsc;
 use std::time::Duration;
 
-/// Output cap when the launch sets none.
-pub(crate) const DEFAULT_OUTPUT_LIMIT: u64 = 64 * 1024 * 1024;
 /// Longest last line kept for messages.
 const TAIL_MAX: usize = 512;
 
@@ -27,52 +27,6 @@ pub(crate) struct Copied {
     pub last_line: String,
     /// A write to the file failed; the rest of the output was discarded.
     pub error: Option<String>,
-}
-
-/// The file side of a copier: keeps up to `limit` bytes, then marks once.
-pub(crate) struct Capped {
-    file: File,
-    limit: u64,
-    written: u64,
-    truncated: bool,
-    /// Last byte kept, so the marker starts on a line of its own.
-    last: Option<u8>,
-}
-
-impl Capped {
-    pub(crate) fn new(file: File, limit: u64) -> Self {
-        Capped {
-            file,
-            limit,
-            written: 0,
-            truncated: false,
-            last: None,
-        }
-    }
-
-    pub(crate) fn write(&mut self, buf: &[u8]) -> io::Result<()> {
-        let room = usize::try_from(self.limit.saturating_sub(self.written)).unwrap_or(usize::MAX);
-        let keep = room.min(buf.len());
-        if keep > 0 {
-            self.file.write_all(&buf[..keep])?;
-            self.written += keep as u64;
-            self.last = Some(buf[keep - 1]);
-        }
-        if keep < buf.len() && !self.truncated {
-            self.truncated = true;
-            let newline = if matches!(self.last, Some(b) if b != b'\n') {
-                "\n"
-            } else {
-                ""
-            };
-            writeln!(
-                self.file,
-                "{newline}[agora: output truncated at {} bytes]",
-                self.limit
-            )?;
-        }
-        Ok(())
-    }
 }
 
 /// Remembers the last non-empty line of a byte stream.
@@ -128,7 +82,7 @@ pub(crate) fn spawn_copier(
 ) -> io::Result<Copier> {
     let (tx, done) = mpsc::sync_channel(1);
     std::thread::Builder::new().name(name).spawn(move || {
-        let mut out = Capped::new(file, limit);
+        let mut out = CappedFile::new(file, limit);
         let mut tail = Tail::default();
         let mut error = None;
         let mut buf = vec![0u8; 64 * 1024];
@@ -151,8 +105,8 @@ pub(crate) fn spawn_copier(
             }
         }
         let _ = tx.send(Copied {
-            written: out.written,
-            truncated: out.truncated,
+            written: out.written(),
+            truncated: out.truncated(),
             last_line: tail.line(),
             error,
         });
@@ -163,28 +117,6 @@ pub(crate) fn spawn_copier(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn keeps_up_to_the_cap_then_marks_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("out");
-        let mut out = Capped::new(File::create(&path).unwrap(), 10);
-        out.write(b"0123456").unwrap();
-        out.write(b"789abc").unwrap();
-        out.write(b"more").unwrap();
-        let text = std::fs::read_to_string(&path).unwrap();
-        assert_eq!(text, "0123456789\n[agora: output truncated at 10 bytes]\n");
-    }
-
-    #[test]
-    fn marker_needs_no_extra_newline_after_a_full_line() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("out");
-        let mut out = Capped::new(File::create(&path).unwrap(), 4);
-        out.write(b"abc\nd").unwrap();
-        let text = std::fs::read_to_string(&path).unwrap();
-        assert_eq!(text, "abc\n[agora: output truncated at 4 bytes]\n");
-    }
 
     #[test]
     fn copier_drains_past_the_cap_and_keeps_the_last_line() {

@@ -20,7 +20,7 @@ use agora_proto::v1::{ExecutorLaunch, ExecutorStatus, Reason, ResourceUsage, Tas
 use crate::isolation::{
     escape_component, CgroupLimits, Group, IsolationMode, Isolator, SpawnError,
 };
-use crate::output::{spawn_copier, Copied, Copier, DEFAULT_OUTPUT_LIMIT};
+use crate::output::{spawn_copier, Copied, Copier};
 
 /// PATH for tasks that do not set one.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -256,10 +256,7 @@ impl Runner {
         on_running();
 
         let task = &launch.task_id;
-        let limit = match launch.output_limit_bytes {
-            0 => DEFAULT_OUTPUT_LIMIT,
-            n => n,
-        };
+        let limit = agora_executor_link::output::output_limit(launch.output_limit_bytes);
         let out = start_copier(child.stdout.take(), stdout, "stdout", task, limit);
         let err = start_copier(child.stderr.take(), stderr, "stderr", task, limit);
 

@@ -1,15 +1,14 @@
-//! A guest's stdout/stderr: a file in the sandbox with a size cap.
-//!
-//! Output past the cap is dropped (the guest still sees its writes succeed, so a chatty
-//! program is not turned into a failing one) and a single marker line
-//! `[agora: output truncated at N bytes]` is appended once.
+//! A guest's stdout/stderr as WASI streams: the executors' one capped file
+//! (`agora_executor_link::output::CappedFile`) behind the stream traits wasmtime-wasi
+//! asks for.
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
+use agora_executor_link::output::CappedFile;
 use bytes::Bytes;
 use tokio::io::AsyncWrite;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
@@ -23,28 +22,13 @@ const WRITE_PERMIT: usize = 64 * 1024;
 /// every stream made from one stdout.
 #[derive(Clone)]
 pub(crate) struct CappedOutput {
-    inner: Arc<Mutex<Capped>>,
-}
-
-struct Capped {
-    file: File,
-    limit: u64,
-    written: u64,
-    truncated: bool,
-    /// Last byte kept, so the marker starts on a line of its own.
-    last: Option<u8>,
+    inner: Arc<Mutex<CappedFile>>,
 }
 
 impl CappedOutput {
     pub(crate) fn new(file: File, limit: u64) -> Self {
         Self {
-            inner: Arc::new(Mutex::new(Capped {
-                file,
-                limit,
-                written: 0,
-                truncated: false,
-                last: None,
-            })),
+            inner: Arc::new(Mutex::new(CappedFile::new(file, limit))),
         }
     }
 
@@ -57,33 +41,7 @@ impl CappedOutput {
 
     fn flush(&self) -> io::Result<()> {
         let mut c = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        c.file.flush()
-    }
-}
-
-impl Capped {
-    fn write(&mut self, buf: &[u8]) -> io::Result<()> {
-        let room = usize::try_from(self.limit.saturating_sub(self.written)).unwrap_or(usize::MAX);
-        let keep = room.min(buf.len());
-        if keep > 0 {
-            self.file.write_all(&buf[..keep])?;
-            self.written += keep as u64;
-            self.last = Some(buf[keep - 1]);
-        }
-        if keep < buf.len() && !self.truncated {
-            self.truncated = true;
-            let newline = if matches!(self.last, Some(b) if b != b'\n') {
-                "\n"
-            } else {
-                ""
-            };
-            writeln!(
-                self.file,
-                "{newline}[agora: output truncated at {} bytes]",
-                self.limit
-            )?;
-        }
-        Ok(())
+        c.flush()
     }
 }
 
@@ -142,32 +100,5 @@ impl AsyncWrite for CappedOutput {
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keeps_up_to_the_cap_then_marks_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("out");
-        let out = CappedOutput::new(File::create(&path).unwrap(), 10);
-        out.write_all(b"0123456").unwrap();
-        out.write_all(b"789abc").unwrap();
-        out.write_all(b"more").unwrap();
-        let text = std::fs::read_to_string(&path).unwrap();
-        assert_eq!(text, "0123456789\n[agora: output truncated at 10 bytes]\n");
-    }
-
-    #[test]
-    fn marker_needs_no_extra_newline_after_a_full_line() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("out");
-        let out = CappedOutput::new(File::create(&path).unwrap(), 4);
-        out.write_all(b"abc\nd").unwrap();
-        let text = std::fs::read_to_string(&path).unwrap();
-        assert_eq!(text, "abc\n[agora: output truncated at 4 bytes]\n");
     }
 }

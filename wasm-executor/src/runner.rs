@@ -10,16 +10,15 @@
 //! (state, reason, message, exit code) by [`classify`], the one place that mapping lives.
 
 use std::collections::HashMap;
-use std::hash::Hasher;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
-use agora_proto::units::{format_bytes, format_duration, GIB, KIB, MIB};
+use agora_executor_link::artifacts::{compat_hash, ArtifactDir, MODULE_EXT};
+use agora_proto::units::{format_bytes, format_duration, GIB, KIB};
 use agora_proto::v1::{ExecutorLaunch, ExecutorStatus, Reason, TaskState};
-use sha2::Digest;
 use wasmtime::{
     Config, Engine, ExternType, InstanceAllocationStrategy, InstancePre, Linker, Module,
     PoolingAllocationConfig, Store, Trap, UpdateDeadline,
@@ -32,11 +31,8 @@ use crate::output::CappedOutput;
 
 /// How often the epoch advances: the granularity of deadlines and kills.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
-/// Output cap when the launch gives none.
-const DEFAULT_OUTPUT_LIMIT: u64 = 64 * MIB;
 /// argv[0] the guest sees.
 const ARGV0: &str = "main.wasm";
-/// Largest table a guest may grow to (elements). Matches the pool's table slots.
 /// Pool slots: room for ~64 concurrent tasks with headroom, since a slot is held
 /// until its store is dropped.
 const POOL_INSTANCES: u32 = 128;
@@ -47,11 +43,10 @@ const MAX_MEMORY: u64 = 4 * GIB;
 pub struct Runner {
     engine: Engine,
     linker: Linker<TaskCtx>,
-    /// Where serialized modules are kept, when enabled.
-    cache_dir: Option<PathBuf>,
-    /// Hex of the engine's precompile compatibility hash: part of artifact names, so
-    /// an artifact from another wasmtime or config is never even tried.
-    compat: String,
+    /// Serialized compiled modules on disk, when enabled (named with the engine's
+    /// compatibility hash, so an artifact of another wasmtime or config is never
+    /// even tried).
+    cache: ArtifactDir,
     /// sha256 -> compiled module. Each slot has its own lock so that two launches of
     /// one new module compile it once, while other modules proceed.
     modules: Mutex<HashMap<String, Arc<Slot>>>,
@@ -197,20 +192,15 @@ impl Runner {
             }
         };
         let linker = wasi_linker(&engine)?;
-        let cache_dir = cache_dir.and_then(|dir| match std::fs::create_dir_all(&dir) {
-            Ok(()) => Some(dir),
-            Err(e) => {
-                tracing::warn!(dir = %dir.display(), error = %e, "module cache dir unusable; compiling in memory only");
-                None
-            }
-        });
-        let compat = compat_hash(&engine);
+        let cache = ArtifactDir::new(
+            cache_dir,
+            compat_hash(&engine.precompile_compatibility_hash()),
+        );
         let ticker = EpochTicker::start(&engine, "agora-epoch")?;
         Ok(Self {
             engine,
             linker,
-            cache_dir,
-            compat,
+            cache,
             modules: Mutex::new(HashMap::new()),
             compiled: AtomicU64::new(0),
             pooling,
@@ -423,55 +413,18 @@ impl Runner {
         Ok(prepared)
     }
 
-    fn cache_path(&self, sha: &str) -> Option<PathBuf> {
-        let dir = self.cache_dir.as_ref()?;
-        Some(dir.join(format!("{sha}-{}.cwasm", self.compat)))
-    }
-
     fn load_cached(&self, sha: &str) -> Option<Module> {
-        let path = self.cache_path(sha)?;
-        if !path.is_file() {
-            return None;
-        }
         // SAFETY: deserializing trusts the file to be wasmtime's own output for this
-        // engine. Only this executor writes this directory (atomically, by rename), and
-        // the name carries the engine's compatibility hash, so that holds.
-        match unsafe { Module::deserialize_file(&self.engine, &path) } {
-            Ok(module) => Some(module),
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "discarding unusable cached module");
-                let _ = std::fs::remove_file(&path);
-                None
-            }
-        }
+        // engine. Only this cache writes these names (atomically, by rename), and the
+        // name carries the engine's compatibility hash, so that holds.
+        self.cache.load(sha, MODULE_EXT, |path| unsafe {
+            Module::deserialize_file(&self.engine, path)
+        })
     }
 
     /// Best effort: a failure only costs a compile in the next process.
     fn store_cached(&self, sha: &str, module: &Module) {
-        let Some(path) = self.cache_path(sha) else {
-            return;
-        };
-        let result = module
-            .serialize()
-            .map_err(|e| e.to_string())
-            .and_then(|bytes| {
-                // Write then rename, so a reader never sees half an artifact.
-                static SEQ: AtomicU64 = AtomicU64::new(0);
-                let tmp = path.with_extension(format!(
-                    "tmp.{}.{}",
-                    std::process::id(),
-                    SEQ.fetch_add(1, Ordering::Relaxed)
-                ));
-                std::fs::write(&tmp, &bytes)
-                    .and_then(|()| std::fs::rename(&tmp, &path))
-                    .map_err(|e| {
-                        let _ = std::fs::remove_file(&tmp);
-                        e.to_string()
-                    })
-            });
-        if let Err(e) = result {
-            tracing::warn!(path = %path.display(), error = %e, "cannot cache compiled module");
-        }
+        self.cache.store(sha, MODULE_EXT, module.serialize());
     }
 }
 
@@ -687,11 +640,7 @@ fn build_wasi(launch: &ExecutorLaunch) -> Result<WasiP1Ctx, Refusal> {
             })?;
     }
 
-    let limit = if launch.output_limit_bytes == 0 {
-        DEFAULT_OUTPUT_LIMIT
-    } else {
-        launch.output_limit_bytes
-    };
+    let limit = agora_executor_link::output::output_limit(launch.output_limit_bytes);
     let stdout = open_output(&launch.stdout_path, limit)?;
     // One sink when both go to the same file, so the cap and the order are shared.
     let stderr = if launch.stderr_path == launch.stdout_path {
@@ -802,23 +751,6 @@ fn error_text(e: &wasmtime::Error) -> String {
         }
     }
     parts.join(": ")
-}
-
-/// Hex digest of the engine's compatibility hash (the `Hash` is fed into sha256, which
-/// unlike `DefaultHasher` is stable).
-fn compat_hash(engine: &Engine) -> String {
-    struct Sha(sha2::Sha256);
-    impl Hasher for Sha {
-        fn write(&mut self, bytes: &[u8]) {
-            self.0.update(bytes);
-        }
-        fn finish(&self) -> u64 {
-            0 // unused: the digest is taken below
-        }
-    }
-    let mut hasher = Sha(sha2::Sha256::new());
-    std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut hasher);
-    hex::encode(&hasher.0.finalize()[..8])
 }
 
 /// Advances the engine's epoch every [`EPOCH_TICK`] until dropped; deadlines are

@@ -58,14 +58,6 @@ impl GuestKind {
             _ => Err("not a WebAssembly module or component (unsupported version)".to_string()),
         }
     }
-
-    /// Suffix of compiled artifacts of this kind in the cache directory.
-    pub fn artifact_extension(self) -> &'static str {
-        match self {
-            GuestKind::CgiModule => "cwasm",
-            GuestKind::HttpComponent => "ccomp",
-        }
-    }
 }
 
 /// A function's metrics at one moment. Counters only grow while the function stays

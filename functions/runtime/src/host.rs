@@ -14,11 +14,12 @@ use wasmtime::component::Component;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, Module, PoolingAllocationConfig};
 
 use crate::admission::TenantSlots;
-use crate::artifact_cache::{sha256_hex, ArtifactCache, Compiled};
+use crate::artifact_cache::{ArtifactCache, Compiled};
 use crate::error::{error_text, FunctionError};
 use crate::function::{Function, Guest};
 use crate::guest::{cgi_module, http_component};
 use crate::spec::{check_name, FunctionSpec, GuestKind, ModuleSource};
+use agora_proto::sha256_hex;
 
 /// How often the epoch advances: the granularity of deadlines.
 pub use agora_wasm_executor::runner::{EpochTicker, EPOCH_TICK};
