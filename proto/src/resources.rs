@@ -223,18 +223,18 @@ impl Resources {
             let amount = match name {
                 CPUS => parse_cpus(value).ok_or_else(bad)?,
                 MEM => {
-                    if value.bytes().all(|b| b.is_ascii_digit()) {
-                        value
-                            .parse::<i64>()
-                            .map_err(|_| bad())?
-                            .checked_mul(MIB)
-                            .ok_or_else(bad)?
+                    // A bare number is MiB, fraction or not (`mem:1.5` is 1.5 MiB).
+                    let bare = !value.is_empty()
+                        && value.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+                    let sized = if bare {
+                        crate::units::parse_size(&format!("{value}MiB"))
                     } else {
                         crate::units::parse_size(value)
-                            .ok()
-                            .and_then(|b| i64::try_from(b).ok())
-                            .ok_or_else(bad)?
-                    }
+                    };
+                    sized
+                        .ok()
+                        .and_then(|b| i64::try_from(b).ok())
+                        .ok_or_else(bad)?
                 }
                 _ => value
                     .parse::<i64>()
@@ -398,6 +398,11 @@ mod tests {
     fn sizes() {
         let mem = |s: &str| Resources::parse(&format!("mem:{s}")).map(|r| r.mem_bytes());
         assert_eq!(mem("64MiB"), Ok(64 * MIB));
+        // A bare number is MiB, whole or not.
+        assert_eq!(mem("1"), Ok(MIB));
+        assert_eq!(mem("1.5"), Ok(3 * MIB / 2));
+        assert!(mem(".").is_err());
+        assert!(mem("99999999999999999").is_err(), "MiB past i64::MAX");
         assert_eq!(mem("1.5GiB"), Ok(3 << 29));
         assert_eq!(mem("1000B"), Ok(1000));
         assert_eq!(mem("2MB"), Ok(2_000_000));
