@@ -39,6 +39,11 @@ pub fn recovery_timeout_from_env() -> Duration {
 /// Why [`drive`] gave up on the agent.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
+    #[error("cannot connect to the agent at {}: {source}", socket.display())]
+    Connect {
+        socket: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("reading a frame from the agent: {0}")]
     BadFrame(FrameError),
     #[error("the agent at {} did not come back within {waited:?}; {stopped} {runs} were stopped", socket.display())]
@@ -294,6 +299,30 @@ async fn serve<E: LinkedExecutor>(executor: &mut E, conn: &mut AgentConn) -> End
     }
 }
 
+/// Connects to the agent's executor socket, registers as `executor_id` of
+/// `framework_id`, and runs the link ([`drive`]) until the agent says `shutdown`.
+/// The one start of every executor process.
+pub async fn run<E: LinkedExecutor>(
+    executor: &mut E,
+    socket: &std::path::Path,
+    framework_id: &str,
+    executor_id: &str,
+    recovery_timeout: Duration,
+) -> Result<(), LinkError> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|source| LinkError::Connect {
+            socket: socket.to_path_buf(),
+            source,
+        })?;
+    let register = ExecutorRegister {
+        framework_id: framework_id.to_string(),
+        executor_id: executor_id.to_string(),
+        ..Default::default()
+    };
+    drive(executor, stream, socket, register, recovery_timeout).await
+}
+
 /// Runs an executor's link to the agent, first over `stream`, until the agent says
 /// `shutdown` (an `Ok` end, after stopping everything). When the agent goes away what
 /// runs keeps running while the socket is dialled again for up to `recovery_timeout`;
@@ -431,13 +460,22 @@ impl Outbox {
     }
 
     /// A task's end: it leaves the running set and its status is queued in one step,
-    /// so a registration (which lists both) never misses it.
+    /// so a registration (which lists both) never misses it. Logged here, the same
+    /// for every executor.
     pub fn finish<R>(
         &self,
         running: &Mutex<HashMap<String, R>>,
         task_id: &str,
         status: ExecutorStatus,
     ) {
+        tracing::info!(
+            task_id = %task_id,
+            state = status.state().short_name(),
+            reason = status.reason().short_name(),
+            exit_code = ?status.exit_code,
+            message = %status.message,
+            "task ended"
+        );
         let mut inner = self.lock();
         running
             .lock()

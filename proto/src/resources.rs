@@ -10,8 +10,6 @@ use crate::v1::Resource;
 pub const CPUS: &str = "cpus";
 pub const MEM: &str = "mem";
 
-const MIB: i64 = 1024 * 1024;
-
 /// A bag of scalar resources keyed by (name, role). Role "" is unreserved.
 /// Amounts are never negative: subtraction that would go below zero is refused.
 #[derive(Clone, Default, PartialEq, Eq, Hash)]
@@ -327,6 +325,8 @@ impl fmt::Debug for Resources {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const MIB: i64 = 1 << 20;
 
     #[test]
     fn parses_agent_flag_with_mesos_units() {
