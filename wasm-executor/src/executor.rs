@@ -125,13 +125,6 @@ impl LinkedExecutor for Executor {
             let run = std::panic::AssertUnwindSafe(|| runner.run(&launch, kill, on_running));
             let status = std::panic::catch_unwind(run)
                 .unwrap_or_else(|panic| panicked(&launch.task_id, panic.as_ref()));
-            tracing::info!(
-                task_id = %launch.task_id,
-                state = status.state().short_name(),
-                reason = status.reason().short_name(),
-                message = %status.message,
-                "task ended"
-            );
             // Sent from this thread, after RUNNING, through the same outbox: in order.
             outbox.finish(&running, &launch.task_id, status);
         });

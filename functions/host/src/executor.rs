@@ -113,13 +113,6 @@ impl LinkedExecutor for Executor {
         let running = Arc::clone(&self.link.running);
         self.link.set.spawn(async move {
             let status = serve_host(&launch, host, &outbox, stop).await;
-            tracing::info!(
-                task_id = %launch.task_id,
-                state = status.state().short_name(),
-                reason = status.reason().short_name(),
-                message = %status.message,
-                "function host ended"
-            );
             outbox.finish(&running, &launch.task_id, status);
         });
     }
