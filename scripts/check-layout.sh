@@ -34,8 +34,19 @@ for c in agora-master agora-agent agora-fn-gateway agora-fn-api agora-executor-l
         fail=1
     fi
 done
+# One error type per library crate (thiserror); anyhow belongs to binaries only, so it
+# may appear under [dev-dependencies] (tests, examples) but not [dependencies].
+anyhow_ok=(cli/Cargo.toml)
+for toml in */Cargo.toml */*/Cargo.toml; do
+    [[ " ${anyhow_ok[*]} " == *" $toml "* ]] && continue
+    if awk '/^\[/{sect=$0} sect=="[dependencies]" && /^anyhow[ .=]/{found=1} END{exit !found}' "$toml"; then
+        echo "layout: $toml lists anyhow under [dependencies]; a library crate returns its own error type (thiserror)" >&2
+        fail=1
+    fi
+done
 if [ "$fail" = 0 ]; then
     echo "layout: pure crates (${pure[*]}) depend on no I/O crate and read no clock;"
     echo "layout: master, agent, the functions gateway, fn-api and executor-link do not link wasmtime"
+    echo "layout: no library crate depends on anyhow"
 fi
 exit "$fail"

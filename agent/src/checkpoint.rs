@@ -11,6 +11,8 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 
 pub use agora_agent_core::checkpoint::*;
 
+use crate::error::{Error, Result};
+
 /// File name under the agent's work dir.
 pub const FILE: &str = "checkpoint.redb";
 
@@ -30,15 +32,11 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     /// Opens (or creates) `<work_dir>/checkpoint.redb`.
-    pub fn open(work_dir: &Path) -> anyhow::Result<Checkpoint> {
+    pub fn open(work_dir: &Path) -> Result<Checkpoint> {
         let path = work_dir.join(FILE);
-        let db = Database::create(&path).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot open the agent's checkpoint {}: {e} (is another agent using this \
-                 work dir? if the file is damaged, move it away: the agent then starts \
-                 afresh and its running tasks are lost)",
-                path.display()
-            )
+        let db = Database::create(&path).map_err(|cause| Error::CheckpointOpen {
+            path: path.clone(),
+            cause,
         })?;
         let cp = Checkpoint { db, path };
         // Make sure the tables exist, so that readers never meet a missing table.
@@ -57,26 +55,23 @@ impl Checkpoint {
     }
 
     /// Everything recorded.
-    pub fn load(&self) -> anyhow::Result<CheckpointState> {
-        let bad = |what: &str, e: &dyn std::fmt::Display| {
-            anyhow::anyhow!(
-                "the agent's checkpoint {} has a bad {what} record: {e} (move the file away \
-                 to start afresh; running tasks are then lost)",
-                self.path.display()
-            )
+    pub fn load(&self) -> Result<CheckpointState> {
+        let bad = |what: &'static str, cause: prost::DecodeError| Error::CheckpointRecord {
+            path: self.path.clone(),
+            what,
+            cause,
         };
         let tx = self.db.begin_read()?;
         let mut state = CheckpointState::default();
         let meta = tx.open_table(META)?;
         if let Some(v) = meta.get(META_KEY)? {
-            let m = MetaRecord::decode(v.value()).map_err(|e| bad("meta", &e))?;
+            let m = MetaRecord::decode(v.value()).map_err(|e| bad("meta", e))?;
             if m.version != VERSION {
-                anyhow::bail!(
-                    "the agent's checkpoint {} has layout version {}, this agent knows {VERSION} \
-                     (written by another version of agora?)",
-                    self.path.display(),
-                    m.version
-                );
+                return Err(Error::CheckpointVersion {
+                    path: self.path.clone(),
+                    found: m.version,
+                    known: VERSION,
+                });
             }
             state.agent_id = Some(m.agent_id).filter(|s| !s.is_empty());
             state.update_seq = m.update_seq;
@@ -85,26 +80,26 @@ impl Checkpoint {
         for row in tasks.iter()? {
             let (k, v) = row?;
             let (fw, task) = k.value();
-            let r = TaskRecord::decode(v.value()).map_err(|e| bad("task", &e))?;
+            let r = TaskRecord::decode(v.value()).map_err(|e| bad("task", e))?;
             state.tasks.insert((fw.to_string(), task.to_string()), r);
         }
         let execs = tx.open_table(EXECUTORS)?;
         for row in execs.iter()? {
             let (k, v) = row?;
             let (fw, ex) = k.value();
-            let r = ExecutorRecord::decode(v.value()).map_err(|e| bad("executor", &e))?;
+            let r = ExecutorRecord::decode(v.value()).map_err(|e| bad("executor", e))?;
             state.executors.insert((fw.to_string(), ex.to_string()), r);
         }
         Ok(state)
     }
 
     /// Writes one delta in one transaction (with an fsync when `delta.durable`).
-    pub fn write(&self, delta: &CheckpointDelta) -> anyhow::Result<()> {
+    pub fn write(&self, delta: &CheckpointDelta) -> Result<()> {
         self.write_all(std::slice::from_ref(delta), delta.durable)
     }
 
     /// Writes deltas, in order, in one transaction (with an fsync when `durable`).
-    pub fn write_all(&self, deltas: &[CheckpointDelta], durable: bool) -> anyhow::Result<()> {
+    pub fn write_all(&self, deltas: &[CheckpointDelta], durable: bool) -> Result<()> {
         let mut tx = self.db.begin_write()?;
         tx.set_durability(if durable {
             Durability::Immediate
@@ -153,7 +148,7 @@ impl Checkpoint {
     }
 
     /// Makes every earlier write durable (an empty durable commit).
-    pub fn sync(&self) -> anyhow::Result<()> {
+    pub fn sync(&self) -> Result<()> {
         let mut tx = self.db.begin_write()?;
         tx.set_durability(Durability::Immediate)?;
         tx.commit()?;
@@ -226,7 +221,7 @@ impl Writer {
 
     /// Returns once everything the ticket asks for is on disk, writing it if nobody
     /// else is. An error is that of the write that should have made it so.
-    pub fn settle(&self, ticket: Ticket) -> anyhow::Result<()> {
+    pub fn settle(&self, ticket: Ticket) -> Result<()> {
         let mut st = self.lock();
         loop {
             if st.synced >= ticket.0 {
@@ -245,7 +240,7 @@ impl Writer {
     /// Writes what is queued, if anything and if nobody is writing (with an fsync
     /// only when some of it must be durable). For a timer, so that the file does not
     /// lag behind an idle agent.
-    pub fn flush(&self) -> anyhow::Result<()> {
+    pub fn flush(&self) -> Result<()> {
         let st = self.lock();
         if st.busy || st.queue.is_empty() {
             return Ok(());
@@ -255,7 +250,7 @@ impl Writer {
     }
 
     /// Everything written so far made durable (at a clean stop).
-    pub fn sync(&self) -> anyhow::Result<()> {
+    pub fn sync(&self) -> Result<()> {
         let mut st = self.lock();
         while st.busy {
             st = self
@@ -276,11 +271,7 @@ impl Writer {
     }
 
     /// Writes the whole queue in one transaction, as the only writer.
-    fn write_queue(
-        &self,
-        mut st: MutexGuard<'_, WriterState>,
-        durable: bool,
-    ) -> anyhow::Result<()> {
+    fn write_queue(&self, mut st: MutexGuard<'_, WriterState>, durable: bool) -> Result<()> {
         let batch = std::mem::take(&mut st.queue);
         let upto = st.queued;
         st.busy = true;

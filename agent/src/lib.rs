@@ -10,7 +10,10 @@
 //! - `http`: the HTTP server that proxies `/fn/NAME/...` to local function hosts.
 
 pub mod checkpoint;
+mod error;
 pub mod gc;
 pub mod http;
 pub mod server;
 mod tenants;
+
+pub use error::{Error, Result};

@@ -29,6 +29,7 @@ use agora_proto::v1::{
 use tokio::sync::mpsc;
 
 use crate::checkpoint::{Checkpoint, Writer};
+use crate::error::{Error, Result};
 use agora_agent_core::{
     artifact_path, AgentCore, AgentCoreConfig, ExecutorKey, ExecutorKind, ExecutorProcess, Input,
     Output, TaskKey,
@@ -203,18 +204,21 @@ impl AgentHandle {
     }
 }
 
-pub async fn start(cfg: AgentConfig) -> anyhow::Result<AgentHandle> {
+pub async fn start(cfg: AgentConfig) -> Result<AgentHandle> {
     let work = cfg.core.work_dir.clone();
     for d in ["artifacts", "sandboxes", "executors", "compiled"] {
-        std::fs::create_dir_all(work.join(d))
-            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", work.join(d).display()))?;
+        std::fs::create_dir_all(work.join(d)).map_err(|cause| Error::WorkDir {
+            what: "create",
+            path: work.join(d),
+            cause,
+        })?;
     }
     // One cgroup root per agent work dir, stable across restarts so that leftovers
     // of a crashed agent are found.
     let canonical = std::fs::canonicalize(&work).unwrap_or_else(|_| work.clone());
     let slug = &agora_proto::sha256_hex(canonical.to_string_lossy().as_bytes())[..12];
     let isolator = Isolator::new(cfg.isolation.mode, &format!("agora/agent-{slug}"))
-        .map_err(|e| anyhow::anyhow!("isolation: {e}"))?;
+        .map_err(Error::Isolation)?;
     // What an earlier run of this agent left: the checkpoint says which executors may
     // still run (their cgroups are spared); everything else under our root goes.
     let checkpoint = Checkpoint::open(&work)?;
@@ -240,11 +244,9 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<AgentHandle> {
                 }
                 other => other,
             };
-            let listener = bound.map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot serve functions over HTTP on {}: {e}; choose another address with --http",
-                    h.bind
-                )
+            let listener = bound.map_err(|cause| Error::HttpBind {
+                addr: h.bind,
+                cause,
             })?;
             let bound = listener.local_addr()?;
             let advertised =
@@ -288,8 +290,11 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<AgentHandle> {
     }
     let socket = work.join("agent.sock");
     let _ = std::fs::remove_file(&socket);
-    let listener = tokio::net::UnixListener::bind(&socket)
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", socket.display()))?;
+    let listener = tokio::net::UnixListener::bind(&socket).map_err(|cause| Error::WorkDir {
+        what: "listen on",
+        path: socket.clone(),
+        cause,
+    })?;
     let (recovered, _) = tokio::sync::watch::channel(!core.recovering());
     let shared = Arc::new(Mutex::new(Shared {
         core,
@@ -675,7 +680,7 @@ impl Agent {
         }
     }
 
-    async fn master_session(&self) -> anyhow::Result<()> {
+    async fn master_session(&self) -> Result<()> {
         let endpoint = tls::client_endpoint(self.cfg.master, &self.cfg.identity)?;
         let conn = tls::connect(&endpoint, self.cfg.master).await?;
         let (mut send, mut recv) = conn.open_bi().await?;
@@ -717,14 +722,13 @@ impl Agent {
         // idle timeout. Tasks keep running meanwhile.
         let mut silence = Duration::from_secs(30);
         let result = loop {
-            let msg: MasterToAgent = match tokio::time::timeout(silence, read_frame(&mut recv))
-                .await
-            {
-                Ok(Ok(Some(m))) => m,
-                Ok(Ok(None)) => break Ok(()),
-                Ok(Err(e)) => break Err(anyhow::anyhow!("bad frame from the master: {e}")),
-                Err(_) => break Err(anyhow::anyhow!("the master did not answer for {silence:?}")),
-            };
+            let msg: MasterToAgent =
+                match tokio::time::timeout(silence, read_frame(&mut recv)).await {
+                    Ok(Ok(Some(m))) => m,
+                    Ok(Ok(None)) => break Ok(()),
+                    Ok(Err(e)) => break Err(Error::MasterFrame(e)),
+                    Err(_) => break Err(Error::MasterSilent(silence)),
+                };
             let input = match msg.msg {
                 Some(master_to_agent::Msg::Registered(r)) => {
                     {
@@ -771,12 +775,7 @@ impl Agent {
                     key: (m.framework_id, m.executor_id),
                     data: m.data,
                 },
-                Some(master_to_agent::Msg::Error(e)) => {
-                    break Err(anyhow::anyhow!(
-                        "the master refused this agent: {}",
-                        e.message
-                    ))
-                }
+                Some(master_to_agent::Msg::Error(e)) => break Err(Error::MasterRefused(e.message)),
                 None => continue,
             };
             self.feed(input);
@@ -796,10 +795,10 @@ impl Agent {
         &self,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
-    ) -> anyhow::Result<()> {
+    ) -> Result<()> {
         let req: v1::AgentRequest = read_frame(&mut recv)
             .await?
-            .ok_or_else(|| anyhow::anyhow!("empty request"))?;
+            .ok_or_else(|| Error::BadRequest("empty request".into()))?;
         match req.request {
             Some(v1::agent_request::Request::Read(r)) => {
                 let reply = match self.read_sandbox(&r).await {
@@ -820,7 +819,11 @@ impl Agent {
                 let report = tokio::task::spawn_blocking(move || a.usage(&q)).await?;
                 write_frame(&mut send, &report).await?;
             }
-            None => anyhow::bail!("unknown request from the master (newer master?)"),
+            None => {
+                return Err(Error::BadRequest(
+                    "unknown request from the master (newer master?)".into(),
+                ))
+            }
         }
         send.finish()?;
         Ok(())
@@ -849,12 +852,12 @@ impl Agent {
         report
     }
 
-    async fn read_sandbox(&self, req: &SandboxRead) -> anyhow::Result<(Vec<u8>, u64)> {
+    async fn read_sandbox(&self, req: &SandboxRead) -> Result<(Vec<u8>, u64)> {
         use tokio::io::{AsyncReadExt, AsyncSeekExt};
         let key = (req.framework_id.clone(), req.task_id.clone());
         for part in [&key.0, &key.1] {
             if part.is_empty() || part.contains('/') || part.starts_with('.') {
-                anyhow::bail!("bad task or framework id");
+                return Err(Error::BadRequest("bad task or framework id".into()));
             }
         }
         let dir = agora_agent_core::sandbox_dir(&self.cfg.core.work_dir, &key);
@@ -863,11 +866,19 @@ impl Agent {
             p if !p.is_empty() && !p.starts_with('/') && !p.split('/').any(|c| c == "..") => {
                 dir.join("fs").join(p)
             }
-            p => anyhow::bail!("path `{p}` must be stdout, stderr or relative to the task's root"),
+            p => {
+                return Err(Error::BadRequest(format!(
+                    "path `{p}` must be stdout, stderr or relative to the task's root"
+                )))
+            }
         };
-        let mut f = tokio::fs::File::open(&path).await.map_err(|e| {
-            anyhow::anyhow!("cannot open {} of task {}: {e}", req.path, req.task_id)
-        })?;
+        let mut f = tokio::fs::File::open(&path)
+            .await
+            .map_err(|cause| Error::SandboxFile {
+                path: req.path.clone(),
+                task_id: req.task_id.clone(),
+                cause,
+            })?;
         let size = f.metadata().await?.len();
         if req.offset >= size {
             return Ok((Vec::new(), size));
@@ -880,24 +891,24 @@ impl Agent {
 
     // ---- sandboxes and artifacts ---------------------------------------------
 
-    async fn prepare(&self, key: &TaskKey, task: &TaskInfo) -> anyhow::Result<()> {
+    async fn prepare(&self, key: &TaskKey, task: &TaskInfo) -> Result<()> {
         if let Some(module) = &task.module {
             self.fetch(&module.sha256, module.size)
                 .await
-                .map_err(|e| anyhow::anyhow!("fetch of the module failed: {e:#}"))?;
+                .map_err(|e| Error::prepare("fetch of the module failed", e))?;
         }
         let dir = agora_agent_core::sandbox_dir(&self.cfg.core.work_dir, key);
         let root = dir.join("fs");
         tokio::fs::create_dir_all(&root)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot create sandbox {}: {e}", root.display()))?;
+            .map_err(|e| Error::prepare(format!("cannot create sandbox {}", root.display()), e))?;
         for d in &task.dirs {
             tokio::fs::create_dir_all(root.join(d)).await?;
         }
         for input in &task.inputs {
             self.fetch(&input.sha256, input.size)
                 .await
-                .map_err(|e| anyhow::anyhow!("fetch of input {} failed: {e:#}", input.dest))?;
+                .map_err(|e| Error::prepare(format!("fetch of input {} failed", input.dest), e))?;
             let dest = root.join(&input.dest);
             if let Some(parent) = dest.parent() {
                 tokio::fs::create_dir_all(parent).await?;
@@ -905,7 +916,7 @@ impl Agent {
             // A copy, not a link: the guest may change its inputs, never the cache.
             tokio::fs::copy(artifact_path(&self.cfg.core.work_dir, &input.sha256), &dest)
                 .await
-                .map_err(|e| anyhow::anyhow!("cannot place input {}: {e}", input.dest))?;
+                .map_err(|e| Error::prepare(format!("cannot place input {}", input.dest), e))?;
             if input.executable {
                 use std::os::unix::fs::PermissionsExt;
                 tokio::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o755)).await?;
@@ -915,9 +926,9 @@ impl Agent {
     }
 
     /// Makes sure `<work>/artifacts/<sha>` exists, fetching it from the master once.
-    async fn fetch(&self, sha: &str, size: u64) -> anyhow::Result<()> {
+    async fn fetch(&self, sha: &str, size: u64) -> Result<()> {
         if !agora_proto::is_sha256_hex(sha) {
-            anyhow::bail!("`{sha}` is not a sha256");
+            return Err(Error::Fetch(format!("`{sha}` is not a sha256")));
         }
         let dest = artifact_path(&self.cfg.core.work_dir, sha);
         let lock = self
@@ -931,11 +942,7 @@ impl Agent {
         if tokio::fs::metadata(&dest).await.is_ok() {
             return Ok(()); // cached: no bytes move
         }
-        let conn = self
-            .lock()
-            .master_conn
-            .clone()
-            .ok_or_else(|| anyhow::anyhow!("not connected to the master"))?;
+        let conn = self.lock().master_conn.clone().ok_or(Error::NotConnected)?;
         let (mut send, mut recv) = conn.open_bi().await?;
         write_frame(
             &mut send,
@@ -949,15 +956,15 @@ impl Agent {
         send.finish()?;
         let h: ArtifactHeader = read_frame(&mut recv)
             .await?
-            .ok_or_else(|| anyhow::anyhow!("the master closed the stream"))?;
+            .ok_or_else(|| Error::Fetch("the master closed the stream".into()))?;
         if !h.error.is_empty() {
-            anyhow::bail!("{}", h.error);
+            return Err(Error::Fetch(h.error));
         }
         if size != 0 && h.size != size {
-            anyhow::bail!(
+            return Err(Error::Fetch(format!(
                 "the master has {} bytes for {sha}, the task says {size}",
                 h.size
-            );
+            )));
         }
         transfer::receive_to_file(&mut recv, &dest, sha, h.size).await?;
         tracing::debug!(%sha, bytes = h.size, "fetched artifact");
@@ -967,7 +974,7 @@ impl Agent {
     // ---- executors ------------------------------------------------------------
 
     /// Starts an executor process inside a group of its own, sized to its tasks.
-    fn spawn_executor(&self, key: &ExecutorKey) -> anyhow::Result<()> {
+    fn spawn_executor(&self, key: &ExecutorKey) -> Result<()> {
         let (kind, demand) = {
             let s = self.lock();
             let kind = s.core.executor_kind(key).unwrap_or(ExecutorKind::Wasm);
@@ -985,9 +992,9 @@ impl Agent {
             ExecutorKind::Native => &self.cfg.native_executor_command,
             ExecutorKind::Function => &self.cfg.function_executor_command,
         };
-        let (prog, rest) = command
-            .split_first()
-            .ok_or_else(|| anyhow::anyhow!("no {} executor command configured", kind.name()))?;
+        let (prog, rest) = command.split_first().ok_or_else(|| {
+            Error::Executor(format!("no {} executor command configured", kind.name()))
+        })?;
         let work = &self.cfg.core.work_dir;
         let dir = self.executor_dir(key);
         std::fs::create_dir_all(&dir)?;
@@ -1029,11 +1036,10 @@ impl Agent {
         // have controllers, so there the process sits in a leaf of its own.
         let group_name = group_name(key);
         let limits = self.executor_limits(kind, &demand);
-        let group = Arc::new(
-            self.isolator
-                .create(&group_name, &limits)
-                .map_err(|e| anyhow::anyhow!("cannot create the executor's cgroup: {e}"))?,
-        );
+        let group =
+            Arc::new(self.isolator.create(&group_name, &limits).map_err(|e| {
+                Error::Executor(format!("cannot create the executor's cgroup: {e}"))
+            })?);
         let leaf = match self.isolator.cgroup_version() {
             Some(CgroupVersion::V2) => Some(
                 self.isolator
@@ -1047,7 +1053,7 @@ impl Agent {
                         },
                     )
                     .map_err(|e| {
-                        anyhow::anyhow!("cannot create the executor's leaf cgroup: {e}")
+                        Error::Executor(format!("cannot create the executor's leaf cgroup: {e}"))
                     })?,
             ),
             _ => None,
@@ -1055,10 +1061,10 @@ impl Agent {
         let joined: &Group = leaf.as_ref().unwrap_or(&group);
         let containment = joined
             .contain(&mut cmd)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let child = containment
-            .spawned(cmd.spawn())
-            .map_err(|e| anyhow::anyhow!("cannot run {}: {e}", Path::new(prog).display()))?;
+            .map_err(|e| Error::Executor(e.to_string()))?;
+        let child = containment.spawned(cmd.spawn()).map_err(|e| {
+            Error::Executor(format!("cannot run {}: {e}", Path::new(prog).display()))
+        })?;
         let pid = child.id();
         {
             let mut s = self.lock();

@@ -488,7 +488,7 @@ async fn start_agent(
         // 15 s by default) is not registered with before this passes.
         reregister_timeout_ms: recovery_timeout_ms.min(10_000),
     };
-    agora_agent::server::start(AgentConfig {
+    Ok(agora_agent::server::start(AgentConfig {
         master,
         identity: id,
         core,
@@ -499,7 +499,7 @@ async fn start_agent(
         gc: agora_agent::gc::GcPolicy::default(),
         http,
     })
-    .await
+    .await?)
 }
 
 async fn wait_for_signal() {

@@ -189,7 +189,10 @@ pub(crate) async fn operator(
 }
 
 pub(crate) fn config(t: &Target) -> anyhow::Result<ClientConfig> {
-    ClientConfig::discover(t.master.as_deref(), t.config.as_deref())
+    Ok(ClientConfig::discover(
+        t.master.as_deref(),
+        t.config.as_deref(),
+    )?)
 }
 
 fn url(cfg: &ClientConfig, name: &str) -> String {

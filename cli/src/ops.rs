@@ -47,7 +47,7 @@ pub struct KillArgs {
 
 pub async fn connect(t: &Target) -> anyhow::Result<Client> {
     let cfg = ClientConfig::discover(t.master.as_deref(), t.config.as_deref())?;
-    Client::connect(&cfg).await
+    Ok(Client::connect(&cfg).await?)
 }
 
 fn age(ms: u64) -> String {

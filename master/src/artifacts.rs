@@ -4,15 +4,18 @@ use std::path::{Path, PathBuf};
 
 use agora_proto::is_sha256_hex;
 
+use crate::error::{Error, Result};
+
 #[derive(Debug, Clone)]
 pub struct ArtifactStore {
     dir: PathBuf,
 }
 
 impl ArtifactStore {
-    pub fn open(dir: &Path) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|e| {
-            anyhow::anyhow!("cannot create the artifact store {}: {e}", dir.display())
+    pub fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|cause| Error::ArtifactStore {
+            path: dir.into(),
+            cause,
         })?;
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -20,7 +23,7 @@ impl ArtifactStore {
     }
 
     /// Hashes of every complete artifact on disk (partial uploads start with '.').
-    pub fn list(&self) -> anyhow::Result<Vec<String>> {
+    pub fn list(&self) -> Result<Vec<String>> {
         let mut out = Vec::new();
         for e in std::fs::read_dir(&self.dir)? {
             let name = e?.file_name().to_string_lossy().to_string();

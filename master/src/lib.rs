@@ -13,5 +13,8 @@
 //!   functions and links no WebAssembly runtime.
 
 pub mod artifacts;
+mod error;
 pub mod registry;
 pub mod server;
+
+pub use error::{Error, Result};

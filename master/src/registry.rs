@@ -7,6 +7,8 @@
 use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::error::{Error, Result};
 use serde::Serialize;
 
 pub use agora_master_core::registry::*;
@@ -92,15 +94,15 @@ pub struct RegistryStore {
 
 impl RegistryStore {
     /// Opens (or creates) `<dir>/registry.redb` and reads what it holds.
-    pub fn open(dir: &Path) -> anyhow::Result<(RegistryStore, Registry)> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+    pub fn open(dir: &Path) -> Result<(RegistryStore, Registry)> {
+        std::fs::create_dir_all(dir).map_err(|cause| Error::DataDir {
+            path: dir.into(),
+            cause,
+        })?;
         let path = dir.join(FILE);
-        let db = Database::create(&path).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot open the master registry {}: {e} (is another master using this data dir?)",
-                path.display()
-            )
+        let db = Database::create(&path).map_err(|cause| Error::RegistryOpen {
+            path: path.clone(),
+            cause,
         })?;
         let state = Self::read(&db, &path)?;
         Ok((
@@ -113,9 +115,10 @@ impl RegistryStore {
         ))
     }
 
-    fn read(db: &Database, path: &Path) -> anyhow::Result<Registry> {
-        let bad = |e: &dyn std::fmt::Display| {
-            anyhow::anyhow!("master registry {} is unreadable: {e}", path.display())
+    fn read(db: &Database, path: &Path) -> Result<Registry> {
+        let bad = |e: &dyn std::fmt::Display| Error::RegistryUnreadable {
+            path: path.into(),
+            cause: e.to_string(),
         };
         {
             let w = db.begin_write().map_err(|e| bad(&e))?;
@@ -131,11 +134,13 @@ impl RegistryStore {
                         migrate_v1(&w, path).map_err(|e| bad(&e))?;
                         meta.insert("version", VERSION).map_err(|e| bad(&e))?;
                     }
-                    Some(other) => anyhow::bail!(
-                        "master registry {} has layout version {other}; this master knows {VERSION}. \
-                         Use the master release that wrote it, or move the file away to start empty",
-                        path.display()
-                    ),
+                    Some(other) => {
+                        return Err(Error::RegistryVersion {
+                            path: path.into(),
+                            found: other,
+                            known: VERSION,
+                        })
+                    }
                 }
                 w.open_table(ENTRIES).map_err(|e| bad(&e))?;
             }
@@ -201,12 +206,14 @@ impl RegistryStore {
     }
 
     /// Writes `ops` in one durable transaction (fsync before it returns).
-    pub fn commit(&mut self, ops: &[RegistryOp]) -> anyhow::Result<()> {
+    pub fn commit(&mut self, ops: &[RegistryOp]) -> Result<()> {
         if ops.is_empty() {
             return Ok(());
         }
-        let err = |e: &dyn std::fmt::Display| {
-            anyhow::anyhow!("writing the master registry {}: {e}", self.path.display())
+        let path = self.path.clone();
+        let err = |e: &dyn std::fmt::Display| Error::RegistryWrite {
+            path: path.clone(),
+            cause: e.to_string(),
         };
         let before: Vec<String> = self.state.removed_frameworks.keys().cloned().collect();
         let lost_before: Vec<(String, String)> = self.state.lost_tasks.keys().cloned().collect();
@@ -275,7 +282,7 @@ impl RegistryStore {
 /// old framework id (`functions-framework`) is dropped: the gateway now subscribes
 /// with the fixed id, and the old framework's hosts end at its failover timeout
 /// while the gateway starts new ones.
-fn migrate_v1(w: &redb::WriteTransaction, path: &Path) -> anyhow::Result<()> {
+fn migrate_v1(w: &redb::WriteTransaction, path: &Path) -> Result<(), redb::Error> {
     use agora_fn_api::gateway_state::{FRAMEWORK_ID, FUNCTION_PREFIX, TENANT_PREFIX};
     use prost::Message;
 

@@ -21,8 +21,9 @@ use agora_proto::Resources;
 use tokio::sync::mpsc;
 
 use crate::artifacts::ArtifactStore;
+use crate::error::{Error, Result};
 use crate::registry::{Registry, RegistryStore};
-use agora_master_core::{ConnId, CoreConfig, Input, MasterCore, OperatorOp, Output};
+use agora_master_core::{ConnId, CoreConfig, Input, MasterCore, OperatorOp, Output, Refused};
 
 /// Messages queued to one peer before it counts as stuck and is disconnected.
 const PEER_QUEUE: usize = 4096;
@@ -80,7 +81,7 @@ impl Shared {
 
     /// Runs an operator's request through the core and returns its answer (after the
     /// outputs it caused are on their way).
-    fn operate(&mut self, op: OperatorOp) -> Result<(), String> {
+    fn operate(&mut self, op: OperatorOp) -> Result<(), Refused> {
         self.next_request += 1;
         let request = self.next_request;
         let outs = self
@@ -92,7 +93,7 @@ impl Shared {
         });
         self.dispatch(outs);
         match answer {
-            Some(r) => r.map_err(|e| e.0),
+            Some(r) => r,
             None => Err("the master did not answer the request (a bug: please report it)".into()),
         }
     }
@@ -168,7 +169,7 @@ impl MasterHandle {
     }
 }
 
-pub async fn start(cfg: MasterConfig) -> anyhow::Result<MasterHandle> {
+pub async fn start(cfg: MasterConfig) -> Result<MasterHandle> {
     let store = ArtifactStore::open(&cfg.data_dir.join("artifacts"))?;
     let endpoint = tls::server_endpoint(cfg.bind, &cfg.identity)?;
     let addr = endpoint.local_addr()?;
@@ -309,9 +310,7 @@ impl Ctx {
                         ctx.require(&conn, role, Role::Agent, send, |s| ctx.clone().get(g, s))
                             .await
                     }
-                    None => Err(anyhow::anyhow!(
-                        "stream opened with an unknown kind (newer client?)"
-                    )),
+                    None => Err(Error::UnknownStream),
                 };
                 if let Err(e) = r {
                     tracing::info!(%remote, "stream ended with an error: {e:#}");
@@ -329,10 +328,10 @@ impl Ctx {
         need: Role,
         send: Send,
         f: F,
-    ) -> anyhow::Result<()>
+    ) -> Result<()>
     where
         F: FnOnce(Send) -> Fut,
-        Fut: std::future::Future<Output = anyhow::Result<()>>,
+        Fut: std::future::Future<Output = Result<()>>,
     {
         if have != Some(need) {
             let msg = format!(
@@ -342,7 +341,7 @@ impl Ctx {
                 format!("{need:?}").to_lowercase(),
             );
             conn.close(4u32.into(), msg.as_bytes());
-            anyhow::bail!(msg);
+            return Err(Error::WrongRole(msg));
         }
         f(send).await
     }
@@ -353,7 +352,7 @@ impl Ctx {
         hello: v1::AgentHello,
         mut send: Send,
         mut recv: Recv,
-    ) -> anyhow::Result<()> {
+    ) -> Result<()> {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (tx, mut rx) = mpsc::channel::<Out<MasterToAgent>>(PEER_QUEUE);
         {
@@ -406,7 +405,7 @@ impl Ctx {
             match read_frame::<_, v1::AgentToMaster>(&mut recv).await {
                 Ok(Some(msg)) => self.lock().feed(Input::AgentMessage { conn, msg }),
                 Ok(None) => break Ok(()),
-                Err(e) => break Err(anyhow::anyhow!("agent sent a bad frame: {e}")),
+                Err(e) => break Err(Error::AgentFrame(e)),
             }
         };
         {
@@ -426,7 +425,7 @@ impl Ctx {
         hello: v1::SchedulerHello,
         mut send: Send,
         mut recv: Recv,
-    ) -> anyhow::Result<()> {
+    ) -> Result<()> {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (tx, mut rx) = mpsc::channel::<Out<Event>>(PEER_QUEUE);
         {
@@ -475,7 +474,7 @@ impl Ctx {
             match read_frame::<_, v1::Call>(&mut recv).await {
                 Ok(Some(call)) => self.lock().feed(Input::SchedulerCall { conn, call }),
                 Ok(None) => break Ok(()),
-                Err(e) => break Err(anyhow::anyhow!("framework sent a bad frame: {e}")),
+                Err(e) => break Err(Error::FrameworkFrame(e)),
             }
         };
         {
@@ -488,7 +487,7 @@ impl Ctx {
         result
     }
 
-    async fn operator(self, req: OperatorRequest, mut send: Send) -> anyhow::Result<()> {
+    async fn operator(self, req: OperatorRequest, mut send: Send) -> Result<()> {
         let resp = match req.request {
             Some(operator_request::Request::ListTasks(l)) => {
                 let mut tasks = {
@@ -515,7 +514,7 @@ impl Ctx {
             Some(operator_request::Request::Kill(k)) => {
                 let r = self.lock().operate(OperatorOp::Kill { task_id: k.task_id });
                 OperatorResponse {
-                    error: r.err().unwrap_or_default(),
+                    error: r.err().map(|e| e.0).unwrap_or_default(),
                     ..Default::default()
                 }
             }
@@ -525,7 +524,7 @@ impl Ctx {
                     weight: w.weight,
                 });
                 OperatorResponse {
-                    error: r.err().unwrap_or_default(),
+                    error: r.err().map(|e| e.0).unwrap_or_default(),
                     ..Default::default()
                 }
             }
@@ -538,10 +537,10 @@ impl Ctx {
                         guarantee,
                         limit,
                     }),
-                    Err(e) => Err(format!("bad quota resources: {e}")),
+                    Err(e) => Err(Refused(format!("bad quota resources: {e}"))),
                 };
                 OperatorResponse {
-                    error: r.err().unwrap_or_default(),
+                    error: r.err().map(|e| e.0).unwrap_or_default(),
                     ..Default::default()
                 }
             }
@@ -550,7 +549,7 @@ impl Ctx {
                     roles,
                     ..Default::default()
                 },
-                Err(error) => OperatorResponse {
+                Err(Refused(error)) => OperatorResponse {
                     error,
                     ..Default::default()
                 },
@@ -565,7 +564,7 @@ impl Ctx {
                         explanation,
                         ..Default::default()
                     },
-                    Err(error) => OperatorResponse {
+                    Err(Refused(error)) => OperatorResponse {
                         error,
                         ..Default::default()
                     },
@@ -589,8 +588,8 @@ impl Ctx {
                 | operator_request::Request::FnList(_)),
             ) => match self.functions() {
                 Ok(f) => f.handle(r).await,
-                Err(error) => OperatorResponse {
-                    error,
+                Err(e) => OperatorResponse {
+                    error: e.to_string(),
                     ..Default::default()
                 },
             },
@@ -604,10 +603,8 @@ impl Ctx {
         Ok(())
     }
 
-    fn functions(&self) -> Result<&Arc<dyn FunctionsDoor>, String> {
-        self.functions.as_ref().ok_or_else(|| {
-            "this master runs no functions framework (it was started without a client certificate for it)".to_string()
-        })
+    fn functions(&self) -> Result<&Arc<dyn FunctionsDoor>> {
+        self.functions.as_ref().ok_or(Error::NoFunctions)
     }
 
     /// `agora fn deploy`: the module must be in the artifact store; the functions
@@ -615,9 +612,9 @@ impl Ctx {
     async fn fn_deploy(&self, d: v1::FunctionDeploy) -> OperatorResponse {
         let f = match self.functions() {
             Ok(f) => f,
-            Err(error) => {
+            Err(e) => {
                 return OperatorResponse {
-                    error,
+                    error: e.to_string(),
                     ..Default::default()
                 }
             }
@@ -668,7 +665,7 @@ impl Ctx {
                 write_frame(&mut send, &req).await?;
                 send.finish()?;
                 let rep: Option<v1::UsageReport> = read_frame(&mut recv).await?;
-                anyhow::Ok(rep.unwrap_or_default())
+                Ok::<_, Error>(rep.unwrap_or_default())
             };
             let rep = tokio::time::timeout(Duration::from_secs(3), ask)
                 .await
@@ -687,15 +684,15 @@ impl Ctx {
     }
 
     /// Reads part of a task's file from the agent that ran it, on a stream of its own.
-    async fn read_sandbox(&self, r: v1::ReadTaskFile) -> anyhow::Result<SandboxData> {
+    async fn read_sandbox(&self, r: v1::ReadTaskFile) -> Result<SandboxData> {
         let (qconn, framework_id) = {
             let s = self.lock();
-            let (conn, fw) = s.core.locate_task(&r.task_id).map_err(anyhow::Error::msg)?;
+            let (conn, fw) = s.core.locate_task(&r.task_id)?;
             let q = s
                 .agents
                 .get(&conn)
                 .map(|(_, q)| q.clone())
-                .ok_or_else(|| anyhow::anyhow!("the task's agent is not connected"))?;
+                .ok_or(Error::AgentNotConnected)?;
             (q, fw)
         };
         let (mut send, mut recv) = qconn.open_bi().await?;
@@ -714,15 +711,15 @@ impl Ctx {
         let data: SandboxData =
             tokio::time::timeout(Duration::from_secs(10), read_frame(&mut recv))
                 .await
-                .map_err(|_| anyhow::anyhow!("the agent did not answer within 10 s"))??
-                .ok_or_else(|| anyhow::anyhow!("the agent closed the stream without answering"))?;
+                .map_err(|_| Error::AgentTimeout)??
+                .ok_or(Error::AgentClosed)?;
         if !data.error.is_empty() {
-            anyhow::bail!("{}", data.error);
+            return Err(Error::Agent(data.error));
         }
         Ok(data)
     }
 
-    async fn put(self, p: v1::ArtifactPut, mut send: Send, mut recv: Recv) -> anyhow::Result<()> {
+    async fn put(self, p: v1::ArtifactPut, mut send: Send, mut recv: Recv) -> Result<()> {
         let reply = |error: String, present: bool| ArtifactHeader {
             sha256: p.sha256.clone(),
             size: p.size,
@@ -777,10 +774,10 @@ impl Ctx {
         };
         write_frame(&mut send, &reply(err, false)).await?;
         send.finish()?;
-        r
+        Ok(r?)
     }
 
-    async fn get(self, g: v1::ArtifactGet, mut send: Send) -> anyhow::Result<()> {
+    async fn get(self, g: v1::ArtifactGet, mut send: Send) -> Result<()> {
         let Some(path) = self.store.path(&g.sha256) else {
             let h = ArtifactHeader {
                 sha256: g.sha256.clone(),

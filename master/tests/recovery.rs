@@ -353,7 +353,7 @@ fn explain_names_the_role_quota_and_what_holds_offers_back() {
     assert!(text.contains("limit"), "{text}");
     assert!(text.contains("no agent is connected"), "{text}");
     let err = m.core.explain("no such thing!", m.now).unwrap_err();
-    assert!(err.contains("no task or role"), "{err}");
+    assert!(err.0.contains("no task or role"), "{err}");
 }
 
 fn updates_to(outs: &[Output], conn: ConnId) -> Vec<TaskStatus> {

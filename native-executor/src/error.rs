@@ -57,6 +57,17 @@ pub enum Error {
         waited_ms: u128,
     },
 
+    /// Isolation could not be set up for the executor's tasks (`run_executor`).
+    #[error("cannot set up task isolation: {0}")]
+    Setup(Box<Error>),
+
+    #[error("cannot connect to the agent at {}: {cause}", socket.display())]
+    Connect { socket: PathBuf, cause: io::Error },
+
+    /// The link to the agent broke (a bad frame, or the agent did not come back).
+    #[error(transparent)]
+    Link(#[from] agora_executor_link::LinkError),
+
     #[error("{what}: {source}")]
     Io {
         what: String,

@@ -20,9 +20,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agora_proto::v1::{ExecutorLaunch, ExecutorRegister, ExecutorStatus, TaskState};
-use anyhow::Context as _;
 use tokio::net::UnixStream;
 
+use crate::error::{Error, Result};
 use crate::runner::{kill_grace, KillSwitch, NativeConfig, Runner};
 use agora_executor_link::{
     self as executor_link, panicked, recovery_timeout_from_env, LinkedExecutor, Tasks,
@@ -42,7 +42,7 @@ pub async fn run_executor(
     framework_id: &str,
     executor_id: &str,
     cfg: NativeConfig,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     run_executor_with(
         socket,
         framework_id,
@@ -60,13 +60,16 @@ pub async fn run_executor_with(
     executor_id: &str,
     cfg: NativeConfig,
     recovery_timeout: Duration,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let runner = Arc::new(
-        Runner::new(cfg, framework_id, executor_id).context("cannot set up task isolation")?,
+        Runner::new(cfg, framework_id, executor_id).map_err(|e| Error::Setup(Box::new(e)))?,
     );
     let stream = UnixStream::connect(socket)
         .await
-        .with_context(|| format!("cannot connect to the agent at {}", socket.display()))?;
+        .map_err(|cause| Error::Connect {
+            socket: socket.to_path_buf(),
+            cause,
+        })?;
     let register = ExecutorRegister {
         framework_id: framework_id.to_string(),
         executor_id: executor_id.to_string(),
@@ -78,7 +81,7 @@ pub async fn run_executor_with(
     };
     let result = executor_link::drive(&mut executor, stream, socket, register, recovery_timeout)
         .await
-        .map_err(anyhow::Error::from);
+        .map_err(Error::from);
     drop(executor);
     runner.remove_executor_groups();
     result

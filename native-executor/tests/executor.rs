@@ -26,7 +26,7 @@ struct Agent {
     listener: Option<UnixListener>,
     rd: OwnedReadHalf,
     wr: Option<OwnedWriteHalf>,
-    executor: JoinHandle<anyhow::Result<()>>,
+    executor: JoinHandle<agora_native_executor::Result<()>>,
     /// Sequence number of the last status read.
     last_seq: u64,
 }
@@ -137,7 +137,7 @@ impl Agent {
     }
 
     /// Waits for the executor to return.
-    async fn exit(self) -> anyhow::Result<()> {
+    async fn exit(self) -> agora_native_executor::Result<()> {
         timeout(WAIT, self.executor)
             .await
             .expect("the executor exits in time")

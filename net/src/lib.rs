@@ -9,11 +9,13 @@
 //! as a parameter.
 
 pub mod clock;
+mod error;
 pub mod frame;
 pub mod tls;
 pub mod transfer;
 
 pub use clock::{unix_millis, Monotonic};
+pub use error::{Error, Result};
 pub use frame::{
     read_frame, read_frame_limited, write_frame, write_queued, FrameBatch, FrameError, MAX_FRAME,
 };

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use anyhow::{anyhow, bail, Context};
+use crate::error::{Error, Result};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{ConnectionError, TransportErrorCode};
 use rcgen::{
@@ -123,7 +123,7 @@ impl CertDir {
 /// If DIR already has ca.pem/ca.key, reuses that CA and only writes missing role certificates (so it is safe to run twice).
 /// The master certificate's SANs: MASTER_SERVER_NAME, "localhost", 127.0.0.1, ::1 plus `extra_master_names` (DNS names or IPs).
 /// Certificates name their role in the subject CN: "agora-master", "agora-agent", "agora-client". Key files mode 0600. Validity 10 years.
-pub fn init_cert_dir(dir: &Path, extra_master_names: &[String]) -> anyhow::Result<CertDir> {
+pub fn init_cert_dir(dir: &Path, extra_master_names: &[String]) -> Result<CertDir> {
     let cd = CertDir::new(dir);
     create_private_dir(dir)?;
 
@@ -131,13 +131,18 @@ pub fn init_cert_dir(dir: &Path, extra_master_names: &[String]) -> anyhow::Resul
         (true, true) => {
             let ca_pem = read_to_string(&cd.ca(), "CA certificate")?;
             let key_pem = read_to_string(&cd.ca_key(), "CA key")?;
-            let key = KeyPair::from_pem(&key_pem)
-                .with_context(|| format!("{} is not a PEM private key", cd.ca_key().display()))?;
+            let key = KeyPair::from_pem(&key_pem).map_err(|e| {
+                Error::tls(
+                    format!("{} is not a PEM private key", cd.ca_key().display()),
+                    e,
+                )
+            })?;
             check_ca_matches_key(&cd.ca(), &ca_pem, &cd.ca_key(), &key)?;
             (ca_pem, key)
         }
         (false, false) => {
-            let key = KeyPair::generate().context("cannot generate the CA key")?;
+            let key =
+                KeyPair::generate().map_err(|e| Error::tls("cannot generate the CA key", e))?;
             let mut params = CertificateParams::default();
             params.distinguished_name = rcgen::DistinguishedName::new();
             // Each cluster's CA gets its own name: a verifier that meets a certificate of
@@ -158,26 +163,34 @@ pub fn init_cert_dir(dir: &Path, extra_master_names: &[String]) -> anyhow::Resul
             set_validity(&mut params);
             let cert = params
                 .self_signed(&key)
-                .context("cannot make the CA certificate")?;
+                .map_err(|e| Error::tls("cannot make the CA certificate", e))?;
             write_file(&cd.ca_key(), key.serialize_pem().as_bytes(), 0o600)?;
             write_file(&cd.ca(), cert.pem().as_bytes(), 0o644)?;
             (cert.pem(), key)
         }
-        (true, false) => bail!(
-            "{} exists but {} does not: cannot sign certificates without the CA key; \
-             restore it, or use an empty directory for a new cluster CA",
-            cd.ca().display(),
-            cd.ca_key().display()
-        ),
-        (false, true) => bail!(
-            "{} exists but {} does not: restore the CA certificate, or use an empty directory \
-             for a new cluster CA",
-            cd.ca_key().display(),
-            cd.ca().display()
-        ),
+        (true, false) => {
+            return Err(Error::Certificates(format!(
+                "{} exists but {} does not: cannot sign certificates without the CA key; \
+                 restore it, or use an empty directory for a new cluster CA",
+                cd.ca().display(),
+                cd.ca_key().display()
+            )))
+        }
+        (false, true) => {
+            return Err(Error::Certificates(format!(
+                "{} exists but {} does not: restore the CA certificate, or use an empty \
+                 directory for a new cluster CA",
+                cd.ca_key().display(),
+                cd.ca().display()
+            )))
+        }
     };
-    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)
-        .with_context(|| format!("{} is not a usable CA certificate", cd.ca().display()))?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(|e| {
+        Error::tls(
+            format!("{} is not a usable CA certificate", cd.ca().display()),
+            e,
+        )
+    })?;
 
     for role in Role::ALL {
         if cd.cert(role).exists() && cd.key(role).exists() {
@@ -210,8 +223,11 @@ pub fn init_cert_dir(dir: &Path, extra_master_names: &[String]) -> anyhow::Resul
                     }
                 }
                 params.subject_alt_names = CertificateParams::new(names.clone())
-                    .with_context(|| {
-                        format!("invalid master name among {names:?}: expected DNS names or IP addresses")
+                    .map_err(|e| {
+                        Error::tls(
+                            format!("invalid master name among {names:?}: expected DNS names or IP addresses"),
+                            e,
+                        )
                     })?
                     .subject_alt_names;
                 // A master also acts as a client of other masters (high availability).
@@ -224,10 +240,10 @@ pub fn init_cert_dir(dir: &Path, extra_master_names: &[String]) -> anyhow::Resul
                 params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
             }
         }
-        let key = KeyPair::generate().context("cannot generate a key")?;
+        let key = KeyPair::generate().map_err(|e| Error::tls("cannot generate a key", e))?;
         let cert = params
             .signed_by(&key, &issuer)
-            .with_context(|| format!("cannot sign the {role} certificate"))?;
+            .map_err(|e| Error::tls(format!("cannot sign the {role} certificate"), e))?;
         write_file(&cd.key(role), key.serialize_pem().as_bytes(), 0o600)?;
         write_file(&cd.cert(role), cert.pem().as_bytes(), 0o644)?;
     }
@@ -240,13 +256,13 @@ fn set_validity(params: &mut CertificateParams) {
     params.not_after = (now + CERT_VALIDITY).into();
 }
 
-fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+fn create_private_dir(dir: &Path) -> Result<()> {
     if dir.is_dir() {
         return Ok(());
     }
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
         fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create directory {}", parent.display()))?;
+            .map_err(|e| Error::file(format!("cannot create directory {}", parent.display()), e))?;
     }
     let mut builder = fs::DirBuilder::new();
     #[cfg(unix)]
@@ -256,24 +272,24 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
     }
     builder
         .create(dir)
-        .with_context(|| format!("cannot create directory {}", dir.display()))?;
+        .map_err(|e| Error::file(format!("cannot create directory {}", dir.display()), e))?;
     set_mode(dir, 0o700)
 }
 
 #[allow(unused_variables)]
-fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(path, fs::Permissions::from_mode(mode))
-            .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+            .map_err(|e| Error::file(format!("cannot set the mode of {}", path.display()), e))?;
     }
     Ok(())
 }
 
 /// Writes a file through a temporary sibling and a rename, so a reader never sees half of it
 /// and a private key is never readable by others, even for a moment.
-fn write_file(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
+fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
@@ -293,34 +309,34 @@ fn write_file(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
     })();
     if let Err(e) = result {
         let _ = fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("cannot write {}", path.display()));
+        return Err(Error::file(format!("cannot write {}", path.display()), e));
     }
     set_mode(&tmp, mode)?;
-    fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    fs::rename(&tmp, path).map_err(|e| Error::file(format!("cannot write {}", path.display()), e))
 }
 
-fn read_file(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
+fn read_file(path: &Path, what: &str) -> Result<Vec<u8>> {
     fs::read(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
-            anyhow!(
+            Error::Certificates(format!(
                 "{what} file {} does not exist: {CERTS_HINT}",
                 path.display()
-            )
+            ))
         } else {
-            anyhow!(
+            Error::Certificates(format!(
                 "cannot read {what} file {}: {e} ({CERTS_HINT})",
                 path.display()
-            )
+            ))
         }
     })
 }
 
-fn read_to_string(path: &Path, what: &str) -> anyhow::Result<String> {
+fn read_to_string(path: &Path, what: &str) -> Result<String> {
     String::from_utf8(read_file(path, what)?).map_err(|_| {
-        anyhow!(
+        Error::Certificates(format!(
             "{what} file {} is not PEM text: {CERTS_HINT}",
             path.display()
-        )
+        ))
     })
 }
 
@@ -331,22 +347,23 @@ fn check_ca_matches_key(
     ca_pem: &str,
     key_path: &Path,
     key: &KeyPair,
-) -> anyhow::Result<()> {
-    let der = CertificateDer::from_pem_slice(ca_pem.as_bytes())
-        .map_err(|e| anyhow!("{} has no PEM certificate: {e}", ca_path.display()))?;
+) -> Result<()> {
+    let der = CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(|e| {
+        Error::Certificates(format!("{} has no PEM certificate: {e}", ca_path.display()))
+    })?;
     let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| {
-        anyhow!(
+        Error::Certificates(format!(
             "{} is not a valid X.509 certificate: {e}",
             ca_path.display()
-        )
+        ))
     })?;
     if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
-        bail!(
+        return Err(Error::Certificates(format!(
             "{} is not the key of the CA certificate {}: restore the matching pair, \
              or use an empty directory for a new cluster CA",
             key_path.display(),
             ca_path.display()
-        );
+        )));
     }
     Ok(())
 }
@@ -380,15 +397,15 @@ impl std::fmt::Debug for Identity {
 
 impl Identity {
     /// Errors name the file that is missing or unreadable and suggest `agora certs init DIR`.
-    pub fn load(ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<Identity> {
+    pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Identity> {
         let roots = load_roots(ca)?;
         let chain = load_certs(cert, "certificate")?;
         let key_bytes = read_file(key, "private key")?;
         let key = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| {
-            anyhow!(
+            Error::Certificates(format!(
                 "private key file {} holds no usable PEM private key ({e}): {CERTS_HINT}",
                 key.display()
-            )
+            ))
         })?;
         Ok(Identity {
             roots: Arc::new(roots),
@@ -397,7 +414,7 @@ impl Identity {
         })
     }
 
-    pub fn from_cert_dir(dir: &CertDir, role: Role) -> anyhow::Result<Identity> {
+    pub fn from_cert_dir(dir: &CertDir, role: Role) -> Result<Identity> {
         Identity::load(&dir.ca(), &dir.cert(role), &dir.key(role))
     }
 
@@ -407,33 +424,33 @@ impl Identity {
     }
 }
 
-fn load_certs(path: &Path, what: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+fn load_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>> {
     let bytes = read_file(path, what)?;
     let certs = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| {
-            anyhow!(
+            Error::Certificates(format!(
                 "{what} file {} is not valid PEM ({e}): {CERTS_HINT}",
                 path.display()
-            )
+            ))
         })?;
     if certs.is_empty() {
-        bail!(
+        return Err(Error::Certificates(format!(
             "{what} file {} holds no PEM certificate: {CERTS_HINT}",
             path.display()
-        );
+        )));
     }
     Ok(certs)
 }
 
-fn load_roots(ca: &Path) -> anyhow::Result<RootCertStore> {
+fn load_roots(ca: &Path) -> Result<RootCertStore> {
     let mut roots = RootCertStore::empty();
     for c in load_certs(ca, "CA certificate")? {
         roots.add(c).map_err(|e| {
-            anyhow!(
+            Error::Certificates(format!(
                 "CA certificate file {} holds an unusable certificate ({e}): {CERTS_HINT}",
                 ca.display()
-            )
+            ))
         })?;
     }
     Ok(roots)
@@ -457,31 +474,44 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
 /// QUIC server endpoint (used by the master) bound to `bind` (port 0 allowed; read the port back with endpoint.local_addr()).
 /// Requires a client certificate signed by the CA (mutual TLS, TLS 1.3 only, ALPN agora/1).
 /// Must be called inside a tokio runtime.
-pub fn server_endpoint(bind: SocketAddr, id: &Identity) -> anyhow::Result<quinn::Endpoint> {
+pub fn server_endpoint(bind: SocketAddr, id: &Identity) -> Result<quinn::Endpoint> {
     let provider = provider();
     let verifier = WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider.clone())
         .build()
-        .context("cannot build the client certificate verifier")?;
+        .map_err(|e| Error::tls("cannot build the client certificate verifier", e))?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::tls("TLS 1.3 is unavailable", e))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(id.chain.clone(), id.key.clone_key())
-        .context("the certificate and private key do not form a usable pair")?;
+        .map_err(|e| {
+            Error::tls(
+                "the certificate and private key do not form a usable pair",
+                e,
+            )
+        })?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     // No session resumption: every connection presents (and has checked) a certificate.
     tls.send_tls13_tickets = 0;
-    let quic = QuicServerConfig::try_from(tls).context("TLS configuration unusable for QUIC")?;
+    let quic = QuicServerConfig::try_from(tls)
+        .map_err(|e| Error::tls("TLS configuration unusable for QUIC", e))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     config.transport_config(transport_config());
-    quinn::Endpoint::server(config, bind).with_context(|| format!("cannot listen on {bind} (UDP)"))
+    quinn::Endpoint::server(config, bind)
+        .map_err(|e| Error::file(format!("cannot listen on {bind} (UDP)"), e))
 }
 
 /// QUIC client endpoint bound to an ephemeral port of the right address family for `for_addr`, presenting `id`'s certificate
 /// and trusting only `id`'s CA. Must be called inside a tokio runtime.
-pub fn client_endpoint(for_addr: SocketAddr, id: &Identity) -> anyhow::Result<quinn::Endpoint> {
+pub fn client_endpoint(for_addr: SocketAddr, id: &Identity) -> Result<quinn::Endpoint> {
     let tls = client_tls_builder(id.roots.clone())?
         .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
-        .context("the certificate and private key do not form a usable pair")?;
+        .map_err(|e| {
+            Error::tls(
+                "the certificate and private key do not form a usable pair",
+                e,
+            )
+        })?;
     client_endpoint_with(for_addr, tls)
 }
 
@@ -490,26 +520,28 @@ pub fn client_endpoint(for_addr: SocketAddr, id: &Identity) -> anyhow::Result<qu
 pub fn client_endpoint_without_identity(
     for_addr: SocketAddr,
     ca: &Path,
-) -> anyhow::Result<quinn::Endpoint> {
+) -> Result<quinn::Endpoint> {
     let tls = client_tls_builder(Arc::new(load_roots(ca)?))?.with_no_client_auth();
     client_endpoint_with(for_addr, tls)
 }
 
 fn client_tls_builder(
     roots: Arc<RootCertStore>,
-) -> anyhow::Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>> {
+) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>> {
     Ok(rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::tls("TLS 1.3 is unavailable", e))?
         .with_root_certificates(roots))
 }
 
 fn client_endpoint_with(
     for_addr: SocketAddr,
     mut tls: rustls::ClientConfig,
-) -> anyhow::Result<quinn::Endpoint> {
+) -> Result<quinn::Endpoint> {
     tls.alpn_protocols = vec![ALPN.to_vec()];
     tls.resumption = rustls::client::Resumption::disabled();
-    let quic = QuicClientConfig::try_from(tls).context("TLS configuration unusable for QUIC")?;
+    let quic = QuicClientConfig::try_from(tls)
+        .map_err(|e| Error::tls("TLS configuration unusable for QUIC", e))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     config.transport_config(transport_config());
     let bind: SocketAddr = match for_addr {
@@ -517,17 +549,14 @@ fn client_endpoint_with(
         SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
     };
     let mut endpoint = quinn::Endpoint::client(bind)
-        .with_context(|| format!("cannot open a UDP socket on {bind}"))?;
+        .map_err(|e| Error::file(format!("cannot open a UDP socket on {bind}"), e))?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
 }
 
 /// Connects to a master at `addr` (server name MASTER_SERVER_NAME) with a bounded timeout (10 s),
 /// and does not return Ok until the server has accepted our certificate. Errors are sentences a user can act on.
-pub async fn connect(
-    endpoint: &quinn::Endpoint,
-    addr: SocketAddr,
-) -> anyhow::Result<quinn::Connection> {
+pub async fn connect(endpoint: &quinn::Endpoint, addr: SocketAddr) -> Result<quinn::Connection> {
     connect_within(endpoint, addr, CONNECT_TIMEOUT).await
 }
 
@@ -543,10 +572,10 @@ pub async fn connect_within(
     endpoint: &quinn::Endpoint,
     addr: SocketAddr,
     timeout: Duration,
-) -> anyhow::Result<quinn::Connection> {
+) -> Result<quinn::Connection> {
     let connecting = endpoint
         .connect(addr, MASTER_SERVER_NAME)
-        .map_err(|e| anyhow!("cannot connect to the master at {addr}: {e}"))?;
+        .map_err(|e| Error::Connect(format!("cannot connect to the master at {addr}: {e}")))?;
     let attempt = async {
         let conn = connecting.await?;
         wait_handshake_confirmed(&conn).await?;
@@ -575,11 +604,8 @@ async fn wait_handshake_confirmed(conn: &quinn::Connection) -> Result<(), Connec
     }
 }
 
-fn no_answer(addr: SocketAddr, timeout: Duration) -> anyhow::Error {
-    anyhow!(
-        "no answer from the master at {addr} within {}: is it running? check --master / AGORA_MASTER",
-        agora_proto::units::format_duration(timeout)
-    )
+fn no_answer(addr: SocketAddr, timeout: Duration) -> Error {
+    Error::NoAnswer { addr, timeout }
 }
 
 /// TLS alert codes (RFC 8446 section 6) that mean "your certificate is not acceptable".
@@ -631,67 +657,70 @@ fn describe(alert: u8, reason: &str) -> String {
     }
 }
 
-fn explain_connect_error(addr: SocketAddr, timeout: Duration, e: ConnectionError) -> anyhow::Error {
+fn explain_connect_error(addr: SocketAddr, timeout: Duration, e: ConnectionError) -> Error {
+    let connect = Error::Connect;
     match e {
         // Our own TLS stack gave up: the master's certificate is the usual reason.
         ConnectionError::TransportError(te) => match tls_alert(te.code) {
             Some(alert) if is_certificate_alert(alert) || te.reason.contains("certificate") => {
-                anyhow!(
+                connect(format!(
                 "the master at {addr} presented a certificate this client does not trust ({}): \
                  the master and this client must use certificates from the same cluster CA, \
                  see `agora certs init`",
                 describe(alert, &te.reason)
-            )
+            ))
             }
-            Some(120) => anyhow!(
+            Some(120) => connect(format!(
                 "the server at {addr} does not speak {} ({}): is it an Agora master?",
                 String::from_utf8_lossy(ALPN),
                 describe(120, &te.reason)
-            ),
-            Some(alert) => anyhow!(
+            )),
+            Some(alert) => connect(format!(
                 "the TLS handshake with the master at {addr} failed ({})",
                 describe(alert, &te.reason)
-            ),
-            None => anyhow!("the connection to the master at {addr} failed: {te}"),
+            )),
+            None => connect(format!(
+                "the connection to the master at {addr} failed: {te}"
+            )),
         },
         // The master's TLS stack closed the connection.
         ConnectionError::ConnectionClosed(close) => {
             let reason = String::from_utf8_lossy(&close.reason).into_owned();
             match tls_alert(close.error_code) {
                 Some(alert) if is_certificate_alert(alert) || reason.contains("certificate") => {
-                    anyhow!(
+                    connect(format!(
                         "the master at {addr} refused this client's certificate ({}): \
                      use certificates from this cluster's CA, see `agora certs init`",
                         describe(alert, &reason)
-                    )
+                    ))
                 }
-                Some(120) => anyhow!(
+                Some(120) => connect(format!(
                     "the server at {addr} does not speak {} ({}): is it an Agora master?",
                     String::from_utf8_lossy(ALPN),
                     describe(120, &reason)
-                ),
-                Some(alert) => anyhow!(
+                )),
+                Some(alert) => connect(format!(
                     "the master at {addr} ended the TLS handshake ({})",
                     describe(alert, &reason)
-                ),
-                None => anyhow!("the master at {addr} aborted the connection: {close}"),
+                )),
+                None => connect(format!(
+                    "the master at {addr} aborted the connection: {close}"
+                )),
             }
         }
-        ConnectionError::ApplicationClosed(close) => {
-            anyhow!("the master at {addr} closed the connection: {close}")
-        }
+        ConnectionError::ApplicationClosed(close) => connect(format!(
+            "the master at {addr} closed the connection: {close}"
+        )),
         ConnectionError::TimedOut => no_answer(addr, timeout),
-        ConnectionError::Reset => {
-            anyhow!("the master at {addr} reset the connection (did it just restart?): try again")
-        }
-        ConnectionError::VersionMismatch => {
-            anyhow!(
-                "the server at {addr} speaks no QUIC version we support: is it an Agora master?"
-            )
-        }
-        e @ (ConnectionError::LocallyClosed | ConnectionError::CidsExhausted) => {
-            anyhow!("the connection to the master at {addr} failed: {e}")
-        }
+        ConnectionError::Reset => connect(format!(
+            "the master at {addr} reset the connection (did it just restart?): try again"
+        )),
+        ConnectionError::VersionMismatch => connect(format!(
+            "the server at {addr} speaks no QUIC version we support: is it an Agora master?"
+        )),
+        e @ (ConnectionError::LocallyClosed | ConnectionError::CidsExhausted) => connect(format!(
+            "the connection to the master at {addr} failed: {e}"
+        )),
     }
 }
 
@@ -716,35 +745,43 @@ pub fn role_of_cert(cert: &CertificateDer<'_>) -> Option<Role> {
 
 /// Resolves "host:port" (or an IP:port) to a SocketAddr with a clear error.
 /// When a name resolves to both families, IPv4 is preferred (masters usually bind 0.0.0.0).
-pub fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
+pub fn resolve(addr: &str) -> Result<SocketAddr> {
     let addr = addr.trim();
     if let Ok(a) = addr.parse::<SocketAddr>() {
         return Ok(a);
     }
     let hint = "expected HOST:PORT, e.g. 127.0.0.1:5050, [::1]:5050 or master.example.com:5050";
     if addr.is_empty() {
-        bail!("empty address: {hint}");
+        return Err(Error::Address(format!("empty address: {hint}")));
     }
     if addr.parse::<IpAddr>().is_ok() {
-        bail!("address '{addr}' has no port: {hint}");
+        return Err(Error::Address(format!(
+            "address '{addr}' has no port: {hint}"
+        )));
     }
     let Some((host, port)) = addr.rsplit_once(':') else {
-        bail!("address '{addr}' has no port: {hint}");
+        return Err(Error::Address(format!(
+            "address '{addr}' has no port: {hint}"
+        )));
     };
     if host.is_empty() {
-        bail!("address '{addr}' has no host: {hint}");
+        return Err(Error::Address(format!(
+            "address '{addr}' has no host: {hint}"
+        )));
     }
     if port.parse::<u16>().is_err() {
-        bail!("address '{addr}' has an invalid port '{port}': {hint}");
+        return Err(Error::Address(format!(
+            "address '{addr}' has an invalid port '{port}': {hint}"
+        )));
     }
     let addrs: Vec<SocketAddr> = addr
         .to_socket_addrs()
-        .map_err(|e| anyhow!("cannot resolve '{addr}': {e} ({hint})"))?
+        .map_err(|e| Error::Address(format!("cannot resolve '{addr}': {e} ({hint})")))?
         .collect();
     addrs
         .iter()
         .find(|a| a.is_ipv4())
         .or_else(|| addrs.first())
         .copied()
-        .ok_or_else(|| anyhow!("'{host}' resolves to no address"))
+        .ok_or_else(|| Error::Address(format!("'{host}' resolves to no address")))
 }

@@ -7,6 +7,7 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::error::{Error, Result};
 use crate::frame::{read_frame, write_frame};
 use agora_proto::v1::DataChunk;
 
@@ -15,7 +16,7 @@ pub const MAX_ARTIFACT: u64 = 1024 * 1024 * 1024;
 const CHUNK: usize = 256 * 1024;
 
 /// Streams a file as DataChunk frames; the last frame has `last = true`.
-pub async fn send_file<W: AsyncWrite + Unpin>(w: &mut W, path: &Path) -> anyhow::Result<()> {
+pub async fn send_file<W: AsyncWrite + Unpin>(w: &mut W, path: &Path) -> Result<()> {
     let mut f = tokio::fs::File::open(path).await?;
     let mut buf = vec![0u8; CHUNK];
     loop {
@@ -43,7 +44,7 @@ pub async fn send_file<W: AsyncWrite + Unpin>(w: &mut W, path: &Path) -> anyhow:
 }
 
 /// Streams bytes already in memory.
-pub async fn send_bytes<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> anyhow::Result<()> {
+pub async fn send_bytes<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> Result<()> {
     for c in bytes.chunks(CHUNK) {
         write_frame(
             w,
@@ -72,15 +73,16 @@ pub async fn receive_to_file<R: AsyncRead + Unpin>(
     dest: &Path,
     expected_sha: &str,
     expected_size: u64,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     if expected_size > MAX_ARTIFACT {
-        anyhow::bail!(
-            "artifact of {expected_size} bytes exceeds the limit of {MAX_ARTIFACT} bytes"
-        );
+        return Err(Error::ArtifactTooLarge {
+            size: expected_size,
+            limit: MAX_ARTIFACT,
+        });
     }
     let dir = dest
         .parent()
-        .ok_or_else(|| anyhow::anyhow!("{} has no parent directory", dest.display()))?;
+        .ok_or_else(|| Error::NoParent(dest.to_path_buf()))?;
     tokio::fs::create_dir_all(dir).await?;
     // One partial file per receive: two uploads (or fetches) of the same artifact at
     // once must not write into, or rename away, each other's file.
@@ -94,16 +96,19 @@ pub async fn receive_to_file<R: AsyncRead + Unpin>(
     let result = async {
         let mut f = tokio::fs::File::create(&tmp)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", tmp.display()))?;
+            .map_err(|e| Error::file(format!("cannot create {}", tmp.display()), e))?;
         let mut hasher = Sha256::new();
         let mut got: u64 = 0;
         loop {
-            let chunk: DataChunk = read_frame(r).await?.ok_or_else(|| {
-                anyhow::anyhow!("stream ended after {got} of {expected_size} bytes")
+            let chunk: DataChunk = read_frame(r).await?.ok_or(Error::TransferTruncated {
+                got,
+                expected: expected_size,
             })?;
             got += chunk.data.len() as u64;
             if got > expected_size {
-                anyhow::bail!("sender sent more than the announced {expected_size} bytes");
+                return Err(Error::TransferOversized {
+                    expected: expected_size,
+                });
             }
             hasher.update(&chunk.data);
             f.write_all(&chunk.data).await?;
@@ -112,17 +117,23 @@ pub async fn receive_to_file<R: AsyncRead + Unpin>(
             }
         }
         if got != expected_size {
-            anyhow::bail!("received {got} bytes, expected {expected_size}");
+            return Err(Error::TransferSize {
+                got,
+                expected: expected_size,
+            });
         }
         let sha = hex::encode(hasher.finalize());
         if sha != expected_sha {
-            anyhow::bail!("content hash is {sha}, expected {expected_sha}");
+            return Err(Error::TransferHash {
+                got: sha,
+                expected: expected_sha.to_string(),
+            });
         }
         f.sync_all().await?;
-        tokio::fs::rename(&tmp, dest)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot move the upload into {}: {e}", dest.display()))?;
-        Ok(())
+        tokio::fs::rename(&tmp, dest).await.map_err(|e| {
+            Error::file(format!("cannot move the upload into {}", dest.display()), e)
+        })?;
+        Ok::<_, Error>(())
     }
     .await;
     if result.is_err() {
@@ -132,7 +143,7 @@ pub async fn receive_to_file<R: AsyncRead + Unpin>(
 }
 
 /// sha256 and size of a file, read in chunks.
-pub async fn hash_file(path: &Path) -> anyhow::Result<(String, u64)> {
+pub async fn hash_file(path: &Path) -> Result<(String, u64)> {
     let mut f = tokio::fs::File::open(path).await?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; CHUNK];

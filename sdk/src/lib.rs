@@ -18,7 +18,7 @@
 //!     Client, ClientConfig, Event, FrameworkInfo, Operation, Resources, TaskInfo, TaskState,
 //!     WasmModule,
 //! };
-//! # async fn demo() -> anyhow::Result<()> {
+//! # async fn demo() -> Result<()> {
 //! let cfg = ClientConfig::discover(None, None)?; // `agora dev` writes one
 //! let client = Client::connect(&cfg).await?;
 //! let (sha256, size) = client.upload_file("hello.wasm".as_ref()).await?;
@@ -97,14 +97,16 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod error;
 mod session;
+
+pub use error::{Error, Result};
 
 use agora_net::tls::{self, Identity};
 use agora_net::{read_frame, transfer, write_frame};
 use agora_proto::v1::{
     self, call, operator_request, stream_open, OperatorRequest, OperatorResponse, StreamOpen,
 };
-use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -133,15 +135,16 @@ impl ClientConfig {
         std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".agora/dev/client.json"))
     }
 
-    pub fn load(path: &Path) -> anyhow::Result<ClientConfig> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read the client config {}", path.display()))?;
-        let mut cfg: ClientConfig = serde_json::from_str(&text).with_context(|| {
-            format!(
-                "the client config {} is not valid JSON of the expected shape",
-                path.display()
-            )
+    pub fn load(path: &Path) -> Result<ClientConfig> {
+        let text = std::fs::read_to_string(path).map_err(|cause| Error::ReadConfig {
+            path: path.into(),
+            cause,
         })?;
+        let mut cfg: ClientConfig =
+            serde_json::from_str(&text).map_err(|cause| Error::BadConfig {
+                path: path.into(),
+                cause,
+            })?;
         // Relative certificate paths are relative to the config file.
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [&mut cfg.ca, &mut cfg.cert, &mut cfg.key] {
@@ -152,24 +155,23 @@ impl ClientConfig {
         Ok(cfg)
     }
 
-    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
-        let text = serde_json::to_string_pretty(self)?;
-        std::fs::write(path, text + "\n")
-            .with_context(|| format!("cannot write {}", path.display()))
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self).expect("a ClientConfig always serializes");
+        std::fs::write(path, text + "\n").map_err(|cause| Error::WriteConfig {
+            path: path.into(),
+            cause,
+        })
     }
 
     /// Finds the config: `config` (from --config or AGORA_CONFIG), else the one a
     /// local `agora dev` wrote. `master` (from --master or AGORA_MASTER) overrides the
     /// address in it.
-    pub fn discover(master: Option<&str>, config: Option<&Path>) -> anyhow::Result<ClientConfig> {
+    pub fn discover(master: Option<&str>, config: Option<&Path>) -> Result<ClientConfig> {
         let path = match config {
             Some(p) => p.to_path_buf(),
             None => match Self::default_path() {
                 Some(p) if p.exists() => p,
-                _ => anyhow::bail!(
-                    "no client config found: start a cluster with `agora dev` (it writes ~/.agora/dev/client.json), \
-                     or pass --config FILE / set AGORA_CONFIG"
-                ),
+                _ => return Err(Error::NoConfig),
             },
         };
         let mut cfg = Self::load(&path)?;
@@ -276,7 +278,7 @@ impl Operation {
 }
 
 impl Client {
-    pub async fn connect(cfg: &ClientConfig) -> anyhow::Result<Client> {
+    pub async fn connect(cfg: &ClientConfig) -> Result<Client> {
         let master = tls::resolve(&cfg.master)?;
         let id = Identity::load(&cfg.ca, &cfg.cert, &cfg.key)?;
         let endpoint = tls::client_endpoint(master, &id)?;
@@ -299,7 +301,7 @@ impl Client {
 
     /// The master connection, dialled again if it was closed (e.g. the master
     /// restarted since this client connected).
-    async fn connection(&self) -> anyhow::Result<quinn::Connection> {
+    async fn connection(&self) -> Result<quinn::Connection> {
         let conn = self.link.current();
         if conn.close_reason().is_none() {
             return Ok(conn);
@@ -308,20 +310,18 @@ impl Client {
     }
 
     /// A new stream to the master; one redial if the connection turns out broken.
-    async fn open_stream(&self) -> anyhow::Result<(quinn::SendStream, quinn::RecvStream)> {
+    async fn open_stream(&self) -> Result<(quinn::SendStream, quinn::RecvStream)> {
         let conn = self.connection().await?;
         match conn.open_bi().await {
             Ok(s) => Ok(s),
             Err(_) => {
                 let conn = self.link.redial(&conn).await?;
-                conn.open_bi()
-                    .await
-                    .map_err(|e| anyhow::anyhow!("master connection lost: {e}"))
+                conn.open_bi().await.map_err(Error::ConnectionLost)
             }
         }
     }
 
-    async fn operator(&self, req: operator_request::Request) -> anyhow::Result<OperatorResponse> {
+    async fn operator(&self, req: operator_request::Request) -> Result<OperatorResponse> {
         let (mut send, mut recv) = self.open_stream().await?;
         let open = StreamOpen {
             kind: Some(stream_open::Kind::Operator(OperatorRequest {
@@ -333,17 +333,15 @@ impl Client {
         let resp: OperatorResponse =
             tokio::time::timeout(Duration::from_secs(30), read_frame(&mut recv))
                 .await
-                .map_err(|_| anyhow::anyhow!("the master did not answer within 30 s"))??
-                .ok_or_else(|| {
-                    anyhow::anyhow!("the master refused the request: {}", self.closed_reason())
-                })?;
+                .map_err(|_| Error::NoAnswer)??
+                .ok_or_else(|| Error::RequestRefused(self.closed_reason()))?;
         if !resp.error.is_empty() {
-            anyhow::bail!("{}", resp.error);
+            return Err(Error::Master(resp.error));
         }
         Ok(resp)
     }
 
-    pub async fn list_tasks(&self, all: bool) -> anyhow::Result<Vec<TaskSummary>> {
+    pub async fn list_tasks(&self, all: bool) -> Result<Vec<TaskSummary>> {
         Ok(self
             .operator(operator_request::Request::ListTasks(v1::ListTasks {
                 all,
@@ -355,7 +353,7 @@ impl Client {
 
     /// Like `list_tasks`, with each task's resource usage: live from the agents for
     /// running tasks, final for finished ones.
-    pub async fn list_tasks_with_usage(&self, all: bool) -> anyhow::Result<Vec<TaskSummary>> {
+    pub async fn list_tasks_with_usage(&self, all: bool) -> Result<Vec<TaskSummary>> {
         Ok(self
             .operator(operator_request::Request::ListTasks(v1::ListTasks {
                 all,
@@ -365,14 +363,14 @@ impl Client {
             .tasks)
     }
 
-    pub async fn agents(&self) -> anyhow::Result<Vec<v1::AgentSummary>> {
+    pub async fn agents(&self) -> Result<Vec<v1::AgentSummary>> {
         Ok(self
             .operator(operator_request::Request::Cluster(v1::GetCluster {}))
             .await?
             .agents)
     }
 
-    pub async fn kill(&self, task_id: &str) -> anyhow::Result<()> {
+    pub async fn kill(&self, task_id: &str) -> Result<()> {
         self.operator(operator_request::Request::Kill(v1::KillTaskRequest {
             task_id: task_id.into(),
         }))
@@ -382,7 +380,7 @@ impl Client {
 
     /// Sets a role's weight among its siblings (default 1); the master keeps it in
     /// its registry across restarts.
-    pub async fn set_weight(&self, role: &str, weight: f64) -> anyhow::Result<()> {
+    pub async fn set_weight(&self, role: &str, weight: f64) -> Result<()> {
         self.operator(operator_request::Request::SetWeight(v1::SetWeight {
             role: role.into(),
             weight,
@@ -398,7 +396,7 @@ impl Client {
         role: &str,
         guarantee: &Resources,
         limit: &Resources,
-    ) -> anyhow::Result<()> {
+    ) -> Result<()> {
         self.operator(operator_request::Request::SetQuota(v1::SetQuota {
             role: role.into(),
             guarantee: guarantee.to_proto(),
@@ -409,7 +407,7 @@ impl Client {
     }
 
     /// Weights, quotas and consumption of every known role (or of `role`).
-    pub async fn roles(&self, role: &str) -> anyhow::Result<Vec<v1::RoleSummary>> {
+    pub async fn roles(&self, role: &str) -> Result<Vec<v1::RoleSummary>> {
         Ok(self
             .operator(operator_request::Request::Roles(v1::GetRoles {
                 role: role.into(),
@@ -419,7 +417,7 @@ impl Client {
     }
 
     /// Why a role gets no offers or why a task waits (or what became of it).
-    pub async fn explain(&self, target: &str) -> anyhow::Result<String> {
+    pub async fn explain(&self, target: &str) -> Result<String> {
         Ok(self
             .operator(operator_request::Request::Explain(v1::Explain {
                 target: target.into(),
@@ -436,7 +434,7 @@ impl Client {
         path: &str,
         offset: u64,
         length: u32,
-    ) -> anyhow::Result<(Vec<u8>, u64)> {
+    ) -> Result<(Vec<u8>, u64)> {
         let r = self
             .operator(operator_request::Request::ReadFile(v1::ReadTaskFile {
                 task_id: task_id.into(),
@@ -451,22 +449,25 @@ impl Client {
 
     /// Uploads a file to the master's artifact store unless it is there already;
     /// returns its sha256 and size.
-    pub async fn upload_file(&self, path: &Path) -> anyhow::Result<(String, u64)> {
+    pub async fn upload_file(&self, path: &Path) -> Result<(String, u64)> {
         let (sha, size) = transfer::hash_file(path)
             .await
-            .with_context(|| format!("cannot read {}", path.display()))?;
+            .map_err(|cause| Error::ReadFile {
+                path: path.into(),
+                cause,
+            })?;
         self.upload(&sha, size, Upload::File(path)).await?;
         Ok((sha, size))
     }
 
-    pub async fn upload_bytes(&self, bytes: &[u8]) -> anyhow::Result<(String, u64)> {
+    pub async fn upload_bytes(&self, bytes: &[u8]) -> Result<(String, u64)> {
         let sha = agora_proto::sha256_hex(bytes);
         self.upload(&sha, bytes.len() as u64, Upload::Bytes(bytes))
             .await?;
         Ok((sha, bytes.len() as u64))
     }
 
-    async fn upload(&self, sha: &str, size: u64, what: Upload<'_>) -> anyhow::Result<()> {
+    async fn upload(&self, sha: &str, size: u64, what: Upload<'_>) -> Result<()> {
         let (mut send, mut recv) = self.open_stream().await?;
         let open = StreamOpen {
             kind: Some(stream_open::Kind::Put(v1::ArtifactPut {
@@ -475,11 +476,11 @@ impl Client {
             })),
         };
         write_frame(&mut send, &open).await?;
-        let first: v1::ArtifactHeader = read_frame(&mut recv).await?.ok_or_else(|| {
-            anyhow::anyhow!("the master refused the upload: {}", self.closed_reason())
-        })?;
+        let first: v1::ArtifactHeader = read_frame(&mut recv)
+            .await?
+            .ok_or_else(|| Error::UploadClosed(self.closed_reason()))?;
         if !first.error.is_empty() {
-            anyhow::bail!("upload refused: {}", first.error);
+            return Err(Error::UploadRefused(first.error));
         }
         if first.present {
             let _ = send.finish();
@@ -490,11 +491,9 @@ impl Client {
             Upload::Bytes(b) => transfer::send_bytes(&mut send, b).await?,
         }
         send.finish()?;
-        let done: v1::ArtifactHeader = read_frame(&mut recv)
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("the master closed the upload stream"))?;
+        let done: v1::ArtifactHeader = read_frame(&mut recv).await?.ok_or(Error::UploadEnded)?;
         if !done.error.is_empty() {
-            anyhow::bail!("{}", done.error);
+            return Err(Error::UploadFailed(done.error));
         }
         Ok(())
     }
@@ -502,7 +501,7 @@ impl Client {
     /// Registers a framework (or re-registers one, when `info.framework_id` is set).
     /// The returned [`Scheduler`] keeps its session across master restarts and
     /// network cuts (see the `session` module): it re-subscribes by itself.
-    pub async fn subscribe(&self, info: FrameworkInfo) -> anyhow::Result<Scheduler> {
+    pub async fn subscribe(&self, info: FrameworkInfo) -> Result<Scheduler> {
         session::subscribe(self.link.clone(), info).await
     }
 }
@@ -561,11 +560,11 @@ impl Scheduler {
         self.events.recv().await
     }
 
-    async fn call(&self, c: call::Call) -> anyhow::Result<()> {
+    async fn call(&self, c: call::Call) -> Result<()> {
         self.calls
             .send(v1::Call { call: Some(c) })
             .await
-            .map_err(|_| anyhow::anyhow!("the connection to the master is closed"))
+            .map_err(|_| Error::Closed)
     }
 
     /// ACCEPT with one LAUNCH of `tasks`; what they leave is declined for
@@ -575,7 +574,7 @@ impl Scheduler {
         offer_ids: Vec<String>,
         tasks: Vec<TaskInfo>,
         refuse_seconds: Option<f64>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<()> {
         self.accept_operations(offer_ids, vec![Operation::launch(tasks)], refuse_seconds)
             .await
     }
@@ -588,7 +587,7 @@ impl Scheduler {
         offer_ids: Vec<String>,
         operations: Vec<Operation>,
         refuse_seconds: Option<f64>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<()> {
         self.call(call::Call::Accept(v1::Accept {
             offer_ids,
             filters: Some(v1::Filters { refuse_seconds }),
@@ -597,11 +596,7 @@ impl Scheduler {
         .await
     }
 
-    pub async fn decline(
-        &self,
-        offer_ids: Vec<String>,
-        refuse_seconds: Option<f64>,
-    ) -> anyhow::Result<()> {
+    pub async fn decline(&self, offer_ids: Vec<String>, refuse_seconds: Option<f64>) -> Result<()> {
         self.call(call::Call::Decline(v1::Decline {
             offer_ids,
             filters: Some(v1::Filters { refuse_seconds }),
@@ -609,7 +604,7 @@ impl Scheduler {
         .await
     }
 
-    pub async fn kill(&self, task_id: &str) -> anyhow::Result<()> {
+    pub async fn kill(&self, task_id: &str) -> Result<()> {
         self.call(call::Call::Kill(v1::Kill {
             task_id: task_id.into(),
         }))
@@ -618,7 +613,7 @@ impl Scheduler {
 
     /// Acknowledges an update so the agent sends the task's next one. Updates the
     /// master made up itself (no uuid) need none; this does nothing for them.
-    pub async fn acknowledge(&self, status: &TaskStatus) -> anyhow::Result<()> {
+    pub async fn acknowledge(&self, status: &TaskStatus) -> Result<()> {
         if status.uuid.is_empty() {
             return Ok(());
         }
@@ -630,36 +625,36 @@ impl Scheduler {
         .await
     }
 
-    pub async fn reconcile(&self, task_ids: Vec<String>) -> anyhow::Result<()> {
+    pub async fn reconcile(&self, task_ids: Vec<String>) -> Result<()> {
         self.call(call::Call::Reconcile(v1::Reconcile { task_ids }))
             .await
     }
 
     /// REVIVE in every role: offers again, decline filters dropped.
-    pub async fn revive(&self) -> anyhow::Result<()> {
+    pub async fn revive(&self) -> Result<()> {
         self.revive_role("").await
     }
 
     /// REVIVE in one role ("" = every role).
-    pub async fn revive_role(&self, role: &str) -> anyhow::Result<()> {
+    pub async fn revive_role(&self, role: &str) -> Result<()> {
         self.call(call::Call::Revive(v1::Revive { role: role.into() }))
             .await
     }
 
     /// SUPPRESS in every role: no offers until REVIVE.
-    pub async fn suppress(&self) -> anyhow::Result<()> {
+    pub async fn suppress(&self) -> Result<()> {
         self.suppress_role("").await
     }
 
     /// SUPPRESS in one role ("" = every role).
-    pub async fn suppress_role(&self, role: &str) -> anyhow::Result<()> {
+    pub async fn suppress_role(&self, role: &str) -> Result<()> {
         self.call(call::Call::Suppress(v1::Suppress { role: role.into() }))
             .await
     }
 
     /// SHUTDOWN an executor: the agent kills its tasks (TASK_KILLED, reason
     /// EXECUTOR_SHUTDOWN) and stops its process.
-    pub async fn shutdown_executor(&self, agent_id: &str, executor_id: &str) -> anyhow::Result<()> {
+    pub async fn shutdown_executor(&self, agent_id: &str, executor_id: &str) -> Result<()> {
         self.call(call::Call::Shutdown(v1::Shutdown {
             executor_id: executor_id.into(),
             agent_id: agent_id.into(),
@@ -670,12 +665,7 @@ impl Scheduler {
     /// MESSAGE an executor (best effort, at most 1 MiB). The built-in executors
     /// append it to the file `messages` at the root of each of their tasks and answer
     /// with an [`Event::Message`] receipt.
-    pub async fn message(
-        &self,
-        agent_id: &str,
-        executor_id: &str,
-        data: Vec<u8>,
-    ) -> anyhow::Result<()> {
+    pub async fn message(&self, agent_id: &str, executor_id: &str, data: Vec<u8>) -> Result<()> {
         self.call(call::Call::Message(v1::Message {
             agent_id: agent_id.into(),
             executor_id: executor_id.into(),
@@ -686,7 +676,7 @@ impl Scheduler {
 
     /// UPDATE_FRAMEWORK: new name, roles, failover timeout and offer constraints.
     /// Offers of roles left are rescinded.
-    pub async fn update_framework(&self, mut info: FrameworkInfo) -> anyhow::Result<()> {
+    pub async fn update_framework(&self, mut info: FrameworkInfo) -> Result<()> {
         info.framework_id = self.framework_id.clone();
         self.call(call::Call::UpdateFramework(v1::UpdateFramework {
             framework: Some(info),
@@ -695,12 +685,12 @@ impl Scheduler {
     }
 
     /// Tells the master which tasks wait for resources, so `agora ps` can say why.
-    pub async fn set_pending(&self, tasks: Vec<v1::PendingTask>) -> anyhow::Result<()> {
+    pub async fn set_pending(&self, tasks: Vec<v1::PendingTask>) -> Result<()> {
         self.call(call::Call::Pending(v1::Pending { tasks })).await
     }
 
     /// Ends the framework: its tasks are killed and it is forgotten.
-    pub async fn teardown(&self) -> anyhow::Result<()> {
+    pub async fn teardown(&self) -> Result<()> {
         self.call(call::Call::Teardown(v1::Teardown {})).await
     }
 }
@@ -710,9 +700,7 @@ const STATE_ACK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Waiters for STATE_STORED (or the ERROR refusing the write), by request id.
 pub(crate) type StateWaiters = std::sync::Arc<
-    std::sync::Mutex<
-        std::collections::HashMap<u64, tokio::sync::oneshot::Sender<Result<u64, String>>>,
-    >,
+    std::sync::Mutex<std::collections::HashMap<u64, tokio::sync::oneshot::Sender<Result<u64>>>>,
 >;
 
 /// Stores a framework's own small records in the master's registry (SET_STATE):
@@ -737,16 +725,16 @@ impl StateWriter {
 
     /// Stores `value` under `key`; returns once the master has it on disk (its
     /// STATE_STORED sequence number), or the master's reason for refusing it.
-    pub async fn put(&self, key: &str, value: Vec<u8>) -> anyhow::Result<u64> {
+    pub async fn put(&self, key: &str, value: Vec<u8>) -> Result<u64> {
         self.set(key, Some(value)).await
     }
 
     /// Deletes `key` (an absent key too); returns once that is on disk.
-    pub async fn delete(&self, key: &str) -> anyhow::Result<u64> {
+    pub async fn delete(&self, key: &str) -> Result<u64> {
         self.set(key, None).await
     }
 
-    async fn set(&self, key: &str, value: Option<Vec<u8>>) -> anyhow::Result<u64> {
+    async fn set(&self, key: &str, value: Option<Vec<u8>>) -> Result<u64> {
         let request_id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.waiters
@@ -768,19 +756,18 @@ impl StateWriter {
         };
         if self.calls.send(call).await.is_err() {
             forget();
-            anyhow::bail!("the connection to the master is closed");
+            return Err(Error::Closed);
         }
         match tokio::time::timeout(STATE_ACK_TIMEOUT, rx).await {
             Ok(Ok(Ok(seq))) => Ok(seq),
-            Ok(Ok(Err(refused))) => Err(anyhow::anyhow!("{refused}")),
-            Ok(Err(_)) => {
-                anyhow::bail!("the scheduler session ended before the master stored {key:?}")
-            }
+            Ok(Ok(Err(refused))) => Err(refused),
+            Ok(Err(_)) => Err(Error::StateSessionEnded { key: key.into() }),
             Err(_) => {
                 forget();
-                anyhow::bail!(
-                    "the master did not confirm storing {key:?} within {STATE_ACK_TIMEOUT:?} (unreachable?)"
-                )
+                Err(Error::StateTimeout {
+                    key: key.into(),
+                    timeout: STATE_ACK_TIMEOUT,
+                })
             }
         }
     }

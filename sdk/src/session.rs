@@ -24,7 +24,7 @@ use agora_net::{read_frame, write_frame, FrameBatch};
 use agora_proto::v1::{self, call, event, stream_open, FrameworkInfo, StreamOpen};
 use tokio::sync::mpsc;
 
-use crate::{Event, Scheduler, StateWaiters, StateWriter};
+use crate::{Error, Event, Result, Scheduler, StateWaiters, StateWriter};
 
 /// The client's connection to the master, replaced by a fresh one when it breaks.
 pub(crate) struct Link {
@@ -54,10 +54,7 @@ impl Link {
     }
 
     /// A working connection in place of `broken` (dialled once for all callers).
-    pub(crate) async fn redial(
-        &self,
-        broken: &quinn::Connection,
-    ) -> anyhow::Result<quinn::Connection> {
+    pub(crate) async fn redial(&self, broken: &quinn::Connection) -> Result<quinn::Connection> {
         let _one = self.redial.lock().await;
         let cur = self.current();
         if cur.stable_id() != broken.stable_id() && cur.close_reason().is_none() {
@@ -86,7 +83,10 @@ struct Session {
 }
 
 /// SUBSCRIBE on a new stream of `conn`; waits (bounded) for SUBSCRIBED.
-async fn open(conn: &quinn::Connection, info: &FrameworkInfo) -> Result<Session, OpenError> {
+async fn open(
+    conn: &quinn::Connection,
+    info: &FrameworkInfo,
+) -> std::result::Result<Session, OpenError> {
     let broken = |e: &dyn std::fmt::Display| OpenError::Broken(e.to_string());
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| broken(&e))?;
     let open = StreamOpen {
@@ -156,7 +156,9 @@ fn convert(ev: v1::Event) -> Option<Event> {
 fn settle_state_write(ev: v1::Event, waiters: &StateWaiters) -> Option<v1::Event> {
     let (request_id, answer) = match &ev.event {
         Some(event::Event::StateStored(s)) => (s.request_id, Ok(s.seq)),
-        Some(event::Event::Error(e)) if e.request_id != 0 => (e.request_id, Err(e.message.clone())),
+        Some(event::Event::Error(e)) if e.request_id != 0 => {
+            (e.request_id, Err(Error::StateRefused(e.message.clone())))
+        }
         _ => return Some(ev),
     };
     let waiter = waiters
@@ -185,20 +187,19 @@ fn silence_limit(sub: &v1::Subscribed) -> Duration {
 
 /// Subscribes and starts the session task; the first SUBSCRIBE's failure is the
 /// caller's error.
-pub(crate) async fn subscribe(
-    link: Arc<Link>,
-    mut info: FrameworkInfo,
-) -> anyhow::Result<Scheduler> {
+pub(crate) async fn subscribe(link: Arc<Link>, mut info: FrameworkInfo) -> Result<Scheduler> {
     let conn = link.current();
     let first = match open(&conn, &info).await {
         Ok(s) => s,
-        Err(OpenError::Refused(m)) => anyhow::bail!("{m}"),
+        Err(OpenError::Refused(m)) => return Err(Error::Subscribe(m)),
         Err(OpenError::Broken(_)) => {
             // The client's connection may be stale (e.g. the master restarted since).
             let conn = link.redial(&conn).await?;
             match open(&conn, &info).await {
                 Ok(s) => s,
-                Err(OpenError::Refused(m) | OpenError::Broken(m)) => anyhow::bail!("{m}"),
+                Err(OpenError::Refused(m) | OpenError::Broken(m)) => {
+                    return Err(Error::Subscribe(m))
+                }
             }
         }
     };
@@ -360,7 +361,7 @@ async fn run(
     let silence = silence_limit(&session.sub);
     // The reader runs on its own (a frame read must never be cut in half); what it
     // reads comes through a small channel.
-    let (frames_tx, mut frames) = mpsc::channel::<Result<v1::Event, End>>(64);
+    let (frames_tx, mut frames) = mpsc::channel::<std::result::Result<v1::Event, End>>(64);
     let Some(mut recv) = session.recv.take() else {
         return End::Broken("internal: a session's stream was read twice".into());
     };
@@ -431,7 +432,7 @@ async fn write_calls(
     batch: &[v1::Call],
     limit: Duration,
     torn_down: &mut bool,
-) -> Result<(), String> {
+) -> std::result::Result<(), String> {
     let mut frames = FrameBatch::new();
     for c in batch {
         if matches!(c.call, Some(call::Call::Teardown(_))) {

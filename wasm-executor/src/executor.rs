@@ -20,9 +20,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agora_proto::v1::{ExecutorLaunch, ExecutorRegister, ExecutorStatus, TaskState};
-use anyhow::Context as _;
 use tokio::net::UnixStream;
 
+use crate::error::{Error, Result};
 use crate::runner::Runner;
 use agora_executor_link::{
     self as executor_link, panicked, recovery_timeout_from_env, LinkedExecutor, Tasks,
@@ -43,7 +43,7 @@ pub async fn run_executor(
     framework_id: &str,
     executor_id: &str,
     cache_dir: Option<PathBuf>,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     run_executor_with(
         socket,
         framework_id,
@@ -61,11 +61,14 @@ pub async fn run_executor_with(
     executor_id: &str,
     cache_dir: Option<PathBuf>,
     recovery_timeout: Duration,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let runner = Arc::new(Runner::new(cache_dir)?);
     let stream = UnixStream::connect(socket)
         .await
-        .with_context(|| format!("cannot connect to the agent at {}", socket.display()))?;
+        .map_err(|cause| Error::Connect {
+            socket: socket.to_path_buf(),
+            cause,
+        })?;
     let register = ExecutorRegister {
         framework_id: framework_id.to_string(),
         executor_id: executor_id.to_string(),
@@ -77,7 +80,7 @@ pub async fn run_executor_with(
     };
     let result = executor_link::drive(&mut executor, stream, socket, register, recovery_timeout)
         .await
-        .map_err(anyhow::Error::from);
+        .map_err(Error::from);
     drop(executor);
     result
 }

@@ -2,11 +2,13 @@
 //! fuel, memory, time and output limits ([`runner`]), and speaks the agent's executor
 //! protocol over a Unix socket ([`executor`]).
 
+mod error;
 pub mod executor;
 mod limiter;
 mod output;
 pub mod runner;
 
+pub use error::{Error, Result};
 pub use executor::run_executor;
 pub use limiter::{MemoryLimiter, MAX_TABLE_ELEMENTS};
 pub use runner::{validate_module, Runner};

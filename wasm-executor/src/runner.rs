@@ -16,6 +16,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::error::Error;
 use agora_executor_link::artifacts::{compat_hash, ArtifactDir, MODULE_EXT};
 use agora_proto::units::{format_bytes, format_duration, GIB, KIB};
 use agora_proto::v1::{ExecutorLaunch, ExecutorStatus, Reason, TaskState};
@@ -177,7 +178,7 @@ impl Runner {
     /// Builds the engine (pooling allocator, or on-demand with a warning when the
     /// pool cannot be reserved), the WASI linker and the epoch ticker. `cache_dir`,
     /// when given, is created if needed and holds serialized compiled modules.
-    pub fn new(cache_dir: Option<PathBuf>) -> anyhow::Result<Self> {
+    pub fn new(cache_dir: Option<PathBuf>) -> crate::Result<Self> {
         let (engine, pooling) = match Engine::new(&pooling_config()) {
             Ok(engine) => (engine, true),
             Err(e) => {
@@ -186,8 +187,9 @@ impl Runner {
                     "cannot set up wasmtime's pooling allocator (address-space limits?); \
                      falling back to on-demand allocation, instantiation will be slower"
                 );
-                let engine = Engine::new(&base_config())
-                    .map_err(|e| anyhow::anyhow!("cannot create the wasmtime engine: {e}"))?;
+                let engine = Engine::new(&base_config()).map_err(|e| {
+                    Error::Engine(format!("cannot create the wasmtime engine: {e}"))
+                })?;
                 (engine, false)
             }
         };
@@ -433,7 +435,11 @@ impl Runner {
 /// only imports WASI preview 1, that it exports `_start`, and that its declared initial
 /// memory fits in `memory_limit` bytes (0 = no limit). The errors are the same
 /// sentences a failed task would carry.
-pub fn validate_module(bytes: &[u8], memory_limit: u64) -> Result<(), String> {
+pub fn validate_module(bytes: &[u8], memory_limit: u64) -> crate::Result<()> {
+    check_before_submit(bytes, memory_limit).map_err(Error::InvalidModule)
+}
+
+fn check_before_submit(bytes: &[u8], memory_limit: u64) -> Result<(), String> {
     static VALIDATOR: OnceLock<Result<(Engine, Linker<TaskCtx>), String>> = OnceLock::new();
     let (engine, linker) = VALIDATOR
         .get_or_init(|| {
@@ -576,10 +582,10 @@ fn pooling_config() -> Config {
     config
 }
 
-fn wasi_linker(engine: &Engine) -> anyhow::Result<Linker<TaskCtx>> {
+fn wasi_linker(engine: &Engine) -> crate::Result<Linker<TaskCtx>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |ctx: &mut TaskCtx| &mut ctx.wasi)
-        .map_err(|e| anyhow::anyhow!("cannot add WASI preview 1 to the linker: {e}"))?;
+        .map_err(|e| Error::Engine(format!("cannot add WASI preview 1 to the linker: {e}")))?;
     Ok(linker)
 }
 
@@ -589,7 +595,7 @@ fn wasi_imports() -> &'static std::collections::HashSet<(String, String)> {
     NAMES.get_or_init(|| {
         // Listing a linker's definitions needs a store; a throwaway engine will do.
         let linker = Engine::new(&Config::new())
-            .map_err(|e| anyhow::anyhow!("{e}"))
+            .map_err(|e| Error::Engine(e.to_string()))
             .and_then(|engine| Ok((wasi_linker(&engine)?, engine)));
         match linker {
             Ok((linker, engine)) => {

@@ -25,7 +25,7 @@ struct Agent {
     listener: Option<UnixListener>,
     rd: OwnedReadHalf,
     wr: OwnedWriteHalf,
-    executor: JoinHandle<anyhow::Result<()>>,
+    executor: JoinHandle<agora_wasm_executor::Result<()>>,
     /// Sequence number of the last status read.
     last_seq: u64,
 }
@@ -149,7 +149,7 @@ impl Agent {
         self.dir.path().join(task_id)
     }
 
-    async fn ended(self) -> anyhow::Result<()> {
+    async fn ended(self) -> agora_wasm_executor::Result<()> {
         timeout(WAIT, self.executor)
             .await
             .expect("executor ends in time")

@@ -236,10 +236,13 @@ fn large_initial_memory_is_refused_with_sizes() {
     );
     let bytes = wat::parse_str(wat).expect("wat");
     assert_eq!(
-        validate_module(&bytes, 64 * MIB),
+        validate_module(&bytes, 64 * MIB).map_err(|e| e.to_string()),
         Err(status.message.clone())
     );
-    assert_eq!(validate_module(&bytes, 0), Ok(()));
+    assert_eq!(
+        validate_module(&bytes, 0).map_err(|e| e.to_string()),
+        Ok(())
+    );
 }
 
 #[test]
@@ -251,7 +254,10 @@ fn garbage_is_an_invalid_module() {
         status.message,
         "not a WebAssembly module (bad magic number)"
     );
-    assert_eq!(validate_module(b"hello", 0), Err(status.message));
+    assert_eq!(
+        validate_module(b"hello", 0).map_err(|e| e.to_string()),
+        Err(status.message)
+    );
 }
 
 #[test]
@@ -276,7 +282,10 @@ fn unknown_import_is_an_invalid_module() {
         "module imports env::foo, which Agora does not provide (only WASI preview 1 is available)"
     );
     let bytes = wat::parse_str(wat).expect("wat");
-    assert_eq!(validate_module(&bytes, 0), Err(status.message));
+    assert_eq!(
+        validate_module(&bytes, 0).map_err(|e| e.to_string()),
+        Err(status.message)
+    );
 }
 
 #[test]
@@ -449,7 +458,11 @@ fn missing_root_dir_is_a_sandbox_failure() {
 fn validate_accepts_the_guests() {
     for name in ["hello", "exit-code", "spin", "memhog", "fib", "files"] {
         let bytes = std::fs::read(agora_guest_examples::wasm_path(name)).expect("guest");
-        assert_eq!(validate_module(&bytes, 64 * MIB), Ok(()), "{name}");
+        assert_eq!(
+            validate_module(&bytes, 64 * MIB).map_err(|e| e.to_string()),
+            Ok(()),
+            "{name}"
+        );
     }
 }
 

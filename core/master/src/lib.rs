@@ -131,9 +131,23 @@ pub enum OperatorOp {
 }
 
 /// Why an operator's request was refused, said so that the operator can act on it.
+/// The crate's one error type: every public query and operator request that can fail
+/// returns it (the cores' other refusals travel as messages: TASK_ERROR, ERROR events).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct Refused(pub String);
+
+impl From<String> for Refused {
+    fn from(why: String) -> Refused {
+        Refused(why)
+    }
+}
+
+impl From<&str> for Refused {
+    fn from(why: &str) -> Refused {
+        Refused(why.to_string())
+    }
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
@@ -325,10 +339,7 @@ impl MasterCore {
                     tracing::info!("operator request refused: {e}");
                 }
                 // After what it caused (a kill), before what allocation then does.
-                self.out.push(Output::OperatorDone {
-                    request,
-                    result: result.map_err(Refused),
-                });
+                self.out.push(Output::OperatorDone { request, result });
             }
             Input::Recover { registry } => self.recover(registry, now),
             Input::ArtifactStored { sha256 } => {
@@ -1322,7 +1333,7 @@ impl MasterCore {
 
     /// Kill by task id alone, for operators. Task ids are unique per framework, so an id
     /// used by two frameworks is refused as ambiguous.
-    fn operator_kill(&mut self, task_id: &str) -> Result<(), String> {
+    fn operator_kill(&mut self, task_id: &str) -> Result<(), Refused> {
         let keys: Vec<_> = self
             .tasks
             .keys()
@@ -1330,14 +1341,13 @@ impl MasterCore {
             .cloned()
             .collect();
         match keys.as_slice() {
-            [] => Err(format!(
-                "no live task with id {task_id} (see `agora ps --all`)"
-            )),
-            [key] => self.kill(&key.clone()),
+            [] => Err(format!("no live task with id {task_id} (see `agora ps --all`)").into()),
+            [key] => self.kill(&key.clone()).map_err(Refused),
             _ => Err(format!(
                 "task id {task_id} is used by {} frameworks; cannot tell which",
                 keys.len()
-            )),
+            )
+            .into()),
         }
     }
 
@@ -1561,7 +1571,7 @@ impl MasterCore {
 
     /// The agent connection and framework of a task, live or recently finished, so
     /// the shell can read its sandbox.
-    pub fn locate_task(&self, task_id: &str) -> Result<(ConnId, String), String> {
+    pub fn locate_task(&self, task_id: &str) -> Result<(ConnId, String), Refused> {
         let rec = self
             .tasks
             .values()

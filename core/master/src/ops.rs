@@ -7,7 +7,7 @@ use agora_proto::resources::{format_bytes, format_cpus, CPUS, MEM};
 use agora_proto::v1;
 use agora_proto::Resources;
 
-use super::MasterCore;
+use super::{MasterCore, Refused};
 use crate::registry::{FrameworkEntry, QuotaEntry, Registry, RegistryOp};
 use agora_allocator::{Quota, WaitCause, WaitExplanation};
 
@@ -73,7 +73,7 @@ impl MasterCore {
     }
 
     /// `agora role weight set ROLE W`.
-    pub(super) fn set_weight(&mut self, role: &str, weight: f64) -> Result<(), String> {
+    pub(super) fn set_weight(&mut self, role: &str, weight: f64) -> Result<(), Refused> {
         let role = role.trim();
         self.allocator
             .set_weight(role, weight)
@@ -91,7 +91,7 @@ impl MasterCore {
         role: &str,
         guarantee: &Resources,
         limit: &Resources,
-    ) -> Result<(), String> {
+    ) -> Result<(), Refused> {
         let role = role.trim();
         if role == "*" || role.is_empty() {
             return Err("the default role `*` cannot have a quota; name a role".into());
@@ -99,9 +99,9 @@ impl MasterCore {
         let mut q = Quota::new();
         for (what, res) in [("guarantee", guarantee), ("limit", limit)] {
             if res.unreserved() != *res {
-                return Err(format!(
+                return Err(Refused(format!(
                     "a quota {what} is an amount, not reserved resources: write `cpus:2`, not `cpus(role):2`"
-                ));
+                )));
             }
             for n in res.names() {
                 q = if what == "guarantee" {
@@ -114,11 +114,11 @@ impl MasterCore {
         for (n, g) in &q.guarantee {
             if let Some(l) = q.limit.get(n) {
                 if g > l {
-                    return Err(format!(
+                    return Err(Refused(format!(
                         "the guarantee of {n} ({}) is above its limit ({})",
                         amount(n, *g),
                         amount(n, *l)
-                    ));
+                    )));
                 }
             }
         }
@@ -136,7 +136,7 @@ impl MasterCore {
     }
 
     /// Every role with a weight, a quota or a subscribed framework (or just `role`).
-    pub fn roles(&self, role: &str) -> Result<Vec<v1::RoleSummary>, String> {
+    pub fn roles(&self, role: &str) -> Result<Vec<v1::RoleSummary>, Refused> {
         let mut frameworks: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (fid, f) in &self.frameworks {
             for r in self.allocator.framework_roles(fid).unwrap_or_default() {
@@ -236,7 +236,7 @@ impl MasterCore {
 
     /// `agora explain ROLE|TASK`: the whole answer, one fact per line.
     /// `agora explain TARGET` (a task or a role), as of `now` (monotonic).
-    pub fn explain(&self, target: &str, now: u64) -> Result<String, String> {
+    pub fn explain(&self, target: &str, now: u64) -> Result<String, Refused> {
         let target = target.trim();
         if target.is_empty() {
             return Err("name a task id or a role to explain".into());

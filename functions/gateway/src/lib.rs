@@ -27,6 +27,7 @@
 //! registry other than through the scheduler API; it reaches the master only through
 //! `agora-sdk`.
 
+mod error;
 mod framework;
 mod load;
 pub mod planner;
@@ -38,6 +39,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use error::{Error, Result};
 pub use framework::{function_of_task, FRAMEWORK_NAME};
 pub use service::{normalize, Functions, DEFAULT_HOST_CPUS_MILLI, HOST_MEM_MARGIN};
 
@@ -114,8 +116,7 @@ impl Gateway {
 
     /// Listens for HTTP (as configured) and starts the framework, which dials the
     /// master at `master` like any client would.
-    pub async fn start(self, master: SocketAddr) -> anyhow::Result<GatewayHandle> {
-        use anyhow::Context as _;
+    pub async fn start(self, master: SocketAddr) -> Result<GatewayHandle> {
         let fc = &self.cfg;
         let mut tasks = Vec::new();
         let mut http_addr = None;
@@ -130,11 +131,7 @@ impl Gateway {
                 Err(e) if !fc.http_required => tracing::error!(
                     "cannot listen for HTTP on {bind}: {e}; functions are not served over HTTP by this master (pass --http ADDR with a free address)"
                 ),
-                Err(e) => {
-                    return Err(anyhow::anyhow!(e)).with_context(|| {
-                        format!("cannot listen for HTTP on {bind} (in use? pass another --http address)")
-                    })
-                }
+                Err(cause) => return Err(Error::HttpBind { bind, cause }),
             }
         }
         let dial = if master.ip().is_unspecified() {
@@ -174,10 +171,15 @@ impl Functions {
                         .collect(),
                     ..Default::default()
                 },
-                Err(error) => fail(error),
+                Err(e) => fail(e.to_string()),
             },
             operator_request::Request::FnRemove(r) => OperatorResponse {
-                error: self.remove(&r.name).await.err().unwrap_or_default(),
+                error: self
+                    .remove(&r.name)
+                    .await
+                    .err()
+                    .map(|e| e.to_string())
+                    .unwrap_or_default(),
                 ..Default::default()
             },
             operator_request::Request::FnTenantSet(r) => {
@@ -192,7 +194,7 @@ impl Functions {
                             .collect(),
                         ..Default::default()
                     },
-                    Err(error) => fail(error),
+                    Err(e) => fail(e.to_string()),
                 }
             }
             operator_request::Request::FnTenantList(_) => OperatorResponse {

@@ -31,6 +31,7 @@ use tokio::sync::{watch, Notify};
 
 use super::planner::{HostState, Planner, PlannerConfig};
 use super::MAX_WAITERS;
+use crate::error::{Error, Result};
 /// Keeps one record of the framework's state durably (`None`: deletes it); the
 /// framework's scheduler session ([`agora_sdk::StateWriter`]) in a running gateway.
 pub(crate) trait StateStore: Send + Sync {
@@ -38,7 +39,7 @@ pub(crate) trait StateStore: Send + Sync {
         &self,
         key: String,
         value: Option<Vec<u8>>,
-    ) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send + '_>>;
+    ) -> Pin<Box<dyn Future<Output = Result<()>> + Send + '_>>;
 }
 
 impl StateStore for agora_sdk::StateWriter {
@@ -46,12 +47,13 @@ impl StateStore for agora_sdk::StateWriter {
         &self,
         key: String,
         value: Option<Vec<u8>>,
-    ) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send + '_>> {
+    ) -> Pin<Box<dyn Future<Output = Result<()>> + Send + '_>> {
         Box::pin(async move {
             match value {
-                Some(v) => self.put(&key, v).await.map(|_| ()),
-                None => self.delete(&key).await.map(|_| ()),
-            }
+                Some(v) => self.put(&key, v).await?,
+                None => self.delete(&key).await?,
+            };
+            Ok(())
         })
     }
 }
@@ -202,12 +204,10 @@ impl Functions {
             .and_then(|s| s.clone())
     }
 
-    async fn keep(&self, key: String, value: Option<Vec<u8>>) -> anyhow::Result<()> {
+    async fn keep(&self, key: String, value: Option<Vec<u8>>) -> Result<()> {
         match self.subscribed().await {
             Some(store) => store.set(key, value).await,
-            None => anyhow::bail!(
-                "the functions framework has not subscribed to the master yet; try again in a moment"
-            ),
+            None => Err(Error::NotSubscribed),
         }
     }
 
@@ -276,14 +276,17 @@ impl Functions {
     }
 
     /// Registers or replaces a function (checked and normalised first), durably.
-    pub async fn deploy(&self, spec: FunctionDeploy) -> Result<FunctionDeploy, String> {
+    pub async fn deploy(&self, spec: FunctionDeploy) -> Result<FunctionDeploy> {
         let spec = normalize(spec)?;
         self.keep(
             format!("{FUNCTION_PREFIX}{}", spec.name),
             Some(spec.encode_to_vec()),
         )
         .await
-        .map_err(|e| format!("function {} not deployed: {e:#}", spec.name))?;
+        .map_err(|e| Error::NotDeployed {
+            name: spec.name.clone(),
+            cause: Box::new(e),
+        })?;
         let replaced = {
             let mut s = self.lock();
             let replaced = s.planner.function(&spec.name).is_some();
@@ -300,14 +303,17 @@ impl Functions {
     /// functions' requests, durably. Hosts of the role's functions are replaced by
     /// hosts carrying the new limit (a new generation: the old ones serve until then).
     /// Returns the names of the role's functions.
-    pub async fn set_tenant_limit(&self, limit: TenantLimit) -> Result<Vec<String>, String> {
-        let (role, entry) = check_tenant_limit(limit)?;
+    pub async fn set_tenant_limit(&self, limit: TenantLimit) -> Result<Vec<String>> {
+        let (role, entry) = check_tenant_limit(limit).map_err(Error::Invalid)?;
         self.keep(
             format!("{TENANT_PREFIX}{role}"),
             entry.map(|e| to_proto_limit(&role, &e).encode_to_vec()),
         )
         .await
-        .map_err(|e| format!("tenant limit of role {role} not set: {e:#}"))?;
+        .map_err(|e| Error::TenantLimitNotSet {
+            role: role.clone(),
+            cause: Box::new(e),
+        })?;
         let replaced = {
             let mut s = self.lock();
             match entry {
@@ -343,15 +349,16 @@ impl Functions {
     }
 
     /// Removes a function: its hosts are killed, requests to it get 404.
-    pub async fn remove(&self, name: &str) -> Result<(), String> {
+    pub async fn remove(&self, name: &str) -> Result<()> {
         if self.lock().planner.function(name).is_none() {
-            return Err(format!(
-                "no function named {name:?} is deployed (see `agora fn ls`)"
-            ));
+            return Err(Error::UnknownFunction(name.to_string()));
         }
         self.keep(format!("{FUNCTION_PREFIX}{name}"), None)
             .await
-            .map_err(|e| format!("function {name} not removed: {e:#}"))?;
+            .map_err(|e| Error::NotRemoved {
+                name: name.to_string(),
+                cause: Box::new(e),
+            })?;
         // The framework kills the hosts on its next decision.
         let kills = self.lock().planner.remove(name);
         tracing::info!(function = %name, hosts = kills.len(), "function removed");
@@ -555,7 +562,9 @@ fn with_tenant_limit(
 }
 
 /// Checks a tenant limit; returns its role and what to keep (`None`: remove).
-fn check_tenant_limit(l: TenantLimit) -> Result<(String, Option<TenantLimitEntry>), String> {
+fn check_tenant_limit(
+    l: TenantLimit,
+) -> std::result::Result<(String, Option<TenantLimitEntry>), String> {
     let role = match l.role.trim() {
         "" | "*" => "*".to_string(),
         r => {
@@ -592,8 +601,12 @@ fn check_tenant_limit(l: TenantLimit) -> Result<(String, Option<TenantLimitEntry
 }
 
 /// Checks a deploy and fills in defaults, so that every part of the system sees the
-/// same explicit values.
-pub fn normalize(mut d: FunctionDeploy) -> Result<FunctionDeploy, String> {
+/// same explicit values. A deploy refused is [`Error::Invalid`], naming what to change.
+pub fn normalize(d: FunctionDeploy) -> Result<FunctionDeploy> {
+    check_deploy(d).map_err(Error::Invalid)
+}
+
+fn check_deploy(mut d: FunctionDeploy) -> std::result::Result<FunctionDeploy, String> {
     check_name(&d.name)?;
     let name = d.name.clone();
     let bad = |m: String| format!("function {name}: {m}");
@@ -673,7 +686,7 @@ pub fn normalize(mut d: FunctionDeploy) -> Result<FunctionDeploy, String> {
 
 /// Function names appear in URLs, task ids and file names: the functions crate's
 /// alphabet, and `-` alone is the master's own (`/fn/-/metrics`).
-fn check_name(name: &str) -> Result<(), String> {
+fn check_name(name: &str) -> std::result::Result<(), String> {
     if name.is_empty() || name.len() > MAX_NAME_LEN {
         return Err(format!(
             "function name must be 1 to {MAX_NAME_LEN} characters, got {name:?}"
@@ -757,10 +770,11 @@ mod tests {
         d.max_instances = 2;
         assert!(normalize(d)
             .unwrap_err()
+            .to_string()
             .contains("min instances (3) is above max"));
         let mut d = deploy("f");
         d.module.as_mut().unwrap().sha256 = "nothex".into();
-        assert!(normalize(d).unwrap_err().contains("sha256"));
+        assert!(normalize(d).unwrap_err().to_string().contains("sha256"));
         let mut d = deploy("f");
         d.role = "eng/*".into();
         assert!(normalize(d).is_err());
@@ -776,7 +790,7 @@ mod tests {
             &self,
             key: String,
             value: Option<Vec<u8>>,
-        ) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send + '_>> {
+        ) -> Pin<Box<dyn Future<Output = Result<()>> + Send + '_>> {
             self.0.lock().unwrap().push((key, value));
             Box::pin(async { Ok(()) })
         }
@@ -843,6 +857,7 @@ mod tests {
             .remove("echo")
             .await
             .unwrap_err()
+            .to_string()
             .contains("no function named"));
         assert!(f.list().is_empty());
     }
@@ -936,7 +951,7 @@ mod tests {
         // Bad limits are refused with the reason.
         let bad = |l: TenantLimit| {
             let f = f.clone();
-            async move { f.set_tenant_limit(l).await.unwrap_err() }
+            async move { f.set_tenant_limit(l).await.unwrap_err().to_string() }
         };
         assert!(bad(TenantLimit {
             role: "no spaces".into(),

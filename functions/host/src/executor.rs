@@ -32,10 +32,10 @@ use agora_proto::units::format_bytes;
 use agora_proto::v1::{
     ExecutorLaunch, ExecutorRegister, ExecutorStatus, FunctionInfo, Reason, TaskState,
 };
-use anyhow::Context as _;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{oneshot, Notify};
 
+use crate::error::{Error, Result};
 use agora_fn_runtime::outbound::OutboundAllowList;
 use agora_fn_runtime::{router, FunctionHost, FunctionRegistry, HostConfig, HttpConfig};
 use agora_fn_runtime::{Failure, GuestOutput, RequestLog, GUEST_OUTPUT_LIMIT};
@@ -56,7 +56,7 @@ pub async fn run_executor(
     framework_id: &str,
     executor_id: &str,
     cache_dir: Option<PathBuf>,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let recovery_timeout = recovery_timeout_from_env();
     // One engine and instance pool per process, built before the first launch so a
     // cold start pays only for loading the module.
@@ -64,10 +64,13 @@ pub async fn run_executor(
         cache_dir,
         ..HostConfig::default()
     })
-    .context("cannot start the function host")?;
+    .map_err(Error::Host)?;
     let stream = UnixStream::connect(socket)
         .await
-        .with_context(|| format!("cannot connect to the agent at {}", socket.display()))?;
+        .map_err(|cause| Error::Connect {
+            socket: socket.to_path_buf(),
+            cause,
+        })?;
     let register = ExecutorRegister {
         framework_id: framework_id.to_string(),
         executor_id: executor_id.to_string(),
@@ -79,7 +82,7 @@ pub async fn run_executor(
     };
     let result = executor_link::drive(&mut executor, stream, socket, register, recovery_timeout)
         .await
-        .map_err(anyhow::Error::from);
+        .map_err(Error::from);
     result
 }
 

@@ -8,6 +8,8 @@
 //! the master and agent never depend on it (the agent finds the socket with
 //! `agora_fn_api::socket_path`).
 
+mod error;
 pub mod executor;
 
+pub use error::{Error, Result};
 pub use executor::{run_executor, socket_path, DEFAULT_TENANT, SOCKET_NAME};

@@ -1,0 +1,135 @@
+//! The one error type of `agora-agent`: what failed in the agent's shell (its work
+//! dir and checkpoint, the master link, a sandbox, an executor process), in words an
+//! operator can act on. Each message is the whole sentence, cause included, so `{e}`
+//! and `{e:#}` agree.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use agora_net::FrameError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reaching the master, a frame, or an artifact transfer failed.
+    #[error(transparent)]
+    Net(#[from] agora_net::Error),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Connection(#[from] quinn::ConnectionError),
+    #[error(transparent)]
+    StreamClosed(#[from] quinn::ClosedStream),
+    #[error(transparent)]
+    Join(#[from] tokio::task::JoinError),
+    /// The checkpoint file could not be read or written.
+    #[error(transparent)]
+    Storage(#[from] redb::Error),
+    /// Task isolation (cgroups) could not be set up or used.
+    #[error("isolation: {0}")]
+    Isolation(agora_native_executor::Error),
+    /// A directory of the work dir, or a socket in it, could not be made.
+    #[error("cannot {what} {}: {cause}", .path.display())]
+    WorkDir {
+        what: &'static str,
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+    #[error(
+        "cannot serve functions over HTTP on {addr}: {cause}; choose another address with --http"
+    )]
+    HttpBind {
+        addr: std::net::SocketAddr,
+        cause: std::io::Error,
+    },
+    #[error(
+        "cannot open the agent's checkpoint {}: {cause} (is another agent using this \
+         work dir? if the file is damaged, move it away: the agent then starts \
+         afresh and its running tasks are lost)",
+        .path.display()
+    )]
+    CheckpointOpen {
+        path: PathBuf,
+        cause: redb::DatabaseError,
+    },
+    #[error(
+        "the agent's checkpoint {} has a bad {what} record: {cause} (move the file away \
+         to start afresh; running tasks are then lost)",
+        .path.display()
+    )]
+    CheckpointRecord {
+        path: PathBuf,
+        what: &'static str,
+        cause: prost::DecodeError,
+    },
+    #[error(
+        "the agent's checkpoint {} has layout version {found}, this agent knows {known} \
+         (written by another version of agora?)",
+        .path.display()
+    )]
+    CheckpointVersion {
+        path: PathBuf,
+        found: u32,
+        known: u32,
+    },
+    #[error("bad frame from the master: {0}")]
+    MasterFrame(FrameError),
+    #[error("the master did not answer for {0:?}")]
+    MasterSilent(Duration),
+    #[error("the master refused this agent: {0}")]
+    MasterRefused(String),
+    #[error("not connected to the master")]
+    NotConnected,
+    /// A request from the master this agent cannot serve.
+    #[error("{0}")]
+    BadRequest(String),
+    /// A sandbox file could not be read.
+    #[error("cannot open {path} of task {task_id}: {cause}")]
+    SandboxFile {
+        path: String,
+        task_id: String,
+        cause: std::io::Error,
+    },
+    /// A task's sandbox could not be prepared (the message says which part).
+    #[error("{what}: {cause}")]
+    Prepare { what: String, cause: Box<Error> },
+    /// The master could not hand over an artifact (its words, or what was wrong).
+    #[error("{0}")]
+    Fetch(String),
+    /// An executor process could not be started.
+    #[error("{0}")]
+    Executor(String),
+}
+
+impl Error {
+    pub(crate) fn prepare(what: impl Into<String>, cause: impl Into<Error>) -> Error {
+        Error::Prepare {
+            what: what.into(),
+            cause: Box::new(cause.into()),
+        }
+    }
+}
+
+impl From<FrameError> for Error {
+    fn from(e: FrameError) -> Error {
+        Error::Net(e.into())
+    }
+}
+
+macro_rules! storage_errors {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Error {
+            fn from(e: $t) -> Error {
+                Error::Storage(e.into())
+            }
+        }
+    )*};
+}
+storage_errors!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
