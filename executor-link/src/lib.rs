@@ -39,10 +39,10 @@ pub fn recovery_timeout_from_env() -> Duration {
 /// Why [`drive`] gave up on the agent.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
-    #[error("cannot connect to the agent at {}: {source}", socket.display())]
+    #[error("cannot connect to the agent at {}: {cause}", socket.display())]
     Connect {
         socket: std::path::PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("reading a frame from the agent: {0}")]
     BadFrame(FrameError),
@@ -311,9 +311,9 @@ pub async fn run<E: LinkedExecutor>(
 ) -> Result<(), LinkError> {
     let stream = UnixStream::connect(socket)
         .await
-        .map_err(|source| LinkError::Connect {
+        .map_err(|cause| LinkError::Connect {
             socket: socket.to_path_buf(),
-            source,
+            cause,
         })?;
     let register = ExecutorRegister {
         framework_id: framework_id.to_string(),

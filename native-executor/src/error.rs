@@ -61,9 +61,6 @@ pub enum Error {
     #[error("cannot set up task isolation: {0}")]
     Setup(Box<Error>),
 
-    #[error("cannot connect to the agent at {}: {cause}", socket.display())]
-    Connect { socket: PathBuf, cause: io::Error },
-
     /// The link to the agent broke (a bad frame, or the agent did not come back).
     #[error(transparent)]
     Link(#[from] agora_executor_link::LinkError),

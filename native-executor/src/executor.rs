@@ -19,8 +19,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agora_proto::v1::{ExecutorLaunch, ExecutorRegister, ExecutorStatus, TaskState};
-use tokio::net::UnixStream;
+use agora_proto::v1::{ExecutorLaunch, ExecutorStatus, TaskState};
 
 use crate::error::{Error, Result};
 use crate::runner::{kill_grace, KillSwitch, NativeConfig, Runner};
@@ -64,24 +63,19 @@ pub async fn run_executor_with(
     let runner = Arc::new(
         Runner::new(cfg, framework_id, executor_id).map_err(|e| Error::Setup(Box::new(e)))?,
     );
-    let stream = UnixStream::connect(socket)
-        .await
-        .map_err(|cause| Error::Connect {
-            socket: socket.to_path_buf(),
-            cause,
-        })?;
-    let register = ExecutorRegister {
-        framework_id: framework_id.to_string(),
-        executor_id: executor_id.to_string(),
-        ..Default::default()
-    };
     let mut executor = Executor {
         runner: Arc::clone(&runner),
         link: Tasks::default(),
     };
-    let result = executor_link::drive(&mut executor, stream, socket, register, recovery_timeout)
-        .await
-        .map_err(Error::from);
+    let result = executor_link::run(
+        &mut executor,
+        socket,
+        framework_id,
+        executor_id,
+        recovery_timeout,
+    )
+    .await
+    .map_err(Error::from);
     drop(executor);
     runner.remove_executor_groups();
     result

@@ -222,8 +222,8 @@ impl Resources {
                 CPUS => parse_cpus(value).ok_or_else(bad)?,
                 MEM => {
                     // A bare number is MiB, fraction or not (`mem:1.5` is 1.5 MiB).
-                    let bare = !value.is_empty()
-                        && value.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+                    let bare =
+                        !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit() || b == b'.');
                     let sized = if bare {
                         crate::units::parse_size(&format!("{value}MiB"))
                     } else {

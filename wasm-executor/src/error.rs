@@ -1,8 +1,6 @@
 //! The one error type of `agora-wasm-executor`: why the executor could not start or
 //! ended badly, and why a module was refused before it was submitted.
 
-use std::path::PathBuf;
-
 use agora_executor_link::LinkError;
 
 #[derive(Debug, thiserror::Error)]
@@ -12,11 +10,6 @@ pub enum Error {
     Link(#[from] LinkError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
-    #[error("cannot connect to the agent at {}: {cause}", .socket.display())]
-    Connect {
-        socket: PathBuf,
-        cause: std::io::Error,
-    },
     /// wasmtime could not be set up (the message says which part).
     #[error("{0}")]
     Engine(String),

@@ -19,8 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use agora_proto::v1::{ExecutorLaunch, ExecutorRegister, ExecutorStatus, TaskState};
-use tokio::net::UnixStream;
+use agora_proto::v1::{ExecutorLaunch, ExecutorStatus, TaskState};
 
 use crate::error::{Error, Result};
 use crate::runner::Runner;
@@ -63,24 +62,19 @@ pub async fn run_executor_with(
     recovery_timeout: Duration,
 ) -> Result<()> {
     let runner = Arc::new(Runner::new(cache_dir)?);
-    let stream = UnixStream::connect(socket)
-        .await
-        .map_err(|cause| Error::Connect {
-            socket: socket.to_path_buf(),
-            cause,
-        })?;
-    let register = ExecutorRegister {
-        framework_id: framework_id.to_string(),
-        executor_id: executor_id.to_string(),
-        ..Default::default()
-    };
     let mut executor = Executor {
         runner,
         link: Tasks::default(),
     };
-    let result = executor_link::drive(&mut executor, stream, socket, register, recovery_timeout)
-        .await
-        .map_err(Error::from);
+    let result = executor_link::run(
+        &mut executor,
+        socket,
+        framework_id,
+        executor_id,
+        recovery_timeout,
+    )
+    .await
+    .map_err(Error::from);
     drop(executor);
     result
 }

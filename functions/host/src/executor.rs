@@ -30,9 +30,9 @@ use agora_executor_link::{
 };
 use agora_proto::units::format_bytes;
 use agora_proto::v1::{
-    ExecutorLaunch, ExecutorRegister, ExecutorStatus, FunctionInfo, Reason, TaskState,
+    ExecutorLaunch, ExecutorStatus, FunctionInfo, Reason, TaskState,
 };
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 use tokio::sync::{oneshot, Notify};
 
 use crate::error::{Error, Result};
@@ -65,24 +65,19 @@ pub async fn run_executor(
         ..HostConfig::default()
     })
     .map_err(Error::Host)?;
-    let stream = UnixStream::connect(socket)
-        .await
-        .map_err(|cause| Error::Connect {
-            socket: socket.to_path_buf(),
-            cause,
-        })?;
-    let register = ExecutorRegister {
-        framework_id: framework_id.to_string(),
-        executor_id: executor_id.to_string(),
-        ..Default::default()
-    };
     let mut executor = Executor {
         host,
         link: Tasks::default(),
     };
-    let result = executor_link::drive(&mut executor, stream, socket, register, recovery_timeout)
-        .await
-        .map_err(Error::from);
+    let result = executor_link::run(
+        &mut executor,
+        socket,
+        framework_id,
+        executor_id,
+        recovery_timeout,
+    )
+    .await
+    .map_err(Error::from);
     result
 }
 
