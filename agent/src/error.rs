@@ -89,9 +89,14 @@ pub enum Error {
         task_id: String,
         cause: std::io::Error,
     },
-    /// A task's sandbox could not be prepared (the message says which part).
+    /// A task's sandbox could not be prepared (the message says which part;
+    /// `fetch` when an artifact could not be fetched).
     #[error("{what}: {cause}")]
-    Prepare { what: String, cause: Box<Error> },
+    Prepare {
+        what: String,
+        cause: Box<Error>,
+        fetch: bool,
+    },
     /// The master could not hand over an artifact (its words, or what was wrong).
     #[error("{0}")]
     Fetch(String),
@@ -105,6 +110,26 @@ impl Error {
         Error::Prepare {
             what: what.into(),
             cause: Box::new(cause.into()),
+            fetch: false,
+        }
+    }
+
+    /// An artifact of a task could not be fetched.
+    pub(crate) fn fetch_failed(what: impl Into<String>, cause: impl Into<Error>) -> Error {
+        Error::Prepare {
+            what: what.into(),
+            cause: Box::new(cause.into()),
+            fetch: true,
+        }
+    }
+
+    /// What the core hears of a failed preparation.
+    pub(crate) fn prepare_failed(&self) -> agora_agent_core::PrepareFailed {
+        match self {
+            Error::Prepare { fetch: true, .. } | Error::Fetch(_) => {
+                agora_agent_core::PrepareFailed::Fetch(self.to_string())
+            }
+            _ => agora_agent_core::PrepareFailed::Sandbox(self.to_string()),
         }
     }
 }

@@ -598,7 +598,7 @@ impl Agent {
                 Output::Prepare { key, task } => {
                     let a = self.clone();
                     tokio::spawn(async move {
-                        let result = a.prepare(&key, &task).await.map_err(|e| format!("{e:#}"));
+                        let result = a.prepare(&key, &task).await.map_err(|e| e.prepare_failed());
                         a.feed(Input::Prepared { key, result });
                     });
                 }
@@ -895,7 +895,7 @@ impl Agent {
         if let Some(module) = &task.module {
             self.fetch(&module.sha256, module.size)
                 .await
-                .map_err(|e| Error::prepare("fetch of the module failed", e))?;
+                .map_err(|e| Error::fetch_failed("fetch of the module failed", e))?;
         }
         let dir = agora_agent_core::sandbox_dir(&self.cfg.core.work_dir, key);
         let root = dir.join("fs");
@@ -906,9 +906,9 @@ impl Agent {
             tokio::fs::create_dir_all(root.join(d)).await?;
         }
         for input in &task.inputs {
-            self.fetch(&input.sha256, input.size)
-                .await
-                .map_err(|e| Error::prepare(format!("fetch of input {} failed", input.dest), e))?;
+            self.fetch(&input.sha256, input.size).await.map_err(|e| {
+                Error::fetch_failed(format!("fetch of input {} failed", input.dest), e)
+            })?;
             let dest = root.join(&input.dest);
             if let Some(parent) = dest.parent() {
                 tokio::fs::create_dir_all(parent).await?;

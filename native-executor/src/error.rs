@@ -6,6 +6,9 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// `--isolation` named no known mode.
+    #[error("unknown isolation mode {0:?}: use cgroups or posix")]
+    UnknownIsolation(String),
     /// Cgroup isolation was asked for (`--isolation cgroups`) but cannot work here.
     #[error(
         "cgroup isolation is not available: {0}; run as root on a machine with the cpu, \
@@ -19,12 +22,11 @@ pub enum Error {
     InvalidName { name: String, why: &'static str },
 
     /// A cgroupfs operation failed.
-    #[error("cannot {action} {}: {source}", path.display())]
+    #[error("cannot {action} {}: {cause}", path.display())]
     Cgroup {
         action: String,
         path: PathBuf,
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
 
     /// Writing a limit was refused by the kernel (or by cgroups-rs).
@@ -65,12 +67,8 @@ pub enum Error {
     #[error(transparent)]
     Link(#[from] agora_executor_link::LinkError),
 
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        #[source]
-        source: io::Error,
-    },
+    #[error("{what}: {cause}")]
+    Io { what: String, cause: io::Error },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -84,14 +82,14 @@ impl Error {
         Error::Cgroup {
             action: action.into(),
             path: path.into(),
-            source: e,
+            cause: e,
         }
     }
 
     pub(crate) fn io(what: impl Into<String>, e: io::Error) -> Self {
         Error::Io {
             what: what.into(),
-            source: e,
+            cause: e,
         }
     }
 }

@@ -25,6 +25,12 @@ pub enum ResourceParseError {
     Value { name: String, value: String },
     #[error("resource `{0}` has a malformed role; write name(role):value, e.g. cpus(tenant-a):2")]
     Role(String),
+    /// A resource on the wire without a name.
+    #[error("a resource has an empty name")]
+    EmptyName,
+    /// A resource on the wire with an amount below zero.
+    #[error("resource {name} has a negative value {value}")]
+    Negative { name: String, value: i64 },
 }
 
 impl Resources {
@@ -160,17 +166,17 @@ impl Resources {
         out
     }
 
-    pub fn from_proto(list: &[Resource]) -> Result<Resources, String> {
+    pub fn from_proto(list: &[Resource]) -> Result<Resources, ResourceParseError> {
         let mut r = Resources::new();
         for res in list {
             if res.name.is_empty() {
-                return Err("a resource has an empty name".into());
+                return Err(ResourceParseError::EmptyName);
             }
             if res.value < 0 {
-                return Err(format!(
-                    "resource {} has a negative value {}",
-                    res.name, res.value
-                ));
+                return Err(ResourceParseError::Negative {
+                    name: res.name.clone(),
+                    value: res.value,
+                });
             }
             r.add_scalar(&res.name, &res.role, res.value);
         }

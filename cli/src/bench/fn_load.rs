@@ -239,6 +239,7 @@ fn process_router(command: Arc<dyn Fn() -> tokio::process::Command + Send + Sync
             let answer = match cmd.output().await {
                 Ok(out) if out.status.success() => {
                     agora_fn_runtime::parse_cgi_response(Bytes::from(out.stdout))
+                        .map_err(|f| f.message)
                 }
                 Ok(out) => Err(format!("CGI process failed: {}", out.status)),
                 Err(e) => Err(format!("cannot spawn the CGI process: {e}")),

@@ -147,6 +147,17 @@ pub struct AgentCoreConfig {
     pub reregister_timeout_ms: u64,
 }
 
+/// Why the shell could not prepare a task; the task fails with the message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PrepareFailed {
+    /// An artifact (the module, an input) could not be fetched: `FETCH_FAILED`.
+    #[error("{0}")]
+    Fetch(String),
+    /// The sandbox could not be built: `SANDBOX_FAILED`.
+    #[error("{0}")]
+    Sandbox(String),
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Input {
     /// The master accepted our registration.
@@ -177,7 +188,7 @@ pub enum Input {
     /// The shell finished fetching artifacts and building the sandbox.
     Prepared {
         key: TaskKey,
-        result: Result<(), String>,
+        result: Result<(), PrepareFailed>,
     },
     ExecutorRegistered {
         key: ExecutorKey,
@@ -861,7 +872,7 @@ impl AgentCore {
         self.out.push(Output::Prepare { key, task: info });
     }
 
-    fn prepared(&mut self, key: TaskKey, result: Result<(), String>, now: u64) {
+    fn prepared(&mut self, key: TaskKey, result: Result<(), PrepareFailed>, now: u64) {
         let Some(t) = self.tasks.get(&key) else {
             return;
         };
@@ -881,12 +892,15 @@ impl AgentCore {
             return;
         }
         if let Err(e) = result {
-            let reason = if e.contains("fetch") {
-                Reason::FetchFailed
-            } else {
-                Reason::SandboxFailed
+            let reason = match e {
+                PrepareFailed::Fetch(_) => Reason::FetchFailed,
+                PrepareFailed::Sandbox(_) => Reason::SandboxFailed,
             };
-            self.terminal(&key, new_status(TaskState::TaskFailed, reason, &e), now);
+            self.terminal(
+                &key,
+                new_status(TaskState::TaskFailed, reason, &e.to_string()),
+                now,
+            );
             return;
         }
         let exec_key = t.executor.clone();

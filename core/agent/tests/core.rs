@@ -97,7 +97,12 @@ impl Agent {
         }))
     }
 
-    fn prepared(&mut self, fid: &str, task_id: &str, result: Result<(), String>) -> Vec<Output> {
+    fn prepared(
+        &mut self,
+        fid: &str,
+        task_id: &str,
+        result: Result<(), agora_agent_core::PrepareFailed>,
+    ) -> Vec<Output> {
         self.feed(Input::Prepared {
             key: key(fid, task_id),
             result,
@@ -1093,7 +1098,12 @@ fn failed_fetch_fails_the_task_with_fetch_failed_and_other_errors_with_sandbox_f
         let outs = a.at(t0).run("f1", &task(id, ""));
         let u = expect_update(&outs[0], "f1", starting(id, "default", t0));
         assert_eq!(a.ack("f1", id, &u), vec![]);
-        let outs = a.at(t0 + 100).prepared("f1", id, Err(err.into()));
+        let failed = if reason == Reason::FetchFailed {
+            agora_agent_core::PrepareFailed::Fetch(err.into())
+        } else {
+            agora_agent_core::PrepareFailed::Sandbox(err.into())
+        };
+        let outs = a.at(t0 + 100).prepared("f1", id, Err(failed));
         assert_eq!(outs.len(), 1, "no executor is started");
         expect_update(
             &outs[0],

@@ -107,6 +107,9 @@ impl Default for AllocatorConfig {
 /// Why an operation on the allocator was refused. Each says what to do instead.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AllocatorError {
+    /// What is wrong with a role's name (the caller names the role).
+    #[error("{0}")]
+    RoleName(&'static str),
     #[error("role `{role}` is not valid: {why}")]
     InvalidRole { role: String, why: String },
     #[error(
@@ -292,7 +295,7 @@ fn normalize_role(role: &str) -> &str {
 fn check_role(role: &str) -> Result<(), AllocatorError> {
     validate_role(role).map_err(|why| AllocatorError::InvalidRole {
         role: role.to_string(),
-        why,
+        why: why.to_string(),
     })
 }
 

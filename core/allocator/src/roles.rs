@@ -6,6 +6,7 @@
 //! Nodes are interned once and never removed: roles are few, and keeping their ids
 //! stable keeps every per-role vector simple.
 
+use crate::AllocatorError;
 use std::collections::HashMap;
 
 /// Index of a role in the tree.
@@ -108,21 +109,22 @@ impl RoleTree {
 
 /// Checks a role name given by an operator (weights, quotas, reservations).
 /// Segments are separated by `/`; `*` is the default role and has no children.
-pub fn validate_role(role: &str) -> Result<(), String> {
+pub fn validate_role(role: &str) -> Result<(), AllocatorError> {
+    let bad = |why: &'static str| Err(AllocatorError::RoleName(why));
     if role.is_empty() {
-        return Err("a role name cannot be empty".into());
+        return bad("a role name cannot be empty");
     }
     if role.len() > 255 {
-        return Err("a role name is at most 255 bytes".into());
+        return bad("a role name is at most 255 bytes");
     }
     if role.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err("a role name cannot contain spaces or control characters".into());
+        return bad("a role name cannot contain spaces or control characters");
     }
     for seg in role.split('/') {
         match seg {
-            "" => return Err("a role name cannot start or end with `/` or contain `//`".into()),
-            "." | ".." => return Err("`.` and `..` are not role names".into()),
-            "*" if role != "*" => return Err("`*` cannot be part of a hierarchical role".into()),
+            "" => return bad("a role name cannot start or end with `/` or contain `//`"),
+            "." | ".." => return bad("`.` and `..` are not role names"),
+            "*" if role != "*" => return bad("`*` cannot be part of a hierarchical role"),
             _ => {}
         }
     }

@@ -389,7 +389,7 @@ impl MasterCore {
     /// RESERVE: unreserved resources of the pool become reserved for the offer's role,
     /// and stay in the pool (so later operations of this accept can use them).
     fn reserve_op(&mut self, cx: &mut AcceptCtx, list: &[v1::Resource]) -> Result<(), String> {
-        let asked = Resources::from_proto(list)?;
+        let asked = Resources::from_proto(list).map_err(|e| e.to_string())?;
         if asked.is_empty() {
             return Err("it names no resources".into());
         }
@@ -431,7 +431,7 @@ impl MasterCore {
     /// UNRESERVE: resources of the pool dynamically reserved for the offer's role go
     /// back to the unreserved pool (and stay in this accept's pool, unreserved).
     fn unreserve_op(&mut self, cx: &mut AcceptCtx, list: &[v1::Resource]) -> Result<(), String> {
-        let asked = Resources::from_proto(list)?;
+        let asked = Resources::from_proto(list).map_err(|e| e.to_string())?;
         if asked.is_empty() {
             return Err("it names no resources".into());
         }

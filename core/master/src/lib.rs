@@ -1251,7 +1251,7 @@ impl MasterCore {
                 t.task_id
             ));
         }
-        let res = Resources::from_proto(&t.resources)?;
+        let res = Resources::from_proto(&t.resources).map_err(|e| e.to_string())?;
         if res.milli_cpus() <= 0 || res.mem_bytes() <= 0 {
             return Err(format!(
                 "task asks for {res}; it must ask for some cpus and mem"

@@ -1400,7 +1400,9 @@ impl World {
                     let result = if ok {
                         Ok(())
                     } else {
-                        Err("fetch failed: simulated".to_string())
+                        Err(agent::PrepareFailed::Fetch(
+                            "fetch failed: simulated".to_string(),
+                        ))
                     };
                     self.feed_agent(ai, agent::Input::Prepared { key, result });
                 }

@@ -16,6 +16,32 @@ use serde::{Deserialize, Serialize};
 
 pub mod outbound;
 
+/// The one error type of `agora-fn-api`: what is wrong with a module's bytes or an
+/// outbound allow-list, each a sentence a user can act on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// The bytes do not start with WebAssembly's magic number.
+    #[error("not a WebAssembly module or component (bad magic number; {len} bytes)")]
+    NotWasm {
+        /// How many bytes there were.
+        len: usize,
+    },
+    /// WebAssembly, but neither a core module nor a component of a known version.
+    #[error("not a WebAssembly module or component (unsupported version)")]
+    UnsupportedVersion,
+    /// An allow-list longer than [`outbound::MAX_ENTRIES`].
+    #[error("{0} allowed outbound hosts is more than the {max} allowed", max = outbound::MAX_ENTRIES)]
+    TooManyOutbound(usize),
+    /// An allow-list entry and what is wrong with it.
+    #[error("allowed outbound host {entry:?}: {why}")]
+    Outbound {
+        /// The entry as given.
+        entry: String,
+        /// What is wrong with it.
+        why: String,
+    },
+}
+
 /// The host's Unix socket in its task's sandbox, which the agent's front door
 /// forwards requests to.
 pub const SOCKET_NAME: &str = "fn.sock";
@@ -45,17 +71,14 @@ pub enum GuestKind {
 impl GuestKind {
     /// Tells a core module from a component by the header, with a sentence for anything
     /// else.
-    pub fn detect(bytes: &[u8]) -> Result<GuestKind, String> {
+    pub fn detect(bytes: &[u8]) -> Result<GuestKind, Error> {
         if !bytes.starts_with(b"\0asm") {
-            return Err(format!(
-                "not a WebAssembly module or component (bad magic number; {} bytes)",
-                bytes.len()
-            ));
+            return Err(Error::NotWasm { len: bytes.len() });
         }
         match bytes.get(4..8) {
             Some([1, 0, 0, 0]) => Ok(GuestKind::CgiModule),
             Some([_, _, 1, 0]) => Ok(GuestKind::HttpComponent),
-            _ => Err("not a WebAssembly module or component (unsupported version)".to_string()),
+            _ => Err(Error::UnsupportedVersion),
         }
     }
 }

@@ -38,12 +38,9 @@ pub struct OutboundAllowList {
 impl OutboundAllowList {
     /// Parses and checks every entry; the first bad one is refused with a sentence
     /// naming it and what is wrong with it.
-    pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<OutboundAllowList, String> {
+    pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<OutboundAllowList, crate::Error> {
         if entries.len() > MAX_ENTRIES {
-            return Err(format!(
-                "{} allowed outbound hosts is more than the {MAX_ENTRIES} allowed",
-                entries.len()
-            ));
+            return Err(crate::Error::TooManyOutbound(entries.len()));
         }
         if entries.is_empty() {
             return Ok(OutboundAllowList::default());
@@ -52,7 +49,10 @@ impl OutboundAllowList {
             .iter()
             .map(|e| {
                 let e = e.as_ref();
-                Rule::parse(e).map_err(|why| format!("allowed outbound host {e:?}: {why}"))
+                Rule::parse(e).map_err(|why| crate::Error::Outbound {
+                    entry: e.to_string(),
+                    why,
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(OutboundAllowList {
@@ -509,7 +509,7 @@ mod tests {
 
     #[test]
     fn bad_entries_are_refused_with_reasons() {
-        let err = |e: &str| OutboundAllowList::parse(&[e]).unwrap_err();
+        let err = |e: &str| OutboundAllowList::parse(&[e]).unwrap_err().to_string();
         for (entry, why) in [
             ("", "is empty"),
             ("example.com", "has no scheme"),
@@ -552,9 +552,12 @@ mod tests {
         let many = vec!["http://a.com"; MAX_ENTRIES + 1];
         assert!(OutboundAllowList::parse(&many)
             .unwrap_err()
+            .to_string()
             .contains("more than"));
         // The first bad entry is named.
-        let message = OutboundAllowList::parse(&["http://ok.com", "bad"]).unwrap_err();
+        let message = OutboundAllowList::parse(&["http://ok.com", "bad"])
+            .unwrap_err()
+            .to_string();
         assert!(message.contains("\"bad\""), "{message}");
     }
 

@@ -638,7 +638,8 @@ fn check_deploy(mut d: FunctionDeploy) -> std::result::Result<FunctionDeploy, St
     info.tenant = tenant_of(&d.role);
     // Set from the role's tenant limit when hosts are planned, never by a client.
     info.tenant_limit = None;
-    agora_fn_api::outbound::OutboundAllowList::parse(&info.allowed_outbound_hosts).map_err(&bad)?;
+    agora_fn_api::outbound::OutboundAllowList::parse(&info.allowed_outbound_hosts)
+        .map_err(|e| bad(e.to_string()))?;
     if info.memory_bytes == 0 {
         info.memory_bytes = DEFAULT_MEMORY;
     }

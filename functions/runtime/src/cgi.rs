@@ -5,6 +5,7 @@
 //! kept: no `PATH_TRANSLATED`, no local redirects (a `Location` without a `Status`
 //! becomes a `302`, as most servers do for absolute URLs).
 
+use crate::outcome::{ErrorClass, Failure};
 use axum::http::header::{self, HeaderName, HeaderValue};
 use axum::http::{HeaderMap, Response, StatusCode, Version};
 use bytes::Bytes;
@@ -83,8 +84,14 @@ fn protocol(version: Version) -> &'static str {
 }
 
 /// Parses a CGI response: header lines (`\n` or `\r\n`), a blank line, the body.
-/// The error is a short sentence saying what is wrong with the output.
-pub fn parse_response(output: Bytes) -> Result<Response<Bytes>, String> {
+/// What is wrong with the output is a bad-response [`Failure`] (a 502 with a short
+/// sentence saying why).
+pub fn parse_cgi_response(output: Bytes) -> Result<Response<Bytes>, Failure> {
+    parse_response(output).map_err(|reason| Failure::new(ErrorClass::BadResponse, reason))
+}
+
+/// [`parse_cgi_response`], the error a sentence.
+pub(crate) fn parse_response(output: Bytes) -> Result<Response<Bytes>, String> {
     if output.is_empty() {
         return Err("the function wrote nothing on stdout (a CGI response needs headers, a blank line and a body)".to_string());
     }

@@ -18,14 +18,14 @@ pub enum FunctionError {
         message: String,
     },
     /// The module file could not be read.
-    #[error("function {name:?}: cannot read module {}: {source}", path.display())]
+    #[error("function {name:?}: cannot read module {}: {cause}", path.display())]
     ReadModule {
         /// The function's name.
         name: String,
         /// The file that was read.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The bytes are not something this host can run, or do not match their sha256.
     #[error("function {name:?}: {message}")]

@@ -232,10 +232,10 @@ impl FunctionHost {
             ModuleSource::Path(path) => {
                 std::fs::read(path)
                     .map(bytes::Bytes::from)
-                    .map_err(|source| FunctionError::ReadModule {
+                    .map_err(|cause| FunctionError::ReadModule {
                         name: name.clone(),
                         path: path.clone(),
-                        source,
+                        cause,
                     })?
             }
         };
@@ -250,7 +250,8 @@ impl FunctionHost {
         } else if let Some(compiled) = self.cache.load(&self.engine, &actual) {
             return Ok((actual, compiled, true));
         }
-        let kind = GuestKind::detect(&bytes).map_err(|m| FunctionError::module(name, m))?;
+        let kind =
+            GuestKind::detect(&bytes).map_err(|m| FunctionError::module(name, m.to_string()))?;
         let compiled = match kind {
             GuestKind::CgiModule => Module::from_binary(&self.engine, &bytes).map(Compiled::Module),
             GuestKind::HttpComponent => {

@@ -48,7 +48,7 @@ mod spec;
 mod units;
 
 pub use agora_fn_api::outbound;
-pub use cgi::parse_response as parse_cgi_response;
+pub use cgi::parse_cgi_response;
 pub use error::FunctionError;
 pub use function::Function;
 pub use function::{Captured, GuestOutput, RequestLog, GUEST_OUTPUT_LIMIT};
@@ -59,6 +59,6 @@ pub use outcome::{ErrorClass, Failure};
 pub use registry::FunctionRegistry;
 pub use request::FunctionRequest;
 pub use spec::{
-    check_name, FunctionSpec, GuestKind, ModuleSource, DEFAULT_MEMORY_LIMIT, DEFAULT_TIMEOUT,
+    is_valid_name, FunctionSpec, GuestKind, ModuleSource, DEFAULT_MEMORY_LIMIT, DEFAULT_TIMEOUT,
     MAX_NAME_LEN, MAX_TIMEOUT,
 };

@@ -140,7 +140,13 @@ impl FunctionSpec {
 }
 
 /// Names appear in URLs, metrics and file names: keep them to a safe alphabet.
-pub fn check_name(what: &str, name: &str) -> Result<(), String> {
+/// Whether `name` is a valid function or tenant name (1 to [`MAX_NAME_LEN`] letters,
+/// digits, `_`, `.` and `-`, not starting with `.`).
+pub fn is_valid_name(name: &str) -> bool {
+    check_name("name", name).is_ok()
+}
+
+pub(crate) fn check_name(what: &str, name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > MAX_NAME_LEN {
         return Err(format!(
             "{what} must be 1 to {MAX_NAME_LEN} characters, got {name:?}"
@@ -189,9 +195,13 @@ mod tests {
             GuestKind::detect(b"\0asm\x0d\0\x01\0"),
             Ok(GuestKind::HttpComponent)
         );
-        assert!(GuestKind::detect(b"hello").unwrap_err().contains("magic"));
+        assert!(GuestKind::detect(b"hello")
+            .unwrap_err()
+            .to_string()
+            .contains("magic"));
         assert!(GuestKind::detect(b"\0asm\x02\0\0\0")
             .unwrap_err()
+            .to_string()
             .contains("version"));
     }
 }

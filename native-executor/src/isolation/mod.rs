@@ -63,14 +63,12 @@ impl IsolationMode {
 }
 
 impl std::str::FromStr for IsolationMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> Result<Self, crate::Error> {
         match s {
             "cgroups" => Ok(IsolationMode::Cgroups),
             "posix" => Ok(IsolationMode::Posix),
-            other => Err(format!(
-                "unknown isolation mode {other:?}: use cgroups or posix"
-            )),
+            other => Err(crate::Error::UnknownIsolation(other.to_string())),
         }
     }
 }

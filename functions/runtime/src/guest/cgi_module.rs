@@ -164,8 +164,7 @@ pub(crate) fn run(
             output_full,
         })),
         _ if output_full.is_some() => Err(outcome::output_limit(limits.output)),
-        _ => cgi::parse_response(output)
-            .map_err(|reason| Failure::new(ErrorClass::BadResponse, reason)),
+        _ => cgi::parse_cgi_response(output),
     };
     (outcome, fuel)
 }
