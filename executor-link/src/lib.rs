@@ -73,6 +73,21 @@ pub enum Flow {
     Shutdown,
 }
 
+/// Implements [`LinkedExecutor::link`] and [`LinkedExecutor::link_mut`] for an
+/// executor that keeps its [`Tasks`] in the field named: `link_field!(link);` inside
+/// the `impl LinkedExecutor for ...` block.
+#[macro_export]
+macro_rules! link_field {
+    ($field:ident) => {
+        fn link(&self) -> &$crate::Tasks<Self::Entry> {
+            &self.$field
+        }
+        fn link_mut(&mut self) -> &mut $crate::Tasks<Self::Entry> {
+            &mut self.$field
+        }
+    };
+}
+
 /// An executor process as [`drive`] runs it: what it does with each message of the
 /// agent, the async tasks it runs them in, how it stops them, and what it keeps
 /// across connections.
@@ -82,7 +97,7 @@ pub trait LinkedExecutor {
     type Entry;
     /// The word for what it runs, in logs and errors ("running tasks", "function hosts").
     const RUNS: &'static str;
-    /// What it keeps for the link: see [`Tasks`].
+    /// What it keeps for the link: see [`Tasks`] (and [`link_field!`]).
     fn link(&self) -> &Tasks<Self::Entry>;
     fn link_mut(&mut self) -> &mut Tasks<Self::Entry>;
     /// Starts a task the agent sent.

@@ -96,13 +96,7 @@ impl LinkedExecutor for Executor {
     type Entry = Entry;
     const RUNS: &'static str = "running tasks";
 
-    fn link(&self) -> &Tasks<Entry> {
-        &self.link
-    }
-
-    fn link_mut(&mut self) -> &mut Tasks<Entry> {
-        &mut self.link
-    }
+    agora_executor_link::link_field!(link);
 
     fn launch(&mut self, launch: ExecutorLaunch) {
         let task_id = launch.task_id.clone();

@@ -91,13 +91,7 @@ impl LinkedExecutor for Executor {
     type Entry = Kill;
     const RUNS: &'static str = "running tasks";
 
-    fn link(&self) -> &Tasks<Kill> {
-        &self.link
-    }
-
-    fn link_mut(&mut self) -> &mut Tasks<Kill> {
-        &mut self.link
-    }
+    agora_executor_link::link_field!(link);
 
     fn launch(&mut self, launch: ExecutorLaunch) {
         let kill = Arc::new(AtomicBool::new(false));

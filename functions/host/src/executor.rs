@@ -91,13 +91,7 @@ impl LinkedExecutor for Executor {
     type Entry = Stop;
     const RUNS: &'static str = "function hosts";
 
-    fn link(&self) -> &Tasks<Stop> {
-        &self.link
-    }
-
-    fn link_mut(&mut self) -> &mut Tasks<Stop> {
-        &mut self.link
-    }
+    agora_executor_link::link_field!(link);
 
     fn launch(&mut self, launch: ExecutorLaunch) {
         let stop = Arc::new(Notify::new());
