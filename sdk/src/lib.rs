@@ -18,7 +18,7 @@
 //!     Client, ClientConfig, Event, FrameworkInfo, Operation, Resources, TaskInfo, TaskState,
 //!     WasmModule,
 //! };
-//! # async fn demo() -> Result<()> {
+//! # async fn demo() -> anyhow::Result<()> {
 //! let cfg = ClientConfig::discover(None, None)?; // `agora dev` writes one
 //! let client = Client::connect(&cfg).await?;
 //! let (sha256, size) = client.upload_file("hello.wasm".as_ref()).await?;
@@ -40,7 +40,7 @@
 //!     match ev {
 //!         Event::Offers(offers) => {
 //!             for offer in offers {
-//!                 let have = Resources::from_proto(&offer.resources).map_err(anyhow::Error::msg)?;
+//!                 let have = Resources::from_proto(&offer.resources)?;
 //!                 if launched || !have.unreserved().contains(&want) {
 //!                     sched.decline(vec![offer.offer_id], Some(30.0)).await?;
 //!                     continue;
