@@ -253,6 +253,7 @@ fn client_config(cd: &CertDir, master: &str) -> ClientConfig {
         cert: cd.cert(Role::Client),
         key: cd.key(Role::Client),
         http: None,
+        source: None,
     }
 }
 
@@ -510,6 +511,97 @@ async fn wait_for_signal() {
     }
 }
 
+/// The addresses a dev cluster chose, kept in its data directory
+/// (`addresses.json`) and taken again at the next start.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct DevAddresses {
+    master: Option<SocketAddr>,
+    http: Option<SocketAddr>,
+    agent_http: Option<SocketAddr>,
+}
+
+const DEV_ADDRESSES: &str = "addresses.json";
+
+impl DevAddresses {
+    /// What the data directory remembers; nothing when there is no file, and
+    /// nothing (with a warning) when it cannot be read.
+    fn load(data_dir: &Path) -> DevAddresses {
+        let path = data_dir.join(DEV_ADDRESSES);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return DevAddresses::default(),
+            Err(e) => {
+                tracing::warn!("cannot read {}: {e}; choosing new ports", path.display());
+                return DevAddresses::default();
+            }
+        };
+        serde_json::from_str(&text).unwrap_or_else(|e| {
+            tracing::warn!(
+                "{} is not what agora dev wrote ({e}); choosing new ports",
+                path.display()
+            );
+            DevAddresses::default()
+        })
+    }
+
+    /// Best effort: a cluster that cannot remember its ports still runs.
+    fn save(&self, data_dir: &Path) {
+        let path = data_dir.join(DEV_ADDRESSES);
+        let text = serde_json::to_string_pretty(self).expect("addresses serialize");
+        if let Err(e) = std::fs::write(&path, text + "\n") {
+            tracing::warn!(
+                "cannot write {}: {e}; the next start will choose new ports",
+                path.display()
+            );
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Transport {
+    Udp,
+    Tcp,
+}
+
+/// The address to listen on: `asked` when it names a port; else the one chosen at an
+/// earlier start (on the same IP) if it is free; else `asked` (a new port), with a
+/// warning that clients of the earlier run will not find this one.
+fn reuse(asked: SocketAddr, saved: Option<SocketAddr>, t: Transport, what: &str) -> SocketAddr {
+    let Some(saved) = saved.filter(|s| asked.port() == 0 && s.ip() == asked.ip()) else {
+        return asked;
+    };
+    // Probed, then released for the real server: another process could take it in
+    // between, which only costs the same warning at the next start.
+    let free = match t {
+        Transport::Udp => std::net::UdpSocket::bind(saved).is_ok(),
+        // With SO_REUSEADDR, as the servers bind: connections of the killed run
+        // lingering in TIME_WAIT do not make the port look taken.
+        Transport::Tcp => {
+            let socket = if saved.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()
+            } else {
+                tokio::net::TcpSocket::new_v6()
+            };
+            socket
+                .and_then(|s| {
+                    s.set_reuseaddr(true)?;
+                    s.bind(saved)?;
+                    s.listen(1)
+                })
+                .is_ok()
+        }
+    };
+    if free {
+        saved
+    } else {
+        eprintln!(
+            "agora dev: the {what} port {} of the last run is taken now; using a new one (clients of the last run will not find this cluster)",
+            saved.port()
+        );
+        asked
+    }
+}
+
 /// A master and an agent in this process, as `agora dev` and the benchmarks run them.
 pub struct DevCluster {
     pub master: MasterHandle,
@@ -522,6 +614,7 @@ impl DevCluster {
     pub async fn start(
         data_dir: &Path,
         listen: SocketAddr,
+        agent_http: SocketAddr,
         res: Resources,
         attrs: Vec<Attribute>,
         isolation: IsolationSettings,
@@ -551,11 +644,11 @@ impl DevCluster {
             hostname(),
             isolation,
             60_000,
-            // A free loopback port: the master learns it when the agent registers.
+            // The master learns the port when the agent registers.
             Some(HttpSettings {
-                bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+                bind: agent_http,
                 advertise: None,
-                any_port_if_taken: false,
+                any_port_if_taken: agent_http.port() != 0,
             }),
         )
         .await?;
@@ -602,6 +695,7 @@ impl PrivateCluster {
         let cluster = DevCluster::start(
             dir.path(),
             "127.0.0.1:0".parse().expect("literal"),
+            "127.0.0.1:0".parse().expect("literal"),
             detect_resources(),
             Vec::new(),
             IsolationSettings::default(),
@@ -628,16 +722,34 @@ impl PrivateCluster {
 pub async fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
     let res = resources(&a.resources)?;
     let attrs = parse_attributes(&a.attributes)?;
+    // The addresses chosen the first time, so that a restarted cluster is found
+    // again by every client, agent and `agora run` that knew it.
+    let saved = DevAddresses::load(&a.data_dir);
+    let listen = reuse(a.listen, saved.master, Transport::Udp, "master (QUIC)");
+    let master_http = reuse(a.master_http, saved.http, Transport::Tcp, "master HTTP");
+    let agent_http = reuse(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        saved.agent_http,
+        Transport::Tcp,
+        "agent HTTP",
+    );
     let cluster = DevCluster::start(
         &a.data_dir,
-        a.listen,
+        listen,
+        agent_http,
         res,
         attrs,
         a.isolation.settings(),
         offer_timeout_ms(&a.offer_timeout)?,
-        a.functions.dev(a.master_http)?,
+        a.functions.dev(master_http)?,
     )
     .await?;
+    DevAddresses {
+        master: Some(cluster.master.addr),
+        http: cluster.master.http_addr,
+        agent_http: cluster.agent.http_addr(),
+    }
+    .save(&a.data_dir);
     let cfg_path = a.data_dir.join("client.json");
     cluster.client_config.save(&cfg_path)?;
     let default_cfg = ClientConfig::default_path().is_some_and(|p| p == cfg_path);

@@ -816,3 +816,99 @@ fn agent_killed_in_the_middle_of_hundreds_of_tasks_loses_none() {
     assert_eq!((lost, duplicated), (0, 0));
     assert_eq!(seen.len(), WASM + NATIVE);
 }
+
+/// Fault test: a whole `agora dev` (master, agent and gateway in one process) killed
+/// with SIGKILL while 20 `agora run`s wait on their tasks, and started again on the
+/// same data directory. It comes back on the addresses it chose the first time, so
+/// every `agora run` started before the crash finds it again by itself: all 20 print
+/// their task's output and exit with its code.
+#[test]
+fn a_dev_cluster_killed_and_restarted_comes_back_where_it_was_and_every_run_ends() {
+    const RUNS: usize = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("dev");
+    let dev = || {
+        let mut cmd = Command::new(AGORA);
+        cmd.arg("dev")
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--resources", "cpus:4;mem:4096"]);
+        Proc::start(cmd, |l| l == "ready")
+    };
+    let (mut first, _) = dev();
+    let config = data.join("client.json");
+    let addresses = std::fs::read_to_string(data.join("addresses.json")).expect("addresses.json");
+    let client = |args: &[&str]| -> Command {
+        let mut c = Command::new(AGORA);
+        c.args(args)
+            .env("AGORA_CONFIG", &config)
+            .env_remove("AGORA_MASTER")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    };
+    let go = dir.path().join("go");
+    let mut runs: Vec<Child> = (0..RUNS)
+        .map(|i| {
+            let script = format!(
+                "while [ ! -e {} ]; do sleep 0.05; done; echo run {i} survived; exit {}",
+                go.display(),
+                i % 3
+            );
+            spawn_tied_to_process(client(&[
+                "run",
+                "--name",
+                &format!("crash-{i}"),
+                "--cpus",
+                "0.05",
+                "--mem",
+                "16MiB",
+                "--command",
+                &script,
+            ]))
+        })
+        .collect();
+    let running = || {
+        let o = run_bounded(&mut client(&["ps"]), 60);
+        stdout(&o)
+            .lines()
+            .filter(|l| l.contains("crash-") && l.contains("RUNNING"))
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while running() < RUNS {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {RUNS} tasks ran",
+            running()
+        );
+        std::thread::sleep(Duration::from_millis(200)); // poll interval
+    }
+
+    // kill -9 of the whole cluster; the executors (separate processes) live on.
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    let (_second, _) = dev();
+    let again = std::fs::read_to_string(data.join("addresses.json")).expect("addresses.json");
+    assert_eq!(
+        again, addresses,
+        "the restarted cluster took the same addresses"
+    );
+    std::fs::write(&go, b"").unwrap();
+    for (i, run) in runs.iter_mut().enumerate() {
+        let out = wait_child(run, 120);
+        let mut printed = String::new();
+        if let Some(mut s) = run.stdout.take() {
+            use std::io::Read;
+            let _ = s.read_to_string(&mut printed);
+        }
+        assert!(
+            printed.contains(&format!("run {i} survived")),
+            "run {i}: stdout {printed:?}\nstderr: {}",
+            stderr(&out)
+        );
+        assert_eq!(code(&out), (i % 3) as i32, "run {i}: {}", stderr(&out));
+    }
+    println!("agora dev kill -9 and restart: {RUNS} of {RUNS} runs printed their output and exited with their code");
+}

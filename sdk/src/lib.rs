@@ -127,6 +127,11 @@ pub struct ClientConfig {
     /// `http://host:port` of the master's HTTP server (functions), when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<String>,
+    /// The file this configuration was read from. A client that cannot reach the
+    /// master reads it again before each new attempt, so a master that came back on
+    /// another address (and wrote it there) is found.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 impl ClientConfig {
@@ -152,6 +157,7 @@ impl ClientConfig {
                 *p = base.join(&*p);
             }
         }
+        cfg.source = Some(path.to_path_buf());
         Ok(cfg)
     }
 
@@ -176,7 +182,9 @@ impl ClientConfig {
         };
         let mut cfg = Self::load(&path)?;
         if let Some(m) = master {
+            // An address given by the user is kept: the file is not read again.
             cfg.master = m.to_string();
+            cfg.source = None;
         }
         Ok(cfg)
     }
@@ -284,7 +292,12 @@ impl Client {
         let endpoint = tls::client_endpoint(master, &id)?;
         let conn = tls::connect(&endpoint, master).await?;
         Ok(Client {
-            link: std::sync::Arc::new(session::Link::new(endpoint, master, conn)),
+            link: std::sync::Arc::new(session::Link::new(
+                endpoint,
+                master,
+                conn,
+                cfg.source.clone(),
+            )),
             master,
         })
     }

@@ -29,7 +29,11 @@ use crate::{Error, Event, Result, Scheduler, StateWaiters, StateWriter};
 /// The client's connection to the master, replaced by a fresh one when it breaks.
 pub(crate) struct Link {
     endpoint: quinn::Endpoint,
-    pub(crate) master: SocketAddr,
+    /// Where the master is: the configured address, or the one its configuration file
+    /// says now (see `redial`).
+    master: std::sync::Mutex<SocketAddr>,
+    /// The configuration file, read again when the master cannot be reached.
+    config: Option<std::path::PathBuf>,
     conn: std::sync::Mutex<quinn::Connection>,
     /// One redial at a time; the others use its result.
     redial: tokio::sync::Mutex<()>,
@@ -40,13 +44,42 @@ impl Link {
         endpoint: quinn::Endpoint,
         master: SocketAddr,
         conn: quinn::Connection,
+        config: Option<std::path::PathBuf>,
     ) -> Link {
         Link {
             endpoint,
-            master,
+            master: std::sync::Mutex::new(master),
+            config,
             conn: std::sync::Mutex::new(conn),
             redial: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// The master's address as last dialled.
+    pub(crate) fn master(&self) -> SocketAddr {
+        *self.master.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The master's address in the configuration file now, if the client has a file
+    /// and it names another address than the one dialled (a master restarted on
+    /// another port, say). A file that cannot be read changes nothing.
+    fn moved(&self) -> Option<SocketAddr> {
+        let path = self.config.as_ref()?;
+        let cfg = match crate::ClientConfig::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!("cannot read the client configuration again: {e}");
+                return None;
+            }
+        };
+        let addr = match tls::resolve(&cfg.master) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::debug!("the client configuration names no usable master: {e}");
+                return None;
+            }
+        };
+        (addr != self.master()).then_some(addr)
     }
 
     pub(crate) fn current(&self) -> quinn::Connection {
@@ -61,7 +94,19 @@ impl Link {
             return Ok(cur);
         }
         broken.close(0u32.into(), b"reconnecting");
-        let fresh = tls::connect(&self.endpoint, self.master).await?;
+        let fresh = match tls::connect(&self.endpoint, self.master()).await {
+            Ok(c) => c,
+            Err(e) => {
+                // Before giving up on this attempt: has the master moved?
+                let Some(moved) = self.moved() else {
+                    return Err(e.into());
+                };
+                tracing::info!(from = %self.master(), to = %moved, "the client configuration names another master address; dialling it");
+                let c = tls::connect(&self.endpoint, moved).await?;
+                *self.master.lock().unwrap_or_else(|e| e.into_inner()) = moved;
+                c
+            }
+        };
         *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = fresh.clone();
         Ok(fresh)
     }

@@ -145,6 +145,7 @@ impl Gateway {
             cert: fc.client_cert.clone(),
             key: fc.client_key.clone(),
             http: None,
+            source: None,
         };
         tasks.push(tokio::spawn(run_framework(self.functions.clone(), client)));
         Ok(GatewayHandle { http_addr, tasks })
