@@ -595,7 +595,7 @@ fn reuse(asked: SocketAddr, saved: Option<SocketAddr>, t: Transport, what: &str)
         saved
     } else {
         eprintln!(
-            "agora dev: the {what} port {} of the last run is taken now; using a new one (clients of the last run will not find this cluster)",
+            "agora dev: the {what} port {} of the last run is taken now; using a new one, written to the client configuration (clients that read it find the cluster; those given --master do not)",
             saved.port()
         );
         asked

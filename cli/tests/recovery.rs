@@ -817,14 +817,12 @@ fn agent_killed_in_the_middle_of_hundreds_of_tasks_loses_none() {
     assert_eq!(seen.len(), WASM + NATIVE);
 }
 
-/// Fault test: a whole `agora dev` (master, agent and gateway in one process) killed
-/// with SIGKILL while 20 `agora run`s wait on their tasks, and started again on the
-/// same data directory. It comes back on the addresses it chose the first time, so
-/// every `agora run` started before the crash finds it again by itself: all 20 print
-/// their task's output and exit with its code.
-#[test]
-fn a_dev_cluster_killed_and_restarted_comes_back_where_it_was_and_every_run_ends() {
-    const RUNS: usize = 20;
+/// `agora dev` killed with SIGKILL and started again on the same data directory while
+/// `runs` `agora run`s wait on their tasks; with `squat`, the test holds the master's
+/// QUIC port meanwhile, so the cluster must come back on a new one. Returns whether
+/// it came back on the same addresses; asserts every run printed its output and
+/// exited with its code.
+fn dev_crash_and_restart(runs: usize, squat: bool) -> bool {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("dev");
     let dev = || {
@@ -849,7 +847,7 @@ fn a_dev_cluster_killed_and_restarted_comes_back_where_it_was_and_every_run_ends
         c
     };
     let go = dir.path().join("go");
-    let mut runs: Vec<Child> = (0..RUNS)
+    let mut children: Vec<Child> = (0..runs)
         .map(|i| {
             let script = format!(
                 "while [ ! -e {} ]; do sleep 0.05; done; echo run {i} survived; exit {}",
@@ -877,10 +875,10 @@ fn a_dev_cluster_killed_and_restarted_comes_back_where_it_was_and_every_run_ends
             .count()
     };
     let deadline = Instant::now() + Duration::from_secs(90);
-    while running() < RUNS {
+    while running() < runs {
         assert!(
             Instant::now() < deadline,
-            "only {} of {RUNS} tasks ran",
+            "only {} of {runs} tasks ran",
             running()
         );
         std::thread::sleep(Duration::from_millis(200)); // poll interval
@@ -889,14 +887,15 @@ fn a_dev_cluster_killed_and_restarted_comes_back_where_it_was_and_every_run_ends
     // kill -9 of the whole cluster; the executors (separate processes) live on.
     first.child.kill().unwrap();
     first.child.wait().unwrap();
+    let _squatter = squat.then(|| {
+        let v: serde_json::Value = serde_json::from_str(&addresses).unwrap();
+        let master = v["master"].as_str().expect("master address");
+        std::net::UdpSocket::bind(master).expect("the killed master's port is free")
+    });
     let (_second, _) = dev();
     let again = std::fs::read_to_string(data.join("addresses.json")).expect("addresses.json");
-    assert_eq!(
-        again, addresses,
-        "the restarted cluster took the same addresses"
-    );
     std::fs::write(&go, b"").unwrap();
-    for (i, run) in runs.iter_mut().enumerate() {
+    for (i, run) in children.iter_mut().enumerate() {
         let out = wait_child(run, 120);
         let mut printed = String::new();
         if let Some(mut s) = run.stdout.take() {
@@ -910,5 +909,32 @@ fn a_dev_cluster_killed_and_restarted_comes_back_where_it_was_and_every_run_ends
         );
         assert_eq!(code(&out), (i % 3) as i32, "run {i}: {}", stderr(&out));
     }
-    println!("agora dev kill -9 and restart: {RUNS} of {RUNS} runs printed their output and exited with their code");
+    println!(
+        "agora dev kill -9 and restart (port held: {squat}): {runs} of {runs} runs printed their output and exited with their code"
+    );
+    again == addresses
+}
+
+/// Fault test: a whole `agora dev` (master, agent and gateway in one process) killed
+/// with SIGKILL while 20 `agora run`s wait on their tasks, and started again on the
+/// same data directory. It comes back on the addresses it chose the first time, so
+/// every `agora run` started before the crash finds it again by itself: all 20 print
+/// their task's output and exit with its code.
+#[test]
+fn a_dev_cluster_killed_and_restarted_comes_back_where_it_was_and_every_run_ends() {
+    assert!(
+        dev_crash_and_restart(20, false),
+        "the restarted cluster took the same addresses"
+    );
+}
+
+/// The same with the master's old port taken by someone else meanwhile: the cluster
+/// comes back on a new port, writes it into its client configuration, and the runs
+/// started before the crash read it there and follow.
+#[test]
+fn runs_follow_a_dev_cluster_that_came_back_on_another_port() {
+    assert!(
+        !dev_crash_and_restart(3, true),
+        "the cluster came back on a new address"
+    );
 }
