@@ -10,6 +10,12 @@ use crate::v1::Resource;
 pub const CPUS: &str = "cpus";
 pub const MEM: &str = "mem";
 
+/// The most of one resource (name and role) one bag may hold: 2^50 (a PiB of memory,
+/// over a million million milli-cpus). Amounts from the wire and from flags are
+/// refused above it, so sums of many bags stay far from `i64` overflow; sums past it
+/// anyway saturate instead of wrapping or panicking.
+pub const MAX_AMOUNT: i64 = 1 << 50;
+
 /// A bag of scalar resources keyed by (name, role). Role "" is unreserved.
 /// Amounts are never negative: subtraction that would go below zero is refused.
 #[derive(Clone, Default, PartialEq, Eq, Hash)]
@@ -25,6 +31,9 @@ pub enum ResourceParseError {
     Value { name: String, value: String },
     #[error("resource `{0}` has a malformed role; write name(role):value, e.g. cpus(tenant-a):2")]
     Role(String),
+    /// An amount above [`MAX_AMOUNT`], alone or summed with others of its name and role.
+    #[error("resource {name} amounts to more than {max}, the most one bag may hold", max = MAX_AMOUNT)]
+    TooLarge { name: String },
     /// A resource on the wire without a name.
     #[error("a resource has an empty name")]
     EmptyName,
@@ -51,10 +60,11 @@ impl Resources {
         if value == 0 {
             return;
         }
-        *self
+        let e = self
             .amounts
             .entry((name.to_string(), role.to_string()))
-            .or_insert(0) += value;
+            .or_insert(0);
+        *e = e.saturating_add(value);
     }
 
     /// Sum of a resource across all roles.
@@ -62,8 +72,7 @@ impl Resources {
         self.amounts
             .iter()
             .filter(|((n, _), _)| n == name)
-            .map(|(_, v)| *v)
-            .sum()
+            .fold(0i64, |sum, (_, v)| sum.saturating_add(*v))
     }
 
     pub fn milli_cpus(&self) -> i64 {
@@ -179,6 +188,16 @@ impl Resources {
                 });
             }
             r.add_scalar(&res.name, &res.role, res.value);
+            if r.amounts
+                .get(&(res.name.clone(), res.role.clone()))
+                .copied()
+                .unwrap_or(0)
+                > MAX_AMOUNT
+            {
+                return Err(ResourceParseError::TooLarge {
+                    name: res.name.clone(),
+                });
+            }
         }
         Ok(r)
     }
@@ -247,6 +266,14 @@ impl Resources {
                     .ok_or_else(bad)?,
             };
             r.add_scalar(name, role, amount);
+            if r.amounts
+                .get(&(name.to_string(), role.to_string()))
+                .copied()
+                .unwrap_or(0)
+                > MAX_AMOUNT
+            {
+                return Err(ResourceParseError::TooLarge { name: name.into() });
+            }
         }
         Ok(r)
     }
@@ -388,6 +415,37 @@ mod tests {
             total.add(&Resources::cpus_mem(parse_cpus("0.1").unwrap(), 0));
         }
         assert_eq!(total.milli_cpus(), 1000);
+    }
+
+    #[test]
+    fn hostile_amounts_are_refused_not_overflowed() {
+        let near_max = |role: &str| Resource {
+            name: CPUS.into(),
+            value: i64::MAX - 1,
+            role: role.into(),
+        };
+        // Each alone is over the cap; two would overflow i64.
+        assert_eq!(
+            Resources::from_proto(&[near_max(""), near_max("")]),
+            Err(ResourceParseError::TooLarge { name: CPUS.into() })
+        );
+        let half = Resource {
+            name: MEM.into(),
+            value: MAX_AMOUNT / 2 + 1,
+            role: String::new(),
+        };
+        assert!(Resources::from_proto(&[half.clone()]).is_ok());
+        assert!(matches!(
+            Resources::from_proto(&[half.clone(), half]),
+            Err(ResourceParseError::TooLarge { .. })
+        ));
+        assert!(Resources::parse("cpus:9000000000000").is_err());
+        assert!(Resources::parse("cpus:1000;cpus:2000").is_ok());
+        // Sums inside the process saturate instead of panicking or wrapping.
+        let mut a = Resources::new();
+        a.add_scalar(CPUS, "", i64::MAX - 1);
+        a.add_scalar(CPUS, "", i64::MAX - 1);
+        assert_eq!(a.milli_cpus(), i64::MAX);
     }
 
     #[test]

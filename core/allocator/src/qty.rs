@@ -65,7 +65,9 @@ impl Qty {
         if self.0.len() <= k {
             self.0.resize(k + 1, 0);
         }
-        self.0[k] += v;
+        // Amounts are capped at their entrance (agora_proto::MAX_AMOUNT); a sum past
+        // i64 anyway saturates rather than panicking in the master.
+        self.0[k] = self.0[k].saturating_add(v);
     }
 
     pub fn set(&mut self, k: Kind, v: i64) {
@@ -123,7 +125,7 @@ impl Bag {
         }
         match self.0.binary_search_by_key(&(k, t), |&(k, t, _)| (k, t)) {
             Ok(i) => {
-                self.0[i].2 += v;
+                self.0[i].2 = self.0[i].2.saturating_add(v);
                 debug_assert!(self.0[i].2 >= 0, "bag amounts are never negative");
                 if self.0[i].2 == 0 {
                     self.0.remove(i);

@@ -684,6 +684,36 @@ fn bad_agent_hello_and_unregistered_messages_close_the_connection() {
     );
 }
 
+/// Two `cpus` entries near `i64::MAX` in one hello (issue 13): the agent is refused
+/// with a sentence naming the resource; the master neither panics nor keeps it, and
+/// a sane agent registers afterwards.
+#[test]
+fn an_agent_hello_whose_amounts_would_overflow_is_refused() {
+    let mut m = Master::new();
+    let mut h = hello("", "host-1", Resources::cpus_mem(1000, GIB), vec![]);
+    for _ in 0..2 {
+        h.resources.push(v1::Resource {
+            name: "cpus".into(),
+            value: i64::MAX - 1,
+            role: String::new(),
+        });
+    }
+    let outs = m.agent_hello(AG1, h);
+    match &outs[..] {
+        [Output::CloseAgent(c, why)] => {
+            assert_eq!(*c, AG1);
+            assert_mentions(why, &["bad resources", "cpus", "more than"]);
+        }
+        other => panic!("expected CloseAgent, got {other:?}"),
+    }
+    assert!(m.core.agents().is_empty());
+    m.agent_hello(
+        AG2,
+        hello("", "host-2", Resources::cpus_mem(1000, GIB), vec![]),
+    );
+    assert_eq!(m.core.agents().len(), 1);
+}
+
 // =====================================================================================
 // 2. ACCEPT and the refuse filter
 // =====================================================================================
