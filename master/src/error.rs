@@ -53,6 +53,23 @@ pub enum Error {
     },
     #[error("writing the master registry {}: {cause}", .path.display())]
     RegistryWrite { path: PathBuf, cause: String },
+    #[error(
+        "master registry {}: its Raft log is damaged ({cause}); refusing to serve from it. \
+         Move the data dir away and add this master to the group again (`agora masters add`), \
+         or, for a single master, start it with an empty data dir",
+        .path.display()
+    )]
+    RaftLog { path: PathBuf, cause: String },
+    #[error(
+        "master registry {} holds the Raft log of {found}, but this is {expected}: refusing to \
+         start. Point --data-dir at this master's own directory",
+        .path.display()
+    )]
+    ForeignLog {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
     /// A peer opened a stream this master does not know.
     #[error("stream opened with an unknown kind (newer client?)")]
     UnknownStream,

@@ -5,6 +5,8 @@
 //! machine) and `agora-allocator` (DRF); this crate is their shell.
 //!
 //! - `registry`: the registry's redb file.
+//! - `raft`: the masters' Raft group (openraft): log, vote and state machine in the
+//!   registry's file.
 //! - `server`: the QUIC shell that feeds the core and carries out its outputs.
 //! - `artifacts`: the content-addressed store of modules and inputs.
 //! - `server` also defines [`server::FunctionsDoor`], through which `agora fn`
@@ -14,6 +16,7 @@
 
 pub mod artifacts;
 mod error;
+pub mod raft;
 pub mod registry;
 pub mod server;
 

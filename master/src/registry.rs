@@ -5,8 +5,9 @@
 //! any message of that input (see `server.rs`).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
 use crate::error::{Error, Result};
 use serde::Serialize;
@@ -20,7 +21,9 @@ pub const FILE: &str = "registry.redb";
 /// 2: the functions framework's deployments are its framework state (`state`
 /// entries); version 1 kept them as `function`, `tenant-limit` and
 /// `functions-framework` entries, which opening migrates ([`migrate_v1`]).
-const VERSION: u64 = 2;
+/// 3: the file also holds the master's Raft log, vote and snapshot
+/// (`crate::raft::store`); the entries are its state machine. Layout 2 opens as is.
+const VERSION: u64 = 3;
 
 /// (kind, key) -> JSON of the entry.
 const ENTRIES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("entries");
@@ -84,9 +87,11 @@ fn entry_of(op: &RegistryOp) -> (&'static str, String, Option<Vec<u8>>) {
     }
 }
 
-/// The registry file.
+/// The registry file written directly, one durable transaction a commit, with no
+/// Raft log: what the master did before issue 12, kept for tests and tools that need
+/// a registry file without a group. The master writes through [`crate::raft`].
 pub struct RegistryStore {
-    db: Database,
+    db: Arc<Database>,
     path: PathBuf,
     /// Mirror of the file, to keep the removed-framework set bounded there too.
     state: Registry,
@@ -95,16 +100,8 @@ pub struct RegistryStore {
 impl RegistryStore {
     /// Opens (or creates) `<dir>/registry.redb` and reads what it holds.
     pub fn open(dir: &Path) -> Result<(RegistryStore, Registry)> {
-        std::fs::create_dir_all(dir).map_err(|cause| Error::DataDir {
-            path: dir.into(),
-            cause,
-        })?;
-        let path = dir.join(FILE);
-        let db = Database::create(&path).map_err(|cause| Error::RegistryOpen {
-            path: path.clone(),
-            cause,
-        })?;
-        let state = Self::read(&db, &path)?;
+        let (db, path) = open_file(dir)?;
+        let state = read(&db, &path)?;
         Ok((
             RegistryStore {
                 db,
@@ -115,94 +112,9 @@ impl RegistryStore {
         ))
     }
 
-    fn read(db: &Database, path: &Path) -> Result<Registry> {
-        let bad = |e: &dyn std::fmt::Display| Error::RegistryUnreadable {
-            path: path.into(),
-            cause: e.to_string(),
-        };
-        {
-            let w = db.begin_write().map_err(|e| bad(&e))?;
-            {
-                let mut meta = w.open_table(META).map_err(|e| bad(&e))?;
-                let v = meta.get("version").map_err(|e| bad(&e))?.map(|g| g.value());
-                match v {
-                    None => {
-                        meta.insert("version", VERSION).map_err(|e| bad(&e))?;
-                    }
-                    Some(VERSION) => {}
-                    Some(1) => {
-                        migrate_v1(&w, path).map_err(|e| bad(&e))?;
-                        meta.insert("version", VERSION).map_err(|e| bad(&e))?;
-                    }
-                    Some(other) => {
-                        return Err(Error::RegistryVersion {
-                            path: path.into(),
-                            found: other,
-                            known: VERSION,
-                        })
-                    }
-                }
-                w.open_table(ENTRIES).map_err(|e| bad(&e))?;
-            }
-            w.commit().map_err(|e| bad(&e))?;
-        }
-        let r = db.begin_read().map_err(|e| bad(&e))?;
-        let t = r.open_table(ENTRIES).map_err(|e| bad(&e))?;
-        let mut reg = Registry::default();
-        for row in t.iter().map_err(|e| bad(&e))? {
-            let (k, v) = row.map_err(|e| bad(&e))?;
-            let (kind, key) = k.value();
-            let (kind, key) = (kind.to_string(), key.to_string());
-            let bytes = v.value();
-            let what = format!("entry {kind}/{key}");
-            let de_err = |e: serde_json::Error| bad(&format!("{what}: {e}"));
-            match kind.as_str() {
-                "agent" => {
-                    reg.agents
-                        .insert(key, serde_json::from_slice(bytes).map_err(de_err)?);
-                }
-                "framework" => {
-                    reg.frameworks
-                        .insert(key, serde_json::from_slice(bytes).map_err(de_err)?);
-                }
-                "removed" => {
-                    reg.removed_frameworks
-                        .insert(key, serde_json::from_slice(bytes).map_err(de_err)?);
-                }
-                "weight" => {
-                    reg.weights
-                        .insert(key, serde_json::from_slice(bytes).map_err(de_err)?);
-                }
-                "quota" => {
-                    reg.quotas
-                        .insert(key, serde_json::from_slice(bytes).map_err(de_err)?);
-                }
-                "reservations" => {
-                    reg.reservations
-                        .insert(key, serde_json::from_slice(bytes).map_err(de_err)?);
-                }
-                "state" => {
-                    let Some((fid, k)) = key.split_once('\0') else {
-                        return Err(bad(&format!("{what}: no framework/key separator")));
-                    };
-                    reg.framework_state
-                        .entry(fid.to_string())
-                        .or_default()
-                        .insert(k.to_string(), bytes.to_vec());
-                }
-                "lost" => {
-                    let Some((fid, tid)) = key.split_once('\0') else {
-                        return Err(bad(&format!("{what}: no framework/task separator")));
-                    };
-                    reg.lost_tasks.insert(
-                        (fid.to_string(), tid.to_string()),
-                        serde_json::from_slice(bytes).map_err(de_err)?,
-                    );
-                }
-                other => tracing::warn!("master registry: ignoring unknown entry kind {other}"),
-            }
-        }
-        Ok(reg)
+    /// The open file.
+    pub fn database(&self) -> Arc<Database> {
+        self.db.clone()
     }
 
     /// Writes `ops` in one durable transaction (fsync before it returns).
@@ -210,69 +122,216 @@ impl RegistryStore {
         if ops.is_empty() {
             return Ok(());
         }
-        let path = self.path.clone();
         let err = |e: &dyn std::fmt::Display| Error::RegistryWrite {
-            path: path.clone(),
+            path: self.path.clone(),
             cause: e.to_string(),
         };
-        let before: Vec<String> = self.state.removed_frameworks.keys().cloned().collect();
-        let lost_before: Vec<(String, String)> = self.state.lost_tasks.keys().cloned().collect();
-        for op in ops {
-            self.state.apply(op);
-        }
         let w = self.db.begin_write().map_err(|e| err(&e))?;
-        {
-            let mut t = w.open_table(ENTRIES).map_err(|e| err(&e))?;
-            for op in ops {
-                let (kind, key, value) = entry_of(op);
-                match value {
-                    Some(v) => {
-                        t.insert((kind, key.as_str()), v.as_slice())
-                            .map_err(|e| err(&e))?;
-                    }
-                    None => {
-                        t.remove((kind, key.as_str())).map_err(|e| err(&e))?;
-                    }
-                }
-                if let RegistryOp::RemoveFramework { framework_id, .. } = op {
-                    t.remove(("framework", framework_id.as_str()))
-                        .map_err(|e| err(&e))?;
-                    // Its state goes with it.
-                    let prefix = format!("{framework_id}\0");
-                    let keys: Vec<String> = t
-                        .range(("state", prefix.as_str())..)
-                        .map_err(|e| err(&e))?
-                        .map_while(|row| {
-                            let (k, _) = row.ok()?;
-                            let (kind, key) = k.value();
-                            (kind == "state" && key.starts_with(&prefix)).then(|| key.to_string())
-                        })
-                        .collect();
-                    for k in keys {
-                        t.remove(("state", k.as_str())).map_err(|e| err(&e))?;
-                    }
-                }
-                if let RegistryOp::RemoveAgent { agent_id } = op {
-                    t.remove(("reservations", agent_id.as_str()))
-                        .map_err(|e| err(&e))?;
-                }
-            }
-            // Removed ids the bound pushed out of the set leave the file too.
-            for id in before {
-                if !self.state.removed_frameworks.contains_key(&id) {
-                    t.remove(("removed", id.as_str())).map_err(|e| err(&e))?;
-                }
-            }
-            for k in lost_before {
-                if !self.state.lost_tasks.contains_key(&k) {
-                    let key = format!("{}\0{}", k.0, k.1);
-                    t.remove(("lost", key.as_str())).map_err(|e| err(&e))?;
-                }
-            }
-        }
+        apply_ops(&w, &mut self.state, ops).map_err(|e| err(&e))?;
         w.commit().map_err(|e| err(&e))?;
         Ok(())
     }
+}
+
+/// Opens (or creates) `<dir>/registry.redb` at the current layout, migrating older
+/// layouts in place.
+pub(crate) fn open_file(dir: &Path) -> Result<(Arc<Database>, PathBuf)> {
+    std::fs::create_dir_all(dir).map_err(|cause| Error::DataDir {
+        path: dir.into(),
+        cause,
+    })?;
+    let path = dir.join(FILE);
+    let db = Database::create(&path).map_err(|cause| Error::RegistryOpen {
+        path: path.clone(),
+        cause,
+    })?;
+    let bad = |e: &dyn std::fmt::Display| Error::RegistryUnreadable {
+        path: path.clone(),
+        cause: e.to_string(),
+    };
+    let w = db.begin_write().map_err(|e| bad(&e))?;
+    {
+        let mut meta = w.open_table(META).map_err(|e| bad(&e))?;
+        let v = meta.get("version").map_err(|e| bad(&e))?.map(|g| g.value());
+        match v {
+            None | Some(2) => {}
+            Some(VERSION) => {}
+            Some(1) => migrate_v1(&w, &path).map_err(|e| bad(&e))?,
+            Some(other) => {
+                return Err(Error::RegistryVersion {
+                    path,
+                    found: other,
+                    known: VERSION,
+                })
+            }
+        }
+        // Layout 2 to 3 adds the Raft tables (created by `raft::store`); the
+        // entries become the state machine as they are.
+        meta.insert("version", VERSION).map_err(|e| bad(&e))?;
+        w.open_table(ENTRIES).map_err(|e| bad(&e))?;
+    }
+    w.commit().map_err(|e| bad(&e))?;
+    Ok((Arc::new(db), path))
+}
+
+/// Reads the whole registry from the file.
+pub(crate) fn read(db: &Database, path: &Path) -> Result<Registry> {
+    let bad = |e: &dyn std::fmt::Display| Error::RegistryUnreadable {
+        path: path.into(),
+        cause: e.to_string(),
+    };
+    let r = db.begin_read().map_err(|e| bad(&e))?;
+    let t = r.open_table(ENTRIES).map_err(|e| bad(&e))?;
+    let mut reg = Registry::default();
+    for row in t.iter().map_err(|e| bad(&e))? {
+        let (k, v) = row.map_err(|e| bad(&e))?;
+        let (kind, key) = k.value();
+        read_entry(&mut reg, kind, key, v.value()).map_err(|e| bad(&e))?;
+    }
+    Ok(reg)
+}
+
+/// Adds one row of the entries table to `reg`.
+fn read_entry(reg: &mut Registry, kind: &str, key: &str, bytes: &[u8]) -> Result<(), String> {
+    let key = key.to_string();
+    let what = format!("entry {kind}/{key}");
+    let de_err = |e: serde_json::Error| format!("{what}: {e}");
+    match kind {
+        "agent" => {
+            reg.agents
+                .insert(key, serde_json::from_slice(bytes).map_err(de_err)?);
+        }
+        "framework" => {
+            reg.frameworks
+                .insert(key, serde_json::from_slice(bytes).map_err(de_err)?);
+        }
+        "removed" => {
+            reg.removed_frameworks
+                .insert(key, serde_json::from_slice(bytes).map_err(de_err)?);
+        }
+        "weight" => {
+            reg.weights
+                .insert(key, serde_json::from_slice(bytes).map_err(de_err)?);
+        }
+        "quota" => {
+            reg.quotas
+                .insert(key, serde_json::from_slice(bytes).map_err(de_err)?);
+        }
+        "reservations" => {
+            reg.reservations
+                .insert(key, serde_json::from_slice(bytes).map_err(de_err)?);
+        }
+        "state" => {
+            let Some((fid, k)) = key.split_once('\0') else {
+                return Err(format!("{what}: no framework/key separator"));
+            };
+            reg.framework_state
+                .entry(fid.to_string())
+                .or_default()
+                .insert(k.to_string(), bytes.to_vec());
+        }
+        "lost" => {
+            let Some((fid, tid)) = key.split_once('\0') else {
+                return Err(format!("{what}: no framework/task separator"));
+            };
+            reg.lost_tasks.insert(
+                (fid.to_string(), tid.to_string()),
+                serde_json::from_slice(bytes).map_err(de_err)?,
+            );
+        }
+        other => tracing::warn!("master registry: ignoring unknown entry kind {other}"),
+    }
+    Ok(())
+}
+
+/// Every row of the entries table, in key order: what a Raft snapshot carries.
+pub(crate) fn dump_entries(
+    r: &redb::ReadTransaction,
+) -> Result<Vec<(String, String, Vec<u8>)>, redb::Error> {
+    let t = r.open_table(ENTRIES)?;
+    let mut rows = Vec::new();
+    for row in t.iter()? {
+        let (k, v) = row?;
+        let (kind, key) = k.value();
+        rows.push((kind.to_string(), key.to_string(), v.value().to_vec()));
+    }
+    Ok(rows)
+}
+
+/// Replaces the entries table with `rows` (a Raft snapshot being installed) and
+/// returns the registry they hold.
+pub(crate) fn replace_entries(
+    w: &WriteTransaction,
+    rows: &[(String, String, Vec<u8>)],
+) -> Result<Registry, String> {
+    let mut t = w.open_table(ENTRIES).map_err(|e| e.to_string())?;
+    t.retain(|_, _| false).map_err(|e| e.to_string())?;
+    let mut reg = Registry::default();
+    for (kind, key, value) in rows {
+        read_entry(&mut reg, kind, key, value)?;
+        t.insert((kind.as_str(), key.as_str()), value.as_slice())
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(reg)
+}
+
+/// Applies `ops` to `state` and writes what changes to the entries table in `w`;
+/// the one way the registry's file changes, for a direct commit and for the Raft
+/// state machine alike.
+pub(crate) fn apply_ops(
+    w: &WriteTransaction,
+    state: &mut Registry,
+    ops: &[RegistryOp],
+) -> Result<(), redb::Error> {
+    let before: Vec<String> = state.removed_frameworks.keys().cloned().collect();
+    let lost_before: Vec<(String, String)> = state.lost_tasks.keys().cloned().collect();
+    for op in ops {
+        state.apply(op);
+    }
+    let mut t = w.open_table(ENTRIES)?;
+    for op in ops {
+        let (kind, key, value) = entry_of(op);
+        match value {
+            Some(v) => {
+                t.insert((kind, key.as_str()), v.as_slice())?;
+            }
+            None => {
+                t.remove((kind, key.as_str()))?;
+            }
+        }
+        if let RegistryOp::RemoveFramework { framework_id, .. } = op {
+            t.remove(("framework", framework_id.as_str()))?;
+            // Its state goes with it.
+            let prefix = format!("{framework_id}\0");
+            let keys: Vec<String> = t
+                .range(("state", prefix.as_str())..)?
+                .map_while(|row| {
+                    let (k, _) = row.ok()?;
+                    let (kind, key) = k.value();
+                    (kind == "state" && key.starts_with(&prefix)).then(|| key.to_string())
+                })
+                .collect();
+            for k in keys {
+                t.remove(("state", k.as_str()))?;
+            }
+        }
+        if let RegistryOp::RemoveAgent { agent_id } = op {
+            t.remove(("reservations", agent_id.as_str()))?;
+        }
+    }
+    // Removed ids the bound pushed out of the set leave the file too.
+    for id in before {
+        if !state.removed_frameworks.contains_key(&id) {
+            t.remove(("removed", id.as_str()))?;
+        }
+    }
+    for k in lost_before {
+        if !state.lost_tasks.contains_key(&k) {
+            let key = format!("{}\0{}", k.0, k.1);
+            t.remove(("lost", key.as_str()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Layout 1 to 2: the functions the master's built-in functions framework kept as
@@ -573,7 +632,7 @@ mod tests {
             ("acme", 4, 8, 500)
         );
         assert_eq!(reg.weights["eng"], 3.0, "the rest is read as before");
-        // Migrated once: the file now has layout 2.
+        // Migrated once: the file now has layout 3.
         let (_, again) = RegistryStore::open(dir.path()).unwrap();
         assert_eq!(again, reg);
     }
