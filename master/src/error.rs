@@ -70,6 +70,12 @@ pub enum Error {
         found: String,
         expected: String,
     },
+    #[error("starting the master's Raft node on {}: {cause}", .path.display())]
+    RaftStart { path: PathBuf, cause: String },
+    #[error("this master does not lead the group: {cause}")]
+    NotLeading { cause: String },
+    #[error("the group did not commit a registry change: {cause}")]
+    RaftWrite { cause: String },
     /// A peer opened a stream this master does not know.
     #[error("stream opened with an unknown kind (newer client?)")]
     UnknownStream,

@@ -4,7 +4,7 @@
 //! Every peer's outgoing messages go through a bounded channel; a peer too slow to
 //! drain it is disconnected rather than allowed to grow our memory.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,17 +18,25 @@ use agora_proto::v1::{
     OperatorResponse, SandboxData, SandboxRead, StreamOpen,
 };
 use agora_proto::Resources;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::artifacts::ArtifactStore;
 use crate::error::{Error, Result};
-use crate::registry::{Registry, RegistryStore};
+use crate::raft::group::{self, Node};
+use crate::raft::store::Owner;
+use crate::raft::types::MasterNode;
+use crate::registry::{Registry, RegistryOp};
 use agora_master_core::{ConnId, CoreConfig, Input, MasterCore, OperatorOp, Output, Refused};
 
 /// Messages queued to one peer before it counts as stuck and is disconnected.
 const PEER_QUEUE: usize = 4096;
 /// Largest read an operator may ask of a sandbox file in one request.
 const MAX_READ: u32 = 1024 * 1024;
+/// A proposal to the group carries the ops of held outputs up to about this many
+/// bytes (at least one input's ops, whatever their size).
+const MAX_BATCH_BYTES: usize = 1024 * 1024;
+/// How long a starting master waits to lead its group.
+const LEAD_WAIT: Duration = Duration::from_secs(30);
 
 pub struct MasterConfig {
     pub bind: SocketAddr,
@@ -63,13 +71,87 @@ enum Out<M> {
 
 struct Shared {
     core: MasterCore,
-    registry: RegistryStore,
     agents: HashMap<ConnId, (mpsc::Sender<Out<MasterToAgent>>, quinn::Connection)>,
     schedulers: HashMap<ConnId, mpsc::Sender<Out<Event>>>,
     /// Times every timeout of the core (see `agora_master_core::Now`).
     clock: Monotonic,
     /// Numbers operator requests, to find each one's answer among the outputs.
     next_request: u64,
+    /// Outputs waiting for their registry ops (or those of an earlier input) to be
+    /// committed, in the order the core made them.
+    outbox: Outbox,
+    /// Wakes the committer when the outbox has ops to propose.
+    kick: Arc<Notify>,
+}
+
+/// The outputs of one input of the core, held until what the registry must remember
+/// of it (and of every input before it) is committed by the group.
+struct Held {
+    seq: u64,
+    ops: Vec<RegistryOp>,
+    outs: Vec<Output>,
+    proposed: bool,
+    done: Option<oneshot::Sender<()>>,
+}
+
+/// The held outputs, oldest first, each numbered.
+#[derive(Default)]
+struct Outbox {
+    held: VecDeque<Held>,
+    next_seq: u64,
+}
+
+impl Outbox {
+    fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// Holds `outs` behind everything held before; the receiver fires once they
+    /// have been released.
+    fn hold(&mut self, ops: Vec<RegistryOp>, outs: Vec<Output>) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.next_seq += 1;
+        self.held.push_back(Held {
+            seq: self.next_seq,
+            ops,
+            outs,
+            proposed: false,
+            done: Some(tx),
+        });
+        rx
+    }
+
+    /// Marks the entries not yet proposed as proposed and returns their ops (up to
+    /// about `MAX_BATCH_BYTES`, and at least one entry's) with the last one's number.
+    fn take_batch(&mut self) -> Option<(Vec<RegistryOp>, u64)> {
+        let mut ops = Vec::new();
+        let mut bytes = 0;
+        let mut last = None;
+        for h in self.held.iter_mut().filter(|h| !h.proposed) {
+            let size: usize = h.ops.iter().map(op_size).sum();
+            if last.is_some() && bytes + size > MAX_BATCH_BYTES {
+                break;
+            }
+            bytes += size;
+            h.proposed = true;
+            ops.extend(h.ops.iter().cloned());
+            last = Some(h.seq);
+        }
+        last.map(|seq| (ops, seq))
+    }
+
+    /// Takes out, in order, the entries whose ops are committed (numbers up to
+    /// `committed`) and the entries without ops that waited only for them.
+    fn release(&mut self, committed: u64) -> Vec<Held> {
+        let mut out = Vec::new();
+        while let Some(h) = self.held.front() {
+            if h.seq > committed && !h.ops.is_empty() {
+                break;
+            }
+            out.extend(self.held.pop_front());
+        }
+        out
+    }
 }
 
 impl Shared {
@@ -79,35 +161,36 @@ impl Shared {
         self.dispatch(outs);
     }
 
-    /// Runs an operator's request through the core and returns its answer (after the
-    /// outputs it caused are on their way).
-    fn operate(&mut self, op: OperatorOp) -> Result<(), Refused> {
-        self.next_request += 1;
-        let request = self.next_request;
-        let outs = self
-            .core
-            .handle(Input::Operator { request, op }, self.clock.read());
-        let answer = outs.iter().find_map(|o| match o {
-            Output::OperatorDone { request: r, result } if *r == request => Some(result.clone()),
-            _ => None,
-        });
-        self.dispatch(outs);
-        match answer {
-            Some(r) => r,
-            None => Err("the master did not answer the request (a bug: please report it)".into()),
+    /// Sends `outs` at once when they change nothing the registry keeps and nothing
+    /// is held before them; otherwise holds them until the group has committed their
+    /// ops ("durable before visible": a SUBSCRIBED, an offer of re-registered
+    /// resources or a stored state is never seen before a quorum keeps what it
+    /// implies). The receiver fires when they have been sent.
+    fn dispatch(&mut self, outs: Vec<Output>) -> Option<oneshot::Receiver<()>> {
+        let ops = self.core.take_registry_ops();
+        if ops.is_empty() && self.outbox.is_empty() {
+            self.send(outs);
+            return None;
+        }
+        let has_ops = !ops.is_empty();
+        let sent = self.outbox.hold(ops, outs);
+        if has_ops {
+            self.kick.notify_one();
+        }
+        Some(sent)
+    }
+
+    /// Sends what the commit of every op up to `committed` releases.
+    fn release(&mut self, committed: u64) {
+        for mut h in self.outbox.release(committed) {
+            self.send(std::mem::take(&mut h.outs));
+            if let Some(done) = h.done.take() {
+                let _ = done.send(());
+            }
         }
     }
 
-    fn dispatch(&mut self, outs: Vec<Output>) {
-        // What the registry must remember is on disk before anything that follows
-        // from it is sent (a SUBSCRIBED, an offer of re-registered resources).
-        let ops = self.core.take_registry_ops();
-        if let Err(e) = self.registry.commit(&ops) {
-            // A master that cannot keep its registry would forget frameworks and
-            // agents on its next restart; stop rather than carry on (as Mesos does).
-            tracing::error!("{e:#}; the master stops: fix the data dir (disk full? permissions?) and start it again");
-            std::process::exit(70);
-        }
+    fn send(&mut self, outs: Vec<Output>) {
         for o in outs {
             match o {
                 Output::ToAgent(c, m) => {
@@ -151,21 +234,62 @@ impl Shared {
     }
 }
 
+/// Roughly what an op adds to a proposal, to keep batches near `MAX_BATCH_BYTES`.
+fn op_size(op: &RegistryOp) -> usize {
+    match op {
+        // Bytes travel as JSON numbers: up to four characters a byte.
+        RegistryOp::PutFrameworkState { key, value, .. } => 128 + key.len() + 4 * value.len(),
+        _ => 256,
+    }
+}
+
+/// Proposes what the outbox holds, one proposal at a time (so batches grow under
+/// load), and releases held outputs as their ops are committed.
+async fn committer(shared: Arc<Mutex<Shared>>, node: Node, kick: Arc<Notify>) {
+    loop {
+        kick.notified().await;
+        loop {
+            let batch = shared
+                .lock()
+                .expect("master state lock")
+                .outbox
+                .take_batch();
+            let Some((ops, last)) = batch else {
+                break;
+            };
+            if let Err(e) = node.write(ops).await {
+                // A master that cannot keep its registry would forget frameworks and
+                // agents; stop rather than carry on (as Mesos does).
+                tracing::error!(
+                    "{e}; the master stops: fix the data dir (disk full? permissions?) and start it again"
+                );
+                std::process::exit(70);
+            }
+            shared.lock().expect("master state lock").release(last);
+        }
+    }
+}
+
 /// A running master.
 pub struct MasterHandle {
     pub addr: SocketAddr,
     endpoint: quinn::Endpoint,
+    node: Node,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl MasterHandle {
-    /// Stops accepting, closes every connection and waits briefly for them to go.
+    /// Stops accepting, closes every connection and waits briefly for them to go,
+    /// then stops the Raft node (its file is free once this returns).
     pub async fn shutdown(self) {
         self.endpoint.close(0u32.into(), b"master shutting down");
         for t in &self.tasks {
             t.abort();
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        if let Err(e) = self.node.raft.shutdown().await {
+            tracing::warn!("stopping the master's Raft node: {e}");
+        }
     }
 }
 
@@ -174,14 +298,34 @@ pub async fn start(cfg: MasterConfig) -> Result<MasterHandle> {
     let endpoint = tls::server_endpoint(cfg.bind, &cfg.identity)?;
     let addr = endpoint.local_addr()?;
     let clock = Monotonic::new();
-    let mut core = MasterCore::new(cfg.core.clone());
-    let (registry, recovered) = RegistryStore::open(&cfg.data_dir)?;
+    // A group of one for now: this master, under id 1.
+    let owner = Owner {
+        cluster: cfg.identity.cluster().to_string(),
+        node: 1,
+    };
+    let members = BTreeMap::from([(
+        owner.node,
+        MasterNode {
+            quic: addr.to_string(),
+            http: String::new(),
+        },
+    )]);
+    let node = group::start(&cfg.data_dir, &owner, members, group::NoPeers).await?;
+    let term = node.wait_leading(LEAD_WAIT).await?;
+    // Ids the core hands out carry the term and this master's id, so that no two
+    // leaders (or two incarnations of one) hand out the same id.
+    let mut core = MasterCore::new(CoreConfig {
+        id_prefix: format!("{}.{term:x}.{}", cfg.core.id_prefix, node.id),
+        ..cfg.core.clone()
+    });
+    let recovered = node.sm.registry();
     if recovered != Registry::default() {
         tracing::info!(
             agents = recovered.agents.len(),
             frameworks = recovered.frameworks.len(),
+            term,
             "recovering the master registry from {}",
-            cfg.data_dir.join(crate::registry::FILE).display()
+            node.sm.path().display()
         );
         core.handle(
             Input::Recover {
@@ -193,15 +337,18 @@ pub async fn start(cfg: MasterConfig) -> Result<MasterHandle> {
     for sha in store.list()? {
         core.handle(Input::ArtifactStored { sha256: sha }, clock.read());
     }
+    let kick = Arc::new(Notify::new());
     let shared = Arc::new(Mutex::new(Shared {
         core,
-        registry,
         agents: HashMap::new(),
         schedulers: HashMap::new(),
         clock,
         next_request: 0,
+        outbox: Outbox::default(),
+        kick: kick.clone(),
     }));
     let next_conn = Arc::new(AtomicU64::new(1));
+    let shared_for_committer = shared.clone();
     let mut tasks = Vec::new();
     let functions = cfg.functions.clone();
 
@@ -234,12 +381,15 @@ pub async fn start(cfg: MasterConfig) -> Result<MasterHandle> {
             }
         })
     };
-    tracing::info!(%addr, "master listening (QUIC)");
+    let committer = tokio::spawn(committer(shared_for_committer, node.clone(), kick));
+    tracing::info!(%addr, term, "master listening (QUIC), leading its group");
     tasks.push(ticker);
     tasks.push(acceptor);
+    tasks.push(committer);
     Ok(MasterHandle {
         addr,
         endpoint,
+        node,
         tasks,
     })
 }
@@ -259,6 +409,36 @@ type Recv = quinn::RecvStream;
 impl Ctx {
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
         self.shared.lock().expect("master state lock")
+    }
+
+    /// Runs an operator's request through the core and returns its answer once
+    /// what it changed is committed and the outputs it caused are on their way.
+    async fn operate(&self, op: OperatorOp) -> Result<(), Refused> {
+        let (answer, sent) = {
+            let mut s = self.lock();
+            s.next_request += 1;
+            let request = s.next_request;
+            let now = s.clock.read();
+            let outs = s.core.handle(Input::Operator { request, op }, now);
+            let answer = outs.iter().find_map(|o| match o {
+                Output::OperatorDone { request: r, result } if *r == request => {
+                    Some(result.clone())
+                }
+                _ => None,
+            });
+            (answer, s.dispatch(outs))
+        };
+        if let Some(sent) = sent {
+            if sent.await.is_err() {
+                return Err(Refused(
+                    "the master stopped leading before the change was committed; it may or may not have taken effect: check, and retry".into(),
+                ));
+            }
+        }
+        match answer {
+            Some(r) => r,
+            None => Err("the master did not answer the request (a bug: please report it)".into()),
+        }
     }
 
     async fn serve_connection(self, conn: quinn::Connection) {
@@ -512,17 +692,19 @@ impl Ctx {
                 ..Default::default()
             },
             Some(operator_request::Request::Kill(k)) => {
-                let r = self.lock().operate(OperatorOp::Kill { task_id: k.task_id });
+                let r = self.operate(OperatorOp::Kill { task_id: k.task_id }).await;
                 OperatorResponse {
                     error: r.err().map(|e| e.0).unwrap_or_default(),
                     ..Default::default()
                 }
             }
             Some(operator_request::Request::SetWeight(w)) => {
-                let r = self.lock().operate(OperatorOp::SetWeight {
-                    role: w.role,
-                    weight: w.weight,
-                });
+                let r = self
+                    .operate(OperatorOp::SetWeight {
+                        role: w.role,
+                        weight: w.weight,
+                    })
+                    .await;
                 OperatorResponse {
                     error: r.err().map(|e| e.0).unwrap_or_default(),
                     ..Default::default()
@@ -532,11 +714,14 @@ impl Ctx {
                 let parsed = Resources::from_proto(&q.guarantee)
                     .and_then(|g| Resources::from_proto(&q.limit).map(|l| (g, l)));
                 let r = match parsed {
-                    Ok((guarantee, limit)) => self.lock().operate(OperatorOp::SetQuota {
-                        role: q.role.clone(),
-                        guarantee,
-                        limit,
-                    }),
+                    Ok((guarantee, limit)) => {
+                        self.operate(OperatorOp::SetQuota {
+                            role: q.role.clone(),
+                            guarantee,
+                            limit,
+                        })
+                        .await
+                    }
                     Err(e) => Err(Refused(format!("bad quota resources: {e}"))),
                 };
                 OperatorResponse {
@@ -842,4 +1027,65 @@ async fn write_out_batch<M: prost::Message>(
         }
     }
     batch.write_to(send).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn weight(role: &str) -> RegistryOp {
+        RegistryOp::SetWeight {
+            role: role.into(),
+            weight: 2.0,
+        }
+    }
+
+    fn note(conn: ConnId) -> Vec<Output> {
+        vec![Output::CloseScheduler(conn, format!("output {conn}"))]
+    }
+
+    fn conns(held: &[Held]) -> Vec<ConnId> {
+        held.iter()
+            .flat_map(|h| &h.outs)
+            .map(|o| match o {
+                Output::CloseScheduler(c, _) => *c,
+                _ => unreachable!(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn outputs_leave_in_order_and_only_once_what_precedes_them_is_committed() {
+        let mut o = Outbox::default();
+        o.hold(vec![weight("a")], note(1));
+        o.hold(vec![], note(2)); // no ops, but behind 1
+        let (ops, first) = o.take_batch().unwrap();
+        assert_eq!(ops, vec![weight("a")]);
+        o.hold(vec![weight("b")], note(3));
+        o.hold(vec![], note(4));
+        assert!(conns(&o.release(0)).is_empty(), "nothing committed yet");
+        assert_eq!(conns(&o.release(first)), [1, 2], "3 is not committed");
+        let (ops, second) = o.take_batch().unwrap();
+        assert_eq!(ops, vec![weight("b")]);
+        assert!(o.take_batch().is_none(), "everything is proposed");
+        assert_eq!(conns(&o.release(second)), [3, 4]);
+        assert!(o.is_empty());
+    }
+
+    #[test]
+    fn a_batch_stops_near_its_size_but_always_carries_one_entry() {
+        let big = |n: usize| RegistryOp::PutFrameworkState {
+            framework_id: "f".into(),
+            key: "k".into(),
+            value: vec![7; n],
+        };
+        let mut o = Outbox::default();
+        o.hold(vec![big(MAX_BATCH_BYTES)], note(1));
+        o.hold(vec![big(10)], note(2));
+        o.hold(vec![big(10)], note(3));
+        let (ops, last) = o.take_batch().unwrap();
+        assert_eq!((ops.len(), last), (1, 1), "the oversized entry goes alone");
+        let (ops, last) = o.take_batch().unwrap();
+        assert_eq!((ops.len(), last), (2, 3), "small ones go together");
+    }
 }

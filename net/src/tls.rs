@@ -371,6 +371,8 @@ fn check_ca_matches_key(
 /// A loaded identity: CA certificate(s) to trust, our certificate chain and private key.
 pub struct Identity {
     roots: Arc<RootCertStore>,
+    /// sha256 (hex) of the cluster CA certificate(s) this identity trusts.
+    cluster: String,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 }
@@ -379,6 +381,7 @@ impl Clone for Identity {
     fn clone(&self) -> Self {
         Identity {
             roots: self.roots.clone(),
+            cluster: self.cluster.clone(),
             chain: self.chain.clone(),
             key: self.key.clone_key(),
         }
@@ -399,6 +402,14 @@ impl Identity {
     /// Errors name the file that is missing or unreadable and suggest `agora certs init DIR`.
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Identity> {
         let roots = load_roots(ca)?;
+        let cluster = {
+            use sha2::Digest;
+            let mut h = sha2::Sha256::new();
+            for c in load_certs(ca, "CA certificate")? {
+                h.update(c.as_ref());
+            }
+            hex::encode(h.finalize())
+        };
         let chain = load_certs(cert, "certificate")?;
         let key_bytes = read_file(key, "private key")?;
         let key = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| {
@@ -409,6 +420,7 @@ impl Identity {
         })?;
         Ok(Identity {
             roots: Arc::new(roots),
+            cluster,
             chain,
             key,
         })
@@ -416,6 +428,13 @@ impl Identity {
 
     pub fn from_cert_dir(dir: &CertDir, role: Role) -> Result<Identity> {
         Identity::load(&dir.ca(), &dir.cert(role), &dir.key(role))
+    }
+
+    /// Names the cluster this identity belongs to: the sha256 (hex) of its CA
+    /// certificate. Masters write it into their Raft log, so a data dir of another
+    /// cluster is refused.
+    pub fn cluster(&self) -> &str {
+        &self.cluster
     }
 
     /// The role our own certificate names, if any.

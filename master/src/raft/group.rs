@@ -1,0 +1,208 @@
+//! Starting a master's Raft node and knowing when it may serve.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::{RaftNetworkFactory, ServerState, SnapshotPolicy};
+
+use super::store::{self, Owner, RegistrySm};
+use super::types::*;
+use crate::error::{Error, Result};
+
+/// Heartbeats from the leader, in ms.
+pub const HEARTBEAT_MS: u64 = 100;
+/// A follower that hears no leader for a draw in this range (ms) stands for election.
+pub const ELECTION_MIN_MS: u64 = 300;
+pub const ELECTION_MAX_MS: u64 = 600;
+
+/// The group's Raft settings (docs/plans/replicated-masters.md §2 gives the
+/// measurements behind them): about one second from a leader's death to the next
+/// leader, with pre-vote so that a restarted or cut-off master cannot depose a
+/// healthy leader, and a leader that hears no quorum for `ELECTION_MAX_MS` refuses
+/// writes.
+pub fn config() -> openraft::Config {
+    openraft::Config {
+        cluster_name: "agora-masters".into(),
+        heartbeat_interval: HEARTBEAT_MS,
+        election_timeout_min: ELECTION_MIN_MS,
+        election_timeout_max: ELECTION_MAX_MS,
+        enable_pre_vote: Some(true),
+        quorum_loss_probe_interval: Some(2 * ELECTION_MAX_MS),
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(5000),
+        max_in_snapshot_log_to_keep: 1000,
+        // A batch of registry ops is at most about 1 MiB; 32 of them stay well under
+        // the 64 MiB a Raft frame may carry.
+        max_payload_entries: 32,
+        ..Default::default()
+    }
+}
+
+/// A master's Raft node, with its state machine (the registry).
+#[derive(Clone)]
+pub struct Node {
+    pub id: u64,
+    pub raft: Raft,
+    pub sm: RegistrySm,
+}
+
+/// Opens this master's log and state machine in `data_dir` and starts its Raft
+/// node. A node whose log is empty and that is alone in `members` initializes a
+/// group of one; larger groups are bootstrapped by the caller.
+pub async fn start<N>(
+    data_dir: &Path,
+    owner: &Owner,
+    members: BTreeMap<u64, MasterNode>,
+    network: N,
+) -> Result<Node>
+where
+    N: RaftNetworkFactory<Agora>,
+    N::Network: openraft::network::NetSnapshot<Agora, SnapshotData = SnapshotData>,
+{
+    let (log, sm) = store::open(data_dir, owner)?;
+    let path = log.path().to_path_buf();
+    let config = Arc::new(config().validate().map_err(|e| Error::RaftStart {
+        path: path.clone(),
+        cause: e.to_string(),
+    })?);
+    let raft = Raft::new(owner.node, config, network, log, sm.clone())
+        .await
+        .map_err(|e| Error::RaftStart {
+            path: path.clone(),
+            cause: e.to_string(),
+        })?;
+    let initialized = raft.is_initialized().await.map_err(|e| Error::RaftStart {
+        path: path.clone(),
+        cause: e.to_string(),
+    })?;
+    if !initialized && members.len() == 1 && members.contains_key(&owner.node) {
+        raft.initialize(members)
+            .await
+            .map_err(|e| Error::RaftStart {
+                path: path.clone(),
+                cause: e.to_string(),
+            })?;
+    }
+    Ok(Node {
+        id: owner.node,
+        raft,
+        sm,
+    })
+}
+
+impl Node {
+    /// Waits until this node leads and has applied an entry of its own term: from
+    /// then on, everything earlier leaders committed is in its registry, and its
+    /// writes are accepted. Returns the term. Gives up after `limit`.
+    pub async fn wait_leading(&self, limit: Duration) -> Result<u64> {
+        let mut rx = self.raft.metrics();
+        let ready = async {
+            loop {
+                {
+                    let m = rx.borrow_watched();
+                    if m.state == ServerState::Leader
+                        && m.last_applied
+                            .is_some_and(|l| l.leader_id.term == m.current_term)
+                    {
+                        return Ok(m.current_term);
+                    }
+                    if let Err(e) = &m.running_state {
+                        return Err(e.to_string());
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    return Err("the Raft node stopped".to_string());
+                }
+            }
+        };
+        match tokio::time::timeout(limit, ready).await {
+            Ok(Ok(term)) => Ok(term),
+            Ok(Err(cause)) => Err(Error::NotLeading { cause }),
+            Err(_) => Err(Error::NotLeading {
+                cause: format!("it did not become the leader within {limit:?}"),
+            }),
+        }
+    }
+
+    /// Commits `ops` through the group: returns once a quorum holds them and this
+    /// node has applied them to its registry.
+    pub async fn write(&self, ops: Vec<agora_master_core::registry::RegistryOp>) -> Result<()> {
+        self.raft
+            .client_write(RegistryBatch(ops))
+            .await
+            .map(|_| ())
+            .map_err(|e| Error::RaftWrite {
+                cause: e.to_string(),
+            })
+    }
+}
+
+/// The network of a group of one: it has no peer to call. Should the membership
+/// name another master, every RPC to it fails as unreachable (and openraft backs
+/// off).
+#[derive(Clone, Default)]
+pub struct NoPeers;
+
+#[derive(Debug)]
+struct NoPeer(u64);
+
+impl std::fmt::Display for NoPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "master {} is not reachable from a group of one", self.0)
+    }
+}
+
+impl std::error::Error for NoPeer {}
+
+impl RaftNetworkFactory<Agora> for NoPeers {
+    type Network = NoPeerClient;
+
+    async fn new_client(&mut self, target: u64, _node: &MasterNode) -> NoPeerClient {
+        NoPeerClient(target)
+    }
+}
+
+pub struct NoPeerClient(u64);
+
+type RpcError = openraft::errors::RPCError<Agora>;
+
+impl openraft::network::v2::RaftNetworkV2<Agora> for NoPeerClient {
+    type SnapshotData = SnapshotData;
+
+    async fn append_entries(
+        &mut self,
+        _rpc: openraft::raft::AppendEntriesRequest<Agora>,
+        _option: openraft::network::RPCOption,
+    ) -> Result<openraft::raft::AppendEntriesResponse<Agora>, RpcError> {
+        Err(RpcError::Unreachable(openraft::errors::Unreachable::new(
+            &NoPeer(self.0),
+        )))
+    }
+
+    async fn vote(
+        &mut self,
+        _rpc: openraft::raft::VoteRequest<Agora>,
+        _option: openraft::network::RPCOption,
+    ) -> Result<openraft::raft::VoteResponse<Agora>, RpcError> {
+        Err(RpcError::Unreachable(openraft::errors::Unreachable::new(
+            &NoPeer(self.0),
+        )))
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        _vote: Vote,
+        _snapshot: Snapshot,
+        _cancel: impl std::future::Future<Output = openraft::errors::ReplicationClosed>
+            + openraft::OptionalSend
+            + 'static,
+        _option: openraft::network::RPCOption,
+    ) -> Result<openraft::raft::SnapshotResponse<Agora>, openraft::errors::StreamingError<Agora>>
+    {
+        Err(openraft::errors::StreamingError::Unreachable(
+            openraft::errors::Unreachable::new(&NoPeer(self.0)),
+        ))
+    }
+}
