@@ -21,6 +21,11 @@ pub enum Error {
     StreamClosed(#[from] quinn::ClosedStream),
     #[error(transparent)]
     Join(#[from] tokio::task::JoinError),
+    /// The agent was configured with no master address.
+    #[error(
+        "no master address: give the agent at least one with --master HOST:PORT[,HOST:PORT...]"
+    )]
+    NoMaster,
     /// The checkpoint file could not be read or written.
     #[error(transparent)]
     Storage(#[from] redb::Error),

@@ -44,7 +44,9 @@ const EXECUTOR_QUEUE: usize = 4096;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 pub struct AgentConfig {
-    pub master: SocketAddr,
+    /// Every master of the group (one for a single master); the agent registers with
+    /// whichever leads.
+    pub masters: Vec<SocketAddr>,
     pub identity: Identity,
     pub core: AgentCoreConfig,
     /// Program and leading arguments that start a wasm executor; the shell appends
@@ -681,8 +683,12 @@ impl Agent {
     }
 
     async fn master_session(&self) -> Result<()> {
-        let endpoint = tls::client_endpoint(self.cfg.master, &self.cfg.identity)?;
-        let conn = tls::connect(&endpoint, self.cfg.master).await?;
+        let first = *self.cfg.masters.first().ok_or(Error::NoMaster)?;
+        let endpoint = tls::client_endpoint(first, &self.cfg.identity)?;
+        let leader =
+            agora_net::leader::connect_leader(&endpoint, &self.cfg.masters, tls::CONNECT_TIMEOUT)
+                .await?;
+        let (conn, master) = (leader.conn, leader.addr);
         let (mut send, mut recv) = conn.open_bi().await?;
         let hello = self.lock().core.hello();
         write_frame(
@@ -736,7 +742,7 @@ impl Agent {
                         s.master_tx = Some(tx.clone());
                         s.master_conn = Some(conn.clone());
                     }
-                    tracing::info!(agent = %r.agent_id, "registered with the master at {}", self.cfg.master);
+                    tracing::info!(agent = %r.agent_id, "registered with the master at {master}");
                     let tx = tx.clone();
                     let every = Duration::from_millis(r.heartbeat_interval_ms.clamp(100, 60_000));
                     silence = (every * 5).max(Duration::from_secs(3));

@@ -164,7 +164,8 @@ pub struct MasterArgs {
 
 #[derive(Args)]
 pub struct AgentArgs {
-    /// The master's address, host:port.
+    /// The masters' addresses, host:port, separated by commas (every master of a
+    /// replicated group: the agent registers with whichever leads, and follows it).
     #[arg(long, env = "AGORA_MASTER")]
     master: String,
     /// Directory made by `agora certs init` (uses ca.pem, agent.pem, agent.key).
@@ -249,6 +250,7 @@ pub fn certs(cmd: CertsCmd) -> anyhow::Result<ExitCode> {
 fn client_config(cd: &CertDir, master: &str) -> ClientConfig {
     ClientConfig {
         master: master.to_string(),
+        masters: Vec::new(),
         ca: cd.ca(),
         cert: cd.cert(Role::Client),
         key: cd.key(Role::Client),
@@ -465,7 +467,7 @@ async fn start_master(
 
 #[allow(clippy::too_many_arguments)]
 async fn start_agent(
-    master: SocketAddr,
+    masters: Vec<SocketAddr>,
     id: Identity,
     work_dir: &Path,
     res: Resources,
@@ -490,7 +492,7 @@ async fn start_agent(
         reregister_timeout_ms: recovery_timeout_ms.min(10_000),
     };
     Ok(agora_agent::server::start(AgentConfig {
-        master,
+        masters,
         identity: id,
         core,
         executor_command: executor_command("wasm")?,
@@ -636,7 +638,7 @@ impl DevCluster {
         )
         .await?;
         let agent = start_agent(
-            master.addr,
+            vec![master.addr],
             Identity::from_cert_dir(&cd, Role::Agent)?,
             &data_dir.join("agent"),
             res.clone(),
@@ -830,11 +832,15 @@ pub async fn master(a: MasterArgs) -> anyhow::Result<ExitCode> {
 
 pub async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
     let cd = CertDir::new(&a.certs);
-    let master = tls::resolve(&a.master)?;
+    let masters = a
+        .master
+        .split(',')
+        .map(tls::resolve)
+        .collect::<Result<Vec<_>, _>>()?;
     let res = resources(&a.resources)?;
     let attrs = parse_attributes(&a.attributes)?;
     let agent = start_agent(
-        master,
+        masters,
         Identity::from_cert_dir(&cd, Role::Agent)?,
         &a.work_dir,
         res.clone(),
@@ -851,7 +857,7 @@ pub async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
         }),
     )
     .await?;
-    println!("agent offering {res} to the master at {master}");
+    println!("agent offering {res} to the master at {}", a.master);
     if let Some(http) = agent.http_addr() {
         println!("agent serving functions on http://{http}");
     }

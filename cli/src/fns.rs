@@ -160,10 +160,12 @@ pub(crate) async fn operator(
     cfg: &ClientConfig,
     req: operator_request::Request,
 ) -> anyhow::Result<OperatorResponse> {
-    let master = tls::resolve(&cfg.master)?;
+    let masters = cfg.master_addrs()?;
     let id = Identity::load(&cfg.ca, &cfg.cert, &cfg.key)?;
-    let endpoint = tls::client_endpoint(master, &id)?;
-    let conn = tls::connect(&endpoint, master).await?;
+    let endpoint = tls::client_endpoint(masters[0], &id)?;
+    let conn = agora_net::leader::connect_leader(&endpoint, &masters, tls::CONNECT_TIMEOUT)
+        .await?
+        .conn;
     let (mut send, mut recv) = conn
         .open_bi()
         .await

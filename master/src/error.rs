@@ -74,8 +74,9 @@ pub enum Error {
     RaftStart { path: PathBuf, cause: String },
     #[error("this master does not lead the group: {cause}")]
     NotLeading { cause: String },
-    #[error("the group did not commit a registry change: {cause}")]
-    RaftWrite { cause: String },
+    /// A leader-only request reached a master that does not lead.
+    #[error("this master does not lead its group{}; ask the leader", .leader.as_ref().map(|l| format!(" (the leader is {l})")).unwrap_or_else(|| " (no leader is elected yet)".into()))]
+    NotLeader { leader: Option<String> },
     /// A peer opened a stream this master does not know.
     #[error("stream opened with an unknown kind (newer client?)")]
     UnknownStream,

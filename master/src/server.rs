@@ -70,9 +70,13 @@ enum Out<M> {
 }
 
 struct Shared {
-    core: MasterCore,
+    /// The core while this master leads its group (rebuilt from the registry each
+    /// time it becomes the leader); None while it follows.
+    core: Option<MasterCore>,
+    /// Who leads, as far as this master knows: its answer to `LeaderQuery`.
+    leader: v1::LeaderInfo,
     agents: HashMap<ConnId, (mpsc::Sender<Out<MasterToAgent>>, quinn::Connection)>,
-    schedulers: HashMap<ConnId, mpsc::Sender<Out<Event>>>,
+    schedulers: HashMap<ConnId, (mpsc::Sender<Out<Event>>, quinn::Connection)>,
     /// Times every timeout of the core (see `agora_master_core::Now`).
     clock: Monotonic,
     /// Numbers operator requests, to find each one's answer among the outputs.
@@ -99,6 +103,8 @@ struct Held {
 struct Outbox {
     held: VecDeque<Held>,
     next_seq: u64,
+    /// Which leadership this outbox belongs to (a fresh one each time).
+    epoch: u64,
 }
 
 impl Outbox {
@@ -155,10 +161,48 @@ impl Outbox {
 }
 
 impl Shared {
-    /// Runs the core on one input and carries out what it asks.
+    /// Runs the core on one input and carries out what it asks (nothing while this
+    /// master follows: only the leader's core decides).
     fn feed(&mut self, input: Input) {
-        let outs = self.core.handle(input, self.clock.read());
+        let now = self.clock.read();
+        let Some(core) = self.core.as_mut() else {
+            return;
+        };
+        let outs = core.handle(input, now);
         self.dispatch(outs);
+    }
+
+    /// The core, or the error a client of a follower gets.
+    fn core(&self) -> Result<&MasterCore> {
+        self.core.as_ref().ok_or_else(|| self.not_leader())
+    }
+
+    fn not_leader(&self) -> Error {
+        Error::NotLeader {
+            leader: (!self.leader.leader_quic.is_empty()).then(|| self.leader.leader_quic.clone()),
+        }
+    }
+
+    /// Stops serving as the leader: drops the core and whatever it had not sent, and
+    /// closes every agent's and framework's connection with NOT_LEADER and the
+    /// leader's address (they dial the group again and find the new leader).
+    fn step_down(&mut self, why: &str) {
+        if self.core.take().is_none() {
+            return;
+        }
+        tracing::warn!(
+            term = self.leader.term,
+            "this master stops leading ({why}); closing agent and framework connections"
+        );
+        self.outbox = Outbox::default();
+        let hint = self.leader.leader_quic.clone();
+        let code = agora_net::leader::NOT_LEADER_CODE.into();
+        for (_, (_, q)) in self.agents.drain() {
+            q.close(code, hint.as_bytes());
+        }
+        for (_, (_, q)) in self.schedulers.drain() {
+            q.close(code, hint.as_bytes());
+        }
     }
 
     /// Sends `outs` at once when they change nothing the registry keeps and nothing
@@ -167,7 +211,10 @@ impl Shared {
     /// resources or a stored state is never seen before a quorum keeps what it
     /// implies). The receiver fires when they have been sent.
     fn dispatch(&mut self, outs: Vec<Output>) -> Option<oneshot::Receiver<()>> {
-        let ops = self.core.take_registry_ops();
+        let Some(core) = self.core.as_mut() else {
+            return None;
+        };
+        let ops = core.take_registry_ops();
         if ops.is_empty() && self.outbox.is_empty() {
             self.send(outs);
             return None;
@@ -207,7 +254,7 @@ impl Shared {
                     }
                 }
                 Output::ToScheduler(c, e) => {
-                    if let Some(tx) = self.schedulers.get(&c) {
+                    if let Some((tx, _)) = self.schedulers.get(&c) {
                         if tx.try_send(Out::Msg(e)).is_err() {
                             tracing::warn!(
                                 conn = c,
@@ -223,7 +270,7 @@ impl Shared {
                     }
                 }
                 Output::CloseScheduler(c, why) => {
-                    if let Some(tx) = self.schedulers.remove(&c) {
+                    if let Some((tx, _)) = self.schedulers.remove(&c) {
                         let _ = tx.try_send(Out::Close(why));
                     }
                 }
@@ -249,23 +296,35 @@ async fn committer(shared: Arc<Mutex<Shared>>, node: Node, kick: Arc<Notify>) {
     loop {
         kick.notified().await;
         loop {
-            let batch = shared
-                .lock()
-                .expect("master state lock")
-                .outbox
-                .take_batch();
-            let Some((ops, last)) = batch else {
+            let batch = {
+                let mut s = shared.lock().expect("master state lock");
+                let epoch = s.outbox.epoch;
+                s.outbox.take_batch().map(|b| (b, epoch))
+            };
+            let Some(((ops, last), epoch)) = batch else {
                 break;
             };
-            if let Err(e) = node.write(ops).await {
-                // A master that cannot keep its registry would forget frameworks and
-                // agents; stop rather than carry on (as Mesos does).
-                tracing::error!(
-                    "{e}; the master stops: fix the data dir (disk full? permissions?) and start it again"
-                );
-                std::process::exit(70);
+            match node.write(ops).await {
+                Ok(()) => {
+                    let mut s = shared.lock().expect("master state lock");
+                    // Unless this master stepped down (and maybe up again) meanwhile.
+                    if s.outbox.epoch == epoch {
+                        s.release(last);
+                    }
+                }
+                Err(group::WriteError::NotLeader) => shared
+                    .lock()
+                    .expect("master state lock")
+                    .step_down("the group refused its write: another master leads"),
+                Err(group::WriteError::Fatal(e)) => {
+                    // A master that cannot keep its registry would forget frameworks and
+                    // agents; stop rather than carry on (as Mesos does).
+                    tracing::error!(
+                        "the group did not commit a registry change: {e}; the master stops: fix the data dir (disk full? permissions?) and start it again"
+                    );
+                    std::process::exit(70);
+                }
             }
-            shared.lock().expect("master state lock").release(last);
         }
     }
 }
@@ -310,36 +369,14 @@ pub async fn start(cfg: MasterConfig) -> Result<MasterHandle> {
             http: String::new(),
         },
     )]);
-    let node = group::start(&cfg.data_dir, &owner, members, group::NoPeers).await?;
-    let term = node.wait_leading(LEAD_WAIT).await?;
-    // Ids the core hands out carry the term and this master's id, so that no two
-    // leaders (or two incarnations of one) hand out the same id.
-    let mut core = MasterCore::new(CoreConfig {
-        id_prefix: format!("{}.{term:x}.{}", cfg.core.id_prefix, node.id),
-        ..cfg.core.clone()
-    });
-    let recovered = node.sm.registry();
-    if recovered != Registry::default() {
-        tracing::info!(
-            agents = recovered.agents.len(),
-            frameworks = recovered.frameworks.len(),
-            term,
-            "recovering the master registry from {}",
-            node.sm.path().display()
-        );
-        core.handle(
-            Input::Recover {
-                registry: recovered,
-            },
-            clock.read(),
-        );
-    }
-    for sha in store.list()? {
-        core.handle(Input::ArtifactStored { sha256: sha }, clock.read());
-    }
+    let node = group::start(&cfg.data_dir, &owner, members.clone(), group::NoPeers).await?;
     let kick = Arc::new(Notify::new());
     let shared = Arc::new(Mutex::new(Shared {
-        core,
+        core: None,
+        leader: v1::LeaderInfo {
+            id: node.id,
+            ..Default::default()
+        },
         agents: HashMap::new(),
         schedulers: HashMap::new(),
         clock,
@@ -347,8 +384,21 @@ pub async fn start(cfg: MasterConfig) -> Result<MasterHandle> {
         outbox: Outbox::default(),
         kick: kick.clone(),
     }));
+    let lead = Leadership {
+        shared: shared.clone(),
+        node: node.clone(),
+        core: cfg.core.clone(),
+        store: store.clone(),
+    };
+    if members.len() == 1 {
+        // A group of one leads at once: serve only once it does.
+        let term = node.wait_leading(LEAD_WAIT).await?;
+        lead.observe()?;
+        tracing::info!(%addr, term, "master listening (QUIC), leading its group of one");
+    } else {
+        tracing::info!(%addr, "master listening (QUIC); waiting for the group to elect a leader");
+    }
     let next_conn = Arc::new(AtomicU64::new(1));
-    let shared_for_committer = shared.clone();
     let mut tasks = Vec::new();
     let functions = cfg.functions.clone();
 
@@ -364,6 +414,7 @@ pub async fn start(cfg: MasterConfig) -> Result<MasterHandle> {
     };
     let acceptor = {
         let endpoint = endpoint.clone();
+        let shared = shared.clone();
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
                 let ctx = Ctx {
@@ -381,17 +432,115 @@ pub async fn start(cfg: MasterConfig) -> Result<MasterHandle> {
             }
         })
     };
-    let committer = tokio::spawn(committer(shared_for_committer, node.clone(), kick));
-    tracing::info!(%addr, term, "master listening (QUIC), leading its group");
+    tasks.push(tokio::spawn(committer(shared.clone(), node.clone(), kick)));
+    tasks.push(tokio::spawn(lead.watch()));
     tasks.push(ticker);
     tasks.push(acceptor);
-    tasks.push(committer);
     Ok(MasterHandle {
         addr,
         endpoint,
         node,
         tasks,
     })
+}
+
+/// Follows the group's state and makes this master serve while, and only while,
+/// it leads with a quorum behind it.
+struct Leadership {
+    shared: Arc<Mutex<Shared>>,
+    node: Node,
+    core: CoreConfig,
+    store: ArtifactStore,
+}
+
+impl Leadership {
+    async fn watch(self) {
+        use openraft::async_runtime::WatchReceiver as _;
+        let mut metrics = self.node.raft.metrics();
+        // Also look every heartbeat: a lost quorum shows as time passing, not as a
+        // change of the metrics.
+        let mut iv = tokio::time::interval(Duration::from_millis(group::HEARTBEAT_MS));
+        loop {
+            tokio::select! {
+                r = metrics.changed() => if r.is_err() { return },
+                _ = iv.tick() => {}
+            }
+            if let Err(e) = self.observe() {
+                tracing::error!("{e}; this master stops leading");
+                self.shared
+                    .lock()
+                    .expect("master state lock")
+                    .step_down("it could not rebuild its state");
+            }
+        }
+    }
+
+    /// Brings the shell in line with the group's state now.
+    fn observe(&self) -> Result<()> {
+        use openraft::async_runtime::WatchReceiver as _;
+        let m = self.node.raft.metrics().borrow_watched().clone();
+        let verdict = group::leading(&m);
+        let mut s = self.shared.lock().expect("master state lock");
+        let leader_node = m
+            .current_leader
+            .and_then(|id| m.membership_config.get_node(&id).cloned());
+        s.leader = v1::LeaderInfo {
+            leading: s.core.is_some(),
+            leader_id: m.current_leader.unwrap_or(0),
+            leader_quic: leader_node
+                .as_ref()
+                .map(|n| n.quic.clone())
+                .unwrap_or_default(),
+            leader_http: leader_node.map(|n| n.http).unwrap_or_default(),
+            term: m.current_term,
+            id: self.node.id,
+        };
+        match (verdict, s.core.is_some()) {
+            (group::Leading::Yes(term), false) => {
+                let core = self.rebuild(term, s.clock.read())?;
+                s.core = Some(core);
+                s.outbox = Outbox {
+                    epoch: s.outbox.epoch + 1,
+                    ..Outbox::default()
+                };
+                s.leader.leading = true;
+                tracing::info!(term, id = self.node.id, "this master leads the group");
+            }
+            (group::Leading::No(why), true) => {
+                s.step_down(why);
+                s.leader.leading = false;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// A fresh core from the registry as the group committed it: what the core does
+    /// after a restart (frameworks come back disconnected; offers wait for the
+    /// registry's agents to re-register).
+    fn rebuild(&self, term: u64, now: agora_master_core::Now) -> Result<MasterCore> {
+        // Ids the core hands out carry the term and this master's id, so that no two
+        // leaders hand out the same id.
+        let mut core = MasterCore::new(CoreConfig {
+            id_prefix: format!("{}.{term:x}.{}", self.core.id_prefix, self.node.id),
+            ..self.core.clone()
+        });
+        let registry = self.node.sm.registry();
+        if registry != Registry::default() {
+            tracing::info!(
+                agents = registry.agents.len(),
+                frameworks = registry.frameworks.len(),
+                term,
+                "recovering the master registry from {}",
+                self.node.sm.path().display()
+            );
+            core.handle(Input::Recover { registry }, now);
+        }
+        for sha in self.store.list()? {
+            core.handle(Input::ArtifactStored { sha256: sha }, now);
+        }
+        Ok(core)
+    }
 }
 
 #[derive(Clone)]
@@ -419,7 +568,10 @@ impl Ctx {
             s.next_request += 1;
             let request = s.next_request;
             let now = s.clock.read();
-            let outs = s.core.handle(Input::Operator { request, op }, now);
+            let Some(core) = s.core.as_mut() else {
+                return Err(Refused(s.not_leader().to_string()));
+            };
+            let outs = core.handle(Input::Operator { request, op }, now);
             let answer = outs.iter().find_map(|o| match o {
                 Output::OperatorDone { request: r, result } if *r == request => {
                     Some(result.clone())
@@ -470,7 +622,7 @@ impl Ctx {
                     }
                     Some(stream_open::Kind::Scheduler(h)) => {
                         ctx.require(&conn, role, Role::Client, send, |s| {
-                            ctx.clone().scheduler_stream(h, s, recv)
+                            ctx.clone().scheduler_stream(conn.clone(), h, s, recv)
                         })
                         .await
                     }
@@ -490,6 +642,8 @@ impl Ctx {
                         ctx.require(&conn, role, Role::Agent, send, |s| ctx.clone().get(g, s))
                             .await
                     }
+                    // Anyone may ask who leads.
+                    Some(stream_open::Kind::Leader(_)) => ctx.leader_info(send).await,
                     None => Err(Error::UnknownStream),
                 };
                 if let Err(e) = r {
@@ -523,7 +677,46 @@ impl Ctx {
             conn.close(4u32.into(), msg.as_bytes());
             return Err(Error::WrongRole(msg));
         }
+        // Only the leader serves; the others send the peer to it.
+        let not_leading = {
+            let s = self.lock();
+            s.core.is_none().then(|| s.not_leader())
+        };
+        if let Some(e) = not_leading {
+            let hint = match &e {
+                Error::NotLeader { leader } => leader.clone().unwrap_or_default(),
+                _ => String::new(),
+            };
+            conn.close(agora_net::leader::NOT_LEADER_CODE.into(), hint.as_bytes());
+            return Err(e);
+        }
         f(send).await
+    }
+
+    /// Reads the core (with the time now, in ms), or says this master does not lead.
+    fn read<T>(&self, f: impl FnOnce(&MasterCore, u64) -> T) -> Result<T> {
+        let s = self.lock();
+        let now = s.clock.now_ms();
+        Ok(f(s.core()?, now))
+    }
+
+    async fn answer(&self, mut send: Send, resp: OperatorResponse) -> Result<()> {
+        write_frame(&mut send, &resp).await?;
+        send.finish()?;
+        Ok(())
+    }
+
+    async fn leader_info(&self, mut send: Send) -> Result<()> {
+        let info = {
+            let s = self.lock();
+            v1::LeaderInfo {
+                leading: s.core.is_some(),
+                ..s.leader.clone()
+            }
+        };
+        write_frame(&mut send, &info).await?;
+        send.finish()?;
+        Ok(())
     }
 
     async fn agent_stream(
@@ -602,6 +795,7 @@ impl Ctx {
 
     async fn scheduler_stream(
         self,
+        qconn: quinn::Connection,
         hello: v1::SchedulerHello,
         mut send: Send,
         mut recv: Recv,
@@ -610,7 +804,7 @@ impl Ctx {
         let (tx, mut rx) = mpsc::channel::<Out<Event>>(PEER_QUEUE);
         {
             let mut s = self.lock();
-            s.schedulers.insert(conn, tx);
+            s.schedulers.insert(conn, (tx, qconn));
             s.feed(Input::SchedulerHello { conn, hello });
         }
         let writer = tokio::spawn(async move {
@@ -670,9 +864,9 @@ impl Ctx {
     async fn operator(self, req: OperatorRequest, mut send: Send) -> Result<()> {
         let resp = match req.request {
             Some(operator_request::Request::ListTasks(l)) => {
-                let mut tasks = {
-                    let s = self.lock();
-                    s.core.list_tasks(l.all, s.clock.now_ms())
+                let mut tasks = match self.read(|c, now| c.list_tasks(l.all, now)) {
+                    Ok(t) => t,
+                    Err(e) => return self.answer(send, failed(e)).await,
                 };
                 if l.stats {
                     let live = self.live_usage().await;
@@ -687,9 +881,12 @@ impl Ctx {
                     ..Default::default()
                 }
             }
-            Some(operator_request::Request::Cluster(_)) => OperatorResponse {
-                agents: self.lock().core.agents(),
-                ..Default::default()
+            Some(operator_request::Request::Cluster(_)) => match self.read(|c, _| c.agents()) {
+                Ok(agents) => OperatorResponse {
+                    agents,
+                    ..Default::default()
+                },
+                Err(e) => failed(e),
             },
             Some(operator_request::Request::Kill(k)) => {
                 let r = self.operate(OperatorOp::Kill { task_id: k.task_id }).await;
@@ -729,30 +926,26 @@ impl Ctx {
                     ..Default::default()
                 }
             }
-            Some(operator_request::Request::Roles(g)) => match self.lock().core.roles(&g.role) {
+            Some(operator_request::Request::Roles(g)) => match self
+                .read(|c, _| c.roles(&g.role))
+                .and_then(|r| r.map_err(Error::from))
+            {
                 Ok(roles) => OperatorResponse {
                     roles,
                     ..Default::default()
                 },
-                Err(Refused(error)) => OperatorResponse {
-                    error,
-                    ..Default::default()
-                },
+                Err(e) => failed(e),
             },
             Some(operator_request::Request::Explain(e)) => {
-                let explained = {
-                    let s = self.lock();
-                    s.core.explain(&e.target, s.clock.now_ms())
-                };
+                let explained = self
+                    .read(|c, now| c.explain(&e.target, now))
+                    .and_then(|r| r.map_err(Error::from));
                 match explained {
                     Ok(explanation) => OperatorResponse {
                         explanation,
                         ..Default::default()
                     },
-                    Err(Refused(error)) => OperatorResponse {
-                        error,
-                        ..Default::default()
-                    },
+                    Err(e) => failed(e),
                 }
             }
             Some(operator_request::Request::ReadFile(r)) => match self.read_sandbox(r).await {
@@ -809,7 +1002,11 @@ impl Ctx {
             .as_ref()
             .map(|m| m.sha256.clone())
             .unwrap_or_default();
-        if !self.lock().core.has_artifact(&sha) {
+        let has = match self.read(|c, _| c.has_artifact(&sha)) {
+            Ok(h) => h,
+            Err(e) => return failed(e),
+        };
+        if !has {
             return OperatorResponse {
                 error: format!(
                     "function {}: module {sha} was never uploaded to this master (upload it first; `agora fn deploy` does)",
@@ -826,8 +1023,10 @@ impl Ctx {
     async fn live_usage(&self) -> HashMap<(String, String), v1::ResourceUsage> {
         let asks: Vec<(quinn::Connection, Vec<(String, String)>)> = {
             let s = self.lock();
-            s.core
-                .live_tasks_by_agent()
+            let Some(core) = s.core.as_ref() else {
+                return HashMap::new();
+            };
+            core.live_tasks_by_agent()
                 .into_iter()
                 .filter_map(|(conn, keys)| s.agents.get(&conn).map(|(_, q)| (q.clone(), keys)))
                 .collect()
@@ -872,7 +1071,7 @@ impl Ctx {
     async fn read_sandbox(&self, r: v1::ReadTaskFile) -> Result<SandboxData> {
         let (qconn, framework_id) = {
             let s = self.lock();
-            let (conn, fw) = s.core.locate_task(&r.task_id)?;
+            let (conn, fw) = s.core()?.locate_task(&r.task_id)?;
             let q = s
                 .agents
                 .get(&conn)
@@ -985,6 +1184,17 @@ impl Ctx {
         transfer::send_file(&mut send, &path).await?;
         send.finish()?;
         Ok(())
+    }
+}
+
+/// An operator's request that failed, as its answer.
+fn failed(e: Error) -> OperatorResponse {
+    OperatorResponse {
+        error: match e {
+            Error::Refused(Refused(why)) => why,
+            e => e.to_string(),
+        },
+        ..Default::default()
     }
 }
 

@@ -40,6 +40,9 @@ pub enum Error {
     /// why (certificates of another cluster, not an Agora master, ...).
     #[error("{0}")]
     Connect(String),
+    /// No master of the group leads (an election is on, or a majority is down).
+    #[error("no master leads the group now ({0}); if this lasts, a majority of the masters may be down: check `agora masters`")]
+    NoLeader(String),
     /// An address given by the user is not HOST:PORT or does not resolve.
     #[error("{0}")]
     Address(String),

@@ -2,6 +2,7 @@
 //!
 //! - `frame`: the one frame codec (length-prefixed protobuf) over async streams;
 //! - `tls`: certificates, roles and QUIC endpoints with mutual TLS;
+//! - `leader`: finding the leading master of a group;
 //! - `transfer`: artifact bytes over a stream, checked against their sha256;
 //! - `clock`: the monotonic clock that times every timeout, and wall-clock stamps.
 //!
@@ -11,6 +12,7 @@
 pub mod clock;
 mod error;
 pub mod frame;
+pub mod leader;
 pub mod tls;
 pub mod transfer;
 

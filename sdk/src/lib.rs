@@ -119,8 +119,12 @@ pub use agora_proto::Resources;
 /// `agora certs init` write one as JSON.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClientConfig {
-    /// host:port of the master's QUIC endpoint.
+    /// host:port of the master's QUIC endpoint (the first of `masters`, for a group).
     pub master: String,
+    /// host:port of every master of a replicated group; empty for a single master.
+    /// Clients dial them all and use the one that leads.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub masters: Vec<String>,
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -182,11 +186,30 @@ impl ClientConfig {
         };
         let mut cfg = Self::load(&path)?;
         if let Some(m) = master {
-            // An address given by the user is kept: the file is not read again.
-            cfg.master = m.to_string();
+            // Addresses given by the user are kept: the file is not read again.
+            let list: Vec<String> = m
+                .split(',')
+                .map(|a| a.trim().to_string())
+                .filter(|a| !a.is_empty())
+                .collect();
+            cfg.master = list.first().cloned().unwrap_or_default();
+            cfg.masters = if list.len() > 1 { list } else { Vec::new() };
             cfg.source = None;
         }
         Ok(cfg)
+    }
+
+    /// Every master to dial: `masters`, or `master` alone.
+    pub fn master_addrs(&self) -> Result<Vec<SocketAddr>> {
+        let list: Vec<&String> = if self.masters.is_empty() {
+            vec![&self.master]
+        } else {
+            self.masters.iter().collect()
+        };
+        Ok(list
+            .into_iter()
+            .map(|a| tls::resolve(a))
+            .collect::<Result<Vec<_>, _>>()?)
     }
 }
 
@@ -287,18 +310,20 @@ impl Operation {
 
 impl Client {
     pub async fn connect(cfg: &ClientConfig) -> Result<Client> {
-        let master = tls::resolve(&cfg.master)?;
+        let masters = cfg.master_addrs()?;
         let id = Identity::load(&cfg.ca, &cfg.cert, &cfg.key)?;
-        let endpoint = tls::client_endpoint(master, &id)?;
-        let conn = tls::connect(&endpoint, master).await?;
+        let endpoint = tls::client_endpoint(masters[0], &id)?;
+        let leader =
+            agora_net::leader::connect_leader(&endpoint, &masters, tls::CONNECT_TIMEOUT).await?;
         Ok(Client {
             link: std::sync::Arc::new(session::Link::new(
                 endpoint,
-                master,
-                conn,
+                masters,
+                leader.addr,
+                leader.conn,
                 cfg.source.clone(),
             )),
-            master,
+            master: leader.addr,
         })
     }
 

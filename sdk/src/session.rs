@@ -19,20 +19,21 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agora_net::tls;
+use agora_net::{leader, tls};
 use agora_net::{read_frame, write_frame, FrameBatch};
 use agora_proto::v1::{self, call, event, stream_open, FrameworkInfo, StreamOpen};
 use tokio::sync::mpsc;
 
 use crate::{Error, Event, Result, Scheduler, StateWaiters, StateWriter};
 
-/// The client's connection to the master, replaced by a fresh one when it breaks.
+/// The client's connection to the leading master, replaced by a fresh one when it
+/// breaks (or the master stops leading).
 pub(crate) struct Link {
     endpoint: quinn::Endpoint,
-    /// Where the master is: the configured address, or the one its configuration file
-    /// says now (see `redial`).
-    master: std::sync::Mutex<SocketAddr>,
-    /// The configuration file, read again when the master cannot be reached.
+    /// Every master to dial: the configured addresses, or those its configuration
+    /// file says now (see `redial`).
+    masters: std::sync::Mutex<Vec<SocketAddr>>,
+    /// The configuration file, read again when no master can be reached.
     config: Option<std::path::PathBuf>,
     conn: std::sync::Mutex<quinn::Connection>,
     /// One redial at a time; the others use its result.
@@ -42,28 +43,35 @@ pub(crate) struct Link {
 impl Link {
     pub(crate) fn new(
         endpoint: quinn::Endpoint,
-        master: SocketAddr,
+        masters: Vec<SocketAddr>,
+        leader: SocketAddr,
         conn: quinn::Connection,
         config: Option<std::path::PathBuf>,
     ) -> Link {
+        let mut masters = masters;
+        if !masters.contains(&leader) {
+            masters.push(leader);
+        }
         Link {
             endpoint,
-            master: std::sync::Mutex::new(master),
+            masters: std::sync::Mutex::new(masters),
             config,
             conn: std::sync::Mutex::new(conn),
             redial: tokio::sync::Mutex::new(()),
         }
     }
 
-    /// The master's address as last dialled.
-    pub(crate) fn master(&self) -> SocketAddr {
-        *self.master.lock().unwrap_or_else(|e| e.into_inner())
+    fn masters(&self) -> Vec<SocketAddr> {
+        self.masters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
-    /// The master's address in the configuration file now, if the client has a file
-    /// and it names another address than the one dialled (a master restarted on
-    /// another port, say). A file that cannot be read changes nothing.
-    fn moved(&self) -> Option<SocketAddr> {
+    /// The masters' addresses in the configuration file now, if the client has a
+    /// file and it names others than those dialled (a master restarted on another
+    /// port, say). A file that cannot be read changes nothing.
+    fn moved(&self) -> Option<Vec<SocketAddr>> {
         let path = self.config.as_ref()?;
         let cfg = match crate::ClientConfig::load(path) {
             Ok(c) => c,
@@ -72,21 +80,22 @@ impl Link {
                 return None;
             }
         };
-        let addr = match tls::resolve(&cfg.master) {
+        let addrs = match cfg.master_addrs() {
             Ok(a) => a,
             Err(e) => {
                 tracing::debug!("the client configuration names no usable master: {e}");
                 return None;
             }
         };
-        (addr != self.master()).then_some(addr)
+        (addrs != self.masters()).then_some(addrs)
     }
 
     pub(crate) fn current(&self) -> quinn::Connection {
         self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// A working connection in place of `broken` (dialled once for all callers).
+    /// A working connection to the leader in place of `broken` (dialled once for
+    /// all callers).
     pub(crate) async fn redial(&self, broken: &quinn::Connection) -> Result<quinn::Connection> {
         let _one = self.redial.lock().await;
         let cur = self.current();
@@ -94,17 +103,21 @@ impl Link {
             return Ok(cur);
         }
         broken.close(0u32.into(), b"reconnecting");
-        let fresh = match tls::connect(&self.endpoint, self.master()).await {
-            Ok(c) => c,
+        let masters = self.masters();
+        let fresh = match leader::connect_leader(&self.endpoint, &masters, tls::CONNECT_TIMEOUT)
+            .await
+        {
+            Ok(l) => l.conn,
             Err(e) => {
-                // Before giving up on this attempt: has the master moved?
+                // Before giving up on this attempt: have the masters moved?
                 let Some(moved) = self.moved() else {
                     return Err(e.into());
                 };
-                tracing::info!(from = %self.master(), to = %moved, "the client configuration names another master address; dialling it");
-                let c = tls::connect(&self.endpoint, moved).await?;
-                *self.master.lock().unwrap_or_else(|e| e.into_inner()) = moved;
-                c
+                tracing::info!(from = ?masters, to = ?moved, "the client configuration names other master addresses; dialling them");
+                let l =
+                    leader::connect_leader(&self.endpoint, &moved, tls::CONNECT_TIMEOUT).await?;
+                *self.masters.lock().unwrap_or_else(|e| e.into_inner()) = moved;
+                l.conn
             }
         };
         *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = fresh.clone();

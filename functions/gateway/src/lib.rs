@@ -140,7 +140,10 @@ impl Gateway {
             master
         };
         let client = agora_sdk::ClientConfig {
+            // Its own master only: a gateway serves beside the master it belongs to
+            // and never follows another (two gateways would fight over one id).
             master: dial.to_string(),
+            masters: Vec::new(),
             ca: fc.ca.clone(),
             cert: fc.client_cert.clone(),
             key: fc.client_key.clone(),

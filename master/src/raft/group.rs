@@ -128,15 +128,63 @@ impl Node {
 
     /// Commits `ops` through the group: returns once a quorum holds them and this
     /// node has applied them to its registry.
-    pub async fn write(&self, ops: Vec<agora_master_core::registry::RegistryOp>) -> Result<()> {
-        self.raft
-            .client_write(RegistryBatch(ops))
-            .await
-            .map(|_| ())
-            .map_err(|e| Error::RaftWrite {
-                cause: e.to_string(),
-            })
+    pub async fn write(
+        &self,
+        ops: Vec<agora_master_core::registry::RegistryOp>,
+    ) -> Result<(), WriteError> {
+        use openraft::errors::{ClientWriteError, RaftError};
+        match self.raft.client_write(RegistryBatch(ops)).await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                Err(WriteError::NotLeader)
+            }
+            Err(e) => Err(WriteError::Fatal(e.to_string())),
+        }
     }
+}
+
+/// Why a write did not commit.
+#[derive(Debug)]
+pub enum WriteError {
+    /// This node does not lead (any more), or lost its quorum: the write may or may
+    /// not be committed by the next leader.
+    NotLeader,
+    /// The node stopped (a storage error, or a membership change it could not make).
+    Fatal(String),
+}
+
+/// Whether a node may serve as the leader, from its metrics.
+pub enum Leading {
+    /// It leads term N, has applied an entry of that term (so it holds everything
+    /// committed before), and heard from a quorum within `ELECTION_MAX_MS`.
+    Yes(u64),
+    /// It does not; the reason, for the log.
+    No(&'static str),
+}
+
+/// Judges `m` (see [`Leading`]).
+pub fn leading(m: &openraft::RaftMetrics<Agora>) -> Leading {
+    use openraft::Instant as _;
+    if m.state != ServerState::Leader {
+        return Leading::No("another master leads, or an election is on");
+    }
+    if !m
+        .last_applied
+        .is_some_and(|l| l.leader_id.term == m.current_term)
+    {
+        return Leading::No("it has not yet applied an entry of its term");
+    }
+    let voters = m.membership_config.membership().voter_ids().count();
+    if voters > 1 {
+        let fresh = m
+            .last_quorum_acked
+            .as_ref()
+            .is_some_and(|t| t.elapsed() < Duration::from_millis(ELECTION_MAX_MS));
+        if !fresh {
+            return Leading::No("no quorum of the masters has answered it lately");
+        }
+    }
+    Leading::Yes(m.current_term)
 }
 
 /// The network of a group of one: it has no peer to call. Should the membership

@@ -1,0 +1,139 @@
+//! Finding the leading master of a group. Only the leader serves agents, frameworks,
+//! operators and uploads; any master answers a `LeaderQuery` with what it knows of
+//! the leader. A master that is not (or stops being) the leader closes connections
+//! that open leader-only streams with [`NOT_LEADER_CODE`] and the leader's address,
+//! when it knows it, as the reason.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use agora_proto::v1::{stream_open, LeaderInfo, LeaderQuery, StreamOpen};
+
+use crate::error::{Error, Result};
+use crate::{read_frame, tls, write_frame};
+
+/// Application error code of a connection closed because its master does not lead.
+pub const NOT_LEADER_CODE: u32 = 9;
+
+/// How long a master may take to answer a `LeaderQuery` on an open connection.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Asks the master at the other end of `conn` who leads.
+pub async fn query(conn: &quinn::Connection) -> Result<LeaderInfo> {
+    let ask = async {
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| Error::Connect(format!("the master at {}: {e}", conn.remote_address())))?;
+        let open = StreamOpen {
+            kind: Some(stream_open::Kind::Leader(LeaderQuery {})),
+        };
+        write_frame(&mut send, &open).await?;
+        send.finish().map_err(|e| Error::Connect(e.to_string()))?;
+        let info: Option<LeaderInfo> = read_frame(&mut recv).await?;
+        info.ok_or_else(|| {
+            Error::Connect(format!(
+                "the master at {} closed the stream without saying who leads (an older master?)",
+                conn.remote_address()
+            ))
+        })
+    };
+    match tokio::time::timeout(QUERY_TIMEOUT, ask).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::NoAnswer {
+            addr: conn.remote_address(),
+            timeout: QUERY_TIMEOUT,
+        }),
+    }
+}
+
+/// The leader a closed connection named, if it was closed for not leading: its QUIC
+/// address, or None while the master knew of no leader.
+pub fn not_leader(e: &quinn::ConnectionError) -> Option<Option<String>> {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(c)
+            if c.error_code == quinn::VarInt::from_u32(NOT_LEADER_CODE) =>
+        {
+            let hint = String::from_utf8_lossy(&c.reason).trim().to_string();
+            Some((!hint.is_empty()).then_some(hint))
+        }
+        _ => None,
+    }
+}
+
+/// The leading master found by [`connect_leader`].
+pub struct Leader {
+    pub conn: quinn::Connection,
+    pub addr: SocketAddr,
+    pub info: LeaderInfo,
+}
+
+/// Dials every master in `addrs` at once (a dead one only times out, so one at a
+/// time would cost `timeout` each), asks each who leads, follows a hint to a leader
+/// not in the list, and returns the connection to the one that leads. Fails when
+/// none leads (an election is on: try again shortly) or none answers.
+pub async fn connect_leader(
+    endpoint: &quinn::Endpoint,
+    addrs: &[SocketAddr],
+    timeout: Duration,
+) -> Result<Leader> {
+    let mut tried: HashSet<SocketAddr> = HashSet::new();
+    let mut attempts = tokio::task::JoinSet::new();
+    let dial = |attempts: &mut tokio::task::JoinSet<_>, addr: SocketAddr| {
+        let endpoint = endpoint.clone();
+        attempts.spawn(async move {
+            let r = async {
+                let conn = tls::connect_within(&endpoint, addr, timeout).await?;
+                let info = query(&conn).await?;
+                Ok::<_, Error>((conn, info))
+            }
+            .await;
+            (addr, r)
+        });
+    };
+    for a in addrs {
+        if tried.insert(*a) {
+            dial(&mut attempts, *a);
+        }
+    }
+    let mut failures = Vec::new();
+    let mut followers = Vec::new();
+    while let Some(done) = attempts.join_next().await {
+        let Ok((addr, r)) = done else { continue };
+        match r {
+            Ok((conn, info)) if info.leading => {
+                attempts.abort_all();
+                return Ok(Leader { conn, addr, info });
+            }
+            Ok((conn, info)) => {
+                conn.close(0u32.into(), b"not the leader");
+                if let Ok(hint) = tls::resolve(&info.leader_quic) {
+                    if tried.insert(hint) {
+                        dial(&mut attempts, hint);
+                    }
+                }
+                followers.push(format!(
+                    "{addr} follows ({})",
+                    if info.leader_quic.is_empty() {
+                        "no leader yet".to_string()
+                    } else {
+                        format!("leader {}", info.leader_quic)
+                    }
+                ));
+            }
+            Err(e) => failures.push((addr, e)),
+        }
+    }
+    if followers.is_empty() && failures.len() == 1 {
+        // One master, unreachable: its own words say it best.
+        return Err(failures.remove(0).1);
+    }
+    Err(Error::NoLeader(
+        followers
+            .into_iter()
+            .chain(failures.into_iter().map(|(a, e)| format!("{a}: {e}")))
+            .collect::<Vec<_>>()
+            .join("; "),
+    ))
+}
