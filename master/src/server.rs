@@ -310,6 +310,21 @@ impl Ctx {
                         ctx.require(&conn, role, Role::Agent, send, |s| ctx.clone().get(g, s))
                             .await
                     }
+                    // Raft kinds: served once the master runs in a group (issue 12).
+                    Some(stream_open::Kind::Raft(_)) => {
+                        let (mut send, error) = (send, Error::RaftNotServed.to_string());
+                        let _ = write_frame(&mut send, &v1::RaftReply { error, reply: None }).await;
+                        let _ = send.finish();
+                        Err(Error::RaftNotServed)
+                    }
+                    Some(stream_open::Kind::RaftSnapshot(_)) => {
+                        let (mut send, error) = (send, Error::RaftNotServed.to_string());
+                        let _ =
+                            write_frame(&mut send, &v1::RaftSnapshotReply { error, vote: None })
+                                .await;
+                        let _ = send.finish();
+                        Err(Error::RaftNotServed)
+                    }
                     None => Err(Error::UnknownStream),
                 };
                 if let Err(e) = r {
