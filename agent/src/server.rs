@@ -685,9 +685,13 @@ impl Agent {
     async fn master_session(&self) -> Result<()> {
         let first = *self.cfg.masters.first().ok_or(Error::NoMaster)?;
         let endpoint = tls::client_endpoint(first, &self.cfg.identity)?;
-        let leader =
-            agora_net::leader::connect_leader(&endpoint, &self.cfg.masters, tls::CONNECT_TIMEOUT)
-                .await?;
+        let leader = agora_net::leader::connect_leader(
+            &endpoint,
+            &self.cfg.masters,
+            tls::CONNECT_TIMEOUT,
+            true,
+        )
+        .await?;
         let (conn, master) = (leader.conn, leader.addr);
         let (mut send, mut recv) = conn.open_bi().await?;
         let hello = self.lock().core.hello();
@@ -745,7 +749,11 @@ impl Agent {
                     tracing::info!(agent = %r.agent_id, "registered with the master at {master}");
                     let tx = tx.clone();
                     let every = Duration::from_millis(r.heartbeat_interval_ms.clamp(100, 60_000));
-                    silence = (every * 5).max(Duration::from_secs(3));
+                    silence = if r.master_silence_ms > 0 {
+                        Duration::from_millis(r.master_silence_ms.clamp(500, 600_000))
+                    } else {
+                        (every * 5).max(Duration::from_secs(3))
+                    };
                     if let Some(h) = heartbeat.take() {
                         h.abort();
                     }

@@ -123,6 +123,15 @@ pub struct MasterArgs {
     /// Address to listen on (UDP, QUIC).
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], DEFAULT_MASTER_PORT)))]
     listen: SocketAddr,
+    /// This master's id in its replicated group (see --peers).
+    #[arg(long, default_value_t = 1)]
+    id: u64,
+    /// Every master of a replicated group, this one included, as ID=HOST:PORT
+    /// separated by commas, e.g. 1=a:7400,2=b:7400,3=c:7400 (the same list on each
+    /// master). The masters elect a leader among themselves (Raft); only it serves.
+    /// Without it, the master is a group of one.
+    #[arg(long)]
+    peers: Option<String>,
     #[arg(long, default_value_os_t = home().join(".agora/master"))]
     data_dir: PathBuf,
     /// Directory made by `agora certs init` (uses ca.pem, master.pem, master.key).
@@ -214,9 +223,10 @@ pub enum CertsCmd {
         /// Extra DNS names or IPs the master is reached by (repeatable).
         #[arg(long = "master-name")]
         master_names: Vec<String>,
-        /// Master address written into DIR/client.json.
-        #[arg(long, default_value_t = format!("127.0.0.1:{DEFAULT_MASTER_PORT}"))]
-        master: String,
+        /// Master address written into DIR/client.json; repeat it for every master
+        /// of a replicated group (clients dial them all and follow the leader).
+        #[arg(long = "master")]
+        masters: Vec<String>,
     },
 }
 
@@ -224,10 +234,21 @@ pub fn certs(cmd: CertsCmd) -> anyhow::Result<ExitCode> {
     let CertsCmd::Init {
         dir,
         master_names,
-        master,
+        mut masters,
     } = cmd;
+    if masters.is_empty() {
+        masters.push(format!("127.0.0.1:{DEFAULT_MASTER_PORT}"));
+    }
+    for m in &masters {
+        tls::resolve(m).map_err(|e| anyhow::anyhow!("--master {m}: {e}"))?;
+    }
+    let master = masters.join(", ");
     let cd = tls::init_cert_dir(&dir, &master_names)?;
-    let client = client_config(&cd, &master);
+    // client.json sits in DIR and names its files relative to itself.
+    let mut client = client_config(&CertDir::new(Path::new("")), &masters[0]);
+    if masters.len() > 1 {
+        client.masters = masters.clone();
+    }
     client.save(&dir.join("client.json"))?;
     println!("certificates in {}:", dir.display());
     println!("  CA            {}", cd.ca().display());
@@ -243,7 +264,21 @@ pub fn certs(cmd: CertsCmd) -> anyhow::Result<ExitCode> {
         "client config  {} (master {master})",
         dir.join("client.json").display()
     );
-    println!("next: agora master --certs {d}; agora agent --master HOST:{DEFAULT_MASTER_PORT} --certs {d}", d = dir.display());
+    if masters.len() > 1 {
+        let peers = masters
+            .iter()
+            .enumerate()
+            .map(|(i, m)| format!("{}={m}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        println!(
+            "next: on each master machine, agora master --certs {d} --id N --peers {peers}; agora agent --master {} --certs {d}",
+            masters.join(","),
+            d = dir.display()
+        );
+    } else {
+        println!("next: agora master --certs {d}; agora agent --master HOST:{DEFAULT_MASTER_PORT} --certs {d}", d = dir.display());
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -251,6 +286,7 @@ fn client_config(cd: &CertDir, master: &str) -> ClientConfig {
     ClientConfig {
         master: master.to_string(),
         masters: Vec::new(),
+        local_only: false,
         ca: cd.ca(),
         cert: cd.cert(Role::Client),
         key: cd.key(Role::Client),
@@ -409,8 +445,35 @@ impl FunctionsDoor for GatewayDoor {
     }
 }
 
+/// `1=a:7400,2=b:7400`: ids and QUIC addresses of a group's masters.
+fn parse_peers(text: &str) -> anyhow::Result<std::collections::BTreeMap<u64, String>> {
+    let mut peers = std::collections::BTreeMap::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part.split_once('=').ok_or_else(|| {
+            anyhow::anyhow!(
+                "--peers: `{part}` is not ID=HOST:PORT (e.g. 1=a:7400,2=b:7400,3=c:7400)"
+            )
+        })?;
+        let id: u64 = id.trim().parse().ok().filter(|i| *i > 0).ok_or_else(|| {
+            anyhow::anyhow!("--peers: `{id}` in `{part}` is not an id (a number from 1)")
+        })?;
+        tls::resolve(addr).map_err(|e| anyhow::anyhow!("--peers: {part}: {e}"))?;
+        if peers.insert(id, addr.trim().to_string()).is_some() {
+            anyhow::bail!("--peers: id {id} is given twice");
+        }
+    }
+    if peers.is_empty() {
+        anyhow::bail!(
+            "--peers is empty: give every master as ID=HOST:PORT, e.g. 1=a:7400,2=b:7400,3=c:7400"
+        );
+    }
+    Ok(peers)
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn start_master(
     listen: SocketAddr,
+    group: agora_master::server::Group,
     data_dir: &Path,
     id: Identity,
     agent_timeout_ms: u64,
@@ -436,6 +499,7 @@ async fn start_master(
     });
     let master = agora_master::server::start(MasterConfig {
         bind: listen,
+        group,
         data_dir: data_dir.to_path_buf(),
         identity: id,
         core,
@@ -628,6 +692,7 @@ impl DevCluster {
         let cd = tls::init_cert_dir(&data_dir.join("certs"), &[])?;
         let master = start_master(
             listen,
+            agora_master::server::Group::default(),
             &data_dir.join("master"),
             Identity::from_cert_dir(&cd, Role::Master)?,
             15_000,
@@ -802,8 +867,18 @@ pub async fn master(a: MasterArgs) -> anyhow::Result<ExitCode> {
         );
         None
     };
+    let group = agora_master::server::Group {
+        id: a.id,
+        peers: a
+            .peers
+            .as_deref()
+            .map(parse_peers)
+            .transpose()?
+            .unwrap_or_default(),
+    };
     let master = start_master(
         a.listen,
+        group,
         &a.data_dir,
         Identity::from_cert_dir(&cd, Role::Master)?,
         a.agent_timeout * 1000,

@@ -163,7 +163,7 @@ pub(crate) async fn operator(
     let masters = cfg.master_addrs()?;
     let id = Identity::load(&cfg.ca, &cfg.cert, &cfg.key)?;
     let endpoint = tls::client_endpoint(masters[0], &id)?;
-    let conn = agora_net::leader::connect_leader(&endpoint, &masters, tls::CONNECT_TIMEOUT)
+    let conn = agora_net::leader::connect_leader(&endpoint, &masters, tls::CONNECT_TIMEOUT, true)
         .await?
         .conn;
     let (mut send, mut recv) = conn

@@ -59,6 +59,11 @@ enum Cmd {
     Logs(ops::LogsArgs),
     /// Kill a task.
     Kill(ops::KillArgs),
+    /// List the masters of the group: who leads, terms, log positions and lag.
+    Masters {
+        #[command(flatten)]
+        target: Target,
+    },
     /// List agents and their resources.
     Agents {
         #[command(flatten)]
@@ -137,8 +142,14 @@ enum ExecutorCmd {
 }
 
 fn init_tracing(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("AGORA_LOG")
+    let mut filter = tracing_subscriber::EnvFilter::try_from_env("AGORA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // openraft warns on every failed heartbeat (ten a second while a master is
+    // down); `agora masters` says which master is unreachable. AGORA_LOG=openraft=warn
+    // brings them back.
+    if !std::env::var("AGORA_LOG").is_ok_and(|v| v.contains("openraft")) {
+        filter = filter.add_directive("openraft=error".parse().expect("a valid directive"));
+    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -169,6 +180,7 @@ fn main() -> ExitCode {
             | Cmd::Logs(_)
             | Cmd::Kill(_)
             | Cmd::Agents { .. }
+            | Cmd::Masters { .. }
             | Cmd::Role { .. }
             | Cmd::Quota { .. }
             | Cmd::Explain(_)
@@ -202,6 +214,7 @@ fn main() -> ExitCode {
             Cmd::Logs(a) => ops::logs(a).await,
             Cmd::Kill(a) => ops::kill(a).await,
             Cmd::Agents { target } => ops::agents(target).await,
+            Cmd::Masters { target } => ops::masters(target).await,
             Cmd::Role { cmd } => roles::role(cmd).await,
             Cmd::Quota { cmd } => roles::quota(cmd).await,
             Cmd::Explain(a) => roles::explain(a).await,

@@ -202,6 +202,91 @@ pub async fn kill(a: KillArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Asks every master of the client configuration who leads (each answers for
+/// itself, leader or not, so this works while no master leads).
+pub async fn masters(t: crate::Target) -> anyhow::Result<ExitCode> {
+    use agora_net::tls;
+    let cfg = ClientConfig::discover(t.master.as_deref(), t.config.as_deref())?;
+    let addrs = cfg.master_addrs()?;
+    let id = agora_net::tls::Identity::load(&cfg.ca, &cfg.cert, &cfg.key)?;
+    let asks = addrs.iter().map(|addr| {
+        let id = id.clone();
+        let addr = *addr;
+        async move {
+            let r = async {
+                let endpoint = tls::client_endpoint(addr, &id)?;
+                let conn = tls::connect_within(&endpoint, addr, Duration::from_secs(3)).await?;
+                let info = agora_net::leader::query(&conn).await;
+                conn.close(0u32.into(), b"done");
+                info
+            }
+            .await;
+            (addr, r)
+        }
+    });
+    let answers = futures_join(asks).await;
+    let leader_log = answers.iter().find_map(|(_, r)| {
+        r.as_ref()
+            .ok()
+            .filter(|i| i.leading)
+            .map(|i| i.last_log_index)
+    });
+    println!(
+        "{:<4} {:<24} {:<12} {:>6} {:>10} {:>10} {:>6}",
+        "ID", "ADDRESS", "ROLE", "TERM", "LAST-LOG", "APPLIED", "LAG"
+    );
+    let mut members = Vec::new();
+    for (addr, r) in &answers {
+        match r {
+            Ok(i) => {
+                let role = if i.leading {
+                    "leader"
+                } else if i.term == 0 && i.leader_id == 0 {
+                    "new"
+                } else {
+                    "follower"
+                };
+                let lag = leader_log
+                    .map(|l| l.saturating_sub(i.last_log_index).to_string())
+                    .unwrap_or_else(|| "-".into());
+                println!(
+                    "{:<4} {:<24} {:<12} {:>6} {:>10} {:>10} {:>6}",
+                    i.id, addr, role, i.term, i.last_log_index, i.last_applied, lag
+                );
+                if i.leading {
+                    members = i.members.clone();
+                }
+            }
+            Err(e) => println!("{:<4} {:<24} unreachable: {e}", "?", addr),
+        }
+    }
+    if !members.is_empty() {
+        println!("group: {}", members.join(","));
+    }
+    if leader_log.is_none() {
+        eprintln!(
+            "agora masters: no master leads: the cluster makes no offers and launches nothing until a majority of the masters can reach each other (running tasks keep running)"
+        );
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Awaits futures concurrently, in order.
+async fn futures_join<F: std::future::Future + Send + 'static>(
+    futs: impl IntoIterator<Item = F>,
+) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futs.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.expect("query task"));
+    }
+    out
+}
+
 pub async fn agents(t: crate::Target) -> anyhow::Result<ExitCode> {
     let client = connect(&t).await?;
     println!(

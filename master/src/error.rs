@@ -77,6 +77,13 @@ pub enum Error {
     /// A leader-only request reached a master that does not lead.
     #[error("this master does not lead its group{}; ask the leader", .leader.as_ref().map(|l| format!(" (the leader is {l})")).unwrap_or_else(|| " (no leader is elected yet)".into()))]
     NotLeader { leader: Option<String> },
+    #[error("this master's --id {id} is not among --peers {peers}; give each master its own id from the list")]
+    NotAPeer { id: u64, peers: String },
+    #[error(
+        "this master's --peers ({given}) disagree with the group's membership in its log ({have}); \
+         fix --peers, or change the group with `agora masters add|remove`"
+    )]
+    PeersDiffer { given: String, have: String },
     /// A peer opened a stream this master does not know.
     #[error("stream opened with an unknown kind (newer client?)")]
     UnknownStream,
@@ -101,6 +108,97 @@ pub enum Error {
     /// The agent answered a sandbox read with an error (its words).
     #[error("{0}")]
     Agent(String),
+    /// A Raft message from (or for) a peer master does not hold what openraft needs.
+    #[error(
+        "malformed Raft message: {what}; check that every master of the group runs the \
+         same Agora release"
+    )]
+    RaftWire { what: String },
+    /// A log entry's registry ops are not the JSON this master reads.
+    #[error(
+        "malformed Raft message: the registry ops of log entry {index} do not decode \
+         ({cause}); check that every master of the group runs the same Agora release"
+    )]
+    RaftWirePayload {
+        index: u64,
+        cause: serde_json::Error,
+    },
+    /// A Raft RPC reached a master of another cluster, or another master than meant.
+    #[error(
+        "Raft RPC from master {from} of cluster {their_cluster} for master {to} reached \
+         master {me} of cluster {our_cluster}: refused. Check the --peers addresses (each \
+         id must name the master listening there) and that all masters share one CA"
+    )]
+    RaftMisdirected {
+        from: u64,
+        to: u64,
+        their_cluster: String,
+        me: u64,
+        our_cluster: String,
+    },
+    /// The master could not reach a peer master.
+    #[error("cannot reach master {peer} at {addr}: {cause}")]
+    RaftDial {
+        peer: u64,
+        addr: String,
+        cause: agora_net::Error,
+    },
+    /// A peer master's address in the membership does not resolve.
+    #[error("master {peer}'s address in the group membership is unusable: {cause}")]
+    RaftPeerAddress { peer: u64, cause: agora_net::Error },
+    /// The connection to a peer master failed while opening a stream.
+    #[error("the connection to master {peer} at {addr} failed: {cause}")]
+    RaftConnection {
+        peer: u64,
+        addr: String,
+        cause: quinn::ConnectionError,
+    },
+    /// Writing or reading a Raft stream to or from a peer master failed.
+    #[error("Raft {rpc} with master {peer} at {addr} failed: {cause}")]
+    RaftStream {
+        peer: u64,
+        addr: String,
+        rpc: &'static str,
+        cause: agora_net::Error,
+    },
+    /// A peer master closed a Raft stream without answering.
+    #[error(
+        "master {peer} at {addr} closed the Raft {rpc} stream without answering (is it stopping?)"
+    )]
+    RaftNoReply {
+        peer: u64,
+        addr: String,
+        rpc: &'static str,
+    },
+    /// A peer master did not answer a Raft RPC in time.
+    #[error("master {peer} at {addr} did not answer the Raft {rpc} within {} ms", .after.as_millis())]
+    RaftTimeout {
+        peer: u64,
+        addr: String,
+        rpc: &'static str,
+        after: std::time::Duration,
+    },
+    /// A peer master answered a Raft RPC with an error (its words).
+    #[error("master {peer} at {addr} refused the Raft {rpc}: {message}")]
+    RaftRefused {
+        peer: u64,
+        addr: String,
+        rpc: &'static str,
+        message: String,
+    },
+    /// This master's Raft could not handle a peer's RPC (it is stopping, or failed).
+    #[error("this master's Raft could not handle a {rpc} from master {from}: {cause}")]
+    RaftLocal {
+        rpc: &'static str,
+        from: u64,
+        cause: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A snapshot larger than any this master accepts or sends.
+    #[error(
+        "a Raft snapshot of {size} bytes exceeds the limit of {limit} bytes: the registry \
+         is larger than masters can transfer"
+    )]
+    RaftSnapshotTooLarge { size: u64, limit: u64 },
 }
 
 impl From<FrameError> for Error {
@@ -110,3 +208,12 @@ impl From<FrameError> for Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What a peer whose certificate has the wrong role for a stream is told.
+pub(crate) fn wrong_role(have: Option<agora_net::tls::Role>, need: agora_net::tls::Role) -> String {
+    let need = format!("{need:?}").to_lowercase();
+    format!(
+        "a certificate with role {} may not open this kind of stream (it needs {need}); use the {need} certificate from `agora certs init`",
+        have.map(|r| format!("{r:?}")).unwrap_or_else(|| "unknown".into()),
+    )
+}

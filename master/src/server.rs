@@ -21,7 +21,7 @@ use agora_proto::Resources;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::artifacts::ArtifactStore;
-use crate::error::{Error, Result};
+use crate::error::{wrong_role, Error, Result};
 use crate::raft::group::{self, Node};
 use crate::raft::store::Owner;
 use crate::raft::types::MasterNode;
@@ -35,11 +35,17 @@ const MAX_READ: u32 = 1024 * 1024;
 /// A proposal to the group carries the ops of held outputs up to about this many
 /// bytes (at least one input's ops, whatever their size).
 const MAX_BATCH_BYTES: usize = 1024 * 1024;
+/// In a replicated group: how often agents ping the leader and frameworks hear its
+/// HEARTBEAT, and after how much silence they dial the group again.
+const GROUP_HEARTBEAT_MS: u64 = 250;
+const GROUP_SILENCE_MS: u64 = 1_000;
 /// How long a starting master waits to lead its group.
 const LEAD_WAIT: Duration = Duration::from_secs(30);
 
 pub struct MasterConfig {
     pub bind: SocketAddr,
+    /// This master's place in its Raft group.
+    pub group: Group,
     pub data_dir: PathBuf,
     pub identity: Identity,
     pub core: CoreConfig,
@@ -47,6 +53,14 @@ pub struct MasterConfig {
     /// (the cli starts `agora-fn-gateway` and plugs it in here); None: they are
     /// refused.
     pub functions: Option<Arc<dyn FunctionsDoor>>,
+}
+
+/// A master's Raft group: its id, and every member's id and QUIC address (its own
+/// included). No peers: a group of one, which leads at once.
+#[derive(Clone, Debug, Default)]
+pub struct Group {
+    pub id: u64,
+    pub peers: BTreeMap<u64, String>,
 }
 
 /// The master's side of the functions framework's operator API: the `agora fn`
@@ -357,19 +371,51 @@ pub async fn start(cfg: MasterConfig) -> Result<MasterHandle> {
     let endpoint = tls::server_endpoint(cfg.bind, &cfg.identity)?;
     let addr = endpoint.local_addr()?;
     let clock = Monotonic::new();
-    // A group of one for now: this master, under id 1.
     let owner = Owner {
         cluster: cfg.identity.cluster().to_string(),
-        node: 1,
+        node: cfg.group.id.max(1),
     };
-    let members = BTreeMap::from([(
-        owner.node,
-        MasterNode {
-            quic: addr.to_string(),
-            http: String::new(),
-        },
-    )]);
-    let node = group::start(&cfg.data_dir, &owner, members.clone(), group::NoPeers).await?;
+    let members: BTreeMap<u64, MasterNode> = if cfg.group.peers.is_empty() {
+        BTreeMap::from([(
+            owner.node,
+            MasterNode {
+                quic: addr.to_string(),
+                http: String::new(),
+            },
+        )])
+    } else {
+        if !cfg.group.peers.contains_key(&owner.node) {
+            return Err(Error::NotAPeer {
+                id: owner.node,
+                peers: format_peers(&cfg.group.peers),
+            });
+        }
+        cfg.group
+            .peers
+            .iter()
+            .map(|(id, quic)| {
+                (
+                    *id,
+                    MasterNode {
+                        quic: quic.clone(),
+                        http: String::new(),
+                    },
+                )
+            })
+            .collect()
+    };
+    let net =
+        crate::raft::net::MasterNet::new(owner.node, owner.cluster.clone(), cfg.identity.clone());
+    let node = group::start(&cfg.data_dir, &owner, members.clone(), net).await?;
+    let mut tasks_before = Vec::new();
+    let mut core_cfg = cfg.core.clone();
+    if members.len() > 1 {
+        // Agents and frameworks notice a dead leader within a second (then dial
+        // the group again), rather than the 5 to 15 s a single master allows.
+        core_cfg.heartbeat_interval_ms = core_cfg.heartbeat_interval_ms.min(GROUP_HEARTBEAT_MS);
+        core_cfg.framework_heartbeat_ms = core_cfg.framework_heartbeat_ms.min(GROUP_HEARTBEAT_MS);
+        core_cfg.master_silence_ms = GROUP_SILENCE_MS;
+    }
     let kick = Arc::new(Notify::new());
     let shared = Arc::new(Mutex::new(Shared {
         core: None,
@@ -387,7 +433,7 @@ pub async fn start(cfg: MasterConfig) -> Result<MasterHandle> {
     let lead = Leadership {
         shared: shared.clone(),
         node: node.clone(),
-        core: cfg.core.clone(),
+        core: core_cfg,
         store: store.clone(),
     };
     if members.len() == 1 {
@@ -396,10 +442,15 @@ pub async fn start(cfg: MasterConfig) -> Result<MasterHandle> {
         lead.observe()?;
         tracing::info!(%addr, term, "master listening (QUIC), leading its group of one");
     } else {
-        tracing::info!(%addr, "master listening (QUIC); waiting for the group to elect a leader");
+        tracing::info!(%addr, id = owner.node, "master listening (QUIC); waiting for the group to elect a leader");
+        tasks_before.push(tokio::spawn(bootstrap(
+            node.clone(),
+            members.clone(),
+            cfg.identity.clone(),
+        )));
     }
     let next_conn = Arc::new(AtomicU64::new(1));
-    let mut tasks = Vec::new();
+    let mut tasks = tasks_before;
     let functions = cfg.functions.clone();
 
     let ticker = {
@@ -415,11 +466,15 @@ pub async fn start(cfg: MasterConfig) -> Result<MasterHandle> {
     let acceptor = {
         let endpoint = endpoint.clone();
         let shared = shared.clone();
+        let node = node.clone();
+        let cluster: Arc<str> = owner.cluster.clone().into();
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
                 let ctx = Ctx {
                     functions: functions.clone(),
                     shared: shared.clone(),
+                    node: node.clone(),
+                    cluster: cluster.clone(),
                     store: store.clone(),
                     next_conn: next_conn.clone(),
                 };
@@ -442,6 +497,79 @@ pub async fn start(cfg: MasterConfig) -> Result<MasterHandle> {
         node,
         tasks,
     })
+}
+
+/// "1=a:7400,2=b:7400", as `--peers` takes them.
+pub fn format_peers(peers: &BTreeMap<u64, String>) -> String {
+    peers
+        .iter()
+        .map(|(id, a)| format!("{id}={a}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Starts a new group: the member with the lowest id initializes it, once every
+/// other member has answered that it holds no group yet (so that a member whose
+/// disk was wiped never starts a second group beside the first). Others wait to be
+/// contacted by the leader.
+async fn bootstrap(node: Node, members: BTreeMap<u64, MasterNode>, identity: Identity) {
+    match node.raft.is_initialized().await {
+        Ok(false) => {}
+        _ => return,
+    }
+    if members.keys().next() != Some(&node.id) {
+        tracing::info!(
+            id = node.id,
+            "this master's log is empty: waiting for the group's leader to contact it"
+        );
+        return;
+    }
+    let mut last_said = std::time::Instant::now() - Duration::from_secs(10);
+    loop {
+        let mut waiting = Vec::new();
+        let mut existing = Vec::new();
+        for (id, m) in members.iter().filter(|(id, _)| **id != node.id) {
+            let answer = async {
+                let addr = tls::resolve(&m.quic)?;
+                let endpoint = tls::client_endpoint(addr, &identity)?;
+                let conn = tls::connect_within(&endpoint, addr, Duration::from_secs(2)).await?;
+                let info = agora_net::leader::query(&conn).await;
+                conn.close(0u32.into(), b"bootstrap probe");
+                info
+            }
+            .await;
+            match answer {
+                Ok(info) if info.term == 0 && info.leader_id == 0 => {}
+                Ok(info) => existing.push(format!("master {id} is in term {}", info.term)),
+                Err(e) => waiting.push(format!("master {id} ({}): {e}", m.quic)),
+            }
+        }
+        if !existing.is_empty() {
+            tracing::error!(
+                "this master's log is empty but the group already exists ({}): it does not start a new one. If its data dir was lost, add it back from the leader with `agora masters add`",
+                existing.join("; ")
+            );
+            return;
+        }
+        if waiting.is_empty() {
+            match node.raft.initialize(members.clone()).await {
+                Ok(()) => tracing::info!(
+                    members = members.len(),
+                    "this master started the group; electing a leader"
+                ),
+                Err(e) => tracing::warn!("starting the group: {e}"),
+            }
+            return;
+        }
+        if last_said.elapsed() >= Duration::from_secs(5) {
+            tracing::info!(
+                "waiting for every master before starting the group: {}",
+                waiting.join("; ")
+            );
+            last_said = std::time::Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// Follows the group's state and makes this master serve while, and only while,
@@ -494,6 +622,13 @@ impl Leadership {
             leader_http: leader_node.map(|n| n.http).unwrap_or_default(),
             term: m.current_term,
             id: self.node.id,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+            members: m
+                .membership_config
+                .nodes()
+                .map(|(id, n)| format!("{id}={}", n.quic))
+                .collect(),
         };
         match (verdict, s.core.is_some()) {
             (group::Leading::Yes(term), false) => {
@@ -546,6 +681,10 @@ impl Leadership {
 #[derive(Clone)]
 struct Ctx {
     shared: Arc<Mutex<Shared>>,
+    /// This master's Raft node, for its peers' RPCs.
+    node: Node,
+    /// The cluster's name in Raft RPCs (its CA's hash).
+    cluster: Arc<str>,
     /// Where `agora fn` requests go, when a functions framework runs beside us.
     functions: Option<Arc<dyn FunctionsDoor>>,
     store: ArtifactStore,
@@ -644,6 +783,25 @@ impl Ctx {
                     }
                     // Anyone may ask who leads.
                     Some(stream_open::Kind::Leader(_)) => ctx.leader_info(send).await,
+                    // Raft, between masters only; every master serves it.
+                    Some(k @ (stream_open::Kind::Raft(_) | stream_open::Kind::RaftSnapshot(_))) => {
+                        if role != Some(Role::Master) {
+                            let msg = wrong_role(role, Role::Master);
+                            conn.close(4u32.into(), msg.as_bytes());
+                            Err(Error::WrongRole(msg))
+                        } else {
+                            let open = StreamOpen { kind: Some(k) };
+                            crate::raft::net::serve_stream(
+                                &ctx.node.raft,
+                                ctx.node.id,
+                                &ctx.cluster,
+                                open,
+                                send,
+                                recv,
+                            )
+                            .await
+                        }
+                    }
                     None => Err(Error::UnknownStream),
                 };
                 if let Err(e) = r {
@@ -668,12 +826,7 @@ impl Ctx {
         Fut: std::future::Future<Output = Result<()>>,
     {
         if have != Some(need) {
-            let msg = format!(
-                "a certificate with role {} may not open this kind of stream (it needs {}); use the {} certificate from `agora certs init`",
-                have.map(|r| format!("{r:?}")).unwrap_or_else(|| "unknown".into()),
-                format!("{need:?}").to_lowercase(),
-                format!("{need:?}").to_lowercase(),
-            );
+            let msg = wrong_role(have, need);
             conn.close(4u32.into(), msg.as_bytes());
             return Err(Error::WrongRole(msg));
         }

@@ -16,6 +16,9 @@ use crate::{read_frame, tls, write_frame};
 /// Application error code of a connection closed because its master does not lead.
 pub const NOT_LEADER_CODE: u32 = 9;
 
+/// How soon a follower that knows no leader is asked again.
+const REQUERY: Duration = Duration::from_millis(100);
+
 /// How long a master may take to answer a `LeaderQuery` on an open connection.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -71,13 +74,16 @@ pub struct Leader {
 
 /// Dials every master in `addrs` at once (a dead one only times out, so one at a
 /// time would cost `timeout` each), asks each who leads, follows a hint to a leader
-/// not in the list, and returns the connection to the one that leads. Fails when
-/// none leads (an election is on: try again shortly) or none answers.
+/// not in the list (unless `follow` is false), and returns the connection to the
+/// one that leads. Fails when none leads (an election is on: try again shortly) or
+/// none answers.
 pub async fn connect_leader(
     endpoint: &quinn::Endpoint,
     addrs: &[SocketAddr],
     timeout: Duration,
+    follow: bool,
 ) -> Result<Leader> {
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut tried: HashSet<SocketAddr> = HashSet::new();
     let mut attempts = tokio::task::JoinSet::new();
     let dial = |attempts: &mut tokio::task::JoinSet<_>, addr: SocketAddr| {
@@ -92,13 +98,23 @@ pub async fn connect_leader(
             (addr, r)
         });
     };
+    // A follower that knows no live leader is asked again shortly: an election
+    // ends within about a second, and a client started meanwhile should just work.
+    let again =
+        |attempts: &mut tokio::task::JoinSet<_>, addr: SocketAddr, conn: quinn::Connection| {
+            attempts.spawn(async move {
+                tokio::time::sleep(REQUERY).await;
+                let r = query(&conn).await.map(|info| (conn, info));
+                (addr, r)
+            });
+        };
     for a in addrs {
         if tried.insert(*a) {
             dial(&mut attempts, *a);
         }
     }
     let mut failures = Vec::new();
-    let mut followers = Vec::new();
+    let mut followers = std::collections::BTreeMap::new();
     while let Some(done) = attempts.join_next().await {
         let Ok((addr, r)) = done else { continue };
         match r {
@@ -107,24 +123,35 @@ pub async fn connect_leader(
                 return Ok(Leader { conn, addr, info });
             }
             Ok((conn, info)) => {
-                conn.close(0u32.into(), b"not the leader");
-                if let Ok(hint) = tls::resolve(&info.leader_quic) {
-                    if tried.insert(hint) {
-                        dial(&mut attempts, hint);
-                    }
+                followers.insert(
+                    addr,
+                    format!(
+                        "{addr} follows ({})",
+                        if info.leader_quic.is_empty() {
+                            "no leader yet".to_string()
+                        } else {
+                            format!("leader {}", info.leader_quic)
+                        }
+                    ),
+                );
+                let hint = tls::resolve(&info.leader_quic).ok();
+                match hint {
+                    Some(h) if follow && tried.insert(h) => dial(&mut attempts, h),
+                    _ => {}
                 }
-                followers.push(format!(
-                    "{addr} follows ({})",
-                    if info.leader_quic.is_empty() {
-                        "no leader yet".to_string()
-                    } else {
-                        format!("leader {}", info.leader_quic)
-                    }
-                ));
+                if tokio::time::Instant::now() + REQUERY < deadline {
+                    again(&mut attempts, addr, conn);
+                } else {
+                    conn.close(0u32.into(), b"not the leader");
+                }
             }
-            Err(e) => failures.push((addr, e)),
+            Err(e) => {
+                followers.remove(&addr);
+                failures.push((addr, e));
+            }
         }
     }
+    let followers: Vec<String> = followers.into_values().collect();
     if followers.is_empty() && failures.len() == 1 {
         // One master, unreachable: its own words say it best.
         return Err(failures.remove(0).1);

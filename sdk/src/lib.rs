@@ -131,6 +131,11 @@ pub struct ClientConfig {
     /// `http://host:port` of the master's HTTP server (functions), when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<String>,
+    /// Talk to the configured master(s) only, never to a leader they name: for a
+    /// framework that belongs beside one master (the functions gateway), which
+    /// waits while its master follows.
+    #[serde(skip)]
+    pub local_only: bool,
     /// The file this configuration was read from. A client that cannot reach the
     /// master reads it again before each new attempt, so a master that came back on
     /// another address (and wrote it there) is found.
@@ -313,8 +318,13 @@ impl Client {
         let masters = cfg.master_addrs()?;
         let id = Identity::load(&cfg.ca, &cfg.cert, &cfg.key)?;
         let endpoint = tls::client_endpoint(masters[0], &id)?;
-        let leader =
-            agora_net::leader::connect_leader(&endpoint, &masters, tls::CONNECT_TIMEOUT).await?;
+        let leader = agora_net::leader::connect_leader(
+            &endpoint,
+            &masters,
+            tls::CONNECT_TIMEOUT,
+            !cfg.local_only,
+        )
+        .await?;
         Ok(Client {
             link: std::sync::Arc::new(session::Link::new(
                 endpoint,
@@ -322,6 +332,7 @@ impl Client {
                 leader.addr,
                 leader.conn,
                 cfg.source.clone(),
+                !cfg.local_only,
             )),
             master: leader.addr,
         })

@@ -35,6 +35,8 @@ pub(crate) struct Link {
     masters: std::sync::Mutex<Vec<SocketAddr>>,
     /// The configuration file, read again when no master can be reached.
     config: Option<std::path::PathBuf>,
+    /// Follow a master's word on who leads to an address not configured.
+    follow: bool,
     conn: std::sync::Mutex<quinn::Connection>,
     /// One redial at a time; the others use its result.
     redial: tokio::sync::Mutex<()>,
@@ -47,6 +49,7 @@ impl Link {
         leader: SocketAddr,
         conn: quinn::Connection,
         config: Option<std::path::PathBuf>,
+        follow: bool,
     ) -> Link {
         let mut masters = masters;
         if !masters.contains(&leader) {
@@ -56,6 +59,7 @@ impl Link {
             endpoint,
             masters: std::sync::Mutex::new(masters),
             config,
+            follow,
             conn: std::sync::Mutex::new(conn),
             redial: tokio::sync::Mutex::new(()),
         }
@@ -104,8 +108,13 @@ impl Link {
         }
         broken.close(0u32.into(), b"reconnecting");
         let masters = self.masters();
-        let fresh = match leader::connect_leader(&self.endpoint, &masters, tls::CONNECT_TIMEOUT)
-            .await
+        let fresh = match leader::connect_leader(
+            &self.endpoint,
+            &masters,
+            tls::CONNECT_TIMEOUT,
+            self.follow,
+        )
+        .await
         {
             Ok(l) => l.conn,
             Err(e) => {
@@ -114,8 +123,13 @@ impl Link {
                     return Err(e.into());
                 };
                 tracing::info!(from = ?masters, to = ?moved, "the client configuration names other master addresses; dialling them");
-                let l =
-                    leader::connect_leader(&self.endpoint, &moved, tls::CONNECT_TIMEOUT).await?;
+                let l = leader::connect_leader(
+                    &self.endpoint,
+                    &moved,
+                    tls::CONNECT_TIMEOUT,
+                    self.follow,
+                )
+                .await?;
                 *self.masters.lock().unwrap_or_else(|e| e.into_inner()) = moved;
                 l.conn
             }
@@ -235,6 +249,9 @@ fn settle_state_write(ev: v1::Event, waiters: &StateWaiters) -> Option<v1::Event
 
 /// Silence after which the master (or the path to it) counts as gone.
 fn silence_limit(sub: &v1::Subscribed) -> Duration {
+    if sub.master_silence_ms > 0 {
+        return Duration::from_millis(sub.master_silence_ms.clamp(500, 600_000));
+    }
     // An interval of 0: the master sends no heartbeats; no limit then.
     Duration::from_millis(if sub.heartbeat_interval_ms == 0 {
         365 * 86_400_000

@@ -52,6 +52,9 @@ pub struct CoreConfig {
     /// Offers smaller than every one of these are not made (Mesos's
     /// --min_allocatable_resources); None: the allocator's default.
     pub min_allocatable: Option<Vec<Resources>>,
+    /// Told to agents and frameworks: how long a silent master counts as gone (0:
+    /// their own rule). Short in a replicated group, to find a new leader fast.
+    pub master_silence_ms: u64,
 }
 
 impl Default for CoreConfig {
@@ -68,6 +71,7 @@ impl Default for CoreConfig {
             framework_heartbeat_ms: 5_000,
             agent_reregister_ms: 20_000,
             min_allocatable: None,
+            master_silence_ms: 0,
         }
     }
 }
@@ -598,6 +602,7 @@ impl MasterCore {
                 msg: Some(master_to_agent::Msg::Registered(AgentRegistered {
                     agent_id,
                     heartbeat_interval_ms: self.cfg.heartbeat_interval_ms,
+                    master_silence_ms: self.cfg.master_silence_ms,
                 })),
             },
         ));
@@ -1078,6 +1083,7 @@ impl MasterCore {
                     state: self.framework_state_of(&id),
                     framework_id: id,
                     heartbeat_interval_ms: self.cfg.framework_heartbeat_ms,
+                    master_silence_ms: self.cfg.master_silence_ms,
                 })),
             },
         ));

@@ -337,6 +337,7 @@ fn registered(conn: ConnId, agent_id: &str) -> Output {
         master_to_agent::Msg::Registered(v1::AgentRegistered {
             agent_id: agent_id.into(),
             heartbeat_interval_ms: 1_000,
+            master_silence_ms: 0,
         }),
     )
 }
@@ -348,6 +349,7 @@ fn subscribed(conn: ConnId, fid: &str) -> Output {
             framework_id: fid.into(),
             heartbeat_interval_ms: 0, // no HEARTBEAT events (see `Master::new`)
             state: vec![],
+            master_silence_ms: 0,
         }),
     )
 }
@@ -4501,6 +4503,7 @@ fn subscribed_returns_the_frameworks_state_after_a_restart() {
             event::Event::Subscribed(v1::Subscribed {
                 framework_id: fid,
                 heartbeat_interval_ms: 0,
+                master_silence_ms: 0,
                 state: vec![
                     v1::StateEntry {
                         key: "function/a".into(),

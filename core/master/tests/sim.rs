@@ -91,6 +91,7 @@ fn master_cfg(incarnation: u64) -> CoreConfig {
         framework_heartbeat_ms: 0,
         agent_reregister_ms: 4_000,
         min_allocatable: None,
+        master_silence_ms: 0,
     }
 }
 

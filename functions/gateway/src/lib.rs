@@ -144,6 +144,7 @@ impl Gateway {
             // and never follows another (two gateways would fight over one id).
             master: dial.to_string(),
             masters: Vec::new(),
+            local_only: true,
             ca: fc.ca.clone(),
             cert: fc.client_cert.clone(),
             key: fc.client_key.clone(),

@@ -32,6 +32,9 @@ pub fn config() -> openraft::Config {
         enable_pre_vote: Some(true),
         quorum_loss_probe_interval: Some(2 * ELECTION_MAX_MS),
         snapshot_policy: SnapshotPolicy::LogsSinceLast(5000),
+        // openraft bounds each step of a snapshot transfer (dial, each chunk, the
+        // reply) by this, in ms; its default of 200 is too short for a busy disk.
+        install_snapshot_timeout: 3000,
         max_in_snapshot_log_to_keep: 1000,
         // A batch of registry ops is at most about 1 MiB; 32 of them stay well under
         // the 64 MiB a Raft frame may carry.
@@ -77,6 +80,41 @@ where
         path: path.clone(),
         cause: e.to_string(),
     })?;
+    if initialized && members.len() > 1 {
+        // The log's membership must be the one the operator gave.
+        use openraft::async_runtime::WatchReceiver as _;
+        let m = raft.metrics().borrow_watched().clone();
+        let have: BTreeMap<u64, String> = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .map(|id| {
+                let quic = m
+                    .membership_config
+                    .get_node(&id)
+                    .map(|n| n.quic.clone())
+                    .unwrap_or_default();
+                (id, quic)
+            })
+            .collect();
+        let given: BTreeMap<u64, String> = members
+            .iter()
+            .map(|(id, n)| (*id, n.quic.clone()))
+            .collect();
+        if have != given {
+            let _ = raft.shutdown().await;
+            let show = |m: &BTreeMap<u64, String>| {
+                m.iter()
+                    .map(|(id, a)| format!("{id}={a}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            return Err(Error::PeersDiffer {
+                given: show(&given),
+                have: show(&have),
+            });
+        }
+    }
     if !initialized && members.len() == 1 && members.contains_key(&owner.node) {
         raft.initialize(members)
             .await
@@ -185,72 +223,4 @@ pub fn leading(m: &openraft::RaftMetrics<Agora>) -> Leading {
         }
     }
     Leading::Yes(m.current_term)
-}
-
-/// The network of a group of one: it has no peer to call. Should the membership
-/// name another master, every RPC to it fails as unreachable (and openraft backs
-/// off).
-#[derive(Clone, Default)]
-pub struct NoPeers;
-
-#[derive(Debug)]
-struct NoPeer(u64);
-
-impl std::fmt::Display for NoPeer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "master {} is not reachable from a group of one", self.0)
-    }
-}
-
-impl std::error::Error for NoPeer {}
-
-impl RaftNetworkFactory<Agora> for NoPeers {
-    type Network = NoPeerClient;
-
-    async fn new_client(&mut self, target: u64, _node: &MasterNode) -> NoPeerClient {
-        NoPeerClient(target)
-    }
-}
-
-pub struct NoPeerClient(u64);
-
-type RpcError = openraft::errors::RPCError<Agora>;
-
-impl openraft::network::v2::RaftNetworkV2<Agora> for NoPeerClient {
-    type SnapshotData = SnapshotData;
-
-    async fn append_entries(
-        &mut self,
-        _rpc: openraft::raft::AppendEntriesRequest<Agora>,
-        _option: openraft::network::RPCOption,
-    ) -> Result<openraft::raft::AppendEntriesResponse<Agora>, RpcError> {
-        Err(RpcError::Unreachable(openraft::errors::Unreachable::new(
-            &NoPeer(self.0),
-        )))
-    }
-
-    async fn vote(
-        &mut self,
-        _rpc: openraft::raft::VoteRequest<Agora>,
-        _option: openraft::network::RPCOption,
-    ) -> Result<openraft::raft::VoteResponse<Agora>, RpcError> {
-        Err(RpcError::Unreachable(openraft::errors::Unreachable::new(
-            &NoPeer(self.0),
-        )))
-    }
-
-    async fn full_snapshot(
-        &mut self,
-        _vote: Vote,
-        _snapshot: Snapshot,
-        _cancel: impl std::future::Future<Output = openraft::errors::ReplicationClosed>
-            + openraft::OptionalSend
-            + 'static,
-        _option: openraft::network::RPCOption,
-    ) -> Result<openraft::raft::SnapshotResponse<Agora>, openraft::errors::StreamingError<Agora>>
-    {
-        Err(openraft::errors::StreamingError::Unreachable(
-            openraft::errors::Unreachable::new(&NoPeer(self.0)),
-        ))
-    }
 }

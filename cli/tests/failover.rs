@@ -1,0 +1,325 @@
+//! Replicated masters (issue 12): three `agora master` processes in one Raft group,
+//! an agent and frameworks that know all three; the leader is killed with `kill -9`
+//! while tasks run, and the group goes on without anyone stepping in.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Free loopback UDP ports (bound, then released: masters must know each other's
+/// addresses before any of them starts).
+fn free_udp_ports(n: usize) -> Vec<u16> {
+    let socks: Vec<std::net::UdpSocket> = (0..n)
+        .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    socks
+        .iter()
+        .map(|s| s.local_addr().unwrap().port())
+        .collect()
+}
+
+struct Group {
+    dir: tempfile::TempDir,
+    certs: PathBuf,
+    addrs: Vec<String>,
+    masters: Vec<Option<Proc>>,
+    agent: Option<Proc>,
+}
+
+impl Group {
+    fn start() -> Group {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        let addrs: Vec<String> = free_udp_ports(3)
+            .into_iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let mut init = Command::new(AGORA);
+        init.args(["certs", "init"]).arg(&certs);
+        for a in &addrs {
+            init.args(["--master", a]);
+        }
+        let o = run_bounded(&mut init, 60);
+        assert_eq!(code(&o), 0, "{}", stderr(&o));
+        let mut g = Group {
+            masters: Vec::new(),
+            agent: None,
+            dir,
+            certs,
+            addrs,
+        };
+        for id in 1..=3 {
+            g.masters.push(Some(g.master(id)));
+        }
+        let mut a = Command::new(AGORA);
+        a.args(["agent", "--master", &g.addrs.join(","), "--certs"])
+            .arg(&g.certs)
+            .arg("--work-dir")
+            .arg(g.dir.path().join("agent"))
+            .args(["--resources", "cpus:8;mem:8GiB", "--http", "127.0.0.1:0"]);
+        g.agent = Some(Proc::start(a, |l| l.starts_with("agent offering")).0);
+        g
+    }
+
+    fn peers(&self) -> String {
+        self.addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{}={a}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn master(&self, id: usize) -> Proc {
+        let mut m = Command::new(AGORA);
+        m.args(["master", "--id", &id.to_string(), "--peers", &self.peers()])
+            .args(["--listen", &self.addrs[id - 1], "--http", "127.0.0.1:0"])
+            .arg("--certs")
+            .arg(&self.certs)
+            .arg("--data-dir")
+            .arg(self.dir.path().join(format!("master{id}")));
+        Proc::start(m, |l| l.starts_with("master listening on ")).0
+    }
+
+    fn config(&self) -> PathBuf {
+        self.certs.join("client.json")
+    }
+
+    fn client(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(AGORA);
+        c.args(args)
+            .env("AGORA_CONFIG", self.config())
+            .env_remove("AGORA_MASTER")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    }
+
+    /// The leader's id, as `agora masters` reports it, once there is one.
+    fn leader(&self) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let o = run_bounded(&mut self.client(&["masters"]), 30);
+            if let Some(id) = stdout(&o)
+                .lines()
+                .find(|l| l.split_whitespace().nth(2) == Some("leader"))
+                .and_then(|l| l.split_whitespace().next()?.parse().ok())
+            {
+                return id;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no leader within 60 s:\n{}{}",
+                stdout(&o),
+                stderr(&o)
+            );
+            std::thread::sleep(Duration::from_millis(50)); // poll interval
+        }
+    }
+
+    fn kill(&mut self, id: usize) -> Instant {
+        let mut p = self.masters[id - 1].take().expect("that master runs");
+        p.child.kill().unwrap();
+        let at = Instant::now();
+        p.child.wait().unwrap();
+        at
+    }
+}
+
+fn read_out(child: &mut Child) -> String {
+    let mut printed = String::new();
+    if let Some(mut s) = child.stdout.take() {
+        use std::io::Read;
+        let _ = s.read_to_string(&mut printed);
+    }
+    printed
+}
+
+fn waiting_runs(g: &Group, go: &Path, n: usize) -> Vec<Child> {
+    (0..n)
+        .map(|i| {
+            let script = format!(
+                "while [ ! -e {} ]; do sleep 0.05; done; echo run {i} survived; exit {}",
+                go.display(),
+                i % 3
+            );
+            spawn_tied_to_process(g.client(&[
+                "run",
+                "--name",
+                &format!("held-{i}"),
+                "--cpus",
+                "0.05",
+                "--mem",
+                "16MiB",
+                "--command",
+                &script,
+            ]))
+        })
+        .collect()
+}
+
+#[test]
+fn the_leader_killed_while_tasks_run_is_replaced_and_every_run_ends() {
+    let mut g = Group::start();
+    let first = g.leader();
+    // A task through the group before anything goes wrong.
+    let o = run_bounded(
+        &mut g.client(&["run", guest("hello").to_str().unwrap(), "--", "before"]),
+        120,
+    );
+    assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
+
+    let go = g.dir.path().join("go");
+    let runs = 10;
+    let mut children = waiting_runs(&g, &go, runs);
+    let running = || {
+        let o = run_bounded(&mut g.client(&["ps"]), 60);
+        stdout(&o)
+            .lines()
+            .filter(|l| l.contains("held-") && l.contains("RUNNING"))
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while running() < runs {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {runs} tasks ran",
+            running()
+        );
+        std::thread::sleep(Duration::from_millis(200)); // poll interval
+    }
+
+    let killed_at = g.kill(first);
+    // A new task, submitted right after the kill: its client waits through the
+    // election and launches through the new leader (offers are made again).
+    let o = run_bounded(
+        &mut g.client(&["run", guest("hello").to_str().unwrap(), "--", "after"]),
+        120,
+    );
+    let launched = killed_at.elapsed();
+    assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("after"), "{}", stdout(&o));
+    let second = g.leader();
+    assert_ne!(second, first, "a surviving master leads");
+    eprintln!(
+        "failover: master {first} killed; a task submitted at once finished {} ms after the kill, through master {second}",
+        launched.as_millis()
+    );
+
+    // The tasks started before the kill all ran on, and every run reports its end.
+    std::fs::write(&go, b"").unwrap();
+    for (i, run) in children.iter_mut().enumerate() {
+        let out = wait_child(run, 120);
+        let printed = read_out(run);
+        assert!(
+            printed.contains(&format!("run {i} survived")),
+            "run {i} printed {printed:?}; stderr {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some((i % 3) as i32), "run {i}");
+    }
+
+    // Nothing ran twice: each held task appears once in the history.
+    let ps = stdout(&run_bounded(&mut g.client(&["ps", "--all"]), 60));
+    for i in 0..runs {
+        let rows = ps
+            .lines()
+            .filter(|l| l.split_whitespace().any(|w| w == format!("held-{i}")))
+            .count();
+        assert_eq!(rows, 1, "held-{i} in `ps --all`:\n{ps}");
+    }
+
+    // The killed master comes back as a follower and catches up.
+    g.masters[first - 1] = Some(g.master(first));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let o = run_bounded(&mut g.client(&["masters"]), 30);
+        let out = stdout(&o);
+        let row = out
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(&first.to_string()))
+            .unwrap_or_default()
+            .to_string();
+        let fields: Vec<&str> = row.split_whitespace().collect();
+        if fields.get(2) == Some(&"follower") && fields.get(6) == Some(&"0") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "master {first} did not catch up as a follower:\n{out}"
+        );
+        std::thread::sleep(Duration::from_millis(100)); // poll interval
+    }
+    assert_eq!(
+        g.leader(),
+        second,
+        "the returning master did not depose the leader"
+    );
+}
+
+#[test]
+fn a_master_whose_peers_disagree_with_its_log_refuses_to_start() {
+    let mut g = Group::start();
+    g.leader();
+    // Master 3 stopped, then started with a list that names another member.
+    g.kill(3);
+    let mut peers = g.peers();
+    peers = peers.replace(&format!("3={}", g.addrs[2]), "3=127.0.0.1:1");
+    let mut m = Command::new(AGORA);
+    m.args(["master", "--id", "3", "--peers", &peers])
+        .args(["--listen", &g.addrs[2], "--http", "127.0.0.1:0"])
+        .arg("--certs")
+        .arg(&g.certs)
+        .arg("--data-dir")
+        .arg(g.dir.path().join("master3"))
+        .env("AGORA_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = spawn_tied_to_process(m);
+    let out = wait_child(&mut child, 60);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "it started: {err}");
+    assert!(
+        err.contains("disagree with the group's membership"),
+        "{err}"
+    );
+    assert!(
+        err.contains("3=127.0.0.1:1"),
+        "names what it was given: {err}"
+    );
+    assert!(
+        err.contains(&format!("3={}", g.addrs[2])),
+        "names what the log says: {err}"
+    );
+
+    // Ids that are not in the list are refused before anything starts.
+    let o = run_bounded(
+        Command::new(AGORA)
+            .args(["master", "--id", "7", "--peers", &g.peers()])
+            .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+            .arg("--certs")
+            .arg(&g.certs)
+            .arg("--data-dir")
+            .arg(g.dir.path().join("master7")),
+        60,
+    );
+    assert_ne!(code(&o), 0);
+    assert!(
+        stderr(&o).contains("--id 7 is not among --peers"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run_bounded(
+        Command::new(AGORA)
+            .args(["master", "--peers", "1=nowhere", "--certs"])
+            .arg(&g.certs),
+        60,
+    );
+    assert_ne!(code(&o), 0);
+    assert!(stderr(&o).contains("--peers: 1=nowhere"), "{}", stderr(&o));
+}
