@@ -194,6 +194,28 @@ fn the_leader_killed_while_tasks_run_is_replaced_and_every_run_ends() {
         std::thread::sleep(Duration::from_millis(200)); // poll interval
     }
 
+    // The module uploaded to the leader is on every master.
+    let artifacts = |id: usize| -> Vec<String> {
+        let mut v: Vec<String> =
+            std::fs::read_dir(g.dir.path().join(format!("master{id}/artifacts")))
+                .map(|d| {
+                    d.filter_map(|e| e.ok())
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .filter(|n| n.len() == 64)
+                        .collect()
+                })
+                .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let uploaded = artifacts(first);
+    assert!(!uploaded.is_empty(), "the leader stored the module");
+    // A majority held it before the upload was answered; the third copy may still
+    // be on its way.
+    wait_until("every master to hold the leader's artifacts", || {
+        (1..=3).all(|id| artifacts(id) == uploaded)
+    });
+
     let killed_at = g.kill(first);
     // A new task, submitted right after the kill: its client waits through the
     // election and launches through the new leader (offers are made again).

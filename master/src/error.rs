@@ -84,6 +84,15 @@ pub enum Error {
          fix --peers, or change the group with `agora masters add|remove`"
     )]
     PeersDiffer { given: String, have: String },
+    #[error("the master has no artifact {0}")]
+    ArtifactMissing(String),
+    #[error("copying an artifact between masters: {0}")]
+    PeerCopy(String),
+    #[error(
+        "the upload is stored on {have} of {of} masters, and {need} must hold it so that it \
+         survives the leader's loss: are masters down? (`agora masters`); upload it again"
+    )]
+    NotReplicated { have: usize, need: usize, of: usize },
     /// A peer opened a stream this master does not know.
     #[error("stream opened with an unknown kind (newer client?)")]
     UnknownStream,

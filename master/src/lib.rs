@@ -18,6 +18,7 @@ pub mod artifacts;
 mod error;
 pub mod raft;
 pub mod registry;
+mod replicate;
 pub mod server;
 
 pub use error::{Error, Result};

@@ -468,6 +468,10 @@ pub async fn start(cfg: MasterConfig) -> Result<MasterHandle> {
         let shared = shared.clone();
         let node = node.clone();
         let cluster: Arc<str> = owner.cluster.clone().into();
+        let replicas = crate::replicate::Replicas {
+            node: node.clone(),
+            identity: cfg.identity.clone(),
+        };
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
                 let ctx = Ctx {
@@ -475,6 +479,7 @@ pub async fn start(cfg: MasterConfig) -> Result<MasterHandle> {
                     shared: shared.clone(),
                     node: node.clone(),
                     cluster: cluster.clone(),
+                    replicas: replicas.clone(),
                     store: store.clone(),
                     next_conn: next_conn.clone(),
                 };
@@ -685,6 +690,8 @@ struct Ctx {
     node: Node,
     /// The cluster's name in Raft RPCs (its CA's hash).
     cluster: Arc<str>,
+    /// Copies artifacts to and from the other masters.
+    replicas: crate::replicate::Replicas,
     /// Where `agora fn` requests go, when a functions framework runs beside us.
     functions: Option<Arc<dyn FunctionsDoor>>,
     store: ArtifactStore,
@@ -771,15 +778,24 @@ impl Ctx {
                         })
                         .await
                     }
+                    // Another master copying an artifact: served by every master.
+                    Some(stream_open::Kind::Put(p)) if role == Some(Role::Master) => {
+                        ctx.clone().put(p, send, recv, true).await
+                    }
+                    Some(stream_open::Kind::Get(g)) if role == Some(Role::Master) => {
+                        ctx.clone().get(g, send, true).await
+                    }
                     Some(stream_open::Kind::Put(p)) => {
                         ctx.require(&conn, role, Role::Client, send, |s| {
-                            ctx.clone().put(p, s, recv)
+                            ctx.clone().put(p, s, recv, false)
                         })
                         .await
                     }
                     Some(stream_open::Kind::Get(g)) => {
-                        ctx.require(&conn, role, Role::Agent, send, |s| ctx.clone().get(g, s))
-                            .await
+                        ctx.require(&conn, role, Role::Agent, send, |s| {
+                            ctx.clone().get(g, s, false)
+                        })
+                        .await
                     }
                     // Anyone may ask who leads.
                     Some(stream_open::Kind::Leader(_)) => ctx.leader_info(send).await,
@@ -1256,7 +1272,15 @@ impl Ctx {
         Ok(data)
     }
 
-    async fn put(self, p: v1::ArtifactPut, mut send: Send, mut recv: Recv) -> Result<()> {
+    /// An upload: from a client to the leader, which copies it to a majority of the
+    /// group before it answers; or from the leader to this master (`from_peer`).
+    async fn put(
+        self,
+        p: v1::ArtifactPut,
+        mut send: Send,
+        mut recv: Recv,
+        from_peer: bool,
+    ) -> Result<()> {
         let reply = |error: String, present: bool| ArtifactHeader {
             sha256: p.sha256.clone(),
             size: p.size,
@@ -1290,10 +1314,13 @@ impl Ctx {
             return Ok(send.finish()?);
         }
         if self.store.path(&p.sha256).is_some() {
-            self.lock().feed(Input::ArtifactStored {
-                sha256: p.sha256.clone(),
-            });
-            write_frame(&mut send, &reply(String::new(), true)).await?;
+            let err = self.replicate(&p.sha256, from_peer).await;
+            if err.is_empty() {
+                self.lock().feed(Input::ArtifactStored {
+                    sha256: p.sha256.clone(),
+                });
+            }
+            write_frame(&mut send, &reply(err, true)).await?;
             return Ok(send.finish()?);
         }
         write_frame(&mut send, &reply(String::new(), false)).await?;
@@ -1302,10 +1329,13 @@ impl Ctx {
                 .await;
         let err = match &r {
             Ok(()) => {
-                self.lock().feed(Input::ArtifactStored {
-                    sha256: p.sha256.clone(),
-                });
-                String::new()
+                let err = self.replicate(&p.sha256, from_peer).await;
+                if err.is_empty() {
+                    self.lock().feed(Input::ArtifactStored {
+                        sha256: p.sha256.clone(),
+                    });
+                }
+                err
             }
             Err(e) => format!("upload refused: {e:#}"),
         };
@@ -1314,7 +1344,33 @@ impl Ctx {
         Ok(r?)
     }
 
-    async fn get(self, g: v1::ArtifactGet, mut send: Send) -> Result<()> {
+    /// Copies an upload to the group (unless it came from a peer); the error a
+    /// client sees, or empty.
+    async fn replicate(&self, sha: &str, from_peer: bool) -> String {
+        if from_peer || !self.replicas.replicated() {
+            return String::new();
+        }
+        match self.replicas.push(&self.store, sha).await {
+            Ok(()) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// A download: by an agent from the leader (which fetches from a peer what it
+    /// lacks), or by another master (`from_peer`: only what this one holds).
+    async fn get(self, g: v1::ArtifactGet, mut send: Send, from_peer: bool) -> Result<()> {
+        if !from_peer
+            && self.store.path(&g.sha256).is_none()
+            && agora_proto::is_sha256_hex(&g.sha256)
+            && self.replicas.replicated()
+        {
+            match self.replicas.fetch(&self.store, &g.sha256).await {
+                Ok(()) => self.lock().feed(Input::ArtifactStored {
+                    sha256: g.sha256.clone(),
+                }),
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
         let Some(path) = self.store.path(&g.sha256) else {
             let h = ArtifactHeader {
                 sha256: g.sha256.clone(),
