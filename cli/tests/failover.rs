@@ -177,22 +177,11 @@ fn the_leader_killed_while_tasks_run_is_replaced_and_every_run_ends() {
     let go = g.dir.path().join("go");
     let runs = 10;
     let mut children = waiting_runs(&g, &go, runs);
-    let running = || {
-        let o = run_bounded(&mut g.client(&["ps"]), 60);
-        stdout(&o)
-            .lines()
-            .filter(|l| l.contains("held-") && l.contains("RUNNING"))
-            .count()
-    };
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while running() < runs {
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {runs} tasks ran",
-            running()
-        );
-        std::thread::sleep(Duration::from_millis(200)); // poll interval
-    }
+    wait_running(
+        || stdout(&run_bounded(&mut g.client(&["ps"]), 60)),
+        "held-",
+        runs,
+    );
 
     // The module uploaded to the leader is on every master.
     let artifacts = |id: usize| -> Vec<String> {
@@ -344,4 +333,69 @@ fn a_master_whose_peers_disagree_with_its_log_refuses_to_start() {
     );
     assert_ne!(code(&o), 0);
     assert!(stderr(&o).contains("--peers: 1=nowhere"), "{}", stderr(&o));
+}
+
+/// SIGSTOP stands in for a cut: the stopped masters neither answer nor time out.
+fn signal(p: &Proc, sig: i32) {
+    unsafe { libc::kill(p.child.id() as i32, sig) };
+}
+
+#[test]
+fn a_leader_without_a_majority_stops_serving_and_a_leader_returns_with_it() {
+    let g = Group::start();
+    let leader = g.leader();
+    let go = g.dir.path().join("go");
+    let mut held = waiting_runs(&g, &go, 1);
+    wait_until("the held task to run", || {
+        let o = run_bounded(&mut g.client(&["ps"]), 60);
+        stdout(&o)
+            .lines()
+            .any(|l| l.contains("held-0") && l.contains("RUNNING"))
+    });
+
+    // Both followers stop: the leader hears no majority.
+    let followers: Vec<usize> = (1..=3).filter(|i| *i != leader).collect();
+    for f in &followers {
+        signal(g.masters[f - 1].as_ref().unwrap(), libc::SIGSTOP);
+    }
+    let cut = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let said = loop {
+        let o = run_bounded(&mut g.client(&["masters"]), 30);
+        let row = stdout(&o)
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(&leader.to_string()))
+            .unwrap_or_default()
+            .to_string();
+        if code(&o) == 1 && row.split_whitespace().nth(2) == Some("follower") {
+            break stderr(&o);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cut-off leader still leads:\n{}{}",
+            stdout(&o),
+            stderr(&o)
+        );
+    };
+    eprintln!(
+        "quorum lost: the old leader had stopped leading {} ms after the cut (an upper bound: each `agora masters` waits 3 s for the stopped masters)",
+        cut.elapsed().as_millis()
+    );
+    assert!(said.contains("no master leads"), "{said}");
+
+    // The majority returns: a leader again, and the task that ran meanwhile ends
+    // normally, reported to its waiting run.
+    for f in &followers {
+        signal(g.masters[f - 1].as_ref().unwrap(), libc::SIGCONT);
+    }
+    g.leader();
+    std::fs::write(&go, b"").unwrap();
+    let out = wait_child(&mut held[0], 120);
+    let printed = read_out(&mut held[0]);
+    assert!(
+        printed.contains("run 0 survived"),
+        "printed {printed:?}; stderr {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0));
 }

@@ -867,22 +867,11 @@ fn dev_crash_and_restart(runs: usize, squat: bool) -> bool {
             ]))
         })
         .collect();
-    let running = || {
-        let o = run_bounded(&mut client(&["ps"]), 60);
-        stdout(&o)
-            .lines()
-            .filter(|l| l.contains("crash-") && l.contains("RUNNING"))
-            .count()
-    };
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while running() < runs {
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {runs} tasks ran",
-            running()
-        );
-        std::thread::sleep(Duration::from_millis(200)); // poll interval
-    }
+    wait_running(
+        || stdout(&run_bounded(&mut client(&["ps"]), 60)),
+        "crash-",
+        runs,
+    );
 
     // kill -9 of the whole cluster; the executors (separate processes) live on.
     first.child.kill().unwrap();

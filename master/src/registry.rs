@@ -405,12 +405,19 @@ fn migrate_v1(w: &redb::WriteTransaction, path: &Path) -> Result<(), redb::Error
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
-    fn ops() -> Vec<RegistryOp> {
+    /// One op of every kind (and bytes of every value in framework state), for the
+    /// registry's tests and the Raft store's and wire's.
+    pub(crate) fn ops() -> Vec<RegistryOp> {
         vec![
+            RegistryOp::PutFrameworkState {
+                framework_id: "f1".into(),
+                key: "k".into(),
+                value: vec![0, 1, 2, 255],
+            },
             RegistryOp::PutAgent {
                 agent_id: "a1".into(),
                 entry: AgentEntry {

@@ -637,10 +637,11 @@ impl Leadership {
         };
         match (verdict, s.core.is_some()) {
             (group::Leading::Yes(term), false) => {
-                let core = self.rebuild(term, s.clock.read())?;
+                let epoch = s.outbox.epoch + 1;
+                let core = self.rebuild(term, epoch, s.clock.read())?;
                 s.core = Some(core);
                 s.outbox = Outbox {
-                    epoch: s.outbox.epoch + 1,
+                    epoch,
                     ..Outbox::default()
                 };
                 s.leader.leading = true;
@@ -658,11 +659,12 @@ impl Leadership {
     /// A fresh core from the registry as the group committed it: what the core does
     /// after a restart (frameworks come back disconnected; offers wait for the
     /// registry's agents to re-register).
-    fn rebuild(&self, term: u64, now: agora_master_core::Now) -> Result<MasterCore> {
-        // Ids the core hands out carry the term and this master's id, so that no two
-        // leaders hand out the same id.
+    fn rebuild(&self, term: u64, epoch: u64, now: agora_master_core::Now) -> Result<MasterCore> {
+        // Ids the core hands out carry the term, this master's id and how many times
+        // it has led in this process (a leader that lost its quorum and got it back
+        // leads again in the same term), so that no two cores hand out the same id.
         let mut core = MasterCore::new(CoreConfig {
-            id_prefix: format!("{}.{term:x}.{}", self.core.id_prefix, self.node.id),
+            id_prefix: format!("{}.{term:x}.{}.{epoch}", self.core.id_prefix, self.node.id),
             ..self.core.clone()
         });
         let registry = self.node.sm.registry();

@@ -36,12 +36,19 @@ where
     W: AsyncWrite + Unpin,
     M: Message,
 {
+    write_frame_limited(w, msg, MAX_FRAME).await
+}
+
+/// [`write_frame`] with another size limit (for peers that agree on larger frames,
+/// as masters do for Raft).
+pub async fn write_frame_limited<W, M>(w: &mut W, msg: &M, limit: usize) -> Result<(), FrameError>
+where
+    W: AsyncWrite + Unpin,
+    M: Message,
+{
     let len = msg.encoded_len();
-    if len > MAX_FRAME {
-        return Err(FrameError::TooLarge {
-            size: len,
-            limit: MAX_FRAME,
-        });
+    if len > limit {
+        return Err(FrameError::TooLarge { size: len, limit });
     }
     let mut buf = Vec::with_capacity(4 + len);
     buf.extend_from_slice(&(len as u32).to_be_bytes());

@@ -19,5 +19,6 @@ pub mod transfer;
 pub use clock::{unix_millis, Monotonic};
 pub use error::{Error, Result};
 pub use frame::{
-    read_frame, read_frame_limited, write_frame, write_queued, FrameBatch, FrameError, MAX_FRAME,
+    read_frame, read_frame_limited, write_frame, write_frame_limited, write_queued, FrameBatch,
+    FrameError, MAX_FRAME,
 };

@@ -268,6 +268,25 @@ pub fn wait_until(what: &str, check: impl Fn() -> bool) {
     }
 }
 
+/// Polls `ps` (which returns what `agora ps` printed) until `n` rows mention
+/// `name` and say RUNNING, for at most 90 s.
+pub fn wait_running(ps: impl Fn() -> String, name: &str, n: usize) {
+    let count = || {
+        ps().lines()
+            .filter(|l| l.contains(name) && l.contains("RUNNING"))
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while count() < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} of {n} {name} tasks ran",
+            count()
+        );
+        std::thread::sleep(Duration::from_millis(200)); // poll interval
+    }
+}
+
 /// Polls `agora ps` until a row matches; returns that row's task id.
 pub fn wait_for_task(c: &Cluster, pred: impl Fn(&str) -> bool) -> String {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);

@@ -37,7 +37,6 @@ use openraft::network::v2::RaftNetworkV2;
 use openraft::network::RPCOption;
 use openraft::{OptionalSend, RPCTypes, RaftNetworkFactory};
 use prost::Message;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::store::MAX_SNAPSHOT;
 use super::types::*;
@@ -57,28 +56,6 @@ const SNAPSHOT_PREALLOC: usize = 64 * 1024 * 1024;
 type RpcError = RPCError<Agora>;
 type SnapshotError = StreamingError<Agora>;
 type SnapshotResponse = openraft::raft::SnapshotResponse<Agora>;
-
-/// Writes one frame (the codec of `agora_net::frame`) with the Raft limit, which is
-/// above the default one `agora_net::write_frame` enforces.
-async fn write_raft_frame<W: AsyncWrite + Unpin, M: Message>(
-    w: &mut W,
-    msg: &M,
-) -> Result<(), FrameError> {
-    let len = msg.encoded_len();
-    if len > MAX_RAFT_FRAME {
-        return Err(FrameError::TooLarge {
-            size: len,
-            limit: MAX_RAFT_FRAME,
-        });
-    }
-    let mut buf = Vec::with_capacity(4 + len);
-    buf.extend_from_slice(&(len as u32).to_be_bytes());
-    msg.encode(&mut buf)
-        .expect("Vec has room for the encoded message");
-    w.write_all(&buf).await?;
-    w.flush().await?;
-    Ok(())
-}
 
 /// Resolves a member's QUIC address, off the runtime when it is a name.
 async fn resolve(addr: &str) -> agora_net::Result<SocketAddr> {
@@ -373,7 +350,7 @@ impl PeerClient {
                 addr: self.addr(),
                 cause,
             })?;
-        write_raft_frame(&mut send, open)
+        agora_net::write_frame_limited(&mut send, open, MAX_RAFT_FRAME)
             .await
             .map_err(|e| self.stream_error(rpc, e))?;
         let _ = send.finish();
@@ -522,7 +499,12 @@ async fn step_write<M: Message>(
     send: &mut quinn::SendStream,
     msg: &M,
 ) -> Result<(), Option<FrameError>> {
-    match tokio::time::timeout(ttl, write_raft_frame(send, msg)).await {
+    match tokio::time::timeout(
+        ttl,
+        agora_net::write_frame_limited(send, msg, MAX_RAFT_FRAME),
+    )
+    .await
+    {
         Ok(r) => r.map_err(Some),
         Err(_) => Err(None),
     }
@@ -677,7 +659,7 @@ pub async fn serve_rpc(
             reply: None,
         },
     };
-    write_raft_frame(&mut send, &reply)
+    agora_net::write_frame_limited(&mut send, &reply, MAX_RAFT_FRAME)
         .await
         .map_err(|e| Error::Net(e.into()))?;
     let _ = send.finish();
@@ -770,7 +752,7 @@ pub async fn serve_snapshot(
             error: e.to_string(),
         },
     };
-    write_raft_frame(&mut send, &reply)
+    agora_net::write_frame_limited(&mut send, &reply, MAX_RAFT_FRAME)
         .await
         .map_err(|e| Error::Net(e.into()))?;
     let _ = send.finish();

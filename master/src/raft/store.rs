@@ -586,7 +586,7 @@ impl RaftStateMachine<Agora> for RegistrySm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::{RegistryOp, RegistryStore};
+    use crate::registry::RegistryStore;
     use openraft::storage::RaftLogStorage;
     use openraft::testing::log::{StoreBuilder, Suite};
     use openraft::StorageError;
@@ -618,43 +618,6 @@ mod tests {
             .expect("openraft storage suite");
     }
 
-    fn ops() -> Vec<RegistryOp> {
-        use crate::registry::*;
-        vec![
-            RegistryOp::PutAgent {
-                agent_id: "a1".into(),
-                entry: AgentEntry {
-                    hostname: "h1".into(),
-                    unreachable: false,
-                    token: "t1".into(),
-                },
-            },
-            RegistryOp::PutFramework {
-                framework_id: "f1".into(),
-                entry: FrameworkEntry {
-                    name: "web".into(),
-                    roles: vec!["eng".into()],
-                    failover_ms: 60_000,
-                    offer_constraints: vec![],
-                    partition_aware: false,
-                },
-            },
-            RegistryOp::PutFrameworkState {
-                framework_id: "f1".into(),
-                key: "k".into(),
-                value: vec![0, 1, 2, 255],
-            },
-            RegistryOp::SetWeight {
-                role: "eng".into(),
-                weight: 2.5,
-            },
-            RegistryOp::RemoveFramework {
-                framework_id: "f2".into(),
-                removed_ms: 9,
-            },
-        ]
-    }
-
     fn entry(index: u64, payload: EntryPayload) -> Entry {
         Entry {
             log_id: openraft::testing::log_id::<Agora>(1, 1, index),
@@ -671,7 +634,7 @@ mod tests {
     async fn ops_applied_through_raft_give_the_registry_a_direct_commit_gives() {
         let direct = tempfile::tempdir().unwrap();
         let (mut store, _) = RegistryStore::open(direct.path()).unwrap();
-        let ops = ops();
+        let ops = crate::registry::tests::ops();
         store.commit(&ops[..2]).unwrap();
         store.commit(&ops[2..]).unwrap();
         drop(store);
@@ -715,7 +678,10 @@ mod tests {
         let (_, mut sm) = open(dir.path(), &owner()).unwrap();
         apply(
             &mut sm,
-            vec![entry(1, EntryPayload::Normal(RegistryBatch(ops())))],
+            vec![entry(
+                1,
+                EntryPayload::Normal(RegistryBatch(crate::registry::tests::ops())),
+            )],
         )
         .await;
         let before = sm.registry();
@@ -735,7 +701,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let (mut store, _) = RegistryStore::open(dir.path()).unwrap();
-            store.commit(&ops()).unwrap();
+            store.commit(&crate::registry::tests::ops()).unwrap();
             // As a layout-2 master left it: no Raft tables, version 2.
             let db = &store_db(&store);
             let w = db.begin_write().unwrap();
@@ -751,7 +717,7 @@ mod tests {
         }
         let (mut log, sm) = open(dir.path(), &owner()).unwrap();
         let mut want = Registry::default();
-        for op in ops() {
+        for op in crate::registry::tests::ops() {
             want.apply(&op);
         }
         assert_eq!(sm.registry(), want);

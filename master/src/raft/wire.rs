@@ -344,28 +344,6 @@ mod tests {
         .unwrap()
     }
 
-    fn ops() -> Vec<RegistryOp> {
-        vec![
-            RegistryOp::PutAgent {
-                agent_id: "a1".into(),
-                entry: AgentEntry {
-                    hostname: "h1".into(),
-                    unreachable: false,
-                    token: "t1".into(),
-                },
-            },
-            RegistryOp::PutFrameworkState {
-                framework_id: "f1".into(),
-                key: "k".into(),
-                value: vec![0, 1, 2, 255],
-            },
-            RegistryOp::SetWeight {
-                role: "eng".into(),
-                weight: 2.5,
-            },
-        ]
-    }
-
     /// Through protobuf bytes too, as it travels.
     fn via_bytes<M: Message + Default>(m: M) -> M {
         M::decode(m.encode_to_vec().as_slice()).unwrap()
@@ -394,7 +372,7 @@ mod tests {
                 },
                 Entry {
                     log_id: lid(3, 2, 11),
-                    payload: EntryPayload::Normal(RegistryBatch(ops())),
+                    payload: EntryPayload::Normal(RegistryBatch(crate::registry::tests::ops())),
                 },
                 Entry {
                     log_id: lid(3, 2, 12),
