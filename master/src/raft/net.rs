@@ -90,6 +90,9 @@ struct Link {
     peer: u64,
     addr: String,
     conn: tokio::sync::Mutex<Option<quinn::Connection>>,
+    /// The last RPC to the peer failed: logged once when it goes down, once when it
+    /// answers again (openraft's own warnings come ten a second).
+    down: AtomicBool,
 }
 
 impl MasterNet {
@@ -150,6 +153,7 @@ impl MasterNet {
                     peer,
                     addr: node.quic.clone(),
                     conn: tokio::sync::Mutex::new(None),
+                    down: AtomicBool::new(false),
                 });
                 links.insert(peer, l.clone());
                 l
@@ -269,8 +273,37 @@ impl PeerClient {
         }
     }
 
-    /// One RPC: a stream, the request, the reply, all within `ttl`.
+    /// One RPC (see `exchange_rpc`), noting when the peer stops or starts answering.
     async fn call(
+        &self,
+        rpc: Rpc,
+        name: &'static str,
+        action: RPCTypes,
+        ttl: Duration,
+    ) -> Result<Reply, RpcError> {
+        let r = self.exchange_rpc(rpc, name, action, ttl).await;
+        match &r {
+            Ok(_) => {
+                if self.link.down.swap(false, Ordering::Relaxed) {
+                    tracing::info!(peer = self.peer(), addr = %self.addr(), "master {} answers again", self.peer());
+                }
+            }
+            Err(e) => {
+                if !self.link.down.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        peer = self.peer(),
+                        addr = %self.addr(),
+                        "master {} does not answer ({e}); the group goes on while a majority does (`agora masters` shows it)",
+                        self.peer()
+                    );
+                }
+            }
+        }
+        r
+    }
+
+    /// One RPC: a stream, the request, the reply, all within `ttl`.
+    async fn exchange_rpc(
         &self,
         rpc: Rpc,
         name: &'static str,
