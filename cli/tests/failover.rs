@@ -85,6 +85,20 @@ impl Group {
         Proc::start(m, |l| l.starts_with("master listening on ")).0
     }
 
+    /// The HTTP address master `id` printed (its functions front door).
+    fn http(&self, id: usize) -> String {
+        let p = self.masters[id - 1].as_ref().expect("that master runs");
+        loop {
+            let l = p
+                .lines
+                .recv_timeout(Duration::from_secs(60))
+                .expect("the master prints its HTTP address");
+            if let Some(a) = l.strip_prefix("master serving functions on http://") {
+                return a.trim().to_string();
+            }
+        }
+    }
+
     fn config(&self) -> PathBuf {
         self.certs.join("client.json")
     }
@@ -167,6 +181,13 @@ fn waiting_runs(g: &Group, go: &Path, n: usize) -> Vec<Child> {
 fn the_leader_killed_while_tasks_run_is_replaced_and_every_run_ends() {
     let mut g = Group::start();
     let first = g.leader();
+    // A follower's HTTP front door does not pretend to know the functions: it says
+    // to retry, or to call the leader.
+    let follower = (1..=3).find(|i| *i != first).unwrap();
+    let r = http("GET", &g.http(follower), "/fn/anything/", b"");
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert!(r.body.contains("does not lead its group"), "{}", r.body);
     // A task through the group before anything goes wrong.
     let o = run_bounded(
         &mut g.client(&["run", guest("hello").to_str().unwrap(), "--", "before"]),

@@ -171,6 +171,14 @@ async fn forward(State(app): State<App>, request: Request) -> Response<Body> {
         .next()
         .unwrap_or("")
         .to_string();
+    if !app.functions.is_subscribed() {
+        // Its master does not serve it (yet): starting, or a follower of a group.
+        return retry_later(
+            StatusCode::SERVICE_UNAVAILABLE,
+            1,
+            "the functions framework beside this master has not subscribed: the master is starting, or it does not lead its group (see `agora masters`; call the leading master's HTTP address)\n".into(),
+        );
+    }
     if !app.functions.is_deployed(&name) {
         return plain(
             StatusCode::NOT_FOUND,

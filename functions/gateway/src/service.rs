@@ -411,6 +411,11 @@ impl Functions {
         self.lock().metrics_by_function().into_values().collect()
     }
 
+    /// The framework has subscribed (so it knows what is deployed).
+    pub fn is_subscribed(&self) -> bool {
+        self.store.borrow().is_some()
+    }
+
     pub fn is_deployed(&self, name: &str) -> bool {
         self.lock().planner.function(name).is_some()
     }
