@@ -157,22 +157,9 @@ fn read_out(child: &mut Child) -> String {
 fn waiting_runs(g: &Group, go: &Path, n: usize) -> Vec<Child> {
     (0..n)
         .map(|i| {
-            let script = format!(
-                "while [ ! -e {} ]; do sleep 0.05; done; echo run {i} survived; exit {}",
-                go.display(),
-                i % 3
-            );
-            spawn_tied_to_process(g.client(&[
-                "run",
-                "--name",
-                &format!("held-{i}"),
-                "--cpus",
-                "0.05",
-                "--mem",
-                "16MiB",
-                "--command",
-                &script,
-            ]))
+            let args = held_run_args("held", i, &go);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            spawn_tied_to_process(g.client(&args))
         })
         .collect()
 }

@@ -849,22 +849,9 @@ fn dev_crash_and_restart(runs: usize, squat: bool) -> bool {
     let go = dir.path().join("go");
     let mut children: Vec<Child> = (0..runs)
         .map(|i| {
-            let script = format!(
-                "while [ ! -e {} ]; do sleep 0.05; done; echo run {i} survived; exit {}",
-                go.display(),
-                i % 3
-            );
-            spawn_tied_to_process(client(&[
-                "run",
-                "--name",
-                &format!("crash-{i}"),
-                "--cpus",
-                "0.05",
-                "--mem",
-                "16MiB",
-                "--command",
-                &script,
-            ]))
+            let args = held_run_args("crash", i, &go);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            spawn_tied_to_process(client(&args))
         })
         .collect();
     wait_running(

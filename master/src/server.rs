@@ -106,7 +106,10 @@ struct Shared {
 /// of it (and of every input before it) is committed by the group.
 struct Held {
     seq: u64,
+    /// Its registry ops until they are proposed (then they are in the proposal).
     ops: Vec<RegistryOp>,
+    /// It had ops, so it waits for their commit (not only for those before it).
+    commits: bool,
     outs: Vec<Output>,
     proposed: bool,
     done: Option<oneshot::Sender<()>>,
@@ -133,6 +136,7 @@ impl Outbox {
         self.next_seq += 1;
         self.held.push_back(Held {
             seq: self.next_seq,
+            commits: !ops.is_empty(),
             ops,
             outs,
             proposed: false,
@@ -154,7 +158,7 @@ impl Outbox {
             }
             bytes += size;
             h.proposed = true;
-            ops.extend(h.ops.iter().cloned());
+            ops.append(&mut h.ops);
             last = Some(h.seq);
         }
         last.map(|seq| (ops, seq))
@@ -165,7 +169,7 @@ impl Outbox {
     fn release(&mut self, committed: u64) -> Vec<Held> {
         let mut out = Vec::new();
         while let Some(h) = self.held.front() {
-            if h.seq > committed && !h.ops.is_empty() {
+            if h.seq > committed && h.commits {
                 break;
             }
             out.extend(self.held.pop_front());
@@ -530,13 +534,22 @@ async fn bootstrap(node: Node, members: BTreeMap<u64, MasterNode>, identity: Ide
         return;
     }
     let mut last_said = std::time::Instant::now() - Duration::from_secs(10);
+    // One client endpoint per address family for every probe.
+    let mut endpoints: HashMap<bool, quinn::Endpoint> = HashMap::new();
     loop {
         let mut waiting = Vec::new();
         let mut existing = Vec::new();
         for (id, m) in members.iter().filter(|(id, _)| **id != node.id) {
             let answer = async {
                 let addr = tls::resolve(&m.quic)?;
-                let endpoint = tls::client_endpoint(addr, &identity)?;
+                let endpoint = match endpoints.get(&addr.is_ipv6()) {
+                    Some(e) => e.clone(),
+                    None => {
+                        let e = tls::client_endpoint(addr, &identity)?;
+                        endpoints.insert(addr.is_ipv6(), e.clone());
+                        e
+                    }
+                };
                 let conn = tls::connect_within(&endpoint, addr, Duration::from_secs(2)).await?;
                 let info = agora_net::leader::query(&conn).await;
                 conn.close(0u32.into(), b"bootstrap probe");

@@ -268,6 +268,29 @@ pub fn wait_until(what: &str, check: impl Fn() -> bool) {
     }
 }
 
+/// `agora run` arguments of a small native task `NAME-I` that waits until the file
+/// `go` exists, then prints `run I survived` and exits with I mod 3.
+pub fn held_run_args(name: &str, i: usize, go: &Path) -> Vec<String> {
+    let script = format!(
+        "while [ ! -e {} ]; do sleep 0.05; done; echo run {i} survived; exit {}",
+        go.display(),
+        i % 3
+    );
+    [
+        "run",
+        "--name",
+        &format!("{name}-{i}"),
+        "--cpus",
+        "0.05",
+        "--mem",
+        "16MiB",
+        "--command",
+        &script,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// Polls `ps` (which returns what `agora ps` printed) until `n` rows mention
 /// `name` and say RUNNING, for at most 90 s.
 pub fn wait_running(ps: impl Fn() -> String, name: &str, n: usize) {
