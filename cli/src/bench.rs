@@ -9,6 +9,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub mod failover;
 pub mod fn_load;
 
 use agora_proto::v1::{CommandInfo, ExecutorLaunch, TaskState, WasmModule};
@@ -43,6 +44,11 @@ pub enum BenchCmd {
     /// function runtime alone, and a process per request (wasm and native CGI) as
     /// baselines, in one run: req/s, p50 and p99 at each concurrency, and ratios.
     Fn(crate::fn_bench::FnBenchArgs),
+    /// Kill -9 of the leading master under load, N times, with the masters as
+    /// separate processes: time to the new leader's first offer and first task
+    /// launched, min/median/max, beside launch and registry-write latency with no
+    /// kill measured in the same run.
+    Failover(failover::FailoverArgs),
     /// Runs a module precompiled by `agora bench fn`'s wasm-process baseline once
     /// with this process's environment and stdio, like `wasmtime run`, and exits with
     /// the guest's code (one process per request of that baseline).
@@ -86,6 +92,7 @@ fn pct(sorted: &[u64], p: f64) -> u64 {
 pub async fn bench(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
     let (target, n, module, use_config, skip_native) = match cmd {
         BenchCmd::Fn(a) => return crate::fn_bench::bench_fn(a).await,
+        BenchCmd::Failover(a) => return failover::bench_failover(a).await,
         BenchCmd::RunOnce { cwasm } => return Ok(run_once(&cwasm)),
         BenchCmd::Launch {
             target,

@@ -54,6 +54,10 @@ pub struct DevArgs {
     master_http: SocketAddr,
     #[command(flatten)]
     functions: FunctionsArgs,
+    /// Run this many masters as a replicated group (an odd number; each its own
+    /// process, so any one can be killed) instead of one master inside this process.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=9))]
+    masters: u64,
 }
 
 /// Settings of the master's functions framework.
@@ -282,7 +286,7 @@ pub fn certs(cmd: CertsCmd) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn client_config(cd: &CertDir, master: &str) -> ClientConfig {
+pub(crate) fn client_config(cd: &CertDir, master: &str) -> ClientConfig {
     ClientConfig {
         master: master.to_string(),
         masters: Vec::new(),
@@ -470,6 +474,17 @@ fn parse_peers(text: &str) -> anyhow::Result<std::collections::BTreeMap<u64, Str
     Ok(peers)
 }
 
+/// host:port others reach an HTTP server bound to `bound` at: a wildcard address
+/// (0.0.0.0, [::]) becomes the host the group knows this master by, or this
+/// machine's name.
+fn advertised_http(bound: SocketAddr, group_host: Option<&str>) -> String {
+    if !bound.ip().is_unspecified() {
+        return bound.to_string();
+    }
+    let host = group_host.map(str::to_string).unwrap_or_else(hostname);
+    format!("{host}:{}", bound.port())
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn start_master(
     listen: SocketAddr,
@@ -493,6 +508,12 @@ async fn start_master(
         completed_framework_limit: limits.completed_frameworks,
         ..CoreConfig::default()
     };
+    // The host the group knows this master by, for its advertised HTTP address.
+    let group_host = group
+        .peers
+        .get(&group.id)
+        .and_then(|a| a.rsplit_once(':'))
+        .map(|(h, _)| h.to_string());
     let gateway = functions.map(agora_fn_gateway::Gateway::new);
     let door = gateway.as_ref().map(|g| {
         std::sync::Arc::new(GatewayDoor(g.functions())) as std::sync::Arc<dyn FunctionsDoor>
@@ -507,6 +528,14 @@ async fn start_master(
     })
     .await
     .with_context(|| format!("cannot start the master on {listen}"))?;
+    if let Some(g) = &gateway {
+        // A follower's HTTP door sends callers on to the leader's.
+        let view = master.leader_view();
+        g.functions().set_leader_http(std::sync::Arc::new(move || {
+            let l = view.get();
+            (!l.leading).then_some(l.leader_http)
+        }));
+    }
     let gateway = match gateway {
         Some(g) => match g
             .start(master.addr)
@@ -521,6 +550,9 @@ async fn start_master(
         },
         None => None,
     };
+    if let Some(http) = gateway.as_ref().and_then(|g| g.http_addr) {
+        master.set_http(advertised_http(http, group_host.as_deref()));
+    }
     Ok(MasterHandle {
         addr: master.addr,
         http_addr: gateway.as_ref().and_then(|g| g.http_addr),
@@ -530,7 +562,7 @@ async fn start_master(
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn start_agent(
+pub(crate) async fn start_agent(
     masters: Vec<SocketAddr>,
     id: Identity,
     work_dir: &Path,
@@ -569,6 +601,35 @@ async fn start_agent(
     .await?)
 }
 
+/// The agent of `agora dev`, in this process, with its work in `data_dir/agent`.
+async fn start_dev_agent(
+    masters: Vec<SocketAddr>,
+    cd: &CertDir,
+    data_dir: &Path,
+    res: Resources,
+    attrs: Vec<Attribute>,
+    isolation: IsolationSettings,
+    agent_http: SocketAddr,
+) -> anyhow::Result<AgentHandle> {
+    start_agent(
+        masters,
+        Identity::from_cert_dir(cd, Role::Agent)?,
+        &data_dir.join("agent"),
+        res,
+        attrs,
+        hostname(),
+        isolation,
+        60_000,
+        // The master learns the port when the agent registers.
+        Some(HttpSettings {
+            bind: agent_http,
+            advertise: None,
+            any_port_if_taken: agent_http.port() != 0,
+        }),
+    )
+    .await
+}
+
 async fn wait_for_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     tokio::select! {
@@ -584,6 +645,9 @@ struct DevAddresses {
     master: Option<SocketAddr>,
     http: Option<SocketAddr>,
     agent_http: Option<SocketAddr>,
+    /// The masters of `agora dev --masters N`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    masters: Vec<crate::devgroup::MasterAddrs>,
 }
 
 const DEV_ADDRESSES: &str = "addresses.json";
@@ -636,9 +700,23 @@ fn reuse(asked: SocketAddr, saved: Option<SocketAddr>, t: Transport, what: &str)
     let Some(saved) = saved.filter(|s| asked.port() == 0 && s.ip() == asked.ip()) else {
         return asked;
     };
-    // Probed, then released for the real server: another process could take it in
-    // between, which only costs the same warning at the next start.
-    let free = match t {
+    if port_free(saved, t) {
+        saved
+    } else {
+        eprintln!(
+            "agora dev: the {what} port {} of the last run is taken now; using a new one, written to the client configuration (clients that read it find the cluster; those given --master do not)",
+            saved.port()
+        );
+        asked
+    }
+}
+
+/// Whether `addr` can be listened on now (probed, then released for the real server:
+/// another process could take it in between, which only costs the warning of
+/// [`reuse`] at the next start).
+fn port_free(addr: SocketAddr, t: Transport) -> bool {
+    let saved = addr;
+    match t {
         Transport::Udp => std::net::UdpSocket::bind(saved).is_ok(),
         // With SO_REUSEADDR, as the servers bind: connections of the killed run
         // lingering in TIME_WAIT do not make the port look taken.
@@ -656,15 +734,6 @@ fn reuse(asked: SocketAddr, saved: Option<SocketAddr>, t: Transport, what: &str)
                 })
                 .is_ok()
         }
-    };
-    if free {
-        saved
-    } else {
-        eprintln!(
-            "agora dev: the {what} port {} of the last run is taken now; using a new one, written to the client configuration (clients that read it find the cluster; those given --master do not)",
-            saved.port()
-        );
-        asked
     }
 }
 
@@ -702,21 +771,14 @@ impl DevCluster {
             MasterLimits::default(),
         )
         .await?;
-        let agent = start_agent(
+        let agent = start_dev_agent(
             vec![master.addr],
-            Identity::from_cert_dir(&cd, Role::Agent)?,
-            &data_dir.join("agent"),
+            &cd,
+            data_dir,
             res.clone(),
             attrs,
-            hostname(),
             isolation,
-            60_000,
-            // The master learns the port when the agent registers.
-            Some(HttpSettings {
-                bind: agent_http,
-                advertise: None,
-                any_port_if_taken: agent_http.port() != 0,
-            }),
+            agent_http,
         )
         .await?;
         // Ready means the agent has registered, so the first task finds an offer.
@@ -792,6 +854,9 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
     // The addresses chosen the first time, so that a restarted cluster is found
     // again by every client, agent and `agora run` that knew it.
     let saved = DevAddresses::load(&a.data_dir);
+    if a.masters > 1 {
+        return dev_group(a, saved, res, attrs).await;
+    }
     let listen = reuse(a.listen, saved.master, Transport::Udp, "master (QUIC)");
     let master_http = reuse(a.master_http, saved.http, Transport::Tcp, "master HTTP");
     let agent_http = reuse(
@@ -815,6 +880,7 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
         master: Some(cluster.master.addr),
         http: cluster.master.http_addr,
         agent_http: cluster.agent.http_addr(),
+        masters: Vec::new(),
     }
     .save(&a.data_dir);
     let cfg_path = a.data_dir.join("client.json");
@@ -849,6 +915,216 @@ pub async fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
     cluster.stop().await;
     Ok(ExitCode::SUCCESS)
 }
+
+/// A concrete address for `asked`: the one of an earlier run when it is free (see
+/// [`reuse`]), else a free port now (masters must know each other's addresses
+/// before any of them starts).
+fn reuse_concrete(
+    asked: SocketAddr,
+    saved: Option<SocketAddr>,
+    t: Transport,
+    what: &str,
+) -> anyhow::Result<SocketAddr> {
+    if let Some(saved) = saved.filter(|s| asked.port() == 0 && s.ip() == asked.ip()) {
+        // The masters of a run killed a moment ago (they die with it) may still be
+        // letting go of their ports.
+        for _ in 0..20 {
+            if port_free(saved, t) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100)); // poll: a dying process frees it
+        }
+    }
+    let addr = reuse(asked, saved, t, what);
+    if addr.port() != 0 {
+        return Ok(addr);
+    }
+    // Bound, then released for the master to take.
+    let port = match t {
+        Transport::Udp => std::net::UdpSocket::bind(addr)?.local_addr()?.port(),
+        Transport::Tcp => std::net::TcpListener::bind(addr)?.local_addr()?.port(),
+    };
+    Ok(SocketAddr::new(addr.ip(), port))
+}
+
+/// `agora dev --masters N`: N `agora master` processes in one Raft group, and an
+/// agent in this process that follows whichever leads.
+async fn dev_group(
+    a: DevArgs,
+    saved: DevAddresses,
+    res: Resources,
+    attrs: Vec<Attribute>,
+) -> anyhow::Result<ExitCode> {
+    use crate::devgroup::{MasterAddrs, MasterGroup};
+    if a.listen.port() != 0 || a.master_http.port() != 0 {
+        anyhow::bail!(
+            "--listen and --http name one port, but --masters {} runs {} masters: leave the ports out (each master gets its own, kept in {} for the next start)",
+            a.masters,
+            a.masters,
+            a.data_dir.join(DEV_ADDRESSES).display()
+        );
+    }
+    if a.masters % 2 == 0 {
+        eprintln!(
+            "agora dev: a group of {} masters stops when {} of them are down, as one of {} would; an odd number (3, 5) is what Raft groups use",
+            a.masters,
+            a.masters / 2,
+            a.masters - 1
+        );
+    }
+    // Checked before any master starts, so a bad flag is said at once.
+    let offer_timeout = offer_timeout_ms(&a.offer_timeout)?;
+    a.functions.dev(a.master_http)?;
+    std::fs::create_dir_all(&a.data_dir)
+        .with_context(|| format!("cannot create {}", a.data_dir.display()))?;
+    let cd = tls::init_cert_dir(&a.data_dir.join("certs"), &[])?;
+    let mut addrs = Vec::new();
+    for i in 0..a.masters as usize {
+        let before = saved.masters.get(i);
+        addrs.push(MasterAddrs {
+            quic: reuse_concrete(
+                a.listen,
+                before.map(|m| m.quic),
+                Transport::Udp,
+                &format!("master {} (QUIC)", i + 1),
+            )?,
+            http: reuse_concrete(
+                a.master_http,
+                before.map(|m| m.http),
+                Transport::Tcp,
+                &format!("master {} HTTP", i + 1),
+            )?,
+        });
+    }
+    let agent_http = reuse(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        saved.agent_http,
+        Transport::Tcp,
+        "agent HTTP",
+    );
+    let extra = vec![
+        format!("--offer-timeout={offer_timeout}ms"),
+        format!("--fn-idle-timeout={}", a.functions.fn_idle_timeout),
+    ];
+    let mut group = MasterGroup::spawn(&a.data_dir, &cd.dir, &addrs, extra)?;
+    let agent = start_dev_agent(
+        group.quic_addrs(),
+        &cd,
+        &a.data_dir,
+        res.clone(),
+        attrs,
+        a.isolation.settings(),
+        agent_http,
+    )
+    .await?;
+    // Ready: the masters elected a leader and the agent registered with it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while agent.agent_id().is_none() {
+        if let Some(exited) = group.exited() {
+            agent.shutdown().await;
+            anyhow::bail!("the dev cluster did not start: {exited}");
+        }
+        if tokio::time::Instant::now() > deadline {
+            agent.shutdown().await;
+            anyhow::bail!(
+                "the masters elected no leader the agent could register with within 60 s; see {}",
+                a.data_dir.join("master-*.log").display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await; // poll for readiness
+    }
+    DevAddresses {
+        master: None,
+        http: None,
+        agent_http: agent.http_addr(),
+        masters: addrs.clone(),
+    }
+    .save(&a.data_dir);
+    let mut client = client_config(&cd, &addrs[0].quic.to_string());
+    client.masters = addrs.iter().map(|m| m.quic.to_string()).collect();
+    // A follower's HTTP door sends callers on to the leader's (307).
+    client.http = Some(format!("http://{}", addrs[0].http));
+    let cfg_path = a.data_dir.join("client.json");
+    client.save(&cfg_path)?;
+    let probe = crate::devgroup::probe_endpoint(&Identity::from_cert_dir(&cd, Role::Client)?)?;
+    let mut leader = group.leader(&probe).await;
+    for _ in 0..20 {
+        if leader.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await; // poll: the leader's lease settles
+        leader = group.leader(&probe).await;
+    }
+    println!("agora dev cluster is up ({} masters)", a.masters);
+    for m in &group.masters {
+        println!(
+            "  master {}  {} (QUIC)  http://{}  pid {}{}  log {}",
+            m.id,
+            m.addrs.quic,
+            m.addrs.http,
+            m.pid().unwrap_or(0),
+            if leader == Some(m.id) { "  leader" } else { "" },
+            m.log.display()
+        );
+    }
+    println!(
+        "  agent    {} ({})",
+        agent.agent_id().unwrap_or_default(),
+        res
+    );
+    if let Some(http) = agent.http_addr() {
+        println!("  agent http  http://{http}");
+    }
+    println!("  config   {}", cfg_path.display());
+    println!("  data     {}", a.data_dir.display());
+    if ClientConfig::default_path().is_none_or(|p| p != cfg_path) {
+        println!(
+            "  in other shells: export AGORA_CONFIG={}",
+            cfg_path.display()
+        );
+    }
+    println!(
+        "try: agora masters; kill -9 the leader's pid and watch another take over (a master that exits is started again after {} s). Ctrl-C stops the cluster.",
+        DEV_MASTER_RESTART.as_secs()
+    );
+    println!("ready");
+    // Like a supervisor: a master that exits is started again a little later, so a
+    // killed leader comes back as a follower.
+    let mut restarts: Vec<(u64, tokio::time::Instant)> = Vec::new();
+    let mut signal = std::pin::pin!(wait_for_signal());
+    loop {
+        tokio::select! {
+            _ = &mut signal => break,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+        while let Some((id, why)) = group.exited_id() {
+            eprintln!(
+                "agora dev: {why}\nagora dev: master {id} starts again in {} s",
+                DEV_MASTER_RESTART.as_secs()
+            );
+            restarts.push((id, tokio::time::Instant::now() + DEV_MASTER_RESTART));
+        }
+        let now = tokio::time::Instant::now();
+        for (id, _) in restarts.iter().filter(|(_, at)| *at <= now) {
+            match group.start(*id) {
+                Ok(()) => eprintln!(
+                    "agora dev: master {id} started again (pid {})",
+                    group.pid(*id).unwrap_or(0)
+                ),
+                Err(e) => eprintln!("agora dev: cannot start master {id} again: {e:#}"),
+            }
+        }
+        restarts.retain(|(_, at)| *at > now);
+    }
+    tracing::info!("stopping the dev cluster");
+    let _ = std::fs::remove_file(&cfg_path);
+    agent.shutdown().await;
+    group.stop().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// How long `agora dev --masters N` waits before it starts a master that exited.
+const DEV_MASTER_RESTART: Duration = Duration::from_secs(5);
 
 pub async fn master(a: MasterArgs) -> anyhow::Result<ExitCode> {
     let cd = CertDir::new(&a.certs);

@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod bench;
 mod cluster;
+mod devgroup;
 mod fn_bench;
 mod fn_tenants;
 mod fns;
@@ -59,8 +60,11 @@ enum Cmd {
     Logs(ops::LogsArgs),
     /// Kill a task.
     Kill(ops::KillArgs),
-    /// List the masters of the group: who leads, terms, log positions and lag.
+    /// List the masters of the group: who leads, terms, log positions and lag;
+    /// `masters add` and `masters remove` change the group.
     Masters {
+        #[command(subcommand)]
+        cmd: Option<ops::MastersCmd>,
         #[command(flatten)]
         target: Target,
     },
@@ -214,7 +218,7 @@ fn main() -> ExitCode {
             Cmd::Logs(a) => ops::logs(a).await,
             Cmd::Kill(a) => ops::kill(a).await,
             Cmd::Agents { target } => ops::agents(target).await,
-            Cmd::Masters { target } => ops::masters(target).await,
+            Cmd::Masters { cmd, target } => ops::masters(cmd, target).await,
             Cmd::Role { cmd } => roles::role(cmd).await,
             Cmd::Quota { cmd } => roles::quota(cmd).await,
             Cmd::Explain(a) => roles::explain(a).await,

@@ -1,10 +1,11 @@
 //! Operator commands: `agora ps`, `agora logs`, `agora kill`, `agora agents`.
 
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use agora_proto::resources::{format_bytes, format_cpus};
-use agora_proto::v1::{Reason, TaskState};
+use agora_proto::v1::{self, Reason, TaskState};
 use agora_proto::Resources;
 use agora_sdk::{Client, ClientConfig};
 use clap::Args;
@@ -202,16 +203,59 @@ pub async fn kill(a: KillArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Asks every master of the client configuration who leads (each answers for
-/// itself, leader or not, so this works while no master leads).
-pub async fn masters(t: crate::Target) -> anyhow::Result<ExitCode> {
+#[derive(clap::Subcommand)]
+pub enum MastersCmd {
+    /// Add a master to the group: start it first (`agora master --id ID --peers
+    /// ...` with a list that names it, and an empty data dir), then run this. It
+    /// joins as a learner, and votes once it has caught up with the log.
+    Add {
+        /// The new master, as ID=HOST:PORT (its QUIC address).
+        member: String,
+    },
+    /// Remove a master from the group (a dead one, or one to be replaced: remove
+    /// it before its disk is wiped, then add it again).
+    Remove {
+        /// The master's id.
+        id: u64,
+    },
+}
+
+/// Asks every master of the client configuration (and every member the leader
+/// names) who leads: each answers for itself, leader or not, so this works while
+/// no master leads. With a subcommand, changes the group through its leader.
+pub async fn masters(cmd: Option<MastersCmd>, t: crate::Target) -> anyhow::Result<ExitCode> {
     use agora_net::tls;
     let cfg = ClientConfig::discover(t.master.as_deref(), t.config.as_deref())?;
-    let addrs = cfg.master_addrs()?;
+    if let Some(cmd) = cmd {
+        let change = match cmd {
+            MastersCmd::Add { member } => {
+                let (id, quic) = member.split_once('=').ok_or_else(|| {
+                    anyhow::anyhow!("`{member}` is not ID=HOST:PORT (e.g. 4=d:7400)")
+                })?;
+                let id: u64 = id.trim().parse().ok().filter(|i| *i > 0).ok_or_else(|| {
+                    anyhow::anyhow!("`{id}` in `{member}` is not an id (a number from 1)")
+                })?;
+                tls::resolve(quic).map_err(|e| anyhow::anyhow!("{member}: {e}"))?;
+                v1::MastersChange {
+                    add_id: id,
+                    add_quic: quic.trim().to_string(),
+                    remove_id: 0,
+                }
+            }
+            MastersCmd::Remove { id } => v1::MastersChange {
+                remove_id: id,
+                ..Default::default()
+            },
+        };
+        let r = crate::fns::operator(&cfg, v1::operator_request::Request::MastersChange(change))
+            .await?;
+        println!("{}", r.done);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut addrs = cfg.master_addrs()?;
     let id = agora_net::tls::Identity::load(&cfg.ca, &cfg.cert, &cfg.key)?;
-    let asks = addrs.iter().map(|addr| {
+    let ask = |addr: SocketAddr| {
         let id = id.clone();
-        let addr = *addr;
         async move {
             let r = async {
                 let endpoint = tls::client_endpoint(addr, &id)?;
@@ -223,8 +267,23 @@ pub async fn masters(t: crate::Target) -> anyhow::Result<ExitCode> {
             .await;
             (addr, r)
         }
-    });
-    let answers = futures_join(asks).await;
+    };
+    let mut answers = futures_join(addrs.iter().map(|a| ask(*a))).await;
+    // Members the configuration does not name (added later) are asked too.
+    let more: Vec<SocketAddr> = answers
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().ok().filter(|i| i.leading))
+        .flat_map(|i| i.members.clone())
+        .filter_map(|m| tls::resolve(m.split_once('=')?.1).ok())
+        .filter(|a| !addrs.contains(a))
+        .collect();
+    addrs.extend(&more);
+    answers.extend(futures_join(more.into_iter().map(ask)).await);
+    let voters: Vec<u64> = answers
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().ok().filter(|i| i.leading))
+        .flat_map(|i| i.voters.clone())
+        .collect();
     let leader_log = answers.iter().find_map(|(_, r)| {
         r.as_ref()
             .ok()
@@ -232,8 +291,8 @@ pub async fn masters(t: crate::Target) -> anyhow::Result<ExitCode> {
             .map(|i| i.last_log_index)
     });
     println!(
-        "{:<4} {:<24} {:<12} {:>6} {:>10} {:>10} {:>6}",
-        "ID", "ADDRESS", "ROLE", "TERM", "LAST-LOG", "APPLIED", "LAG"
+        "{:<4} {:<22} {:<22} {:<9} {:>6} {:>9} {:>9} {:>6}",
+        "ID", "ADDRESS", "HTTP", "ROLE", "TERM", "LAST-LOG", "APPLIED", "LAG"
     );
     let mut members = Vec::new();
     for (addr, r) in &answers {
@@ -243,21 +302,24 @@ pub async fn masters(t: crate::Target) -> anyhow::Result<ExitCode> {
                     "leader"
                 } else if i.term == 0 && i.leader_id == 0 {
                     "new"
+                } else if !voters.is_empty() && !voters.contains(&i.id) {
+                    "learner"
                 } else {
                     "follower"
                 };
                 let lag = leader_log
                     .map(|l| l.saturating_sub(i.last_log_index).to_string())
                     .unwrap_or_else(|| "-".into());
+                let http = if i.http.is_empty() { "-" } else { &i.http };
                 println!(
-                    "{:<4} {:<24} {:<12} {:>6} {:>10} {:>10} {:>6}",
-                    i.id, addr, role, i.term, i.last_log_index, i.last_applied, lag
+                    "{:<4} {:<22} {:<22} {:<9} {:>6} {:>9} {:>9} {:>6}",
+                    i.id, addr, http, role, i.term, i.last_log_index, i.last_applied, lag
                 );
                 if i.leading {
                     members = i.members.clone();
                 }
             }
-            Err(e) => println!("{:<4} {:<24} unreachable: {e}", "?", addr),
+            Err(e) => println!("{:<4} {:<22} unreachable: {e}", "?", addr),
         }
     }
     if !members.is_empty() {

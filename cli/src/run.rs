@@ -435,9 +435,20 @@ async fn drive(
                 sched.set_pending(vec![pending.clone()]).await?;
                 sched.revive().await?;
             }
+            Event::Update(s)
+                if s.task_id == task_id && s.state() == TaskState::TaskUnknown && !running =>
+            {
+                // Asked after a reconnect: the master (a new leader, or restarted,
+                // with its agents back) knows nothing of a task that never ran: its
+                // launch died with the old master before any agent had it. Place it
+                // again, as for a dropped launch.
+                eprintln!("{}; launching it again", status_line(&s));
+                task = Some(original.clone());
+                sched.set_pending(vec![pending.clone()]).await?;
+                sched.revive().await?;
+            }
             Event::Update(s) if s.task_id == task_id && s.state() == TaskState::TaskUnknown => {
-                // Asked after a reconnect: the master (restarted, its agents back)
-                // knows nothing of the task, so it is gone with its agent.
+                // It ran, and now no master knows it: it is gone with its agent.
                 eprintln!("{}", status_line(&s));
                 return Ok(ExitCode::from(1));
             }

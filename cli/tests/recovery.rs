@@ -822,7 +822,7 @@ fn agent_killed_in_the_middle_of_hundreds_of_tasks_loses_none() {
 /// QUIC port meanwhile, so the cluster must come back on a new one. Returns whether
 /// it came back on the same addresses; asserts every run printed its output and
 /// exited with its code.
-fn dev_crash_and_restart(runs: usize, squat: bool) -> bool {
+fn dev_crash_and_restart(runs: usize, squat: bool, extra: &[&str]) -> bool {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("dev");
     let dev = || {
@@ -830,7 +830,8 @@ fn dev_crash_and_restart(runs: usize, squat: bool) -> bool {
         cmd.arg("dev")
             .arg("--data-dir")
             .arg(&data)
-            .args(["--resources", "cpus:4;mem:4096"]);
+            .args(["--resources", "cpus:4;mem:4096"])
+            .args(extra);
         Proc::start(cmd, |l| l == "ready")
     };
     let (mut first, _) = dev();
@@ -899,7 +900,7 @@ fn dev_crash_and_restart(runs: usize, squat: bool) -> bool {
 #[test]
 fn a_dev_cluster_killed_and_restarted_comes_back_where_it_was_and_every_run_ends() {
     assert!(
-        dev_crash_and_restart(20, false),
+        dev_crash_and_restart(20, false, &[]),
         "the restarted cluster took the same addresses"
     );
 }
@@ -910,7 +911,18 @@ fn a_dev_cluster_killed_and_restarted_comes_back_where_it_was_and_every_run_ends
 #[test]
 fn runs_follow_a_dev_cluster_that_came_back_on_another_port() {
     assert!(
-        !dev_crash_and_restart(3, true),
+        !dev_crash_and_restart(3, true, &[]),
         "the cluster came back on a new address"
+    );
+}
+
+/// The same with `agora dev --masters 3`: its three master processes die with it
+/// (none is left holding a port), and the group comes back on the same addresses,
+/// where the runs started before the crash find it.
+#[test]
+fn a_dev_group_of_three_killed_and_restarted_comes_back_where_it_was_and_every_run_ends() {
+    assert!(
+        dev_crash_and_restart(5, false, &["--masters", "3"]),
+        "the restarted group took the same addresses"
     );
 }

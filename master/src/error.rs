@@ -84,6 +84,13 @@ pub enum Error {
          fix --peers, or change the group with `agora masters add|remove`"
     )]
     PeersDiffer { given: String, have: String },
+    #[error(
+        "this master's data dir holds no Raft log and no vote, yet master {peer} (term {term}) \
+         counts master {id} as a voting member: its disk was lost or wiped. A master that forgot \
+         its votes could vote twice in one term, so it does not start. Remove it from the group \
+         first (`agora masters remove {id}`), start it again, then `agora masters add {id}=ADDRESS`"
+    )]
+    ForgottenVoter { id: u64, peer: u64, term: u64 },
     #[error("the master has no artifact {0}")]
     ArtifactMissing(String),
     #[error("copying an artifact between masters: {0}")]

@@ -100,6 +100,12 @@ struct Shared {
     outbox: Outbox,
     /// Wakes the committer when the outbox has ops to propose.
     kick: Arc<Notify>,
+    /// This master's HTTP address (its functions front door), once it listens.
+    http: String,
+    /// The leader's HTTP address as it told us: (leader id, term, address).
+    learned_http: Option<(u64, u64, String)>,
+    /// When this master last asked the leader for it (one ask at a time).
+    learning_since: Option<std::time::Instant>,
 }
 
 /// The outputs of one input of the core, held until what the registry must remember
@@ -352,10 +358,23 @@ pub struct MasterHandle {
     pub addr: SocketAddr,
     endpoint: quinn::Endpoint,
     node: Node,
+    shared: Arc<Mutex<Shared>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl MasterHandle {
+    /// Where this master's HTTP front door listens (host:port), for `LeaderQuery`
+    /// answers: clients sent to a follower's door are sent on to the leader's.
+    pub fn set_http(&self, http: String) {
+        self.shared.lock().expect("master state lock").http = http;
+    }
+
+    /// Who leads, as this master knows it (its answer to `LeaderQuery`), for as long
+    /// as the caller wants to look.
+    pub fn leader_view(&self) -> LeaderView {
+        LeaderView(self.shared.clone())
+    }
+
     /// Stops accepting, closes every connection and waits briefly for them to go,
     /// then stops the Raft node (its file is free once this returns).
     pub async fn shutdown(self) {
@@ -367,6 +386,16 @@ impl MasterHandle {
         if let Err(e) = self.node.raft.shutdown().await {
             tracing::warn!("stopping the master's Raft node: {e}");
         }
+    }
+}
+
+/// See [`MasterHandle::leader_view`].
+#[derive(Clone)]
+pub struct LeaderView(Arc<Mutex<Shared>>);
+
+impl LeaderView {
+    pub fn get(&self) -> v1::LeaderInfo {
+        self.0.lock().expect("master state lock").leader.clone()
     }
 }
 
@@ -411,6 +440,12 @@ pub async fn start(cfg: MasterConfig) -> Result<MasterHandle> {
     let net =
         crate::raft::net::MasterNet::new(owner.node, owner.cluster.clone(), cfg.identity.clone());
     let node = group::start(&cfg.data_dir, &owner, members.clone(), net).await?;
+    if members.len() > 1 {
+        if let Err(e) = refuse_forgotten_voter(&node, &members, &cfg.identity).await {
+            let _ = node.raft.shutdown().await;
+            return Err(e);
+        }
+    }
     let mut tasks_before = Vec::new();
     let mut core_cfg = cfg.core.clone();
     if members.len() > 1 {
@@ -433,12 +468,17 @@ pub async fn start(cfg: MasterConfig) -> Result<MasterHandle> {
         next_request: 0,
         outbox: Outbox::default(),
         kick: kick.clone(),
+        http: String::new(),
+        learned_http: None,
+        learning_since: None,
     }));
     let lead = Leadership {
         shared: shared.clone(),
         node: node.clone(),
         core: core_cfg,
         store: store.clone(),
+        identity: cfg.identity.clone(),
+        probe: Arc::new(Mutex::new(None)),
     };
     if members.len() == 1 {
         // A group of one leads at once: serve only once it does.
@@ -504,9 +544,13 @@ pub async fn start(cfg: MasterConfig) -> Result<MasterHandle> {
         addr,
         endpoint,
         node,
+        shared,
         tasks,
     })
 }
+
+/// How long `agora masters add` waits for the new master to catch up with the log.
+const MEMBER_CATCH_UP: Duration = Duration::from_secs(20);
 
 /// "1=a:7400,2=b:7400", as `--peers` takes them.
 pub fn format_peers(peers: &BTreeMap<u64, String>) -> String {
@@ -515,6 +559,71 @@ pub fn format_peers(peers: &BTreeMap<u64, String>) -> String {
         .map(|(id, a)| format!("{id}={a}"))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// Asks every other member who leads, each within 2 s (an unreachable one answers
+/// with its error).
+async fn ask_peers(
+    node_id: u64,
+    members: &BTreeMap<u64, MasterNode>,
+    endpoints: &mut HashMap<bool, quinn::Endpoint>,
+    identity: &Identity,
+) -> Vec<(u64, String, Result<v1::LeaderInfo>)> {
+    let mut asks = Vec::new();
+    for (id, m) in members.iter().filter(|(id, _)| **id != node_id) {
+        let endpoint = tls::resolve(&m.quic).and_then(|addr| {
+            Ok(match endpoints.get(&addr.is_ipv6()) {
+                Some(e) => (addr, e.clone()),
+                None => {
+                    let e = tls::client_endpoint(addr, identity)?;
+                    endpoints.insert(addr.is_ipv6(), e.clone());
+                    (addr, e)
+                }
+            })
+        });
+        asks.push(async move {
+            let answer = async {
+                let (addr, endpoint) = endpoint?;
+                let conn = tls::connect_within(&endpoint, addr, Duration::from_secs(2)).await?;
+                let info = agora_net::leader::query(&conn).await;
+                conn.close(0u32.into(), b"probe");
+                Ok(info?)
+            }
+            .await;
+            (*id, m.quic.clone(), answer)
+        });
+    }
+    // All at once: a member that is not up yet costs the timeout once, not per member.
+    futures_util::future::join_all(asks).await
+}
+
+/// A master whose data dir holds neither log nor vote, while a reachable member
+/// counts it as a voter, lost its disk: it may have voted in the current term and
+/// forgotten it, so it must not vote again. It is refused until an operator
+/// removes it from the group (then adds it back as a new member).
+async fn refuse_forgotten_voter(
+    node: &Node,
+    members: &BTreeMap<u64, MasterNode>,
+    identity: &Identity,
+) -> Result<()> {
+    use openraft::async_runtime::WatchReceiver as _;
+    let m = node.raft.metrics().borrow_watched().clone();
+    if m.current_term != 0 || m.last_log_index.is_some() {
+        return Ok(());
+    }
+    let answers = ask_peers(node.id, members, &mut HashMap::new(), identity).await;
+    for (peer, _, answer) in answers {
+        if let Ok(info) = answer {
+            if info.term > 0 && info.voters.contains(&node.id) {
+                return Err(Error::ForgottenVoter {
+                    id: node.id,
+                    peer,
+                    term: info.term,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Starts a new group: the member with the lowest id initializes it, once every
@@ -539,33 +648,18 @@ async fn bootstrap(node: Node, members: BTreeMap<u64, MasterNode>, identity: Ide
     loop {
         let mut waiting = Vec::new();
         let mut existing = Vec::new();
-        for (id, m) in members.iter().filter(|(id, _)| **id != node.id) {
-            let answer = async {
-                let addr = tls::resolve(&m.quic)?;
-                let endpoint = match endpoints.get(&addr.is_ipv6()) {
-                    Some(e) => e.clone(),
-                    None => {
-                        let e = tls::client_endpoint(addr, &identity)?;
-                        endpoints.insert(addr.is_ipv6(), e.clone());
-                        e
-                    }
-                };
-                let conn = tls::connect_within(&endpoint, addr, Duration::from_secs(2)).await?;
-                let info = agora_net::leader::query(&conn).await;
-                conn.close(0u32.into(), b"bootstrap probe");
-                info
-            }
-            .await;
+        for (id, quic, answer) in ask_peers(node.id, &members, &mut endpoints, &identity).await {
             match answer {
                 Ok(info) if info.term == 0 && info.leader_id == 0 => {}
                 Ok(info) => existing.push(format!("master {id} is in term {}", info.term)),
-                Err(e) => waiting.push(format!("master {id} ({}): {e}", m.quic)),
+                Err(e) => waiting.push(format!("master {id} ({quic}): {e}")),
             }
         }
         if !existing.is_empty() {
             tracing::error!(
-                "this master's log is empty but the group already exists ({}): it does not start a new one. If its data dir was lost, add it back from the leader with `agora masters add`",
-                existing.join("; ")
+                "this master's log is empty but the group already exists ({}): it does not start a new one, and waits to be added (`agora masters add {}=ADDRESS`)",
+                existing.join("; "),
+                node.id
             );
             return;
         }
@@ -597,6 +691,9 @@ struct Leadership {
     node: Node,
     core: CoreConfig,
     store: ArtifactStore,
+    /// To ask the leader for its HTTP address, with a client endpoint kept for it.
+    identity: Identity,
+    probe: Arc<Mutex<Option<quinn::Endpoint>>>,
 }
 
 impl Leadership {
@@ -630,14 +727,30 @@ impl Leadership {
         let leader_node = m
             .current_leader
             .and_then(|id| m.membership_config.get_node(&id).cloned());
+        let leader_id = m.current_leader.unwrap_or(0);
+        let leader_http = if leader_id == self.node.id {
+            s.http.clone()
+        } else {
+            match &s.learned_http {
+                Some((id, term, http)) if *id == leader_id && *term == m.current_term => {
+                    http.clone()
+                }
+                _ => {
+                    if let Some(n) = leader_node.as_ref().filter(|_| leader_id != 0) {
+                        self.learn_http(&mut s, leader_id, m.current_term, n.quic.clone());
+                    }
+                    String::new()
+                }
+            }
+        };
         s.leader = v1::LeaderInfo {
             leading: s.core.is_some(),
-            leader_id: m.current_leader.unwrap_or(0),
+            leader_id,
             leader_quic: leader_node
                 .as_ref()
                 .map(|n| n.quic.clone())
                 .unwrap_or_default(),
-            leader_http: leader_node.map(|n| n.http).unwrap_or_default(),
+            leader_http,
             term: m.current_term,
             id: self.node.id,
             last_log_index: m.last_log_index.unwrap_or(0),
@@ -647,6 +760,8 @@ impl Leadership {
                 .nodes()
                 .map(|(id, n)| format!("{id}={}", n.quic))
                 .collect(),
+            http: s.http.clone(),
+            voters: m.membership_config.membership().voter_ids().collect(),
         };
         match (verdict, s.core.is_some()) {
             (group::Leading::Yes(term), false) => {
@@ -667,6 +782,50 @@ impl Leadership {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Asks the leader for its HTTP address (at most once a second), so that this
+    /// master's answers, and its HTTP door, can send callers there.
+    fn learn_http(&self, s: &mut Shared, leader: u64, term: u64, quic: String) {
+        if s.learning_since
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        s.learning_since = Some(std::time::Instant::now());
+        let shared = self.shared.clone();
+        let identity = self.identity.clone();
+        let probe = self.probe.clone();
+        tokio::spawn(async move {
+            let asked = async {
+                let addr = tls::resolve(&quic)?;
+                let endpoint = {
+                    let mut p = probe.lock().expect("probe lock");
+                    match p.as_ref() {
+                        Some(e) => e.clone(),
+                        None => {
+                            let e = tls::client_endpoint(addr, &identity)?;
+                            *p = Some(e.clone());
+                            e
+                        }
+                    }
+                };
+                let conn = tls::connect_within(&endpoint, addr, Duration::from_secs(1)).await?;
+                let info = agora_net::leader::query(&conn).await;
+                conn.close(0u32.into(), b"asked for the leader's HTTP address");
+                info
+            }
+            .await;
+            let mut s = shared.lock().expect("master state lock");
+            s.learning_since = None;
+            match asked {
+                Ok(info) if info.leading && info.id == leader && info.term == term => {
+                    s.learned_http = Some((leader, term, info.http));
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!("asking master {leader} for its HTTP address: {e}"),
+            }
+        });
     }
 
     /// A fresh core from the registry as the group committed it: what the core does
@@ -1155,6 +1314,7 @@ impl Ctx {
                     ..Default::default()
                 },
             },
+            Some(operator_request::Request::MastersChange(c)) => self.masters_change(c).await,
             None => OperatorResponse {
                 error: "unknown operator request (newer client?)".into(),
                 ..Default::default()
@@ -1163,6 +1323,35 @@ impl Ctx {
         write_frame(&mut send, &resp).await?;
         send.finish()?;
         Ok(())
+    }
+
+    /// `agora masters add|remove`, on the leader.
+    async fn masters_change(&self, c: v1::MastersChange) -> OperatorResponse {
+        let done = match (c.add_id, c.remove_id) {
+            (0, 0) | (1.., 1..) => Err("a masters change adds one master or removes one".into()),
+            (id, 0) => match tls::resolve(&c.add_quic) {
+                Ok(_) => {
+                    self.node
+                        .add_member(id, c.add_quic.trim().to_string(), MEMBER_CATCH_UP)
+                        .await
+                }
+                Err(e) => Err(format!("master {id}'s address: {e}")),
+            },
+            (0, id) => self.node.remove_member(id).await,
+        };
+        match done {
+            Ok(done) => {
+                tracing::info!("{done}");
+                OperatorResponse {
+                    done,
+                    ..Default::default()
+                }
+            }
+            Err(error) => OperatorResponse {
+                error,
+                ..Default::default()
+            },
+        }
     }
 
     fn functions(&self) -> Result<&Arc<dyn FunctionsDoor>> {

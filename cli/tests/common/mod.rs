@@ -19,6 +19,8 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     pub master: String,
+    /// What `agora dev` printed before `ready`.
+    pub banner: Vec<String>,
 }
 
 impl Cluster {
@@ -49,13 +51,15 @@ impl Cluster {
             }
         });
         let mut master = String::new();
+        let mut banner = Vec::new();
         loop {
             match rx.recv_timeout(Duration::from_secs(60)) {
                 Ok(l) if l.trim_start().starts_with("master ") => {
                     master = l.split_whitespace().nth(1).unwrap_or_default().to_string();
+                    banner.push(l);
                 }
                 Ok(l) if l == "ready" => break,
-                Ok(_) => {}
+                Ok(l) => banner.push(l),
                 Err(e) => {
                     let _ = child.kill();
                     panic!("agora dev did not print `ready` within 60 s: {e}");
@@ -69,6 +73,7 @@ impl Cluster {
             dir,
             config,
             master,
+            banner,
         }
     }
 

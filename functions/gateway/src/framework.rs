@@ -62,6 +62,16 @@ pub(crate) async fn run(functions: Arc<Functions>, cfg: ClientConfig) {
     let client = loop {
         match Client::connect(&cfg).await {
             Ok(c) => break Arc::new(c),
+            Err(e) if functions.leader_http().is_some() => {
+                // Its master follows another that leads: expected, and said by
+                // `agora masters`; the framework subscribes when its master leads.
+                tracing::debug!(
+                    "functions framework: the master at {} follows: {e:#}; retrying",
+                    cfg.master
+                );
+                tokio::time::sleep(backoff).await; // reconnect backoff
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
             Err(e) => {
                 tracing::warn!(
                     "functions framework: cannot connect to the master at {}: {e:#}; retrying",

@@ -41,7 +41,7 @@ use std::time::Duration;
 
 pub use error::{Error, Result};
 pub use framework::{function_of_task, FRAMEWORK_NAME};
-pub use service::{normalize, Functions, DEFAULT_HOST_CPUS_MILLI, HOST_MEM_MARGIN};
+pub use service::{normalize, Functions, LeaderHttp, DEFAULT_HOST_CPUS_MILLI, HOST_MEM_MARGIN};
 
 use std::sync::Arc;
 

@@ -18,6 +18,7 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::header::{self, HeaderValue};
 use axum::http::{Response, StatusCode, Uri};
+use axum::response::IntoResponse as _;
 use axum::routing::{any, get};
 use axum::serve::ListenerExt;
 use axum::{Json, Router};
@@ -64,7 +65,32 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, functions: Arc<Func
     }
 }
 
-async fn list(State(app): State<App>) -> Json<serde_json::Value> {
+/// While this gateway's master follows another that leads, a request is sent on to
+/// the leader's HTTP front door (307 keeps the method and body), as Mesos's
+/// followers redirect to the leading master.
+fn leader_redirect(app: &App, uri: &Uri) -> Option<Response<Body>> {
+    let leader = app.functions.leader_http()?;
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let location = format!("http://{leader}{path}");
+    let mut r = plain(
+        StatusCode::TEMPORARY_REDIRECT,
+        format!("this master does not lead its group; the leader serves at {location}\n"),
+    );
+    r.headers_mut()
+        .insert(header::LOCATION, HeaderValue::from_str(&location).ok()?);
+    Some(r)
+}
+
+async fn list(State(app): State<App>, uri: Uri) -> Response<Body> {
+    if !app.functions.is_subscribed() {
+        if let Some(to) = leader_redirect(&app, &uri) {
+            return to;
+        }
+    }
+    list_here(app).into_response()
+}
+
+fn list_here(app: App) -> Json<serde_json::Value> {
     let functions: Vec<serde_json::Value> = app
         .functions
         .list()
@@ -172,6 +198,9 @@ async fn forward(State(app): State<App>, request: Request) -> Response<Body> {
         .unwrap_or("")
         .to_string();
     if !app.functions.is_subscribed() {
+        if let Some(to) = leader_redirect(&app, request.uri()) {
+            return to;
+        }
         // Its master does not serve it (yet): starting, or a follower of a group.
         return retry_later(
             StatusCode::SERVICE_UNAVAILABLE,

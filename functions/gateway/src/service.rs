@@ -87,7 +87,13 @@ pub struct Functions {
     changed: watch::Sender<u64>,
     /// Where deployments are kept; None until the framework has subscribed.
     store: watch::Sender<Option<Arc<dyn StateStore>>>,
+    /// The leading master's HTTP address while ours does not lead (see
+    /// [`Functions::set_leader_http`]).
+    leader_http: Mutex<Option<LeaderHttp>>,
 }
+
+/// Says where the leader's HTTP front door is while this gateway's master follows.
+pub type LeaderHttp = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
 pub(crate) struct State {
     pub planner: Planner,
@@ -184,7 +190,20 @@ impl Functions {
             wake: Notify::new(),
             changed: watch::Sender::new(0),
             store: watch::Sender::new(None),
+            leader_http: Mutex::new(None),
         })
+    }
+
+    /// How to find the leading master's HTTP address (host:port) while this
+    /// gateway's master does not lead: requests are then sent on there (307).
+    pub fn set_leader_http(&self, f: LeaderHttp) {
+        *self.leader_http.lock().expect("leader_http lock") = Some(f);
+    }
+
+    /// The leader's HTTP address, when another master leads and it is known.
+    pub fn leader_http(&self) -> Option<String> {
+        let f = self.leader_http.lock().expect("leader_http lock").clone()?;
+        f().filter(|a| !a.is_empty())
     }
 
     /// Where deployments are kept from now on (the framework's new session).

@@ -181,6 +181,139 @@ impl Node {
     }
 }
 
+impl Node {
+    /// `agora masters add`: `id` at `quic` joins as a learner, and once it has caught
+    /// up (within `catch_up`) becomes a voter. Said in a sentence either way.
+    pub async fn add_member(
+        &self,
+        id: u64,
+        quic: String,
+        catch_up: std::time::Duration,
+    ) -> Result<String, String> {
+        use openraft::async_runtime::WatchReceiver as _;
+        use openraft::ChangeMembers;
+        let m = self.raft.metrics().borrow_watched().clone();
+        let membership = m.membership_config.membership();
+        if membership.voter_ids().any(|v| v == id) {
+            let at = m
+                .membership_config
+                .get_node(&id)
+                .map(|n| n.quic.clone())
+                .unwrap_or_default();
+            return Err(format!(
+                "master {id} is a voting member already (at {at}); to replace it (a new disk or address), remove it first with `agora masters remove {id}`"
+            ));
+        }
+        let node = MasterNode {
+            quic: quic.clone(),
+            http: String::new(),
+        };
+        // openraft's own wait for a learner gives up quietly after a moment, so the
+        // catch-up is watched here: the learner must hold the log up to the entry
+        // that added it.
+        let added = self
+            .raft
+            .add_learner(id, node, false)
+            .await
+            .map_err(membership_error)?
+            .log_id
+            .index;
+        let mut metrics = self.raft.metrics();
+        let caught_up = tokio::time::timeout(catch_up, async {
+            loop {
+                let matched = metrics
+                    .borrow_watched()
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&id).cloned().flatten())
+                    .map(|l| l.index);
+                if matched.is_some_and(|i| i >= added) {
+                    return true;
+                }
+                if metrics.changed().await.is_err() {
+                    return false;
+                }
+            }
+        })
+        .await
+        .unwrap_or(false);
+        if !caught_up {
+            // Leave the group as it was.
+            let undone = self
+                .raft
+                .change_membership(ChangeMembers::RemoveNodes([id].into()), false)
+                .await;
+            return Err(format!(
+                "master {id} at {quic} did not catch up with the log within {catch_up:?}, so it was not added{}: is it running, with --id {id}, an empty data dir and a --peers list that names it? (its log shows why)",
+                match undone {
+                    Ok(_) => String::new(),
+                    Err(e) => format!(" (and removing it as a learner failed: {}; run `agora masters remove {id}`)", membership_error(e)),
+                }
+            ));
+        }
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds([id].into()), false)
+            .await
+            .map_err(membership_error)?;
+        Ok(format!(
+            "master {id} at {quic} caught up and votes now; give every master the new --peers list for its next start"
+        ))
+    }
+
+    /// `agora masters remove`: `id` leaves the group (its votes stop counting).
+    pub async fn remove_member(&self, id: u64) -> Result<String, String> {
+        use openraft::async_runtime::WatchReceiver as _;
+        use openraft::ChangeMembers;
+        let m = self.raft.metrics().borrow_watched().clone();
+        let membership = m.membership_config.membership();
+        let voters: Vec<u64> = membership.voter_ids().collect();
+        let is_learner = membership.learner_ids().any(|l| l == id);
+        if !voters.contains(&id) && !is_learner {
+            return Err(format!(
+                "master {id} is not a member of the group (members: {})",
+                voters
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        if voters == [id] {
+            return Err(format!(
+                "master {id} is the group's only voter; a group cannot remove its last master"
+            ));
+        }
+        let change = if is_learner {
+            ChangeMembers::RemoveNodes([id].into())
+        } else {
+            ChangeMembers::RemoveVoters([id].into())
+        };
+        self.raft
+            .change_membership(change, false)
+            .await
+            .map_err(membership_error)?;
+        Ok(format!(
+            "master {id} left the group; give every master the new --peers list for its next start"
+        ))
+    }
+}
+
+fn membership_error(
+    e: openraft::errors::RaftError<Agora, openraft::errors::ClientWriteError<Agora>>,
+) -> String {
+    use openraft::errors::{ClientWriteError, RaftError};
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+            "this master stopped leading during the change; run it again (it goes to the new leader)"
+                .into()
+        }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
+            format!("the group refused the change: {c}")
+        }
+        other => format!("the change failed: {other}"),
+    }
+}
+
 /// Why a write did not commit.
 #[derive(Debug)]
 pub enum WriteError {
