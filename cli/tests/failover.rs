@@ -540,3 +540,314 @@ fn dev_with_three_masters_goes_on_when_its_leader_is_killed() {
         role_of(&leader).as_deref() == Some("follower")
     });
 }
+
+/// What goes wrong with the masters while the load runs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum MasterFault {
+    /// kill -9 of the leader once a third of the tasks have ended.
+    KillLeader,
+    /// Each master in turn stopped (SIGTERM) and started again, the next one only
+    /// once the last has caught up as a follower.
+    RollingRestart,
+}
+
+/// A framework (the sdk, in this process, knowing all three masters) launches 300
+/// tasks, wasm and native, while a function is called through the agent's HTTP door
+/// and three `agora run`s wait on their tasks; the masters suffer `fault`. Every
+/// task ends exactly once with the end it would have had without the fault (a
+/// launch that died with a killed leader, which the new one knows nothing of, is
+/// launched again: it never ran), no function call fails, every run prints its
+/// output.
+fn load_through_master_faults(fault: MasterFault) {
+    use agora_sdk::{
+        Client, ClientConfig, CommandInfo, Event, FrameworkInfo, Resources, TaskInfo, TaskState,
+        WasmModule,
+    };
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    const WASM: usize = 200;
+    const NATIVE: usize = 100;
+    let g = Group::start();
+    let leader = g.leader();
+
+    // A function with a host on the agent, called through the agent all along.
+    let echo = guest("echo");
+    let o = run_bounded(
+        &mut g.client(&[
+            "fn",
+            "deploy",
+            "echo",
+            echo.to_str().unwrap(),
+            "--min-instances",
+            "1",
+        ]),
+        120,
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let leader_http = g.http(leader);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let agent_http = loop {
+        if let Some(h) = running_hosts(&leader_http, "echo").first() {
+            break h.clone();
+        }
+        assert!(Instant::now() < deadline, "no echo host within 60 s");
+        std::thread::sleep(Duration::from_millis(100)); // poll interval
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let (calls, failures) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let caller = {
+        let (stop, calls, failures) = (stop.clone(), calls.clone(), failures.clone());
+        std::thread::spawn(move || {
+            let mut first_failure = None;
+            while !stop.load(Ordering::Relaxed) {
+                let r = http("POST", &agent_http, "/fn/echo/during", b"ping");
+                calls.fetch_add(1, Ordering::Relaxed);
+                if r.status != 200 {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                    first_failure.get_or_insert(format!("{} {}", r.status, r.body));
+                }
+                std::thread::sleep(Duration::from_millis(20)); // call pace
+            }
+            first_failure
+        })
+    };
+
+    let go = g.dir.path().join("go");
+    let mut runs = waiting_runs(&g, &go, 3);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (seen, relaunched, g) = rt.block_on(async move {
+        let cfg = ClientConfig::load(&g.config()).unwrap();
+        let client = Client::connect(&cfg).await.unwrap();
+        let (sha256, size) = client.upload_file(&guest("spin")).await.unwrap();
+        let mut sched = client
+            .subscribe(FrameworkInfo {
+                name: "failover-load".into(),
+                failover_timeout_seconds: 120.0,
+                partition_aware: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let ask = Resources::cpus_mem(10, 8 << 20);
+        let all: Vec<TaskInfo> = (0..WASM + NATIVE)
+            .map(|i| {
+                let mut t = TaskInfo {
+                    task_id: format!("load-{i:03}"),
+                    name: format!("load-{i:03}"),
+                    resources: ask.to_proto(),
+                    ..Default::default()
+                };
+                if i < WASM {
+                    // Spins until its deadline: 0.3 to 2.7 s.
+                    t.module = Some(WasmModule {
+                        sha256: sha256.clone(),
+                        size,
+                        timeout_ms: 300 + (i as u64 * 37) % 2400,
+                        ..Default::default()
+                    });
+                } else {
+                    t.command = Some(CommandInfo {
+                        shell: true,
+                        value: format!("sleep 0.{}", 2 + i % 8),
+                        ..Default::default()
+                    });
+                }
+                t
+            })
+            .collect();
+        let mut queue: Vec<TaskInfo> = all.iter().rev().cloned().collect();
+        let mut launched: std::collections::HashSet<String> = Default::default();
+        let mut ran: std::collections::HashSet<String> = Default::default();
+        let mut seen: std::collections::HashMap<String, Vec<(TaskState, Vec<u8>, String)>> =
+            Default::default();
+        let mut relaunched = 0;
+        let mut faulted = false;
+        let mut restarts: Option<tokio::task::JoinHandle<Group>> = None;
+        let mut g = Some(g);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+        loop {
+            let ended = seen.len();
+            if ended == WASM + NATIVE {
+                break;
+            }
+            if !faulted && ended >= (WASM + NATIVE) / 3 {
+                faulted = true;
+                let mut grp = g.take().unwrap();
+                match fault {
+                    MasterFault::KillLeader => {
+                        let id = grp.leader();
+                        grp.kill(id);
+                        g = Some(grp);
+                    }
+                    MasterFault::RollingRestart => {
+                        restarts = Some(tokio::task::spawn_blocking(move || {
+                            for id in 1..=3 {
+                                let p = grp.masters[id - 1].take().unwrap();
+                                drop(p); // SIGTERM, waits for it to exit
+                                grp.masters[id - 1] = Some(grp.master(id));
+                                wait_until("the restarted master to catch up", || {
+                                    let o = run_bounded(&mut grp.client(&["masters"]), 30);
+                                    stdout(&o).lines().any(|l| {
+                                        let f: Vec<&str> = l.split_whitespace().collect();
+                                        f.first() == Some(&id.to_string().as_str())
+                                            && matches!(f.get(3), Some(&"follower" | &"leader"))
+                                            && f.get(7) == Some(&"0")
+                                    })
+                                });
+                            }
+                            grp
+                        }));
+                    }
+                }
+            }
+            let ev = tokio::time::timeout_at(deadline, sched.next_event())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("only {ended} of {} tasks ended within 300 s", WASM + NATIVE)
+                })
+                .expect("the scheduler's session ended");
+            match ev {
+                Event::Offers(offers) => {
+                    for o in offers {
+                        let mut free = Resources::from_proto(&o.resources).unwrap();
+                        let mut batch = Vec::new();
+                        while let Some(t) = queue.last() {
+                            let need = Resources::from_proto(&t.resources).unwrap();
+                            if !free.contains(&need) {
+                                break;
+                            }
+                            free.sub(&need);
+                            let mut t = queue.pop().unwrap();
+                            t.agent_id = o.agent_id.clone();
+                            launched.insert(t.task_id.clone());
+                            batch.push(t);
+                        }
+                        if batch.is_empty() {
+                            sched.decline(vec![o.offer_id], Some(3600.0)).await.unwrap();
+                        } else {
+                            sched
+                                .accept(vec![o.offer_id], batch, Some(0.1))
+                                .await
+                                .unwrap();
+                        }
+                    }
+                    if queue.is_empty() {
+                        sched.suppress().await.unwrap();
+                    }
+                }
+                Event::Reconnected => {
+                    // Launches the old leader took and never passed on: ask.
+                    let flying: Vec<String> = launched
+                        .iter()
+                        .filter(|id| !seen.contains_key(*id))
+                        .cloned()
+                        .collect();
+                    sched.reconcile(flying).await.unwrap();
+                    sched.revive().await.unwrap();
+                }
+                Event::Update(s) => {
+                    sched.acknowledge(&s).await.unwrap();
+                    let state = s.state();
+                    if state == TaskState::TaskRunning {
+                        ran.insert(s.task_id.clone());
+                    }
+                    let never_started = matches!(
+                        state,
+                        TaskState::TaskDropped | TaskState::TaskUnknown | TaskState::TaskLost
+                    ) && s.agent_id.is_empty()
+                        && !ran.contains(&s.task_id);
+                    if never_started {
+                        // Its launch died with a master (or went to one that had
+                        // stopped leading): it never ran, so it is launched again.
+                        if launched.remove(&s.task_id) && !seen.contains_key(&s.task_id) {
+                            relaunched += 1;
+                            let i: usize = s.task_id.trim_start_matches("load-").parse().unwrap();
+                            queue.push(all[i].clone());
+                            sched.revive().await.unwrap();
+                        }
+                    } else if state.is_terminal() {
+                        let e = seen.entry(s.task_id.clone()).or_default();
+                        // A reconciliation answer (no uuid) says how a task ended;
+                        // it is not a second end.
+                        if s.uuid.is_empty() && !e.is_empty() {
+                            continue;
+                        }
+                        e.retain(|(_, u, _)| !u.is_empty());
+                        if !e.iter().any(|(_, u, _)| *u == s.uuid) {
+                            let what =
+                                format!("{:?} at {} ms: {}", s.reason(), s.timestamp_ms, s.message);
+                            e.push((state, s.uuid.clone(), what));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let g = match (g, restarts) {
+            (Some(g), _) => g,
+            (None, Some(r)) => r.await.expect("the rolling restart"),
+            (None, None) => unreachable!("the group is here or restarting"),
+        };
+        (seen, relaunched, g)
+    });
+    stop.store(true, Ordering::Relaxed);
+    let first_failure = caller.join().unwrap();
+    let lost = seen
+        .values()
+        .filter(|t| {
+            t.iter()
+                .any(|(st, _, _)| *st == agora_sdk::TaskState::TaskLost)
+        })
+        .count();
+    let duplicated = seen.values().filter(|t| t.len() > 1).count();
+    for (id, t) in &seen {
+        let i: usize = id.trim_start_matches("load-").parse().unwrap();
+        let want = if i < WASM {
+            agora_sdk::TaskState::TaskFailed // its deadline
+        } else {
+            agora_sdk::TaskState::TaskFinished
+        };
+        assert_eq!(
+            t[0].0, want,
+            "task {id} ended as it would have without the fault"
+        );
+    }
+    std::fs::write(&go, b"").unwrap();
+    for (i, run) in runs.iter_mut().enumerate() {
+        let out = wait_child(run, 120);
+        let printed = read_out(run);
+        assert!(
+            printed.contains(&format!("run {i} survived")),
+            "run {i}: stdout {printed:?}\nstderr: {}",
+            stderr(&out)
+        );
+        assert_eq!(code(&out), (i % 3) as i32, "run {i}: {}", stderr(&out));
+    }
+    let (calls, failures) = (
+        calls.load(Ordering::Relaxed),
+        failures.load(Ordering::Relaxed),
+    );
+    println!(
+        "{fault:?} under load: launched {}, terminal {}, lost {lost}, duplicated {duplicated}, launched again (never ran) {relaunched}; function calls through the agent {calls}, failed {failures}; 3 of 3 runs printed their output",
+        WASM + NATIVE,
+        seen.len()
+    );
+    let dups: Vec<_> = seen.iter().filter(|(_, t)| t.len() > 1).take(3).collect();
+    assert_eq!((lost, duplicated), (0, 0), "duplicated, e.g.: {dups:?}");
+    assert_eq!(seen.len(), WASM + NATIVE);
+    assert_eq!(
+        failures, 0,
+        "a call through the agent failed: {first_failure:?}"
+    );
+    drop(g);
+}
+
+#[test]
+fn the_leader_killed_under_load_loses_no_task_and_function_calls_go_on() {
+    load_through_master_faults(MasterFault::KillLeader);
+}
+
+#[test]
+fn a_rolling_restart_of_every_master_under_load_loses_nothing() {
+    load_through_master_faults(MasterFault::RollingRestart);
+}
