@@ -82,10 +82,8 @@ fn leader_redirect(app: &App, uri: &Uri) -> Option<Response<Body>> {
 }
 
 async fn list(State(app): State<App>, uri: Uri) -> Response<Body> {
-    if !app.functions.is_subscribed() {
-        if let Some(to) = leader_redirect(&app, &uri) {
-            return to;
-        }
+    if let Some(to) = leader_redirect(&app, &uri) {
+        return to;
     }
     list_here(app).into_response()
 }
@@ -197,10 +195,12 @@ async fn forward(State(app): State<App>, request: Request) -> Response<Body> {
         .next()
         .unwrap_or("")
         .to_string();
+    // Another master leads: send the caller there, even if this gateway still
+    // knows hosts from when its master led (its routing is no longer kept up).
+    if let Some(to) = leader_redirect(&app, request.uri()) {
+        return to;
+    }
     if !app.functions.is_subscribed() {
-        if let Some(to) = leader_redirect(&app, request.uri()) {
-            return to;
-        }
         // Its master does not serve it (yet): starting, or a follower of a group.
         return retry_later(
             StatusCode::SERVICE_UNAVAILABLE,
