@@ -15,6 +15,29 @@
 //!   checkpoint; its executors keep running and reconnect;
 //! - an executor crash;
 //! - a master restart: a new core `recover`s from the registry ops the old one emitted;
+//! - a leader change (issue 12: the masters run as a Raft group; only the leader has
+//!   a core, and its shell holds every output behind registry ops until the group
+//!   commits them). A new core `recover`s from the *committed* registry, with ids of
+//!   its own, as the shell's `rebuild` does. The old leader is *deposed* but does not
+//!   know it for a seeded window (up to `DEPOSED_MS`: its lease plus a message's
+//!   delay): it keeps its core and the agents and frameworks connected to it,
+//!   handles what they send, makes offers and launches, and its messages (in flight
+//!   or new) are delivered in any order against the new leader's. Its ops never
+//!   commit (the majority follows the new leader), so, as in its outbox, the outputs
+//!   of the first input that made ops and every later output are never sent, and
+//!   the registry never sees those ops. A peer that dials the masters meanwhile
+//!   keeps the first that says it leads (`connect_leader`): mostly the new leader,
+//!   sometimes the deposed one (`DIAL_DEPOSED_PERCENT`). When the window ends the
+//!   deposed master drops its core and closes its connections (NOT_LEADER); each
+//!   peer notices after its own delay and dials again. Half the time the election
+//!   comes a little after the old leader stopped hearing its followers: for the
+//!   first part of that stall its ops still reach a majority (the new leader recovers
+//!   them) but it never hears so, and the outputs behind them are never sent. (The
+//!   simulation's commits otherwise take no time: a leader's outputs are never
+//!   delayed by its outbox.) Safety during the window rests on its being shorter
+//!   than the new leader's wait for agents to re-register and the agent timeout:
+//!   with `SIM_DEPOSED_MS` above them the new leader tells frameworks LOST about
+//!   tasks the deposed one still serves;
 //! - duplicates of the messages the protocol delivers at least once (status updates
 //!   and acknowledgements), delivered right after the original on the same stream.
 //!
@@ -26,11 +49,12 @@
 //! Replay one seed with a full trace of every event:
 //!
 //! ```text
-//! SIM_SEED=1234 cargo test -p agora-master --test sim -- --nocapture
+//! SIM_SEED=1234 cargo test -p agora-master-core --test sim -- --nocapture
 //! ```
 //!
 //! `SIM_SEEDS=N` runs seeds 1..=N instead of the CI set (a longer hunt), `SIM_STEPS=N`
-//! changes the number of chaotic steps per seed.
+//! changes the number of chaotic steps per seed, `SIM_DEPOSED_MS=N` the longest window
+//! of a deposed leader.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -74,6 +98,14 @@ const HEARTBEAT_MS: u64 = 1_000;
 const EXECUTOR_RECOVERY_MS: u64 = 8_000;
 /// How long the world runs without faults before the final checks.
 const SETTLE_MS: u64 = 60_000;
+/// Longest time a deposed leader goes on not knowing (its lease, ~600 ms in the
+/// shell, and a message's delay); `SIM_DEPOSED_MS` changes it for a hunt. Safety
+/// assumes it stays well below the agent re-registration wait and the agent timeout
+/// (see the header).
+const DEPOSED_MS: u64 = 800;
+/// How often a peer that dials the masters during a leader change gets the deposed
+/// one (it answers that it leads until it learns; the first answer wins).
+const DIAL_DEPOSED_PERCENT: u64 = 30;
 /// Most events kept for a failure report.
 const TRACE_LEN: usize = 40;
 
@@ -276,6 +308,8 @@ struct Machine {
     inc: u64,
     disk: CheckpointState,
     link: Option<ConnId>,
+    /// The master run it dialled last (`link`'s, or the one before if none).
+    home: u64,
     /// Registered on `link` (the shell sends nothing else before).
     registered: bool,
     agent_id: String,
@@ -326,7 +360,87 @@ struct Stats {
     never_started: u64,
     /// Longest queue seen on one link.
     max_queue: usize,
+    /// Inputs a deposed core handled during its window.
+    deposed_inputs: u64,
+    /// RUN_TASKs of a deposed core that reached their agent.
+    deposed_launches: u64,
+    /// Outputs a master held behind registry ops it never heard were committed,
+    /// dropped with its core.
+    held_outputs: u64,
+    /// Registry ops a deposed leader proposed that never committed.
+    lost_ops: u64,
+    /// Registry ops committed without their master hearing it (outputs never sent).
+    unheard_ops: u64,
+    /// Connections a peer made to a deposed master (`DIAL_DEPOSED_PERCENT`).
+    deposed_dials: u64,
     faults: BTreeMap<&'static str, u64>,
+}
+
+// ---- the masters ------------------------------------------------------------------
+
+/// What becomes of the registry ops a master's core makes (its shell proposes them
+/// to the group and holds the outputs of the input that made them, and every later
+/// output, until they are committed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Commit {
+    /// The leader with its quorum: committed, then the outputs go out. The
+    /// simulation's commits take no time.
+    Now,
+    /// The leader has stopped hearing its followers but its entries still reach a
+    /// majority: the next leader commits them, this master never learns it, so the
+    /// outputs behind them never go out.
+    Unheard,
+    /// A deposed leader (or one cut off before the election): the majority follows
+    /// another leader; the ops are lost and the outputs behind them too.
+    Never,
+}
+
+/// One master's core, as its shell runs it.
+struct Master {
+    core: MasterCore,
+    /// Which run (restart or leadership) made it; its connections and offers carry
+    /// it, and its ids carry it too (`master_cfg`).
+    inc: u64,
+    commit: Commit,
+    /// Its outbox holds something that will never be released: every later output
+    /// waits behind it.
+    held: bool,
+}
+
+impl Master {
+    /// A fresh core from the committed registry: what a restarted master, or a
+    /// newly elected leader, starts from.
+    fn recover(inc: u64, registry: &Registry, now: u64) -> Master {
+        let mut core = MasterCore::new(master_cfg(inc));
+        core.handle(
+            master::Input::Recover {
+                registry: registry.clone(),
+            },
+            now,
+        );
+        Master {
+            core,
+            inc,
+            commit: Commit::Now,
+            held: false,
+        }
+    }
+}
+
+/// A leader that lost its leadership but does not know it yet.
+struct Deposed {
+    m: Master,
+    /// When it learns (its lease runs out, or it hears the new term).
+    until: u64,
+}
+
+/// An offer a master made and still considers outstanding.
+struct OfferOut {
+    /// The master's run (`Master::inc`).
+    inc: u64,
+    conn: ConnId,
+    agent_id: String,
+    res: Resources,
 }
 
 // ---- the world --------------------------------------------------------------------
@@ -342,13 +456,22 @@ struct World {
     /// No launches, kills or faults: the final settling.
     calm: bool,
 
-    master: MasterCore,
-    master_inc: u64,
-    /// What the master's shell has written to its registry.
+    /// The leader (the only master, but during a leader change): peers that dial
+    /// get it (mostly, see `new_conn`).
+    master: Master,
+    /// The previous leader while it still believes it leads (see `depose_leader`).
+    deposed: Option<Deposed>,
+    /// A leader change under way, the leader cut off from its followers: (when its
+    /// ops stop reaching a majority, when the new leader is elected).
+    election: Option<(u64, u64)>,
+    /// The last `Master::inc` handed out.
+    last_inc: u64,
+    /// Longest window of a deposed leader (`DEPOSED_MS`, or `SIM_DEPOSED_MS`).
+    deposed_ms: u64,
+    /// What the group has committed to the registry.
     registry: Registry,
-    /// Offers the master made and still considers outstanding: id -> (scheduler
-    /// connection, agent id, resources).
-    offers: BTreeMap<String, (ConnId, String, Resources)>,
+    /// Offers the masters made and still consider outstanding, by id.
+    offers: BTreeMap<String, OfferOut>,
 
     next_conn: ConnId,
     conns: BTreeMap<ConnId, Conn>,
@@ -377,8 +500,16 @@ impl World {
             trace: VecDeque::new(),
             violation: None,
             calm: false,
-            master: MasterCore::new(master_cfg(1)),
-            master_inc: 1,
+            master: Master {
+                core: MasterCore::new(master_cfg(1)),
+                inc: 1,
+                commit: Commit::Now,
+                held: false,
+            },
+            deposed: None,
+            election: None,
+            last_inc: 1,
+            deposed_ms: env_u64("SIM_DEPOSED_MS").unwrap_or(DEPOSED_MS),
             registry: Registry::default(),
             offers: BTreeMap::new(),
             next_conn: 0,
@@ -401,6 +532,7 @@ impl World {
                 inc: 1,
                 disk: CheckpointState::default(),
                 link: None,
+                home: 0,
                 registered: false,
                 agent_id: String::new(),
                 last_ping: 0,
@@ -466,13 +598,23 @@ impl World {
         }
     }
 
+    /// A peer dials the masters and keeps the first that says it leads
+    /// (`agora_net::leader::connect_leader`): the leader, or during a leader change
+    /// now and then the deposed one, which does not know yet.
     fn new_conn(&mut self, peer: Peer) -> ConnId {
+        let master_inc = match self.deposed.as_ref().map(|d| d.m.inc) {
+            Some(inc) if self.rng.chance(DIAL_DEPOSED_PERCENT) => {
+                self.stats.deposed_dials += 1;
+                inc
+            }
+            _ => self.master.inc,
+        };
         self.next_conn += 1;
         self.conns.insert(
             self.next_conn,
             Conn {
                 peer,
-                master_inc: self.master_inc,
+                master_inc,
                 live: true,
             },
         );
@@ -505,18 +647,75 @@ impl World {
 
     // ---- the master ----------------------------------------------------------------
 
+    fn master_mut(&mut self, inc: u64) -> Option<&mut Master> {
+        if self.master.inc == inc {
+            return Some(&mut self.master);
+        }
+        self.deposed
+            .as_mut()
+            .map(|d| &mut d.m)
+            .filter(|m| m.inc == inc)
+    }
+
+    /// Feeds the leader's core.
     fn feed_master(&mut self, input: master::Input) {
-        let outs = self.master.handle(input, self.now);
-        // The shell writes the registry before it carries out any output.
-        for op in self.master.take_registry_ops() {
-            self.registry.apply(&op);
+        let inc = self.master.inc;
+        self.feed(inc, input);
+    }
+
+    /// Feeds the core of master run `inc` (nothing if it is gone), and carries out
+    /// its outputs as its shell does: at once while nothing waits for a commit;
+    /// otherwise held (here: for good, see `Commit`).
+    fn feed(&mut self, inc: u64, input: master::Input) {
+        let now = self.now;
+        let deposed = self.master.inc != inc;
+        let Some(m) = self.master_mut(inc) else {
+            return;
+        };
+        let outs = m.core.handle(input, now);
+        let ops = m.core.take_registry_ops();
+        let commit = m.commit;
+        if !ops.is_empty() && commit != Commit::Now {
+            m.held = true;
+        }
+        let held = m.held;
+        if deposed {
+            self.stats.deposed_inputs += 1;
+        }
+        if !ops.is_empty() {
+            match commit {
+                // The shell writes the registry before it carries out any output.
+                Commit::Now => {}
+                Commit::Unheard => self.stats.unheard_ops += ops.len() as u64,
+                Commit::Never => self.stats.lost_ops += ops.len() as u64,
+            }
+            if commit != Commit::Now {
+                self.log(format!(
+                    "m{inc} proposes {} registry ops that {}; its outputs wait for good",
+                    ops.len(),
+                    if commit == Commit::Unheard {
+                        "commit, unheard by it"
+                    } else {
+                        "never commit"
+                    }
+                ));
+            }
+            if commit != Commit::Never {
+                for op in &ops {
+                    self.registry.apply(op);
+                }
+            }
+        }
+        if held {
+            self.stats.held_outputs += outs.len() as u64;
+            return;
         }
         for o in outs {
-            self.master_output(o);
+            self.master_output(inc, o);
         }
     }
 
-    fn master_output(&mut self, o: master::Output) {
+    fn master_output(&mut self, inc: u64, o: master::Output) {
         match o {
             master::Output::ToAgent(c, m) => self.push(LinkId::Down(c), Msg::ToAgent(m)),
             master::Output::ToScheduler(c, ev) => {
@@ -524,9 +723,13 @@ impl World {
                     Some(event::Event::Offers(of)) => {
                         for o in &of.offers {
                             let res = Resources::from_proto(&o.resources).expect("offer resources");
-                            let prev = self
-                                .offers
-                                .insert(o.offer_id.clone(), (c, o.agent_id.clone(), res));
+                            let offer = OfferOut {
+                                inc,
+                                conn: c,
+                                agent_id: o.agent_id.clone(),
+                                res,
+                            };
+                            let prev = self.offers.insert(o.offer_id.clone(), offer);
                             if prev.is_some() {
                                 self.fail(format!("offer id {} made twice", o.offer_id));
                             }
@@ -540,12 +743,12 @@ impl World {
                 self.push(LinkId::Down(c), Msg::Event(ev));
             }
             master::Output::CloseAgent(c, why) => {
-                self.log(format!("master closes agent conn {c}: {why}"));
+                self.log(format!("m{inc} closes agent conn {c}: {why}"));
                 let d = self.rng.range(0, 500);
                 self.sever(c, Some(0), d);
             }
             master::Output::CloseScheduler(c, why) => {
-                self.log(format!("master closes scheduler conn {c}: {why}"));
+                self.log(format!("m{inc} closes scheduler conn {c}: {why}"));
                 let d = self.rng.range(0, 500);
                 self.sever(c, Some(0), d);
             }
@@ -705,12 +908,14 @@ impl World {
 
     fn agent_connect(&mut self, ai: usize) {
         let c = self.new_conn(Peer::Agent(ai));
+        let inc = self.conns[&c].master_inc;
         let m = &mut self.machines[ai];
         let hello = m.core.as_ref().expect("up").hello();
         m.link = Some(c);
+        m.home = inc;
         m.registered = false;
         self.log(format!(
-            "agent {ai} connects on {c} as `{}` with {} tasks",
+            "agent {ai} connects to m{inc} on {c} as `{}` with {} tasks",
             hello.agent_id,
             hello.tasks.len()
         ));
@@ -887,6 +1092,7 @@ impl World {
 
     fn fw_connect(&mut self, fi: usize) {
         let c = self.new_conn(Peer::Sched(fi));
+        let inc = self.conns[&c].master_inc;
         let f = &mut self.fws[fi];
         f.conn = Some(c);
         f.subscribed = false;
@@ -897,7 +1103,7 @@ impl World {
             partition_aware: f.partition_aware,
             ..Default::default()
         };
-        let line = format!("fw{fi} subscribes on {c} as `{}`", f.id);
+        let line = format!("fw{fi} subscribes to m{inc} on {c} as `{}`", f.id);
         self.log(line);
         self.push(
             LinkId::Up(c),
@@ -1220,17 +1426,19 @@ impl World {
                 if !conn.live {
                     return;
                 }
-                let peer = conn.peer;
-                self.log(describe(&peer, link, &msg));
+                let (peer, inc) = (conn.peer, conn.master_inc);
+                self.log(describe(&peer, inc, link, &msg));
                 match (link, msg) {
+                    // To the master that accepted the connection (the leader, or a
+                    // deposed one during its window).
                     (LinkId::Up(_), Msg::AgentHello(hello)) => {
-                        self.feed_master(master::Input::AgentHello { conn: c, hello })
+                        self.feed(inc, master::Input::AgentHello { conn: c, hello })
                     }
                     (LinkId::Up(_), Msg::ToMaster(msg)) => {
-                        self.feed_master(master::Input::AgentMessage { conn: c, msg })
+                        self.feed(inc, master::Input::AgentMessage { conn: c, msg })
                     }
                     (LinkId::Up(_), Msg::SchedHello(hello)) => {
-                        self.feed_master(master::Input::SchedulerHello { conn: c, hello })
+                        self.feed(inc, master::Input::SchedulerHello { conn: c, hello })
                     }
                     (LinkId::Up(_), Msg::Call(call)) => {
                         // The master takes every offer an ACCEPT or DECLINE names.
@@ -1247,11 +1455,15 @@ impl World {
                             }
                             _ => {}
                         }
-                        self.feed_master(master::Input::SchedulerCall { conn: c, call })
+                        self.feed(inc, master::Input::SchedulerCall { conn: c, call })
                     }
                     (LinkId::Down(_), Msg::ToAgent(m)) => {
                         if let Peer::Agent(ai) = peer {
                             if self.machines[ai].link == Some(c) {
+                                let run = matches!(m.msg, Some(master_to_agent::Msg::RunTask(_)));
+                                if run && inc != self.master.inc {
+                                    self.stats.deposed_launches += 1;
+                                }
                                 self.agent_from_master(ai, m);
                             }
                         }
@@ -1341,10 +1553,14 @@ impl World {
             let t = self.timers.remove(&(at, seq)).expect("first");
             self.fire(t);
         }
+        self.leader_change_tick();
         for ai in 0..self.machines.len() {
             self.machine_tick(ai);
         }
         self.feed_master(master::Input::Tick);
+        if let Some(inc) = self.deposed.as_ref().map(|d| d.m.inc) {
+            self.feed(inc, master::Input::Tick);
+        }
         for fi in 0..self.fws.len() {
             let f = &self.fws[fi];
             if f.conn.is_none() && f.reconnect_at <= self.now {
@@ -1359,15 +1575,16 @@ impl World {
                 let Some(conn) = self.conns.get(&c) else {
                     return;
                 };
-                if conn.master_inc != self.master_inc {
+                let (peer, inc) = (conn.peer, conn.master_inc);
+                if self.master_mut(inc).is_none() {
                     return; // that master is gone
                 }
-                match conn.peer {
-                    Peer::Agent(_) => self.feed_master(master::Input::AgentClosed { conn: c }),
+                match peer {
+                    Peer::Agent(_) => self.feed(inc, master::Input::AgentClosed { conn: c }),
                     Peer::Sched(_) => {
                         // The master takes back that connection's offers silently.
-                        self.offers.retain(|_, (oc, _, _)| *oc != c);
-                        self.feed_master(master::Input::SchedulerClosed { conn: c })
+                        self.offers.retain(|_, o| o.conn != c);
+                        self.feed(inc, master::Input::SchedulerClosed { conn: c })
                     }
                 }
             }
@@ -1545,9 +1762,10 @@ impl World {
             0..=21 => self.drop_agent_link(ai),
             22..=41 => self.drop_scheduler_link(),
             42..=55 => self.partition_agent(ai),
-            56..=73 => self.crash_agent(ai),
-            74..=91 => self.crash_executor(ai),
-            _ => self.restart_master(),
+            56..=71 => self.crash_agent(ai),
+            72..=87 => self.crash_executor(ai),
+            88..=93 => self.restart_master(),
+            _ => self.depose_leader(),
         };
         if let Some(n) = name {
             *self.stats.faults.entry(n).or_default() += 1;
@@ -1640,9 +1858,12 @@ impl World {
     }
 
     /// The master process restarts: every connection drops, and a new core starts
-    /// from the registry.
+    /// from the registry. (Also a deposed leader still running learns now, and a
+    /// leader change under way ends with this one.)
     fn restart_master(&mut self) -> Option<&'static str> {
         self.log("FAULT: the master restarts".into());
+        self.end_deposed();
+        self.election = None;
         let live: Vec<ConnId> = self
             .conns
             .iter()
@@ -1653,17 +1874,111 @@ impl World {
             let pd = self.rng.range(0, 1_500);
             self.sever(c, None, pd);
         }
-        self.master_inc += 1;
-        let mut core = MasterCore::new(master_cfg(self.master_inc));
-        core.handle(
-            master::Input::Recover {
-                registry: self.registry.clone(),
-            },
-            self.now,
-        );
-        self.master = core;
+        self.last_inc += 1;
+        self.master = Master::recover(self.last_inc, &self.registry, self.now);
         self.offers.clear();
         Some("restart master")
+    }
+
+    /// Another master is elected (issue 12). The leader does not learn it at once:
+    /// see the header. Either the election is now, or the leader is first cut off
+    /// from its followers for up to 400 ms (the election timeout, roughly): for a
+    /// first part of that its entries still reach a majority without it hearing so
+    /// (`Commit::Unheard`), then they stop (`Commit::Never`); either way what it
+    /// emits from its first such input on is never sent.
+    fn depose_leader(&mut self) -> Option<&'static str> {
+        if self.election.is_some() {
+            return None;
+        }
+        // One deposed core at a time: an earlier one learns now (a shorter window).
+        self.end_deposed();
+        let stall = if self.rng.chance(50) {
+            0
+        } else {
+            self.rng.range(1, 400)
+        };
+        let heard = self.rng.range(0, stall);
+        self.log(format!(
+            "FAULT: m{} loses its leadership; its entries reach a majority for {heard} ms, the election is in {stall} ms",
+            self.master.inc
+        ));
+        if stall == 0 {
+            self.elect();
+        } else {
+            self.master.commit = if heard > 0 {
+                Commit::Unheard
+            } else {
+                Commit::Never
+            };
+            self.election = Some((self.now + heard, self.now + stall));
+        }
+        Some("leader change")
+    }
+
+    /// A new leader builds its core from the committed registry; the old one keeps
+    /// its core and connections for a window of up to `deposed_ms` (its lease and a
+    /// message's delay), not knowing.
+    fn elect(&mut self) {
+        self.election = None;
+        self.last_inc += 1;
+        let new = Master::recover(self.last_inc, &self.registry, self.now);
+        let mut old = std::mem::replace(&mut self.master, new);
+        old.commit = Commit::Never;
+        let window = self.rng.range(0, self.deposed_ms);
+        let conns = self
+            .conns
+            .values()
+            .filter(|c| c.live && c.master_inc == old.inc)
+            .count();
+        self.log(format!(
+            "m{} leads; m{} keeps {conns} connections for {window} ms, not knowing",
+            self.master.inc, old.inc
+        ));
+        self.deposed = Some(Deposed {
+            m: old,
+            until: self.now + window,
+        });
+    }
+
+    /// The deposed leader learns: it drops its core (and what its outbox held) and
+    /// closes its connections; each peer notices after its own delay and dials the
+    /// new leader.
+    fn end_deposed(&mut self) {
+        let Some(d) = self.deposed.take() else {
+            return;
+        };
+        let inc = d.m.inc;
+        let live: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.live && c.master_inc == inc)
+            .map(|(id, _)| *id)
+            .collect();
+        self.log(format!(
+            "m{inc} learns it no longer leads: drops its core{} and closes {} connections",
+            if d.m.held { " and held outputs" } else { "" },
+            live.len()
+        ));
+        for c in live {
+            let pd = self.rng.range(0, 500);
+            self.sever(c, None, pd);
+        }
+        self.offers.retain(|_, o| o.inc != inc);
+    }
+
+    /// A leader change moves on with time.
+    fn leader_change_tick(&mut self) {
+        if let Some((never_from, elect_at)) = self.election {
+            if never_from <= self.now {
+                self.master.commit = Commit::Never;
+            }
+            if elect_at <= self.now {
+                self.elect();
+            }
+        }
+        if self.deposed.as_ref().is_some_and(|d| d.until <= self.now) {
+            self.end_deposed();
+        }
     }
 
     // ---- the run -----------------------------------------------------------------
@@ -1711,23 +2026,31 @@ impl World {
     // ---- invariants ----------------------------------------------------------------
 
     /// Checked after every step.
+    ///
+    /// Resources are never double-allocated. Per agent:
+    /// - what its executors really run plus what is out in offers fits in it. During
+    ///   a leader change two cores make offers on it; those of the master the agent
+    ///   dialled last count (with one master: all of them). The other core's offers
+    ///   on it are stale: it may still count the agent as connected (it notices a
+    ///   closed connection late) and offer it, but what it launches there cannot
+    ///   reach the agent on a connection that is gone, and before the agent brings
+    ///   it new tasks by registering again with it, it takes those offers back. (If
+    ///   it launched on one meanwhile, what it then believes runs there plus its
+    ///   offers, below, or what really runs there, no longer fit.)
+    /// - the same from the frameworks' side: the offers the frameworks hold and can
+    ///   use (on a live connection, still outstanding at the master that made them,
+    ///   by the rule above) plus what runs there fit in it. (An ACCEPT of an offer
+    ///   its master rescinded, or sent on a connection that is gone, launches
+    ///   nothing.)
+    /// - for each core, what it believes runs there plus its own outstanding offers
+    ///   fit in it, and its allocator never allocates more than the agent has.
     fn check(&mut self) {
-        // Resources are never double-allocated: per agent, what its executors really
-        // run plus what is out in offers, and what the master believes runs there
-        // plus what is out in offers, each fit in the agent.
-        let live = self.master.list_tasks(false, self.now);
         let mut problems = Vec::new();
+        // An offer of master run `inc` on agent `ai` that may launch there now.
+        let usable = |inc: u64, ai: usize| inc == self.machines[ai].home;
         for (ai, m) in self.machines.iter().enumerate() {
             if m.agent_id.is_empty() {
                 continue;
-            }
-            let mut offered = Resources::new();
-            let mut offer_ids = Vec::new();
-            for (oid, (_, aid, r)) in &self.offers {
-                if *aid == m.agent_id {
-                    offered.add(&r.unreserved());
-                    offer_ids.push(oid.as_str());
-                }
             }
             let mut running = Resources::new();
             let mut running_ids = Vec::new();
@@ -1735,6 +2058,14 @@ impl World {
                 for (id, t) in &p.tasks {
                     running.add(&t.res);
                     running_ids.push(format!("{}/{id}", key.0));
+                }
+            }
+            let mut offered = Resources::new();
+            let mut offer_ids = Vec::new();
+            for (oid, o) in &self.offers {
+                if o.agent_id == m.agent_id && usable(o.inc, ai) {
+                    offered.add(&o.res.unreserved());
+                    offer_ids.push(oid.as_str());
                 }
             }
             let mut physical = running.clone();
@@ -1748,39 +2079,92 @@ impl World {
                     m.total
                 ));
             }
-            let mut believed = Resources::new();
-            let mut believed_ids = Vec::new();
-            for t in live.iter().filter(|t| t.agent_id == m.agent_id) {
-                if t.state() == TaskState::TaskUnreachable {
+            let mut held = Resources::new();
+            let mut held_ids = Vec::new();
+            for (fi, f) in self.fws.iter().enumerate() {
+                let live = f
+                    .conn
+                    .is_some_and(|c| self.conns.get(&c).is_some_and(|c| c.live));
+                if !live {
                     continue;
                 }
-                believed.add(
-                    &Resources::from_proto(&t.resources)
-                        .expect("res")
-                        .unreserved(),
-                );
-                believed_ids.push(t.task_id.clone());
+                for (oid, o) in &f.offers {
+                    let Some(out) = self.offers.get(oid) else {
+                        continue;
+                    };
+                    if o.agent_id != m.agent_id || !usable(out.inc, ai) {
+                        continue;
+                    }
+                    held.add(
+                        &Resources::from_proto(&o.resources)
+                            .expect("offer resources")
+                            .unreserved(),
+                    );
+                    held_ids.push(format!("fw{fi}:{oid}"));
+                }
             }
-            let mut booked = believed.clone();
-            booked.add(&offered);
-            if !m.total.contains(&booked) {
+            let mut physical = running.clone();
+            physical.add(&held);
+            if !m.total.contains(&physical) {
                 problems.push(format!(
-                    "master books {believed} of tasks [{}] on agent {ai} ({}) while offers [{}] hold {offered}: more than its {}",
-                    believed_ids.join(" "),
+                    "agent {ai} ({}) runs {running} [{}] while frameworks hold offers [{}] of {held}: more than its {}",
                     m.agent_id,
-                    offer_ids.join(" "),
+                    running_ids.join(" "),
+                    held_ids.join(" "),
                     m.total
                 ));
             }
         }
-        for a in self.master.agents() {
-            let total = Resources::from_proto(&a.total).expect("res");
-            let alloc = Resources::from_proto(&a.allocated).expect("res");
-            if !total.unreserved().contains(&alloc) {
-                problems.push(format!(
-                    "master's allocator has {alloc} allocated on {} of {total}",
-                    a.agent_id
-                ));
+        let cores = [Some(&self.master), self.deposed.as_ref().map(|d| &d.m)];
+        for mm in cores.into_iter().flatten() {
+            let live = mm.core.list_tasks(false, self.now);
+            for (ai, m) in self.machines.iter().enumerate() {
+                if m.agent_id.is_empty() {
+                    continue;
+                }
+                let mut offered = Resources::new();
+                let mut offer_ids = Vec::new();
+                for (oid, o) in &self.offers {
+                    if o.agent_id == m.agent_id && o.inc == mm.inc {
+                        offered.add(&o.res.unreserved());
+                        offer_ids.push(oid.as_str());
+                    }
+                }
+                let mut believed = Resources::new();
+                let mut believed_ids = Vec::new();
+                for t in live.iter().filter(|t| t.agent_id == m.agent_id) {
+                    if t.state() == TaskState::TaskUnreachable {
+                        continue;
+                    }
+                    believed.add(
+                        &Resources::from_proto(&t.resources)
+                            .expect("res")
+                            .unreserved(),
+                    );
+                    believed_ids.push(t.task_id.clone());
+                }
+                let mut booked = believed.clone();
+                booked.add(&offered);
+                if !m.total.contains(&booked) {
+                    problems.push(format!(
+                        "m{} books {believed} of tasks [{}] on agent {ai} ({}) while its offers [{}] hold {offered}: more than its {}",
+                        mm.inc,
+                        believed_ids.join(" "),
+                        m.agent_id,
+                        offer_ids.join(" "),
+                        m.total
+                    ));
+                }
+            }
+            for a in mm.core.agents() {
+                let total = Resources::from_proto(&a.total).expect("res");
+                let alloc = Resources::from_proto(&a.allocated).expect("res");
+                if !total.unreserved().contains(&alloc) {
+                    problems.push(format!(
+                        "m{}'s allocator has {alloc} allocated on {} of {total}",
+                        mm.inc, a.agent_id
+                    ));
+                }
             }
         }
         for p in problems {
@@ -1791,9 +2175,10 @@ impl World {
     /// After the settling: every launched task is over, or still running on a live
     /// agent, and the framework and the master agree on its state.
     fn final_check(&mut self) {
-        let all = self.master.list_tasks(true, self.now);
+        let all = self.master.core.list_tasks(true, self.now);
         let registered: BTreeSet<String> = self
             .master
+            .core
             .agents()
             .into_iter()
             .map(|a| a.agent_id)
@@ -1858,7 +2243,7 @@ impl World {
 
     fn report(&self, what: &str) -> String {
         let mut s = format!(
-            "seed {} step {} (t={} ms): {what}\nreplay: SIM_SEED={} cargo test -p agora-master --test sim -- --nocapture\nlast events:\n",
+            "seed {} step {} (t={} ms): {what}\nreplay: SIM_SEED={} cargo test -p agora-master-core --test sim -- --nocapture\nlast events:\n",
             self.seed,
             self.step,
             self.now - 1_000_000,
@@ -1939,12 +2324,13 @@ fn brief_a2e(m: &AgentToExecutor) -> String {
     }
 }
 
-fn describe(peer: &Peer, link: LinkId, msg: &Msg) -> String {
+/// `inc`: the master run at the other end.
+fn describe(peer: &Peer, inc: u64, link: LinkId, msg: &Msg) -> String {
     let (who, c) = match (peer, link) {
-        (Peer::Agent(ai), LinkId::Up(c)) => (format!("agent {ai} -> m"), c),
-        (Peer::Agent(ai), LinkId::Down(c)) => (format!("m -> agent {ai}"), c),
-        (Peer::Sched(fi), LinkId::Up(c)) => (format!("fw{fi} -> m"), c),
-        (Peer::Sched(fi), LinkId::Down(c)) => (format!("m -> fw{fi}"), c),
+        (Peer::Agent(ai), LinkId::Up(c)) => (format!("agent {ai} -> m{inc}"), c),
+        (Peer::Agent(ai), LinkId::Down(c)) => (format!("m{inc} -> agent {ai}"), c),
+        (Peer::Sched(fi), LinkId::Up(c)) => (format!("fw{fi} -> m{inc}"), c),
+        (Peer::Sched(fi), LinkId::Down(c)) => (format!("m{inc} -> fw{fi}"), c),
         _ => ("?".into(), 0),
     };
     let what = match msg {
@@ -2099,6 +2485,12 @@ fn master_and_agents_under_seeded_faults_lose_nothing() {
                 total.other_terminal += s.other_terminal;
                 total.duplicates += s.duplicates;
                 total.never_started += s.never_started;
+                total.deposed_inputs += s.deposed_inputs;
+                total.deposed_launches += s.deposed_launches;
+                total.held_outputs += s.held_outputs;
+                total.lost_ops += s.lost_ops;
+                total.unheard_ops += s.unheard_ops;
+                total.deposed_dials += s.deposed_dials;
                 total.max_queue = total.max_queue.max(s.max_queue);
                 for (k, v) in s.faults {
                     *total.faults.entry(k).or_default() += v;
