@@ -241,7 +241,10 @@ fn cpus_half_caps_a_busy_loop_near_half_a_core() {
         (0.6..=1.4).contains(&cpu),
         "used {cpu} cpu-seconds in 2 s under cpus 0.5: {row}"
     );
-    assert!(throttled > 5, "the CFS quota throttled it: {row}");
+    // Throttled in every period it ran past its quota: on a busy machine the loop
+    // gets the CPU in fewer of the 20 periods (5 seen while another build ran), so
+    // any throttling shows the quota is set; the cpu-seconds above show its size.
+    assert!(throttled > 0, "the CFS quota throttled it: {row}");
 }
 
 #[test]
