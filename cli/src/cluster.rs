@@ -531,10 +531,8 @@ async fn start_master(
     if let Some(g) = &gateway {
         // A follower's HTTP door sends callers on to the leader's.
         let view = master.leader_view();
-        g.functions().set_leader_http(std::sync::Arc::new(move || {
-            let l = view.get();
-            (!l.leading).then_some(l.leader_http)
-        }));
+        g.functions()
+            .set_leader_http(std::sync::Arc::new(move || view.leader_elsewhere()));
     }
     let gateway = match gateway {
         Some(g) => match g

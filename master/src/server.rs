@@ -106,6 +106,8 @@ struct Shared {
     learned_http: Option<(u64, u64, String)>,
     /// When this master last asked the leader for it (one ask at a time).
     learning_since: Option<std::time::Instant>,
+    /// The leader's HTTP address while another master leads (see `LeaderView`).
+    elsewhere: tokio::sync::watch::Sender<Option<String>>,
 }
 
 /// The outputs of one input of the core, held until what the registry must remember
@@ -372,7 +374,13 @@ impl MasterHandle {
     /// Who leads, as this master knows it (its answer to `LeaderQuery`), for as long
     /// as the caller wants to look.
     pub fn leader_view(&self) -> LeaderView {
-        LeaderView(self.shared.clone())
+        LeaderView(
+            self.shared
+                .lock()
+                .expect("master state lock")
+                .elsewhere
+                .subscribe(),
+        )
     }
 
     /// Stops accepting, closes every connection and waits briefly for them to go,
@@ -389,13 +397,15 @@ impl MasterHandle {
     }
 }
 
-/// See [`MasterHandle::leader_view`].
+/// See [`MasterHandle::leader_view`]. Reading it takes no lock of the master's
+/// state (it is read on every HTTP request to a functions door).
 #[derive(Clone)]
-pub struct LeaderView(Arc<Mutex<Shared>>);
+pub struct LeaderView(tokio::sync::watch::Receiver<Option<String>>);
 
 impl LeaderView {
-    pub fn get(&self) -> v1::LeaderInfo {
-        self.0.lock().expect("master state lock").leader.clone()
+    /// The leader's HTTP address while another master leads and it is known.
+    pub fn leader_elsewhere(&self) -> Option<String> {
+        self.0.borrow().clone()
     }
 }
 
@@ -471,6 +481,7 @@ pub async fn start(cfg: MasterConfig) -> Result<MasterHandle> {
         http: String::new(),
         learned_http: None,
         learning_since: None,
+        elsewhere: tokio::sync::watch::Sender::new(None),
     }));
     let lead = Leadership {
         shared: shared.clone(),
@@ -781,6 +792,13 @@ impl Leadership {
             }
             _ => {}
         }
+        let elsewhere = (!s.leader.leading && !s.leader.leader_http.is_empty())
+            .then(|| s.leader.leader_http.clone());
+        s.elsewhere.send_if_modified(|e| {
+            let changed = *e != elsewhere;
+            *e = elsewhere;
+            changed
+        });
         Ok(())
     }
 
