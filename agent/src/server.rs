@@ -668,13 +668,16 @@ impl Agent {
                 Ok(()) => tracing::warn!("master closed the connection; reconnecting"),
                 Err(e) => tracing::warn!("master link: {e:#}; retrying in {backoff:?}"),
             }
-            {
+            let was_registered = {
                 let mut s = self.lock();
                 s.master_tx = None;
-                s.master_conn = None;
-            }
+                s.master_conn.take().is_some()
+            };
             self.feed(Input::MasterDisconnected);
-            if started.elapsed() > Duration::from_secs(10) {
+            // A session that registered worked: the next attempt starts from the
+            // shortest wait (a leader killed a few seconds after the last failover
+            // must not cost the doubled waits of earlier failed attempts).
+            if was_registered || started.elapsed() > Duration::from_secs(10) {
                 backoff = Duration::from_millis(200);
             }
             tokio::time::sleep(backoff).await; // reconnect backoff
