@@ -231,15 +231,9 @@ impl Drop for MasterGroup {
 
 /// One master's answer to who leads, within a second.
 pub async fn query(endpoint: &quinn::Endpoint, addr: SocketAddr) -> Option<LeaderInfo> {
-    let conn = tls::connect_within(endpoint, addr, Duration::from_secs(1))
+    agora_net::leader::ask(endpoint, addr, Duration::from_secs(1))
         .await
-        .ok()?;
-    let info = tokio::time::timeout(Duration::from_secs(1), agora_net::leader::query(&conn))
-        .await
-        .ok()?
-        .ok();
-    conn.close(0u32.into(), b"done");
-    info
+        .ok()
 }
 
 /// A client endpoint for asking the masters who leads.

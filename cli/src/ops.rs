@@ -259,10 +259,7 @@ pub async fn masters(cmd: Option<MastersCmd>, t: crate::Target) -> anyhow::Resul
         async move {
             let r = async {
                 let endpoint = tls::client_endpoint(addr, &id)?;
-                let conn = tls::connect_within(&endpoint, addr, Duration::from_secs(3)).await?;
-                let info = agora_net::leader::query(&conn).await;
-                conn.close(0u32.into(), b"done");
-                info
+                agora_net::leader::ask(&endpoint, addr, Duration::from_secs(3)).await
             }
             .await;
             (addr, r)

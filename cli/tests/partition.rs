@@ -19,23 +19,6 @@ struct Net {
     agent_if: String,
 }
 
-fn ip(args: &[&str]) -> Result<(), String> {
-    let o = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run `ip`: {e}"))?;
-    if o.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "`ip {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&o.stderr).trim()
-        ))
-    }
-}
-
 impl Net {
     /// Master side 10.213.N.1, agent side 10.213.N.2.
     fn make() -> Result<Net, String> {

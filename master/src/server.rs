@@ -595,10 +595,7 @@ async fn ask_peers(
         asks.push(async move {
             let answer = async {
                 let (addr, endpoint) = endpoint?;
-                let conn = tls::connect_within(&endpoint, addr, Duration::from_secs(2)).await?;
-                let info = agora_net::leader::query(&conn).await;
-                conn.close(0u32.into(), b"probe");
-                Ok(info?)
+                Ok(agora_net::leader::ask(&endpoint, addr, Duration::from_secs(2)).await?)
             }
             .await;
             (*id, m.quic.clone(), answer)
@@ -828,10 +825,7 @@ impl Leadership {
                         }
                     }
                 };
-                let conn = tls::connect_within(&endpoint, addr, Duration::from_secs(1)).await?;
-                let info = agora_net::leader::query(&conn).await;
-                conn.close(0u32.into(), b"asked for the leader's HTTP address");
-                info
+                agora_net::leader::ask(&endpoint, addr, Duration::from_secs(1)).await
             }
             .await;
             let mut s = shared.lock().expect("master state lock");

@@ -51,6 +51,26 @@ pub async fn query(conn: &quinn::Connection) -> Result<LeaderInfo> {
     }
 }
 
+/// Dials the master at `addr`, asks who leads, and closes the connection; each step
+/// within `timeout`. For asking several masters, one each (`agora masters`, peers
+/// probing each other).
+pub async fn ask(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<LeaderInfo> {
+    let conn = tls::connect_within(endpoint, addr, timeout).await?;
+    let info = tokio::time::timeout(timeout, query(&conn))
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::Connect(format!(
+                "the master at {addr} did not say who leads within {timeout:?}"
+            )))
+        });
+    conn.close(0u32.into(), b"asked who leads");
+    info
+}
+
 /// The leader a closed connection named, if it was closed for not leading: its QUIC
 /// address, or None while the master knew of no leader.
 pub fn not_leader(e: &quinn::ConnectionError) -> Option<Option<String>> {

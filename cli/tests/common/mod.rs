@@ -560,3 +560,22 @@ pub fn running_hosts(master_http: &str, name: &str) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// `ip ARGS` (iproute2), for the network-namespace tests; the error names the
+/// command and what it said.
+pub fn ip(args: &[&str]) -> Result<(), String> {
+    let o = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run `ip`: {e}"))?;
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&o.stderr).trim()
+        ))
+    }
+}
