@@ -197,8 +197,36 @@ pub(crate) fn config(t: &Target) -> anyhow::Result<ClientConfig> {
     )?)
 }
 
-fn url(cfg: &ClientConfig, name: &str) -> String {
-    match &cfg.http {
+/// The leading master's HTTP front door (`http://host:port`), for the URLs printed:
+/// a group's client.json names one master's door, which may be down; the leader
+/// says where its own is. Falls back to client.json's `http`.
+async fn http_base(cfg: &ClientConfig) -> Option<String> {
+    if cfg.masters.is_empty() {
+        return cfg.http.clone();
+    }
+    let asked = async {
+        let masters = cfg.master_addrs().ok()?;
+        let id = Identity::load(&cfg.ca, &cfg.cert, &cfg.key).ok()?;
+        let endpoint = tls::client_endpoint(masters[0], &id).ok()?;
+        let leader =
+            agora_net::leader::connect_leader(&endpoint, &masters, tls::CONNECT_TIMEOUT, true)
+                .await
+                .ok()?;
+        let info = agora_net::leader::query(&leader.conn).await.ok();
+        leader.conn.close(0u32.into(), b"asked who leads");
+        let info = info?;
+        let http = if info.leading {
+            info.http
+        } else {
+            info.leader_http
+        };
+        (!http.is_empty()).then(|| format!("http://{http}"))
+    };
+    asked.await.or_else(|| cfg.http.clone())
+}
+
+fn url(base: &Option<String>, name: &str) -> String {
+    match base {
         Some(base) => format!("{}/fn/{name}/", base.trim_end_matches('/')),
         None => format!("http://MASTER_HTTP/fn/{name}/ (the master's --http address)"),
     }
@@ -272,7 +300,7 @@ async fn deploy(a: DeployArgs) -> anyhow::Result<ExitCode> {
         format_bytes(size as i64),
         &sha256[..12]
     );
-    println!("{}", url(&cfg, &a.name));
+    println!("{}", url(&http_base(&cfg).await, &a.name));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -294,6 +322,7 @@ fn us(v: Option<u64>) -> String {
 async fn ls(t: Target) -> anyhow::Result<ExitCode> {
     let cfg = config(&t)?;
     let fns = list(&cfg).await?;
+    let base = http_base(&cfg).await;
     println!(
         "{:<20} {:<10} {:<8} {:>9} {:>7} {:>9} {:>9}  URL",
         "NAME", "ROLE", "HOSTS", "REQUESTS", "ERRORS", "P50", "P99"
@@ -326,7 +355,7 @@ async fn ls(t: Target) -> anyhow::Result<ExitCode> {
             err,
             p50,
             p99,
-            url(&cfg, &spec.name)
+            url(&base, &spec.name)
         );
         if !f.last_failure.is_empty() {
             println!("  last failure: {}", f.last_failure);

@@ -28,6 +28,9 @@ struct Group {
     addrs: Vec<String>,
     masters: Vec<Option<Proc>>,
     agent: Option<Proc>,
+    /// HTTP addresses already read from a master's output, by its process id (the
+    /// line is printed once).
+    https: std::sync::Mutex<std::collections::HashMap<u32, String>>,
 }
 
 impl Group {
@@ -51,6 +54,7 @@ impl Group {
             dir,
             certs,
             addrs,
+            https: Default::default(),
         };
         for id in 1..=3 {
             g.masters.push(Some(g.master(id)));
@@ -88,12 +92,18 @@ impl Group {
     /// The HTTP address master `id` printed (its functions front door).
     fn http(&self, id: usize) -> String {
         let p = self.masters[id - 1].as_ref().expect("that master runs");
+        let mut known = self.https.lock().unwrap();
+        let pid = p.child.id();
+        if let Some(a) = known.get(&pid) {
+            return a.clone();
+        }
         loop {
             let l = p
                 .lines
                 .recv_timeout(Duration::from_secs(60))
                 .expect("the master prints its HTTP address");
             if let Some(a) = l.strip_prefix("master serving functions on http://") {
+                known.insert(pid, a.trim().to_string());
                 return a.trim().to_string();
             }
         }
@@ -249,6 +259,18 @@ fn the_leader_killed_while_tasks_run_is_replaced_and_every_run_ends() {
     assert!(stdout(&o).contains("after"), "{}", stdout(&o));
     let second = g.leader();
     assert_ne!(second, first, "a surviving master leads");
+    // The URL a deploy prints is the new leader's door, not the dead master's.
+    let o = run_bounded(
+        &mut g.client(&["fn", "deploy", "echo", guest("echo").to_str().unwrap()]),
+        120,
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o).trim(),
+        format!("http://{}/fn/echo/", g.http(second)),
+        "{}",
+        stderr(&o)
+    );
     eprintln!(
         "failover: master {first} killed; a task submitted at once finished {} ms after the kill, through master {second}",
         launched.as_millis()

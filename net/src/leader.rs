@@ -135,14 +135,28 @@ pub async fn connect_leader(
     }
     let mut failures = Vec::new();
     let mut followers = std::collections::BTreeMap::new();
+    // The highest term a follower reported: a master that still says it leads in an
+    // older term was deposed and has not noticed yet (it stops within its lease).
+    let mut newest_term = 0u64;
     while let Some(done) = attempts.join_next().await {
         let Ok((addr, r)) = done else { continue };
         match r {
+            Ok((conn, info)) if info.leading && info.term < newest_term => {
+                conn.close(0u32.into(), b"deposed");
+                failures.push((
+                    addr,
+                    Error::Connect(format!(
+                        "{addr} says it leads in term {}, but another master is in term {newest_term}",
+                        info.term
+                    )),
+                ));
+            }
             Ok((conn, info)) if info.leading => {
                 attempts.abort_all();
                 return Ok(Leader { conn, addr, info });
             }
             Ok((conn, info)) => {
+                newest_term = newest_term.max(info.term);
                 followers.insert(
                     addr,
                     format!(
