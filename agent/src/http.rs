@@ -25,7 +25,6 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::header::{self, HeaderValue};
 use axum::http::{Method, Response, StatusCode, Uri};
 use axum::routing::{any, get};
-use axum::serve::ListenerExt as _;
 use axum::Router;
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
@@ -379,16 +378,11 @@ pub fn router(routes: Arc<Routes>) -> Router {
 
 /// Serves `router` on `listener` until the future is dropped (TCP_NODELAY on, client
 /// addresses passed on as `X-Forwarded-For`).
+/// Connections are capped and request heads timed and bounded
+/// (`agora_http_forward::serve`).
 pub async fn serve(listener: tokio::net::TcpListener, routes: Arc<Routes>) {
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    let app = router(routes).into_make_service_with_connect_info::<SocketAddr>();
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!(error = %e, "the agent's HTTP server stopped");
-    }
+    let gate = agora_net::gate::Gate::new("agent HTTP", agora_http_forward::serve::DEFAULT_CAPS);
+    agora_http_forward::serve(listener, router(routes), gate, "agent HTTP").await
 }
 
 async fn proxy(State(app): State<App>, request: Request) -> Response<Body> {

@@ -167,8 +167,17 @@ pub struct MasterArgs {
     /// again).
     #[arg(long, default_value_t = 1000)]
     max_completed_frameworks: usize,
+    /// QUIC connections held at once (agents, frameworks, operators, masters);
+    /// more are refused before their handshake, and the refusal logged.
+    #[arg(long, default_value_t = agora_master::server::DEFAULT_CONNECTION_CAPS.total)]
+    max_connections: usize,
+    /// QUIC connections held at once from one IP address.
+    #[arg(long, default_value_t = agora_master::server::DEFAULT_CONNECTION_CAPS.per_ip)]
+    max_connections_per_ip: usize,
     /// Address of the HTTP server for functions (/fn/NAME/..., /fn, /fn-metrics).
-    /// Default 0.0.0.0:7070; when the default is taken the master runs without it.
+    /// Default 127.0.0.1:7070 (this machine only: give 0.0.0.0:7070 or an address
+    /// of this machine to serve others); when the default is taken the master runs
+    /// without it.
     #[arg(long = "http")]
     master_http: Option<SocketAddr>,
     #[command(flatten)]
@@ -202,8 +211,10 @@ pub struct AgentArgs {
     #[arg(long, default_value_t = 60)]
     recovery_timeout: u64,
     /// Address of the agent's HTTP server, which serves /fn/NAME/... from the
-    /// function hosts on this agent (and /fn-metrics). Default: 0.0.0.0:7071, or a
-    /// free port when 7071 is taken (another agent on this machine), said at start.
+    /// function hosts on this agent (and /fn-metrics). Default: 127.0.0.1:7071
+    /// (this machine only: a master on another machine needs 0.0.0.0:7071 or an
+    /// address of this machine), or a free port when 7071 is taken (another agent
+    /// on this machine), said at start.
     #[arg(long = "http")]
     agent_http: Option<SocketAddr>,
     /// host:port the master (and clients it sends here) should use for the agent's
@@ -387,6 +398,7 @@ struct MasterLimits {
     min_allocatable: Option<Vec<Resources>>,
     completed_tasks: usize,
     completed_frameworks: usize,
+    connections: agora_net::gate::Caps,
 }
 
 impl Default for MasterLimits {
@@ -396,6 +408,7 @@ impl Default for MasterLimits {
             min_allocatable: None,
             completed_tasks: d.completed_task_limit,
             completed_frameworks: d.completed_framework_limit,
+            connections: agora_master::server::DEFAULT_CONNECTION_CAPS,
         }
     }
 }
@@ -525,6 +538,7 @@ async fn start_master(
         identity: id,
         core,
         functions: door,
+        connections: limits.connections,
     })
     .await
     .with_context(|| format!("cannot start the master on {listen}"))?;
@@ -1128,7 +1142,7 @@ pub async fn master(a: MasterArgs) -> anyhow::Result<ExitCode> {
     let cd = CertDir::new(&a.certs);
     let mut functions = a.functions.dev(
         a.master_http
-            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], DEFAULT_MASTER_HTTP_PORT))),
+            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], DEFAULT_MASTER_HTTP_PORT))),
     )?;
     functions.http_required = a.master_http.is_some();
     // The functions framework needs the client certificate of `agora certs init`.
@@ -1167,12 +1181,22 @@ pub async fn master(a: MasterArgs) -> anyhow::Result<ExitCode> {
                 .transpose()?,
             completed_tasks: a.max_completed_tasks,
             completed_frameworks: a.max_completed_frameworks,
+            connections: agora_net::gate::Caps {
+                total: a.max_connections,
+                per_ip: a.max_connections_per_ip,
+            },
         },
     )
     .await?;
     println!("master listening on {} (QUIC)", master.addr);
     if let Some(http) = master.http_addr {
         println!("master serving functions on http://{http}");
+        if http.ip().is_loopback() && a.master_http.is_none() {
+            eprintln!(
+                "note: the functions door listens on {http}, this machine only; give --http 0.0.0.0:{} (or an address of this machine) to serve others",
+                http.port()
+            );
+        }
     }
     wait_for_signal().await;
     master.shutdown().await;
@@ -1188,6 +1212,7 @@ pub async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
         .collect::<Result<Vec<_>, _>>()?;
     let res = resources(&a.resources)?;
     let attrs = parse_attributes(&a.attributes)?;
+    let remote_master = masters.iter().any(|m| !m.ip().is_loopback());
     let agent = start_agent(
         masters,
         Identity::from_cert_dir(&cd, Role::Agent)?,
@@ -1200,7 +1225,7 @@ pub async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
         Some(HttpSettings {
             bind: a
                 .agent_http
-                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], DEFAULT_AGENT_HTTP_PORT))),
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], DEFAULT_AGENT_HTTP_PORT))),
             advertise: a.http_advertise,
             any_port_if_taken: a.agent_http.is_none(),
         }),
@@ -1209,6 +1234,13 @@ pub async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
     println!("agent offering {res} to the master at {}", a.master);
     if let Some(http) = agent.http_addr() {
         println!("agent serving functions on http://{http}");
+        // The gateway beside a master on another machine forwards calls here.
+        if http.ip().is_loopback() && remote_master {
+            eprintln!(
+                "note: the agent's HTTP door listens on {http}, this machine only: the masters' gateways cannot reach the function hosts here; give --http 0.0.0.0:{} (or an address of this machine) to serve functions to the cluster",
+                http.port()
+            );
+        }
     }
     wait_for_signal().await;
     agent.shutdown().await;

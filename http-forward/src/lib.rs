@@ -27,9 +27,13 @@
 //!   retry an attempt that failed before it sent anything (a refused connection), and
 //!   no other.
 //!
-//! The crate knows HTTP types only (`http`, `http-body`): the callers bring their own
-//! clients (hyper's pooled client over TCP, hyper connections over Unix sockets) and
-//! their own error answers.
+//! The forwarding types know HTTP types only (`http`, `http-body`): the callers bring
+//! their own clients (hyper's pooled client over TCP, hyper connections over Unix
+//! sockets) and their own error answers. [`serve`] is the one accept loop both doors
+//! run: connection caps, header timeouts, bounded heads.
+
+pub mod serve;
+pub use serve::serve;
 
 use std::any::Any;
 use std::error::Error as StdError;

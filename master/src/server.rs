@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use agora_net::tls::{self, Identity, Role};
@@ -53,6 +53,32 @@ pub struct MasterConfig {
     /// (the cli starts `agora-fn-gateway` and plugs it in here); None: they are
     /// refused.
     pub functions: Option<Arc<dyn FunctionsDoor>>,
+    /// Connections the QUIC endpoint holds at once, in all and per peer address.
+    pub connections: agora_net::gate::Caps,
+}
+
+/// The connection caps `agora master` uses unless told otherwise.
+pub const DEFAULT_CONNECTION_CAPS: agora_net::gate::Caps = agora_net::gate::Caps {
+    total: 16_384,
+    per_ip: 1024,
+};
+
+/// How long a new stream may take to send its first frame (what it is for).
+const FIRST_FRAME_DEADLINE: Duration = Duration::from_secs(10);
+
+/// What a peer of each role may do on one connection: streams open at once, and
+/// the size of a stream's first frame. Set once the peer's certificate is known,
+/// before anything is read from it. A peer with no role may only ask who leads.
+fn stream_limits(role: Option<Role>) -> (u32, usize) {
+    match role {
+        // Raft appends and snapshots, artifact copies.
+        Some(Role::Master) => (1024, agora_net::MAX_FRAME),
+        // An agent's hello lists every task it runs.
+        Some(Role::Agent) => (256, agora_net::MAX_FRAME),
+        // A subscription, an operator request, an upload's header.
+        Some(Role::Client) => (256, 1024 * 1024),
+        None => (4, 4096),
+    }
 }
 
 /// A master's Raft group: its id, and every member's id and QUIC address (its own
@@ -323,7 +349,7 @@ async fn committer(shared: Arc<Mutex<Shared>>, node: Node, kick: Arc<Notify>) {
         kick.notified().await;
         loop {
             let batch = {
-                let mut s = shared.lock().expect("master state lock");
+                let mut s = shared.lock().unwrap_or_else(PoisonError::into_inner);
                 let epoch = s.outbox.epoch;
                 s.outbox.take_batch().map(|b| (b, epoch))
             };
@@ -332,7 +358,7 @@ async fn committer(shared: Arc<Mutex<Shared>>, node: Node, kick: Arc<Notify>) {
             };
             match node.write(ops).await {
                 Ok(()) => {
-                    let mut s = shared.lock().expect("master state lock");
+                    let mut s = shared.lock().unwrap_or_else(PoisonError::into_inner);
                     // Unless this master stepped down (and maybe up again) meanwhile.
                     if s.outbox.epoch == epoch {
                         s.release(last);
@@ -340,7 +366,7 @@ async fn committer(shared: Arc<Mutex<Shared>>, node: Node, kick: Arc<Notify>) {
                 }
                 Err(group::WriteError::NotLeader) => shared
                     .lock()
-                    .expect("master state lock")
+                    .unwrap_or_else(PoisonError::into_inner)
                     .step_down("the group refused its write: another master leads"),
                 Err(group::WriteError::Fatal(e)) => {
                     // A master that cannot keep its registry would forget frameworks and
@@ -368,7 +394,10 @@ impl MasterHandle {
     /// Where this master's HTTP front door listens (host:port), for `LeaderQuery`
     /// answers: clients sent to a follower's door are sent on to the leader's.
     pub fn set_http(&self, http: String) {
-        self.shared.lock().expect("master state lock").http = http;
+        self.shared
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .http = http;
     }
 
     /// Who leads, as this master knows it (its answer to `LeaderQuery`), for as long
@@ -377,7 +406,7 @@ impl MasterHandle {
         LeaderView(
             self.shared
                 .lock()
-                .expect("master state lock")
+                .unwrap_or_else(PoisonError::into_inner)
                 .elsewhere
                 .subscribe(),
         )
@@ -514,7 +543,10 @@ pub async fn start(cfg: MasterConfig) -> Result<MasterHandle> {
             let mut iv = tokio::time::interval(Duration::from_millis(250));
             loop {
                 iv.tick().await;
-                shared.lock().expect("master state lock").feed(Input::Tick);
+                shared
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .feed(Input::Tick);
             }
         })
     };
@@ -527,8 +559,17 @@ pub async fn start(cfg: MasterConfig) -> Result<MasterHandle> {
             node: node.clone(),
             identity: cfg.identity.clone(),
         };
+        let gate = agora_net::gate::Gate::new("master QUIC", cfg.connections);
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
+                // Caps before the handshake: a refused peer costs no TLS work.
+                let pass = match gate.admit(incoming.remote_address().ip()) {
+                    Ok(p) => p,
+                    Err(_) => {
+                        incoming.refuse();
+                        continue;
+                    }
+                };
                 let ctx = Ctx {
                     functions: functions.clone(),
                     shared: shared.clone(),
@@ -539,6 +580,7 @@ pub async fn start(cfg: MasterConfig) -> Result<MasterHandle> {
                     next_conn: next_conn.clone(),
                 };
                 tokio::spawn(async move {
+                    let _pass = pass;
                     match incoming.await {
                         Ok(conn) => ctx.serve_connection(conn).await,
                         Err(e) => tracing::info!("incoming connection failed: {e}"),
@@ -720,7 +762,7 @@ impl Leadership {
                 tracing::error!("{e}; this master stops leading");
                 self.shared
                     .lock()
-                    .expect("master state lock")
+                    .unwrap_or_else(PoisonError::into_inner)
                     .step_down("it could not rebuild its state");
             }
         }
@@ -731,7 +773,7 @@ impl Leadership {
         use openraft::async_runtime::WatchReceiver as _;
         let m = self.node.raft.metrics().borrow_watched().clone();
         let verdict = group::leading(&m);
-        let mut s = self.shared.lock().expect("master state lock");
+        let mut s = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
         let leader_node = m
             .current_leader
             .and_then(|id| m.membership_config.get_node(&id).cloned());
@@ -815,7 +857,7 @@ impl Leadership {
             let asked = async {
                 let addr = tls::resolve(&quic)?;
                 let endpoint = {
-                    let mut p = probe.lock().expect("probe lock");
+                    let mut p = probe.lock().unwrap_or_else(PoisonError::into_inner);
                     match p.as_ref() {
                         Some(e) => e.clone(),
                         None => {
@@ -828,7 +870,7 @@ impl Leadership {
                 agora_net::leader::ask(&endpoint, addr, Duration::from_secs(1)).await
             }
             .await;
-            let mut s = shared.lock().expect("master state lock");
+            let mut s = shared.lock().unwrap_or_else(PoisonError::into_inner);
             s.learning_since = None;
             match asked {
                 Ok(info) if info.leading && info.id == leader && info.term == term => {
@@ -889,7 +931,7 @@ type Recv = quinn::RecvStream;
 
 impl Ctx {
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
-        self.shared.lock().expect("master state lock")
+        self.shared.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Runs an operator's request through the core and returns its answer once
@@ -928,6 +970,8 @@ impl Ctx {
     async fn serve_connection(self, conn: quinn::Connection) {
         let role = tls::peer_role(&conn);
         let remote = conn.remote_address();
+        let (streams, first_frame) = stream_limits(role);
+        conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(streams));
         loop {
             let (send, mut recv) = match conn.accept_bi().await {
                 Ok(s) => s,
@@ -936,10 +980,28 @@ impl Ctx {
             let ctx = self.clone();
             let conn = conn.clone();
             tokio::spawn(async move {
-                let open: StreamOpen = match read_frame(&mut recv).await {
-                    Ok(Some(o)) => o,
-                    Ok(None) => return,
-                    Err(e) => {
+                let first = tokio::time::timeout(
+                    FIRST_FRAME_DEADLINE,
+                    agora_net::read_frame_limited(&mut recv, first_frame),
+                );
+                let open: StreamOpen = match first.await {
+                    Ok(Ok(Some(o))) => o,
+                    Ok(Ok(None)) => return,
+                    Err(_) => {
+                        // A stream left silent: dropped, the connection kept.
+                        tracing::debug!(%remote, "a stream sent nothing within {FIRST_FRAME_DEADLINE:?}; dropped");
+                        let _ = recv.stop(0u32.into());
+                        return;
+                    }
+                    Ok(Err(
+                        e @ (agora_net::FrameError::Io(_) | agora_net::FrameError::Truncated),
+                    )) => {
+                        // The peer went away mid-frame (or its connection was closed
+                        // for another stream's fault): nothing to tell it.
+                        tracing::debug!(%remote, "a stream ended in its first frame: {e}");
+                        return;
+                    }
+                    Ok(Err(e)) => {
                         tracing::warn!(%remote, "bad first frame on a stream: {e}");
                         conn.close(2u32.into(), format!("bad frame: {e}").as_bytes());
                         return;

@@ -8,6 +8,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// Default upper bound on one frame (16 MiB), as DESIGN.md says.
 pub const MAX_FRAME: usize = 16 * 1024 * 1024;
 
+/// What a frame's buffer starts with; it grows as its bytes arrive.
+const FIRST_CHUNK: usize = 64 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
     #[error("frame of {size} bytes exceeds the limit of {limit} bytes")]
@@ -165,8 +168,13 @@ where
     if size > limit {
         return Err(FrameError::TooLarge { size, limit });
     }
-    let mut buf = vec![0u8; size];
-    r.read_exact(&mut buf).await?;
+    // The buffer grows with the bytes that arrive, never to the declared size up
+    // front: a peer that declares 16 MiB and sends nothing costs a chunk, not 16 MiB.
+    let mut buf = Vec::with_capacity(size.min(FIRST_CHUNK));
+    let got = r.take(size as u64).read_to_end(&mut buf).await?;
+    if got < size {
+        return Err(FrameError::Truncated);
+    }
     Ok(Some(M::decode(buf.as_slice())?))
 }
 
@@ -174,6 +182,33 @@ where
 mod tests {
     use super::*;
     use agora_proto::v1::{Ping, StreamOpen};
+
+    #[tokio::test]
+    async fn a_declared_size_is_not_allocated_before_its_bytes_arrive() {
+        // A frame that declares 16 MiB, sends 10 bytes and stops: truncated, and
+        // the reader never held more than its first chunk.
+        let (mut a, mut b) = tokio::io::duplex(1024);
+        a.write_all(&(MAX_FRAME as u32).to_be_bytes())
+            .await
+            .unwrap();
+        a.write_all(&[0u8; 10]).await.unwrap();
+        drop(a);
+        let err = read_frame::<_, Ping>(&mut b).await.unwrap_err();
+        assert!(matches!(err, FrameError::Truncated), "{err}");
+        // A large frame that does arrive whole still reads back.
+        let big = StreamOpen {
+            kind: Some(agora_proto::v1::stream_open::Kind::Put(
+                agora_proto::v1::ArtifactPut {
+                    sha256: "x".repeat(300_000),
+                    ..Default::default()
+                },
+            )),
+        };
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let w = tokio::spawn(async move { write_frame(&mut a, &big).await.map(|_| big) });
+        let got: StreamOpen = read_frame(&mut b).await.unwrap().unwrap();
+        assert_eq!(got, w.await.unwrap().unwrap());
+    }
 
     #[tokio::test]
     async fn roundtrip_and_clean_eof() {

@@ -4,6 +4,7 @@
 //! - `tls`: certificates, roles and QUIC endpoints with mutual TLS;
 //! - `leader`: finding the leading master of a group;
 //! - `transfer`: artifact bytes over a stream, checked against their sha256;
+//! - `gate`: caps on the connections a listener holds, in all and per address;
 //! - `clock`: the monotonic clock that times every timeout, and wall-clock stamps.
 //!
 //! The cores never depend on this crate: they get messages already decoded and time
@@ -12,6 +13,7 @@
 pub mod clock;
 mod error;
 pub mod frame;
+pub mod gate;
 pub mod leader;
 pub mod tls;
 pub mod transfer;

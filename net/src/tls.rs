@@ -39,8 +39,13 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
 /// QUIC idle timeout on every connection.
 pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
-/// Streams of each kind a peer may have open at once.
+/// Bidirectional streams a peer may have open at once, until the server has seen
+/// its certificate's role and set that role's own limit (see `streams_for`).
 pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// Bytes a peer may have sent on one connection that the application has not read
+/// yet, over all its streams: bounds what 1,000 silent or slow streams can make us
+/// buffer (quinn's default is unbounded).
+pub const CONNECTION_RECEIVE_WINDOW: u32 = 32 * 1024 * 1024;
 
 /// Validity of the certificates `init_cert_dir` makes (10 years).
 const CERT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600 + 3 * 24 * 3600);
@@ -486,7 +491,9 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
         quinn::IdleTimeout::try_from(MAX_IDLE_TIMEOUT).expect("15 s is a valid idle timeout"),
     ));
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(MAX_CONCURRENT_STREAMS));
-    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(MAX_CONCURRENT_STREAMS));
+    // Nothing uses unidirectional streams.
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    t.receive_window(quinn::VarInt::from_u32(CONNECTION_RECEIVE_WINDOW));
     Arc::new(t)
 }
 

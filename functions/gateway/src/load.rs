@@ -37,7 +37,9 @@ where
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(Duration::from_secs(2)));
     HttpClient::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
+        // Below the agents' doors' idle limit (agora_http_forward::serve::HEADER_TIMEOUT),
+        // so the pool never picks a connection the agent is about to close.
+        .pool_idle_timeout(Duration::from_secs(20))
         .pool_max_idle_per_host(256)
         .build(connector)
 }

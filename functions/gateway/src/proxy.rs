@@ -20,7 +20,6 @@ use axum::http::header::{self, HeaderValue};
 use axum::http::{Response, StatusCode, Uri};
 use axum::response::IntoResponse as _;
 use axum::routing::{any, get};
-use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client as HttpClient;
@@ -55,14 +54,11 @@ pub(crate) fn router(functions: Arc<Functions>) -> Router {
 }
 
 /// Serves until aborted.
+/// Connections are capped and request heads timed and bounded
+/// (`agora_http_forward::serve`).
 pub(crate) async fn serve(listener: tokio::net::TcpListener, functions: Arc<Functions>) {
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let app = router(functions).into_make_service_with_connect_info::<SocketAddr>();
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!("master HTTP server stopped: {e}");
-    }
+    let gate = agora_net::gate::Gate::new("master HTTP", agora_http_forward::serve::DEFAULT_CAPS);
+    agora_http_forward::serve(listener, router(functions), gate, "master HTTP").await
 }
 
 /// While this gateway's master follows another that leads, a request is sent on to

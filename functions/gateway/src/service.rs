@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use agora_fn_api::gateway_state::{FUNCTION_PREFIX, TENANT_PREFIX};
@@ -197,12 +197,19 @@ impl Functions {
     /// How to find the leading master's HTTP address (host:port) while this
     /// gateway's master does not lead: requests are then sent on there (307).
     pub fn set_leader_http(&self, f: LeaderHttp) {
-        *self.leader_http.lock().expect("leader_http lock") = Some(f);
+        *self
+            .leader_http
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(f);
     }
 
     /// The leader's HTTP address, when another master leads and it is known.
     pub fn leader_http(&self) -> Option<String> {
-        let f = self.leader_http.lock().expect("leader_http lock").clone()?;
+        let f = self
+            .leader_http
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()?;
         f().filter(|a| !a.is_empty())
     }
 

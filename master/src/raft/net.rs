@@ -26,7 +26,7 @@ use std::future::Future;
 use std::io::Cursor;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use agora_net::tls::{self, Identity, Role};
@@ -119,7 +119,7 @@ impl MasterNet {
             .inner
             .endpoints
             .lock()
-            .expect("raft endpoints lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .drain()
             .map(|(_, e)| e)
             .collect();
@@ -134,7 +134,11 @@ impl MasterNet {
                 "this master's Raft network is closed (it is stopping)".into(),
             ));
         }
-        let mut eps = self.inner.endpoints.lock().expect("raft endpoints lock");
+        let mut eps = self
+            .inner
+            .endpoints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if let Some(e) = eps.get(&addr.is_ipv6()) {
             return Ok(e.clone());
         }
@@ -144,7 +148,11 @@ impl MasterNet {
     }
 
     fn link(&self, peer: u64, node: &MasterNode) -> Arc<Link> {
-        let mut links = self.inner.links.lock().expect("raft links lock");
+        let mut links = self
+            .inner
+            .links
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         match links.get(&peer) {
             Some(l) if l.addr == node.quic => l.clone(),
             _ => {

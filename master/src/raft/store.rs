@@ -20,7 +20,7 @@ use std::fmt::Debug;
 use std::io;
 use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use futures_util::TryStreamExt;
 use openraft::storage::{EntryResponder, RaftLogStorage, RaftStateMachine};
@@ -369,7 +369,10 @@ pub struct RegistrySm {
 impl RegistrySm {
     /// What the registry holds now (everything applied so far).
     pub fn registry(&self) -> Registry {
-        self.registry.lock().expect("registry mirror lock").clone()
+        self.registry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// The registry file.
@@ -491,7 +494,7 @@ impl RaftStateMachine<Agora> for RegistrySm {
             // Everything ready goes in one transaction. Not fsynced: see the module.
             let mut w = db.begin_write().map_err(ioe)?;
             w.set_durability(Durability::None).map_err(ioe)?;
-            let mut reg = registry.lock().expect("registry mirror lock");
+            let mut reg = registry.lock().unwrap_or_else(PoisonError::into_inner);
             // Applied to a copy: a failed write leaves the mirror as the file is.
             let mut next = reg.clone();
             {
@@ -559,7 +562,7 @@ impl RaftStateMachine<Agora> for RegistrySm {
                 s.insert("data", data.as_slice()).map_err(ioe)?;
             }
             w.commit().map_err(ioe)?;
-            *registry.lock().expect("registry mirror lock") = reg;
+            *registry.lock().unwrap_or_else(PoisonError::into_inner) = reg;
             Ok(())
         })
         .await
