@@ -87,13 +87,17 @@ pub enum Error {
     /// A request from the master this agent cannot serve.
     #[error("{0}")]
     BadRequest(String),
-    /// A sandbox file could not be read.
-    #[error("cannot open {path} of task {task_id}: {cause}")]
+    /// A sandbox file could not be read (missing, or refused: a symlink leading out
+    /// of the sandbox, not a regular file).
+    #[error("cannot read {path} of task {task_id}: {cause}")]
     SandboxFile {
         path: String,
         task_id: String,
-        cause: std::io::Error,
+        cause: agora_executor_link::beneath::BeneathError,
     },
+    /// A path a task or framework named inside a sandbox was refused or failed.
+    #[error(transparent)]
+    Sandbox(#[from] agora_executor_link::beneath::BeneathError),
     /// A task's sandbox could not be prepared (the message says which part;
     /// `fetch` when an artifact could not be fetched).
     #[error("{what}: {cause}")]

@@ -90,7 +90,7 @@ fn newest_mtime(dir: &Path) -> Option<SystemTime> {
     ["", "stdout", "stderr"]
         .iter()
         .filter_map(|f| {
-            std::fs::metadata(dir.join(f))
+            std::fs::symlink_metadata(dir.join(f))
                 .and_then(|m| m.modified())
                 .ok()
         })

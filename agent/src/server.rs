@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use agora_executor_link::RECOVERY_TIMEOUT_ENV;
+use agora_executor_link::{RECOVERY_TIMEOUT_ENV, SECRET_ENV};
 use agora_net::tls::{self, Identity};
 use agora_net::{read_frame, transfer, write_frame, Monotonic};
 use agora_proto::v1::{
@@ -74,6 +74,10 @@ pub struct IsolationSettings {
     pub pids_max: u64,
     /// Cap CPU with a CFS quota as well as weighing it with shares.
     pub cfs_quota: bool,
+    /// The user native tasks run as when neither the task nor its framework names one.
+    pub task_user: String,
+    /// Native tasks may run as root when their framework asks for it.
+    pub allow_root_tasks: bool,
 }
 
 impl Default for IsolationSettings {
@@ -82,6 +86,8 @@ impl Default for IsolationSettings {
             mode: None,
             pids_max: 1024,
             cfs_quota: true,
+            task_user: agora_native_executor::runner::DEFAULT_TASK_USER.to_string(),
+            allow_root_tasks: false,
         }
     }
 }
@@ -117,6 +123,9 @@ struct Agent {
     cfg: Arc<AgentConfig>,
     isolator: Arc<Isolator>,
     socket: PathBuf,
+    /// The key each executor's secret is derived from (`executor_secret`); kept in
+    /// `<work>/run/executor.key`, so that executors re-attach after a restart.
+    link_key: Arc<[u8; 32]>,
     fetch_locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
     checkpoint: Arc<Writer>,
     /// Set once no executor from the checkpoint is awaited any more.
@@ -206,24 +215,44 @@ impl AgentHandle {
     }
 }
 
-pub async fn start(cfg: AgentConfig) -> Result<AgentHandle> {
+pub async fn start(mut cfg: AgentConfig) -> Result<AgentHandle> {
     let work = cfg.core.work_dir.clone();
-    for d in ["artifacts", "sandboxes", "executors", "compiled"] {
-        std::fs::create_dir_all(work.join(d)).map_err(|cause| Error::WorkDir {
+    // The work directory may be crossed by tasks' users (to reach their own
+    // sandboxes where no private mount namespace hides the rest), not listed; what
+    // only the agent and its executors use is closed to everyone else.
+    let modes = [
+        ("", 0o711),
+        ("sandboxes", 0o711),
+        ("artifacts", 0o700),
+        ("executors", 0o700),
+        ("compiled", 0o700),
+        ("run", 0o700),
+    ];
+    for (d, mode) in modes {
+        let path = work.join(d);
+        create_dir_mode(&path, mode).map_err(|cause| Error::WorkDir {
             what: "create",
-            path: work.join(d),
+            path,
             cause,
         })?;
     }
     // One cgroup root per agent work dir, stable across restarts so that leftovers
     // of a crashed agent are found.
     let canonical = std::fs::canonicalize(&work).unwrap_or_else(|_| work.clone());
+    // Sandbox paths are handed to executors, which hide the work directory from
+    // tasks by its path: one absolute spelling everywhere.
+    cfg.core.work_dir = canonical.clone();
+    let work = canonical.clone();
     let slug = &agora_proto::sha256_hex(canonical.to_string_lossy().as_bytes())[..12];
     let isolator = Isolator::new(cfg.isolation.mode, &format!("agora/agent-{slug}"))
         .map_err(Error::Isolation)?;
     // What an earlier run of this agent left: the checkpoint says which executors may
     // still run (their cgroups are spared); everything else under our root goes.
     let checkpoint = Checkpoint::open(&work)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(checkpoint.path(), std::fs::Permissions::from_mode(0o600));
+    }
     let state = checkpoint.load()?;
     let (n_tasks, n_execs) = (state.tasks.len(), state.executors.len());
     let clock = Monotonic::new();
@@ -290,7 +319,8 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle> {
         Ok(n) => tracing::warn!("removed {n} cgroups left behind by an earlier run of this agent"),
         Err(e) => tracing::warn!("cannot clean leftover cgroups: {e}"),
     }
-    let socket = work.join("agent.sock");
+    let link_key = executor_link_key(&work.join("run"))?;
+    let socket = work.join("run").join("agent.sock");
     let _ = std::fs::remove_file(&socket);
     let listener = tokio::net::UnixListener::bind(&socket).map_err(|cause| Error::WorkDir {
         what: "listen on",
@@ -314,6 +344,7 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle> {
         cfg: Arc::new(cfg),
         isolator: Arc::new(isolator),
         socket,
+        link_key: Arc::new(link_key),
         fetch_locks: Default::default(),
         checkpoint: checkpoint.clone(),
         recovered: Arc::new(recovered),
@@ -391,6 +422,138 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle> {
         checkpoint,
         http_addr,
     })
+}
+
+/// The agent's executor-link key: 32 random bytes in `<run>/executor.key` (mode
+/// 0600 in a 0700 directory), made on first start and read on every later one.
+fn executor_link_key(run: &Path) -> Result<[u8; 32]> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = run.join("executor.key");
+    let err = |what, cause| Error::WorkDir {
+        what,
+        path: path.clone(),
+        cause,
+    };
+    match std::fs::read(&path) {
+        Ok(bytes) if bytes.len() == 32 => {
+            let mut key = [0u8; 32];
+            key.copy_from_slice(&bytes);
+            return Ok(key);
+        }
+        Ok(bytes) => tracing::warn!(
+            "{} holds {} bytes, not 32; making a new key (executors of an earlier run cannot re-attach)",
+            path.display(),
+            bytes.len()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err("read", e)),
+    }
+    let mut key = [0u8; 32];
+    let mut filled = 0;
+    while filled < key.len() {
+        // SAFETY: getrandom(2) writes at most the given length into our buffer.
+        let n =
+            unsafe { libc::getrandom(key[filled..].as_mut_ptr().cast(), key.len() - filled, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err("make random bytes for", e));
+        }
+        filled += n as usize;
+    }
+    let tmp = run.join("executor.key.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| err("write", e))?;
+    f.write_all(&key)
+        .and_then(|()| f.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| err("write", e))?;
+    Ok(key)
+}
+
+/// The secret of one executor: sha256 of the agent's key, the framework id and the
+/// executor id, in hex. Handed to the executor in its environment when it is
+/// started; it proves a registration comes from a process this agent started.
+fn executor_secret(key: &[u8; 32], exec: &ExecutorKey) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"agora executor link v1\0");
+    h.update(key);
+    h.update(exec.0.as_bytes());
+    h.update([0u8]);
+    h.update(exec.1.as_bytes());
+    hex::encode(h.finalize())
+}
+
+/// Compares two secrets in time independent of where they differ.
+fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+/// Makes the sandbox's `fs` with the task's directories and copies its inputs
+/// (already in the artifact cache) into it. Every path is checked again here (never
+/// trust the framework or its client) and written beneath the sandbox: a task that
+/// ran before under this id may have left symlinks there, which must not take the
+/// agent's (root's) writes out.
+fn write_sandbox(dir: &Path, work: &Path, task: &TaskInfo) -> Result<()> {
+    use agora_executor_link::beneath::{check_relative, Beneath};
+    for d in &task.dirs {
+        check_relative(d).map_err(|e| Error::prepare(format!("directory {d:?} refused"), e))?;
+    }
+    for input in &task.inputs {
+        check_relative(&input.dest)
+            .map_err(|e| Error::prepare(format!("input {:?} refused", input.dest), e))?;
+    }
+    let sandbox = Beneath::open(dir)
+        .map_err(|e| Error::prepare(format!("cannot open sandbox {}", dir.display()), e))?;
+    sandbox
+        .create_dir_all("fs", 0o755)
+        .map_err(|e| Error::prepare("cannot create the sandbox's fs", e))?;
+    for d in &task.dirs {
+        sandbox
+            .create_dir_all(&format!("fs/{d}"), 0o755)
+            .map_err(|e| Error::prepare(format!("cannot create directory {d}"), e))?;
+    }
+    for input in &task.inputs {
+        let dest = format!("fs/{}", input.dest);
+        if let Some((parent, _)) = dest.rsplit_once('/') {
+            sandbox
+                .create_dir_all(parent, 0o755)
+                .map_err(|e| Error::prepare(format!("cannot place input {}", input.dest), e))?;
+        }
+        let mode = if input.executable { 0o755 } else { 0o644 };
+        let place = || -> Result<()> {
+            // A copy, not a link: the guest may change its inputs, never the cache.
+            let mut from = std::fs::File::open(artifact_path(work, &input.sha256))?;
+            let mut to = sandbox.create(&dest, mode)?;
+            std::io::copy(&mut from, &mut to)?;
+            use std::os::unix::fs::PermissionsExt;
+            to.set_permissions(std::fs::Permissions::from_mode(mode))?;
+            Ok(())
+        };
+        place().map_err(|e| Error::prepare(format!("cannot place input {}", input.dest), e))?;
+    }
+    Ok(())
+}
+
+/// Creates `path` (and missing parents) and sets its mode to `mode` (an existing
+/// directory's too).
+fn create_dir_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
 /// The cgroup of an executor: `<framework>/<executor>` under the agent's root.
@@ -869,8 +1032,11 @@ impl Agent {
         report
     }
 
+    /// Reads part of a file in a task's sandbox for the master (`agora logs`, read
+    /// requests). The path is resolved beneath the sandbox: a symlink the task made
+    /// that leads out of it (to `/etc/shadow`, to `../other-task/stdout`) is refused,
+    /// not followed.
     async fn read_sandbox(&self, req: &SandboxRead) -> Result<(Vec<u8>, u64)> {
-        use tokio::io::{AsyncReadExt, AsyncSeekExt};
         let key = (req.framework_id.clone(), req.task_id.clone());
         for part in [&key.0, &key.1] {
             if part.is_empty() || part.contains('/') || part.starts_with('.') {
@@ -878,32 +1044,41 @@ impl Agent {
             }
         }
         let dir = agora_agent_core::sandbox_dir(&self.cfg.core.work_dir, &key);
-        let path = match req.path.as_str() {
-            "stdout" | "stderr" => dir.join(&req.path),
-            p if !p.is_empty() && !p.starts_with('/') && !p.split('/').any(|c| c == "..") => {
-                dir.join("fs").join(p)
-            }
+        let rel = match req.path.as_str() {
+            "stdout" | "stderr" => req.path.clone(),
+            p if agora_executor_link::beneath::check_relative(p).is_ok() => format!("fs/{p}"),
             p => {
                 return Err(Error::BadRequest(format!(
-                    "path `{p}` must be stdout, stderr or relative to the task's root"
+                    "path `{p}` must be stdout, stderr or relative to the task's root (no `..`)"
                 )))
             }
         };
-        let mut f = tokio::fs::File::open(&path)
-            .await
-            .map_err(|cause| Error::SandboxFile {
+        let req = req.clone();
+        tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, u64)> {
+            use std::io::{Read, Seek};
+            let failed = |cause| Error::SandboxFile {
                 path: req.path.clone(),
                 task_id: req.task_id.clone(),
                 cause,
+            };
+            let sandbox = agora_executor_link::beneath::Beneath::open(&dir).map_err(failed)?;
+            let mut f = sandbox.open_read(&rel).map_err(|e| {
+                if matches!(e, agora_executor_link::beneath::BeneathError::Escapes { .. }) {
+                    tracing::warn!(task_id = %req.task_id, framework_id = %req.framework_id, path = %req.path, "refused a sandbox read: {e}");
+                }
+                failed(e)
             })?;
-        let size = f.metadata().await?.len();
-        if req.offset >= size {
-            return Ok((Vec::new(), size));
-        }
-        f.seek(std::io::SeekFrom::Start(req.offset)).await?;
-        let mut buf = vec![0u8; (req.length as u64).min(size - req.offset) as usize];
-        f.read_exact(&mut buf).await?;
-        Ok((buf, size))
+            let size = f.metadata()?.len();
+            if req.offset >= size {
+                return Ok((Vec::new(), size));
+            }
+            f.seek(std::io::SeekFrom::Start(req.offset))?;
+            let want = (req.length as u64).min(size - req.offset);
+            let mut buf = Vec::with_capacity(want as usize);
+            f.take(want).read_to_end(&mut buf)?;
+            Ok((buf, size))
+        })
+        .await?
     }
 
     // ---- sandboxes and artifacts ---------------------------------------------
@@ -915,31 +1090,22 @@ impl Agent {
                 .map_err(|e| Error::fetch_failed("fetch of the module failed", e))?;
         }
         let dir = agora_agent_core::sandbox_dir(&self.cfg.core.work_dir, key);
-        let root = dir.join("fs");
-        tokio::fs::create_dir_all(&root)
-            .await
-            .map_err(|e| Error::prepare(format!("cannot create sandbox {}", root.display()), e))?;
-        for d in &task.dirs {
-            tokio::fs::create_dir_all(root.join(d)).await?;
+        // <work>/sandboxes/<framework> may be crossed, not listed, by tasks' users.
+        if let Some(fw) = dir.parent() {
+            create_dir_mode(fw, 0o711)
+                .map_err(|e| Error::prepare(format!("cannot create {}", fw.display()), e))?;
         }
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| Error::prepare(format!("cannot create sandbox {}", dir.display()), e))?;
         for input in &task.inputs {
             self.fetch(&input.sha256, input.size).await.map_err(|e| {
                 Error::fetch_failed(format!("fetch of input {} failed", input.dest), e)
             })?;
-            let dest = root.join(&input.dest);
-            if let Some(parent) = dest.parent() {
-                tokio::fs::create_dir_all(parent).await?;
-            }
-            // A copy, not a link: the guest may change its inputs, never the cache.
-            tokio::fs::copy(artifact_path(&self.cfg.core.work_dir, &input.sha256), &dest)
-                .await
-                .map_err(|e| Error::prepare(format!("cannot place input {}", input.dest), e))?;
-            if input.executable {
-                use std::os::unix::fs::PermissionsExt;
-                tokio::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o755)).await?;
-            }
         }
-        Ok(())
+        let work = self.cfg.core.work_dir.clone();
+        let task = task.clone();
+        tokio::task::spawn_blocking(move || write_sandbox(&dir, &work, &task)).await?
     }
 
     /// Makes sure `<work>/artifacts/<sha>` exists, fetching it from the master once.
@@ -1029,6 +1195,7 @@ impl Agent {
                 RECOVERY_TIMEOUT_ENV,
                 self.cfg.core.recovery_timeout_ms.to_string(),
             )
+            .env(SECRET_ENV, executor_secret(&self.link_key, key))
             .stdin(std::process::Stdio::null())
             .stdout(stdout)
             .stderr(stderr);
@@ -1046,6 +1213,11 @@ impl Agent {
                 if !self.cfg.isolation.cfs_quota {
                     cmd.arg("--no-cfs-quota");
                 }
+                cmd.arg("--task-user").arg(&self.cfg.isolation.task_user);
+                if self.cfg.isolation.allow_root_tasks {
+                    cmd.arg("--allow-root-tasks");
+                }
+                cmd.arg("--hide-dir").arg(work);
             }
         }
         // The executor's group: <root>/<framework>/<executor>. Native task groups
@@ -1224,6 +1396,29 @@ impl Agent {
             }
         };
         let key = (reg.framework_id, reg.executor_id);
+        // Only executors this agent started know their secret; anything else on this
+        // machine that reaches the socket is turned away before it can take an
+        // executor's place (the real one, if any, keeps its connection).
+        if !same_secret(&reg.secret, &executor_secret(&self.link_key, &key)) {
+            let reason = format!(
+                "registration as executor {} of framework {} refused: {} secret (only executors this agent starts may register)",
+                key.1,
+                key.0,
+                if reg.secret.is_empty() { "no" } else { "wrong" }
+            );
+            tracing::warn!(
+                peer_pid = peer_pid.unwrap_or(0),
+                "{reason}; closing the connection"
+            );
+            let refused = AgentToExecutor {
+                msg: Some(v1::agent_to_executor::Msg::Refused(v1::ExecutorRefused {
+                    reason,
+                })),
+            };
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), write_frame(&mut wr, &refused)).await;
+            return;
+        }
         let (tx, mut rx) = mpsc::channel::<AgentToExecutor>(EXECUTOR_QUEUE);
         {
             let mut s = self.lock();
@@ -1355,4 +1550,80 @@ fn strip_ansi(s: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agora_proto::v1::InputFile;
+
+    fn task_with(dest: &str, dirs: &[&str]) -> TaskInfo {
+        TaskInfo {
+            inputs: vec![InputFile {
+                sha256: "ab".repeat(32),
+                size: 1,
+                dest: dest.into(),
+                executable: false,
+            }],
+            dirs: dirs.iter().map(|d| d.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn setup() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let t = tempfile::tempdir().unwrap();
+        let work = t.path().join("work");
+        std::fs::create_dir_all(work.join("artifacts")).unwrap();
+        std::fs::write(artifact_path(&work, &"ab".repeat(32)), "input").unwrap();
+        let dir = work.join("sandboxes/f/t");
+        std::fs::create_dir_all(&dir).unwrap();
+        (t, work, dir)
+    }
+
+    #[test]
+    fn inputs_are_placed_inside_the_sandbox() {
+        let (_t, work, dir) = setup();
+        write_sandbox(&dir, &work, &task_with("a/b/in.txt", &["empty/x"])).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("fs/a/b/in.txt")).unwrap(),
+            "input"
+        );
+        assert!(dir.join("fs/empty/x").is_dir());
+    }
+
+    #[test]
+    fn paths_that_escape_are_refused_naming_them() {
+        let (t, work, dir) = setup();
+        for (dest, dirs) in [
+            ("../../../escaped", vec![]),
+            ("/tmp/agora-unit-escaped", vec![]),
+            ("ok", vec!["../../../escaped"]),
+        ] {
+            let e = write_sandbox(&dir, &work, &task_with(dest, &dirs)).unwrap_err();
+            let named = if dirs.is_empty() { dest } else { dirs[0] };
+            assert!(e.to_string().contains(named), "{e}");
+        }
+        assert!(!t.path().join("escaped").exists());
+        assert!(!Path::new("/tmp/agora-unit-escaped").exists());
+    }
+
+    #[test]
+    fn symlinks_left_in_a_reused_sandbox_are_not_written_through() {
+        let (t, work, dir) = setup();
+        let outside = t.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("victim"), "untouched").unwrap();
+        // An earlier task of this id left `fs` pointing out, then a file link.
+        std::os::unix::fs::symlink(&outside, dir.join("fs")).unwrap();
+        let e = write_sandbox(&dir, &work, &task_with("victim", &[])).unwrap_err();
+        assert!(e.to_string().contains("leads out of the sandbox"), "{e}");
+        std::fs::remove_file(dir.join("fs")).unwrap();
+        std::fs::create_dir(dir.join("fs")).unwrap();
+        std::os::unix::fs::symlink(outside.join("victim"), dir.join("fs/in")).unwrap();
+        assert!(write_sandbox(&dir, &work, &task_with("in", &[])).is_err());
+        assert_eq!(
+            std::fs::read_to_string(outside.join("victim")).unwrap(),
+            "untouched"
+        );
+    }
 }

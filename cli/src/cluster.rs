@@ -381,6 +381,14 @@ pub struct IsolationArgs {
     /// Weigh CPU by shares only; do not cap it with a CFS quota.
     #[arg(long)]
     no_cfs_quota: bool,
+    /// The user native tasks run as when neither the task nor its framework names
+    /// one (frameworks name theirs with FrameworkInfo.user, `agora run --user`).
+    #[arg(long, default_value = agora_native_executor::runner::DEFAULT_TASK_USER)]
+    task_user: String,
+    /// Let native tasks whose framework asks for `root` run as root. Without it they
+    /// fail, saying so.
+    #[arg(long)]
+    allow_root_tasks: bool,
 }
 
 impl IsolationArgs {
@@ -389,6 +397,8 @@ impl IsolationArgs {
             mode: self.isolation,
             pids_max: self.pids_limit,
             cfs_quota: !self.no_cfs_quota,
+            task_user: self.task_user.clone(),
+            allow_root_tasks: self.allow_root_tasks,
         }
     }
 }

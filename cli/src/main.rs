@@ -142,6 +142,15 @@ enum ExecutorCmd {
         pids_max: u64,
         #[arg(long)]
         no_cfs_quota: bool,
+        /// The user tasks run as when their command names none.
+        #[arg(long, default_value = agora_native_executor::runner::DEFAULT_TASK_USER)]
+        task_user: String,
+        /// Run tasks that ask for root as root.
+        #[arg(long)]
+        allow_root_tasks: bool,
+        /// A directory tasks must not see (the agent's work directory).
+        #[arg(long)]
+        hide_dir: Option<PathBuf>,
     },
 }
 
@@ -265,6 +274,9 @@ fn main() -> ExitCode {
                         cgroup_root,
                         pids_max,
                         no_cfs_quota,
+                        task_user,
+                        allow_root_tasks,
+                        hide_dir,
                     },
             } => {
                 let cfg = agora_native_executor::NativeConfig {
@@ -272,6 +284,9 @@ fn main() -> ExitCode {
                     cgroup_root,
                     pids_max,
                     cfs_quota: !no_cfs_quota,
+                    task_user,
+                    allow_root: allow_root_tasks,
+                    hide_dir,
                 };
                 agora_native_executor::run_executor(&socket, &framework_id, &executor_id, cfg)
                     .await?;

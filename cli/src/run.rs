@@ -56,6 +56,11 @@ pub struct RunArgs {
     /// Role to run under.
     #[arg(long, default_value = "*")]
     role: String,
+    /// Native tasks: the user the command runs as on the agent (the framework's
+    /// user). Default: the agent's --task-user (`nobody` unless set). `root` runs
+    /// only on agents started with --allow-root-tasks.
+    #[arg(long)]
+    user: Option<String>,
     /// Send the module as it is, without checking it locally first.
     #[arg(long, hide = true)]
     skip_validation: bool,
@@ -78,6 +83,10 @@ pub struct RunArgs {
 }
 
 /// Files to place in the sandbox: (local path, sandbox-relative dest), plus empty dirs.
+/// A destination that is absolute (other than `/`, the sandbox root, for a
+/// directory's contents) or holds `..` is refused, and so is a symlink, given or met
+/// in a directory: it would upload whatever it points to. The agent checks the
+/// destinations again.
 fn expand_inputs(specs: &[String]) -> anyhow::Result<(Vec<(PathBuf, String)>, Vec<String>)> {
     let mut files = Vec::new();
     let mut dirs = Vec::new();
@@ -86,19 +95,29 @@ fn expand_inputs(specs: &[String]) -> anyhow::Result<(Vec<(PathBuf, String)>, Ve
             Some((s, d)) if !s.is_empty() => (PathBuf::from(s), Some(d.to_string())),
             _ => (PathBuf::from(spec), None),
         };
-        let meta = std::fs::metadata(&src)
+        let meta = std::fs::symlink_metadata(&src)
             .with_context(|| format!("--input {spec}: cannot read {}", src.display()))?;
+        if meta.file_type().is_symlink() {
+            anyhow::bail!(
+                "--input {spec}: {} is a symlink; give the file or directory it points to",
+                src.display()
+            );
+        }
         let base = src
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let dest = dest.unwrap_or(base);
-        let dest = dest
-            .trim_start_matches('/')
-            .trim_end_matches('/')
-            .to_string();
+        let dest = match dest {
+            Some(d) if d == "/" => String::new(),
+            Some(d) if d.starts_with('/') => anyhow::bail!(
+                "--input {spec}: the destination {d} is absolute; give a path relative to the sandbox (or `/` for a directory's contents)"
+            ),
+            Some(d) => d,
+            None => base,
+        };
+        let dest = dest.trim_end_matches('/').to_string();
         if dest.split('/').any(|c| c == "..") {
-            anyhow::bail!("--input {spec}: the destination may not contain `..`");
+            anyhow::bail!("--input {spec}: the destination {dest} contains `..`; give a path inside the sandbox");
         }
         if meta.is_dir() {
             walk(&src, &dest, &mut files, &mut dirs)?;
@@ -131,9 +150,14 @@ fn walk(
             format!("{dest}/{name}")
         };
         let ft = e.file_type()?;
-        if ft.is_dir() {
+        if ft.is_symlink() {
+            anyhow::bail!(
+                "--input: {} is a symlink; inputs may not contain symlinks (copy what it points to instead)",
+                e.path().display()
+            );
+        } else if ft.is_dir() {
             walk(&e.path(), &d, files, dirs)?;
-        } else if ft.is_file() || ft.is_symlink() {
+        } else if ft.is_file() {
             files.push((e.path(), d));
         }
     }
@@ -173,6 +197,8 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             arguments: a.args.clone(),
             kill_grace_seconds: Some(kill_grace_ms as f64 / 1000.0),
             timeout_ms,
+            // The framework's user (--user) applies.
+            user: String::new(),
         }),
         (None, Some(program)) => Some(CommandInfo {
             shell: false,
@@ -180,6 +206,8 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             arguments: a.args.clone(),
             kill_grace_seconds: Some(kill_grace_ms as f64 / 1000.0),
             timeout_ms,
+            // The framework's user (--user) applies.
+            user: String::new(),
         }),
         _ => None,
     };
@@ -273,7 +301,9 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let mut sched = client
         .subscribe(FrameworkInfo {
             name: format!("agora-run {name}"),
-            user: std::env::var("USER").unwrap_or_default(),
+            // Not $USER: who runs `agora run` here says nothing about the users of
+            // the agents; the agent's default applies unless --user names one.
+            user: a.user.clone().unwrap_or_default(),
             roles: vec![a.role.clone()],
             failover_timeout_seconds: 0.0,
             offer_constraints: a.constraints.clone(),

@@ -113,7 +113,12 @@ fn strip_ansi(s: &str) -> String {
 
 /// Executor processes serving the agent at `work`: (pid, framework id, executor id).
 fn executors(work: &Path) -> Vec<(u32, String, String)> {
-    let socket = work.join("agent.sock").to_string_lossy().into_owned();
+    let work = std::fs::canonicalize(work).unwrap_or_else(|_| work.to_path_buf());
+    let socket = work
+        .join("run")
+        .join("agent.sock")
+        .to_string_lossy()
+        .into_owned();
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {

@@ -4,6 +4,7 @@
 //! timeout the agent hands its executors.
 
 pub mod artifacts;
+pub mod beneath;
 pub mod output;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -25,6 +26,11 @@ use agora_proto::v1::{
 /// Environment variable (milliseconds) the agent sets to say how long an executor
 /// waits for it to come back after losing it.
 pub const RECOVERY_TIMEOUT_ENV: &str = "AGORA_RECOVERY_TIMEOUT_MS";
+/// Environment variable holding the secret the agent gives each executor it starts
+/// (hex): the executor sends it in its registration, and the agent refuses a
+/// registration without the right one. Never put on a command line (every local
+/// user can read those).
+pub const SECRET_ENV: &str = "AGORA_EXECUTOR_SECRET";
 /// The wait without that variable.
 pub const DEFAULT_RECOVERY_TIMEOUT: Duration = Duration::from_secs(60);
 /// The recovery timeout from [`RECOVERY_TIMEOUT_ENV`], else the default.
@@ -265,6 +271,13 @@ fn handle<E: LinkedExecutor>(executor: &mut E, msg: AgentToExecutor) -> Flow {
             }
         }
         Some(Msg::Shutdown(_)) => return Flow::Shutdown,
+        Some(Msg::Refused(r)) => {
+            tracing::error!(
+                "the agent refused this executor: {}; stopping (an executor must be started by the agent it registers with)",
+                r.reason
+            );
+            return Flow::Shutdown;
+        }
         Some(Msg::Ack(ack)) => executor.outbox().ack(ack.seq),
         Some(Msg::Message(m)) => {
             let live: std::collections::HashSet<String> = executor
@@ -333,6 +346,7 @@ pub async fn run<E: LinkedExecutor>(
     let register = ExecutorRegister {
         framework_id: framework_id.to_string(),
         executor_id: executor_id.to_string(),
+        secret: std::env::var(SECRET_ENV).unwrap_or_default(),
         ..Default::default()
     };
     drive(executor, stream, socket, register, recovery_timeout).await

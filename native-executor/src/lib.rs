@@ -15,5 +15,5 @@ pub mod runner;
 
 pub use error::{Error, Result};
 pub use executor::run_executor;
-pub use isolation::{CgroupLimits, CgroupVersion, Group, IsolationMode, Isolator};
+pub use isolation::{CgroupLimits, CgroupVersion, Group, IsolationMode, Isolator, TaskIdentity};
 pub use runner::{KillSwitch, NativeConfig, Runner};

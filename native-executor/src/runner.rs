@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -17,8 +17,12 @@ use std::time::{Duration, Instant};
 use agora_proto::units::{format_bytes, format_duration};
 use agora_proto::v1::{ExecutorLaunch, ExecutorStatus, Reason, ResourceUsage, TaskState};
 
+use agora_executor_link::beneath::Beneath;
+use agora_proto::v1::CommandInfo;
+
 use crate::isolation::{
-    escape_component, CgroupLimits, Group, IsolationMode, Isolator, SpawnError,
+    escape_component, CgroupLimits, Group, IsolationMode, Isolator, MountPlan, SpawnError,
+    TaskIdentity,
 };
 use crate::output::{spawn_copier, Copied, Copier};
 
@@ -44,7 +48,20 @@ pub struct NativeConfig {
     pub pids_max: u64,
     /// Cap each task's CPU at its `cpus` with a CFS quota (not only weigh it).
     pub cfs_quota: bool,
+    /// The user a task runs as when its command names none (the agent's
+    /// `--task-user`).
+    pub task_user: String,
+    /// Run tasks that ask for root as root (the agent's `--allow-root-tasks`);
+    /// otherwise they fail, saying so.
+    pub allow_root: bool,
+    /// A directory tasks must not see (the agent's work directory): covered, in each
+    /// task's private mount namespace, by an empty tmpfs with only the task's own
+    /// sandbox mounted back.
+    pub hide_dir: Option<PathBuf>,
 }
+
+/// The user tasks run as when neither the task nor the agent names one.
+pub const DEFAULT_TASK_USER: &str = "nobody";
 
 impl Default for NativeConfig {
     fn default() -> Self {
@@ -53,6 +70,9 @@ impl Default for NativeConfig {
             cgroup_root: "agora".to_string(),
             pids_max: 1024,
             cfs_quota: true,
+            task_user: DEFAULT_TASK_USER.to_string(),
+            allow_root: false,
+            hide_dir: None,
         }
     }
 }
@@ -98,6 +118,10 @@ pub struct Runner {
     cfg: NativeConfig,
     /// `<framework>/<executor>`, escaped: the parent of this executor's task groups.
     prefix: String,
+    /// The executor runs as root, so it can give tasks another user.
+    privileged: bool,
+    /// Tasks get a private mount namespace (root, and the kernel allows it here).
+    namespaces: bool,
 }
 
 /// How a task ended, before classification.
@@ -154,7 +178,23 @@ impl Runner {
     /// cannot work is an error saying why).
     pub fn new(cfg: NativeConfig, framework_id: &str, executor_id: &str) -> crate::Result<Runner> {
         let isolator = Isolator::new(cfg.isolation, &cfg.cgroup_root)?;
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        let privileged = euid == 0;
+        let namespaces = privileged
+            && match crate::isolation::probe_mount_namespace() {
+                Ok(()) => true,
+                Err(why) => {
+                    tracing::warn!("tasks get no private mount namespace here ({why}): only file modes keep them out of the agent's work directory");
+                    false
+                }
+            };
+        if !privileged {
+            tracing::warn!(euid, "the native executor is not root: tasks run as its own user (uid {euid}), and a task naming another user fails");
+        }
         Ok(Runner {
+            privileged,
+            namespaces,
             isolator,
             prefix: format!(
                 "{}/{}",
@@ -222,7 +262,8 @@ impl Runner {
             program,
             stdout,
             stderr,
-        } = match prepare(launch) {
+            identity,
+        } = match self.prepare(launch) {
             Ok(p) => p,
             Err(ending) => return refused(ending),
         };
@@ -246,7 +287,7 @@ impl Runner {
                 })
             }
         };
-        let mut child = match start(&group, &mut cmd, &program) {
+        let mut child = match start(&group, &mut cmd, &program, identity) {
             Ok(child) => child,
             Err(ending) => {
                 let _ = group.remove();
@@ -313,94 +354,357 @@ struct Prepared {
     program: String,
     stdout: Option<File>,
     stderr: Option<File>,
+    /// Who the process becomes before exec (`None`: the executor's own user).
+    identity: Option<TaskIdentity>,
 }
 
-/// Checks the launch and builds its command: working directory (created when
-/// missing), environment (exactly the launch's, plus a default PATH), stdin from
-/// /dev/null, stdout and stderr into pipes for the copiers.
-fn prepare(launch: &ExecutorLaunch) -> Result<Prepared, Ending> {
-    let refused = |reason, message: String| Ending::Refused { reason, message };
-    let Some(command) = launch.command.as_ref() else {
-        return Err(refused(
-            Reason::InvalidTask,
-            "launch carries no command (the native executor runs commands, not modules)"
-                .to_string(),
-        ));
-    };
-    if command.value.is_empty() {
-        return Err(refused(Reason::InvalidTask, "the command is empty".into()));
-    }
-    if launch.root_dir.is_empty() {
-        return Err(refused(
-            Reason::InvalidTask,
-            "launch has no root_dir (the task's working directory)".into(),
-        ));
-    }
-    let cwd = PathBuf::from(&launch.root_dir);
-    fs::create_dir_all(&cwd).map_err(|e| {
-        refused(
-            Reason::SandboxFailed,
-            format!("cannot create the working directory {}: {e}", cwd.display()),
-        )
-    })?;
-    let open = |path: &str| -> Result<Option<File>, Ending> {
-        if path.is_empty() {
+/// A user of this machine, from the password database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserEntry {
+    pub name: String,
+    pub uid: libc::uid_t,
+    pub gid: libc::gid_t,
+}
+
+/// Looks `name` up in the password database (`None`: no such user).
+pub fn lookup_user(name: &str) -> io::Result<Option<UserEntry>> {
+    let cname = std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a user name holds a NUL"))?;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        // SAFETY: passwd is plain data; getpwnam_r fills it with pointers into `buf`.
+        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: valid pointers to a C string, a passwd, a buffer of its length and
+        // the result pointer.
+        let r = unsafe {
+            libc::getpwnam_r(
+                cname.as_ptr(),
+                &mut pwd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut result,
+            )
+        };
+        if r == libc::ERANGE && buf.len() < 1 << 20 {
+            buf.resize(buf.len() * 4, 0);
+            continue;
+        }
+        if r != 0 {
+            return Err(io::Error::from_raw_os_error(r));
+        }
+        if result.is_null() {
             return Ok(None);
         }
-        File::create(path).map(Some).map_err(|e| {
-            refused(
-                Reason::SandboxFailed,
-                format!("cannot create the output file {path}: {e}"),
-            )
-        })
-    };
-    let (stdout, stderr) = (open(&launch.stdout_path)?, open(&launch.stderr_path)?);
+        return Ok(Some(UserEntry {
+            name: name.to_string(),
+            uid: pwd.pw_uid,
+            gid: pwd.pw_gid,
+        }));
+    }
+}
 
-    let mut env: HashMap<String, String> = launch.env.clone().into_iter().collect();
-    env.entry("PATH".to_string())
-        .or_insert_with(|| DEFAULT_PATH.to_string());
-    let (mut cmd, program) = if command.shell {
-        let mut c = Command::new("/bin/sh");
-        c.arg("-c").arg(&command.value);
-        (c, "/bin/sh".to_string())
-    } else {
-        let Some(path) = resolve_program(&command.value, &env["PATH"], &cwd) else {
-            return Err(Ending::NotFound {
-                program: command.value.clone(),
-            });
-        };
-        let mut c = Command::new(path);
-        c.arg0(&command.value).args(&command.arguments);
-        (c, command.value.clone())
-    };
-    let pipe_or_null = |f: &Option<File>| {
-        if f.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
+/// Gives the tree under `dir` (not following symlinks, not crossing into another
+/// filesystem's mounts) to `uid:gid`. Files with more than one link are left alone: a
+/// hard link an earlier task made to a file outside must not be handed over.
+fn chown_tree(dir: RawFd, uid: libc::uid_t, gid: libc::gid_t, depth: u32) -> io::Result<()> {
+    if depth > 64 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the sandbox is nested more than 64 directories deep",
+        ));
+    }
+    // SAFETY: dup of a valid descriptor, handed to fdopendir which then owns it.
+    let dup = unsafe { libc::fcntl(dir, libc::F_DUPFD_CLOEXEC, 0) };
+    if dup < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fdopendir takes ownership of `dup` on success.
+    let d = unsafe { libc::fdopendir(dup) };
+    if d.is_null() {
+        let e = io::Error::last_os_error();
+        // SAFETY: still ours on failure.
+        unsafe { libc::close(dup) };
+        return Err(e);
+    }
+    let mut result = Ok(());
+    loop {
+        // SAFETY: readdir on a DIR we opened; the entry is valid until the next call.
+        let ent = unsafe { libc::readdir(d) };
+        if ent.is_null() {
+            break;
         }
-    };
-    cmd.current_dir(&cwd)
-        .env_clear()
-        .envs(&env)
-        .stdin(Stdio::null())
-        .stdout(pipe_or_null(&stdout))
-        .stderr(pipe_or_null(&stderr));
-    Ok(Prepared {
-        cmd,
-        program,
-        stdout,
-        stderr,
-    })
+        // SAFETY: d_name is a NUL-terminated array inside the entry.
+        let name = unsafe { std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()) };
+        if name.to_bytes() == b"." || name.to_bytes() == b".." {
+            continue;
+        }
+        // SAFETY: stat is plain data.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstatat with AT_SYMLINK_NOFOLLOW on a valid descriptor and name.
+        if unsafe { libc::fstatat(dir, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) } != 0 {
+            result = Err(io::Error::last_os_error());
+            break;
+        }
+        let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        if !is_dir && st.st_nlink > 1 {
+            continue;
+        }
+        if st.st_uid != uid || st.st_gid != gid {
+            // SAFETY: as above; a symlink itself is changed, never its target.
+            let r =
+                unsafe { libc::fchownat(dir, name.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) };
+            if r != 0 {
+                result = Err(io::Error::last_os_error());
+                break;
+            }
+        }
+        if is_dir {
+            // SAFETY: openat with O_NOFOLLOW on a valid descriptor and name.
+            let sub = unsafe {
+                libc::openat(
+                    dir,
+                    name.as_ptr(),
+                    libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_RDONLY,
+                )
+            };
+            if sub < 0 {
+                result = Err(io::Error::last_os_error());
+                break;
+            }
+            // SAFETY: fresh descriptor.
+            let sub = unsafe { OwnedFd::from_raw_fd(sub) };
+            let mut sst: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: fstat on a descriptor we own.
+            unsafe { libc::fstat(sub.as_raw_fd(), &mut sst) };
+            if sst.st_dev != st.st_dev {
+                continue; // a mount point: not ours to change
+            }
+            if let Err(e) = chown_tree(sub.as_raw_fd(), uid, gid, depth + 1) {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    // SAFETY: closes the DIR (and the dup'd descriptor) we opened.
+    unsafe { libc::closedir(d) };
+    result
+}
+
+impl Runner {
+    /// The user a launch runs as: its command's, else the agent's default; checked
+    /// against this agent's rules. `Ok(None)`: no switch (the executor is not root).
+    fn task_user(&self, command: &CommandInfo) -> Result<Option<UserEntry>, Ending> {
+        let refused = |message: String| Ending::Refused {
+            reason: Reason::InvalidTask,
+            message,
+        };
+        let (name, from) = if command.user.is_empty() {
+            (self.cfg.task_user.as_str(), "the agent's --task-user")
+        } else {
+            (command.user.as_str(), "the task's framework")
+        };
+        let entry = match lookup_user(name) {
+            Ok(Some(e)) => e,
+            Ok(None) => {
+                return Err(refused(format!(
+                    "user `{name}` (named by {from}) does not exist on this agent;                      create it there or run the task as an existing user (agora run --user NAME)"
+                )))
+            }
+            Err(e) => {
+                return Err(refused(format!(
+                    "cannot look up user `{name}` (named by {from}): {e}"
+                )))
+            }
+        };
+        if !self.privileged {
+            // SAFETY: geteuid has no preconditions.
+            let euid = unsafe { libc::geteuid() };
+            if !command.user.is_empty() && entry.uid != euid {
+                return Err(refused(format!(
+                    "the task asks to run as `{name}`, but this agent's native executor is                      not root (uid {euid}) and cannot switch users"
+                )));
+            }
+            return Ok(None);
+        }
+        if entry.uid == 0 && !self.cfg.allow_root {
+            return Err(refused(format!(
+                "the task asks to run as `{name}` (uid 0, named by {from}); this agent runs                  tasks as root only when started with --allow-root-tasks: run it as another                  user (agora run --user NAME) or start the agent with --allow-root-tasks"
+            )));
+        }
+        Ok(Some(entry))
+    }
+
+    /// Checks the launch and builds its command: the task's user, its sandbox (given
+    /// to that user, mode 0700) with the working directory and output files made
+    /// inside it without following symlinks, the environment (exactly the launch's,
+    /// plus a default PATH), stdin from /dev/null, stdout and stderr into pipes for
+    /// the copiers.
+    fn prepare(&self, launch: &ExecutorLaunch) -> Result<Prepared, Ending> {
+        let refused = |reason, message: String| Ending::Refused { reason, message };
+        let Some(command) = launch.command.as_ref() else {
+            return Err(refused(
+                Reason::InvalidTask,
+                "launch carries no command (the native executor runs commands, not modules)"
+                    .to_string(),
+            ));
+        };
+        if command.value.is_empty() {
+            return Err(refused(Reason::InvalidTask, "the command is empty".into()));
+        }
+        if launch.root_dir.is_empty() {
+            return Err(refused(
+                Reason::InvalidTask,
+                "launch has no root_dir (the task's working directory)".into(),
+            ));
+        }
+        let user = self.task_user(command)?;
+        let cwd = PathBuf::from(&launch.root_dir);
+        let sandbox = if launch.sandbox_dir.is_empty() {
+            cwd.clone()
+        } else {
+            PathBuf::from(&launch.sandbox_dir)
+        };
+        let inside = |what: &str, p: &Path| -> Result<String, Ending> {
+            match p.strip_prefix(&sandbox) {
+                Ok(rel) => Ok(rel.to_string_lossy().into_owned()),
+                Err(_) => Err(refused(
+                    Reason::InvalidTask,
+                    format!(
+                        "the {what} {} is not inside the task's sandbox {}",
+                        p.display(),
+                        sandbox.display()
+                    ),
+                )),
+            }
+        };
+        let sandbox_failed = |what: String, e: &dyn std::fmt::Display| {
+            refused(Reason::SandboxFailed, format!("{what}: {e}"))
+        };
+        fs::create_dir_all(&sandbox).map_err(|e| {
+            let what = if launch.sandbox_dir.is_empty() {
+                "the working directory"
+            } else {
+                "the sandbox"
+            };
+            sandbox_failed(format!("cannot create {what} {}", sandbox.display()), &e)
+        })?;
+        let dir = Beneath::open(&sandbox)
+            .map_err(|e| sandbox_failed("cannot open the task's sandbox".into(), &e))?;
+        let cwd_rel = inside("working directory", &cwd)?;
+        if !cwd_rel.is_empty() {
+            dir.create_dir_all(&cwd_rel, 0o755).map_err(|e| {
+                sandbox_failed(
+                    format!("cannot create the working directory {}", cwd.display()),
+                    &e,
+                )
+            })?;
+        }
+        let open = |path: &str| -> Result<Option<File>, Ending> {
+            if path.is_empty() {
+                return Ok(None);
+            }
+            let rel = inside("output file", Path::new(path))?;
+            dir.create(&rel, 0o640)
+                .map(Some)
+                .map_err(|e| sandbox_failed(format!("cannot create the output file {path}"), &e))
+        };
+        let (stdout, stderr) = (open(&launch.stdout_path)?, open(&launch.stderr_path)?);
+        if let Some(u) = &user {
+            // The whole sandbox becomes the task user's, and only theirs.
+            // SAFETY: fchown/fchmod on the sandbox's descriptor.
+            let r = unsafe {
+                if libc::fchown(dir.fd(), u.uid, u.gid) != 0 {
+                    -1
+                } else {
+                    libc::fchmod(dir.fd(), 0o700)
+                }
+            };
+            if r != 0 {
+                let e = io::Error::last_os_error();
+                return Err(sandbox_failed(
+                    format!("cannot give the sandbox to user `{}`", u.name),
+                    &e,
+                ));
+            }
+            chown_tree(dir.fd(), u.uid, u.gid, 0).map_err(|e| {
+                sandbox_failed(
+                    format!("cannot give the sandbox's files to user `{}`", u.name),
+                    &e,
+                )
+            })?;
+        }
+        let identity = match &user {
+            None => None,
+            Some(u) => Some(TaskIdentity {
+                uid: u.uid,
+                gid: u.gid,
+                mounts: if self.namespaces {
+                    Some(
+                        MountPlan::new(&sandbox, &cwd, self.cfg.hide_dir.as_deref()).map_err(
+                            |e| sandbox_failed("cannot plan the task's mount namespace".into(), &e),
+                        )?,
+                    )
+                } else {
+                    None
+                },
+            }),
+        };
+
+        let mut env: HashMap<String, String> = launch.env.clone().into_iter().collect();
+        env.entry("PATH".to_string())
+            .or_insert_with(|| DEFAULT_PATH.to_string());
+        let (mut cmd, program) = if command.shell {
+            let mut c = Command::new("/bin/sh");
+            c.arg("-c").arg(&command.value);
+            (c, "/bin/sh".to_string())
+        } else {
+            let Some(path) = resolve_program(&command.value, &env["PATH"], &cwd) else {
+                return Err(Ending::NotFound {
+                    program: command.value.clone(),
+                });
+            };
+            let mut c = Command::new(path);
+            c.arg0(&command.value).args(&command.arguments);
+            (c, command.value.clone())
+        };
+        let pipe_or_null = |f: &Option<File>| {
+            if f.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            }
+        };
+        cmd.current_dir(&cwd)
+            .env_clear()
+            .envs(&env)
+            .stdin(Stdio::null())
+            .stdout(pipe_or_null(&stdout))
+            .stderr(pipe_or_null(&stderr));
+        Ok(Prepared {
+            cmd,
+            program,
+            stdout,
+            stderr,
+            identity,
+        })
+    }
 }
 
 /// Spawns the command inside its group, telling our set-up failures (sandbox) from
 /// the command's (not found, not executable).
-fn start(group: &Group, cmd: &mut Command, program: &str) -> Result<Child, Ending> {
-    let contained = group.contain(cmd).map_err(|e| Ending::Refused {
-        reason: Reason::SandboxFailed,
-        message: format!("cannot prepare the task's process: {e}"),
-    })?;
+fn start(
+    group: &Group,
+    cmd: &mut Command,
+    program: &str,
+    identity: Option<TaskIdentity>,
+) -> Result<Child, Ending> {
+    let contained = group
+        .contain_as(cmd, identity)
+        .map_err(|e| Ending::Refused {
+            reason: Reason::SandboxFailed,
+            message: format!("cannot prepare the task's process: {e}"),
+        })?;
     contained.spawned(cmd.spawn()).map_err(|e| match e {
         SpawnError::Setup(message) => Ending::Refused {
             reason: Reason::SandboxFailed,

@@ -38,7 +38,7 @@ impl Agent {
 
     /// `start` with the executor's recovery timeout given.
     async fn start_with(cfg: NativeConfig, recovery: Duration) -> Agent {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = task_dir();
         let socket = dir.path().join("agent.sock");
         let listener = UnixListener::bind(&socket).expect("bind");
         let executor =

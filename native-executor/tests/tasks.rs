@@ -24,11 +24,7 @@ fn cgroup_runner(test: &str, pids_max: u64) -> (Arc<Runner>, CleanupRoot, tempfi
     };
     let runner = Runner::new(cfg, "fw", "ex").expect("cgroup runner");
     assert_eq!(runner.isolator().mode(), IsolationMode::Cgroups);
-    (
-        Arc::new(runner),
-        CleanupRoot(root),
-        tempfile::tempdir().unwrap(),
-    )
+    (Arc::new(runner), CleanupRoot(root), task_dir())
 }
 
 fn posix_runner(test: &str) -> (Arc<Runner>, tempfile::TempDir) {
@@ -39,7 +35,7 @@ fn posix_runner(test: &str) -> (Arc<Runner>, tempfile::TempDir) {
         runner.isolator().posix_reason(),
         Some("posix isolation was asked for")
     );
-    (Arc::new(runner), tempfile::tempdir().unwrap())
+    (Arc::new(runner), task_dir())
 }
 
 /// The cgroup of a task (to check that it is gone).
@@ -66,6 +62,8 @@ fn mkfifo(path: &Path) {
     let c = CString::new(path.as_os_str().as_bytes()).unwrap();
     // SAFETY: a valid C string.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    // Tasks run as `nobody`.
+    assert_eq!(unsafe { libc::chmod(c.as_ptr(), 0o666) }, 0, "chmod fifo");
 }
 
 /// The read end of a FIFO, opened before the task so the task's writer never blocks.
@@ -518,4 +516,79 @@ fn bad_launches_are_refused_with_reasons() {
     let s = run(&runner, l);
     assert_eq!(s.reason(), Reason::SandboxFailed, "{}", s.message);
     assert!(s.message.contains("working directory"), "{}", s.message);
+}
+
+#[test]
+fn tasks_run_as_their_user_in_a_sandbox_only_they_own() {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: needs root to switch users");
+        return;
+    }
+    let (runner, dir) = posix_runner("users");
+    let nobody = agora_native_executor::runner::lookup_user("nobody")
+        .unwrap()
+        .expect("nobody exists");
+    let l = shell_launch("who", dir.path(), "id -u; id -G", "x");
+    let s = run(&runner, l);
+    assert_eq!(s.state(), TaskState::TaskFinished, "{}", s.message);
+    let out = read(sandbox(dir.path(), "who").join("stdout"));
+    assert_eq!(
+        out,
+        format!("{}\n{}\n", nobody.uid, nobody.gid),
+        "no other groups"
+    );
+    let meta = std::fs::metadata(sandbox(dir.path(), "who")).unwrap();
+    assert_eq!((meta.mode() & 0o777, meta.uid()), (0o700, nobody.uid));
+    let stdout_meta = std::fs::metadata(sandbox(dir.path(), "who").join("stdout")).unwrap();
+    assert_eq!(stdout_meta.uid(), nobody.uid);
+
+    for (user, says) in [
+        ("root", "--allow-root-tasks"),
+        ("no-such-user-here", "user `no-such-user-here`"),
+    ] {
+        let mut l = shell_launch(&format!("as-{user}"), dir.path(), "id -u", "x");
+        l.command.as_mut().unwrap().user = user.into();
+        let s = run(&runner, l);
+        assert_eq!(
+            (s.state(), s.reason()),
+            (TaskState::TaskFailed, Reason::InvalidTask),
+            "{}",
+            s.message
+        );
+        assert!(s.message.contains(says), "{}", s.message);
+    }
+
+    let allowing = Runner::new(
+        NativeConfig {
+            allow_root: true,
+            ..config(IsolationMode::Posix, &unique_root("users-root"))
+        },
+        "fw",
+        "ex",
+    )
+    .unwrap();
+    let mut l = shell_launch("as-root", dir.path(), "id -u", "x");
+    l.command.as_mut().unwrap().user = "root".into();
+    let s = run(&Arc::new(allowing), l);
+    assert_eq!(s.state(), TaskState::TaskFinished, "{}", s.message);
+    assert_eq!(read(sandbox(dir.path(), "as-root").join("stdout")), "0\n");
+}
+
+#[test]
+fn output_files_are_not_created_through_a_planted_symlink() {
+    let (runner, dir) = posix_runner("planted");
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "untouched").unwrap();
+    let sb = sandbox(dir.path(), "planted");
+    std::fs::create_dir_all(&sb).unwrap();
+    std::os::unix::fs::symlink(&victim, sb.join("stdout")).unwrap();
+    let s = run(
+        &runner,
+        shell_launch("planted", dir.path(), "echo over", "x"),
+    );
+    assert_eq!(s.reason(), Reason::SandboxFailed, "{}", s.message);
+    assert!(s.message.contains("stdout"), "{}", s.message);
+    assert_eq!(read(&victim), "untouched");
 }

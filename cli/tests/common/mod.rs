@@ -276,6 +276,12 @@ pub fn wait_until(what: &str, check: impl Fn() -> bool) {
 /// `agora run` arguments of a small native task `NAME-I` that waits until the file
 /// `go` exists, then prints `run I survived` and exits with I mod 3.
 pub fn held_run_args(name: &str, i: usize, go: &Path) -> Vec<String> {
+    // Tasks run as `nobody`: it must be able to reach `go` (a test's temporary
+    // directory is 0700).
+    if let Some(dir) = go.parent() {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711));
+    }
     let script = format!(
         "while [ ! -e {} ]; do sleep 0.05; done; echo run {i} survived; exit {}",
         go.display(),

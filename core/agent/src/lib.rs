@@ -987,6 +987,7 @@ impl AgentCore {
             command: t.info.command.clone(),
             milli_cpus: res.milli_cpus(),
             function: t.info.function.clone(),
+            sandbox_dir: sandbox.to_string_lossy().into_owned(),
         };
         let exec = t.executor.clone();
         self.out.push(Output::ToExecutor {

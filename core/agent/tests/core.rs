@@ -300,6 +300,7 @@ fn launch_of(fid: &str, t: &TaskInfo) -> Output {
             command: None,
             milli_cpus: 500,
             function: None,
+            sandbox_dir: sandbox.clone(),
         }),
     )
 }

@@ -335,7 +335,14 @@ impl MasterCore {
     }
 
     /// Records a launched task and sends it to its agent.
-    fn place_task(&mut self, cx: &AcceptCtx, task: TaskInfo, res: Resources) {
+    fn place_task(&mut self, cx: &AcceptCtx, mut task: TaskInfo, res: Resources) {
+        // A command runs as the user it names, else as its framework's user; the agent
+        // decides whether it allows that user (and uses its default when both are empty).
+        if let Some(cmd) = task.command.as_mut().filter(|c| c.user.is_empty()) {
+            if let Some(f) = self.frameworks.get(&cx.fid) {
+                cmd.user = f.user.clone();
+            }
+        }
         let Some(ac) = cx.agent_conn else {
             // The resources stay in the pool's accounting: give them back.
             cx_recover(self, cx, &res);

@@ -192,6 +192,9 @@ struct FrameworkState {
     pending: Vec<v1::PendingTask>,
     /// Mesos's PARTITION_AWARE: TASK_UNREACHABLE instead of TASK_LOST.
     partition_aware: bool,
+    /// FrameworkInfo.user: who its commands run as on agents (when a task's
+    /// CommandInfo names nobody).
+    user: String,
 }
 
 #[derive(Debug, Clone)]
@@ -1049,6 +1052,7 @@ impl MasterCore {
                 disconnected_at: None,
                 pending,
                 partition_aware: info.partition_aware,
+                user: info.user.clone(),
             },
         );
         self.framework_by_conn.insert(conn, id.clone());

@@ -388,6 +388,8 @@ impl MasterCore {
                 disconnected_at: Some(now),
                 pending: Vec::new(),
                 partition_aware: f.partition_aware,
+                // Told again when it re-subscribes, before it can launch anything.
+                user: String::new(),
             },
         );
         self.allocator.add_framework_roles(fid, &f.roles);

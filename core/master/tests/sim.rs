@@ -1085,6 +1085,10 @@ impl World {
                 p.unacked.retain(|s, _| *s > a.seq);
             }
             agent_to_executor::Msg::Message(_) => {}
+            // The agent core never refuses (the shell checks executors' secrets).
+            agent_to_executor::Msg::Refused(r) => {
+                self.fail(format!("the agent core refused an executor: {}", r.reason))
+            }
         }
     }
 
@@ -2320,6 +2324,7 @@ fn brief_a2e(m: &AgentToExecutor) -> String {
         Some(agent_to_executor::Msg::Shutdown(_)) => "shutdown".into(),
         Some(agent_to_executor::Msg::Ack(a)) => format!("ack #{}", a.seq),
         Some(agent_to_executor::Msg::Message(_)) => "message".into(),
+        Some(agent_to_executor::Msg::Refused(_)) => "refused".into(),
         None => "?".into(),
     }
 }

@@ -141,13 +141,24 @@ pub fn launch(task_id: &str, dir: &Path, command: CommandInfo, marker: &str) -> 
     }
 }
 
+/// The executor's defaults: tasks run as `nobody` (when the test runs as root).
 pub fn config(mode: IsolationMode, root: &str) -> NativeConfig {
     NativeConfig {
         isolation: Some(mode),
         cgroup_root: root.to_string(),
         pids_max: 1024,
         cfs_quota: true,
+        ..NativeConfig::default()
     }
+}
+
+/// A temporary directory for sandboxes that tasks running as `nobody` can reach
+/// (a fresh temporary directory is 0700).
+pub fn task_dir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    d
 }
 
 /// A task running on a thread of its own, as the executor runs it.

@@ -1,0 +1,459 @@
+//! Hostile input (issue 13), through the real `agora` binary and an `agora dev`
+//! cluster: native tasks run as an unprivileged user in a private 0700 sandbox and
+//! cannot reach other sandboxes or the host's secrets; `agora logs` never follows a
+//! task's symlink out of its sandbox; input paths that escape are refused by the
+//! client and by the agent; only executors the agent started may register on its
+//! socket; root tasks need the agent's consent.
+//!
+//! These tests need root (to switch users) and skip, saying why, without it.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use agora_proto::v1::{CommandInfo, FrameworkInfo, InputFile, TaskInfo, TaskState};
+use agora_proto::Resources;
+use agora_sdk::{Client, ClientConfig, Event};
+use common::*;
+use prost::Message;
+
+fn root() -> bool {
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("skipped: needs root to run tasks as another user");
+    }
+    root
+}
+
+/// One cluster with the agent's defaults (tasks as `nobody`, no root tasks).
+fn cluster() -> &'static Cluster {
+    static C: std::sync::OnceLock<Cluster> = std::sync::OnceLock::new();
+    C.get_or_init(Cluster::start)
+}
+
+fn uid_of(name: &str) -> u32 {
+    let c = std::ffi::CString::new(name).unwrap();
+    let p = unsafe { libc::getpwnam(c.as_ptr()) };
+    assert!(!p.is_null(), "user {name} exists on this machine");
+    unsafe { (*p).pw_uid }
+}
+
+#[test]
+fn native_tasks_run_as_nobody_in_a_private_sandbox() {
+    if !root() {
+        return;
+    }
+    let c = cluster();
+    let o = c.agora(&[
+        "run",
+        "--command",
+        "id -u; id -G; stat -c '%a %u' .. .; pwd; echo made > mine && cat mine",
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    let nobody = uid_of("nobody");
+    assert_eq!(lines[0], nobody.to_string(), "runs as nobody: {out}");
+    assert!(
+        !lines[1].split_whitespace().any(|g| g == "0"),
+        "no root group left: {out}"
+    );
+    assert_eq!(
+        lines[2],
+        format!("700 {nobody}"),
+        "the sandbox is nobody's, mode 0700: {out}"
+    );
+    assert_eq!(lines[3], format!("755 {nobody}"), "{out}");
+    assert_eq!(lines[5], "made", "the task can write its sandbox: {out}");
+    // The same, seen from outside: the sandbox on the agent's disk.
+    use std::os::unix::fs::MetadataExt;
+    let sandbox = std::path::Path::new(lines[4])
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let meta = std::fs::metadata(&sandbox).unwrap();
+    assert_eq!((meta.mode() & 0o777, meta.uid()), (0o700, nobody));
+    // The directories above it may be crossed, not listed, by anyone else.
+    let work = c.agent_dir();
+    for d in [
+        work.clone(),
+        work.join("sandboxes"),
+        sandbox.parent().unwrap().to_path_buf(),
+    ] {
+        let m = std::fs::metadata(&d).unwrap().mode() & 0o777;
+        assert_eq!(m, 0o711, "{}", d.display());
+    }
+    for d in ["run", "artifacts", "executors"] {
+        let m = std::fs::metadata(work.join(d)).unwrap().mode() & 0o777;
+        assert_eq!(m, 0o700, "{d}");
+    }
+}
+
+#[test]
+fn a_task_cannot_read_another_sandbox_or_the_hosts_secrets() {
+    if !root() {
+        return;
+    }
+    let c = cluster();
+    let a = c.agora(&[
+        "run",
+        "--command",
+        "echo SECRET-OF-A; echo SECRET-OF-A > fs-file; pwd",
+    ]);
+    assert_eq!(code(&a), 0, "{}", stderr(&a));
+    let a_fs = stdout(&a).lines().nth(1).unwrap().to_string();
+    let a_sandbox = std::path::Path::new(&a_fs)
+        .parent()
+        .unwrap()
+        .display()
+        .to_string();
+    assert!(
+        std::fs::read_to_string(format!("{a_fs}/fs-file"))
+            .unwrap()
+            .contains("SECRET-OF-A"),
+        "the file is there for root to see"
+    );
+    // Every way in: the sandbox's stdout, a file in its root, the directory
+    // listing, the agent's checkpoint and socket directory, and /etc/shadow.
+    let script = format!(
+        "for f in {a_sandbox}/stdout {a_fs}/fs-file /etc/shadow; do \
+           if cat $f; then echo READ $f; else echo DENIED $f; fi; done; \
+         if ls {a_sandbox} {a_sandbox}/..; then echo LISTED; fi; \
+         if ls {work}/run {work}/checkpoint.redb; then echo LISTED-WORK; fi; exit 0",
+        work = c.agent_dir().display()
+    );
+    let b = c.agora(&["run", "--command", &script]);
+    assert_eq!(code(&b), 0, "{}", stderr(&b));
+    let out = stdout(&b);
+    assert!(
+        !out.contains("SECRET-OF-A"),
+        "read another task's files: {out}"
+    );
+    assert!(!out.contains("root:"), "read /etc/shadow: {out}");
+    assert!(!out.contains("READ "), "{out}");
+    assert!(!out.contains("LISTED"), "{out}");
+    assert_eq!(out.matches("DENIED ").count(), 3, "{out}");
+    let err = stderr(&b);
+    assert!(err.contains("/etc/shadow: Permission denied"), "{err}");
+    // The other sandbox is not even there for the task (its own mount namespace).
+    assert!(
+        err.contains(&format!("{a_sandbox}/stdout: No such file or directory")),
+        "{err}"
+    );
+}
+
+#[test]
+fn logs_refuse_symlinks_that_lead_out_of_the_sandbox() {
+    if !root() {
+        return;
+    }
+    let c = cluster();
+    let a = c.agora(&["run", "--command", "echo OUTPUT-OF-A"]);
+    assert_eq!(code(&a), 0, "{}", stderr(&a));
+    let a_id = task_id(&a);
+    // The task swaps its own stdout and stderr for symlinks: one to /etc/shadow, one
+    // climbing to the other task's sandbox.
+    let b = c.agora(&[
+        "run",
+        "--command",
+        &format!(
+            "rm -f ../stdout ../stderr && ln -s /etc/shadow ../stdout && ln -s ../{a_id}/stdout ../stderr"
+        ),
+    ]);
+    assert_eq!(code(&b), 0, "{}", stderr(&b));
+    let b_id = task_id(&b);
+    let o = c.agora(&["logs", &b_id]);
+    assert_ne!(code(&o), 0, "agora logs must fail: {}", stdout(&o));
+    assert!(!stdout(&o).contains("root:"), "printed /etc/shadow");
+    assert!(
+        stderr(&o).contains("`stdout`") && stderr(&o).contains("leads out of the sandbox"),
+        "{}",
+        stderr(&o)
+    );
+    let o = c.agora(&["logs", "--stderr", &b_id]);
+    assert_ne!(code(&o), 0, "agora logs --stderr must fail: {}", stdout(&o));
+    assert!(
+        !stdout(&o).contains("OUTPUT-OF-A"),
+        "printed another task's output"
+    );
+    assert!(
+        stderr(&o).contains("`stderr`") && stderr(&o).contains("leads out of the sandbox"),
+        "{}",
+        stderr(&o)
+    );
+    // The other task's own logs still read.
+    assert_eq!(stdout(&c.agora(&["logs", &a_id])), "OUTPUT-OF-A\n");
+}
+
+#[test]
+fn input_paths_that_escape_are_refused_by_the_client() {
+    let c = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_file(dir.path(), "data.txt", "data");
+    let f = file.display().to_string();
+    let link = dir.path().join("link.txt");
+    std::os::unix::fs::symlink(&file, &link).unwrap();
+    let sub = dir.path().join("tree");
+    std::fs::create_dir(&sub).unwrap();
+    std::os::unix::fs::symlink("/etc/shadow", sub.join("shadow")).unwrap();
+    let cases = [
+        (
+            format!("{f}:/etc/cron.d/x"),
+            "/etc/cron.d/x".to_string(),
+            "absolute",
+        ),
+        (format!("{f}:a/../../x"), "a/../../x".to_string(), "`..`"),
+        (
+            link.display().to_string(),
+            link.display().to_string(),
+            "symlink",
+        ),
+        (
+            sub.display().to_string(),
+            sub.join("shadow").display().to_string(),
+            "symlink",
+        ),
+    ];
+    for (spec, named, why) in cases {
+        let o = c.agora(&["run", "--input", &spec, "--command", "true"]);
+        assert_ne!(code(&o), 0, "{spec}: {}", stderr(&o));
+        let err = stderr(&o);
+        assert!(err.contains(&named) && err.contains(why), "{spec}: {err}");
+        assert!(
+            !err.contains("task "),
+            "no task was started for {spec}: {err}"
+        );
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A framework that skips the client's checks gets its task refused, naming the
+/// path, and nothing is written outside the sandbox.
+#[test]
+fn input_paths_that_escape_are_refused_for_frameworks_that_skip_the_client() {
+    let c = cluster();
+    let escape = c.agent_dir().join("sandboxes").join("escaped-here");
+    runtime().block_on(async {
+        let cfg = ClientConfig::load(&c.config).unwrap();
+        let client = Client::connect(&cfg).await.unwrap();
+        let mut s = client
+            .subscribe(FrameworkInfo {
+                name: "hostile-inputs".into(),
+                roles: vec!["*".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let (sha, _) = client.upload_bytes(b"x").await.unwrap();
+        let bad = [
+            ("t-dotdot", Some("../../escaped-here"), None),
+            ("t-absolute", Some("/tmp/agora-escaped-abs"), None),
+            ("t-dir", None, Some("../../escaped-here")),
+        ];
+        for (id, dest, dir) in bad {
+            let offer = loop {
+                let ev = tokio::time::timeout(Duration::from_secs(60), s.next_event())
+                    .await
+                    .expect("an offer in time")
+                    .expect("events");
+                if let Event::Offers(o) = ev {
+                    break o[0].offer_id.clone();
+                }
+            };
+            let task = TaskInfo {
+                task_id: id.into(),
+                name: id.into(),
+                resources: Resources::cpus_mem(100, 32 << 20).to_proto(),
+                command: Some(CommandInfo {
+                    shell: true,
+                    value: "true".into(),
+                    ..Default::default()
+                }),
+                inputs: dest
+                    .map(|d| InputFile {
+                        sha256: sha.clone(),
+                        size: 1,
+                        dest: d.into(),
+                        executable: false,
+                    })
+                    .into_iter()
+                    .collect(),
+                dirs: dir.map(String::from).into_iter().collect(),
+                ..Default::default()
+            };
+            s.accept(vec![offer], vec![task], Some(0.0)).await.unwrap();
+            let st = loop {
+                let ev = tokio::time::timeout(Duration::from_secs(60), s.next_event())
+                    .await
+                    .expect("an update in time")
+                    .expect("events");
+                if let Event::Update(st) = ev {
+                    s.acknowledge(&st).await.unwrap();
+                    if st.task_id == id && st.state().is_terminal() {
+                        break st;
+                    }
+                }
+            };
+            // The master refuses them first (TASK_ERROR); the agent checks again
+            // (TASK_FAILED) in case a master lets one through (see the agent's unit
+            // tests for that layer).
+            assert!(
+                matches!(st.state(), TaskState::TaskError | TaskState::TaskFailed),
+                "{id}: {:?} {}",
+                st.state(),
+                st.message
+            );
+            let named = dest.or(dir).unwrap();
+            assert!(
+                st.message.contains(named) && st.message.contains("sandbox"),
+                "{id}: {}",
+                st.message
+            );
+        }
+        let _ = s.teardown().await;
+    });
+    assert!(!escape.exists());
+    assert!(!std::path::Path::new("/tmp/agora-escaped-abs").exists());
+}
+
+/// Sends one registration frame on the agent's socket and returns what the agent
+/// answered before closing (the decoded frames).
+fn forge_registration(
+    socket: &std::path::Path,
+    secret: &str,
+) -> Vec<agora_proto::v1::AgentToExecutor> {
+    use agora_proto::v1::{executor_to_agent, ExecutorRegister, ExecutorToAgent};
+    let mut s = UnixStream::connect(socket).expect("connect to the agent's socket");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let reg = ExecutorToAgent {
+        msg: Some(executor_to_agent::Msg::Register(ExecutorRegister {
+            // The id of the executor the cluster's native tasks use, so that an
+            // accepted forgery would take the real one's place.
+            framework_id: "forged-framework".into(),
+            executor_id: agora_proto::default_executor_id(true).into(),
+            secret: secret.into(),
+            ..Default::default()
+        })),
+        seq: 0,
+    };
+    let body = reg.encode_to_vec();
+    s.write_all(&(body.len() as u32).to_be_bytes()).unwrap();
+    s.write_all(&body).unwrap();
+    let mut frames = Vec::new();
+    loop {
+        let mut len = [0u8; 4];
+        match s.read_exact(&mut len) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => panic!("the agent neither answered nor closed: {e}"),
+        }
+        let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
+        s.read_exact(&mut buf).unwrap();
+        frames.push(agora_proto::v1::AgentToExecutor::decode(&buf[..]).unwrap());
+    }
+    frames
+}
+
+#[test]
+fn a_forged_executor_registration_is_refused_and_tasks_still_run() {
+    if !root() {
+        return;
+    }
+    let c = cluster();
+    // A long task keeps the real executor busy across the forgeries.
+    let mut long = std::process::Command::new(AGORA)
+        .args([
+            "run",
+            "--name",
+            "keeps-running",
+            "--command",
+            "echo started; sleep 600",
+        ])
+        .env("AGORA_CONFIG", &c.config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let long_id = wait_for_task(c, |row| {
+        row.contains("keeps-running") && row.contains("RUNNING")
+    });
+    let socket = c.agent_dir().join("run").join("agent.sock");
+    for secret in ["", "00112233445566778899aabbccddeeff"] {
+        let frames = forge_registration(&socket, secret);
+        let refused: Vec<_> = frames
+            .iter()
+            .filter_map(|f| match &f.msg {
+                Some(agora_proto::v1::agent_to_executor::Msg::Refused(r)) => Some(r.reason.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            frames.len(),
+            1,
+            "one refusal, then the connection is closed: {frames:?}"
+        );
+        assert!(
+            refused.len() == 1 && refused[0].contains("refused") && refused[0].contains("secret"),
+            "{frames:?}"
+        );
+    }
+    // The real executor was not disturbed, and a task launched now runs.
+    let o = c.agora(&["run", "--command", "echo after the forgery"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(stdout(&o), "after the forgery\n");
+    let ps = stdout(&c.agora(&["ps"]));
+    assert!(
+        ps.lines()
+            .any(|l| l.starts_with(&long_id) && l.contains("RUNNING")),
+        "{ps}"
+    );
+    assert_eq!(code(&c.agora(&["kill", &long_id])), 0);
+    wait_child(&mut long, 60);
+}
+
+#[test]
+fn root_tasks_need_the_agents_flag_and_unknown_users_are_named() {
+    if !root() {
+        return;
+    }
+    let c = cluster();
+    let o = c.agora(&["run", "--user", "root", "--command", "id -u"]);
+    assert_ne!(code(&o), 0, "{}", stdout(&o));
+    assert!(stdout(&o).is_empty(), "nothing ran: {}", stdout(&o));
+    let last = final_line(&o);
+    assert!(
+        last.contains("FAILED") && last.contains("`root`") && last.contains("--allow-root-tasks"),
+        "{last}"
+    );
+    let o = c.agora(&["run", "--user", "no-such-user-xyz", "--command", "id -u"]);
+    assert_ne!(code(&o), 0);
+    let last = final_line(&o);
+    assert!(
+        last.contains("FAILED")
+            && last.contains("user `no-such-user-xyz`")
+            && last.contains("does not exist"),
+        "{last}"
+    );
+    // Another existing user named by the framework is used.
+    let o = c.agora(&["run", "--user", "daemon", "--command", "id -u"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), uid_of("daemon").to_string());
+
+    // With the agent's consent, root tasks run as root.
+    let allowing = Cluster::start_with(&["--allow-root-tasks"]);
+    let o = allowing.agora(&["run", "--user", "root", "--command", "id -u"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(stdout(&o), "0\n");
+    // ... and only when asked for: the default is still nobody.
+    let o = allowing.agora(&["run", "--command", "id -u"]);
+    assert_eq!(stdout(&o).trim(), uid_of("nobody").to_string());
+}
