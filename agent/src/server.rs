@@ -39,7 +39,11 @@ use agora_native_executor::{CgroupLimits, CgroupVersion, Group, IsolationMode, I
 use agora_proto::Resources;
 
 const MASTER_QUEUE: usize = 8192;
-const EXECUTOR_QUEUE: usize = 4096;
+/// Framework messages waiting for one executor: past this they are dropped (as in
+/// Mesos, framework messages are best-effort), so a framework cannot grow the agent's
+/// memory through an executor that does not read. Launches, kills, acknowledgements
+/// and shutdowns have a lane of their own that never drops (see `ExecutorTx`).
+const EXECUTOR_MESSAGE_QUEUE: usize = 4096;
 /// How long a clean stop waits for executors to end after asking them to.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -105,7 +109,7 @@ struct Shared {
     clock: Monotonic,
     master_tx: Option<mpsc::Sender<AgentToMaster>>,
     master_conn: Option<quinn::Connection>,
-    executors: HashMap<ExecutorKey, mpsc::Sender<AgentToExecutor>>,
+    executors: HashMap<ExecutorKey, ExecutorTx>,
     /// The process of each executor: a child, or one adopted after a restart.
     children: HashMap<ExecutorKey, u32>,
     /// Each executor process's group, sized to the sum of its live tasks.
@@ -141,6 +145,106 @@ pub struct AgentHandle {
     http_addr: Option<SocketAddr>,
 }
 
+/// The agent's side of one executor's link: two lanes to its writer. What the core
+/// sends (launches, kills, acknowledgements, shutdowns) is never dropped: its lane is
+/// unbounded, and bounded in practice by the core, which sends one launch and one kill
+/// per task it holds and one acknowledgement per status it checkpointed. Frameworks'
+/// messages, which a framework can send at will, wait in a bounded lane and are
+/// dropped, with a warning, when the executor does not read them.
+#[derive(Clone)]
+struct ExecutorTx {
+    executor: String,
+    control: mpsc::UnboundedSender<AgentToExecutor>,
+    messages: mpsc::Sender<AgentToExecutor>,
+    /// Framework messages dropped since the last one queued (logged once a flood).
+    dropped: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// The writer's side of [`ExecutorTx`].
+struct ExecutorLanes {
+    control: mpsc::UnboundedReceiver<AgentToExecutor>,
+    messages: mpsc::Receiver<AgentToExecutor>,
+}
+
+impl ExecutorTx {
+    fn new(executor: String) -> (ExecutorTx, ExecutorLanes) {
+        let (control, control_rx) = mpsc::unbounded_channel();
+        let (messages, messages_rx) = mpsc::channel(EXECUTOR_MESSAGE_QUEUE);
+        (
+            ExecutorTx {
+                executor,
+                control,
+                messages,
+                dropped: Arc::default(),
+            },
+            ExecutorLanes {
+                control: control_rx,
+                messages: messages_rx,
+            },
+        )
+    }
+
+    /// Queues `m` for the executor; false when its link is gone (or, for a
+    /// framework's message, when the executor has left too many unread).
+    fn send(&self, m: AgentToExecutor) -> bool {
+        if matches!(m.msg, Some(v1::agent_to_executor::Msg::Message(_))) {
+            use std::sync::atomic::Ordering::Relaxed;
+            match self.messages.try_send(m) {
+                Ok(()) => {
+                    let dropped = self.dropped.swap(0, Relaxed);
+                    if dropped > 0 {
+                        tracing::info!(executor = %self.executor, "the executor reads again; {dropped} framework messages were dropped meanwhile");
+                    }
+                    true
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    if self.dropped.fetch_add(1, Relaxed) == 0 {
+                        tracing::warn!(
+                            executor = %self.executor,
+                            "framework messages are being dropped: the executor has {EXECUTOR_MESSAGE_QUEUE} unread (framework messages are best-effort; logged once until it reads again)"
+                        );
+                    }
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        } else {
+            self.control.send(m).is_ok()
+        }
+    }
+}
+
+impl ExecutorLanes {
+    /// Writes what is queued, the core's lane first, in batches, until the link
+    /// fails or every sender is gone.
+    async fn write_to<W: tokio::io::AsyncWrite + Unpin>(&mut self, w: &mut W) {
+        loop {
+            let written = tokio::select! {
+                biased;
+                Some(m) = self.control.recv() => {
+                    let mut batch = agora_net::FrameBatch::new();
+                    let mut pushed = batch.push(&m);
+                    while pushed.is_ok() && !batch.is_full() {
+                        match self.control.try_recv() {
+                            Ok(m) => pushed = batch.push(&m),
+                            Err(_) => break,
+                        }
+                    }
+                    match pushed {
+                        Ok(()) => batch.write_to(w).await,
+                        Err(e) => Err(e),
+                    }
+                }
+                Some(m) = self.messages.recv() => agora_net::write_queued(w, m, &mut self.messages).await,
+                else => return,
+            };
+            if written.is_err() {
+                return;
+            }
+        }
+    }
+}
+
 fn executor_shutdown() -> AgentToExecutor {
     AgentToExecutor {
         msg: Some(v1::agent_to_executor::Msg::Shutdown(
@@ -161,9 +265,7 @@ impl AgentHandle {
             let shutdown = executor_shutdown();
             s.executors
                 .iter()
-                .filter(|(k, tx)| {
-                    s.children.contains_key(*k) && tx.try_send(shutdown.clone()).is_ok()
-                })
+                .filter(|(k, tx)| s.children.contains_key(*k) && tx.send(shutdown.clone()))
                 .count()
         };
         if asked > 0 {
@@ -777,9 +879,7 @@ impl Agent {
                 Output::ToExecutor { key, msg } => {
                     let s = self.lock();
                     if let Some(tx) = s.executors.get(&key) {
-                        if tx.try_send(msg).is_err() {
-                            tracing::warn!(executor = %key.1, "executor queue full; message dropped");
-                        }
+                        tx.send(msg);
                     }
                 }
                 Output::ReapExecutor { key } => {
@@ -1419,22 +1519,16 @@ impl Agent {
                 tokio::time::timeout(Duration::from_secs(1), write_frame(&mut wr, &refused)).await;
             return;
         }
-        let (tx, mut rx) = mpsc::channel::<AgentToExecutor>(EXECUTOR_QUEUE);
+        let (tx, mut lanes) = ExecutorTx::new(key.1.clone());
         {
             let mut s = self.lock();
             s.executors.insert(key.clone(), tx.clone());
             if s.shutting_down {
                 tracing::info!(executor = %key.1, "executor registered while the agent stops; asking it to shut down");
-                let _ = tx.try_send(executor_shutdown());
+                tx.send(executor_shutdown());
             }
         }
-        let writer = tokio::spawn(async move {
-            while let Some(m) = rx.recv().await {
-                if agora_net::write_queued(&mut wr, m, &mut rx).await.is_err() {
-                    break;
-                }
-            }
-        });
+        let writer = tokio::spawn(async move { lanes.write_to(&mut wr).await });
         // A process this agent did not start (one from before a restart whose pid was
         // not recorded): watch it like the others.
         if let Some(pid) = peer_pid {
@@ -1481,8 +1575,7 @@ impl Agent {
                         let ack = AgentToExecutor {
                             msg: Some(v1::agent_to_executor::Msg::Ack(v1::ExecutorAck { seq })),
                         };
-                        // A full queue drops it; the next one acknowledges both.
-                        let _ = tx.try_send(ack);
+                        tx.send(ack);
                     }
                 }
                 Ok(Some(v1::ExecutorToAgent {

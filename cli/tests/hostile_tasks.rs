@@ -457,3 +457,158 @@ fn root_tasks_need_the_agents_flag_and_unknown_users_are_named() {
     let o = allowing.agora(&["run", "--command", "id -u"]);
     assert_eq!(stdout(&o).trim(), uid_of("nobody").to_string());
 }
+
+/// The `agora executor native` process the dev cluster `parent` started.
+fn native_executor_pid(parent: u32) -> u32 {
+    let found = std::cell::Cell::new(None);
+    wait_until("the native executor to be running", || {
+        found.set(std::fs::read_dir("/proc").ok().and_then(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                .find(|pid| {
+                    let stat =
+                        std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                    // Fields after the command's closing parenthesis: state, ppid, ...
+                    let ppid = stat
+                        .rsplit_once(')')
+                        .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse().ok());
+                    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                    ppid == Some(parent)
+                        && String::from_utf8_lossy(&cmd).contains("executor\0native")
+                })
+        }));
+        found.get().is_some()
+    });
+    found.get().unwrap()
+}
+
+/// An executor that stops reading (SIGSTOP) while a framework floods it with
+/// messages: the messages past the agent's bound are dropped (best-effort, as in
+/// Mesos), but the launches and the kill sent after them all arrive once it reads
+/// again. Before, a full queue dropped whatever came next, launches included, and
+/// those tasks stayed STAGING for ever.
+#[test]
+fn launches_and_kills_reach_an_executor_that_stopped_reading_under_a_message_flood() {
+    let c = Cluster::start();
+    runtime().block_on(async {
+        let cfg = ClientConfig::load(&c.config).unwrap();
+        let client = Client::connect(&cfg).await.unwrap();
+        let mut s = client
+            .subscribe(FrameworkInfo {
+                name: "flooded".into(),
+                roles: vec!["*".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let native = |id: &str, cmd: &str| TaskInfo {
+            task_id: id.into(),
+            name: id.into(),
+            resources: Resources::cpus_mem(100, 32 << 20).to_proto(),
+            command: Some(CommandInfo {
+                shell: true,
+                value: cmd.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        // Accepts the next offer with `tasks`.
+        macro_rules! launch {
+            ($tasks:expr) => {{
+                let offer = loop {
+                    let ev = tokio::time::timeout(Duration::from_secs(60), s.next_event())
+                        .await
+                        .expect("an offer in time")
+                        .expect("events");
+                    match ev {
+                        Event::Offers(o) => break o[0].offer_id.clone(),
+                        Event::Update(st) => s.acknowledge(&st).await.unwrap(),
+                        _ => {}
+                    }
+                };
+                s.accept(vec![offer], $tasks, Some(0.0)).await.unwrap();
+            }};
+        }
+        launch!(vec![native("long", "sleep 600")]);
+        let (agent_id, executor_id) = loop {
+            let ev = tokio::time::timeout(Duration::from_secs(60), s.next_event())
+                .await
+                .expect("an update in time")
+                .expect("events");
+            if let Event::Update(st) = ev {
+                s.acknowledge(&st).await.unwrap();
+                assert!(!st.state().is_terminal(), "{st:?}");
+                if st.state() == TaskState::TaskRunning {
+                    break (st.agent_id.clone(), st.executor_id.clone());
+                }
+            }
+        };
+        let pid = native_executor_pid(c.pid());
+        unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+        // 6,000 messages of 1 KiB: more than the socket's buffer and the agent's
+        // bound of 4,096 together.
+        let kib = vec![b'm'; 1024];
+        for _ in 0..6000 {
+            s.message(&agent_id, &executor_id, kib.clone())
+                .await
+                .unwrap();
+        }
+        let quick: Vec<String> = (0..3).map(|i| format!("quick-{i}")).collect();
+        launch!(quick
+            .iter()
+            .map(|id| native(id, "echo done"))
+            .collect::<Vec<_>>());
+        s.kill("long").await.unwrap();
+        // The launches have reached the agent once their sandboxes exist.
+        let sandboxes = c.agent_dir().join("sandboxes");
+        wait_until("the quick tasks' sandboxes", || {
+            walk_names(&sandboxes)
+                .iter()
+                .filter(|n| n.starts_with("quick-"))
+                .count()
+                >= 3
+        });
+        unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+        let mut ended: std::collections::HashMap<String, TaskState> = Default::default();
+        let mut receipts = 0;
+        while ended.len() < 4 {
+            let ev = tokio::time::timeout(Duration::from_secs(120), s.next_event())
+                .await
+                .unwrap_or_else(|_| panic!("tasks still not ended after 120 s: {ended:?}"))
+                .expect("events");
+            match ev {
+                Event::Update(st) => {
+                    s.acknowledge(&st).await.unwrap();
+                    if st.state().is_terminal() {
+                        ended.insert(st.task_id.clone(), st.state());
+                    }
+                }
+                Event::Message { .. } => receipts += 1,
+                _ => {}
+            }
+        }
+        eprintln!("ended: {ended:?}; {receipts} message receipts so far");
+        assert_eq!(ended["long"], TaskState::TaskKilled);
+        for id in &quick {
+            assert_eq!(ended[id], TaskState::TaskFinished, "{id}");
+        }
+        let _ = s.teardown().await;
+    });
+}
+
+/// Every file and directory name under `dir`, recursively (unreadable ones skipped).
+fn walk_names(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            out.push(e.file_name().to_string_lossy().into_owned());
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                todo.push(e.path());
+            }
+        }
+    }
+    out
+}
