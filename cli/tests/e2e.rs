@@ -564,13 +564,23 @@ fn a_deadline_ends_a_sleeping_task_at_the_deadline() {
 fn kill_ends_a_sleeping_task_at_once() {
     let c = cluster();
     let mut run = Command::new(AGORA)
-        .args(["run", guest("sleep").to_str().unwrap(), "--", "60000"])
+        .args([
+            "run",
+            "--name",
+            "asleep-to-kill",
+            guest("sleep").to_str().unwrap(),
+            "--",
+            "60000",
+        ])
         .env("AGORA_CONFIG", &c.config)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let id = wait_for_task(c, |row| row.contains("sleep") && row.contains("RUNNING"));
+    // Named: other tests of this file run `sleep` guests on the same cluster.
+    let id = wait_for_task(c, |row| {
+        row.contains("asleep-to-kill") && row.contains("RUNNING")
+    });
     // The guest writes this just before it sleeps.
     wait_until("the guest to be asleep", || {
         sandbox_stdout(c, &id).contains("sleeping 60000 ms")
