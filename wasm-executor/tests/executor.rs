@@ -464,7 +464,7 @@ async fn killing_one_sleeping_task_ends_it_at_once_and_leaves_the_other_running(
     let short = agent.launch("short", "sleep", &["3000"]);
     agent.send(agent_to_executor::Msg::Launch(long)).await;
     agent.send(agent_to_executor::Msg::Launch(short)).await;
-    let mut running = vec![agent.status().await, agent.status().await];
+    let mut running = [agent.status().await, agent.status().await];
     running.sort_by(|a, b| a.task_id.cmp(&b.task_id));
     assert_status(
         &running[0],
