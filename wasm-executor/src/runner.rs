@@ -22,10 +22,12 @@
 //! sleeping the thread with `std::thread::sleep`, which nothing can interrupt).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use crate::error::Error;
@@ -442,22 +444,38 @@ impl Runner {
             let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
             start.call_async(&mut store, ()).await
         };
-        let deadline_passed = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d.into()).await,
-                None => std::future::pending().await,
+        // In a block of its own, so that the pinned future (and its borrow of the
+        // store) is gone after it.
+        let (result, interrupt) = {
+            let mut guest = std::pin::pin!(guest);
+            // The hot path: a guest that never waits in a host call ends in its first
+            // poll, so no timer or waiter is registered for it (registering a timer from
+            // this thread may wake a runtime worker to re-arm its driver).
+            let first = std::future::poll_fn(|cx| Poll::Ready(guest.as_mut().poll(cx))).await;
+            match first {
+                Poll::Ready(result) => (result, None),
+                Poll::Pending => {
+                    let deadline_passed = async {
+                        match deadline {
+                            Some(d) => tokio::time::sleep_until(d.into()).await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    // Whichever comes first. Dropping `guest` cancels the host call it
+                    // waits in and unwinds the guest's stack; its store stays readable.
+                    tokio::select! {
+                        biased;
+                        result = &mut guest => (result, None),
+                        () = kill.killed() => {
+                            (Err(wasmtime::Error::msg("killed")), Some(Interrupt::Killed))
+                        }
+                        () = deadline_passed => (
+                            Err(wasmtime::Error::msg("deadline exceeded")),
+                            Some(Interrupt::Deadline),
+                        ),
+                    }
+                }
             }
-        };
-        // Whichever comes first. Dropping `guest` cancels the host call it waits in
-        // and unwinds the guest's stack; its store stays readable for the ending.
-        let (result, interrupt) = tokio::select! {
-            biased;
-            result = guest => (result, None),
-            () = kill.killed() => (Err(wasmtime::Error::msg("killed")), Some(Interrupt::Killed)),
-            () = deadline_passed => (
-                Err(wasmtime::Error::msg("deadline exceeded")),
-                Some(Interrupt::Deadline),
-            ),
         };
         if let Some(why) = interrupt {
             store.data_mut().interrupt.get_or_insert(why);
