@@ -5,8 +5,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub mod failover;
@@ -15,6 +13,7 @@ pub mod fn_load;
 use agora_proto::v1::{CommandInfo, ExecutorLaunch, TaskState, WasmModule};
 use agora_proto::Resources;
 use agora_sdk::{Client, ClientConfig, Event, FrameworkInfo, Scheduler, TaskInfo};
+use agora_wasm_executor::{KillSwitch, Runner};
 use anyhow::Context;
 use clap::Subcommand;
 
@@ -106,7 +105,14 @@ pub async fn bench(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
         Some(p) => std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?,
         None => NOOP_WASM.to_vec(),
     };
-    let baseline = baseline_tasks_per_s(&bytes, n.min(2000))?;
+    // On a thread of its own, as the executor runs each task (`Runner::run` blocks).
+    let baseline = {
+        let bytes = bytes.clone();
+        let n = n.min(2000);
+        tokio::task::spawn_blocking(move || baseline_tasks_per_s(&bytes, n))
+            .await
+            .context("the baseline's thread failed")??
+    };
 
     let private = if use_config {
         None
@@ -206,7 +212,7 @@ fn baseline_tasks_per_s(bytes: &[u8], n: usize) -> anyhow::Result<f64> {
     std::fs::write(&module, bytes)?;
     let root = dir.path().join("fs");
     std::fs::create_dir_all(&root)?;
-    let runner = agora_wasm_executor::runner::Runner::new(None)?;
+    let runner = Runner::new(None)?;
     let launch = |i: usize| ExecutorLaunch {
         task_id: format!("b{i}"),
         module_path: module.to_string_lossy().into(),
@@ -218,10 +224,10 @@ fn baseline_tasks_per_s(bytes: &[u8], n: usize) -> anyhow::Result<f64> {
         ..Default::default()
     };
     // Compile once outside the timing, as the cluster's executor caches modules too.
-    runner.run(&launch(0), Arc::new(AtomicBool::new(false)), |_| {});
+    runner.run(&launch(0), &KillSwitch::new(), |_| {});
     let t0 = Instant::now();
     for i in 0..n {
-        let st = runner.run(&launch(i), Arc::new(AtomicBool::new(false)), |_| {});
+        let st = runner.run(&launch(i), &KillSwitch::new(), |_| {});
         if st.state() != TaskState::TaskFinished {
             anyhow::bail!("baseline run failed: {}", st.message);
         }

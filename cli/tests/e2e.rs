@@ -523,3 +523,85 @@ fn a_client_piped_into_a_reader_that_leaves_ends_quietly() {
         out.status
     );
 }
+
+/// What task `id` has written on stdout so far, read from its sandbox
+/// (`<agent>/sandboxes/<framework>/<task>/stdout`).
+fn sandbox_stdout(c: &Cluster, id: &str) -> String {
+    let Ok(frameworks) = std::fs::read_dir(c.agent_dir().join("sandboxes")) else {
+        return String::new();
+    };
+    frameworks
+        .flatten()
+        .map(|fw| fw.path().join(id).join("stdout"))
+        .find_map(|p| std::fs::read_to_string(p).ok())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_deadline_ends_a_sleeping_task_at_the_deadline() {
+    let started = std::time::Instant::now();
+    let o = cluster().agora(&[
+        "run",
+        "--timeout",
+        "2s",
+        guest("sleep").to_str().unwrap(),
+        "--",
+        "30000",
+    ]);
+    let took = started.elapsed();
+    println!("`agora run --timeout 2s` of a guest sleeping 30 s ended after {took:?}");
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(
+        final_line(&o).contains("FAILED: deadline of 2s exceeded"),
+        "{}",
+        stderr(&o)
+    );
+    // Upload, offer and launch included; the guest's sleep would take 30 s.
+    assert!(took < Duration::from_secs(15), "{took:?}");
+}
+
+#[test]
+fn kill_ends_a_sleeping_task_at_once() {
+    let c = cluster();
+    let mut run = Command::new(AGORA)
+        .args([
+            "run",
+            "--name",
+            "asleep-to-kill",
+            guest("sleep").to_str().unwrap(),
+            "--",
+            "60000",
+        ])
+        .env("AGORA_CONFIG", &c.config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Named: other tests of this file run `sleep` guests on the same cluster.
+    let id = wait_for_task(c, |row| {
+        row.contains("asleep-to-kill") && row.contains("RUNNING")
+    });
+    // The guest writes this just before it sleeps.
+    wait_until("the guest to be asleep", || {
+        sandbox_stdout(c, &id).contains("sleeping 60000 ms")
+    });
+    let killed_at = std::time::Instant::now();
+    let k = c.agora(&["kill", &id]);
+    assert_eq!(code(&k), 0, "{}", stderr(&k));
+    let out = wait_child(&mut run, 60);
+    let took = killed_at.elapsed();
+    println!("`agora kill` of a task sleeping 60 s: `agora run` ended {took:?} later");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(137), "{err}");
+    assert!(
+        err.lines()
+            .last()
+            .unwrap_or_default()
+            .contains(&format!("task {id} KILLED")),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    let ps = stdout(&c.agora(&["ps", "--all"]));
+    let row = ps.lines().find(|l| l.starts_with(&id)).unwrap_or_default();
+    assert!(row.contains("KILLED"), "{ps}");
+}

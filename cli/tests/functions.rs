@@ -270,6 +270,48 @@ fn bodies_stream_through_both_front_doors_within_one_limit() {
     assert_eq!(http("GET", &agent, "/fn/big/", b"").status, 200);
 }
 
+/// A request whose guest sleeps past the function's timeout is answered 504 at the
+/// timeout, and its instance ends then: the function's one slot (no queue) serves
+/// the next request at once, where a guest still asleep would get it a 429.
+#[test]
+fn a_guest_sleeping_past_its_timeout_is_answered_and_ended_at_the_timeout() {
+    let c = Cluster::start_with(&["--fn-idle-timeout", "60s"]);
+    let web = master_http(&c);
+    let slow = guest("slow");
+    deploy(
+        &c,
+        &[
+            "sleepy",
+            slow.to_str().unwrap(),
+            "--timeout",
+            "2s",
+            "--max-concurrency",
+            "1",
+            "--queue",
+            "0",
+            "--min-instances",
+            "1",
+            "--max-instances",
+            "1",
+        ],
+    );
+    wait_hosts(&web, "sleepy", 1);
+    assert_eq!(http("GET", &web, "/fn/sleepy/?ms=1", b"").status, 200);
+    let started = Instant::now();
+    let r = http("GET", &web, "/fn/sleepy/?ms=30000", b"");
+    let took = started.elapsed();
+    println!(
+        "a function sleeping 30 s with --timeout 2s answered {} after {took:?}",
+        r.status
+    );
+    assert_eq!(r.status, 504, "{r:?}");
+    assert!(r.body.contains("deadline of 2s exceeded"), "{}", r.body);
+    assert!(took >= Duration::from_secs(2), "{took:?}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    let next = http("GET", &web, "/fn/sleepy/?ms=1", b"");
+    assert_eq!(next.status, 200, "{next:?}");
+}
+
 #[test]
 fn per_request_limits_and_overload_answer_with_reasons() {
     let c = Cluster::start_with(&["--fn-idle-timeout", "2s"]);

@@ -15,21 +15,20 @@
 //! does not come back in time, the executor kills its tasks and exits.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use agora_proto::v1::{ExecutorLaunch, ExecutorStatus, TaskState};
 
 use crate::error::{Error, Result};
-use crate::runner::Runner;
+use crate::runner::{KillSwitch, Runner};
 use agora_executor_link::{
     self as executor_link, panicked, recovery_timeout_from_env, LinkedExecutor, Tasks,
 };
 
-/// How long tasks get to end after a kill when the executor is going away. Guests
-/// executing wasm stop within one epoch tick; this only matters for a guest blocked in
-/// a host call (e.g. a long WASI sleep), which the epoch cannot interrupt.
+/// How long tasks get to end after a kill when the executor is going away. A kill
+/// ends a guest within one epoch tick (10 ms), whether it runs wasm or waits in a
+/// host call; this bound is only a safety net against a bug of ours.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs the executor until the agent says `shutdown` (an `Ok` end, after killing the
@@ -79,8 +78,8 @@ pub async fn run_executor_with(
     result
 }
 
-/// A running task's kill flag.
-type Kill = Arc<AtomicBool>;
+/// A running task's kill switch.
+type Kill = KillSwitch;
 
 struct Executor {
     runner: Arc<Runner>,
@@ -94,8 +93,8 @@ impl LinkedExecutor for Executor {
     agora_executor_link::link_field!(link);
 
     fn launch(&mut self, launch: ExecutorLaunch) {
-        let kill = Arc::new(AtomicBool::new(false));
-        if !self.link.admit(&launch, Arc::clone(&kill)) {
+        let kill = KillSwitch::new();
+        if !self.link.admit(&launch, kill.clone()) {
             return;
         }
         let task_id = launch.task_id.clone();
@@ -113,7 +112,7 @@ impl LinkedExecutor for Executor {
                 })
             };
             // A panic is a bug of ours, but the agent must still hear about the task.
-            let run = std::panic::AssertUnwindSafe(|| runner.run(&launch, kill, on_running));
+            let run = std::panic::AssertUnwindSafe(|| runner.run(&launch, &kill, on_running));
             let status = std::panic::catch_unwind(run)
                 .unwrap_or_else(|panic| panicked(&launch.task_id, panic.as_ref()));
             // Sent from this thread, after RUNNING, through the same outbox: in order.
@@ -122,13 +121,13 @@ impl LinkedExecutor for Executor {
     }
 
     fn kill(entry: &Self::Entry) {
-        entry.store(true, Ordering::Relaxed);
+        entry.kill();
     }
 
     /// Kills every task and waits (bounded) for all of them to report.
     async fn stop_all(&mut self) {
-        for flag in self.link.lock().values() {
-            flag.store(true, Ordering::Relaxed);
+        for switch in self.link.lock().values() {
+            switch.kill();
         }
         self.link.drain(STOP_GRACE, Self::RUNS).await;
     }

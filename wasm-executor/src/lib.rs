@@ -11,4 +11,4 @@ pub mod runner;
 pub use error::{Error, Result};
 pub use executor::run_executor;
 pub use limiter::{MemoryLimiter, MAX_TABLE_ELEMENTS};
-pub use runner::{validate_module, Runner};
+pub use runner::{validate_module, KillSwitch, Runner};

@@ -8,18 +8,33 @@
 //!
 //! Every way a task can end is first captured as an [`Ending`] and then turned into a
 //! (state, reason, message, exit code) by [`classify`], the one place that mapping lives.
+//!
+//! Guests run on wasmtime's async API with asynchronous WASI: the guest's call is a
+//! future raced against the task's [`KillSwitch`] and its deadline, so a kill or a
+//! deadline ends a guest blocked in a host call (a sleep, a read that waits) at once:
+//! dropping the call's future cancels the host call and unwinds the guest. Wasm code
+//! itself is stopped by epoch interruption (its callback checks the same kill and
+//! deadline every tick) and fuel. Each task still gets a thread of its own, which
+//! drives its future with `Handle::block_on`: wasm runs off the runtime's workers, and
+//! the hot path has no extra thread hop. Filesystem calls go through tokio's blocking
+//! pool (`allow_blocking_current_thread` stays off): that costs a hop per call but is
+//! what makes a blocked read cancellable (and it keeps WASI's `poll_oneoff` from
+//! sleeping the thread with `std::thread::sleep`, which nothing can interrupt).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use crate::error::Error;
 use agora_executor_link::artifacts::{compat_hash, ArtifactDir, MODULE_EXT};
 use agora_proto::units::{format_bytes, format_duration, GIB, KIB};
 use agora_proto::v1::{ExecutorLaunch, ExecutorStatus, Reason, TaskState};
+use tokio::sync::Notify;
 use wasmtime::{
     Config, Engine, ExternType, InstanceAllocationStrategy, InstancePre, Linker, Module,
     PoolingAllocationConfig, Store, Trap, UpdateDeadline,
@@ -56,8 +71,68 @@ pub struct Runner {
     /// Instances that may be live at once: the pool's capacity. Tasks beyond it wait
     /// for a slot instead of failing to instantiate.
     slots: InstanceSlots,
+    /// The tokio runtime that drives tasks' timers and I/O: the one `Runner::new` was
+    /// called in, or a small one of the runner's own when it was called outside one.
+    tokio: tokio::runtime::Handle,
+    _own_runtime: Option<OwnRuntime>,
     /// Declared last so the ticker stops before the engine goes away.
     _ticker: EpochTicker,
+}
+
+/// A runtime a runner made for itself; shut down without waiting for its blocking
+/// threads (one may still be stuck in a read a killed guest started).
+struct OwnRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for OwnRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// How a task is told to stop: cheap to check from the epoch callback, and awaitable
+/// by the future that runs the guest. Clones share one switch.
+#[derive(Clone, Default)]
+pub struct KillSwitch(Arc<KillInner>);
+
+#[derive(Default)]
+struct KillInner {
+    killed: AtomicBool,
+    notify: Notify,
+}
+
+impl KillSwitch {
+    /// A switch not yet thrown.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Stops the task: a guest running wasm stops within one epoch tick, one blocked in
+    /// a host call at once. Idempotent.
+    pub fn kill(&self) {
+        self.0.killed.store(true, Ordering::SeqCst);
+        self.0.notify.notify_waiters();
+    }
+
+    /// Whether [`KillSwitch::kill`] was called.
+    pub fn is_killed(&self) -> bool {
+        self.0.killed.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once the switch is thrown (at once if it already was).
+    pub async fn killed(&self) {
+        loop {
+            let notified = self.0.notify.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a kill between the two is not lost.
+            notified.as_mut().enable();
+            if self.is_killed() {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 /// A counting semaphore for blocking threads.
@@ -199,7 +274,23 @@ impl Runner {
             compat_hash(&engine.precompile_compatibility_hash()),
         );
         let ticker = EpochTicker::start(&engine, "agora-epoch")?;
+        let (tokio, own_runtime) = match tokio::runtime::Handle::try_current() {
+            Ok(handle) => (handle, None),
+            Err(_) => {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .thread_name("agora-wasm-io")
+                    .enable_all()
+                    .build()
+                    .map_err(|e| {
+                        Error::Engine(format!("cannot start a tokio runtime for tasks: {e}"))
+                    })?;
+                (runtime.handle().clone(), Some(OwnRuntime(Some(runtime))))
+            }
+        };
         Ok(Self {
+            tokio,
+            _own_runtime: own_runtime,
             engine,
             linker,
             cache,
@@ -223,18 +314,32 @@ impl Runner {
     }
 
     /// Runs one task to its end and reports how it ended. Blocking: call it on a
-    /// thread of its own. `on_running` is called with the microseconds from this call
-    /// to the end of instantiation, just before `_start` runs. Setting `kill` stops the
-    /// guest within one epoch tick (10 ms) while it executes wasm code.
+    /// thread of its own, never on a tokio worker (it drives [`Runner::run_async`] with
+    /// the runner's runtime handle). `on_running` is called with the microseconds from
+    /// this call to the end of instantiation, just before `_start` runs.
     pub fn run(
         &self,
         launch: &ExecutorLaunch,
-        kill: Arc<AtomicBool>,
+        kill: &KillSwitch,
+        on_running: impl FnOnce(u64),
+    ) -> ExecutorStatus {
+        self.tokio
+            .block_on(self.run_async(launch, kill, on_running))
+    }
+
+    /// [`Runner::run`] as a future. Throwing `kill` ends the task within one epoch tick
+    /// (10 ms) while it runs wasm code, and at once while it waits in a host call; so
+    /// does its deadline. The future runs wasm when polled: poll it where a guest may
+    /// hold the thread for an epoch tick (a thread of its own, as `run` does).
+    pub async fn run_async(
+        &self,
+        launch: &ExecutorLaunch,
+        kill: &KillSwitch,
         on_running: impl FnOnce(u64),
     ) -> ExecutorStatus {
         let started = Instant::now();
         let _slot = self.slots.acquire();
-        let ending = self.execute(launch, &kill, started, on_running);
+        let ending = self.execute(launch, kill, started, on_running).await;
         let verdict = classify(&ending);
         let (fuel_used, instantiate_us, peak) = match &ending {
             Ending::Guest(g) => (g.fuel_used, g.instantiate_us, g.peak_memory),
@@ -256,10 +361,10 @@ impl Runner {
         }
     }
 
-    fn execute(
+    async fn execute(
         &self,
         launch: &ExecutorLaunch,
-        kill: &Arc<AtomicBool>,
+        kill: &KillSwitch,
         started: Instant,
         on_running: impl FnOnce(u64),
     ) -> Ending {
@@ -294,9 +399,12 @@ impl Runner {
         // The deadline counts guest time from here, not module compilation.
         let deadline = (launch.timeout_ms > 0)
             .then(|| Instant::now() + Duration::from_millis(launch.timeout_ms));
-        let kill_flag = Arc::clone(kill);
+        // Wasm code: stopped by the epoch callback, which checks the kill and the
+        // deadline every tick. It need not yield: the task has its thread to itself,
+        // and the race below only matters while the guest waits in a host call.
+        let kill_flag = kill.clone();
         store.epoch_deadline_callback(move |mut ctx| {
-            let why = if kill_flag.load(Ordering::Relaxed) {
+            let why = if kill_flag.is_killed() {
                 Some(Interrupt::Killed)
             } else if deadline.is_some_and(|d| Instant::now() >= d) {
                 Some(Interrupt::Deadline)
@@ -312,7 +420,86 @@ impl Runner {
             }
         });
 
-        let guest_ending = |store: &Store<TaskCtx>, phase, result, instantiate_us| GuestEnding {
+        // A kill that arrived while the module was loading: do not start it at all.
+        if kill.is_killed() {
+            store.data_mut().interrupt = Some(Interrupt::Killed);
+            let result = Err(wasmtime::Error::msg("killed before start"));
+            return Ending::Guest(self.guest_ending(
+                &store,
+                launch,
+                &prepared,
+                (Phase::Instantiate, result, 0),
+                (fuel_limit, initial_fuel),
+            ));
+        }
+
+        // (phase reached, microseconds to the end of instantiation)
+        let mut reached = (Phase::Instantiate, 0u64);
+        let guest = async {
+            let instance = prepared.pre.instantiate_async(&mut store).await?;
+            let instantiate_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            reached = (Phase::Run, instantiate_us);
+            on_running(instantiate_us);
+            // Checked when the module was prepared.
+            let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+            start.call_async(&mut store, ()).await
+        };
+        // In a block of its own, so that the pinned future (and its borrow of the
+        // store) is gone after it.
+        let (result, interrupt) = {
+            let mut guest = std::pin::pin!(guest);
+            // The hot path: a guest that never waits in a host call ends in its first
+            // poll, so no timer or waiter is registered for it (registering a timer from
+            // this thread may wake a runtime worker to re-arm its driver).
+            let first = std::future::poll_fn(|cx| Poll::Ready(guest.as_mut().poll(cx))).await;
+            match first {
+                Poll::Ready(result) => (result, None),
+                Poll::Pending => {
+                    let deadline_passed = async {
+                        match deadline {
+                            Some(d) => tokio::time::sleep_until(d.into()).await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    // Whichever comes first. Dropping `guest` cancels the host call it
+                    // waits in and unwinds the guest's stack; its store stays readable.
+                    tokio::select! {
+                        biased;
+                        result = &mut guest => (result, None),
+                        () = kill.killed() => {
+                            (Err(wasmtime::Error::msg("killed")), Some(Interrupt::Killed))
+                        }
+                        () = deadline_passed => (
+                            Err(wasmtime::Error::msg("deadline exceeded")),
+                            Some(Interrupt::Deadline),
+                        ),
+                    }
+                }
+            }
+        };
+        if let Some(why) = interrupt {
+            store.data_mut().interrupt.get_or_insert(why);
+        }
+        let (phase, instantiate_us) = reached;
+        Ending::Guest(self.guest_ending(
+            &store,
+            launch,
+            &prepared,
+            (phase, result, instantiate_us),
+            (fuel_limit, initial_fuel),
+        ))
+    }
+
+    /// What a guest's store says about its ending.
+    fn guest_ending(
+        &self,
+        store: &Store<TaskCtx>,
+        launch: &ExecutorLaunch,
+        prepared: &Prepared,
+        (phase, result, instantiate_us): (Phase, Result<(), wasmtime::Error>, u64),
+        (fuel_limit, initial_fuel): (Option<u64>, u64),
+    ) -> GuestEnding {
+        GuestEnding {
             phase,
             result,
             interrupt: store.data().interrupt,
@@ -327,32 +514,7 @@ impl Runner {
             instantiate_us,
             declared_memory: prepared.declared_memory,
             peak_memory: store.data().limiter.total(),
-        };
-
-        // A kill that arrived while the module was loading: do not start it at all.
-        if kill.load(Ordering::Relaxed) {
-            store.data_mut().interrupt = Some(Interrupt::Killed);
-            let result = Err(wasmtime::Error::msg("killed before start"));
-            return Ending::Guest(guest_ending(&store, Phase::Instantiate, result, 0));
         }
-
-        let instance = match prepared.pre.instantiate(&mut store) {
-            Ok(instance) => instance,
-            Err(e) => return Ending::Guest(guest_ending(&store, Phase::Instantiate, Err(e), 0)),
-        };
-        let instantiate_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        on_running(instantiate_us);
-
-        let result = match instance.get_typed_func::<(), ()>(&mut store, "_start") {
-            Ok(start) => start.call(&mut store, ()),
-            // Checked when the module was prepared; kept as a refusal just in case.
-            Err(e) => {
-                return Ending::Refused(Refusal::InvalidModule(format!(
-                    "cannot call `_start`: {e}"
-                )))
-            }
-        };
-        Ending::Guest(guest_ending(&store, Phase::Run, result, instantiate_us))
     }
 
     /// The compiled module for a launch, from memory, from the disk cache, or compiled
@@ -564,6 +726,8 @@ fn classify(ending: &Ending) -> Verdict {
 /// Engine settings shared by the runner and `validate_module`.
 fn base_config() -> Config {
     let mut config = Config::new();
+    // No `async_support`: in wasmtime 48 it is deprecated and does nothing; async
+    // host functions and `*_async` calls work on any engine.
     config.consume_fuel(true).epoch_interruption(true);
     config
 }
@@ -575,6 +739,8 @@ fn pooling_config() -> Config {
         .total_tables(POOL_INSTANCES)
         .max_memory_size(usize::try_from(MAX_MEMORY).unwrap_or(usize::MAX))
         .table_elements(MAX_TABLE_ELEMENTS)
+        // One async stack per live instance (each guest call runs on a fiber).
+        .total_stacks(POOL_INSTANCES)
         // Core modules only: no component slots needed.
         .total_component_instances(0);
     let mut config = base_config();
@@ -584,7 +750,7 @@ fn pooling_config() -> Config {
 
 fn wasi_linker(engine: &Engine) -> crate::Result<Linker<TaskCtx>> {
     let mut linker = Linker::new(engine);
-    wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |ctx: &mut TaskCtx| &mut ctx.wasi)
+    wasmtime_wasi::p1::add_to_linker_async(&mut linker, |ctx: &mut TaskCtx| &mut ctx.wasi)
         .map_err(|e| Error::Engine(format!("cannot add WASI preview 1 to the linker: {e}")))?;
     Ok(linker)
 }
@@ -626,10 +792,10 @@ impl TaskCtx {
 /// The WASI context of one task: args, env, the sandbox as `/`, capped output files.
 fn build_wasi(launch: &ExecutorLaunch) -> Result<WasiP1Ctx, Refusal> {
     let mut builder = WasiCtxBuilder::new();
-    // Tasks run on threads of their own, so blocking them on file I/O is fine and
-    // saves a hop through tokio's blocking pool per call. Must precede preopened_dir,
-    // which captures the setting.
-    builder.allow_blocking_current_thread(true);
+    // `allow_blocking_current_thread` stays off (it must be decided before
+    // `preopened_dir`, which captures it): on, a file read would block the task's
+    // thread where no kill can reach it, and a p1 relative sleep would be a
+    // `std::thread::sleep`. Off, both are futures that dropping cancels.
     builder.arg(ARGV0).args(&launch.args);
     let mut env: Vec<_> = launch.env.iter().collect();
     env.sort();
@@ -802,7 +968,8 @@ impl Drop for EpochTicker {
 // The executor shares one runner between task threads.
 const _: () = {
     const fn check<T: Send + Sync>() {}
-    check::<Runner>()
+    check::<Runner>();
+    check::<KillSwitch>()
 };
 
 #[cfg(test)]

@@ -439,3 +439,111 @@ async fn malformed_frame_is_an_error() {
         .expect_err("malformed frame ends the executor with an error");
     assert!(format!("{err:#}").contains("malformed frame"), "{err:#}");
 }
+
+/// Waits (boundedly) until `path` contains `text`: a guest writes it just before the
+/// host call the test wants it blocked in.
+async fn wait_for_output(path: &Path, text: &str) {
+    let until = std::time::Instant::now() + WAIT;
+    while !read(path).contains(text) {
+        assert!(
+            std::time::Instant::now() < until,
+            "{} never contained {text:?}: {:?}",
+            path.display(),
+            read(path)
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_one_sleeping_task_ends_it_at_once_and_leaves_the_other_running() {
+    let mut agent = Agent::start().await;
+    // Two tasks of one executor, both blocked in a WASI sleep: one for a minute, the
+    // other for 3 s, after which it must still finish normally.
+    let long = agent.launch("long", "sleep", &["60000"]);
+    let short = agent.launch("short", "sleep", &["3000"]);
+    agent.send(agent_to_executor::Msg::Launch(long)).await;
+    agent.send(agent_to_executor::Msg::Launch(short)).await;
+    let mut running = [agent.status().await, agent.status().await];
+    running.sort_by(|a, b| a.task_id.cmp(&b.task_id));
+    assert_status(
+        &running[0],
+        "long",
+        TaskState::TaskRunning,
+        Reason::Unspecified,
+    );
+    assert_status(
+        &running[1],
+        "short",
+        TaskState::TaskRunning,
+        Reason::Unspecified,
+    );
+    wait_for_output(&agent.sandbox("long").join("stdout"), "sleeping 60000 ms").await;
+    wait_for_output(&agent.sandbox("short").join("stdout"), "sleeping 3000 ms").await;
+
+    let killed_at = std::time::Instant::now();
+    agent
+        .send(agent_to_executor::Msg::Kill(ExecutorKill {
+            task_id: "long".to_string(),
+        }))
+        .await;
+    let killed = agent.status().await;
+    let took = killed_at.elapsed();
+    println!("a task sleeping 60 s ended {took:?} after its kill");
+    assert_status(
+        &killed,
+        "long",
+        TaskState::TaskKilled,
+        Reason::KilledByFramework,
+    );
+    assert_eq!(killed.message, "killed");
+    // Well before the other task's 3 s sleep ends: the kill did not wait for it.
+    assert!(took < Duration::from_secs(2), "{took:?}");
+
+    let finished = agent.status().await;
+    assert_status(
+        &finished,
+        "short",
+        TaskState::TaskFinished,
+        Reason::Unspecified,
+    );
+    assert!(
+        read(&agent.sandbox("short").join("stdout")).contains("slept 3000 ms"),
+        "{}",
+        read(&agent.sandbox("short").join("stdout"))
+    );
+    assert!(!read(&agent.sandbox("long").join("stdout")).contains("slept"));
+    agent
+        .send(agent_to_executor::Msg::Shutdown(ExecutorShutdown {}))
+        .await;
+    agent.ended().await.expect("shutdown is a clean exit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_a_sleeping_task_at_once() {
+    let mut agent = Agent::start().await;
+    let long = agent.launch("long", "sleep", &["60000"]);
+    agent.send(agent_to_executor::Msg::Launch(long)).await;
+    assert_status(
+        &agent.status().await,
+        "long",
+        TaskState::TaskRunning,
+        Reason::Unspecified,
+    );
+    wait_for_output(&agent.sandbox("long").join("stdout"), "sleeping 60000 ms").await;
+    let asked = std::time::Instant::now();
+    agent
+        .send(agent_to_executor::Msg::Shutdown(ExecutorShutdown {}))
+        .await;
+    assert_status(
+        &agent.status().await,
+        "long",
+        TaskState::TaskKilled,
+        Reason::KilledByFramework,
+    );
+    agent.ended().await.expect("shutdown is a clean exit");
+    let took = asked.elapsed();
+    println!("an executor with a task sleeping 60 s shut down in {took:?}");
+    // Not the 10 s grace after which the executor gives up on its tasks.
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}

@@ -2,13 +2,12 @@
 //! small modules written inline as WebAssembly text.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use agora_proto::v1::{ExecutorLaunch, ExecutorStatus, Reason, TaskState};
-use agora_wasm_executor::{validate_module, Runner};
+use agora_wasm_executor::{validate_module, KillSwitch, Runner};
 
 /// Bound on every wait in these tests.
 const WAIT: Duration = Duration::from_secs(60);
@@ -70,7 +69,7 @@ impl Task {
     }
 
     fn run_with(&self, runner: &Runner) -> ExecutorStatus {
-        runner.run(&self.launch, Arc::new(AtomicBool::new(false)), |_| {})
+        runner.run(&self.launch, &KillSwitch::new(), |_| {})
     }
 
     fn stdout(&self) -> String {
@@ -101,9 +100,7 @@ fn hello_prints_args_and_env() {
         .env
         .insert("GREETING".to_string(), "bonjour".to_string());
     let mut running_us = None;
-    let status = runner().run(&task.launch, Arc::new(AtomicBool::new(false)), |us| {
-        running_us = Some(us)
-    });
+    let status = runner().run(&task.launch, &KillSwitch::new(), |us| running_us = Some(us));
     assert_ending(&status, TaskState::TaskFinished, Reason::Unspecified);
     assert_eq!(
         task.stdout(),
@@ -184,19 +181,19 @@ fn spin_hits_its_deadline() {
 #[test]
 fn spin_is_killed_from_another_thread() {
     let task = Task::guest("spin", &[]);
-    let kill = Arc::new(AtomicBool::new(false));
+    let kill = KillSwitch::new();
     let (running_tx, running_rx) = mpsc::channel();
     let (done_tx, done_rx) = mpsc::channel();
     let launch = task.launch.clone();
-    let flag = Arc::clone(&kill);
+    let switch = kill.clone();
     std::thread::spawn(move || {
-        let status = runner().run(&launch, flag, |us| {
+        let status = runner().run(&launch, &switch, |us| {
             let _ = running_tx.send(us);
         });
         let _ = done_tx.send(status);
     });
     running_rx.recv_timeout(WAIT).expect("task started");
-    kill.store(true, Ordering::Relaxed);
+    kill.kill();
     let status = done_rx
         .recv_timeout(WAIT)
         .expect("task ended after the kill");
@@ -456,7 +453,15 @@ fn missing_root_dir_is_a_sandbox_failure() {
 
 #[test]
 fn validate_accepts_the_guests() {
-    for name in ["hello", "exit-code", "spin", "memhog", "fib", "files"] {
+    for name in [
+        "hello",
+        "exit-code",
+        "spin",
+        "memhog",
+        "fib",
+        "files",
+        "sleep",
+    ] {
         let bytes = std::fs::read(agora_guest_examples::wasm_path(name)).expect("guest");
         assert_eq!(
             validate_module(&bytes, 64 * MIB).map_err(|e| e.to_string()),
@@ -492,4 +497,91 @@ fn more_tasks_than_pool_slots_all_finish() {
         }
         assert_eq!(finished, 300);
     });
+}
+
+/// Runs `task` on a thread of its own, as the executor does; returns the task's
+/// kill switch and where its status will arrive.
+fn start(task: &Task) -> (KillSwitch, mpsc::Receiver<ExecutorStatus>) {
+    let kill = KillSwitch::new();
+    let (done_tx, done_rx) = mpsc::channel();
+    let launch = task.launch.clone();
+    let switch = kill.clone();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(runner().run(&launch, &switch, |_| {}));
+    });
+    (kill, done_rx)
+}
+
+/// Waits (boundedly) until the guest has written `line` on stdout: the guest writes
+/// it just before the host call the test wants it blocked in.
+fn wait_for_stdout(task: &Task, line: &str) {
+    let until = Instant::now() + WAIT;
+    while !task.stdout().contains(line) {
+        assert!(
+            Instant::now() < until,
+            "the guest never wrote {line:?}; stdout: {:?}, stderr: {:?}",
+            task.stdout(),
+            task.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_sleeping_guest_ends_at_its_deadline_not_after_its_sleep() {
+    let mut task = Task::guest("sleep", &["30000"]);
+    task.launch.timeout_ms = 2000;
+    let started = Instant::now();
+    let status = task.run();
+    let took = started.elapsed();
+    println!("a 30 s sleep with a 2 s deadline ended after {took:?}");
+    assert_ending(&status, TaskState::TaskFailed, Reason::DeadlineExceeded);
+    assert_eq!(status.message, "deadline of 2s exceeded");
+    assert!(took >= Duration::from_secs(2), "{took:?}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert_eq!(task.stdout(), "sleep: sleeping 30000 ms\n");
+}
+
+#[test]
+fn a_kill_ends_a_guest_blocked_in_a_sleep_at_once() {
+    let task = Task::guest("sleep", &["60000"]);
+    let (kill, done) = start(&task);
+    wait_for_stdout(&task, "sleeping 60000 ms");
+    let killed_at = Instant::now();
+    kill.kill();
+    let status = done
+        .recv_timeout(WAIT)
+        .expect("the task ended after the kill");
+    let took = killed_at.elapsed();
+    println!("a guest sleeping 60 s ended {took:?} after its kill");
+    assert_ending(&status, TaskState::TaskKilled, Reason::KilledByFramework);
+    assert_eq!(status.message, "killed");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
+#[test]
+fn a_kill_ends_a_guest_blocked_reading_a_fifo_at_once() {
+    let task = Task::guest("sleep", &["--read", "/fifo"]);
+    let fifo = task.root().join("fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("run mkfifo");
+    assert!(made.success(), "mkfifo failed");
+    let (kill, done) = start(&task);
+    // Nobody writes to the FIFO: the guest blocks opening it (or reading it).
+    wait_for_stdout(&task, "reading /fifo");
+    let killed_at = Instant::now();
+    kill.kill();
+    let status = done
+        .recv_timeout(WAIT)
+        .expect("the task ended after the kill");
+    let took = killed_at.elapsed();
+    println!("a guest blocked reading a FIFO ended {took:?} after its kill");
+    assert_ending(&status, TaskState::TaskKilled, Reason::KilledByFramework);
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert!(!task.stdout().contains("read "), "{}", task.stdout());
+    // Release the blocking-pool thread still waiting in open(2): open the write end
+    // (which itself waits for that reader) and close it at once.
+    std::thread::spawn(move || drop(std::fs::OpenOptions::new().write(true).open(fifo)));
 }

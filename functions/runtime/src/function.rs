@@ -23,13 +23,14 @@ use crate::host::FunctionHost;
 use crate::limits::RequestLimits;
 use crate::metrics::{FunctionIdentity, FunctionMetrics, MetricsSnapshot};
 use crate::outbound::OutboundAllowList;
-use crate::outcome::{self, ErrorClass, Failure};
+use crate::outcome::{self, Failure};
 use crate::request::FunctionRequest;
 use crate::spec::{FunctionSpec, GuestKind};
 
-/// After the deadline, how long a CGI request waits for its guest to be stopped by
-/// the epoch before it is answered anyway (a guest blocked in a host call, e.g. a
-/// sleep, only sees the epoch when the call returns; its slot stays taken until then).
+/// After the deadline, how long a CGI request waits for the epoch to stop its guest
+/// (so that a guest running wasm is classified by what it was doing, its fuel
+/// counted) before its future is dropped: a guest waiting in a host call (e.g. a
+/// sleep) never sees the epoch, and dropping the future ends it.
 const CGI_DEADLINE_GRACE: Duration = Duration::from_millis(50);
 
 /// The prepared guest: imports resolved once, instantiated per request.
@@ -203,9 +204,10 @@ impl Function {
         self.admission.close();
     }
 
-    /// Runs a CGI guest on a blocking thread (wasmtime's sync API blocks), holding the
-    /// slots until the guest has really ended, even when the answer went earlier.
-    /// Its stderr goes to `stderr` (read by the caller, also after a deadline).
+    /// Runs a CGI guest in this task (wasmtime's async API), holding the slots until
+    /// the guest has ended: at the latest at the deadline, when its future is dropped,
+    /// or when this request's future is dropped (its client went away). Its stderr
+    /// goes to `stderr` (read by the caller, also after a deadline).
     async fn run_cgi(
         &self,
         pre: &InstancePre<CgiCtx>,
@@ -214,28 +216,20 @@ impl Function {
         stderr: CapturePipe,
     ) -> (Result<Response<Bytes>, Failure>, u64) {
         let env = cgi::meta_variables(&self.name, &request);
-        let engine = self.host.engine().clone();
-        let pre = pre.clone();
-        let name = self.name.clone();
-        let limits = self.limits;
-        let job = tokio::task::spawn_blocking(move || {
-            let ran = cgi_module::run(&engine, &pre, &name, &env, request.body, &limits, stderr);
-            drop(permits);
-            ran
-        });
-        match tokio::time::timeout(self.limits.timeout + CGI_DEADLINE_GRACE, job).await {
-            Ok(Ok(ran)) => ran,
-            Ok(Err(join_error)) => {
-                // A panic in wasmtime or in our code: the request fails, the host lives.
-                tracing::error!(function = %self.name, error = %join_error, "CGI request thread failed");
-                (
-                    Err(Failure::new(
-                        ErrorClass::Internal,
-                        "the host failed while running the function",
-                    )),
-                    0,
-                )
-            }
+        let ran = cgi_module::run(
+            self.host.engine(),
+            pre,
+            &self.name,
+            &env,
+            request.body,
+            &self.limits,
+            stderr,
+        );
+        let ran = tokio::time::timeout(self.limits.timeout + CGI_DEADLINE_GRACE, ran).await;
+        // The instance is gone either way (ended, or dropped with its future).
+        drop(permits);
+        match ran {
+            Ok(ran) => ran,
             Err(_) => (Err(outcome::deadline(self.limits.timeout)), 0),
         }
     }
@@ -401,6 +395,7 @@ mod tests {
     use std::path::{Path, PathBuf};
 
     use super::*;
+    use crate::outcome::ErrorClass;
     use crate::spec::ModuleSource;
     use crate::HostConfig;
 

@@ -209,6 +209,97 @@ async fn deadline_answers_a_sleeping_cgi_guest() {
     assert_eq!(client.get("/fn/slow?ms=1").await.status, StatusCode::OK);
 }
 
+/// At its deadline a CGI guest asleep in a host call is not only answered for: its
+/// instance is dropped, so its slot is free for the next request at once (with one
+/// slot and no queue, a guest still sleeping would get that request a 429).
+#[tokio::test]
+async fn a_deadline_ends_a_sleeping_cgi_guest_and_frees_its_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = FunctionRegistry::new(host(dir.path()));
+    let mut slow = spec("slow", cgi_guest("slow"));
+    slow.timeout = Duration::from_secs(2);
+    slow.max_concurrency = 1;
+    slow.queue_len = 0;
+    registry.deploy(slow).unwrap();
+    let client = HttpClient::new(start(Arc::clone(&registry), HttpConfig::default()).await);
+    let started = std::time::Instant::now();
+    let answer = client.get("/fn/slow?ms=30000").await;
+    let took = started.elapsed();
+    println!("a CGI guest sleeping 30 s with a 2 s timeout was answered after {took:?}");
+    assert_eq!(
+        answer.status,
+        StatusCode::GATEWAY_TIMEOUT,
+        "{}",
+        answer.body
+    );
+    assert!(
+        answer.body.contains("deadline of 2s exceeded"),
+        "{}",
+        answer.body
+    );
+    assert!(took >= Duration::from_secs(2), "{took:?}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert_eq!(registry.get("slow").unwrap().metrics().in_flight, 0);
+    let next = client.get("/fn/slow?ms=1").await;
+    assert_eq!(next.status, StatusCode::OK, "{}", next.body);
+}
+
+/// A client that goes away while its CGI guest sleeps takes the instance with it:
+/// the server drops the request's future, which drops the guest's store and frees
+/// the function's one slot (no queue: while a guest still held it, requests would
+/// get 429).
+#[tokio::test]
+async fn a_client_that_disconnects_ends_its_cgi_guest() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let registry = FunctionRegistry::new(host(dir.path()));
+    let mut slow = spec("slow", cgi_guest("slow"));
+    slow.timeout = Duration::from_secs(60);
+    slow.max_concurrency = 1;
+    slow.queue_len = 0;
+    registry.deploy(slow).unwrap();
+    let addr = start(Arc::clone(&registry), HttpConfig::default()).await;
+    let client = HttpClient::new(addr);
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /fn/slow?ms=30000 HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .unwrap();
+    wait_for_metrics(&registry, "slow", "the request running", |m| {
+        m.in_flight == 1
+    })
+    .await;
+    assert_eq!(
+        client.get("/fn/slow?ms=1").await.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "the sleeping guest holds the one slot"
+    );
+    let closed_at = std::time::Instant::now();
+    drop(stream);
+    // The slot comes free once the server has seen the connection close.
+    let until = closed_at + Duration::from_secs(20);
+    loop {
+        let answer = client.get("/fn/slow?ms=1").await;
+        if answer.status == StatusCode::OK {
+            break;
+        }
+        assert_eq!(
+            answer.status,
+            StatusCode::TOO_MANY_REQUESTS,
+            "{}",
+            answer.body
+        );
+        assert!(
+            std::time::Instant::now() < until,
+            "the slot never came free"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let took = closed_at.elapsed();
+    println!("a CGI guest sleeping 30 s freed its slot {took:?} after its client went away");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
 #[tokio::test]
 async fn component_limits_fail_the_request_not_the_function() {
     let dir = tempfile::tempdir().unwrap();

@@ -2,8 +2,11 @@
 //! function's `InstancePre`, the body on stdin, the request in the environment, the
 //! response parsed from stdout; stderr is captured for the request log.
 //!
-//! These run with wasmtime's synchronous API, so [`run`] blocks: call it on a blocking
-//! thread, never on a tokio worker.
+//! They run on wasmtime's async API with asynchronous WASI, inside the request's own
+//! task, as components do: the epoch callback yields to tokio at every tick, so a
+//! guest burning CPU shares its worker thread, and dropping the request's future (at
+//! its deadline, or when its client goes away) drops the store, which cancels a host
+//! call the guest waits in (a sleep) and frees its instance slot at once.
 
 use agora_proto::units::{format_bytes, KIB};
 use axum::http::Response;
@@ -34,7 +37,7 @@ impl HasLimits for CgiCtx {
 /// The linker every CGI function is prepared against: WASI preview 1, nothing else.
 pub(crate) fn linker(engine: &Engine) -> Result<Linker<CgiCtx>, FunctionError> {
     let mut linker = Linker::new(engine);
-    wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |ctx: &mut CgiCtx| &mut ctx.wasi).map_err(
+    wasmtime_wasi::p1::add_to_linker_async(&mut linker, |ctx: &mut CgiCtx| &mut ctx.wasi).map_err(
         |e| {
             FunctionError::Host(format!(
                 "cannot add WASI preview 1 to the linker: {}",
@@ -95,8 +98,9 @@ pub(crate) fn prepare(
 }
 
 /// Runs one request in a fresh instance, the guest's stderr going to `stderr`.
-/// Returns the response (or why there is none) and the fuel burnt.
-pub(crate) fn run(
+/// Returns the response (or why there is none) and the fuel burnt. The caller bounds
+/// it by the deadline: a guest waiting in a host call sees no epoch.
+pub(crate) async fn run(
     engine: &Engine,
     pre: &InstancePre<CgiCtx>,
     name: &str,
@@ -123,7 +127,7 @@ pub(crate) fn run(
             limits: LimitState::new(limits.memory),
         },
     );
-    let initial_fuel = match limits::arm(&mut store, limits, false) {
+    let initial_fuel = match limits::arm(&mut store, limits, true) {
         Ok(fuel) => fuel,
         Err(e) => {
             let failure = Failure::new(
@@ -134,10 +138,12 @@ pub(crate) fn run(
         }
     };
 
-    let result = pre
-        .instantiate(&mut store)
-        .and_then(|instance| instance.get_typed_func::<(), ()>(&mut store, "_start"))
-        .and_then(|start| start.call(&mut store, ()));
+    let result = async {
+        let instance = pre.instantiate_async(&mut store).await?;
+        let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+        start.call_async(&mut store, ()).await
+    }
+    .await;
     let fuel = limits::fuel_used(&store, initial_fuel);
     let deadline_hit = store.data().limits.deadline_hit;
     let memory_denied = store.data().limits.memory.denied();
