@@ -484,12 +484,27 @@ impl MasterCore {
             // Tasks we believed were there but the agent does not report are gone,
             // unless their launch never reached it (see `relaunch`).
             let missing: Vec<_> = old_tasks.difference(&task_keys).cloned().collect();
+            // Only what fits beside the tasks it reports is sent again: an agent that
+            // restarted with fewer resources (or reports more) must not be given more
+            // than it has.
+            let mut room = total.unreserved();
+            for r in &reported {
+                room = room.checked_sub(&r.3.unreserved()).unwrap_or_default();
+            }
             for key in &missing {
-                let staging = self.tasks.get(key).is_some_and(|r| {
+                let staging = self.tasks.get(key).filter(|r| {
                     r.status() == TaskState::TaskStaging && !self.kills_pending.contains(key)
                 });
-                if staging {
-                    relaunch.push(key.clone());
+                if let Some(rec) = staging {
+                    if let Some(left) = room.checked_sub(&rec.resources.unreserved()) {
+                        room = left;
+                        relaunch.push(key.clone());
+                        continue;
+                    }
+                    let msg = format!(
+                        "the agent re-registered with {total}, too little to launch this task again"
+                    );
+                    self.master_terminal(key, TaskState::TaskLost, Reason::AgentRemoved, &msg);
                     continue;
                 }
                 self.master_terminal(
