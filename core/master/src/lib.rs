@@ -22,6 +22,13 @@ mod calls;
 mod ops;
 pub mod registry;
 
+/// Task and executor ids name directories on agents (`<work>/sandboxes/<framework>/
+/// <task>`, `<work>/executors/<framework>/<executor>`) and cgroups: 1-200 bytes, no
+/// '/', no NUL, no leading '.' (so never `.` or `..`).
+pub(crate) fn is_path_safe_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 200 && !id.contains(['/', '\0']) && !id.starts_with('.')
+}
+
 /// Identifies one live connection (agent or scheduler) in the shell.
 pub type ConnId = u64;
 
@@ -1253,14 +1260,16 @@ impl MasterCore {
 
     /// Checks a task before launch; returns its resources.
     fn validate_task(&self, fid: &str, t: &TaskInfo) -> Result<Resources, String> {
-        if t.task_id.is_empty()
-            || t.task_id.len() > 200
-            || t.task_id.contains(['/', '\0'])
-            || t.task_id.starts_with('.')
-        {
+        if !is_path_safe_id(&t.task_id) {
             return Err(format!(
                 "task id `{}` is not valid: use 1-200 characters, no '/' and no leading '.'",
                 t.task_id
+            ));
+        }
+        if !t.executor_id.is_empty() && !is_path_safe_id(&t.executor_id) {
+            return Err(format!(
+                "executor id `{}` is not valid: use 1-200 characters, no '/' and no leading '.'",
+                t.executor_id
             ));
         }
         if self

@@ -4609,3 +4609,65 @@ fn agent_back_with_fewer_resources_is_sent_only_the_launches_that_fit() {
     let live = m.core.list_tasks(false, m.now);
     assert!(live.iter().all(|t| t.task_id != "big"), "{live:?}");
 }
+
+/// Executor ids name directories and cgroups on agents, as task ids do: a LAUNCH or
+/// LAUNCH_GROUP naming `../x` or `.hidden` is refused with TASK_ERROR, and nothing
+/// reaches the agent. (They were passed on unchecked: found by the fuzz target
+/// agent_core, which holds the agent to building sandboxes under its work dir.)
+#[test]
+fn executor_ids_that_could_leave_a_directory_are_refused() {
+    for bad in ["../../etc", "a/b", ".hidden", ".."] {
+        let mut m = Master::new();
+        let (_a1, _fid, oid) = one_agent_one_framework(&mut m, 4000, 4 * GIB);
+        let mut t = task("t1", 500, 64 * MIB);
+        t.executor_id = bad.into();
+        let outs = m.call(FW1, accept(&[&oid], vec![t.clone()]));
+        assert!(
+            !outs.iter().any(|o| matches!(o, Output::ToAgent(..))),
+            "{bad}: {outs:?}"
+        );
+        let st = outs
+            .iter()
+            .filter(|o| {
+                matches!(
+                    o,
+                    Output::ToScheduler(
+                        FW1,
+                        v1::Event {
+                            event: Some(event::Event::Update(_))
+                        }
+                    )
+                )
+            })
+            .map(|o| update_to(o, FW1))
+            .next()
+            .unwrap_or_else(|| panic!("{bad}: no update in {outs:?}"));
+        assert_eq!(st.state(), TaskState::TaskError, "{bad}: {st:?}");
+        assert_mentions(&st.message, &["executor id", bad]);
+    }
+    // The same in a group, named by the group.
+    let mut m = Master::new();
+    let (_a1, _fid, oid) = one_agent_one_framework(&mut m, 4000, 4 * GIB);
+    let group = v1::Operation {
+        operation: Some(v1::operation::Operation::LaunchGroup(v1::LaunchGroup {
+            executor_id: "../x".into(),
+            tasks: vec![task("g1", 500, 64 * MIB), task("g2", 500, 64 * MIB)],
+        })),
+    };
+    let outs = m.call(
+        FW1,
+        call::Call::Accept(v1::Accept {
+            offer_ids: vec![oid],
+            operations: vec![group],
+            filters: None,
+        }),
+    );
+    assert!(
+        !outs.iter().any(|o| matches!(o, Output::ToAgent(..))),
+        "{outs:?}"
+    );
+    assert!(
+        format!("{outs:?}").contains("executor id `../x` is not valid"),
+        "{outs:?}"
+    );
+}
