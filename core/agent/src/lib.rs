@@ -82,6 +82,25 @@ impl ExecutorKind {
     }
 }
 
+/// Why a task's ids cannot name its directories (`<work>/sandboxes/<framework>/<task>`,
+/// `<work>/executors/<framework>/<executor>`, the executor's cgroup), if they cannot.
+/// The master refuses such ids; the agent does not rely on it.
+fn path_id_problem(framework_id: &str, task_id: &str, executor_id: &str) -> Option<String> {
+    [
+        ("framework id", framework_id),
+        ("task id", task_id),
+        ("executor id", executor_id),
+    ]
+    .into_iter()
+    .find(|(_, id)| id.is_empty() || *id == "." || *id == ".." || id.contains(['/', '\0']))
+    .map(|(what, id)| {
+        format!(
+            "{what} `{}` cannot name a directory: it is empty, `.` or `..`, or holds '/' or NUL",
+            id.escape_debug()
+        )
+    })
+}
+
 /// Why a function host task cannot run, if it cannot: it needs a module and a
 /// function name, no command, and an executor id of its own (each host is a process
 /// of its own; the default executor ids belong to wasm and native tasks).
@@ -852,7 +871,8 @@ impl AgentCore {
             },
         );
         self.touch(&key);
-        if let Some(problem) = function_task_problem(&info) {
+        let ids = path_id_problem(&key.0, &key.1, &self.tasks[&key].executor.1);
+        if let Some(problem) = ids.or_else(|| function_task_problem(&info)) {
             self.terminal(
                 &key,
                 new_status(TaskState::TaskError, Reason::InvalidTask, &problem),

@@ -1854,3 +1854,37 @@ fn hello_carries_the_agents_http_address() {
     core.set_http_address("host-1:7071".into());
     assert_eq!(core.hello().http_address, "host-1:7071");
 }
+
+// =====================================================================================
+// Found by fuzzing (fuzz/, target agent_core)
+// =====================================================================================
+
+/// Ids become directories (`<work>/sandboxes/<framework>/<task>`, the executor's
+/// directory and cgroup). A RUN_TASK whose ids would leave them (`..`, a '/') ends
+/// TASK_ERROR at once: nothing is prepared, no executor started. (The agent used to
+/// ask the shell to build `<work>/sandboxes/f1/..`.)
+#[test]
+fn run_task_with_ids_that_leave_the_work_dir_is_refused_without_a_sandbox() {
+    for (fid, tid, exec) in [
+        ("f1", "..", "e1"),
+        ("f1", "a/../../b", "e1"),
+        ("..", "t1", "e1"),
+        ("f1", "t1", "../../etc"),
+        ("f1", "t1", "."),
+    ] {
+        let mut a = Agent::new();
+        let outs = a.run(fid, &task(tid, exec));
+        assert_eq!(outs.len(), 1, "{fid}/{tid}/{exec}: {outs:?}");
+        let Output::ToMaster(m) = &outs[0] else {
+            panic!("{fid}/{tid}/{exec}: {outs:?}");
+        };
+        let Some(v1::agent_to_master::Msg::StatusUpdate(u)) = &m.msg else {
+            panic!("{m:?}");
+        };
+        let st = u.status.as_ref().unwrap();
+        assert_eq!(st.state(), TaskState::TaskError, "{st:?}");
+        assert_eq!(st.reason(), Reason::InvalidTask, "{st:?}");
+        assert!(st.message.contains("cannot name a directory"), "{st:?}");
+        assert_eq!(a.core.live_tasks(), 0);
+    }
+}

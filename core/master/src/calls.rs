@@ -244,6 +244,11 @@ impl MasterCore {
                 .chain(std::iter::once(g.executor_id.as_str()))
                 .filter(|e| !e.is_empty())
                 .collect();
+            if let Some(bad) = named.iter().find(|e| !crate::is_path_safe_id(e)) {
+                return Err(format!(
+                    "executor id `{bad}` is not valid: use 1-200 characters, no '/' and no leading '.'"
+                ));
+            }
             if named.len() > 1 {
                 return Err(format!(
                     "a task group runs in one executor, but its tasks name several: {}",

@@ -22,6 +22,13 @@ mod calls;
 mod ops;
 pub mod registry;
 
+/// Task and executor ids name directories on agents (`<work>/sandboxes/<framework>/
+/// <task>`, `<work>/executors/<framework>/<executor>`) and cgroups: 1-200 bytes, no
+/// '/', no NUL, no leading '.' (so never `.` or `..`).
+pub(crate) fn is_path_safe_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 200 && !id.contains(['/', '\0']) && !id.starts_with('.')
+}
+
 /// Identifies one live connection (agent or scheduler) in the shell.
 pub type ConnId = u64;
 
@@ -487,12 +494,27 @@ impl MasterCore {
             // Tasks we believed were there but the agent does not report are gone,
             // unless their launch never reached it (see `relaunch`).
             let missing: Vec<_> = old_tasks.difference(&task_keys).cloned().collect();
+            // Only what fits beside the tasks it reports is sent again: an agent that
+            // restarted with fewer resources (or reports more) must not be given more
+            // than it has.
+            let mut room = total.unreserved();
+            for r in &reported {
+                room = room.checked_sub(&r.3.unreserved()).unwrap_or_default();
+            }
             for key in &missing {
-                let staging = self.tasks.get(key).is_some_and(|r| {
+                let staging = self.tasks.get(key).filter(|r| {
                     r.status() == TaskState::TaskStaging && !self.kills_pending.contains(key)
                 });
-                if staging {
-                    relaunch.push(key.clone());
+                if let Some(rec) = staging {
+                    if let Some(left) = room.checked_sub(&rec.resources.unreserved()) {
+                        room = left;
+                        relaunch.push(key.clone());
+                        continue;
+                    }
+                    let msg = format!(
+                        "the agent re-registered with {total}, too little to launch this task again"
+                    );
+                    self.master_terminal(key, TaskState::TaskLost, Reason::AgentRemoved, &msg);
                     continue;
                 }
                 self.master_terminal(
@@ -1242,14 +1264,16 @@ impl MasterCore {
 
     /// Checks a task before launch; returns its resources.
     fn validate_task(&self, fid: &str, t: &TaskInfo) -> Result<Resources, String> {
-        if t.task_id.is_empty()
-            || t.task_id.len() > 200
-            || t.task_id.contains(['/', '\0'])
-            || t.task_id.starts_with('.')
-        {
+        if !is_path_safe_id(&t.task_id) {
             return Err(format!(
                 "task id `{}` is not valid: use 1-200 characters, no '/' and no leading '.'",
                 t.task_id
+            ));
+        }
+        if !t.executor_id.is_empty() && !is_path_safe_id(&t.executor_id) {
+            return Err(format!(
+                "executor id `{}` is not valid: use 1-200 characters, no '/' and no leading '.'",
+                t.executor_id
             ));
         }
         if self

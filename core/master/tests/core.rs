@@ -4562,3 +4562,112 @@ fn a_removed_framework_takes_its_state_with_it() {
         other => panic!("{other:?}"),
     }
 }
+
+// =====================================================================================
+// Found by fuzzing (fuzz/, target master_core)
+// =====================================================================================
+
+/// An agent that restarted before it heard AgentRegistered keeps its id (by its
+/// registration token) and is sent its STAGING launches again. If it came back with
+/// fewer resources, only the launches that fit are sent; the others are LOST. (The
+/// master used to resend them all: 4.5 cpus of tasks on an agent of 1.)
+#[test]
+fn agent_back_with_fewer_resources_is_sent_only_the_launches_that_fit() {
+    let mut m = Master::new();
+    let mut h = hello("", "host-1", Resources::cpus_mem(8000, 16 * GIB), vec![]);
+    h.registration_token = "install-1".into();
+    let a1 = registered_id(&m.agent_hello(AG1, h.clone())[0]);
+    let (fid, outs) = m.subscribe_new(FW1, framework("batch"));
+    let oid = offer_ids(&outs)[0].clone();
+    let (big, small) = (task("big", 4500, 9 * GIB), task("small", 500, 512 * MIB));
+    let outs = m.call(FW1, accept(&[&oid], vec![big.clone(), small.clone()]));
+    assert_eq!(
+        outs,
+        vec![
+            run_task(AG1, &fid, &big, &a1),
+            run_task(AG1, &fid, &small, &a1)
+        ]
+    );
+    // It restarts with 1 cpu and 1 GiB before it heard its id, reporting nothing.
+    m.agent_closed(AG1);
+    h.resources = Resources::cpus_mem(1000, GIB).to_proto();
+    let outs = m.agent_hello(AG2, h);
+    assert!(outs.contains(&registered(AG2, &a1)), "{outs:?}");
+    assert!(outs.contains(&run_task(AG2, &fid, &small, &a1)), "{outs:?}");
+    assert!(
+        !outs.contains(&run_task(AG2, &fid, &big, &a1)),
+        "a launch that does not fit was sent again: {outs:?}"
+    );
+    let lost = outs
+        .iter()
+        .filter(|o| matches!(o, Output::ToScheduler(FW1, _)))
+        .map(|o| update_to(o, FW1))
+        .find(|s| s.task_id == "big")
+        .expect("an update of the task that does not fit");
+    assert_eq!(lost.state(), TaskState::TaskLost);
+    assert_mentions(&lost.message, &["too little"]);
+    let live = m.core.list_tasks(false, m.now);
+    assert!(live.iter().all(|t| t.task_id != "big"), "{live:?}");
+}
+
+/// Executor ids name directories and cgroups on agents, as task ids do: a LAUNCH or
+/// LAUNCH_GROUP naming `../x` or `.hidden` is refused with TASK_ERROR, and nothing
+/// reaches the agent. (They were passed on unchecked: found by the fuzz target
+/// agent_core, which holds the agent to building sandboxes under its work dir.)
+#[test]
+fn executor_ids_that_could_leave_a_directory_are_refused() {
+    for bad in ["../../etc", "a/b", ".hidden", ".."] {
+        let mut m = Master::new();
+        let (_a1, _fid, oid) = one_agent_one_framework(&mut m, 4000, 4 * GIB);
+        let mut t = task("t1", 500, 64 * MIB);
+        t.executor_id = bad.into();
+        let outs = m.call(FW1, accept(&[&oid], vec![t.clone()]));
+        assert!(
+            !outs.iter().any(|o| matches!(o, Output::ToAgent(..))),
+            "{bad}: {outs:?}"
+        );
+        let st = outs
+            .iter()
+            .filter(|o| {
+                matches!(
+                    o,
+                    Output::ToScheduler(
+                        FW1,
+                        v1::Event {
+                            event: Some(event::Event::Update(_))
+                        }
+                    )
+                )
+            })
+            .map(|o| update_to(o, FW1))
+            .next()
+            .unwrap_or_else(|| panic!("{bad}: no update in {outs:?}"));
+        assert_eq!(st.state(), TaskState::TaskError, "{bad}: {st:?}");
+        assert_mentions(&st.message, &["executor id", bad]);
+    }
+    // The same in a group, named by the group.
+    let mut m = Master::new();
+    let (_a1, _fid, oid) = one_agent_one_framework(&mut m, 4000, 4 * GIB);
+    let group = v1::Operation {
+        operation: Some(v1::operation::Operation::LaunchGroup(v1::LaunchGroup {
+            executor_id: "../x".into(),
+            tasks: vec![task("g1", 500, 64 * MIB), task("g2", 500, 64 * MIB)],
+        })),
+    };
+    let outs = m.call(
+        FW1,
+        call::Call::Accept(v1::Accept {
+            offer_ids: vec![oid],
+            operations: vec![group],
+            filters: None,
+        }),
+    );
+    assert!(
+        !outs.iter().any(|o| matches!(o, Output::ToAgent(..))),
+        "{outs:?}"
+    );
+    assert!(
+        format!("{outs:?}").contains("executor id `../x` is not valid"),
+        "{outs:?}"
+    );
+}
