@@ -602,6 +602,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             framework_id: "f1".into(),
             executor_id: "default".into(),
             reconnect: false,
+            secret: String::new(),
             task_ids: vec![],
         })),
         seq: 0,
