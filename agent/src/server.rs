@@ -82,7 +82,12 @@ pub struct IsolationSettings {
     pub task_user: String,
     /// Native tasks may run as root when their framework asks for it.
     pub allow_root_tasks: bool,
+    /// The most files and directories one task's sandbox may hold; 0: no limit.
+    pub max_files_per_task: u64,
 }
+
+/// Files and directories a task's sandbox may hold unless the agent says otherwise.
+pub const DEFAULT_MAX_FILES_PER_TASK: u64 = 10_000;
 
 impl Default for IsolationSettings {
     fn default() -> Self {
@@ -92,6 +97,7 @@ impl Default for IsolationSettings {
             cfs_quota: true,
             task_user: agora_native_executor::runner::DEFAULT_TASK_USER.to_string(),
             allow_root_tasks: false,
+            max_files_per_task: DEFAULT_MAX_FILES_PER_TASK,
         }
     }
 }

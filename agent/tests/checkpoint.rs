@@ -148,6 +148,7 @@ fn a_core_rebuilt_from_the_file_matches_the_one_that_wrote_it() {
         update_retry_max_ms: 4000,
         executor_idle_ms: 30_000,
         output_limit_bytes: 1 << 20,
+        max_files_per_task: 10_000,
         recovery_timeout_ms: 60_000,
         reregister_timeout_ms: 10_000,
     };

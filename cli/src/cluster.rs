@@ -37,7 +37,9 @@ pub struct DevArgs {
     /// Address of the master's QUIC endpoint (port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
-    /// The agent's resources, e.g. "cpus:4;mem:8192" (mem in MiB). Default: detected.
+    /// The agent's resources, e.g. "cpus:4;mem:8192;disk:20480" (mem and disk in MiB).
+    /// Default: detected (disk: the free space of the work dir's filesystem less
+    /// 5 GiB, or less half when that is smaller).
     #[arg(long)]
     resources: Option<String>,
     /// The agent's attributes, e.g. "zone:a;rack:1".
@@ -195,8 +197,9 @@ pub struct AgentArgs {
     certs: PathBuf,
     #[arg(long, default_value_os_t = home().join(".agora/agent"))]
     work_dir: PathBuf,
-    /// Resources to offer, e.g. "cpus:4;mem:8192" (mem in MiB). Default: all cores and
-    /// memory less 1 GiB.
+    /// Resources to offer, e.g. "cpus:4;mem:8192;disk:20480" (mem and disk in MiB).
+    /// Default: all cores, memory less 1 GiB, and the free space of the work dir's
+    /// filesystem less 5 GiB (or less half, when that is smaller).
     #[arg(long)]
     resources: Option<String>,
     /// Attributes, e.g. "zone:a;rack:1".
@@ -328,6 +331,54 @@ pub fn detect_resources() -> Resources {
     Resources::cpus_mem(cpus * 1000, (mem - (1 << 30)).max(256 << 20))
 }
 
+/// Free bytes of the filesystem holding `dir` (or its nearest existing ancestor).
+pub fn free_disk(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut at = Some(dir);
+    while let Some(d) = at {
+        if d.exists() {
+            let c = std::ffi::CString::new(d.as_os_str().as_bytes()).ok()?;
+            let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+            // SAFETY: a valid NUL-terminated path and a statvfs to fill.
+            if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+                return None;
+            }
+            return Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64));
+        }
+        at = d.parent();
+    }
+    None
+}
+
+/// What of `free` bytes an agent advertises as disk by default: all but a reserve
+/// for the system of 5 GiB, or half when that is less (as Mesos does).
+pub fn advertised_disk(free: u64) -> i64 {
+    let reserve = (5u64 << 30).min(free / 2);
+    let left = free.saturating_sub(reserve) as i64;
+    // Whole MiB, within what one bag may hold.
+    (left & !((1 << 20) - 1)).min(agora_proto::resources::MAX_AMOUNT)
+}
+
+/// `res` with disk: as given in `--resources` (`disk:MiB`), or else the free space of
+/// the filesystem holding the work dir less a reserve.
+fn with_disk(mut res: Resources, work_dir: &Path) -> Resources {
+    if res.disk_bytes() > 0 {
+        return res;
+    }
+    let Some(free) = free_disk(work_dir) else {
+        tracing::warn!(
+            "cannot read the free space of {}'s filesystem; this agent offers no disk (give --resources \"...;disk:MiB\")",
+            work_dir.display()
+        );
+        return res;
+    };
+    let disk = advertised_disk(free);
+    if disk > 0 {
+        res.add_scalar(agora_proto::resources::DISK, "", disk);
+    }
+    res
+}
+
 fn resources(spec: &Option<String>) -> anyhow::Result<Resources> {
     match spec {
         None => Ok(detect_resources()),
@@ -389,6 +440,10 @@ pub struct IsolationArgs {
     /// fail, saying so.
     #[arg(long)]
     allow_root_tasks: bool,
+    /// The most files and directories one task's sandbox may hold (0: no limit).
+    /// A wasm guest past it gets an error creating one; a native task is killed.
+    #[arg(long, default_value_t = agora_agent::server::DEFAULT_MAX_FILES_PER_TASK)]
+    max_files_per_task: u64,
 }
 
 impl IsolationArgs {
@@ -399,6 +454,7 @@ impl IsolationArgs {
             cfs_quota: !self.no_cfs_quota,
             task_user: self.task_user.clone(),
             allow_root_tasks: self.allow_root_tasks,
+            max_files_per_task: self.max_files_per_task,
         }
     }
 }
@@ -595,6 +651,7 @@ pub(crate) async fn start_agent(
     recovery_timeout_ms: u64,
     http: Option<HttpSettings>,
 ) -> anyhow::Result<AgentHandle> {
+    let res = with_disk(res, work_dir);
     let core = AgentCoreConfig {
         hostname: host,
         resources: res,
@@ -604,6 +661,7 @@ pub(crate) async fn start_agent(
         update_retry_max_ms: 10_000,
         executor_idle_ms: 10_000,
         output_limit_bytes: 64 << 20,
+        max_files_per_task: isolation.max_files_per_task,
         recovery_timeout_ms,
         // Live executors reconnect within about a second; the master (agent timeout
         // 15 s by default) is not registered with before this passes.

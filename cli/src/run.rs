@@ -29,6 +29,10 @@ pub struct RunArgs {
     /// Memory for the task; also the guest's linear memory limit (e.g. 64MiB, 1GiB).
     #[arg(long, default_value = "64MiB")]
     mem: String,
+    /// Disk for the task's sandbox (inputs, files it writes), e.g. 256MiB, 2GiB. A
+    /// wasm guest writing past it gets ENOSPC; a native task over it is killed.
+    #[arg(long, default_value = "256MiB")]
+    disk: String,
     /// Instruction fuel; the task fails when it runs out. 0 means unlimited.
     #[arg(long, default_value_t = 0)]
     fuel: u64,
@@ -169,6 +173,29 @@ pub fn new_task_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
 }
 
+/// Inputs are staged into the sandbox and count against `--disk`: refuse them here,
+/// before anything is uploaded, when they cannot fit.
+fn check_inputs_fit(inputs: &[(PathBuf, String)], disk: i64) -> anyhow::Result<()> {
+    use agora_proto::resources::format_bytes;
+    let mut total: u64 = 0;
+    for (path, _) in inputs {
+        let size = std::fs::metadata(path)
+            .with_context(|| format!("--input: cannot read {}", path.display()))?
+            .len();
+        total = total.saturating_add(size);
+        if total > disk as u64 {
+            let size = format_bytes(size.min(i64::MAX as u64) as i64);
+            let total = format_bytes(total.min(i64::MAX as u64) as i64);
+            anyhow::bail!(
+                "--input {} ({size}) does not fit in the task's --disk {}: the inputs come to {total} with it; ask for more --disk",
+                path.display(),
+                format_bytes(disk)
+            );
+        }
+    }
+    Ok(())
+}
+
 pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let milli_cpus = parse_cpus(&a.cpus).filter(|c| *c > 0).ok_or_else(|| {
         anyhow::anyhow!(
@@ -180,6 +207,14 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let mem = i64::try_from(mem).map_err(|_| anyhow::anyhow!("--mem {} is too large", a.mem))?;
     if mem <= 0 {
         anyhow::bail!("--mem must be above zero");
+    }
+    let disk = parse_size(&a.disk).map_err(|e| anyhow::anyhow!("--disk: {e}"))?;
+    let disk = i64::try_from(disk)
+        .ok()
+        .filter(|d| *d <= agora_proto::resources::MAX_AMOUNT)
+        .ok_or_else(|| anyhow::anyhow!("--disk {} is too large", a.disk))?;
+    if disk <= 0 {
+        anyhow::bail!("--disk must be above zero");
     }
     let timeout_ms = parse_duration_ms(&a.timeout).context("--timeout")?;
     let mut env = BTreeMap::new();
@@ -224,6 +259,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         _ => None,
     };
     let (inputs, dirs) = expand_inputs(&a.inputs)?;
+    check_inputs_fit(&inputs, disk)?;
 
     let cfg = ClientConfig::discover(a.target.master.as_deref(), a.target.config.as_deref())?;
     let client = Client::connect(&cfg).await?;
@@ -280,7 +316,8 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
                 .unwrap_or_else(|| "task".into()),
             (None, None) => "task".into(),
         });
-    let ask = Resources::cpus_mem(milli_cpus, mem);
+    let mut ask = Resources::cpus_mem(milli_cpus, mem);
+    ask.add_scalar(agora_proto::resources::DISK, "", disk);
     let task = TaskInfo {
         task_id: task_id.clone(),
         name: name.clone(),

@@ -5,6 +5,7 @@
 
 pub mod artifacts;
 pub mod beneath;
+pub mod disk;
 pub mod output;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};

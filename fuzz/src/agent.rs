@@ -80,6 +80,7 @@ fn config() -> AgentCoreConfig {
         update_retry_max_ms: 10_000,
         executor_idle_ms: 5_000,
         output_limit_bytes: 1 << 20,
+        max_files_per_task: 10_000,
         recovery_timeout_ms: 15_000,
         reregister_timeout_ms: 2_000,
     }

@@ -9,6 +9,13 @@ use crate::v1::Resource;
 
 pub const CPUS: &str = "cpus";
 pub const MEM: &str = "mem";
+/// Sandbox disk, in bytes (given in MiB on flags, as in Mesos).
+pub const DISK: &str = "disk";
+
+/// The disk a task that asks for none is held to: its sandbox may hold this much
+/// (the executors enforce it), but offers do not count it. `agora run --disk`
+/// defaults to the same amount, which is then counted.
+pub const DEFAULT_TASK_DISK: i64 = 256 << 20;
 
 /// The most of one resource (name and role) one bag may hold: 2^50 (a PiB of memory,
 /// over a million million milli-cpus). Amounts from the wire and from flags are
@@ -81,6 +88,10 @@ impl Resources {
 
     pub fn mem_bytes(&self) -> i64 {
         self.get(MEM)
+    }
+
+    pub fn disk_bytes(&self) -> i64 {
+        self.get(DISK)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -213,7 +224,7 @@ impl Resources {
             .collect()
     }
 
-    /// Parses the agent flag form `cpus:4;mem:8192` (mem in MiB, as in Mesos; a unit
+    /// Parses the agent flag form `cpus:4;mem:8192;disk:20480` (mem and disk in MiB, as in Mesos; a unit
     /// such as `8GiB` may be given instead). Fractional cpus are allowed (`cpus:0.5`).
     /// A role in parentheses reserves the amount for that role, as in Mesos's static
     /// reservations: `cpus(tenant-a):2;mem(tenant-a):1GiB;cpus:2`. `(*)` is the same
@@ -245,7 +256,7 @@ impl Resources {
             };
             let amount = match name {
                 CPUS => parse_cpus(value).ok_or_else(bad)?,
-                MEM => {
+                MEM | DISK => {
                     // A bare number is MiB, fraction or not (`mem:1.5` is 1.5 MiB).
                     let bare =
                         !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit() || b == b'.');
@@ -336,7 +347,7 @@ impl fmt::Display for Resources {
             first = false;
             let val = match n.as_str() {
                 CPUS => format_cpus(*v),
-                MEM => format_bytes(*v),
+                MEM | DISK => format_bytes(*v),
                 _ => v.to_string(),
             };
             if r.is_empty() {

@@ -156,6 +156,9 @@ pub struct AgentCoreConfig {
     pub executor_idle_ms: u64,
     /// Cap on each of a task's stdout and stderr files.
     pub output_limit_bytes: u64,
+    /// The most files and directories one task's sandbox may hold (its executor
+    /// enforces it with the task's disk); 0: no limit.
+    pub max_files_per_task: u64,
     /// How long executors keep their tasks running while the agent is away, waiting
     /// for it to come back (the shell passes it on to the executors it starts).
     pub recovery_timeout_ms: u64,
@@ -1008,6 +1011,12 @@ impl AgentCore {
             milli_cpus: res.milli_cpus(),
             function: t.info.function.clone(),
             sandbox_dir: sandbox.to_string_lossy().into_owned(),
+            // A task that asks for no disk is held to the default.
+            disk_bytes: match res.disk_bytes() {
+                d if d > 0 => d as u64,
+                _ => agora_proto::resources::DEFAULT_TASK_DISK as u64,
+            },
+            max_files: self.cfg.max_files_per_task,
         };
         let exec = t.executor.clone();
         self.out.push(Output::ToExecutor {

@@ -31,6 +31,7 @@ fn config() -> AgentCoreConfig {
         update_retry_max_ms: 4_000,
         executor_idle_ms: 30_000,
         output_limit_bytes: MIB as u64,
+        max_files_per_task: 10_000,
         recovery_timeout_ms: 60_000,
         reregister_timeout_ms: 10_000,
     }

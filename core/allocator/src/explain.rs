@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use agora_proto::resources::{format_bytes, format_cpus, CPUS, MEM};
+use agora_proto::resources::{format_bytes, format_cpus, CPUS, DISK, MEM};
 use agora_proto::Resources;
 
 use super::constraint::Constraint;
@@ -148,7 +148,7 @@ pub enum WaitCause {
 fn amount(name: &str, v: i64) -> String {
     match name {
         CPUS => format_cpus(v),
-        MEM => format_bytes(v),
+        MEM | DISK => format_bytes(v),
         _ => v.to_string(),
     }
 }

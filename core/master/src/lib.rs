@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
-use agora_proto::resources::{format_bytes, format_cpus, CPUS, MEM};
+use agora_proto::resources::{format_bytes, format_cpus, CPUS, DISK, MEM};
 use agora_proto::v1::{
     self, call, event, master_to_agent, AgentHello, AgentRegistered, AgentToMaster, Call, Event,
     KillTask, MasterToAgent, Offer, Pong, Reason, SchedulerHello, StatusUpdateAck, Subscribed,
@@ -1291,6 +1291,24 @@ impl MasterCore {
                 "task asks for {res}; it must ask for some cpus and mem"
             ));
         }
+        // Inputs are staged into the sandbox and count against its disk.
+        let disk = match res.disk_bytes() {
+            0 => agora_proto::resources::DEFAULT_TASK_DISK,
+            d => d,
+        };
+        let mut staged: u64 = 0;
+        for i in &t.inputs {
+            staged = staged.saturating_add(i.size);
+            if staged > disk as u64 {
+                return Err(format!(
+                    "input {} ({}) does not fit in the task's disk of {}: the inputs come to {} by then",
+                    i.dest,
+                    format_bytes(i.size.min(i64::MAX as u64) as i64),
+                    format_bytes(disk),
+                    format_bytes(staged.min(i64::MAX as u64) as i64)
+                ));
+            }
+        }
         match (&t.module, &t.command) {
             (Some(_), Some(_)) => return Err("a task runs a module or a command, not both".into()),
             (None, None) => return Err("task names neither a module nor a command".into()),
@@ -1719,7 +1737,7 @@ impl MasterCore {
         let fmt = |n: &str, v: i64| {
             if n == CPUS {
                 format_cpus(v)
-            } else if n == MEM {
+            } else if n == MEM || n == DISK {
                 format_bytes(v)
             } else {
                 v.to_string()

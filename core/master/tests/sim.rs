@@ -137,6 +137,7 @@ fn agent_cfg(ai: usize) -> AgentCoreConfig {
         update_retry_max_ms: 2_000,
         executor_idle_ms: 3_000,
         output_limit_bytes: MIB as u64,
+        max_files_per_task: 10_000,
         recovery_timeout_ms: EXECUTOR_RECOVERY_MS,
         reregister_timeout_ms: 2_000,
     }
