@@ -16,6 +16,10 @@ pub struct GcPolicy {
     pub max_age: Duration,
     /// At most this many finished sandboxes are kept; the oldest go first.
     pub max_count: usize,
+    /// When the work dir's filesystem has less free than this, finished sandboxes are
+    /// removed, oldest first, until it has this much again (or none is left), as
+    /// Mesos's `--gc_disk_headroom` does. 0: never for space.
+    pub min_free_bytes: u64,
 }
 
 impl Default for GcPolicy {
@@ -23,6 +27,7 @@ impl Default for GcPolicy {
         Self {
             max_age: Duration::from_secs(6 * 3600),
             max_count: 2000,
+            min_free_bytes: 1 << 30,
         }
     }
 }
@@ -48,9 +53,39 @@ pub fn plan(
         .collect()
 }
 
-/// Lists `<work>/sandboxes/<framework>/<task>` and removes what `plan` says.
+/// Which finished sandboxes to delete for space, given each with its last-modified
+/// time and its size, the live tasks, and the free bytes now: the oldest first, until
+/// what they free lifts `free` to `min_free` (none when it is there already).
+pub fn plan_for_space(
+    mut found: Vec<(TaskKey, SystemTime, u64)>,
+    live: &HashSet<TaskKey>,
+    free: u64,
+    min_free: u64,
+) -> Vec<TaskKey> {
+    found.retain(|(k, _, _)| !live.contains(k));
+    found.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+    let mut free = free;
+    let mut doomed = Vec::new();
+    for (k, _, size) in found {
+        if free >= min_free {
+            break;
+        }
+        free = free.saturating_add(size);
+        doomed.push(k);
+    }
+    doomed
+}
+
+/// Lists `<work>/sandboxes/<framework>/<task>` and removes what `plan` says, then,
+/// when the filesystem's free space (`free_bytes`, read by the caller's shell) is
+/// below the policy's headroom, what `plan_for_space` says.
 /// Returns how many sandboxes were removed.
-pub fn collect(work: &Path, live: &HashSet<TaskKey>, p: GcPolicy) -> std::io::Result<usize> {
+pub fn collect(
+    work: &Path,
+    live: &HashSet<TaskKey>,
+    p: GcPolicy,
+    free_bytes: impl Fn() -> Option<u64>,
+) -> std::io::Result<usize> {
     let root = work.join("sandboxes");
     let mut found = Vec::new();
     let mut fw_dirs: Vec<PathBuf> = Vec::new();
@@ -70,11 +105,42 @@ pub fn collect(work: &Path, live: &HashSet<TaskKey>, p: GcPolicy) -> std::io::Re
             found.push((key, modified));
         }
     }
-    let doomed = plan(found, live, SystemTime::now(), p);
-    for key in &doomed {
+    let mut doomed = plan(found.clone(), live, SystemTime::now(), p);
+    let remove = |key: &TaskKey| {
         let dir = agora_agent_core::sandbox_dir(work, key);
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             tracing::warn!(dir = %dir.display(), "cannot remove sandbox: {e}");
+        }
+    };
+    doomed.iter().for_each(remove);
+    if p.min_free_bytes > 0 {
+        if let Some(free) = free_bytes().filter(|f| *f < p.min_free_bytes) {
+            let gone: HashSet<&TaskKey> = doomed.iter().collect();
+            let sized: Vec<(TaskKey, SystemTime, u64)> = found
+                .into_iter()
+                .filter(|(k, _)| !gone.contains(k) && !live.contains(k))
+                .map(|(k, t)| {
+                    let dir = agora_agent_core::sandbox_dir(work, &k);
+                    let size = agora_executor_link::disk::measure(
+                        &dir,
+                        agora_executor_link::disk::DEFAULT_WALK_BOUND,
+                    )
+                    .map(|u| u.bytes)
+                    .unwrap_or(0);
+                    (k, t, size)
+                })
+                .collect();
+            let for_space = plan_for_space(sized, live, free, p.min_free_bytes);
+            if !for_space.is_empty() {
+                tracing::info!(
+                    free,
+                    headroom = p.min_free_bytes,
+                    removed = for_space.len(),
+                    "low on disk: removing the oldest finished sandboxes"
+                );
+            }
+            for_space.iter().for_each(remove);
+            doomed.extend(for_space);
         }
     }
     // Framework directories left empty go too.
@@ -106,6 +172,30 @@ mod tests {
     }
 
     #[test]
+    fn low_free_space_removes_oldest_finished_first_until_headroom() {
+        let t = |s| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+        let found = vec![
+            (key("newest"), t(300), 50),
+            (key("oldest"), t(100), 30),
+            (key("live-oldest"), t(50), 1_000),
+            (key("middle"), t(200), 40),
+        ];
+        let live: HashSet<TaskKey> = [key("live-oldest")].into_iter().collect();
+        // 100 free, 150 wanted: "oldest" (30) is not enough, "middle" (40) makes 170.
+        assert_eq!(
+            plan_for_space(found.clone(), &live, 100, 150),
+            vec![key("oldest"), key("middle")]
+        );
+        // Enough free already: nothing goes.
+        assert!(plan_for_space(found.clone(), &live, 150, 150).is_empty());
+        // Never enough: every finished one goes, the live one stays.
+        assert_eq!(
+            plan_for_space(found, &live, 0, u64::MAX),
+            vec![key("oldest"), key("middle"), key("newest")]
+        );
+    }
+
+    #[test]
     fn old_and_excess_sandboxes_go_live_ones_stay() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(100_000);
         let ago = |s| now - Duration::from_secs(s);
@@ -120,6 +210,7 @@ mod tests {
         let p = GcPolicy {
             max_age: Duration::from_secs(3600),
             max_count: 2,
+            min_free_bytes: 0,
         };
         let mut doomed = plan(found, &live, now, p);
         doomed.sort();
@@ -142,7 +233,9 @@ mod tests {
             GcPolicy {
                 max_age: Duration::from_secs(3600),
                 max_count: 0,
+                min_free_bytes: 0,
             },
+            || None,
         )
         .unwrap();
         assert_eq!(n, 2);

@@ -514,7 +514,9 @@ pub async fn start(mut cfg: AgentConfig) -> Result<AgentHandle> {
                     .collect();
                 let work = a.cfg.core.work_dir.clone();
                 let policy = a.cfg.gc;
-                match tokio::task::spawn_blocking(move || crate::gc::collect(&work, &live, policy))
+                match tokio::task::spawn_blocking(move || crate::gc::collect(&work, &live, policy, || {
+                    agora_executor_link::disk::free_bytes(&work)
+                }))
                     .await
                 {
                     Ok(Ok(n)) if n > 0 => tracing::info!("removed {n} old sandboxes"),
@@ -1115,8 +1117,8 @@ impl Agent {
         Ok(())
     }
 
-    /// Live usage of native tasks, read from their cgroups. wasm tasks report theirs
-    /// (fuel, memory) when they end.
+    /// Live usage of native tasks, read from their cgroups, and of every task's
+    /// sandbox disk (walked now). wasm tasks report fuel and memory when they end.
     fn usage(&self, q: &v1::UsageQuery) -> v1::UsageReport {
         let mut report = v1::UsageReport::default();
         for t in q.tasks.iter().take(10_000) {
@@ -1133,6 +1135,23 @@ impl Agent {
             );
             if let Ok(Some(group)) = self.isolator.open(&name) {
                 report.usage.insert(t.task_id.clone(), group.stats());
+            }
+        }
+        // What each sandbox holds, whatever runs the task (one bounded walk each).
+        for t in q.tasks.iter().take(10_000) {
+            let key = (t.framework_id.clone(), t.task_id.clone());
+            if self.lock().core.task_executor(&key).is_none() {
+                continue;
+            }
+            let dir = agora_agent_core::sandbox_dir(&self.cfg.core.work_dir, &key);
+            let bound = match self.cfg.isolation.max_files_per_task {
+                0 => agora_executor_link::disk::DEFAULT_WALK_BOUND,
+                n => n.saturating_mul(2),
+            };
+            if let Ok(used) = agora_executor_link::disk::measure(&dir, bound) {
+                let u = report.usage.entry(t.task_id.clone()).or_default();
+                u.disk_used_bytes = used.bytes;
+                u.disk_files = used.files;
             }
         }
         report

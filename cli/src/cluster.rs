@@ -331,25 +331,6 @@ pub fn detect_resources() -> Resources {
     Resources::cpus_mem(cpus * 1000, (mem - (1 << 30)).max(256 << 20))
 }
 
-/// Free bytes of the filesystem holding `dir` (or its nearest existing ancestor).
-pub fn free_disk(dir: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let mut at = Some(dir);
-    while let Some(d) = at {
-        if d.exists() {
-            let c = std::ffi::CString::new(d.as_os_str().as_bytes()).ok()?;
-            let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-            // SAFETY: a valid NUL-terminated path and a statvfs to fill.
-            if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-                return None;
-            }
-            return Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64));
-        }
-        at = d.parent();
-    }
-    None
-}
-
 /// What of `free` bytes an agent advertises as disk by default: all but a reserve
 /// for the system of 5 GiB, or half when that is less (as Mesos does).
 pub fn advertised_disk(free: u64) -> i64 {
@@ -365,7 +346,7 @@ fn with_disk(mut res: Resources, work_dir: &Path) -> Resources {
     if res.disk_bytes() > 0 {
         return res;
     }
-    let Some(free) = free_disk(work_dir) else {
+    let Some(free) = agora_executor_link::disk::free_bytes(work_dir) else {
         tracing::warn!(
             "cannot read the free space of {}'s filesystem; this agent offers no disk (give --resources \"...;disk:MiB\")",
             work_dir.display()

@@ -72,8 +72,8 @@ pub async fn ps(a: PsArgs) -> anyhow::Result<ExitCode> {
     };
     if a.stats {
         println!(
-            "{:<14} {:<16} {:<10} {:>9} {:>9} {:>10} {:>14}",
-            "TASK", "NAME", "STATE", "CPU(s)", "THROTTLED", "MEM PEAK", "FUEL"
+            "{:<14} {:<16} {:<10} {:>9} {:>9} {:>10} {:>10} {:>14}",
+            "TASK", "NAME", "STATE", "CPU(s)", "THROTTLED", "MEM PEAK", "DISK", "FUEL"
         );
         for t in tasks {
             let pending = t.state == TaskState::Unspecified as i32;
@@ -81,6 +81,10 @@ pub async fn ps(a: PsArgs) -> anyhow::Result<ExitCode> {
                 "PENDING"
             } else {
                 t.state().short_name()
+            };
+            let disk = match &t.usage {
+                Some(u) => format_bytes(u.disk_used_bytes.min(i64::MAX as u64) as i64),
+                None => "-".into(),
             };
             let (cpu, thr, peak, fuel) = match &t.usage {
                 Some(u) => (
@@ -96,13 +100,14 @@ pub async fn ps(a: PsArgs) -> anyhow::Result<ExitCode> {
                 None => ("-".into(), "-".into(), "-".into(), "-".into()),
             };
             println!(
-                "{:<14} {:<16} {:<10} {:>9} {:>9} {:>10} {:>14}",
+                "{:<14} {:<16} {:<10} {:>9} {:>9} {:>10} {:>10} {:>14}",
                 t.task_id,
                 truncate(&t.name, 16),
                 state,
                 cpu,
                 thr,
                 peak,
+                disk,
                 fuel
             );
         }

@@ -107,6 +107,25 @@ pub fn measure(root: &Path, max_entries: u64) -> std::io::Result<DiskUse> {
     Ok(used)
 }
 
+/// Free bytes of the filesystem holding `dir` (or its nearest existing ancestor).
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut at = Some(dir);
+    while let Some(d) = at {
+        if d.exists() {
+            let c = std::ffi::CString::new(d.as_os_str().as_bytes()).ok()?;
+            let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+            // SAFETY: a valid NUL-terminated path and a statvfs to fill.
+            if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+                return None;
+            }
+            return Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64));
+        }
+        at = d.parent();
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use agora_proto::units::{format_bytes, format_duration};
+use agora_executor_link::disk::{measure, DiskExceeded, DiskLimits, DiskUse};
 use agora_proto::v1::{ExecutorLaunch, ExecutorStatus, Reason, ResourceUsage, TaskState};
 
 use agora_executor_link::beneath::Beneath;
@@ -171,7 +172,14 @@ pub(crate) enum Exit {
 pub(crate) enum Stop {
     Killed,
     Deadline,
+    /// The disk isolator's scan found the sandbox past a limit.
+    Disk(DiskExceeded),
 }
+
+/// How often the disk isolator walks a running task's sandbox (as Mesos's disk/du
+/// isolator does, every few seconds; one walk sees at most the file limit + 1
+/// entries, so its cost is bounded).
+pub const DISK_SCAN_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Runner {
     /// Sets up isolation (detecting, or as configured: forcing cgroups where they
@@ -305,8 +313,28 @@ impl Runner {
             .then(|| Instant::now() + Duration::from_millis(launch.timeout_ms));
         let grace = kill_grace(command.kill_grace_seconds);
         let mut notes = Vec::new();
-        let (status, rusage, stopped) =
-            supervise(child.id() as i32, &group, kill, deadline, grace, &mut notes);
+        let disk_root = if launch.root_dir.is_empty() {
+            &launch.sandbox_dir
+        } else {
+            &launch.root_dir
+        };
+        let mut disk = DiskWatch {
+            root: std::path::PathBuf::from(disk_root),
+            limits: DiskLimits {
+                bytes: launch.disk_bytes,
+                files: launch.max_files,
+            },
+            used: DiskUse::default(),
+        };
+        let (status, rusage, mut stopped) = supervise(
+            child.id() as i32,
+            &group,
+            kill,
+            deadline,
+            grace,
+            &mut disk,
+            &mut notes,
+        );
         drop(child); // reaped by supervise
 
         // The main process is gone; whatever it left behind goes with it. Evidence and
@@ -318,10 +346,18 @@ impl Runner {
         }
         let oom_killed = group.oom_killed();
         let pids_limit_hits = group.pids_limit_hits();
-        let usage = match group.mode() {
+        let mut usage = match group.mode() {
             IsolationMode::Cgroups => group.stats(),
             IsolationMode::Posix => usage_from_rusage(&rusage),
         };
+        let used = disk.scan();
+        usage.disk_used_bytes = used.bytes;
+        usage.disk_files = used.files;
+        // A task that went past its disk between two scans and ended: the limit
+        // holds whatever the timing.
+        if stopped.is_none() {
+            stopped = disk.limits.exceeded(used).map(Stop::Disk);
+        }
         if let Err(e) = group.remove() {
             tracing::warn!(task_id = %task, error = %e, "cannot remove the task's cgroup");
         }
@@ -761,17 +797,40 @@ fn finish_copier(copier: Option<Copier>, which: &str, notes: &mut Vec<String>) -
 /// Waits for the task's main process to exit, stopping the group on a kill request or
 /// at the deadline. Returns the wait status, the rusage of the main process (with the
 /// children it waited for) and whether we stopped it.
+/// The disk isolator of one task: its sandbox, its limits, what the last scan saw.
+struct DiskWatch {
+    root: std::path::PathBuf,
+    limits: DiskLimits,
+    used: DiskUse,
+}
+
+impl DiskWatch {
+    fn scan(&mut self) -> DiskUse {
+        match measure(&self.root, self.limits.walk_bound()) {
+            Ok(u) => self.used = u,
+            Err(e) => tracing::debug!(root = %self.root.display(), error = %e, "cannot scan a sandbox"),
+        }
+        self.used
+    }
+
+    fn limited(&self) -> bool {
+        self.limits != DiskLimits::default()
+    }
+}
+
 fn supervise(
     pid: i32,
     group: &Group,
     kill: &KillSwitch,
     deadline: Option<Instant>,
     grace: Duration,
+    disk: &mut DiskWatch,
     notes: &mut Vec<String>,
 ) -> (std::process::ExitStatus, libc::rusage, Option<Stop>) {
     let pidfd = pidfd_open(pid);
     let mut stopped: Option<Stop> = None;
     let mut last_kill = Instant::now();
+    let mut next_scan = Instant::now() + DISK_SCAN_INTERVAL;
     loop {
         if let Some((status, rusage)) = reap(pid) {
             return (status, rusage, stopped);
@@ -782,6 +841,10 @@ fn supervise(
                 Some(Stop::Killed)
             } else if deadline.is_some_and(|d| now >= d) {
                 Some(Stop::Deadline)
+            } else if disk.limited() && now >= next_scan {
+                next_scan = now + DISK_SCAN_INTERVAL;
+                let used = disk.scan();
+                disk.limits.exceeded(used).map(Stop::Disk)
             } else {
                 None
             };
@@ -819,6 +882,9 @@ fn supervise(
             (None, Some(d)) => d.saturating_duration_since(now),
             (None, None) => Duration::from_secs(3600),
         };
+        if stopped.is_none() && disk.limited() {
+            wait = wait.min(next_scan.saturating_duration_since(now));
+        }
         if pidfd.is_none() {
             // No pidfd (Linux before 5.3): poll the child.
             wait = wait.min(Duration::from_millis(20));
@@ -964,6 +1030,9 @@ pub(crate) fn classify(ending: &Ending) -> Verdict {
                 message: with_notes("killed".to_string()),
                 exit_code: None,
             }
+        }
+        Some(Stop::Disk(e)) => {
+            return failed(Reason::DiskLimit, with_notes(e.to_string()), code);
         }
         Some(Stop::Deadline) => {
             return failed(

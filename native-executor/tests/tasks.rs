@@ -592,3 +592,77 @@ fn output_files_are_not_created_through_a_planted_symlink() {
     assert!(s.message.contains("stdout"), "{}", s.message);
     assert_eq!(read(&victim), "untouched");
 }
+
+/// The disk isolator: a task writing past its disk is killed (or, if it ended first,
+/// failed) with the disk reason; one creating more files than its cap likewise; one
+/// within both finishes and reports what its sandbox holds.
+fn disk_limits_are_enforced(runner: &Arc<Runner>, dir: &Path) {
+    let m = marker("disk");
+    let mut l = shell_launch(
+        "disk-big",
+        dir,
+        "dd if=/dev/zero of=big bs=1M count=200 2>/dev/null; sleep 60",
+        &m,
+    );
+    l.disk_bytes = 32 << 20;
+    l.max_files = 100;
+    l.timeout_ms = 120_000;
+    let s = run(runner, l);
+    assert_eq!(
+        (s.state(), s.reason()),
+        (TaskState::TaskFailed, Reason::DiskLimit),
+        "{s:?}"
+    );
+    assert!(s.message.starts_with("disk limit of 32MiB exceeded"), "{s:?}");
+
+    // Ends before any scan: the final one judges it.
+    let mut l = shell_launch(
+        "disk-quick",
+        dir,
+        "dd if=/dev/zero of=big bs=1M count=40 2>/dev/null",
+        &m,
+    );
+    l.disk_bytes = 32 << 20;
+    let s = run(runner, l);
+    assert_eq!((s.state(), s.reason()), (TaskState::TaskFailed, Reason::DiskLimit), "{s:?}");
+
+    let mut l = shell_launch(
+        "disk-files",
+        dir,
+        "mkdir many && cd many && i=0; while [ $i -lt 300 ]; do : > f$i; i=$((i+1)); done; sleep 60",
+        &m,
+    );
+    l.disk_bytes = 32 << 20;
+    l.max_files = 100;
+    l.timeout_ms = 120_000;
+    let s = run(runner, l);
+    assert_eq!((s.state(), s.reason()), (TaskState::TaskFailed, Reason::DiskLimit), "{s:?}");
+    assert!(s.message.starts_with("disk limit of 100 files exceeded"), "{s:?}");
+
+    let mut l = shell_launch(
+        "disk-ok",
+        dir,
+        "dd if=/dev/zero of=small bs=1M count=2 2>/dev/null",
+        &m,
+    );
+    l.disk_bytes = 32 << 20;
+    l.max_files = 100;
+    let s = run(runner, l);
+    assert_eq!((s.state(), s.reason()), (TaskState::TaskFinished, Reason::Unspecified), "{s:?}");
+    let u = s.usage.unwrap();
+    assert!(u.disk_used_bytes >= 2 << 20, "{u:?}");
+    assert!(u.disk_used_bytes < 32 << 20, "{u:?}");
+}
+
+#[test]
+fn cgroups_disk_limits() {
+    require_cgroups!("cgroups_disk_limits");
+    let (runner, _cleanup, dir) = cgroup_runner("disk", 1024);
+    disk_limits_are_enforced(&runner, dir.path());
+}
+
+#[test]
+fn posix_disk_limits() {
+    let (runner, dir) = posix_runner("disk");
+    disk_limits_are_enforced(&runner, dir.path());
+}

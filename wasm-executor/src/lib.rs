@@ -2,6 +2,7 @@
 //! fuel, memory, time and output limits ([`runner`]), and speaks the agent's executor
 //! protocol over a Unix socket ([`executor`]).
 
+mod disk;
 mod error;
 pub mod executor;
 mod limiter;

@@ -43,6 +43,7 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
 use crate::limiter::{MemoryLimiter, MAX_TABLE_ELEMENTS};
+use agora_executor_link::disk::{DiskExceeded, DiskLimits, DiskUse};
 use crate::output::CappedOutput;
 
 /// How often the epoch advances: the granularity of deadlines and kills.
@@ -179,8 +180,10 @@ struct Prepared {
 }
 
 /// Per-task store data.
-struct TaskCtx {
+pub(crate) struct TaskCtx {
     wasi: WasiP1Ctx,
+    /// The sandbox's disk limit (see `disk.rs`).
+    pub(crate) disk: crate::disk::DiskQuota,
     limiter: MemoryLimiter,
     /// Set by the epoch callback when it stops the guest, so we know why.
     interrupt: Option<Interrupt>,
@@ -221,6 +224,11 @@ struct GuestEnding {
     result: Result<(), wasmtime::Error>,
     interrupt: Option<Interrupt>,
     memory_denied: Option<MemoryDenied>,
+    /// A write or create of the guest's refused at its disk limit.
+    disk_exceeded: Option<DiskExceeded>,
+    /// What the sandbox held at the end (0 unless the guest reached its disk limit:
+    /// measuring every ending would cost every task a walk).
+    disk_used: DiskUse,
     /// The fuel the task was given; `None` when unlimited.
     fuel_limit: Option<u64>,
     /// The task's wall-clock limit, for the deadline message.
@@ -341,9 +349,9 @@ impl Runner {
         let _slot = self.slots.acquire();
         let ending = self.execute(launch, kill, started, on_running).await;
         let verdict = classify(&ending);
-        let (fuel_used, instantiate_us, peak) = match &ending {
-            Ending::Guest(g) => (g.fuel_used, g.instantiate_us, g.peak_memory),
-            Ending::Refused(_) => (0, 0, 0),
+        let (fuel_used, instantiate_us, peak, disk) = match &ending {
+            Ending::Guest(g) => (g.fuel_used, g.instantiate_us, g.peak_memory, g.disk_used),
+            Ending::Refused(_) => (0, 0, 0, DiskUse::default()),
         };
         ExecutorStatus {
             task_id: launch.task_id.clone(),
@@ -356,6 +364,8 @@ impl Runner {
             usage: Some(agora_proto::v1::ResourceUsage {
                 fuel_used,
                 wasm_peak_memory_bytes: peak,
+                disk_used_bytes: disk.bytes,
+                disk_files: disk.files,
                 ..Default::default()
             }),
         }
@@ -385,6 +395,14 @@ impl Runner {
             &self.engine,
             TaskCtx {
                 wasi,
+                disk: crate::disk::DiskQuota::new(
+                    (!launch.root_dir.is_empty()).then(|| launch.root_dir.clone().into()),
+                    DiskLimits {
+                        bytes: launch.disk_bytes,
+                        files: launch.max_files,
+                    },
+                    DiskUse::default(),
+                ),
                 limiter: MemoryLimiter::new(memory_limit),
                 interrupt: None,
             },
@@ -503,6 +521,11 @@ impl Runner {
             phase,
             result,
             interrupt: store.data().interrupt,
+            disk_exceeded: store.data().disk.exceeded(),
+            disk_used: match store.data().disk.exceeded() {
+                Some(_) => store.data().disk.measured(),
+                None => DiskUse::default(),
+            },
             memory_denied: store
                 .data()
                 .limiter
@@ -692,6 +715,10 @@ fn classify(ending: &Ending) -> Verdict {
     }
     // A refused growth explains the failure that follows it (Rust's allocator aborts
     // with a trap; other programs exit non-zero).
+    // A guest refused at its disk limit that then failed failed because of it.
+    if let Some(e) = g.disk_exceeded {
+        return failed(Reason::DiskLimit, e.to_string());
+    }
     if let Some(denied) = g.memory_denied {
         let message = match (g.phase, g.declared_memory) {
             (Phase::Instantiate, Some(declared)) if declared > denied.limit => {
@@ -752,6 +779,8 @@ fn wasi_linker(engine: &Engine) -> crate::Result<Linker<TaskCtx>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p1::add_to_linker_async(&mut linker, |ctx: &mut TaskCtx| &mut ctx.wasi)
         .map_err(|e| Error::Engine(format!("cannot add WASI preview 1 to the linker: {e}")))?;
+    crate::disk::wrap_linker(&mut linker)
+        .map_err(|e| Error::Engine(format!("cannot add the disk limit to the linker: {e}")))?;
     Ok(linker)
 }
 
@@ -783,6 +812,7 @@ impl TaskCtx {
     fn placeholder() -> Self {
         TaskCtx {
             wasi: WasiCtxBuilder::new().build_p1(),
+            disk: crate::disk::DiskQuota::none(),
             limiter: MemoryLimiter::new(None),
             interrupt: None,
         }

@@ -585,3 +585,53 @@ fn a_kill_ends_a_guest_blocked_reading_a_fifo_at_once() {
     // (which itself waits for that reader) and close it at once.
     std::thread::spawn(move || drop(std::fs::OpenOptions::new().write(true).open(fifo)));
 }
+
+/// A guest writing past its disk limit gets ENOSPC in the guest, and the task fails
+/// naming the limit; what it wrote before stays within it.
+#[test]
+fn disk_limit_gives_enospc_and_fails_the_task() {
+    let mut task = Task::guest("diskhog", &["bytes", "64"]);
+    task.launch.disk_bytes = 8 * MIB;
+    let status = task.run();
+    assert_ending(&status, TaskState::TaskFailed, Reason::DiskLimit);
+    assert_eq!(status.message, "disk limit of 8MiB exceeded");
+    assert!(
+        task.stderr().contains("No space left on device"),
+        "stderr: {}",
+        task.stderr()
+    );
+    let size = std::fs::metadata(task.root().join("big")).unwrap().len();
+    assert!(size <= 8 * MIB, "{size} bytes written");
+    assert!(size >= 6 * MIB, "only {size} bytes written before ENOSPC");
+    let usage = status.usage.unwrap();
+    assert!(usage.disk_used_bytes >= size, "{usage:?}");
+}
+
+/// Within its limit, the same guest finishes.
+#[test]
+fn disk_within_limit_finishes() {
+    let mut task = Task::guest("diskhog", &["bytes", "4"]);
+    task.launch.disk_bytes = 8 * MIB;
+    task.launch.max_files = 10;
+    let status = task.run();
+    assert_ending(&status, TaskState::TaskFinished, Reason::Unspecified);
+    assert_eq!(task.stdout(), format!("wrote {} bytes\n", 4 * MIB));
+}
+
+/// A guest creating more files than its sandbox may hold gets an error at the cap.
+#[test]
+fn file_cap_refuses_creates() {
+    let mut task = Task::guest("diskhog", &["files", "500"]);
+    task.launch.disk_bytes = 64 * MIB;
+    task.launch.max_files = 100;
+    let status = task.run();
+    assert_ending(&status, TaskState::TaskFailed, Reason::DiskLimit);
+    assert_eq!(status.message, "disk limit of 100 files exceeded");
+    assert!(
+        task.stderr().contains("create failed after 99: No space left on device"),
+        "stderr: {}",
+        task.stderr()
+    );
+    let made = std::fs::read_dir(task.root().join("many")).unwrap().count();
+    assert_eq!(made, 99, "the directory /many is the 100th entry");
+}
