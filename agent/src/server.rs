@@ -514,10 +514,12 @@ pub async fn start(mut cfg: AgentConfig) -> Result<AgentHandle> {
                     .collect();
                 let work = a.cfg.core.work_dir.clone();
                 let policy = a.cfg.gc;
-                match tokio::task::spawn_blocking(move || crate::gc::collect(&work, &live, policy, || {
-                    agora_executor_link::disk::free_bytes(&work)
-                }))
-                    .await
+                match tokio::task::spawn_blocking(move || {
+                    crate::gc::collect(&work, &live, policy, || {
+                        agora_executor_link::disk::free_bytes(&work)
+                    })
+                })
+                .await
                 {
                     Ok(Ok(n)) if n > 0 => tracing::info!("removed {n} old sandboxes"),
                     Ok(Err(e)) => tracing::warn!("sandbox gc failed: {e}"),

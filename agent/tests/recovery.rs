@@ -250,6 +250,8 @@ fn launch_of(fid: &str, t: &TaskInfo) -> Output {
                 milli_cpus: 500,
                 function: None,
                 sandbox_dir: sandbox.clone(),
+                disk_bytes: agora_proto::resources::DEFAULT_TASK_DISK as u64,
+                max_files: 10_000,
             })),
         },
     }

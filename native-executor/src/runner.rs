@@ -14,8 +14,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use agora_proto::units::{format_bytes, format_duration};
 use agora_executor_link::disk::{measure, DiskExceeded, DiskLimits, DiskUse};
+use agora_proto::units::{format_bytes, format_duration};
 use agora_proto::v1::{ExecutorLaunch, ExecutorStatus, Reason, ResourceUsage, TaskState};
 
 use agora_executor_link::beneath::Beneath;
@@ -808,7 +808,9 @@ impl DiskWatch {
     fn scan(&mut self) -> DiskUse {
         match measure(&self.root, self.limits.walk_bound()) {
             Ok(u) => self.used = u,
-            Err(e) => tracing::debug!(root = %self.root.display(), error = %e, "cannot scan a sandbox"),
+            Err(e) => {
+                tracing::debug!(root = %self.root.display(), error = %e, "cannot scan a sandbox")
+            }
         }
         self.used
     }

@@ -613,7 +613,10 @@ fn disk_limits_are_enforced(runner: &Arc<Runner>, dir: &Path) {
         (TaskState::TaskFailed, Reason::DiskLimit),
         "{s:?}"
     );
-    assert!(s.message.starts_with("disk limit of 32MiB exceeded"), "{s:?}");
+    assert!(
+        s.message.starts_with("disk limit of 32MiB exceeded"),
+        "{s:?}"
+    );
 
     // Ends before any scan: the final one judges it.
     let mut l = shell_launch(
@@ -624,7 +627,11 @@ fn disk_limits_are_enforced(runner: &Arc<Runner>, dir: &Path) {
     );
     l.disk_bytes = 32 << 20;
     let s = run(runner, l);
-    assert_eq!((s.state(), s.reason()), (TaskState::TaskFailed, Reason::DiskLimit), "{s:?}");
+    assert_eq!(
+        (s.state(), s.reason()),
+        (TaskState::TaskFailed, Reason::DiskLimit),
+        "{s:?}"
+    );
 
     let mut l = shell_launch(
         "disk-files",
@@ -636,8 +643,15 @@ fn disk_limits_are_enforced(runner: &Arc<Runner>, dir: &Path) {
     l.max_files = 100;
     l.timeout_ms = 120_000;
     let s = run(runner, l);
-    assert_eq!((s.state(), s.reason()), (TaskState::TaskFailed, Reason::DiskLimit), "{s:?}");
-    assert!(s.message.starts_with("disk limit of 100 files exceeded"), "{s:?}");
+    assert_eq!(
+        (s.state(), s.reason()),
+        (TaskState::TaskFailed, Reason::DiskLimit),
+        "{s:?}"
+    );
+    assert!(
+        s.message.starts_with("disk limit of 100 files exceeded"),
+        "{s:?}"
+    );
 
     let mut l = shell_launch(
         "disk-ok",
@@ -648,7 +662,11 @@ fn disk_limits_are_enforced(runner: &Arc<Runner>, dir: &Path) {
     l.disk_bytes = 32 << 20;
     l.max_files = 100;
     let s = run(runner, l);
-    assert_eq!((s.state(), s.reason()), (TaskState::TaskFinished, Reason::Unspecified), "{s:?}");
+    assert_eq!(
+        (s.state(), s.reason()),
+        (TaskState::TaskFinished, Reason::Unspecified),
+        "{s:?}"
+    );
     let u = s.usage.unwrap();
     assert!(u.disk_used_bytes >= 2 << 20, "{u:?}");
     assert!(u.disk_used_bytes < 32 << 20, "{u:?}");

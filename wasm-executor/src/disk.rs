@@ -223,8 +223,13 @@ fn original(
         return Ok(f);
     }
     let f = match originals.get(&mut *caller, WASI, WRAPPED[i]) {
-        Some(Extern::Func(f)) => f,
-        _ => return Err(wasmtime::Error::msg(format!("{WASI}::{} is missing", WRAPPED[i]))),
+        Ok(Extern::Func(f)) => f,
+        _ => {
+            return Err(wasmtime::Error::msg(format!(
+                "{WASI}::{} is missing",
+                WRAPPED[i]
+            )))
+        }
     };
     caller.data_mut().disk.originals[i] = Some(f);
     Ok(f)

@@ -43,8 +43,8 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
 use crate::limiter::{MemoryLimiter, MAX_TABLE_ELEMENTS};
-use agora_executor_link::disk::{DiskExceeded, DiskLimits, DiskUse};
 use crate::output::CappedOutput;
+use agora_executor_link::disk::{DiskExceeded, DiskLimits, DiskUse};
 
 /// How often the epoch advances: the granularity of deadlines and kills.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);

@@ -628,7 +628,8 @@ fn file_cap_refuses_creates() {
     assert_ending(&status, TaskState::TaskFailed, Reason::DiskLimit);
     assert_eq!(status.message, "disk limit of 100 files exceeded");
     assert!(
-        task.stderr().contains("create failed after 99: No space left on device"),
+        task.stderr()
+            .contains("create failed after 99: No space left on device"),
         "stderr: {}",
         task.stderr()
     );
