@@ -1,3 +1,7 @@
+//! NOT WIRED YET: `wrap_linker` is not called (delegating to wasmtime-wasi's own
+//! definition through `Func::call_async` loses the guest's memory export and
+//! traps). The quota is still measured at a task's end when exceeded.
+//!
 //! A wasm task's disk limit, enforced in the WASI layer so that the guest sees
 //! ENOSPC ("no space left on device") when a write or a create would take its
 //! sandbox past its limits.
@@ -115,6 +119,7 @@ impl DiskQuota {
 
 /// Shadows the sandbox-growing calls of `linker` (which already holds wasmtime-wasi's
 /// preview 1) with charging wrappers.
+#[allow(dead_code)]
 pub(crate) fn wrap_linker(linker: &mut Linker<TaskCtx>) -> wasmtime::Result<()> {
     let originals = std::sync::Arc::new(linker.clone());
     linker.allow_shadowing(true);
@@ -214,6 +219,7 @@ pub(crate) fn wrap_linker(linker: &mut Linker<TaskCtx>) -> wasmtime::Result<()> 
 }
 
 /// wasmtime-wasi's own definition of `WRAPPED[i]` in this store, looked up once.
+#[allow(dead_code)]
 fn original(
     originals: &Linker<TaskCtx>,
     caller: &mut Caller<'_, TaskCtx>,
@@ -238,6 +244,7 @@ fn original(
 /// The length of the first non-empty buffer of a ciovec array: what wasmtime-wasi 48
 /// writes in one `fd_write` (it writes only that one). 0 when the array cannot be
 /// read (the real call then reports the fault).
+#[allow(dead_code)]
 fn first_ciovec_len(caller: &mut Caller<'_, TaskCtx>, iovs: i32, n: i32) -> u64 {
     let Some(Extern::Memory(mem)) = caller.get_export("memory") else {
         return 0;
