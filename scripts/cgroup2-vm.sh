@@ -9,7 +9,8 @@
 #
 #   scripts/cgroup2-vm.sh            build what is needed, boot, test, print PASS/FAIL/SKIP
 #   CGROUP2_VM=0                     skip (prints why)
-#   CGROUP2_VM_TESTS=full            also every recovery and hostile-task e2e test
+#   CGROUP2_VM_TESTS=full            also the cli fork bomb, every recovery and
+#                                    hostile-task e2e test (give it CGROUP2_VM_TIMEOUT=1800)
 #   CGROUP2_VM_TESTS=NAME[,NAME]     only these entries of the list below (e.g. cli-native),
 #   CGROUP2_VM_FILTER=WORD           with this libtest filter
 #   CGROUP2_VM_EXEC=FILE             run the bash script FILE in the guest first (output
@@ -41,7 +42,9 @@ if [ "${1:-}" = "--in-guest" ]; then
         echo "cgroup.subtree_control: $(cat /sys/fs/cgroup/cgroup.subtree_control 2>&1)"
         probe=/sys/fs/cgroup/agora-vm-probe
         mkdir "$probe"
-        echo "in a child group: $(cd "$probe" && ls -d cgroup.kill cgroup.freeze 2>/dev/null | tr '\n' ' ')"
+        have=""
+        for f in cgroup.kill cgroup.freeze; do [ -e "$probe/$f" ] && have+="$f "; done
+        echo "in a child group: $have"
         rmdir "$probe"
         echo "clocksource: $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
     } >"$results/guest-info"
@@ -51,13 +54,15 @@ if [ "${1:-}" = "--in-guest" ]; then
         (cd /tmp && bash "$results/exec.sh") >"$results/exec.out" 2>&1 || true
     fi
     n=0
-    while IFS=$'\t' read -r name exe filter; do
+    while IFS=$'\t' read -r name exe extra; do
         [ -n "$name" ] || continue
         n=$((n + 1))
         out="$results/$name.out"
         start=$(date +%s)
         args=(--test-threads "$threads" --show-output)
-        [ -n "$filter" ] && args+=("$filter")
+        # A filter and --skip options (words without spaces).
+        read -r -a more <<<"$extra"
+        args+=(${more[@]+"${more[@]}"})
         set +e
         # The test binaries find their crates' files (guests, fixtures) by the
         # absolute paths they were built with, which the overlay keeps.
@@ -144,24 +149,33 @@ exe_of() {
 }
 build_s=$(($(date +%s) - t))
 
-# What runs in the guest: name, binary, filter (empty: every test of the binary).
+# What runs in the guest: name, test target's source, libtest arguments (a filter,
+# --skip NAME; none: every test of the binary). The quick list (CI's) leaves out what
+# under TCG on a loaded 2-core host ran past the tests' own 120 s bounds: the cli's fork
+# bomb (500 forks; the pids limit is checked on v2 by native-executor-tasks) and the
+# agent-restart test (a wasm and a native executor re-adopted); and posix isolation,
+# which has no cgroup. CGROUP2_VM_TESTS=full runs them.
 tests=(
     "native-executor-unit native-executor/src/lib.rs cgroup"
     "native-executor-cgroups native-executor/tests/cgroups.rs"
     "native-executor-tasks native-executor/tests/tasks.rs"
     "native-executor-executor native-executor/tests/executor.rs"
-    "cli-native cli/tests/native.rs"
+    "cli-native cli/tests/native.rs --skip a_fork_bomb --skip posix_isolation"
+)
+extra=(
     "cli-recovery-reattach cli/tests/recovery.rs agent_killed_and_restarted_reattaches"
+    "cli-recovery cli/tests/recovery.rs"
+    "cli-hostile-tasks cli/tests/hostile_tasks.rs"
 )
 case "$mode" in
 quick) ;;
 full)
-    tests[5]="cli-recovery cli/tests/recovery.rs"
-    tests+=("cli-hostile-tasks cli/tests/hostile_tasks.rs")
+    tests[4]="cli-native cli/tests/native.rs"
+    tests+=("${extra[@]:1}")
     ;;
 *)
     chosen=()
-    for t in "${tests[@]}" "cli-recovery cli/tests/recovery.rs" "cli-hostile-tasks cli/tests/hostile_tasks.rs"; do
+    for t in "${tests[@]}" "${extra[@]}"; do
         [[ ",$mode," == *",${t%% *},"* ]] && chosen+=("$t")
     done
     [ ${#chosen[@]} -gt 0 ] || [ "$mode" = none ] ||
@@ -171,7 +185,7 @@ full)
 esac
 if [ -n "${CGROUP2_VM_FILTER:-}" ]; then
     for i in "${!tests[@]}"; do
-        read -r name src _ <<<"${tests[$i]}"
+        read -r name src _ <<<"${tests[i]}"
         tests[i]="$name $src $CGROUP2_VM_FILTER"
     done
 fi
@@ -179,10 +193,10 @@ fi
 results="$(mktemp -d /tmp/cgroup2-vm.XXXXXX)"
 chmod 0755 "$results"
 for t in ${tests[@]+"${tests[@]}"}; do
-    read -r name src filter <<<"$t"
+    read -r name src args <<<"$t"
     exe="$(exe_of "$src")"
-    [ -n "$exe" ] && [ -x "$exe" ] || fail "no test binary for $src in cargo's output"
-    printf '%s\t%s\t%s\n' "$name" "$exe" "${filter:-}" >>"$results/tests.list"
+    if [ -z "$exe" ] || [ ! -x "$exe" ]; then fail "no test binary for $src in cargo's output"; fi
+    printf '%s\t%s\t%s\n' "$name" "$exe" "${args:-}" >>"$results/tests.list"
 done
 : >>"$results/tests.list"
 echo 2 >"$results/threads"
@@ -277,7 +291,7 @@ boot() {
         -append "console=ttyS0 panic=-1 quiet loglevel=4 cgroup_no_v1=all" \
         -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap" \
         -virtfs "local,path=$results,mount_tag=results,security_model=none" \
-        -device virtio-rng-pci >"$results/qemu.log" 2>&1) 2>>"$results/qemu.log" &
+        -device virtio-rng-pci >"$results/qemu.log" 2>&1; exit $?) 2>>"$results/qemu.log" &
     qpid=$!
     local t_boot
     t_boot=$(date +%s)
