@@ -325,6 +325,7 @@ if [ "$accel" = kvm ] && ! grep -q "agora-vm: init started" "$results/console.lo
     boot tcg || rc=$?
 fi
 vm_s=$(($(date +%s) - t))
+rm -f "$results/initramfs.cpio.gz"
 
 if ! grep -q "agora-vm: init started" "$results/console.log"; then
     tail -20 "$results/qemu.log" "$results/console.log"
