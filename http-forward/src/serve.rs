@@ -45,6 +45,9 @@ pub async fn serve(
     gate: Gate,
     name: &'static str,
 ) {
+    // A panic while one request is handled gives that request a 500; the connection
+    // and its other requests go on.
+    let router = crate::catch_panics(router, name);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
