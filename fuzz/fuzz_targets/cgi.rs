@@ -16,7 +16,11 @@ fuzz_target!(|data: &[u8]| {
             let status = response.status().as_u16();
             assert!((100..=999).contains(&status), "status {status}");
             let headers = response.headers();
-            assert!(headers.len() <= MAX_RESPONSE_HEADERS, "{} headers", headers.len());
+            assert!(
+                headers.len() <= MAX_RESPONSE_HEADERS,
+                "{} headers",
+                headers.len()
+            );
             for name in [
                 header::CONNECTION,
                 header::TRANSFER_ENCODING,
@@ -25,8 +29,14 @@ fuzz_target!(|data: &[u8]| {
             ] {
                 assert!(!headers.contains_key(&name), "{name} was kept");
             }
-            assert!(data.ends_with(response.body()), "the body is not the output's end");
-            assert!(response.body().len() < data.len(), "no head before the body");
+            assert!(
+                data.ends_with(response.body()),
+                "the body is not the output's end"
+            );
+            assert!(
+                response.body().len() < data.len(),
+                "no head before the body"
+            );
         }
         Err(Error::BadCgiResponse(why)) => assert!(!why.is_empty()),
         Err(other) => panic!("unexpected error kind: {other}"),

@@ -77,9 +77,11 @@ async fn fake_host(listener: tokio::net::UnixListener) {
             continue;
         };
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
-                Ok::<_, std::convert::Infallible>(http::Response::new(req.into_body()))
-            });
+            let service = hyper::service::service_fn(
+                |req: http::Request<hyper::body::Incoming>| async move {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(req.into_body()))
+                },
+            );
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                 .await;
@@ -94,7 +96,10 @@ fuzz_target!(|data: &[u8]| {
         let (client, server) = tokio::io::duplex(64 * 1024);
         let peer: SocketAddr = "192.0.2.7:40000".parse().unwrap();
         let served = tokio::spawn(agora_http_forward::serve::serve_io(
-            server, router, peer, "agent HTTP (fuzz)",
+            server,
+            router,
+            peer,
+            "agent HTTP (fuzz)",
         ));
         let (mut reader, mut writer) = tokio::io::split(client);
         let write = async {
@@ -130,12 +135,21 @@ fuzz_target!(|data: &[u8]| {
         "not a status line: {:?}",
         String::from_utf8_lossy(&answer[..answer.len().min(64)])
     );
-    let code = answer.get(9..12).and_then(|c| std::str::from_utf8(c).ok()).and_then(|c| c.parse::<u16>().ok());
+    let code = answer
+        .get(9..12)
+        .and_then(|c| std::str::from_utf8(c).ok())
+        .and_then(|c| c.parse::<u16>().ok());
     let Some(code) = code else {
-        panic!("no status code: {:?}", String::from_utf8_lossy(&answer[..answer.len().min(64)]));
+        panic!(
+            "no status code: {:?}",
+            String::from_utf8_lossy(&answer[..answer.len().min(64)])
+        );
     };
     assert!((100..=599).contains(&code), "status {code}");
-    assert_ne!(code, 500, "a request handler panicked (caught by the door's guard)");
+    assert_ne!(
+        code, 500,
+        "a request handler panicked (caught by the door's guard)"
+    );
 });
 
 /// The input cut at each `\xff\xfe` (bytes a request head cannot hold anyway).

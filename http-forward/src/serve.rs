@@ -65,7 +65,12 @@ pub async fn serve(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(door = name, "cannot set TCP_NODELAY: {e}");
         }
-        let conn = connection(&http, hyper_util::rt::TokioIo::new(tcp), router.clone(), peer);
+        let conn = connection(
+            &http,
+            hyper_util::rt::TokioIo::new(tcp),
+            router.clone(),
+            peer,
+        );
         tokio::spawn(async move {
             let _pass = pass;
             if let Err(e) = conn.await {
@@ -97,10 +102,11 @@ fn connection<I>(
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let service = hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
-        req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-        router.clone().oneshot(req)
-    });
+    let service =
+        hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+            router.clone().oneshot(req)
+        });
     http.serve_connection(io, service).with_upgrades()
 }
 
