@@ -32,7 +32,9 @@
 //! sockets) and their own error answers. [`serve`] is the one accept loop both doors
 //! run: connection caps, header timeouts, bounded heads.
 
+pub mod panics;
 pub mod serve;
+pub use panics::catch_panics;
 pub use serve::serve;
 
 use std::any::Any;
