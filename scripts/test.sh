@@ -15,7 +15,7 @@ cargo test --workspace "$@"
 # run v1): PASS, FAIL (stops the run) or SKIP with the reason where qemu cannot run.
 # Reuses the build above; about 4 min under TCG, plus 1 min of apt the first time.
 # CGROUP2_VM=0 to skip.
-scripts/cgroup2-vm.sh
+bash scripts/cgroup2-vm.sh
 # Fuzzing (fuzz/): each target for 30 s, two at a time, after one build of its own
 # (cold: 106 s build + 93 s runs on 2 cores); FUZZ_SECONDS=N for longer, 0 to skip.
 if [ "${FUZZ_SECONDS:-30}" != 0 ]; then
