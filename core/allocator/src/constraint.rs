@@ -195,6 +195,9 @@ impl fmt::Display for Constraint {
             ConstraintOp::Exists | ConstraintOp::Absent => Ok(()),
             ConstraintOp::NotEquals(v) => write!(f, "!={v}"),
             ConstraintOp::NotMatches(p) => write!(f, "!~{p}"),
+            // `a==b` would read back as `a` equals `b`: a value that starts with
+            // `=` is written after `:`.
+            ConstraintOp::Equals(v) if v.starts_with('=') => write!(f, ":{v}"),
             ConstraintOp::Equals(v) => write!(f, "={v}"),
             ConstraintOp::Matches(p) => write!(f, "~{p}"),
         }
@@ -318,7 +321,11 @@ mod tests {
         let absent = Constraint::parse("!gpu").unwrap();
         assert!(absent.is_met("h", &a));
         assert!(!Constraint::parse("!zone").unwrap().is_met("h", &a));
-        for c in [&ne, &nm, &absent, &eq] {
+        // Found by the parsers fuzz target: `ct:=` printed as `ct==`, which read
+        // back as an empty value.
+        let odd = Constraint::parse("ct:=").unwrap();
+        assert_eq!(odd, Constraint::equals("ct", "="));
+        for c in [&ne, &nm, &absent, &eq, &odd] {
             assert_eq!(&Constraint::parse(&c.to_string()).unwrap(), c, "{c}");
         }
         for (bad, says) in [
