@@ -521,6 +521,25 @@ fn frameworks(c: &Cluster) -> String {
     stdout(&c.agora(&["role", "ls"]))
 }
 
+/// Sends `signal` to a background run and asserts the exit code it ends with.
+fn signal_run(run: &mut std::process::Child, signal: i32, code: i32) {
+    unsafe { libc::kill(run.id() as i32, signal) };
+    let out = wait_child(run, 30);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// No framework of the run named `name` is left (`agora run` names its framework
+/// `agora-run NAME`).
+fn assert_no_framework(c: &Cluster, name: &str) {
+    let listed = frameworks(c);
+    assert!(!listed.contains(&format!("agora-run {name}")), "{listed}");
+}
+
 #[test]
 fn sigterm_and_ctrl_c_end_the_run_its_task_and_its_framework() {
     let c = cluster();
@@ -540,22 +559,11 @@ fn sigterm_and_ctrl_c_end_the_run_its_task_and_its_framework() {
     });
     assert!(frameworks(c).contains("agora-run sigterm-victim"));
     let sent = std::time::Instant::now();
-    unsafe { libc::kill(run.id() as i32, libc::SIGTERM) };
-    let out = wait_child(&mut run, 30);
+    signal_run(&mut run, libc::SIGTERM, 143);
     let exited = sent.elapsed();
-    assert_eq!(
-        out.status.code(),
-        Some(143),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     // The run exits once the master has confirmed the TEARDOWN, so its framework
     // is gone by then (it once lingered for 60 s); the task ends with it.
-    assert!(
-        !frameworks(c).contains("agora-run sigterm-victim"),
-        "{}",
-        frameworks(c)
-    );
+    assert_no_framework(c, "sigterm-victim");
     wait_until("the task gone", || !stdout(&c.agora(&["ps"])).contains(&id));
     let gone = sent.elapsed();
     let all = stdout(&c.agora(&["ps", "--all"]));
@@ -583,19 +591,8 @@ fn sigterm_and_ctrl_c_end_the_run_its_task_and_its_framework() {
     let id = wait_for_task(c, |row| {
         row.contains("sigint-pending") && row.contains("PENDING")
     });
-    unsafe { libc::kill(run.id() as i32, libc::SIGINT) };
-    let out = wait_child(&mut run, 30);
-    assert_eq!(
-        out.status.code(),
-        Some(130),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        !frameworks(c).contains("agora-run sigint-pending"),
-        "{}",
-        frameworks(c)
-    );
+    signal_run(&mut run, libc::SIGINT, 130);
+    assert_no_framework(c, "sigint-pending");
     let ps = stdout(&c.agora(&["ps"]));
     assert!(!ps.contains(&id), "a pending task outlived its run: {ps}");
 
@@ -612,14 +609,7 @@ fn sigterm_and_ctrl_c_end_the_run_its_task_and_its_framework() {
     wait_for_task(c, |row| {
         row.contains("sigint-running") && row.contains("RUNNING")
     });
-    unsafe { libc::kill(run.id() as i32, libc::SIGINT) };
-    let out = wait_child(&mut run, 30);
-    assert_eq!(
-        out.status.code(),
-        Some(130),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    signal_run(&mut run, libc::SIGINT, 130);
     // A run that ends normally tears its framework down too.
     let o = c.agora(&[
         "run",
@@ -628,11 +618,7 @@ fn sigterm_and_ctrl_c_end_the_run_its_task_and_its_framework() {
         guest("hello").to_str().unwrap(),
     ]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    assert!(
-        !frameworks(c).contains("agora-run normal-end"),
-        "{}",
-        frameworks(c)
-    );
+    assert_no_framework(c, "normal-end");
 }
 
 #[test]

@@ -34,8 +34,10 @@
 
 pub mod panics;
 pub mod serve;
+mod text;
 pub use panics::catch_panics;
 pub use serve::serve;
+pub use text::plain_text;
 
 use std::any::Any;
 use std::error::Error as StdError;

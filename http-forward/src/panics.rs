@@ -18,7 +18,6 @@ use std::panic::AssertUnwindSafe;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::header::{self, HeaderValue};
 use axum::http::{Response, StatusCode};
 use axum::middleware::Next;
 use axum::Router;
@@ -74,18 +73,13 @@ fn internal_error(function: &str) -> Response<Body> {
     } else {
         format!("function {function}: internal error while handling this request (logged)\n")
     };
-    let mut response = Response::new(Body::from(text));
-    *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
+    crate::plain_text(StatusCode::INTERNAL_SERVER_ERROR, text)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::header;
     use axum::routing::any;
     use bytes::Bytes;
     use http_body_util::{BodyExt as _, Empty};

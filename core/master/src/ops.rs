@@ -184,9 +184,7 @@ impl MasterCore {
                     continue;
                 };
                 let inside_ancestor = all.iter().any(|(a, aq)| {
-                    r.len() > a.len()
-                        && r.starts_with(*a)
-                        && r.as_bytes().get(a.len()) == Some(&b'/')
+                    r.strip_prefix(*a).is_some_and(|rest| rest.starts_with('/'))
                         && aq.guarantee.contains_key(name)
                 });
                 if !inside_ancestor {

@@ -6,15 +6,15 @@
 
 use std::sync::Arc;
 
+use agora_http_forward::plain_text as plain;
 use agora_proto::units::{format_bytes, MIB};
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::header::{self, HeaderValue};
+use axum::http::header;
 use axum::http::{Response, StatusCode};
 use axum::routing::{any, get};
 use axum::serve::{Listener, ListenerExt};
 use axum::{Json, Router};
-use bytes::Bytes;
 
 use crate::registry::FunctionRegistry;
 use crate::request::FunctionRequest;
@@ -156,21 +156,12 @@ fn is_length_limit(e: &axum::Error) -> bool {
     false
 }
 
-fn plain(status: StatusCode, text: String) -> Response<Body> {
-    let mut response = Response::new(Body::from(Bytes::from(text)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::spec::{FunctionSpec, ModuleSource};
     use crate::HostConfig;
+    use bytes::Bytes;
     use http_body_util::{BodyExt as _, Empty};
     use hyper_util::rt::TokioIo;
 
