@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use agora_fn_api::MetricsSnapshot;
+use agora_http_forward::plain_text as plain;
 use agora_http_forward::{BoxError, Forward, Limits, ResponseBody};
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
@@ -599,16 +600,6 @@ async fn metrics(State(app): State<App>) -> Response<Body> {
             format!("cannot encode the metrics: {e}\n"),
         ),
     }
-}
-
-fn plain(status: StatusCode, text: String) -> Response<Body> {
-    let mut response = Response::new(Body::from(text));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
 }
 
 #[cfg(test)]

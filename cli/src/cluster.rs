@@ -295,7 +295,13 @@ pub fn certs(cmd: CertsCmd) -> anyhow::Result<ExitCode> {
             d = dir.display()
         );
     } else {
-        println!("next: agora master --certs {d}; agora agent --master HOST:{DEFAULT_MASTER_PORT} --certs {d}", d = dir.display());
+        // The address given, so its port is the one the master must listen on.
+        let m = &masters[0];
+        let port = m.rsplit_once(':').map(|(_, p)| p).unwrap_or("7400");
+        println!(
+            "next: agora master --certs {d} --listen 0.0.0.0:{port}; agora agent --master {m} --certs {d}",
+            d = dir.display()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -367,6 +373,24 @@ fn resources(spec: &Option<String>) -> anyhow::Result<Resources> {
             let r = Resources::parse(s).with_context(|| format!("--resources \"{s}\""))?;
             if r.milli_cpus() <= 0 || r.mem_bytes() <= 0 {
                 anyhow::bail!("--resources \"{s}\" must include cpus and mem above zero, e.g. \"cpus:2;mem:4096\"");
+            }
+            for role in r.roles() {
+                agora_allocator::validate_role(&role).map_err(|e| {
+                    anyhow::anyhow!(
+                        "--resources \"{s}\": `{role}` is not a role to reserve for: {e}"
+                    )
+                })?;
+            }
+            let machine = detect_resources();
+            if r.milli_cpus() > machine.milli_cpus()
+                || r.mem_bytes() > machine.mem_bytes() + (1 << 30)
+            {
+                tracing::warn!(
+                    "--resources {s:?} offers more than this machine has ({} cpus, {} of memory): \
+                     tasks placed on that promise will compete for the real ones",
+                    machine.milli_cpus() / 1000,
+                    agora_proto::resources::format_bytes(machine.mem_bytes() + (1 << 30))
+                );
             }
             Ok(r)
         }

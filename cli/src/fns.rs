@@ -11,7 +11,7 @@ use agora_fn_api::MetricsSnapshot;
 use agora_net::tls::{self, Identity};
 use agora_net::{read_frame, write_frame};
 use agora_proto::resources::format_bytes;
-use agora_proto::units::{format_duration, parse_duration_ms, parse_size};
+use agora_proto::units::{format_duration, parse_duration_ms, parse_mib_size};
 use agora_proto::v1::{
     self, operator_request, stream_open, FunctionDeploy, FunctionInfo, FunctionSummary,
     OperatorRequest, OperatorResponse, StreamOpen, TaskState, WasmModule,
@@ -77,7 +77,7 @@ pub struct DeployArgs {
     /// The role (tenant) the function's hosts run in.
     #[arg(long, default_value = "*")]
     role: String,
-    /// Linear memory one request may use, e.g. 64MiB.
+    /// Linear memory one request may use, e.g. 64MiB (a bare number is MiB).
     #[arg(long, default_value = "64MiB")]
     mem: String,
     /// Fuel (about one unit per wasm instruction) one request may burn; 0: unlimited.
@@ -234,7 +234,7 @@ fn url(base: &Option<String>, name: &str) -> String {
 
 async fn deploy(a: DeployArgs) -> anyhow::Result<ExitCode> {
     let kind = check_wasm(&a.file)?;
-    let memory = parse_size(&a.mem).with_context(|| format!("--mem {}", a.mem))?;
+    let memory = parse_mib_size(&a.mem).with_context(|| format!("--mem {}", a.mem))?;
     let timeout_ms = parse_duration_ms(&a.timeout).context("--timeout")?;
     if timeout_ms == 0 {
         anyhow::bail!("--timeout must be above 0");
@@ -250,7 +250,7 @@ async fn deploy(a: DeployArgs) -> anyhow::Result<ExitCode> {
         host.add_scalar("cpus", "", m);
     }
     if let Some(m) = &a.host_mem {
-        let bytes = parse_size(m).with_context(|| format!("--host-mem {m}"))?;
+        let bytes = parse_mib_size(m).with_context(|| format!("--host-mem {m}"))?;
         let bytes = i64::try_from(bytes).with_context(|| format!("--host-mem {m} is too large"))?;
         host.add_scalar("mem", "", bytes);
     }

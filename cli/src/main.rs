@@ -23,6 +23,11 @@ mod run;
     propagate_version = true
 )]
 struct Cli {
+    /// Log level or filter (error, warn, info, debug, trace, or a filter such as
+    /// `info,agora_agent=debug`). Overrides RUST_LOG. Default: info for `dev`, `master`
+    /// and `agent`, warn for client commands.
+    #[arg(long, global = true, value_name = "FILTER")]
+    log_level: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -154,20 +159,47 @@ enum ExecutorCmd {
     },
 }
 
-fn init_tracing(default: &str) {
-    let mut filter = tracing_subscriber::EnvFilter::try_from_env("AGORA_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+/// Where the log filter comes from: `--log-level`, else `RUST_LOG`, else `AGORA_LOG`
+/// (the older name), else the default of the kind of command.
+fn log_filter(
+    flag: Option<&str>,
+    default: &str,
+) -> Result<(String, tracing_subscriber::EnvFilter), String> {
+    let (source, text) = match flag {
+        Some(f) => ("--log-level", f.to_string()),
+        None => match ["RUST_LOG", "AGORA_LOG"].into_iter().find_map(|v| {
+            std::env::var(v)
+                .ok()
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| (v, s))
+        }) {
+            Some((v, s)) => (v, s),
+            None => ("default", default.to_string()),
+        },
+    };
+    let filter = tracing_subscriber::EnvFilter::builder()
+        .parse(&text)
+        .map_err(|e| format!("{source} {text:?} is not a log filter ({e}); use a level (error, warn, info, debug, trace) or a filter such as info,agora_agent=debug"))?;
+    Ok((text, filter))
+}
+
+fn init_tracing(flag: Option<&str>, default: &str) -> Result<(), String> {
+    use std::io::IsTerminal;
+    let (text, mut filter) = log_filter(flag, default)?;
     // openraft warns on every failed heartbeat (ten a second while a master is
-    // down); `agora masters` says which master is unreachable. AGORA_LOG=openraft=warn
-    // brings them back.
-    if !std::env::var("AGORA_LOG").is_ok_and(|v| v.contains("openraft")) {
+    // down); `agora masters` says which master is unreachable. A filter naming
+    // openraft brings them back.
+    if !text.contains("openraft") {
         filter = filter.add_directive("openraft=error".parse().expect("a valid directive"));
     }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal: not into log files or pipes.
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .with_target(false)
         .init();
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -176,7 +208,19 @@ fn main() -> ExitCode {
         cli.cmd,
         Cmd::Dev(_) | Cmd::Master(_) | Cmd::Agent(_) | Cmd::Executor { .. }
     );
-    init_tracing(if servers { "info" } else { "warn" });
+    if let Err(e) = init_tracing(
+        cli.log_level.as_deref(),
+        if servers { "info" } else { "warn" },
+    ) {
+        eprintln!("agora: {e}");
+        return ExitCode::from(2);
+    }
+    if let Some(level) = &cli.log_level {
+        // The processes this one starts (executors, the masters of `agora dev
+        // --masters`) log at the same level. Single-threaded still: no thread reads
+        // the environment concurrently.
+        std::env::set_var("RUST_LOG", level);
+    }
     if let Cmd::Bench {
         cmd: bench::BenchCmd::RunOnce { cwasm },
     } = &cli.cmd
@@ -300,5 +344,20 @@ fn main() -> ExitCode {
             eprintln!("agora: {e:#}");
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn the_flag_wins_then_rust_log_and_a_bad_filter_is_named() {
+        let (text, _) = log_filter(Some("debug"), "warn").expect("a level");
+        assert_eq!(text, "debug");
+        let (text, _) = log_filter(Some("info,agora_agent=trace"), "warn").expect("a filter");
+        assert_eq!(text, "info,agora_agent=trace");
+        let e = log_filter(Some("agora=loud"), "warn").expect_err("not a level");
+        assert!(e.contains("--log-level") && e.contains("agora=loud"), "{e}");
     }
 }

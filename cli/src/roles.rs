@@ -39,6 +39,7 @@ pub enum WeightCmd {
 pub enum QuotaCmd {
     /// Set a role's guarantee and limit, e.g.
     /// `agora quota set eng --guarantee "cpus:2;mem:4GiB" --limit "cpus:8;mem:16GiB"`.
+    /// Only the resources named change; the others keep their amounts.
     Set(QuotaSetArgs),
     /// Show quotas (of one role, or of every role that has one).
     Get {
@@ -62,9 +63,14 @@ pub struct QuotaSetArgs {
     /// Resources the role is guaranteed to be able to get: "cpus:2;mem:4GiB".
     #[arg(long, default_value = "")]
     guarantee: String,
-    /// Most the role may consume: "cpus:8;mem:16GiB". A resource not named is unlimited.
+    /// Most the role may consume: "cpus:8;mem:16GiB". A resource never limited is
+    /// unlimited (`agora quota rm` clears every limit).
     #[arg(long, default_value = "")]
     limit: String,
+    /// Set a guarantee even when the registered agents could not hold all the
+    /// guarantees (other roles may then wait until agents are added).
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args)]
@@ -137,26 +143,23 @@ pub async fn quota(cmd: QuotaCmd) -> anyhow::Result<ExitCode> {
                     a.role
                 );
             }
-            connect(&a.target).await?.set_quota(&a.role, &g, &l).await?;
-            eprintln!(
-                "role {}: quota guarantee {}, limit {}",
-                a.role,
-                if g.is_empty() {
-                    "-".into()
-                } else {
-                    g.to_string()
-                },
-                if l.is_empty() {
-                    "-".into()
-                } else {
-                    l.to_string()
-                }
-            );
+            let client = connect(&a.target).await?;
+            client.set_quota(&a.role, &g, &l, a.force).await?;
+            // The whole quota now, not only what this command named.
+            match client.roles(&a.role).await?.first() {
+                Some(r) => eprintln!(
+                    "role {}: quota guarantee {}, limit {}",
+                    a.role,
+                    show(&r.guarantee),
+                    show(&r.limit)
+                ),
+                None => eprintln!("role {}: quota set", a.role),
+            }
         }
         QuotaCmd::Rm { target, role } => {
             connect(&target)
                 .await?
-                .set_quota(&role, &Resources::new(), &Resources::new())
+                .set_quota(&role, &Resources::new(), &Resources::new(), false)
                 .await?;
             eprintln!("role {role}: quota removed");
         }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use agora_proto::resources::parse_cpus;
-use agora_proto::units::{parse_duration_ms, parse_size};
+use agora_proto::units::{parse_duration_ms, parse_mib_size};
 use agora_proto::v1::{CommandInfo, InputFile, PendingTask, Reason, WasmModule};
 use agora_proto::Resources;
 use agora_sdk::{
@@ -16,6 +16,7 @@ use agora_sdk::{
 use anyhow::Context;
 use clap::Args;
 use tokio::io::AsyncWriteExt;
+use tokio::signal::unix::{signal, SignalKind};
 
 use crate::Target;
 
@@ -26,7 +27,8 @@ pub struct RunArgs {
     /// CPUs for the task (fractions allowed).
     #[arg(long, default_value = "0.1")]
     cpus: String,
-    /// Memory for the task; also the guest's linear memory limit (e.g. 64MiB, 1GiB).
+    /// Memory for the task; also the guest's linear memory limit (e.g. 64MiB, 1GiB;
+    /// a bare number is MiB, as `mem:` in --resources).
     #[arg(long, default_value = "64MiB")]
     mem: String,
     /// Disk for the task's sandbox (inputs, files it writes), e.g. 256MiB, 2GiB. A
@@ -203,7 +205,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             a.cpus
         )
     })?;
-    let mem = parse_size(&a.mem).map_err(|e| anyhow::anyhow!("--mem: {e}"))?;
+    let mem = parse_mib_size(&a.mem).map_err(|e| anyhow::anyhow!("--mem: {e}"))?;
     let mem = i64::try_from(mem).map_err(|_| anyhow::anyhow!("--mem {} is too large", a.mem))?;
     if mem <= 0 {
         anyhow::bail!("--mem must be above zero");
@@ -357,8 +359,12 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             resources: ask.to_proto(),
         }])
         .await?;
-    let outcome = drive(&client, &mut sched, task, &ask).await;
-    let _ = sched.teardown().await;
+    let outcome = drive(&client, &mut sched, task, &ask, &a.role).await;
+    // Confirmed before exiting: a TEARDOWN still queued when the process ends is
+    // lost, and the master would keep the framework for its failover timeout.
+    if let Err(e) = sched.teardown_and_wait(Duration::from_secs(2)).await {
+        tracing::warn!("{e}");
+    }
     outcome
 }
 
@@ -411,6 +417,7 @@ async fn drive(
     sched: &mut Scheduler,
     task: TaskInfo,
     ask: &Resources,
+    role: &str,
 ) -> anyhow::Result<ExitCode> {
     let task_id = task.task_id.clone();
     // Kept to launch again if the launch is dropped (the master connection broke
@@ -428,8 +435,14 @@ async fn drive(
     };
     let mut running = false;
     let mut poll = tokio::time::interval(Duration::from_millis(250));
-    let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
-    let mut killing = false;
+    // SIGINT (Ctrl-C) and SIGTERM (`timeout`, a supervisor) end the task, then the
+    // run, with 128 + the signal's number as a shell would report.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut interrupted: Option<u8> = None;
+    // How long a killed task may take to report its end before the run gives up
+    // waiting (the TEARDOWN that follows kills it anyway).
+    let mut give_up = std::pin::pin!(tokio::time::sleep(Duration::from_secs(86_400 * 365)));
     // While no offer fits, say why (from the master's explanation), and again if
     // the reason changes.
     let mut explain = tokio::time::interval_at(
@@ -444,7 +457,7 @@ async fn drive(
                 if let Ok(tasks) = client.list_tasks(false).await {
                     if let Some(t) = tasks.iter().find(|t| t.task_id == task_id && !t.waiting_for.is_empty()) {
                         if t.waiting_for != last_why {
-                            eprintln!("task {task_id} PENDING: waiting for {}", t.waiting_for);
+                            eprintln!("task {task_id} PENDING: {}", t.waiting_for);
                             last_why = t.waiting_for.clone();
                         }
                     }
@@ -457,14 +470,29 @@ async fn drive(
                 }
                 continue;
             }
-            _ = &mut ctrl_c, if !killing => {
-                killing = true;
-                eprintln!("agora: interrupted; killing task {task_id}");
-                if task.is_some() {
-                    return Ok(ExitCode::from(130));
+            sig = async {
+                tokio::select! {
+                    _ = sigint.recv() => 130u8,
+                    _ = sigterm.recv() => 143u8,
                 }
+            }, if interrupted.is_none() => {
+                interrupted = Some(sig);
+                if task.is_some() {
+                    // Not launched: the TEARDOWN that follows removes it from the
+                    // master's waiting list.
+                    eprintln!("agora: interrupted; task {task_id} was not launched");
+                    return Ok(ExitCode::from(sig));
+                }
+                eprintln!("agora: interrupted; killing task {task_id}");
                 sched.kill(&task_id).await?;
+                give_up
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + Duration::from_secs(1));
                 continue;
+            }
+            _ = &mut give_up, if interrupted.is_some() => {
+                eprintln!("agora: task {task_id} did not report its end within 1 s of the kill; tearing the framework down");
+                return Ok(ExitCode::from(interrupted.unwrap_or(130)));
             }
         };
         let Some(ev) = ev else {
@@ -473,16 +501,18 @@ async fn drive(
         match ev {
             Event::Offers(offers) => {
                 let mut ids: Vec<String> = offers.iter().map(|o| o.offer_id.clone()).collect();
+                // What the task takes from the offer: its role's reservation
+                // first, then unreserved resources.
                 let fit = task.as_ref().and_then(|_| {
-                    offers.iter().position(|o| {
-                        Resources::from_proto(&o.resources)
-                            .map(|r| r.unreserved().contains(ask))
-                            .unwrap_or(false)
+                    offers.iter().enumerate().find_map(|(i, o)| {
+                        let have = Resources::from_proto(&o.resources).ok()?;
+                        have.take_for_role(ask, role).map(|take| (i, take))
                     })
                 });
-                if let Some(i) = fit {
+                if let Some((i, take)) = fit {
                     let offer = ids.remove(i);
-                    let t = task.take().expect("checked");
+                    let mut t = task.take().expect("checked");
+                    t.resources = take.to_proto();
                     sched.accept(vec![offer], vec![t], None).await?;
                     eprintln!("task {task_id} STAGING");
                 }
@@ -531,6 +561,9 @@ async fn drive(
                         eprintln!("agora: could not read the task's output: {e:#}");
                     }
                     eprintln!("{}", status_line(&s));
+                    if let Some(sig) = interrupted {
+                        return Ok(ExitCode::from(sig));
+                    }
                     return Ok(exit_code(&s));
                 }
                 eprintln!("{}", status_line(&s));

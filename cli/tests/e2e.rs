@@ -496,6 +496,225 @@ fn offer_constraints_pin_work_to_matching_agents_and_say_why_otherwise() {
     let o = c.agora(&["run", "--constraint", "=oops", g.to_str().unwrap()]);
     assert_eq!(code(&o), 2, "{}", stderr(&o));
     assert!(stderr(&o).contains("=oops"), "{}", stderr(&o));
+    // `zone!b` was once read as an attribute named `zone!`, and the task waited
+    // for ever; now it is refused, and `!=` works.
+    let o = c.agora(&["run", "--constraint", "zone!b", g.to_str().unwrap()]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(stderr(&o).contains("zone!b"), "{}", stderr(&o));
+    let o = c.agora(&["run", "--constraint", "zone!=edge-2", g.to_str().unwrap()]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+}
+
+/// `agora run NAME` in the background, its stderr kept.
+fn background_run(c: &Cluster, args: &[&str]) -> std::process::Child {
+    Command::new(AGORA)
+        .args(args)
+        .env("AGORA_CONFIG", &c.config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Frameworks named in `agora role ls`.
+fn frameworks(c: &Cluster) -> String {
+    stdout(&c.agora(&["role", "ls"]))
+}
+
+/// Sends `signal` to a background run and asserts the exit code it ends with.
+fn signal_run(run: &mut std::process::Child, signal: i32, code: i32) {
+    unsafe { libc::kill(run.id() as i32, signal) };
+    let out = wait_child(run, 30);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// No framework of the run named `name` is left (`agora run` names its framework
+/// `agora-run NAME`).
+fn assert_no_framework(c: &Cluster, name: &str) {
+    let listed = frameworks(c);
+    assert!(!listed.contains(&format!("agora-run {name}")), "{listed}");
+}
+
+#[test]
+fn sigterm_and_ctrl_c_end_the_run_its_task_and_its_framework() {
+    let c = cluster();
+    // SIGTERM of a run whose task runs: the task is killed, the framework torn
+    // down, and the run exits 143 as a shell reports SIGTERM.
+    let mut run = background_run(
+        c,
+        &[
+            "run",
+            "--name",
+            "sigterm-victim",
+            guest("spin").to_str().unwrap(),
+        ],
+    );
+    let id = wait_for_task(c, |row| {
+        row.contains("sigterm-victim") && row.contains("RUNNING")
+    });
+    assert!(frameworks(c).contains("agora-run sigterm-victim"));
+    let sent = std::time::Instant::now();
+    signal_run(&mut run, libc::SIGTERM, 143);
+    let exited = sent.elapsed();
+    // The run exits once the master has confirmed the TEARDOWN, so its framework
+    // is gone by then (it once lingered for 60 s); the task ends with it.
+    assert_no_framework(c, "sigterm-victim");
+    wait_until("the task gone", || !stdout(&c.agora(&["ps"])).contains(&id));
+    let gone = sent.elapsed();
+    let all = stdout(&c.agora(&["ps", "--all"]));
+    let row = all
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .unwrap_or_default()
+        .to_string();
+    assert!(row.contains("KILLED"), "{row}");
+    eprintln!("SIGTERM: run exited after {exited:?}; task and framework gone after {gone:?}");
+
+    // Ctrl-C on a run whose task waits (too big to place): exit 130, and the task
+    // is no longer waiting.
+    let mut run = background_run(
+        c,
+        &[
+            "run",
+            "--cpus",
+            "512",
+            "--name",
+            "sigint-pending",
+            guest("hello").to_str().unwrap(),
+        ],
+    );
+    let id = wait_for_task(c, |row| {
+        row.contains("sigint-pending") && row.contains("PENDING")
+    });
+    signal_run(&mut run, libc::SIGINT, 130);
+    assert_no_framework(c, "sigint-pending");
+    let ps = stdout(&c.agora(&["ps"]));
+    assert!(!ps.contains(&id), "a pending task outlived its run: {ps}");
+
+    // Ctrl-C on a running task: 130 too (it was 137, as for a kill by someone else).
+    let mut run = background_run(
+        c,
+        &[
+            "run",
+            "--name",
+            "sigint-running",
+            guest("spin").to_str().unwrap(),
+        ],
+    );
+    wait_for_task(c, |row| {
+        row.contains("sigint-running") && row.contains("RUNNING")
+    });
+    signal_run(&mut run, libc::SIGINT, 130);
+    // A run that ends normally tears its framework down too.
+    let o = c.agora(&[
+        "run",
+        "--name",
+        "normal-end",
+        guest("hello").to_str().unwrap(),
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_no_framework(c, "normal-end");
+}
+
+#[test]
+fn operator_commands_refuse_what_they_cannot_do_and_change_only_what_they_name() {
+    let c = cluster();
+    // A guarantee beyond the cluster is refused unless forced.
+    let o = c.agora(&[
+        "quota",
+        "set",
+        "e2e-big",
+        "--guarantee",
+        "cpus:1000;mem:5000GiB",
+    ]);
+    assert_ne!(code(&o), 0);
+    assert!(
+        stderr(&o).contains("--force") && stderr(&o).contains("cannot hold"),
+        "{}",
+        stderr(&o)
+    );
+    // Setting a guarantee later keeps the limit set before.
+    let o = c.agora(&["quota", "set", "e2e-q", "--limit", "cpus:2;mem:1GiB"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let o = c.agora(&["quota", "set", "e2e-q", "--guarantee", "cpus:0.01"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let got = stdout(&c.agora(&["quota", "get", "e2e-q"]));
+    assert!(
+        got.contains("cpus:0.01") && got.contains("cpus:2;mem:1GiB"),
+        "{got}"
+    );
+    let o = c.agora(&["quota", "rm", "e2e-q"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let o = c.agora(&["quota", "rm", "e2e-q"]);
+    assert_ne!(code(&o), 0);
+    assert!(stderr(&o).contains("no quota to remove"), "{}", stderr(&o));
+    // Weights out of range are refused.
+    for w in ["1e308", "1e-300", "0"] {
+        let o = c.agora(&["role", "weight", "set", "e2e-w", w]);
+        assert_ne!(code(&o), 0, "weight {w}: {}", stderr(&o));
+    }
+    // explain of an id it does not know is an error, not an empty role.
+    let o = c.agora(&["explain", "c5870972fe15"]);
+    assert_ne!(code(&o), 0, "{}", stdout(&o));
+    assert!(
+        stderr(&o).contains("no task or role is named"),
+        "{}",
+        stderr(&o)
+    );
+    // A bad log filter is named.
+    let o = c.agora(&["ps", "--log-level", "agora=loud"]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--log-level") && stderr(&o).contains("loud"),
+        "{}",
+        stderr(&o)
+    );
+    // --mem takes MiB when bare, as `mem:` in --resources does, never bytes.
+    let o = c.agora(&["run", "--mem", "64", guest("hello").to_str().unwrap()]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+}
+
+#[test]
+fn a_role_runs_on_its_static_reservation() {
+    let c = Cluster::start_with(&[
+        "--resources",
+        "cpus:1;mem:512;cpus(tenant-a):1;mem(tenant-a):512",
+    ]);
+    // 1.5 cpus: more than the unreserved part; it fits only with the reservation.
+    let o = c.agora(&[
+        "run",
+        "--role",
+        "tenant-a",
+        "--cpus",
+        "1.5",
+        "--mem",
+        "700MiB",
+        "--name",
+        "reserved",
+        guest("hello").to_str().unwrap(),
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(stdout(&o).contains("hello from agora"), "{}", stdout(&o));
+    // A reservation for a role that cannot exist is refused at start.
+    let dir = tempfile::tempdir().unwrap();
+    let o = run_bounded(
+        Command::new(AGORA)
+            .args([
+                "dev",
+                "--resources",
+                "cpus:1;mem:512;cpus(..):1",
+                "--data-dir",
+            ])
+            .arg(dir.path()),
+        60,
+    );
+    assert_ne!(code(&o), 0);
+    assert!(stderr(&o).contains("`..`"), "{}", stderr(&o));
 }
 
 #[test]

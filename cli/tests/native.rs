@@ -1,5 +1,5 @@
 //! Native tasks end to end: `agora run --command/--exec` through a real dev cluster,
-//! with the native executor isolating each task in a cgroup (v1 here, as root), and
+//! with the native executor isolating each task in a cgroup (v1 or v2, as root), and
 //! the posix fallback.
 
 mod common;
@@ -7,22 +7,48 @@ mod common;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
+use agora_native_executor::{CgroupVersion, IsolationMode, Isolator};
 use common::*;
 
-/// The cgroup tests need root and cgroup v1 controllers (CI has both). Elsewhere they
-/// say why they skip.
-fn cgroups_usable() -> bool {
-    let root = unsafe { libc::geteuid() } == 0;
-    let v1 = ["cpu", "cpuacct", "memory", "pids"].iter().all(|c| {
-        std::path::Path::new("/sys/fs/cgroup")
-            .join(c)
-            .join("cgroup.procs")
-            .exists()
-    });
-    if !root || !v1 {
-        eprintln!("skipped: needs root (have: {root}) and cgroup v1 cpu/cpuacct/memory/pids controllers (have: {v1})");
+/// The cgroup version the agent will use here (as root, where cgroups are usable), or
+/// why the cgroup tests skip. `AGORA_REQUIRE_CGROUP=v1|v2` (set by
+/// `scripts/cgroup2-vm.sh` in its cgroup v2 guest) makes a skip or another version a
+/// failure. Prints the version each test runs on ("cgroup v2: TEST").
+fn cgroups_usable_for(test: &str) -> Option<CgroupVersion> {
+    let required = match std::env::var("AGORA_REQUIRE_CGROUP").ok().as_deref() {
+        None => None,
+        Some("v1") => Some(CgroupVersion::V1),
+        Some("v2") => Some(CgroupVersion::V2),
+        Some(other) => panic!("AGORA_REQUIRE_CGROUP is v1 or v2, not {other:?}"),
+    };
+    let found = if unsafe { libc::geteuid() } != 0 {
+        Err("not running as root".to_string())
+    } else {
+        Isolator::new(Some(IsolationMode::Cgroups), "agora-test-probe")
+            .map(|iso| iso.cgroup_version().expect("cgroups have a version"))
+            .map_err(|e| e.to_string())
+    };
+    match found {
+        Ok(v) => {
+            if let Some(r) = required {
+                assert_eq!(
+                    v, r,
+                    "{test}: AGORA_REQUIRE_CGROUP asks for another version"
+                );
+            }
+            let n = if v == CgroupVersion::V1 { 1 } else { 2 };
+            println!("cgroup v{n}: {test}");
+            Some(v)
+        }
+        Err(why) => {
+            assert!(
+                required.is_none(),
+                "{test}: AGORA_REQUIRE_CGROUP is set but cgroups are unusable: {why}"
+            );
+            eprintln!("SKIPPED {test}: needs root and usable cgroups: {why}");
+            None
+        }
     }
-    root && v1
 }
 
 /// One cgroup-isolated cluster with a small pids limit, shared by this file's tests.
@@ -31,19 +57,21 @@ fn cluster() -> &'static Cluster {
     C.get_or_init(|| Cluster::start_with(&["--pids-limit", "64"]))
 }
 
-/// The agent's cgroup directory under a v1 controller.
-fn agent_cgroup(c: &Cluster, controller: &str) -> PathBuf {
+/// The agent's cgroup directory: under a v1 controller's mount, or in the v2
+/// hierarchy (`controller` is then ignored).
+fn agent_cgroup(c: &Cluster, version: CgroupVersion, controller: &str) -> PathBuf {
     let work = std::fs::canonicalize(c.agent_dir()).unwrap();
     let slug = agora_proto::sha256_hex(work.to_string_lossy().as_bytes())[..12].to_string();
-    PathBuf::from("/sys/fs/cgroup")
-        .join(controller)
-        .join("agora")
-        .join(format!("agent-{slug}"))
+    let mount = match version {
+        CgroupVersion::V1 => PathBuf::from("/sys/fs/cgroup").join(controller),
+        CgroupVersion::V2 => PathBuf::from("/sys/fs/cgroup"),
+    };
+    mount.join("agora").join(format!("agent-{slug}"))
 }
 
 #[test]
 fn shell_command_output_and_exit_code_pass_through() {
-    if !cgroups_usable() {
+    if cgroups_usable_for("shell_command_output_and_exit_code_pass_through").is_none() {
         return;
     }
     let c = cluster();
@@ -74,7 +102,7 @@ fn shell_command_output_and_exit_code_pass_through() {
 
 #[test]
 fn argv_form_runs_without_a_shell() {
-    if !cgroups_usable() {
+    if cgroups_usable_for("argv_form_runs_without_a_shell").is_none() {
         return;
     }
     let o = cluster().agora(&[
@@ -99,7 +127,7 @@ fn argv_form_runs_without_a_shell() {
 
 #[test]
 fn a_missing_command_says_command_not_found() {
-    if !cgroups_usable() {
+    if cgroups_usable_for("a_missing_command_says_command_not_found").is_none() {
         return;
     }
     let c = cluster();
@@ -121,7 +149,9 @@ fn a_missing_command_says_command_not_found() {
 
 #[test]
 fn a_fork_bomb_is_stopped_by_the_pids_limit_and_others_are_untouched() {
-    if !cgroups_usable() {
+    if cgroups_usable_for("a_fork_bomb_is_stopped_by_the_pids_limit_and_others_are_untouched")
+        .is_none()
+    {
         return;
     }
     let c = cluster();
@@ -144,7 +174,7 @@ fn a_fork_bomb_is_stopped_by_the_pids_limit_and_others_are_untouched() {
 
 #[test]
 fn a_memory_bomb_is_oom_killed_and_reported() {
-    if !cgroups_usable() {
+    if cgroups_usable_for("a_memory_bomb_is_oom_killed_and_reported").is_none() {
         return;
     }
     let o = cluster().agora(&[
@@ -171,7 +201,9 @@ fn a_memory_bomb_is_oom_killed_and_reported() {
 
 #[test]
 fn kill_takes_the_whole_process_tree_even_when_it_ignores_sigterm() {
-    if !cgroups_usable() {
+    if cgroups_usable_for("kill_takes_the_whole_process_tree_even_when_it_ignores_sigterm")
+        .is_none()
+    {
         return;
     }
     let c = cluster();
@@ -209,7 +241,7 @@ fn kill_takes_the_whole_process_tree_even_when_it_ignores_sigterm() {
 
 #[test]
 fn cpus_half_caps_a_busy_loop_near_half_a_core() {
-    if !cgroups_usable() {
+    if cgroups_usable_for("cpus_half_caps_a_busy_loop_near_half_a_core").is_none() {
         return;
     }
     let c = cluster();
@@ -249,9 +281,9 @@ fn cpus_half_caps_a_busy_loop_near_half_a_core() {
 
 #[test]
 fn executors_sit_in_a_cgroup_sized_to_their_tasks() {
-    if !cgroups_usable() {
+    let Some(version) = cgroups_usable_for("executors_sit_in_a_cgroup_sized_to_their_tasks") else {
         return;
-    }
+    };
     let c = Cluster::start();
     let mut run = Command::new(AGORA)
         .args([
@@ -271,40 +303,87 @@ fn executors_sit_in_a_cgroup_sized_to_their_tasks() {
         .spawn()
         .unwrap();
     let id = wait_for_task(&c, |row| row.contains("sized") && row.contains("RUNNING"));
-    let mem = agent_cgroup(&c, "memory");
+    let mem = agent_cgroup(&c, version, "memory");
     let exec = std::fs::read_dir(&mem)
         .unwrap()
-        .map(|e| e.unwrap().path().join("default-native"))
+        .filter_map(|e| {
+            let e = e.unwrap();
+            // v2: the agent's root also holds cgroup.* and controller files.
+            e.file_type()
+                .unwrap()
+                .is_dir()
+                .then(|| e.path().join("default-native"))
+        })
         .find(|p| p.exists())
         .expect("the native executor's cgroup");
-    let limit: u64 = std::fs::read_to_string(exec.join("memory.limit_in_bytes"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let read = |dir: &std::path::Path, file: &str| {
+        std::fs::read_to_string(dir.join(file))
+            .unwrap_or_else(|e| panic!("{}/{file}: {e}", dir.display()))
+            .trim()
+            .to_string()
+    };
+    let cpu_dir = agent_cgroup(&c, version, "cpu").join(exec.strip_prefix(&mem).unwrap());
+    let (mem_file, executor_quota) = match version {
+        CgroupVersion::V1 => ("memory.limit_in_bytes", read(&cpu_dir, "cpu.cfs_quota_us")),
+        CgroupVersion::V2 => ("memory.max", read(&cpu_dir, "cpu.max")),
+    };
+    let limit: u64 = read(&exec, mem_file).parse().unwrap();
     assert_eq!(
         limit,
         (128 + 32) << 20,
         "task memory plus the executor's allowance"
     );
-    let cpu_dir = agent_cgroup(&c, "cpu").join(exec.strip_prefix(&mem).unwrap());
-    let quota: i64 = std::fs::read_to_string(cpu_dir.join("cpu.cfs_quota_us"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    assert_eq!(quota, 50_000);
-    // The task's own group nests inside the executor's.
-    let task_dir = std::fs::read_dir(&exec)
+    let want_quota = match version {
+        CgroupVersion::V1 => "50000",
+        CgroupVersion::V2 => "50000 100000",
+    };
+    assert_eq!(executor_quota, want_quota);
+    // The task's own group nests inside the executor's (on v2 beside the executor's
+    // own leaf, `executor.proc`: v2 allows no processes in a group with children
+    // that have controllers).
+    let subgroups: Vec<PathBuf> = std::fs::read_dir(&exec)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .find(|p| p.is_dir())
-        .expect("task cgroup");
-    let task_limit: u64 = std::fs::read_to_string(task_dir.join("memory.limit_in_bytes"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+        .filter(|p| p.is_dir())
+        .collect();
+    let task_dir = subgroups
+        .iter()
+        .find(|p| !p.ends_with("executor.proc"))
+        .unwrap_or_else(|| panic!("no task cgroup in {subgroups:?}"));
+    if version == CgroupVersion::V2 {
+        let leaf = exec.join("executor.proc");
+        assert!(
+            subgroups.contains(&leaf),
+            "the executor's leaf: {subgroups:?}"
+        );
+        assert_eq!(
+            read(&exec, "cgroup.procs"),
+            "",
+            "no process in an inner group"
+        );
+        assert_ne!(
+            read(&leaf, "cgroup.procs"),
+            "",
+            "the executor sits in its leaf"
+        );
+        let enabled = read(&exec, "cgroup.subtree_control");
+        for c in ["cpu", "memory", "pids"] {
+            assert!(
+                enabled.split_whitespace().any(|e| e == c),
+                "{c} enabled for the task groups: {enabled}"
+            );
+        }
+        assert_eq!(
+            read(task_dir, "pids.max"),
+            "1024",
+            "the agent's default --pids-limit"
+        );
+    }
+    let task_mem = match version {
+        CgroupVersion::V1 => "memory.limit_in_bytes",
+        CgroupVersion::V2 => "memory.max",
+    };
+    let task_limit: u64 = read(task_dir, task_mem).parse().unwrap();
     assert_eq!(task_limit, 128 << 20);
     assert_eq!(code(&c.agora(&["kill", &id])), 0);
     wait_child(&mut run, 60);
@@ -354,7 +433,7 @@ fn count_procs(marker: &str) -> usize {
 
 #[test]
 fn ps_stats_shows_live_usage_of_running_native_tasks() {
-    if !cgroups_usable() {
+    if cgroups_usable_for("ps_stats_shows_live_usage_of_running_native_tasks").is_none() {
         return;
     }
     let c = cluster();

@@ -515,6 +515,7 @@ impl Master {
                             role: if q.role.is_empty() { role } else { q.role },
                             guarantee,
                             limit,
+                            force: q.force,
                         }
                     }
                 };
@@ -877,6 +878,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         role: "dev".into(),
         guarantee: Resources::cpus_mem(1_000, 1 << 30).to_proto(),
         limit: Resources::cpus_mem(4_000, 4 << 30).to_proto(),
+        force: true,
     });
     op(&mut w, Op::Operator);
     w.byte(3).byte(1).byte(32);

@@ -32,8 +32,12 @@
 //! sockets) and their own error answers. [`serve`] is the one accept loop both doors
 //! run: connection caps, header timeouts, bounded heads.
 
+pub mod panics;
 pub mod serve;
+mod text;
+pub use panics::catch_panics;
 pub use serve::serve;
+pub use text::plain_text;
 
 use std::any::Any;
 use std::error::Error as StdError;

@@ -45,11 +45,10 @@ pub async fn serve(
     gate: Gate,
     name: &'static str,
 ) {
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
-        .max_header_size(MAX_HEAD_BYTES)
-        .max_headers(MAX_HEADERS);
+    // A panic while one request is handled gives that request a 500; the connection
+    // and its other requests go on.
+    let router = crate::catch_panics(router, name);
+    let http = http1();
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(a) => a,
@@ -66,20 +65,61 @@ pub async fn serve(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(door = name, "cannot set TCP_NODELAY: {e}");
         }
-        let router = router.clone();
-        let service =
-            hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-                router.clone().oneshot(req)
-            });
-        let conn = http
-            .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
-            .with_upgrades();
+        let conn = connection(
+            &http,
+            hyper_util::rt::TokioIo::new(tcp),
+            router.clone(),
+            peer,
+        );
         tokio::spawn(async move {
             let _pass = pass;
             if let Err(e) = conn.await {
                 tracing::debug!(door = name, %peer, "connection ended: {e}");
             }
         });
+    }
+}
+
+/// The HTTP/1.1 settings of every door connection: the head timeout (also the idle
+/// limit of a kept-alive connection), and the bounds on a head.
+fn http1() -> hyper::server::conn::http1::Builder {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_header_size(MAX_HEAD_BYTES)
+        .max_headers(MAX_HEADERS);
+    http
+}
+
+/// One door connection over `io` from `peer`: what [`serve`] runs for each accepted
+/// connection (`router` should already be wrapped by [`crate::catch_panics`]).
+fn connection<I>(
+    http: &hyper::server::conn::http1::Builder,
+    io: I,
+    router: axum::Router,
+    peer: SocketAddr,
+) -> impl std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service =
+        hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+            router.clone().oneshot(req)
+        });
+    http.serve_connection(io, service).with_upgrades()
+}
+
+/// Serves one connection over any byte stream `io` (an in-memory pipe, say) exactly
+/// as [`serve`] serves an accepted TCP connection: the same settings, the same
+/// panic guard, `peer` as the client's address. For fuzzing and tests.
+pub async fn serve_io<I>(io: I, router: axum::Router, peer: SocketAddr, name: &'static str)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let router = crate::catch_panics(router, name);
+    let conn = connection(&http1(), hyper_util::rt::TokioIo::new(io), router, peer);
+    if let Err(e) = conn.await {
+        tracing::debug!(door = name, %peer, "connection ended: {e}");
     }
 }

@@ -1333,6 +1333,7 @@ impl Ctx {
                             role: q.role.clone(),
                             guarantee,
                             limit,
+                            force: q.force,
                         })
                         .await
                     }

@@ -71,12 +71,32 @@ impl Node {
         })
     }
 
+    /// `agora quota set --force` (no agents in most of these tests).
     fn set_quota(&mut self, role: &str, g: &Resources, l: &Resources) -> Result<(), String> {
+        self.quota(role, g, l, true)
+    }
+
+    fn quota(
+        &mut self,
+        role: &str,
+        g: &Resources,
+        l: &Resources,
+        force: bool,
+    ) -> Result<(), String> {
         self.operate(OperatorOp::SetQuota {
             role: role.into(),
             guarantee: g.clone(),
             limit: l.clone(),
+            force,
         })
+    }
+
+    fn quota_of(&self, role: &str) -> (Resources, Resources) {
+        let r = self.core.roles(role).unwrap().remove(0);
+        (
+            Resources::from_proto(&r.guarantee).unwrap(),
+            Resources::from_proto(&r.limit).unwrap(),
+        )
     }
 
     fn feed(&mut self, input: Input) -> Vec<Output> {
@@ -344,6 +364,69 @@ fn weights_and_quotas_survive_a_restart() {
 }
 
 #[test]
+fn quota_set_changes_only_what_it_names_and_guarantees_must_fit_the_cluster() {
+    let mut m = Node::new();
+    let none = Resources::new();
+    // No agent yet: any guarantee is more than the cluster has.
+    let err = m
+        .quota("big", &Resources::cpus_mem(1000, GIB), &none, false)
+        .unwrap_err();
+    assert!(
+        err.contains("--force") && err.contains("0 registered agent"),
+        "{err}"
+    );
+    m.agent(10, "", vec![]);
+    m.agent(11, "", vec![]); // 8 cpus, 8 GiB in all
+    let err = m
+        .quota("big", &Resources::cpus_mem(1_000_000, GIB), &none, false)
+        .unwrap_err();
+    assert!(
+        err.contains("1000") && err.contains("8") && err.contains("cpus"),
+        "{err}"
+    );
+    assert!(
+        m.core.take_registry_ops().is_empty(),
+        "refused, not recorded"
+    );
+    // Within capacity: accepted; a second role's guarantee counts with the first's.
+    m.quota("a", &Resources::cpus_mem(5000, GIB), &none, false)
+        .unwrap();
+    let err = m
+        .quota("b", &Resources::cpus_mem(4000, GIB), &none, false)
+        .unwrap_err();
+    assert!(err.contains("9 of cpus") || err.contains("cpus"), "{err}");
+    // A child's guarantee lies inside its parent's: not counted twice.
+    m.quota("a/web", &Resources::cpus_mem(4000, GIB), &none, false)
+        .unwrap();
+    // --force sets it anyway.
+    m.quota("b", &Resources::cpus_mem(4000, GIB), &none, true)
+        .unwrap();
+
+    // A limit set later keeps the guarantee; a guarantee of 0 drops only that one.
+    let l = Resources::parse("cpus:6").unwrap();
+    m.quota("a", &none, &l, false).unwrap();
+    let (g, lim) = m.quota_of("a");
+    assert_eq!(g, Resources::cpus_mem(5000, GIB));
+    assert_eq!(lim, l);
+    // A guarantee of one resource replaces that one only.
+    m.quota("a", &Resources::parse("cpus:4").unwrap(), &none, false)
+        .unwrap();
+    assert_eq!(m.quota_of("a").0, Resources::cpus_mem(4000, GIB));
+    // The guarantee may not exceed the limit once merged.
+    let err = m
+        .quota("a", &Resources::parse("cpus:7").unwrap(), &none, true)
+        .unwrap_err();
+    assert!(err.contains("above its limit"), "{err}");
+
+    // Removing: a role with a quota loses it; a role without one is an error.
+    m.quota("a", &none, &none, false).unwrap();
+    let err = m.quota("a", &none, &none, false).unwrap_err();
+    assert!(err.contains("no quota to remove"), "{err}");
+    let err = m.quota("never", &none, &none, false).unwrap_err();
+    assert!(err.contains("`never`"), "{err}");
+}
+
+#[test]
 fn explain_names_the_role_quota_and_what_holds_offers_back() {
     let mut m = Node::new();
     m.set_quota("eng", &Resources::new(), &Resources::cpus_mem(1000, GIB))
@@ -354,6 +437,13 @@ fn explain_names_the_role_quota_and_what_holds_offers_back() {
     assert!(text.contains("no agent is connected"), "{text}");
     let err = m.core.explain("no such thing!", m.now).unwrap_err();
     assert!(err.0.contains("no task or role"), "{err}");
+    // An id that could be a role name but names nothing known is not answered as
+    // an empty role.
+    let err = m.core.explain("c5870972fe15", m.now).unwrap_err();
+    assert!(
+        err.0.contains("no task or role is named `c5870972fe15`"),
+        "{err}"
+    );
 }
 
 fn updates_to(outs: &[Output], conn: ConnId) -> Vec<TaskStatus> {

@@ -175,6 +175,34 @@ impl Resources {
         v
     }
 
+    /// What a task asking `ask` (amounts, roles ignored) takes from this bag (an
+    /// offer to `role`): `role`'s reservation first, then unreserved amounts, as
+    /// Mesos frameworks do. None when this bag cannot cover `ask`.
+    pub fn take_for_role(&self, ask: &Resources, role: &str) -> Option<Resources> {
+        let role = if role == "*" { "" } else { role };
+        let sources: &[&str] = if role.is_empty() { &[""] } else { &[role, ""] };
+        let mut out = Resources::new();
+        for ((name, _), want) in &ask.unreserved().amounts {
+            let mut need = *want;
+            for r in sources {
+                let have = self
+                    .amounts
+                    .get(&(name.clone(), r.to_string()))
+                    .copied()
+                    .unwrap_or(0);
+                let take = have.min(need);
+                if take > 0 {
+                    out.add_scalar(name, r, take);
+                    need -= take;
+                }
+            }
+            if need > 0 {
+                return None;
+            }
+        }
+        Some(out)
+    }
+
     /// The part of this bag reserved for `role` ("" for the unreserved part).
     pub fn of_role(&self, role: &str) -> Resources {
         let mut out = Resources::new();
@@ -371,6 +399,27 @@ mod tests {
     use super::*;
 
     const MIB: i64 = 1 << 20;
+
+    #[test]
+    fn a_task_takes_its_role_s_reservation_first_then_unreserved() {
+        let offer = Resources::parse("cpus:1;cpus(tenant-a):1;mem:512;mem(tenant-a):256").unwrap();
+        let ask = Resources::parse("cpus:1.5;mem:700").unwrap();
+        let got = offer.take_for_role(&ask, "tenant-a").unwrap();
+        assert_eq!(
+            got,
+            Resources::parse("cpus(tenant-a):1;cpus:0.5;mem(tenant-a):256;mem:444").unwrap()
+        );
+        assert_eq!(got.unreserved(), ask);
+        // Another role has only the unreserved part, which is too small.
+        assert_eq!(offer.take_for_role(&ask, "*"), None);
+        assert_eq!(offer.take_for_role(&ask, "tenant-b"), None);
+        let small = Resources::parse("cpus:0.5;mem:100").unwrap();
+        assert_eq!(
+            offer.take_for_role(&small, "tenant-a").unwrap(),
+            Resources::parse("cpus(tenant-a):0.5;mem(tenant-a):100").unwrap()
+        );
+        assert_eq!(offer.take_for_role(&small, "*").unwrap(), small);
+    }
 
     #[test]
     fn parses_agent_flag_with_mesos_units() {

@@ -98,6 +98,28 @@ pub enum UnitError {
 /// Decimal places read at most (after trailing zeros); keeps the arithmetic in u128.
 const MAX_DECIMALS: usize = 18;
 
+/// Parses a memory or disk amount as flags take it: a size with a unit (`64MiB`,
+/// `1.5GiB`), or a bare number of MiB, as `mem:2048` in `--resources` and in Mesos.
+/// Never a bare number of bytes: `--mem 1` is one MiB, not one byte.
+pub fn parse_mib_size(input: &str) -> Result<u64, UnitError> {
+    let t = input.trim();
+    if !t.is_empty() && t.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return parse_size(&format!("{t}MiB")).map_err(|e| match e {
+            UnitError::TooLarge { what, max, .. } => UnitError::TooLarge {
+                what,
+                input: input.into(),
+                max,
+            },
+            UnitError::TooPrecise { what, .. } => UnitError::TooPrecise {
+                what,
+                input: input.into(),
+            },
+            other => other,
+        });
+    }
+    parse_size(input)
+}
+
 /// Parses a byte size: `64MiB`, `1.5GiB`, `512MB`, `1k`, `2 GiB`, or a bare number of
 /// bytes. Units are case-insensitive: B; k, kB (1000), KiB (1024); M, MB, MiB; G,
 /// GB, GiB; T, TB, TiB. A fraction of a byte is rounded to the nearest byte.
@@ -351,6 +373,24 @@ mod tests {
 
     fn duration_err(s: &str) -> String {
         parse_duration(s).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_bare_memory_amount_is_mib_never_bytes() {
+        assert_eq!(parse_mib_size("1").unwrap(), MIB);
+        assert_eq!(parse_mib_size(" 2048 ").unwrap(), 2048 * MIB);
+        assert_eq!(parse_mib_size("0.5").unwrap(), MIB / 2);
+        assert_eq!(parse_mib_size("64MiB").unwrap(), 64 * MIB);
+        assert_eq!(parse_mib_size("1GiB").unwrap(), GIB);
+        assert_eq!(parse_mib_size("12B").unwrap(), 12);
+        let e = parse_mib_size("99999999999999999999")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`99999999999999999999`") && e.contains("too large"),
+            "{e}"
+        );
+        assert!(parse_mib_size("-1").is_err() && parse_mib_size("").is_err());
     }
 
     #[test]

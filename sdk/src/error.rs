@@ -65,6 +65,9 @@ pub enum Error {
     /// The master refused the bytes of an upload (size or hash mismatch, ...).
     #[error("{0}")]
     UploadFailed(String),
+    /// A TEARDOWN was sent but the master did not close the session in time.
+    #[error("the master did not confirm the TEARDOWN within {0:?}; the framework ends when its failover timeout does")]
+    TeardownUnconfirmed(Duration),
     /// The scheduler session is over: no call can be sent.
     #[error("the connection to the master is closed")]
     Closed,

@@ -178,10 +178,16 @@ impl ClientConfig {
         })
     }
 
-    /// Finds the config: `config` (from --config or AGORA_CONFIG), else the one a
-    /// local `agora dev` wrote. `master` (from --master or AGORA_MASTER) overrides the
-    /// address in it.
+    /// Finds the config: `config` (from --config), else the file `AGORA_CONFIG`
+    /// names, else the one a local `agora dev` wrote. `master` (from --master), else
+    /// `AGORA_MASTER`, overrides the address in it. So `discover(None, None)` honours
+    /// the same environment as the `agora` CLI.
     pub fn discover(master: Option<&str>, config: Option<&Path>) -> Result<ClientConfig> {
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        let env_config = env("AGORA_CONFIG").map(PathBuf::from);
+        let env_master = env("AGORA_MASTER");
+        let config = config.or(env_config.as_deref());
+        let master = master.or(env_master.as_deref());
         let path = match config {
             Some(p) => p.to_path_buf(),
             None => match Self::default_path() {
@@ -438,18 +444,22 @@ impl Client {
         Ok(())
     }
 
-    /// Sets a role's quota (a guarantee and a limit, amounts without roles); both
-    /// empty remove it. Kept in the master's registry across restarts.
+    /// Sets a role's quota (a guarantee and a limit, amounts without roles): the
+    /// resources named replace theirs, the others are kept; both empty remove it.
+    /// Kept in the master's registry across restarts. Guarantees the registered
+    /// agents could not hold are refused unless `force`.
     pub async fn set_quota(
         &self,
         role: &str,
         guarantee: &Resources,
         limit: &Resources,
+        force: bool,
     ) -> Result<()> {
         self.operator(operator_request::Request::SetQuota(v1::SetQuota {
             role: role.into(),
             guarantee: guarantee.to_proto(),
             limit: limit.to_proto(),
+            force,
         }))
         .await?;
         Ok(())
@@ -741,6 +751,22 @@ impl Scheduler {
     /// Ends the framework: its tasks are killed and it is forgotten.
     pub async fn teardown(&self) -> Result<()> {
         self.call(call::Call::Teardown(v1::Teardown {})).await
+    }
+
+    /// TEARDOWN, then waits (at most `limit`) for the master to close the
+    /// framework's connection, which it does once it has acted on it. A process about
+    /// to exit calls this rather than [`Scheduler::teardown`], which only queues the
+    /// call: exiting at once would cut it off, and the master would keep the
+    /// framework (and its tasks) for its failover timeout.
+    pub async fn teardown_and_wait(&mut self, limit: Duration) -> Result<()> {
+        self.teardown().await?;
+        let drained =
+            tokio::time::timeout(limit, async { while self.events.recv().await.is_some() {} })
+                .await;
+        if drained.is_err() {
+            return Err(Error::TeardownUnconfirmed(limit));
+        }
+        Ok(())
     }
 }
 

@@ -184,6 +184,10 @@ async fn open(
             recv: Some(recv),
             sub,
         }),
+        // The master's words already say what was refused.
+        Some(event::Event::Error(e)) if e.message.starts_with("SUBSCRIBE refused") => {
+            Err(OpenError::Refused(e.message))
+        }
         Some(event::Event::Error(e)) => Err(OpenError::Refused(format!(
             "SUBSCRIBE refused: {}",
             e.message

@@ -27,6 +27,12 @@ pub enum ConstraintOp {
     Equals(String),
     /// The value matches this glob.
     Matches(String),
+    /// The attribute is absent (never true of the hostname).
+    Absent,
+    /// The value is not this (an agent without the attribute meets it).
+    NotEquals(String),
+    /// The value does not match this glob (an agent without the attribute meets it).
+    NotMatches(String),
 }
 
 /// One condition an agent must meet to be offered to a framework; a framework's
@@ -38,7 +44,7 @@ pub struct Constraint {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("constraint `{text}`: {why}; write `name` (exists), `name=value` or `name:value` (equals), or `name~glob` (matches; `*` and `?` are wildcards); the name `hostname` means the agent's hostname")]
+#[error("constraint `{text}`: {why}; write `name` (exists), `!name` (absent), `name=value`, `name==value` or `name:value` (equals), `name!=value` (differs), `name~glob` (matches; `*` and `?` are wildcards) or `name!~glob`; a name is letters, digits, `.`, `_`, `-` and `/`, and `hostname` means the agent's hostname")]
 pub struct ConstraintParseError {
     pub text: String,
     pub why: String,
@@ -76,32 +82,79 @@ impl Constraint {
         }
     }
 
-    /// Parses `zone` (exists), `zone=edge-1` or `zone:edge-1` (equals), `zone~edge-*`
-    /// (matches).
+    /// Parses `zone` (exists), `!zone` (absent), `zone=edge-1`, `zone==edge-1` or
+    /// `zone:edge-1` (equals), `zone!=b` (differs), `zone~edge-*` (matches) and
+    /// `zone!~edge-*` (does not match). Anything else is refused, never read as an
+    /// odd attribute name (`zone!` or `zone=` would wait for ever).
     pub fn parse(text: &str) -> Result<Self, ConstraintParseError> {
-        let err = |why: &str| ConstraintParseError {
+        let err = |why: String| ConstraintParseError {
             text: text.to_string(),
-            why: why.to_string(),
+            why,
         };
         let t = text.trim();
-        let (name, op) = match t.find(['=', ':', '~']) {
-            None => (t, ConstraintOp::Exists),
+        let (negated_name, t) = match t.strip_prefix('!') {
+            Some(rest) => (true, rest.trim_start()),
+            None => (false, t),
+        };
+        let split = t.find(['=', ':', '~', '!']);
+        let (name, op) = match split {
+            None => (t, None),
             Some(i) => {
-                let value = t[i + 1..].to_string();
-                let op = if t.as_bytes()[i] == b'~' {
-                    ConstraintOp::Matches(value)
+                let rest = &t[i..];
+                let (op, len) = if rest.starts_with("!=") {
+                    ("!=", 2)
+                } else if rest.starts_with("!~") {
+                    ("!~", 2)
+                } else if rest.starts_with("==") {
+                    ("=", 2)
+                } else if rest.starts_with('!') {
+                    return Err(err(
+                        "`!` goes before a name (`!gpu`) or makes `!=` or `!~`".into()
+                    ));
                 } else {
-                    ConstraintOp::Equals(value)
+                    (&rest[..1], 1)
                 };
-                (t[..i].trim_end(), op)
+                (t[..i].trim_end(), Some((op, rest[len..].trim_start())))
             }
         };
         if name.is_empty() {
-            return Err(err("the attribute name is missing"));
+            return Err(err("the attribute name is missing".into()));
         }
-        if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(err("an attribute name has no spaces"));
+        if let Some(c) = name
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/')))
+        {
+            return Err(err(format!("`{c}` cannot be part of an attribute name")));
         }
+        let op = match (negated_name, op) {
+            (false, None) => ConstraintOp::Exists,
+            (true, None) => {
+                if name == "hostname" {
+                    return Err(err(
+                        "every agent has a hostname; `!hostname` meets none".into()
+                    ));
+                }
+                ConstraintOp::Absent
+            }
+            (true, Some(_)) => {
+                return Err(err("write `name!=value` rather than `!name=value`".into()));
+            }
+            (false, Some((op, value))) => {
+                if value.is_empty() {
+                    return Err(err(format!("the value after `{op}` is missing")));
+                }
+                if value.chars().any(char::is_control) {
+                    return Err(err("a value has no control characters".into()));
+                }
+                let value = value.to_string();
+                match op {
+                    "=" | ":" => ConstraintOp::Equals(value),
+                    "~" => ConstraintOp::Matches(value),
+                    "!=" => ConstraintOp::NotEquals(value),
+                    _ => ConstraintOp::NotMatches(value),
+                }
+            }
+        };
         Ok(Constraint {
             field: field(name),
             op,
@@ -114,7 +167,14 @@ impl Constraint {
             ConstraintField::Attribute(name) => attributes.get(name).map(String::as_str),
         };
         match (&self.op, value) {
+            (
+                ConstraintOp::Absent | ConstraintOp::NotEquals(_) | ConstraintOp::NotMatches(_),
+                None,
+            ) => true,
             (_, None) => false,
+            (ConstraintOp::Absent, Some(_)) => false,
+            (ConstraintOp::NotEquals(v), Some(have)) => have != v,
+            (ConstraintOp::NotMatches(pattern), Some(v)) => !glob_match(pattern, v),
             (ConstraintOp::Exists, Some(_)) => true,
             (ConstraintOp::Equals(want), Some(v)) => v == want,
             (ConstraintOp::Matches(pattern), Some(v)) => glob_match(pattern, v),
@@ -124,12 +184,20 @@ impl Constraint {
 
 impl fmt::Display for Constraint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.op == ConstraintOp::Absent {
+            f.write_str("!")?;
+        }
         match &self.field {
             ConstraintField::Hostname => f.write_str("hostname")?,
             ConstraintField::Attribute(n) => f.write_str(n)?,
         }
         match &self.op {
-            ConstraintOp::Exists => Ok(()),
+            ConstraintOp::Exists | ConstraintOp::Absent => Ok(()),
+            ConstraintOp::NotEquals(v) => write!(f, "!={v}"),
+            ConstraintOp::NotMatches(p) => write!(f, "!~{p}"),
+            // `a==b` would read back as `a` equals `b`: a value that starts with
+            // `=` is written after `:`.
+            ConstraintOp::Equals(v) if v.starts_with('=') => write!(f, ":{v}"),
             ConstraintOp::Equals(v) => write!(f, "={v}"),
             ConstraintOp::Matches(p) => write!(f, "~{p}"),
         }
@@ -237,5 +305,47 @@ mod tests {
         assert_eq!(h.to_string(), "hostname~edge-*");
         assert!(Constraint::parse("=x").is_err());
         assert!(Constraint::parse("a b=c").is_err());
+    }
+
+    #[test]
+    fn negations_and_double_equals_parse_and_the_rest_is_refused() {
+        let a: BTreeMap<String, String> = [("zone".to_string(), "b".to_string())].into();
+        let none = BTreeMap::new();
+        let eq = Constraint::parse("zone==b").unwrap();
+        assert_eq!(eq, Constraint::equals("zone", "b"));
+        let ne = Constraint::parse("zone!=b").unwrap();
+        assert!(!ne.is_met("h", &a) && ne.is_met("h", &none));
+        assert!(Constraint::parse("zone != c").unwrap().is_met("h", &a));
+        let nm = Constraint::parse("zone!~b*").unwrap();
+        assert!(!nm.is_met("h", &a) && nm.is_met("h", &none));
+        let absent = Constraint::parse("!gpu").unwrap();
+        assert!(absent.is_met("h", &a));
+        assert!(!Constraint::parse("!zone").unwrap().is_met("h", &a));
+        // Found by the parsers fuzz target: `ct:=` printed as `ct==`, which read
+        // back as an empty value.
+        let odd = Constraint::parse("ct:=").unwrap();
+        assert_eq!(odd, Constraint::equals("ct", "="));
+        for c in [&ne, &nm, &absent, &eq, &odd] {
+            assert_eq!(&Constraint::parse(&c.to_string()).unwrap(), c, "{c}");
+        }
+        for (bad, says) in [
+            ("zone!b", "`!` goes before"),
+            ("zone=", "value after `=` is missing"),
+            ("zone!=", "value after `!=` is missing"),
+            ("zone=>b", ""),
+            ("zo*ne=b", "`*` cannot be part"),
+            ("!zone=b", "rather than"),
+            ("!hostname", "every agent has a hostname"),
+            ("zone=\u{7}", "control"),
+        ] {
+            let e = Constraint::parse(bad).map(|c| c.to_string());
+            if bad == "zone=>b" {
+                // `>b` is a value: an attribute can be spelled that way.
+                assert_eq!(e.as_deref(), Ok("zone=>b"));
+                continue;
+            }
+            let e = e.expect_err(bad).to_string();
+            assert!(e.contains(says) && e.contains("name!=value"), "{bad}: {e}");
+        }
     }
 }

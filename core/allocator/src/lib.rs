@@ -104,6 +104,11 @@ impl Default for AllocatorConfig {
     }
 }
 
+/// The smallest weight a role may have.
+pub const MIN_WEIGHT: f64 = 0.001;
+/// The largest weight a role may have.
+pub const MAX_WEIGHT: f64 = 1_000_000.0;
+
 /// Why an operation on the allocator was refused. Each says what to do instead.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AllocatorError {
@@ -113,7 +118,7 @@ pub enum AllocatorError {
     #[error("role `{role}` is not valid: {why}")]
     InvalidRole { role: String, why: String },
     #[error(
-        "weight {weight} for role `{role}` is not valid; use a positive number such as 1 or 2.5"
+        "weight {weight} for role `{role}` is not valid; use a number from 0.001 to 1000000, such as 1 or 2.5"
     )]
     InvalidWeight { role: String, weight: String },
     #[error("quota for role `{role}` is not valid: {why}")]
@@ -778,9 +783,11 @@ impl Allocator {
     // ---- weights, quotas, reservations ------------------------------------------------
 
     /// A role's weight among its siblings (default 1).
+    /// Sets a role's weight, from [`MIN_WEIGHT`] to [`MAX_WEIGHT`]: beyond, shares
+    /// lose their precision (and `1e308` or `1e-300` mean nothing an operator wants).
     pub fn set_weight(&mut self, role: &str, weight: f64) -> Result<(), AllocatorError> {
         check_role(role)?;
-        if !(weight.is_finite() && weight > 0.0) {
+        if !(MIN_WEIGHT..=MAX_WEIGHT).contains(&weight) {
             return Err(AllocatorError::InvalidWeight {
                 role: role.to_string(),
                 weight: weight.to_string(),
@@ -1005,6 +1012,24 @@ impl Allocator {
             }
         }
         best_to_resources(best)
+    }
+
+    /// Sum of each resource over every registered agent, free or not, reserved or
+    /// not: the capacity quota guarantees are checked against.
+    pub fn total_capacity(&self) -> BTreeMap<String, i64> {
+        let mut sum: BTreeMap<String, i64> = BTreeMap::new();
+        for a in self.st.live_agents() {
+            for (k, v) in a.total.qty().iter() {
+                let e = sum.entry(self.st.kinds.name(k).to_string()).or_insert(0);
+                *e = e.saturating_add(v);
+            }
+        }
+        sum
+    }
+
+    /// Every role with a quota, with it.
+    pub fn quotas(&self) -> impl Iterator<Item = (&str, &Quota)> {
+        self.st.quotas.iter().map(|(r, q)| (r.as_str(), q))
     }
 
     // ---- the round ---------------------------------------------------------------------

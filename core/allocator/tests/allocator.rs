@@ -228,10 +228,27 @@ fn unmet_guarantees_are_offered_first() {
 #[test]
 fn weights_and_quotas_are_checked() {
     let mut a = Allocator::new();
-    assert!(matches!(
-        a.set_weight("eng", 0.0),
-        Err(AllocatorError::InvalidWeight { .. })
-    ));
+    for w in [
+        0.0,
+        -1.0,
+        1e308,
+        1e-300,
+        f64::NAN,
+        f64::INFINITY,
+        0.000_9,
+        1_000_001.0,
+    ] {
+        assert!(
+            matches!(
+                a.set_weight("eng", w),
+                Err(AllocatorError::InvalidWeight { .. })
+            ),
+            "weight {w} accepted"
+        );
+    }
+    for w in [0.001, 1.0, 2.5, 1_000_000.0] {
+        a.set_weight("eng", w).unwrap();
+    }
     assert!(matches!(
         a.set_weight("eng//x", 1.0),
         Err(AllocatorError::InvalidRole { .. })

@@ -133,11 +133,13 @@ pub enum OperatorOp {
     Kill { task_id: String },
     /// A role's weight for DRF; 1 is the default.
     SetWeight { role: String, weight: f64 },
-    /// A role's quota; both empty remove it.
+    /// A role's quota: the resources named replace theirs, the others are kept;
+    /// both empty remove it. `force` skips the check against the cluster's capacity.
     SetQuota {
         role: String,
         guarantee: Resources,
         limit: Resources,
+        force: bool,
     },
 }
 
@@ -347,7 +349,8 @@ impl MasterCore {
                         role,
                         guarantee,
                         limit,
-                    } => self.set_quota(&role, &guarantee, &limit),
+                        force,
+                    } => self.set_quota(&role, &guarantee, &limit, force),
                 };
                 if let Err(e) = &result {
                     tracing::info!("operator request refused: {e}");

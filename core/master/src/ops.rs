@@ -85,18 +85,39 @@ impl MasterCore {
         Ok(())
     }
 
-    /// `agora quota set ROLE --guarantee .. --limit ..`; both empty remove the quota.
+    /// `agora quota set ROLE --guarantee .. --limit ..`: the resources named replace
+    /// theirs in the role's quota, the others are kept;
+    /// both empty remove the quota. As in Mesos, guarantees that the registered
+    /// agents could not all hold are refused unless `force`.
     pub(super) fn set_quota(
         &mut self,
         role: &str,
         guarantee: &Resources,
         limit: &Resources,
+        force: bool,
     ) -> Result<(), Refused> {
         let role = role.trim();
         if role == "*" || role.is_empty() {
             return Err("the default role `*` cannot have a quota; name a role".into());
         }
-        let mut q = Quota::new();
+        let current = self.allocator.quota(role).cloned();
+        if guarantee.is_empty() && limit.is_empty() {
+            if current.is_none() {
+                return Err(Refused(format!(
+                    "role `{role}` has no quota to remove (`agora quota get` lists the quotas)"
+                )));
+            }
+            self.allocator
+                .set_quota(role, Quota::new())
+                .map_err(|e| format!("cannot remove the quota of role `{role}`: {e}"))?;
+            self.persist(RegistryOp::SetQuota {
+                role: role.to_string(),
+                quota: QuotaEntry::default(),
+            });
+            return Ok(());
+        }
+        let before = current.clone().unwrap_or_default();
+        let mut q = current.unwrap_or_default();
         for (what, res) in [("guarantee", guarantee), ("limit", limit)] {
             if res.unreserved() != *res {
                 return Err(Refused(format!(
@@ -104,11 +125,12 @@ impl MasterCore {
                 )));
             }
             for n in res.names() {
-                q = if what == "guarantee" {
-                    q.guarantee(&n, res.get(&n))
+                let v = res.get(&n);
+                if what == "guarantee" {
+                    q.guarantee.insert(n, v);
                 } else {
-                    q.limit(&n, res.get(&n))
-                };
+                    q.limit.insert(n, v);
+                }
             }
         }
         for (n, g) in &q.guarantee {
@@ -122,6 +144,9 @@ impl MasterCore {
                 }
             }
         }
+        if !force {
+            self.check_guarantees_fit(role, &q, &before)?;
+        }
         self.allocator
             .set_quota(role, q.clone())
             .map_err(|e| format!("cannot set the quota of role `{role}`: {e}"))?;
@@ -132,6 +157,51 @@ impl MasterCore {
                 limit: q.limit,
             },
         });
+        Ok(())
+    }
+
+    /// Refuses `quota` for `role` when it raises a guarantee and the guarantees of all
+    /// roles, with it, need more of that resource than the registered agents have in
+    /// total. A guarantee inside an ancestor's guarantee of the same resource is
+    /// counted in the ancestor's. Lowering is always allowed.
+    fn check_guarantees_fit(
+        &self,
+        role: &str,
+        quota: &Quota,
+        before: &Quota,
+    ) -> Result<(), Refused> {
+        let mut all: BTreeMap<&str, &Quota> = self.allocator.quotas().collect();
+        all.insert(role, quota);
+        let capacity = self.allocator.total_capacity();
+        let agents = self.agents.len();
+        for (name, g) in &quota.guarantee {
+            if before.guarantee.get(name).is_some_and(|b| b >= g) {
+                continue;
+            }
+            let mut needed: i64 = 0;
+            for (r, q) in &all {
+                let Some(g) = q.guarantee.get(name) else {
+                    continue;
+                };
+                let inside_ancestor = all.iter().any(|(a, aq)| {
+                    r.strip_prefix(*a).is_some_and(|rest| rest.starts_with('/'))
+                        && aq.guarantee.contains_key(name)
+                });
+                if !inside_ancestor {
+                    needed = needed.saturating_add(*g);
+                }
+            }
+            let have = capacity.get(name).copied().unwrap_or(0);
+            if needed > have {
+                return Err(Refused(format!(
+                    "the cluster cannot hold this guarantee: with it, the quotas guarantee {} of {name} \
+                     but the {agents} registered agent(s) have {} in all, so other roles would wait for \
+                     ever; lower it, or pass --force to set it anyway",
+                    amount(name, needed),
+                    amount(name, have)
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -268,10 +338,10 @@ impl MasterCore {
                 .map(|f| f.name.as_str())
                 .unwrap_or("gone");
             let mut s = format!(
-                "task {target} of framework {} ({fname}) {} {:?} on agent {}",
+                "task {target} of framework {} ({fname}) {} {} on agent {}",
                 rec.framework_id,
                 if live { "is" } else { "ended" },
-                st.state(),
+                st.state().short_name(),
                 if rec.agent_id.is_empty() {
                     "-"
                 } else {
@@ -279,7 +349,7 @@ impl MasterCore {
                 },
             );
             if st.reason != 0 {
-                s.push_str(&format!(", reason {:?}", st.reason()));
+                s.push_str(&format!(", reason {}", st.reason().short_name()));
             }
             if !st.message.is_empty() {
                 s.push_str(&format!(": {}", st.message));
@@ -301,12 +371,17 @@ impl MasterCore {
         {
             return Ok(describe(rec, false));
         }
-        // Otherwise a role.
-        let known = self.roles("")?.into_iter().any(|r| r.role == target);
+        // Otherwise a role: one with a weight, a quota, a framework or a reservation.
+        // Anything else is not answered as if it were a role (an id of a task this
+        // master no longer tracks would read as an empty role).
+        let known = self.roles("")?.into_iter().any(|r| r.role == target)
+            || self.allocator.role_consumed(target) != Resources::new();
         if !known {
-            agora_allocator::validate_role(target).map_err(|_| {
-                format!("no task or role is named `{target}` (see `agora ps --all` and `agora quota get`)")
-            })?;
+            return Err(Refused(format!(
+                "no task or role is named `{target}`: not a task this master tracks (waiting, \
+                 running or among the recently finished; `agora ps --all` lists them) and not \
+                 a role with a weight, a quota, a reservation or a framework (`agora role ls`)"
+            )));
         }
         let summary = self.roles(target)?.remove(0);
         let q = self.allocator.quota(target).cloned().unwrap_or_default();

@@ -2,7 +2,8 @@
 //! functions framework), the master and the agents share, without the runtime itself:
 //! the metrics a host reports ([`MetricsSnapshot`] and its parts, as JSON on
 //! `GET /fn-metrics`), the guest styles ([`GuestKind`]), the outbound allow-list
-//! ([`outbound`]: its syntax, parser and matching, all pure) and where a host's
+//! ([`outbound`]: its syntax, parser and matching, all pure), the parser of a CGI
+//! guest's response ([`cgi`], pure) and where a host's
 //! socket is in its sandbox ([`socket_path`]).
 //!
 //! This crate must never link wasmtime (nor anything that does): the master and the
@@ -14,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub mod cgi;
 pub mod outbound;
 
 /// The one error type of `agora-fn-api`: what is wrong with a module's bytes or an
@@ -40,6 +42,10 @@ pub enum Error {
         /// What is wrong with it.
         why: String,
     },
+    /// A function's output is not a CGI response ([`cgi::parse_response`]): the
+    /// sentence says what is wrong with it.
+    #[error("{0}")]
+    BadCgiResponse(String),
 }
 
 /// The host's Unix socket in its task's sandbox, which the agent's front door

@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use agora_http_forward::plain_text as plain;
 use agora_http_forward::{Forward, Limits, RequestBody};
 use agora_proto::units::{format_bytes, format_duration};
 use axum::body::Body;
@@ -160,16 +161,6 @@ async fn prometheus_metrics(State(app): State<App>) -> Response<Body> {
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-    );
-    r
-}
-
-fn plain(status: StatusCode, text: String) -> Response<Body> {
-    let mut r = Response::new(Body::from(text));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
 }

@@ -6,15 +6,15 @@
 
 use std::sync::Arc;
 
+use agora_http_forward::plain_text as plain;
 use agora_proto::units::{format_bytes, MIB};
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::header::{self, HeaderValue};
+use axum::http::header;
 use axum::http::{Response, StatusCode};
 use axum::routing::{any, get};
 use axum::serve::{Listener, ListenerExt};
 use axum::{Json, Router};
-use bytes::Bytes;
 
 use crate::registry::FunctionRegistry;
 use crate::request::FunctionRequest;
@@ -41,13 +41,16 @@ struct AppState {
 /// The router: `/fn/{name}` and `/fn/{name}/{*path}` (any method) invoke a function of
 /// `registry`; `GET /fn-metrics` lists every function's [`crate::MetricsSnapshot`] as
 /// JSON. Merge it into a bigger router (the master's API) or serve it with [`serve`].
+/// A panic while a request is handled gives that request a 500 and is logged with
+/// the function's name (`agora_http_forward::catch_panics`); the connection goes on.
 pub fn router(registry: Arc<FunctionRegistry>, config: HttpConfig) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/fn/{name}", any(invoke))
         .route("/fn/{name}/", any(invoke))
         .route("/fn/{name}/{*path}", any(invoke))
         .route("/fn-metrics", get(metrics))
-        .with_state(AppState { registry, config })
+        .with_state(AppState { registry, config });
+    agora_http_forward::catch_panics(router, "function host")
 }
 
 /// Serves `router` on any listener axum accepts (e.g. a `tokio::net::UnixListener`
@@ -153,12 +156,88 @@ fn is_length_limit(e: &axum::Error) -> bool {
     false
 }
 
-fn plain(status: StatusCode, text: String) -> Response<Body> {
-    let mut response = Response::new(Body::from(Bytes::from(text)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{FunctionSpec, ModuleSource};
+    use crate::HostConfig;
+    use bytes::Bytes;
+    use http_body_util::{BodyExt as _, Empty};
+    use hyper_util::rt::TokioIo;
+
+    /// A CGI guest that writes `output` on stdout.
+    fn cgi_guest(name: &str, output: &str) -> FunctionSpec {
+        let wat = format!(
+            r#"(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 1024) "{output}")
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.const 1024))
+    (i32.store (i32.const 4) (i32.const {len}))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"#,
+            // WAT's `\\n` is one byte.
+            len = output.replace("\\n", "\n").len(),
+        );
+        let bytes = wat::parse_str(&wat).unwrap();
+        FunctionSpec::new(name, "tests", ModuleSource::Bytes(Bytes::from(bytes)))
+    }
+
+    async fn get(
+        sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+        path: &str,
+    ) -> (StatusCode, String) {
+        let request = axum::http::Request::get(path)
+            .header(header::HOST, "host.test")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        sender.ready().await.unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// A panic in CGI response handling (the test hook of `cgi`) fails that request
+    /// with a 500; the next request on the same kept-alive connection is served.
+    #[tokio::test]
+    async fn a_panic_in_cgi_handling_fails_only_its_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = crate::FunctionHost::new(HostConfig {
+            cache_dir: Some(dir.path().to_path_buf()),
+            max_instances: 4,
+            max_memory_per_instance: 64 << 20,
+            ..HostConfig::default()
+        })
+        .unwrap();
+        let registry = FunctionRegistry::new(host);
+        let marker = std::str::from_utf8(crate::cgi::test_hook::PANIC_MARKER).unwrap();
+        registry
+            .deploy(cgi_guest("boom", &format!("X-Trigger: {marker}\\n\\nbody")))
+            .unwrap();
+        registry
+            .deploy(cgi_guest("ok", "Content-Type: text/plain\\n\\nfine"))
+            .unwrap();
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve_tcp(listener, router(registry, HttpConfig::default())));
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        let conn = tokio::spawn(conn);
+
+        let (status, body) = get(&mut sender, "/fn/ok").await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "fine"));
+        let (status, body) = get(&mut sender, "/fn/boom/x").await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(body.contains("function boom: internal error"), "{body}");
+        let (status, body) = get(&mut sender, "/fn/ok").await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "fine"));
+
+        drop(sender);
+        conn.await.unwrap().unwrap();
+        server.abort();
+    }
 }

@@ -532,7 +532,7 @@ fn enable_v2_controllers(root: &Path, name: &str) -> Result<()> {
                     ""
                 };
                 Error::cgroup(
-                    format!("enable controllers {} {hint}in", missing.join(" ")),
+                    format!("enable controllers {}{hint} in", missing.join(" ")),
                     &file,
                     e,
                 )

@@ -118,6 +118,29 @@ pub fn controller_list(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// Why the groups under a cgroup2 mount could get none of the `needed` controllers: the
+/// mount's root is itself a non-root group (a container's cgroup namespace, a delegated
+/// subtree: such a group has a `cgroup.type` file, the true root has none) that holds
+/// processes and has not enabled the controllers for its children. v2 refuses that
+/// (EBUSY, "no internal processes"). Returns the processes in the way, or `None` when
+/// nothing blocks. `procs` and `subtree_control` are the root's files.
+pub fn v2_root_blocks_controllers(
+    has_cgroup_type: bool,
+    procs: &str,
+    subtree_control: &str,
+    needed: &[&str],
+) -> Option<Vec<i32>> {
+    if !has_cgroup_type {
+        return None; // the true root is exempt from the rule
+    }
+    let enabled = controller_list(subtree_control);
+    if needed.iter().all(|n| enabled.iter().any(|e| e == n)) {
+        return None;
+    }
+    let pids = parse_pids(procs);
+    (!pids.is_empty()).then_some(pids)
+}
+
 /// Converts v1 `cpu.shares` (2..=262144) to v2 `cpu.weight` (1..=10000), the way runc
 /// and systemd do, so 1024 shares (one cpu) is weight 100 (the v2 default)
 /// give or take rounding: 1 + (shares - 2) * 9999 / 262142.
@@ -470,5 +493,28 @@ mod tests {
         ] {
             assert!(check_name(bad).is_err(), "{bad:?} should be refused");
         }
+    }
+
+    #[test]
+    fn a_v2_root_with_processes_blocks_controllers_unless_the_true_root() {
+        let need = ["cpu", "memory", "pids"];
+        // The true root: processes are allowed beside enabled controllers.
+        assert_eq!(v2_root_blocks_controllers(false, "1\n7\n", "", &need), None);
+        // A container's namespace root holding processes, nothing enabled.
+        assert_eq!(
+            v2_root_blocks_controllers(true, "1\n7\n", "", &need),
+            Some(vec![1, 7])
+        );
+        // Some but not all enabled still blocks.
+        assert_eq!(
+            v2_root_blocks_controllers(true, "1\n", "cpu memory\n", &need),
+            Some(vec![1])
+        );
+        // Already enabled (a threaded or delegated set-up that did it first), or empty.
+        assert_eq!(
+            v2_root_blocks_controllers(true, "1\n", "cpuset cpu memory pids\n", &need),
+            None
+        );
+        assert_eq!(v2_root_blocks_controllers(true, "", "", &need), None);
     }
 }

@@ -319,6 +319,30 @@ fn usable_cgroups() -> Result<Hierarchy, String> {
     let hier = pick_hierarchy(&cgroupfs::parse_mountinfo(&text), |dir| {
         fs::read_to_string(dir.join("cgroup.controllers")).ok()
     })?;
+    // A container's cgroup namespace: its root is a group of the host's that holds the
+    // container's processes, and v2 lets such a group enable no controller for its
+    // children. Say so at start-up rather than fail every launch.
+    if let Hierarchy::V2 { root } = &hier {
+        let read = |f: &str| fs::read_to_string(root.join(f)).unwrap_or_default();
+        if let Some(pids) = cgroupfs::v2_root_blocks_controllers(
+            root.join("cgroup.type").exists(),
+            &read("cgroup.procs"),
+            &read("cgroup.subtree_control"),
+            &cgroup::V2_CONTROLLERS,
+        ) {
+            let shown: Vec<String> = pids.iter().take(8).map(i32::to_string).collect();
+            let more = if pids.len() > 8 { ", ..." } else { "" };
+            return Err(format!(
+                "the cgroup2 root {r} is not the host's root group (a container's cgroup \
+                 namespace?) and holds processes ({}{more}), so cgroup v2 cannot enable \
+                 {c} for groups below it: move those processes into a child group first \
+                 (mkdir {r}/init, then write each pid to {r}/init/cgroup.procs)",
+                shown.join(", "),
+                r = root.display(),
+                c = cgroup::V2_CONTROLLERS.join(", "),
+            ));
+        }
+    }
     // Being root is not enough in a container with a read-only or foreign cgroupfs:
     // try making (and removing) a cgroup in each hierarchy.
     static PROBES: AtomicU64 = AtomicU64::new(0);

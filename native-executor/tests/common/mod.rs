@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use agora_native_executor::{IsolationMode, Isolator, KillSwitch, NativeConfig, Runner};
+use agora_native_executor::{
+    CgroupVersion, IsolationMode, Isolator, KillSwitch, NativeConfig, Runner,
+};
 use agora_proto::v1::{CommandInfo, ExecutorLaunch, ExecutorStatus, Reason, TaskState};
 
 /// Bound on every wait.
@@ -27,24 +29,68 @@ pub fn unique_root(test: &str) -> String {
     )
 }
 
-/// Why cgroup tests cannot run here, if they cannot.
-pub fn cgroups_unavailable() -> Option<String> {
+/// The cgroup version the tests will use, or why cgroup tests cannot run here.
+pub fn cgroups_version() -> Result<CgroupVersion, String> {
     // SAFETY: no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return Some("not running as root".into());
+        return Err("not running as root".into());
     }
     match Isolator::new(Some(IsolationMode::Cgroups), "agora-test-probe") {
-        Ok(_) => None,
-        Err(e) => Some(e.to_string()),
+        Ok(iso) => Ok(iso
+            .cgroup_version()
+            .expect("a cgroups isolator has a version")),
+        Err(e) => Err(e.to_string()),
     }
 }
 
-/// Skips the calling test (returning from it) when cgroups are unusable, saying why.
+/// The version `AGORA_REQUIRE_CGROUP` (`v1` or `v2`) demands, if any: set by
+/// `scripts/cgroup2-vm.sh` in its cgroup v2 guest, so that a test that would skip, or
+/// would take the v1 paths, fails instead.
+pub fn required_cgroup_version() -> Option<CgroupVersion> {
+    match std::env::var("AGORA_REQUIRE_CGROUP").ok()?.as_str() {
+        "v1" => Some(CgroupVersion::V1),
+        "v2" => Some(CgroupVersion::V2),
+        other => panic!("AGORA_REQUIRE_CGROUP is v1 or v2, not {other:?}"),
+    }
+}
+
+/// Whether the calling test runs on cgroups, printing the version it uses ("cgroup
+/// v2: TEST"), or why it skips. Panics where `AGORA_REQUIRE_CGROUP` asks for another
+/// version or cgroups are unusable.
+pub fn use_cgroups(test: &str) -> bool {
+    let required = required_cgroup_version();
+    match cgroups_version() {
+        Ok(v) => {
+            if let Some(r) = required {
+                assert_eq!(
+                    v, r,
+                    "{test}: AGORA_REQUIRE_CGROUP asks for another version"
+                );
+            }
+            let n = match v {
+                CgroupVersion::V1 => 1,
+                CgroupVersion::V2 => 2,
+            };
+            println!("cgroup v{n}: {test}");
+            true
+        }
+        Err(why) => {
+            assert!(
+                required.is_none(),
+                "{test}: AGORA_REQUIRE_CGROUP is set but cgroups are unusable: {why}"
+            );
+            eprintln!("SKIPPED {test}: needs root and usable cgroups: {why}");
+            false
+        }
+    }
+}
+
+/// Skips the calling test (returning from it) when cgroups are unusable, saying why;
+/// prints the cgroup version it runs on otherwise.
 #[macro_export]
 macro_rules! require_cgroups {
     ($test:expr) => {
-        if let Some(why) = common::cgroups_unavailable() {
-            eprintln!("SKIPPED {}: needs root and usable cgroups: {why}", $test);
+        if !common::use_cgroups($test) {
             return;
         }
     };
