@@ -31,8 +31,9 @@ pub struct RunArgs {
     /// a bare number is MiB, as `mem:` in --resources).
     #[arg(long, default_value = "64MiB")]
     mem: String,
-    /// Disk for the task's sandbox (inputs, files it writes), e.g. 256MiB, 2GiB. A
-    /// wasm guest writing past it gets ENOSPC; a native task over it is killed.
+    /// Disk for the task's sandbox (inputs, files it writes), e.g. 256MiB, 2GiB; a bare
+    /// number is MiB, as `disk:` in --resources. A wasm guest writing past it gets
+    /// ENOSPC; a native task over it is killed.
     #[arg(long, default_value = "256MiB")]
     disk: String,
     /// Instruction fuel; the task fails when it runs out. 0 means unlimited.
@@ -210,7 +211,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     if mem <= 0 {
         anyhow::bail!("--mem must be above zero");
     }
-    let disk = parse_size(&a.disk).map_err(|e| anyhow::anyhow!("--disk: {e}"))?;
+    let disk = parse_mib_size(&a.disk).map_err(|e| anyhow::anyhow!("--disk: {e}"))?;
     let disk = i64::try_from(disk)
         .ok()
         .filter(|d| *d <= agora_proto::resources::MAX_AMOUNT)
