@@ -182,7 +182,7 @@ struct Prepared {
 /// Per-task store data.
 pub(crate) struct TaskCtx {
     wasi: WasiP1Ctx,
-    /// The sandbox's disk limit (see `disk.rs`).
+    /// The sandbox's disk limit (see `disk/`).
     pub(crate) disk: crate::disk::DiskQuota,
     limiter: MemoryLimiter,
     /// Set by the epoch callback when it stops the guest, so we know why.
@@ -277,9 +277,14 @@ impl Runner {
             }
         };
         let linker = wasi_linker(&engine)?;
+        // The rewrite's version is part of the key: a module compiled without the
+        // disk limit's wrappers (or with older ones) must never be loaded.
         let cache = ArtifactDir::new(
             cache_dir,
-            compat_hash(&engine.precompile_compatibility_hash()),
+            compat_hash(&(
+                engine.precompile_compatibility_hash(),
+                crate::disk::REWRITE_VERSION,
+            )),
         );
         let ticker = EpochTicker::start(&engine, "agora-epoch")?;
         let (tokio, own_runtime) = match tokio::runtime::Handle::try_current() {
@@ -401,7 +406,6 @@ impl Runner {
                         bytes: launch.disk_bytes,
                         files: launch.max_files,
                     },
-                    DiskUse::default(),
                 ),
                 limiter: MemoryLimiter::new(memory_limit),
                 interrupt: None,
@@ -580,8 +584,7 @@ impl Runner {
                     )));
                 }
                 check_header(&bytes).map_err(Refusal::InvalidModule)?;
-                let module = Module::from_binary(&self.engine, &bytes)
-                    .map_err(|e| Refusal::InvalidModule(compile_error(&e)))?;
+                let module = compile(&self.engine, &bytes).map_err(Refusal::InvalidModule)?;
                 self.compiled.fetch_add(1, Ordering::Relaxed);
                 self.store_cached(&sha, &module);
                 module
@@ -635,7 +638,7 @@ fn check_before_submit(bytes: &[u8], memory_limit: u64) -> Result<(), String> {
         .as_ref()
         .map_err(|e| format!("cannot create a wasmtime engine: {e}"))?;
     check_header(bytes)?;
-    let module = Module::from_binary(engine, bytes).map_err(|e| compile_error(&e))?;
+    let module = compile(engine, bytes)?;
     check_module(&module)?;
     linker
         .instantiate_pre(&module)
@@ -715,9 +718,13 @@ fn classify(ending: &Ending) -> Verdict {
     }
     // A refused growth explains the failure that follows it (Rust's allocator aborts
     // with a trap; other programs exit non-zero).
-    // A guest refused at its disk limit that then failed failed because of it.
+    // A guest refused at its disk limit that then failed failed because of it (its
+    // exit code, if it exited, is kept: it is how the guest took the refusal).
     if let Some(e) = g.disk_exceeded {
-        return failed(Reason::DiskLimit, e.to_string());
+        return Verdict {
+            exit_code: exit,
+            ..failed(Reason::DiskLimit, e.to_string())
+        };
     }
     if let Some(denied) = g.memory_denied {
         let message = match (g.phase, g.declared_memory) {
@@ -775,14 +782,42 @@ fn pooling_config() -> Config {
     config
 }
 
-fn wasi_linker(engine: &Engine) -> crate::Result<Linker<TaskCtx>> {
+/// WASI preview 1, and the disk limit's functions that rewritten guests call.
+pub(crate) fn wasi_linker(engine: &Engine) -> crate::Result<Linker<TaskCtx>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p1::add_to_linker_async(&mut linker, |ctx: &mut TaskCtx| &mut ctx.wasi)
         .map_err(|e| Error::Engine(format!("cannot add WASI preview 1 to the linker: {e}")))?;
-    // Not wired: called through `Func::call_async` from a wrapper, wasmtime-wasi's
-    // own p1 functions find no `memory` export on their caller and trap ("missing
-    // required memory export"), so every write would fail. See disk.rs.
+    crate::disk::add_to_linker(&mut linker)
+        .map_err(|e| Error::Engine(format!("cannot add the disk limit to the linker: {e}")))?;
     Ok(linker)
+}
+
+/// Compiles a module rewritten for its disk limit (`disk::rewrite`; a module that
+/// writes no file is compiled as it is). Errors are about the module as its author
+/// wrote it.
+fn compile(engine: &Engine, bytes: &[u8]) -> Result<Module, String> {
+    let rewritten = match crate::disk::rewrite(bytes) {
+        Ok(rewritten) => rewritten,
+        Err(e) => {
+            // What the rewrite cannot read wasmtime usually cannot either, and says
+            // so better.
+            Module::validate(engine, bytes).map_err(|e| compile_error(&e))?;
+            return Err(e.to_string());
+        }
+    };
+    match Module::from_binary(engine, &rewritten) {
+        Ok(module) => Ok(module),
+        Err(e) if matches!(rewritten, std::borrow::Cow::Borrowed(_)) => Err(compile_error(&e)),
+        Err(e) => {
+            // The rewritten module's function numbers are not the author's: report
+            // the original's error; if it has none, the rewrite is at fault.
+            Module::validate(engine, bytes).map_err(|e| compile_error(&e))?;
+            Err(format!(
+                "the module, rewritten for its disk limit, does not compile (an Agora bug; please report it): {}",
+                error_text(&e)
+            ))
+        }
+    }
 }
 
 /// The (module, name) pairs WASI preview 1 provides, for naming unknown imports.
@@ -810,7 +845,7 @@ fn wasi_imports() -> &'static std::collections::HashSet<(String, String)> {
 }
 
 impl TaskCtx {
-    fn placeholder() -> Self {
+    pub(crate) fn placeholder() -> Self {
         TaskCtx {
             wasi: WasiCtxBuilder::new().build_p1(),
             disk: crate::disk::DiskQuota::none(),

@@ -589,7 +589,6 @@ fn a_kill_ends_a_guest_blocked_reading_a_fifo_at_once() {
 /// A guest writing past its disk limit gets ENOSPC in the guest, and the task fails
 /// naming the limit; what it wrote before stays within it.
 #[test]
-#[ignore = "wasm disk enforcement is not wired (see wasm-executor/src/disk.rs)"]
 fn disk_limit_gives_enospc_and_fails_the_task() {
     let mut task = Task::guest("diskhog", &["bytes", "64"]);
     task.launch.disk_bytes = 8 * MIB;
@@ -610,7 +609,6 @@ fn disk_limit_gives_enospc_and_fails_the_task() {
 
 /// Within its limit, the same guest finishes.
 #[test]
-#[ignore = "wasm disk enforcement is not wired (see wasm-executor/src/disk.rs)"]
 fn disk_within_limit_finishes() {
     let mut task = Task::guest("diskhog", &["bytes", "4"]);
     task.launch.disk_bytes = 8 * MIB;
@@ -622,7 +620,6 @@ fn disk_within_limit_finishes() {
 
 /// A guest creating more files than its sandbox may hold gets an error at the cap.
 #[test]
-#[ignore = "wasm disk enforcement is not wired (see wasm-executor/src/disk.rs)"]
 fn file_cap_refuses_creates() {
     let mut task = Task::guest("diskhog", &["files", "500"]);
     task.launch.disk_bytes = 64 * MIB;
@@ -638,4 +635,118 @@ fn file_cap_refuses_creates() {
     );
     let made = std::fs::read_dir(task.root().join("many")).unwrap().count();
     assert_eq!(made, 99, "the directory /many is the 100th entry");
+}
+
+/// Far below its limits a guest writes as it would with none, and nothing about its
+/// disk is measured or reported.
+#[test]
+fn a_guest_far_below_its_limit_writes_normally() {
+    let mut task = Task::guest("diskhog", &["bytes", "16"]);
+    task.launch.disk_bytes = 256 * MIB;
+    task.launch.max_files = 10_000;
+    let status = task.run();
+    assert_ending(&status, TaskState::TaskFinished, Reason::Unspecified);
+    assert_eq!(task.stdout(), format!("wrote {} bytes\n", 16 * MIB));
+    let size = std::fs::metadata(task.root().join("big")).unwrap().len();
+    assert_eq!(size, 16 * MIB);
+    assert_eq!(status.usage.unwrap().disk_used_bytes, 0);
+}
+
+/// A guest in WebAssembly text that opens `/f` and writes 4 KiB to it until a write
+/// fails, then exits with that errno (0 if 64 writes all succeed). It reaches
+/// `path_open` and `fd_write` only through a table (`call_indirect`), never by a
+/// direct call. `renumber_onto_stdout`: first write 8 KiB to stdout, then move the
+/// file's descriptor onto fd 1 and write to fd 1 instead.
+fn table_writer(renumber_onto_stdout: bool) -> String {
+    let (stdout_first, fd) = if renumber_onto_stdout {
+        (
+            r#"
+            (i32.store (i32.const 4) (i32.const 8192))
+            (if (call_indirect (type $write) (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 16) (i32.const 1))
+                (then (call $exit (i32.const 99))))
+            (drop (call $renumber (i32.load (i32.const 8)) (i32.const 1)))
+            (i32.store (i32.const 8) (i32.const 1))
+            (i32.store (i32.const 4) (i32.const 4096))"#,
+            "(i32.load (i32.const 8))",
+        )
+    } else {
+        ("", "(i32.load (i32.const 8))")
+    };
+    format!(
+        r#"(module
+        (type $open (func (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+        (type $write (func (param i32 i32 i32 i32) (result i32)))
+        (import "wasi_snapshot_preview1" "path_open" (func $path_open (type $open)))
+        (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (type $write)))
+        (import "wasi_snapshot_preview1" "fd_renumber" (func $renumber (param i32 i32) (result i32)))
+        (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+        (memory (export "memory") 1)
+        ;; iovec at 0: 4 KiB from offset 1024; the opened fd at 8; nwritten at 16.
+        (data (i32.const 0) "\00\04\00\00\00\10\00\00")
+        (data (i32.const 32) "f")
+        (table 2 funcref)
+        (elem (i32.const 0) func $path_open $fd_write)
+        (func (export "_start") (local $i i32) (local $e i32)
+            ;; path_open(3 = the preopened /, 0, "f", 1, O_CREAT, read and write, 0, 0, &fd)
+            (local.set $e (call_indirect (type $open)
+                (i32.const 3) (i32.const 0) (i32.const 32) (i32.const 1) (i32.const 1)
+                (i64.const 66) (i64.const 0) (i32.const 0) (i32.const 8) (i32.const 0)))
+            (if (local.get $e) (then (call $exit (i32.add (i32.const 100) (local.get $e)))))
+            {stdout_first}
+            (loop $more
+                (local.set $e (call_indirect (type $write)
+                    {fd} (i32.const 0) (i32.const 1) (i32.const 16) (i32.const 1)))
+                (if (local.get $e) (then (call $exit (local.get $e))))
+                (local.set $i (i32.add (local.get $i) (i32.const 1)))
+                (br_if $more (i32.lt_u (local.get $i) (i32.const 64))))
+            (call $exit (i32.const 0))))"#
+    )
+}
+
+/// Writes reached through a table (`call_indirect`) are charged like direct calls.
+#[test]
+fn writes_through_a_table_are_charged_too() {
+    let mut task = Task::wat(&table_writer(false));
+    task.launch.disk_bytes = 64 * 1024;
+    let status = task.run();
+    assert_ending(&status, TaskState::TaskFailed, Reason::DiskLimit);
+    assert_eq!(status.message, "disk limit of 64KiB exceeded");
+    let size = std::fs::metadata(task.root().join("f")).unwrap().len();
+    assert!(size <= 64 * 1024, "{size} bytes written");
+    assert!(size >= 32 * 1024, "only {size} bytes written before ENOSPC");
+}
+
+/// Output to stdout is not disk (it goes to the capped output file), but a file moved
+/// onto fd 1 is: the guest gets ENOSPC (errno 51) writing it past the limit.
+#[test]
+fn a_file_renumbered_onto_stdout_is_still_charged() {
+    let mut task = Task::wat(&table_writer(true));
+    task.launch.disk_bytes = 64 * 1024;
+    let status = task.run();
+    assert_ending(&status, TaskState::TaskFailed, Reason::DiskLimit);
+    assert_eq!(status.exit_code, Some(51), "{status:?}");
+    assert_eq!(task.stdout().len(), 8192, "the 8 KiB to stdout were written");
+    let size = std::fs::metadata(task.root().join("f")).unwrap().len();
+    assert!((32 * 1024..=64 * 1024).contains(&size), "{size} bytes written");
+}
+
+/// The name of the disk limit's host functions is Agora's: a module importing from it
+/// is refused before it runs, and by `validate_module` alike.
+#[test]
+fn a_module_importing_the_disk_limits_functions_is_refused() {
+    let wat = r#"(module
+        (import "agora_disk" "charge_create" (func (result i32)))
+        (memory (export "memory") 1)
+        (func (export "_start")))"#;
+    let status = Task::wat(wat).run();
+    assert_ending(&status, TaskState::TaskFailed, Reason::InvalidModule);
+    assert_eq!(
+        status.message,
+        "module imports agora_disk::charge_create; the module name agora_disk is Agora's own"
+    );
+    let bytes = wat::parse_str(wat).expect("wat");
+    assert_eq!(
+        validate_module(&bytes, 0).map_err(|e| e.to_string()),
+        Err(status.message)
+    );
 }
