@@ -9,8 +9,9 @@
 //! the cgroups of executors still alive, watches those processes (pidfd; they are no
 //! longer its children), waits for them to reconnect to the socket, and registers
 //! with the master only once every recorded executor has re-attached, died or missed
-//! the recovery deadline. A clean stop (`AgentHandle::shutdown`) asks the executors to
-//! shut down, since nothing would re-attach to them.
+//! the recovery deadline. A stop (`AgentHandle::stop`, SIGTERM) leaves executors and
+//! tasks running for the next start to re-attach; a drain (`AgentHandle::drain`)
+//! ends them first.
 
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsString;
@@ -44,8 +45,10 @@ const MASTER_QUEUE: usize = 8192;
 /// memory through an executor that does not read. Launches, kills, acknowledgements
 /// and shutdowns have a lane of their own that never drops (see `ExecutorTx`).
 const EXECUTOR_MESSAGE_QUEUE: usize = 4096;
-/// How long a clean stop waits for executors to end after asking them to.
+/// How long a drain waits for executors to end after asking them to.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long a drain then waits for the master to acknowledge the tasks' endings.
+const DRAIN_REPORT_GRACE: Duration = Duration::from_secs(5);
 
 pub struct AgentConfig {
     /// Every master of the group (one for a single master); the agent registers with
@@ -146,6 +149,7 @@ struct Agent {
 
 pub struct AgentHandle {
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    agent: Agent,
     shared: Arc<Mutex<Shared>>,
     checkpoint: Arc<Writer>,
     http_addr: Option<SocketAddr>,
@@ -260,23 +264,30 @@ fn executor_shutdown() -> AgentToExecutor {
 }
 
 impl AgentHandle {
-    /// Stops the agent (used by `agora agent` and `agora dev` on SIGTERM/Ctrl-C, and
-    /// by tests). Executors would outlive the agent, so they are asked to shut down
-    /// (they kill their tasks and report them) and given `SHUTDOWN_GRACE` to end;
-    /// those still there are killed.
-    pub async fn shutdown(self) {
-        let asked = {
-            let mut s = self.shared.lock().expect("agent state lock");
-            s.shutting_down = true;
-            let shutdown = executor_shutdown();
-            s.executors
-                .iter()
-                .filter(|(k, tx)| s.children.contains_key(*k) && tx.send(shutdown.clone()))
-                .count()
-        };
-        if asked > 0 {
-            tracing::info!("asked {asked} executors to shut down");
+    /// Stops the agent process's work and leaves executors and tasks running (what
+    /// `agora agent` does on SIGTERM or Ctrl-C, like `kill -9` but tidy): the master
+    /// is told at once (its connection is closed, so the agent shows disconnected
+    /// rather than waiting for the agent timeout), the checkpoint is synced, and the
+    /// executors, which outlive the agent, wait up to their recovery timeout for an
+    /// agent started again on the same work directory to re-attach.
+    pub async fn stop(self) {
+        let executors = self.shared.lock().expect("agent state lock").children.len();
+        self.close("agent stopped; its tasks keep running until it is back");
+        if executors > 0 {
+            tracing::info!(
+                "stopped; {executors} executors keep running their tasks until the agent is started again on this work directory"
+            );
         }
+    }
+
+    /// Stops the agent with its tasks (`agora agent --drain-on-stop`, a dev cluster
+    /// stopping): every task is killed and reported KILLED with reason AGENT_DRAINED,
+    /// executors get `SHUTDOWN_GRACE` to end (those left are killed), and their last
+    /// updates get a few seconds to reach the master (those that do not are kept in
+    /// the checkpoint and sent by the next start).
+    pub async fn drain(self) {
+        self.shared.lock().expect("agent state lock").shutting_down = true;
+        self.agent.feed(Input::Drain);
         let deadline = Instant::now() + SHUTDOWN_GRACE;
         while Instant::now() < deadline
             && !self
@@ -288,20 +299,53 @@ impl AgentHandle {
         {
             tokio::time::sleep(Duration::from_millis(20)).await; // poll for the executors' exits
         }
-        for t in &self.tasks {
-            t.abort();
-        }
-        let pids: Vec<u32> = {
-            let mut s = self.shared.lock().expect("agent state lock");
-            if let Some(c) = s.master_conn.take() {
-                c.close(0u32.into(), b"agent shutting down");
-            }
-            s.children.values().copied().collect()
-        };
+        let pids: Vec<u32> = self
+            .shared
+            .lock()
+            .expect("agent state lock")
+            .children
+            .values()
+            .copied()
+            .collect();
         for pid in pids {
             tracing::warn!(pid, "executor did not shut down in time; killing it");
             // SAFETY: plain kill(2) of an executor process of ours.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        // The tasks' endings reach the master, if it is there to hear them.
+        let deadline = Instant::now() + DRAIN_REPORT_GRACE;
+        loop {
+            let (pending, connected) = {
+                let s = self.shared.lock().expect("agent state lock");
+                (s.core.unacknowledged_updates(), s.master_conn.is_some())
+            };
+            if pending == 0 || !connected || Instant::now() >= deadline {
+                if pending > 0 {
+                    tracing::warn!(
+                        "{pending} task updates not acknowledged by the master; the next start of this agent sends them"
+                    );
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await; // poll for the master's acknowledgements
+        }
+        self.close("agent drained and stopped");
+    }
+
+    /// Ends the agent's own work: closes the master's connection with `why`, stops
+    /// every loop, syncs the checkpoint. Executors are left as they are.
+    fn close(self, why: &str) {
+        if let Some(c) = self
+            .shared
+            .lock()
+            .expect("agent state lock")
+            .master_conn
+            .take()
+        {
+            c.close(0u32.into(), why.as_bytes());
+        }
+        for t in &self.tasks {
+            t.abort();
         }
         if let Err(e) = self.checkpoint.sync() {
             tracing::warn!("cannot sync the checkpoint: {e:#}");
@@ -530,6 +574,7 @@ pub async fn start(mut cfg: AgentConfig) -> Result<AgentHandle> {
     }
     Ok(AgentHandle {
         tasks,
+        agent,
         shared,
         checkpoint,
         http_addr,

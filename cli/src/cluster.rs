@@ -213,6 +213,13 @@ pub struct AgentArgs {
     /// for them to re-attach (at most 10 s) before it registers with the master.
     #[arg(long, default_value_t = 60)]
     recovery_timeout: u64,
+    /// On SIGTERM or Ctrl-C, stop with the tasks: kill every task on this agent
+    /// (reported KILLED, reason AGENT_DRAINED) and its executors, then exit. Without
+    /// it a stop leaves executors and tasks running, and the agent started again on
+    /// the same --work-dir within --recovery-timeout takes them back (as Mesos and
+    /// Nomad agents do through an upgrade).
+    #[arg(long)]
+    drain_on_stop: bool,
     /// Address of the agent's HTTP server, which serves /fn/NAME/... from the
     /// function hosts on this agent (and /fn-metrics). Default: 127.0.0.1:7071
     /// (this machine only: a master on another machine needs 0.0.0.0:7071 or an
@@ -874,7 +881,7 @@ impl DevCluster {
         })
         .await;
         if registered.is_err() {
-            agent.shutdown().await;
+            agent.drain().await;
             master.shutdown().await;
             anyhow::bail!(
                 "the dev agent did not register with the dev master within 20 s; see the log above"
@@ -891,7 +898,7 @@ impl DevCluster {
     }
 
     pub async fn stop(self) {
-        self.agent.shutdown().await;
+        self.agent.drain().await;
         self.master.shutdown().await;
     }
 }
@@ -1106,11 +1113,11 @@ async fn dev_group(
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while agent.agent_id().is_none() {
         if let Some(exited) = group.exited() {
-            agent.shutdown().await;
+            agent.drain().await;
             anyhow::bail!("the dev cluster did not start: {exited}");
         }
         if tokio::time::Instant::now() > deadline {
-            agent.shutdown().await;
+            agent.drain().await;
             anyhow::bail!(
                 "the masters elected no leader the agent could register with within 60 s; see {}",
                 a.data_dir.join("master-*.log").display()
@@ -1203,7 +1210,7 @@ async fn dev_group(
     }
     tracing::info!("stopping the dev cluster");
     let _ = std::fs::remove_file(&cfg_path);
-    agent.shutdown().await;
+    agent.drain().await;
     group.stop().await;
     Ok(ExitCode::SUCCESS)
 }
@@ -1316,6 +1323,16 @@ pub async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
         }
     }
     wait_for_signal().await;
-    agent.shutdown().await;
+    if a.drain_on_stop {
+        eprintln!("agora agent: draining: killing the tasks on this agent, then stopping");
+        agent.drain().await;
+    } else {
+        eprintln!(
+            "agora agent: stopping; tasks keep running for up to {} s: start the agent again on {} to take them back (--drain-on-stop stops them with the agent)",
+            a.recovery_timeout.max(1),
+            a.work_dir.display()
+        );
+        agent.stop().await;
+    }
     Ok(ExitCode::SUCCESS)
 }

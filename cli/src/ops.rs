@@ -354,10 +354,21 @@ where
 pub async fn agents(t: crate::Target) -> anyhow::Result<ExitCode> {
     let client = connect(&t).await?;
     println!(
-        "{:<22} {:<20} {:<22} {:<22} ATTRIBUTES",
-        "AGENT", "HOST", "CPUS (used/total)", "MEM (used/total)"
+        "{:<22} {:<20} {:<14} {:<22} {:<22} ATTRIBUTES",
+        "AGENT", "HOST", "STATE", "CPUS (used/total)", "MEM (used/total)"
     );
     for a in client.agents().await? {
+        let state = if a.unreachable {
+            "unreachable".to_string()
+        } else if a.connected {
+            "connected".to_string()
+        } else {
+            format!("down {}s", a.disconnected_ms / 1000)
+        };
+        if a.unreachable {
+            println!("{:<22} {:<20} {state}", a.agent_id, a.hostname);
+            continue;
+        }
         let total = Resources::from_proto(&a.total).unwrap_or_default();
         let used = Resources::from_proto(&a.allocated).unwrap_or_default();
         let attrs: Vec<String> = a
@@ -366,7 +377,7 @@ pub async fn agents(t: crate::Target) -> anyhow::Result<ExitCode> {
             .map(|x| format!("{}:{}", x.name, x.value))
             .collect();
         println!(
-            "{:<22} {:<20} {:<22} {:<22} {}",
+            "{:<22} {:<20} {state:<14} {:<22} {:<22} {}",
             a.agent_id,
             a.hostname,
             format!(

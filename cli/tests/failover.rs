@@ -60,11 +60,17 @@ impl Group {
             g.masters.push(Some(g.master(id)));
         }
         let mut a = Command::new(AGORA);
-        a.args(["agent", "--master", &g.addrs.join(","), "--certs"])
-            .arg(&g.certs)
-            .arg("--work-dir")
-            .arg(g.dir.path().join("agent"))
-            .args(["--resources", "cpus:8;mem:8GiB", "--http", "127.0.0.1:0"]);
+        a.args([
+            "agent",
+            "--drain-on-stop",
+            "--master",
+            &g.addrs.join(","),
+            "--certs",
+        ])
+        .arg(&g.certs)
+        .arg("--work-dir")
+        .arg(g.dir.path().join("agent"))
+        .args(["--resources", "cpus:8;mem:8GiB", "--http", "127.0.0.1:0"]);
         g.agent = Some(Proc::start(a, |l| l.starts_with("agent offering")).0);
         g
     }

@@ -158,11 +158,17 @@ fn a_leader_cut_off_from_the_others_stops_leading_and_rejoins_as_a_follower() {
         })
         .collect();
     let mut a = Command::new(AGORA);
-    a.args(["agent", "--master", &addrs.join(","), "--certs"])
-        .arg(&certs)
-        .arg("--work-dir")
-        .arg(dir.path().join("agent"))
-        .args(["--resources", "cpus:2;mem:2GiB", "--http", "127.0.0.1:0"]);
+    a.args([
+        "agent",
+        "--drain-on-stop",
+        "--master",
+        &addrs.join(","),
+        "--certs",
+    ])
+    .arg(&certs)
+    .arg("--work-dir")
+    .arg(dir.path().join("agent"))
+    .args(["--resources", "cpus:2;mem:2GiB", "--http", "127.0.0.1:0"]);
     let (_agent, _) = Proc::start(a, |l| l.starts_with("agent offering"));
     let config = certs.join("client.json");
     let here = || {

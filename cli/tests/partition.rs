@@ -112,7 +112,7 @@ fn network_cut_longer_than_the_agent_timeout_loses_nothing() {
     let addr = line.split_whitespace().nth(3).unwrap().to_string();
 
     let mut a = Net::in_ns(&net.agent_ns);
-    a.args(["agent", "--master", &addr, "--certs"])
+    a.args(["agent", "--drain-on-stop", "--master", &addr, "--certs"])
         .arg(&certs)
         .arg("--work-dir")
         .arg(dir.path().join("agent"))

@@ -1,7 +1,9 @@
-//! Fault test: `agora agent` killed with SIGKILL while tasks run, and started again on
+//! Fault tests: `agora agent` killed with SIGKILL, or stopped with SIGTERM (what
+//! `systemctl stop` and package upgrades do), while tasks run, and started again on
 //! the same work dir. Executors (wasm and native) keep their tasks running, hold the
 //! statuses of tasks that end meanwhile, and re-attach to the restarted agent, which
-//! re-registers with the same id; every task ends once, with its real ending.
+//! re-registers with the same id; every task ends once, with its real ending. A stop
+//! with `--drain-on-stop` ends the tasks with the agent.
 
 mod common;
 
@@ -24,7 +26,18 @@ struct AgentProc {
 }
 
 impl AgentProc {
+    /// An agent that drains on SIGTERM (so that a test's end stops its executors).
     fn start(addr: &str, certs: &Path, work: &Path, log: PathBuf) -> AgentProc {
+        AgentProc::start_with(addr, certs, work, log, &["--drain-on-stop"])
+    }
+
+    fn start_with(
+        addr: &str,
+        certs: &Path,
+        work: &Path,
+        log: PathBuf,
+        extra: &[&str],
+    ) -> AgentProc {
         let mut cmd = Command::new(AGORA);
         cmd.args(["agent", "--master", addr, "--certs"])
             .arg(certs)
@@ -38,6 +51,7 @@ impl AgentProc {
                 "--recovery-timeout",
                 "30",
             ])
+            .args(extra)
             .env("AGORA_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -168,6 +182,21 @@ fn framework_of(work: &Path, task_id: &str) -> String {
         .unwrap_or_else(|| panic!("no sandbox for task {task_id}"))
 }
 
+/// Waits (bounded) for `child` to exit; its status.
+fn finish_within(child: &mut Child, secs: u64) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process did not exit within {secs} s"
+        );
+        std::thread::sleep(Duration::from_millis(20)); // waiting for process exit
+    }
+}
+
 /// Waits (bounded) for a process started with piped output to end.
 fn finish(child: Child, secs: u64) -> Output {
     let pid = child.id();
@@ -184,8 +213,26 @@ fn finish(child: Child, secs: u64) -> Output {
     }
 }
 
+/// How the agent is stopped before it is started again.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Stop {
+    /// `kill -9`: a crash.
+    Kill,
+    /// SIGTERM without `--drain-on-stop`: a routine stop (an upgrade, a reboot).
+    Term,
+}
+
 #[test]
 fn agent_killed_and_restarted_reattaches_to_its_executors_and_tasks_end_once() {
+    agent_stopped_and_restarted(Stop::Kill);
+}
+
+#[test]
+fn agent_stopped_with_sigterm_keeps_its_tasks_shows_down_at_once_and_takes_them_back() {
+    agent_stopped_and_restarted(Stop::Term);
+}
+
+fn agent_stopped_and_restarted(how: Stop) {
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("certs");
     let work = dir.path().join("agent");
@@ -229,7 +276,9 @@ fn agent_killed_and_restarted_reattaches_to_its_executors_and_tasks_end_once() {
         }
     };
 
-    let mut agent = AgentProc::start(&addr, &certs, &work, dir.path().join("agent-1.log"));
+    // Started without --drain-on-stop: SIGTERM must keep the tasks.
+    let mut agent =
+        AgentProc::start_with(&addr, &certs, &work, dir.path().join("agent-1.log"), &[]);
     agent.wait_for("registered with the master", 60);
     let first_id = {
         let log = agent.log();
@@ -273,10 +322,39 @@ fn agent_killed_and_restarted_reattaches_to_its_executors_and_tasks_end_once() {
     assert_eq!(wasm_exec.2, "default");
     assert_eq!(native_exec.2, "default-native");
 
-    // kill -9 of the agent.
+    // kill -9, or SIGTERM, of the agent.
     let killed_at = Instant::now();
-    agent.child.kill().unwrap();
-    agent.child.wait().unwrap();
+    match how {
+        Stop::Kill => {
+            agent.child.kill().unwrap();
+            agent.child.wait().unwrap();
+        }
+        Stop::Term => {
+            unsafe { libc::kill(agent.child.id() as i32, libc::SIGTERM) };
+            let status = finish_within(&mut agent.child, 30);
+            assert!(status.success(), "a stop is a clean exit: {status:?}");
+            assert!(
+                agent.log().contains("tasks keep running"),
+                "the stop says what happens to the tasks:\n{}",
+                agent.log()
+            );
+            // The master hears of the stop at once, not after its agent timeout
+            // (15 s here): `agora agents` shows the agent down within a few seconds.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let out = stdout(&run(&["agents"]));
+                let row = out.lines().find(|l| l.starts_with(first_id.as_str()));
+                if row.is_some_and(|r| r.split_whitespace().nth(2) == Some("down")) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the stopped agent is not shown down within 5 s:\n{out}"
+                );
+                std::thread::sleep(Duration::from_millis(50)); // poll interval
+            }
+        }
+    }
     let stderr_of = |fw: &str, ex: &str| {
         std::fs::read_to_string(work.join("executors").join(fw).join(ex).join("stderr"))
             .unwrap_or_default()
@@ -297,7 +375,7 @@ fn agent_killed_and_restarted_reattaches_to_its_executors_and_tasks_end_once() {
         );
     }
 
-    // The same agent again, on the same work dir.
+    // The same agent again, on the same work dir (draining on its stop, below).
     let restarted_at = Instant::now();
     let agent = AgentProc::start(&addr, &certs, &work, dir.path().join("agent-2.log"));
     let recovered_at = agent.wait_for("recovery done", 60);
@@ -314,8 +392,8 @@ fn agent_killed_and_restarted_reattaches_to_its_executors_and_tasks_end_once() {
         "every executor re-attached:\n{log}"
     );
     eprintln!(
-        "recovery: agent down {:?}; restart -> executors re-attached {:?}, -> re-registered {:?}; \
-         kill -9 -> re-registered {:?}",
+        "recovery ({how:?}): agent down {:?}; restart -> executors re-attached {:?}, -> re-registered {:?}; \
+         stop -> re-registered {:?}",
         restarted_at - killed_at,
         recovered_at - restarted_at,
         registered_at - restarted_at,
@@ -383,9 +461,21 @@ fn agent_killed_and_restarted_reattaches_to_its_executors_and_tasks_end_once() {
     assert!(!all.contains("LOST"), "{all}");
     assert_eq!(ps(false).lines().count(), 1, "nothing left running");
 
-    // A clean stop takes the executors down with the agent.
+    // A stop with --drain-on-stop ends what runs, saying so, and takes the executors
+    // down with the agent.
+    let drained = client(&["run", "--name", "drained", "--command", "sleep 60"])
+        .spawn()
+        .unwrap();
+    wait_state("drained", "RUNNING");
     let mut agent = agent;
     agent.stop();
+    let o = finish(drained, 60);
+    assert_ne!(code(&o), 0, "{}", stderr(&o));
+    assert!(
+        final_line(&o).contains("KILLED: killed: the agent was stopped with its tasks (drain)"),
+        "{}",
+        stderr(&o)
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     while !executors(&work).is_empty() {
         assert!(

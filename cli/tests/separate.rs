@@ -36,7 +36,7 @@ fn master_and_agent_as_separate_processes() {
     let addr = line.split_whitespace().nth(3).unwrap().to_string();
 
     let mut a = Command::new(AGORA);
-    a.args(["agent", "--master", &addr, "--certs"])
+    a.args(["agent", "--drain-on-stop", "--master", &addr, "--certs"])
         .arg(&certs)
         .arg("--work-dir")
         .arg(dir.path().join("agent"))
@@ -96,7 +96,7 @@ fn master_and_agent_as_separate_processes() {
     // An agent flag that makes no sense is refused with the problem named.
     let bad = run_bounded(
         Command::new(AGORA)
-            .args(["agent", "--master", &addr, "--certs"])
+            .args(["agent", "--drain-on-stop", "--master", &addr, "--certs"])
             .arg(&certs)
             .args(["--resources", "cpus=2"]),
         60,

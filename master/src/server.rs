@@ -1298,13 +1298,15 @@ impl Ctx {
                     ..Default::default()
                 }
             }
-            Some(operator_request::Request::Cluster(_)) => match self.read(|c, _| c.agents()) {
-                Ok(agents) => OperatorResponse {
-                    agents,
-                    ..Default::default()
-                },
-                Err(e) => failed(e),
-            },
+            Some(operator_request::Request::Cluster(_)) => {
+                match self.read(|c, now| c.agents(now)) {
+                    Ok(agents) => OperatorResponse {
+                        agents,
+                        ..Default::default()
+                    },
+                    Err(e) => failed(e),
+                }
+            }
             Some(operator_request::Request::Kill(k)) => {
                 let r = self.operate(OperatorOp::Kill { task_id: k.task_id }).await;
                 OperatorResponse {

@@ -124,17 +124,17 @@ pub async fn bench_failover(a: FailoverArgs) -> anyhow::Result<ExitCode> {
     let deadline = Instant::now() + Duration::from_secs(60);
     while agent.agent_id().is_none() {
         if let Some(why) = group.exited() {
-            agent.shutdown().await;
+            agent.drain().await;
             anyhow::bail!("the masters did not start: {why}");
         }
         if Instant::now() > deadline {
-            agent.shutdown().await;
+            agent.drain().await;
             anyhow::bail!("no leader the agent could register with within 60 s");
         }
         tokio::time::sleep(Duration::from_millis(20)).await; // poll for readiness
     }
     let result = run(&a, &mut group, &cd, &addrs).await;
-    agent.shutdown().await;
+    agent.drain().await;
     group.stop().await;
     result
 }

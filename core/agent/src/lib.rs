@@ -238,6 +238,41 @@ pub enum Input {
         detail: String,
     },
     Tick,
+    /// The agent is stopping with its tasks (`agora agent --drain-on-stop`, a dev
+    /// cluster stopping): every executor is shut down, every task ends KILLED with
+    /// reason AGENT_DRAINED, and tasks sent from now on are dropped. A plain stop
+    /// of the agent feeds nothing: executors and tasks outlive it.
+    Drain,
+}
+
+/// Why the agent shut an executor down with its tasks (the reason their kills
+/// are reported with).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ShutdownWhy {
+    /// The framework's SHUTDOWN of the executor.
+    Framework,
+    /// The agent is stopping with its tasks.
+    Drain,
+}
+
+impl ShutdownWhy {
+    fn reason(self) -> Reason {
+        match self {
+            ShutdownWhy::Framework => Reason::ExecutorShutdown,
+            ShutdownWhy::Drain => Reason::AgentDrained,
+        }
+    }
+
+    fn message(self, executor: &str) -> String {
+        match self {
+            ShutdownWhy::Framework => {
+                format!("killed: the framework shut down executor {executor}")
+            }
+            ShutdownWhy::Drain => {
+                "killed: the agent was stopped with its tasks (drain)".to_string()
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -393,10 +428,13 @@ pub struct AgentCore {
     dirty_durable: bool,
     /// After a restart: when executors that have not re-registered are given up.
     recovery_deadline: Option<u64>,
-    /// Executors the framework asked to SHUT DOWN: their tasks end KILLED with
-    /// reason EXECUTOR_SHUTDOWN. (Not checkpointed: after an agent restart such
+    /// Executors shut down with their tasks, and why: their tasks end KILLED with
+    /// reason EXECUTOR_SHUTDOWN (the framework asked) or AGENT_DRAINED (the agent
+    /// is stopping with its tasks). (Not checkpointed: after an agent restart such
     /// tasks end as ordinary kills.)
-    shutdown_asked: BTreeSet<ExecutorKey>,
+    shutdown_asked: BTreeMap<ExecutorKey, ShutdownWhy>,
+    /// The agent is stopping with its tasks ([`Input::Drain`]): nothing new starts.
+    draining: bool,
     /// Where the shell serves `/fn/NAME/...` over HTTP (told to the master in
     /// `hello`); empty: nowhere.
     http_address: String,
@@ -423,7 +461,8 @@ impl AgentCore {
             dirty_meta: false,
             dirty_durable: false,
             recovery_deadline: None,
-            shutdown_asked: BTreeSet::new(),
+            shutdown_asked: BTreeMap::new(),
+            draining: false,
             http_address: String::new(),
             function_hosts_changed: false,
             wall_ms: 0,
@@ -781,7 +820,10 @@ impl AgentCore {
                     }
                 }
             }
-            Input::ShutdownExecutor { key } => self.shutdown_executor(key, now),
+            Input::ShutdownExecutor { key } => {
+                self.shutdown_executor(key, ShutdownWhy::Framework, now)
+            }
+            Input::Drain => self.drain(now),
             Input::FrameworkMessage { key, data } => {
                 match self.executors.get(&key) {
                     Some(e) if e.registered && !e.shutting_down => {
@@ -837,6 +879,25 @@ impl AgentCore {
         let key = (rt.framework_id.clone(), info.task_id.clone());
         if self.tasks.contains_key(&key) {
             // A duplicate RunTask (master retry) for a task we already have.
+            return;
+        }
+        if self.draining {
+            let st = TaskStatus {
+                task_id: info.task_id.clone(),
+                state: TaskState::TaskDropped as i32,
+                reason: Reason::AgentDrained as i32,
+                message: "the agent is stopping with its tasks (drain); the task was not started"
+                    .into(),
+                agent_id: self.agent_id.clone().unwrap_or_default(),
+                timestamp_ms: self.wall_ms,
+                ..Default::default()
+            };
+            self.out.push(Output::ToMaster(AgentToMaster {
+                msg: Some(agent_to_master::Msg::StatusUpdate(StatusUpdate {
+                    framework_id: key.0.clone(),
+                    status: Some(st),
+                })),
+            }));
             return;
         }
         let exec_id = if info.executor_id.is_empty() {
@@ -903,15 +964,21 @@ impl AgentCore {
             return;
         }
         if t.kill_requested {
-            self.terminal(
-                &key,
+            let st = if self.draining {
+                let why = ShutdownWhy::Drain;
+                new_status(
+                    TaskState::TaskKilled,
+                    why.reason(),
+                    &why.message(&t.executor.1),
+                )
+            } else {
                 new_status(
                     TaskState::TaskKilled,
                     Reason::KilledByFramework,
                     "killed before it started",
-                ),
-                now,
-            );
+                )
+            };
+            self.terminal(&key, st, now);
             return;
         }
         if let Err(e) = result {
@@ -1161,12 +1228,12 @@ impl AgentCore {
         }
         let state = s.state();
         if state.is_terminal() {
-            let mut st = if self.shutdown_asked.contains(&key) && self.tasks[&tkey].kill_requested {
-                new_status(
-                    state,
-                    Reason::ExecutorShutdown,
-                    &format!("killed: the framework shut down executor {}", key.1),
-                )
+            let why = self
+                .shutdown_asked
+                .get(&key)
+                .filter(|_| self.tasks[&tkey].kill_requested);
+            let mut st = if let Some(why) = why {
+                new_status(state, why.reason(), &why.message(&key.1))
             } else {
                 new_status(state, s.reason(), &s.message)
             };
@@ -1223,8 +1290,8 @@ impl AgentCore {
                 self.respawn(&key, ExecutorKind::of(&t.info));
                 continue;
             }
-            let (state, reason) = if t.kill_requested && shutdown_asked {
-                (TaskState::TaskKilled, Reason::ExecutorShutdown)
+            let (state, reason) = if let Some(why) = shutdown_asked.filter(|_| t.kill_requested) {
+                (TaskState::TaskKilled, why.reason())
             } else if t.kill_requested {
                 (TaskState::TaskKilled, Reason::KilledByFramework)
             } else if t.phase == Phase::AwaitingExecutor {
@@ -1237,13 +1304,10 @@ impl AgentCore {
                     "executor {} died while the agent was down ({detail})",
                     key.1
                 )
-            } else if reason == Reason::ExecutorShutdown {
+            } else if let Some(why) = shutdown_asked.filter(|_| t.kill_requested) {
                 // The process ended before its report of the kill reached us: say
                 // what the executor would have said.
-                format!(
-                    "killed: the framework shut down executor {} ({detail})",
-                    key.1
-                )
+                format!("{} ({detail})", why.message(&key.1))
             } else {
                 format!("executor {}: {detail}", key.1)
             };
@@ -1253,7 +1317,8 @@ impl AgentCore {
         // resent after a restart, nor sent while no master listens). An executor the
         // agent itself stopped for being idle is no failure; one the framework shut
         // down is reported.
-        if self.connected && gone.is_some() && (!was_shutting_down || shutdown_asked) {
+        let framework_asked = shutdown_asked == Some(ShutdownWhy::Framework);
+        if self.connected && gone.is_some() && (!was_shutting_down || framework_asked) {
             self.out.push(Output::ToMaster(AgentToMaster {
                 msg: Some(agent_to_master::Msg::ExecutorExited(v1::ExecutorExited {
                     framework_id: key.0.clone(),
@@ -1333,7 +1398,7 @@ impl AgentCore {
     /// SHUTDOWN of one executor: every task of it is killed (those not handed to it
     /// yet end at once), and the executor is told to stop, which it does after
     /// reporting its tasks' ends.
-    fn shutdown_executor(&mut self, key: ExecutorKey, now: u64) {
+    fn shutdown_executor(&mut self, key: ExecutorKey, why: ShutdownWhy, now: u64) {
         let mine: Vec<TaskKey> = self
             .tasks
             .iter()
@@ -1344,9 +1409,11 @@ impl AgentCore {
             tracing::warn!(framework = %key.0, executor = %key.1, "shutdown of an executor that is not here; ignored");
             return;
         }
-        tracing::info!(framework = %key.0, executor = %key.1, tasks = mine.len(), "shutting down executor at the framework's request");
-        self.shutdown_asked.insert(key.clone());
-        let msg = format!("killed: the framework shut down executor {}", key.1);
+        if why == ShutdownWhy::Framework {
+            tracing::info!(framework = %key.0, executor = %key.1, tasks = mine.len(), "shutting down executor at the framework's request");
+        }
+        self.shutdown_asked.insert(key.clone(), why);
+        let msg = why.message(&key.1);
         for k in mine {
             let phase = self.tasks[&k].phase;
             if phase == Phase::AwaitingExecutor {
@@ -1356,7 +1423,7 @@ impl AgentCore {
                 self.dirty_tasks.insert(k.clone());
                 self.terminal(
                     &k,
-                    new_status(TaskState::TaskKilled, Reason::ExecutorShutdown, &msg),
+                    new_status(TaskState::TaskKilled, why.reason(), &msg),
                     now,
                 );
             } else {
@@ -1368,8 +1435,42 @@ impl AgentCore {
                 e.shutting_down = true;
                 self.out.push(shutdown_msg(&key));
                 self.out.push(Output::ReapExecutor { key });
+            } else if !e.registered && why == ShutdownWhy::Drain {
+                // Still starting (or not re-attached since a restart): it is told to
+                // go when it registers (see `executor_attached`).
+                e.shutting_down = true;
             }
         }
+    }
+
+    /// The agent stops with its tasks: every executor is shut down, each task ends
+    /// KILLED with reason AGENT_DRAINED (those not handed to an executor at once).
+    fn drain(&mut self, now: u64) {
+        if self.draining {
+            return;
+        }
+        self.draining = true;
+        let keys: BTreeSet<ExecutorKey> = self
+            .tasks
+            .values()
+            .filter(|t| t.phase != Phase::Terminal)
+            .map(|t| t.executor.clone())
+            .chain(self.executors.keys().cloned())
+            .collect();
+        tracing::info!(
+            executors = keys.len(),
+            tasks = self.live_tasks(),
+            "draining: stopping every executor and task"
+        );
+        for key in keys {
+            self.shutdown_executor(key, ShutdownWhy::Drain, now);
+        }
+    }
+
+    /// Status updates not yet acknowledged by the master (a draining agent waits,
+    /// boundedly, for them before it goes).
+    pub fn unacknowledged_updates(&self) -> usize {
+        self.tasks.values().map(|t| t.updates.queue.len()).sum()
     }
 
     fn kill(&mut self, key: &TaskKey, now: u64) {

@@ -1891,3 +1891,139 @@ fn run_task_with_ids_that_leave_the_work_dir_is_refused_without_a_sandbox() {
         assert_eq!(a.core.live_tasks(), 0);
     }
 }
+
+// =====================================================================================
+// Drain: the agent stops with its tasks
+// =====================================================================================
+
+#[test]
+fn drain_kills_every_task_in_every_phase_with_reason_agent_drained_and_drops_new_ones() {
+    let drained = "killed: the agent was stopped with its tasks (drain)";
+    let mut a = Agent::new();
+    // t1 runs on e1; t2 waits for e2 to start; t3 is still being prepared.
+    a.start("f1", &task("t1", "e1"), true);
+    let outs = a.run("f1", &task("t2", "e2"));
+    let u = expect_update(&outs[0], "f1", starting("t2", "e2", 0));
+    assert_eq!(a.ack("f1", "t2", &u), vec![]);
+    assert_eq!(
+        a.prepared("f1", "t2", Ok(())),
+        vec![Output::SpawnExecutor {
+            key: key("f1", "e2")
+        }]
+    );
+    let outs = a.run("f1", &task("t3", "e3"));
+    let u = expect_update(&outs[0], "f1", starting("t3", "e3", 0));
+    assert_eq!(a.ack("f1", "t3", &u), vec![]);
+
+    let outs = a.at(1_000).feed(Input::Drain);
+    // e1: its task is killed, then it is told to go; t2 ends at once; t3 waits for
+    // its preparation to report.
+    let u1 = expect_update(
+        &outs[0],
+        "f1",
+        status(
+            "t1",
+            "e1",
+            TaskState::TaskKilling,
+            Reason::KilledByFramework,
+            "",
+            1_000,
+        ),
+    );
+    assert_eq!(
+        outs[1..4],
+        [
+            to_executor(
+                "f1",
+                "e1",
+                agent_to_executor::Msg::Kill(v1::ExecutorKill {
+                    task_id: "t1".into()
+                })
+            ),
+            to_executor(
+                "f1",
+                "e1",
+                agent_to_executor::Msg::Shutdown(v1::ExecutorShutdown {})
+            ),
+            Output::ReapExecutor {
+                key: key("f1", "e1")
+            },
+        ]
+    );
+    let u2 = expect_update(
+        &outs[4],
+        "f1",
+        status(
+            "t2",
+            "e2",
+            TaskState::TaskKilled,
+            Reason::AgentDrained,
+            drained,
+            1_000,
+        ),
+    );
+    assert_eq!(outs.len(), 5, "{outs:?}");
+    assert_eq!(a.ack("f1", "t2", &u2), vec![]);
+    assert_eq!(a.ack("f1", "t1", &u1), vec![]);
+
+    // t3's preparation ends: it does not start.
+    let outs = a.at(1_100).prepared("f1", "t3", Ok(()));
+    assert_eq!(outs.len(), 1, "{outs:?}");
+    let u3 = expect_update(
+        &outs[0],
+        "f1",
+        status(
+            "t3",
+            "e3",
+            TaskState::TaskKilled,
+            Reason::AgentDrained,
+            drained,
+            1_100,
+        ),
+    );
+    assert_eq!(a.ack("f1", "t3", &u3), vec![]);
+    // e2 registers late: it is told to go at once, and gets nothing to run.
+    assert_eq!(
+        a.at(1_200).executor_registered("f1", "e2"),
+        vec![to_executor(
+            "f1",
+            "e2",
+            agent_to_executor::Msg::Shutdown(v1::ExecutorShutdown {})
+        )]
+    );
+    // e1 reports its kill: it names the drain.
+    let outs = a
+        .at(1_300)
+        .executor_status("f1", "e1", exec_status("t1", TaskState::TaskKilled));
+    let u = expect_update(
+        &outs[0],
+        "f1",
+        status(
+            "t1",
+            "e1",
+            TaskState::TaskKilled,
+            Reason::AgentDrained,
+            drained,
+            1_300,
+        ),
+    );
+    assert_eq!(a.core.unacknowledged_updates(), 1);
+    assert_eq!(a.ack("f1", "t1", &u), vec![]);
+    assert_eq!(a.core.unacknowledged_updates(), 0);
+    // A drained executor's exit is no failure to report.
+    assert_eq!(a.executor_exited("f1", "e1", "exited with code 0"), vec![]);
+    assert_eq!(a.core.live_tasks(), 0);
+
+    // A task sent now is dropped, not started.
+    let outs = a.at(1_400).run("f2", &task("t4", ""));
+    let mut dropped = status(
+        "t4",
+        "",
+        TaskState::TaskDropped,
+        Reason::AgentDrained,
+        "the agent is stopping with its tasks (drain); the task was not started",
+        1_400,
+    );
+    dropped.executor_id = String::new();
+    assert_eq!(outs, vec![to_master("f2", dropped)]);
+}

@@ -1825,7 +1825,20 @@ impl MasterCore {
         "resources are free; waiting for the next offer".into()
     }
 
-    pub fn agents(&self) -> Vec<v1::AgentSummary> {
+    /// The agents known: registered ones (connected or not), then those removed
+    /// as unreachable that may still return.
+    pub fn agents(&self, now: u64) -> Vec<v1::AgentSummary> {
+        let removed = self
+            .registry
+            .agents
+            .iter()
+            .filter(|(id, e)| e.unreachable && !self.agents.contains_key(*id))
+            .map(|(id, e)| v1::AgentSummary {
+                agent_id: id.clone(),
+                hostname: e.hostname.clone(),
+                unreachable: true,
+                ..Default::default()
+            });
         self.agents
             .iter()
             .map(|(id, a)| {
@@ -1843,8 +1856,16 @@ impl MasterCore {
                         .to_proto(),
                     attributes: a.attributes.clone(),
                     http_address: a.http_address.clone(),
+                    connected: a.conn.is_some(),
+                    disconnected_ms: if a.conn.is_some() {
+                        0
+                    } else {
+                        now.saturating_sub(a.last_seen_ms)
+                    },
+                    unreachable: false,
                 }
             })
+            .chain(removed)
             .collect()
     }
 

@@ -179,7 +179,7 @@ impl Master {
     fn allocated(&self, agent_id: &str) -> Resources {
         let a = self
             .core
-            .agents()
+            .agents(0)
             .into_iter()
             .find(|a| a.agent_id == agent_id)
             .expect("agent listed");
@@ -670,7 +670,7 @@ fn bad_agent_hello_and_unregistered_messages_close_the_connection() {
         }
         other => panic!("expected CloseAgent, got {other:?}"),
     }
-    assert!(m.core.agents().is_empty());
+    assert!(m.core.agents(m.now).iter().all(|a| a.unreachable));
     let outs = m.agent_sends(AG2, agent_to_master::Msg::Ping(v1::Ping { seq: 1 }));
     assert_eq!(
         outs,
@@ -708,12 +708,19 @@ fn an_agent_hello_whose_amounts_would_overflow_is_refused() {
         }
         other => panic!("expected CloseAgent, got {other:?}"),
     }
-    assert!(m.core.agents().is_empty());
+    assert!(m.core.agents(m.now).iter().all(|a| a.unreachable));
     m.agent_hello(
         AG2,
         hello("", "host-2", Resources::cpus_mem(1000, GIB), vec![]),
     );
-    assert_eq!(m.core.agents().len(), 1);
+    assert_eq!(
+        m.core
+            .agents(m.now)
+            .iter()
+            .filter(|a| !a.unreachable)
+            .count(),
+        1
+    );
 }
 
 // =====================================================================================
@@ -1674,7 +1681,7 @@ fn agent_disconnect_rescinds_offers_and_after_the_timeout_its_tasks_are_lost() {
             agent_failure(FW1, &a1, &why),
         ]
     );
-    assert!(m.core.agents().is_empty());
+    assert!(m.core.agents(m.now).iter().all(|a| a.unreachable));
     assert!(m.core.list_tasks(false, m.now).is_empty());
     assert_eq!(m.core.list_tasks(true, m.now).len(), 2);
     assert_eq!(m.tick(40_000), vec![], "removed once");
@@ -1738,7 +1745,7 @@ fn silent_agent_is_removed_after_the_timeout_and_pings_keep_it() {
             agent_failure(FW1, &a1, &why),
         ]
     );
-    assert!(m.core.agents().is_empty());
+    assert!(m.core.agents(m.now).iter().all(|a| a.unreachable));
 }
 
 #[test]
@@ -3230,7 +3237,7 @@ impl Sim {
 
     fn check(&self) {
         let live = self.m.core.list_tasks(false, self.m.now);
-        for summary in self.m.core.agents() {
+        for summary in self.m.core.agents(0) {
             let total = Resources::from_proto(&summary.total).unwrap();
             let allocated = Resources::from_proto(&summary.allocated).unwrap();
             assert!(
@@ -4327,7 +4334,7 @@ fn the_agent_list_says_where_each_agent_serves_functions() {
     let (a2, _) = m.register_agent(AG2, "host-2", 2000, 4 * GIB);
     let listed: Vec<(String, String)> = m
         .core
-        .agents()
+        .agents(0)
         .into_iter()
         .map(|a| (a.agent_id, a.http_address))
         .collect();

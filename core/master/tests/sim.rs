@@ -2161,7 +2161,7 @@ impl World {
                     ));
                 }
             }
-            for a in mm.core.agents() {
+            for a in mm.core.agents(0) {
                 let total = Resources::from_proto(&a.total).expect("res");
                 let alloc = Resources::from_proto(&a.allocated).expect("res");
                 if !total.unreserved().contains(&alloc) {
@@ -2184,8 +2184,9 @@ impl World {
         let registered: BTreeSet<String> = self
             .master
             .core
-            .agents()
+            .agents(0)
             .into_iter()
+            .filter(|a| !a.unreachable)
             .map(|a| a.agent_id)
             .collect();
         let mut problems = Vec::new();
