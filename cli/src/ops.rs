@@ -82,9 +82,12 @@ pub async fn ps(a: PsArgs) -> anyhow::Result<ExitCode> {
             } else {
                 t.state().short_name()
             };
+            // Nothing measured (a wasm task that wrote no file) shows as nothing known.
             let disk = match &t.usage {
-                Some(u) => format_bytes(u.disk_used_bytes.min(i64::MAX as u64) as i64),
-                None => "-".into(),
+                Some(u) if u.disk_used_bytes > 0 || u.disk_files > 0 => {
+                    format_bytes(u.disk_used_bytes.min(i64::MAX as u64) as i64)
+                }
+                _ => "-".into(),
             };
             let (cpu, thr, peak, fuel) = match &t.usage {
                 Some(u) => (

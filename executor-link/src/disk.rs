@@ -78,10 +78,13 @@ pub const DEFAULT_WALK_BOUND: u64 = 1_000_000;
 
 /// Walks `root` without following symlinks and adds up what it holds, seeing at most
 /// `max_entries` entries. A missing root holds nothing. Entries that vanish during
-/// the walk are skipped (the task may be deleting them).
+/// the walk are skipped (the task may be deleting them). A file with several hard
+/// links in the sandbox is one entry per link but its blocks count once, as `du`
+/// counts them.
 pub fn measure(root: &Path, max_entries: u64) -> std::io::Result<DiskUse> {
     use std::os::unix::fs::MetadataExt;
     let mut used = DiskUse::default();
+    let mut linked: std::collections::HashSet<(u64, u64)> = Default::default();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
         let entries = match std::fs::read_dir(&dir) {
@@ -98,7 +101,12 @@ pub fn measure(root: &Path, max_entries: u64) -> std::io::Result<DiskUse> {
             }
             let Ok(meta) = entry.metadata() else { continue };
             used.files += 1;
-            used.bytes = used.bytes.saturating_add(meta.blocks().saturating_mul(512));
+            let seen = meta.nlink() > 1
+                && !meta.file_type().is_dir()
+                && !linked.insert((meta.dev(), meta.ino()));
+            if !seen {
+                used.bytes = used.bytes.saturating_add(meta.blocks().saturating_mul(512));
+            }
             if meta.file_type().is_dir() {
                 stack.push(entry.path());
             }
@@ -164,6 +172,10 @@ mod tests {
         assert_eq!(u.files, 3);
         assert!(u.bytes >= 100_000, "{u:?}");
         assert!(u.bytes < 10 << 20, "the link was not followed: {u:?}");
+        // A hard link is an entry, not more blocks.
+        std::fs::hard_link(d.path().join("sub/a"), d.path().join("b")).unwrap();
+        let linked = measure(d.path(), 100).unwrap();
+        assert_eq!((linked.files, linked.bytes), (4, u.bytes));
         let t = measure(d.path(), 1).unwrap();
         assert!(t.truncated);
         assert_eq!(t.files, 1);

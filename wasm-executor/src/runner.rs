@@ -226,8 +226,8 @@ struct GuestEnding {
     memory_denied: Option<MemoryDenied>,
     /// A write or create of the guest's refused at its disk limit.
     disk_exceeded: Option<DiskExceeded>,
-    /// What the sandbox held at the end (0 unless the guest reached its disk limit:
-    /// measuring every ending would cost every task a walk).
+    /// What the sandbox held at the end (0 unless the guest wrote or created a file
+    /// there: walking every task's sandbox would cost every launch).
     disk_used: DiskUse,
     /// The fuel the task was given; `None` when unlimited.
     fuel_limit: Option<u64>,
@@ -526,10 +526,7 @@ impl Runner {
             result,
             interrupt: store.data().interrupt,
             disk_exceeded: store.data().disk.exceeded(),
-            disk_used: match store.data().disk.exceeded() {
-                Some(_) => store.data().disk.measured(),
-                None => DiskUse::default(),
-            },
+            disk_used: store.data().disk.final_use(),
             memory_denied: store
                 .data()
                 .limiter

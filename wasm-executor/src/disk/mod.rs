@@ -75,11 +75,12 @@ impl DiskQuota {
         self.exceeded
     }
 
-    /// What the sandbox holds now, measured (for the task's usage report).
-    pub(crate) fn measured(&self) -> DiskUse {
-        match &self.root {
-            Some(r) => measure(r, self.limits.walk_bound())
-                .unwrap_or_else(|_| self.charged.unwrap_or_default()),
+    /// What the sandbox holds at the task's end, for its usage report: measured when
+    /// the guest wrote or created anything there (it already paid one walk for its
+    /// first charge); a guest that did not is not walked, and reports nothing.
+    pub(crate) fn final_use(&self) -> DiskUse {
+        match self.charged {
+            Some(_) => self.measure_now(),
             None => DiskUse::default(),
         }
     }
