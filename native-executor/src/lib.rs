@@ -7,6 +7,7 @@
 //! The agent uses [`isolation`] too: it puts each executor process in a cgroup sized to
 //! the sum of its tasks, under which the executor makes one group per task.
 
+mod disk;
 mod error;
 pub mod executor;
 pub mod isolation;

@@ -14,7 +14,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use agora_executor_link::disk::{measure, DiskExceeded, DiskLimits, DiskUse};
+use agora_executor_link::disk::{DiskExceeded, DiskLimits};
+
+use crate::disk::DiskWatch;
 use agora_proto::units::{format_bytes, format_duration};
 use agora_proto::v1::{ExecutorLaunch, ExecutorStatus, Reason, ResourceUsage, TaskState};
 
@@ -176,11 +178,6 @@ pub(crate) enum Stop {
     Disk(DiskExceeded),
 }
 
-/// How often the disk isolator walks a running task's sandbox (as Mesos's disk/du
-/// isolator does, every few seconds; one walk sees at most the file limit + 1
-/// entries, so its cost is bounded).
-pub const DISK_SCAN_INTERVAL: Duration = Duration::from_secs(1);
-
 impl Runner {
     /// Sets up isolation (detecting, or as configured: forcing cgroups where they
     /// cannot work is an error saying why).
@@ -295,7 +292,8 @@ impl Runner {
                 })
             }
         };
-        let mut child = match start(&group, &mut cmd, &program, identity) {
+        let max_file = crate::disk::max_file_bytes(launch.disk_bytes);
+        let mut child = match start(&group, &mut cmd, &program, identity, max_file) {
             Ok(child) => child,
             Err(ending) => {
                 let _ = group.remove();
@@ -318,14 +316,13 @@ impl Runner {
         } else {
             &launch.root_dir
         };
-        let mut disk = DiskWatch {
-            root: std::path::PathBuf::from(disk_root),
-            limits: DiskLimits {
+        let mut disk = DiskWatch::new(
+            std::path::PathBuf::from(disk_root),
+            DiskLimits {
                 bytes: launch.disk_bytes,
                 files: launch.max_files,
             },
-            used: DiskUse::default(),
-        };
+        );
         let (status, rusage, mut stopped) = supervise(
             child.id() as i32,
             &group,
@@ -350,10 +347,10 @@ impl Runner {
             IsolationMode::Cgroups => group.stats(),
             IsolationMode::Posix => usage_from_rusage(&rusage),
         };
-        let used = disk.scan();
+        let used = disk.walk();
         usage.disk_used_bytes = used.bytes;
         usage.disk_files = used.files;
-        // A task that went past its disk between two scans and ended: the limit
+        // A task that went past its disk between two walks and ended: the limit
         // holds whatever the timing.
         if stopped.is_none() {
             stopped = disk.limits.exceeded(used).map(Stop::Disk);
@@ -734,9 +731,10 @@ fn start(
     cmd: &mut Command,
     program: &str,
     identity: Option<TaskIdentity>,
+    max_file_bytes: Option<u64>,
 ) -> Result<Child, Ending> {
     let contained = group
-        .contain_as(cmd, identity)
+        .contain_as(cmd, identity, max_file_bytes)
         .map_err(|e| Ending::Refused {
             reason: Reason::SandboxFailed,
             message: format!("cannot prepare the task's process: {e}"),
@@ -797,29 +795,6 @@ fn finish_copier(copier: Option<Copier>, which: &str, notes: &mut Vec<String>) -
 /// Waits for the task's main process to exit, stopping the group on a kill request or
 /// at the deadline. Returns the wait status, the rusage of the main process (with the
 /// children it waited for) and whether we stopped it.
-/// The disk isolator of one task: its sandbox, its limits, what the last scan saw.
-struct DiskWatch {
-    root: std::path::PathBuf,
-    limits: DiskLimits,
-    used: DiskUse,
-}
-
-impl DiskWatch {
-    fn scan(&mut self) -> DiskUse {
-        match measure(&self.root, self.limits.walk_bound()) {
-            Ok(u) => self.used = u,
-            Err(e) => {
-                tracing::debug!(root = %self.root.display(), error = %e, "cannot scan a sandbox")
-            }
-        }
-        self.used
-    }
-
-    fn limited(&self) -> bool {
-        self.limits != DiskLimits::default()
-    }
-}
-
 fn supervise(
     pid: i32,
     group: &Group,
@@ -832,7 +807,6 @@ fn supervise(
     let pidfd = pidfd_open(pid);
     let mut stopped: Option<Stop> = None;
     let mut last_kill = Instant::now();
-    let mut next_scan = Instant::now() + DISK_SCAN_INTERVAL;
     loop {
         if let Some((status, rusage)) = reap(pid) {
             return (status, rusage, stopped);
@@ -843,9 +817,8 @@ fn supervise(
                 Some(Stop::Killed)
             } else if deadline.is_some_and(|d| now >= d) {
                 Some(Stop::Deadline)
-            } else if disk.limited() && now >= next_scan {
-                next_scan = now + DISK_SCAN_INTERVAL;
-                let used = disk.scan();
+            } else if disk.limited() && now >= disk.next_walk() {
+                let used = disk.walk();
                 disk.limits.exceeded(used).map(Stop::Disk)
             } else {
                 None
@@ -885,7 +858,7 @@ fn supervise(
             (None, None) => Duration::from_secs(3600),
         };
         if stopped.is_none() && disk.limited() {
-            wait = wait.min(next_scan.saturating_duration_since(now));
+            wait = wait.min(disk.next_walk().saturating_duration_since(now));
         }
         if pidfd.is_none() {
             // No pidfd (Linux before 5.3): poll the child.

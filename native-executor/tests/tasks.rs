@@ -617,6 +617,29 @@ fn disk_limits_are_enforced(runner: &Arc<Runner>, dir: &Path) {
         s.message.starts_with("disk limit of 32MiB exceeded"),
         "{s:?}"
     );
+    // One file cannot outrun the walks: RLIMIT_FSIZE stopped it a block past the limit.
+    let big = std::fs::metadata(dir.join("disk-big/big")).unwrap().len();
+    assert_eq!(big, (32 << 20) + 4096, "{s:?}");
+
+    // Many files written as fast as the disk takes them (3 GiB asked): stopped within
+    // a bounded overshoot, not after a second of writing.
+    let mut l = shell_launch(
+        "disk-fast",
+        dir,
+        "i=0; while [ $i -lt 192 ]; do dd if=/dev/zero of=f$i bs=1M count=16 2>/dev/null; i=$((i+1)); done; sleep 60",
+        &m,
+    );
+    l.disk_bytes = 32 << 20;
+    l.timeout_ms = 120_000;
+    let s = run(runner, l);
+    assert_eq!(
+        (s.state(), s.reason()),
+        (TaskState::TaskFailed, Reason::DiskLimit),
+        "{s:?}"
+    );
+    let held = agora_executor_link::disk::measure(&dir.join("disk-fast"), 1_000_000).unwrap();
+    println!("a native task writing 16 MiB files as fast as it could under a 32 MiB limit left {} MiB", held.bytes >> 20);
+    assert!(held.bytes < 1 << 30, "{held:?}");
 
     // Ends before any scan: the final one judges it.
     let mut l = shell_launch(
