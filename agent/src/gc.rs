@@ -218,6 +218,40 @@ mod tests {
         assert_eq!(doomed, vec![key("old"), key("older")]);
     }
 
+    /// Below the headroom, `collect` removes finished sandboxes oldest first, each
+    /// counted at what it holds, until the headroom would be back; a live one stays
+    /// whatever its age.
+    #[test]
+    fn collect_for_space_removes_the_oldest_finished_sandboxes() {
+        let work = tempfile::tempdir().unwrap();
+        let epoch = SystemTime::now() - Duration::from_secs(600);
+        for (i, t) in ["live", "a", "b", "c"].into_iter().enumerate() {
+            let d = agora_agent_core::sandbox_dir(work.path(), &key(t));
+            std::fs::create_dir_all(d.join("fs")).unwrap();
+            std::fs::write(d.join("fs/data"), vec![1u8; 64 << 10]).unwrap();
+            std::fs::write(d.join("stdout"), t).unwrap();
+            let at = epoch + Duration::from_secs(60 * i as u64);
+            for f in [d.clone(), d.join("stdout")] {
+                std::fs::File::open(&f).unwrap().set_modified(at).unwrap();
+            }
+        }
+        let live: HashSet<TaskKey> = [key("live")].into_iter().collect();
+        let policy = GcPolicy {
+            max_age: Duration::from_secs(3600),
+            max_count: 100,
+            min_free_bytes: 100 << 10,
+        };
+        // 1 KiB free, 100 KiB wanted: "a" (64 KiB and more) is not enough, "b" is.
+        let n = collect(work.path(), &live, policy, || Some(1 << 10)).unwrap();
+        assert_eq!(n, 2);
+        let exists = |t| agora_agent_core::sandbox_dir(work.path(), &key(t)).exists();
+        assert!(exists("live") && exists("c"));
+        assert!(!exists("a") && !exists("b"));
+        // Enough free: nothing more goes.
+        let n = collect(work.path(), &live, policy, || Some(1 << 30)).unwrap();
+        assert_eq!(n, 0);
+    }
+
     #[test]
     fn collect_removes_directories_on_disk() {
         let work = tempfile::tempdir().unwrap();

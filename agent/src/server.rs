@@ -357,6 +357,11 @@ impl AgentHandle {
         self.http_addr
     }
 
+    /// What the agent offers (with the disk it found when none was given).
+    pub fn resources(&self) -> agora_proto::Resources {
+        self.agent.cfg.core.resources.clone()
+    }
+
     pub fn agent_id(&self) -> Option<String> {
         self.shared
             .lock()

@@ -891,9 +891,9 @@ impl DevCluster {
         client_config.http = master.http_addr.map(|a| format!("http://{a}"));
         Ok(DevCluster {
             master,
+            resources: agent.resources(),
             agent,
             client_config,
-            resources: res,
         })
     }
 
@@ -1162,7 +1162,7 @@ async fn dev_group(
     println!(
         "  agent    {} ({})",
         agent.agent_id().unwrap_or_default(),
-        res
+        agent.resources()
     );
     if let Some(http) = agent.http_addr() {
         println!("  agent http  http://{http}");

@@ -357,8 +357,8 @@ where
 pub async fn agents(t: crate::Target) -> anyhow::Result<ExitCode> {
     let client = connect(&t).await?;
     println!(
-        "{:<22} {:<20} {:<14} {:<22} {:<22} ATTRIBUTES",
-        "AGENT", "HOST", "STATE", "CPUS (used/total)", "MEM (used/total)"
+        "{:<22} {:<20} {:<14} {:<22} {:<22} {:<22} ATTRIBUTES",
+        "AGENT", "HOST", "STATE", "CPUS (used/total)", "MEM (used/total)", "DISK (used/total)"
     );
     for a in client.agents().await? {
         let state = if a.unreachable {
@@ -380,7 +380,7 @@ pub async fn agents(t: crate::Target) -> anyhow::Result<ExitCode> {
             .map(|x| format!("{}:{}", x.name, x.value))
             .collect();
         println!(
-            "{:<22} {:<20} {state:<14} {:<22} {:<22} {}",
+            "{:<22} {:<20} {state:<14} {:<22} {:<22} {:<22} {}",
             a.agent_id,
             a.hostname,
             format!(
@@ -392,6 +392,11 @@ pub async fn agents(t: crate::Target) -> anyhow::Result<ExitCode> {
                 "{}/{}",
                 format_bytes(used.mem_bytes()),
                 format_bytes(total.mem_bytes())
+            ),
+            format!(
+                "{}/{}",
+                format_bytes(used.disk_bytes()),
+                format_bytes(total.disk_bytes())
             ),
             attrs.join(";")
         );

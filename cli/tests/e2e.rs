@@ -177,6 +177,55 @@ fn inputs_are_placed_in_the_sandbox_and_logs_replay_output() {
     assert_eq!(stdout(&o).trim(), "lines=1 words=3 bytes=5");
 }
 
+/// Inputs count against the task's disk: ones that cannot fit are refused before
+/// upload, and a guest's writes are charged on top of what was staged.
+#[test]
+fn inputs_count_against_the_tasks_disk() {
+    let c = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.bin");
+    std::fs::write(&big, vec![7u8; 3 << 20]).unwrap();
+    let spec = format!("{}:in.bin", big.display());
+    let diskhog = guest("diskhog");
+    let o = c.agora(&[
+        "run",
+        "--disk",
+        "2MiB",
+        "--input",
+        &spec,
+        diskhog.to_str().unwrap(),
+    ]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("(3MiB) does not fit in the task's --disk 2MiB"),
+        "{}",
+        stderr(&o)
+    );
+    // 3 MiB staged under 4 MiB: the guest's second MiB does not fit.
+    let o = c.agora(&[
+        "run",
+        "--disk",
+        "4MiB",
+        "--input",
+        &spec,
+        diskhog.to_str().unwrap(),
+        "--",
+        "bytes",
+        "2",
+    ]);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("write failed after 1048576: No space left on device"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        final_line(&o).ends_with("FAILED: disk limit of 4MiB exceeded"),
+        "{}",
+        stderr(&o)
+    );
+}
+
 #[test]
 fn a_second_launch_of_a_module_moves_no_module_bytes() {
     let c = cluster();

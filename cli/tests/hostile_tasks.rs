@@ -612,3 +612,92 @@ fn walk_names(dir: &std::path::Path) -> Vec<String> {
     }
     out
 }
+
+/// Tasks that try to fill the agent's disk (issue 13): a wasm guest writing 3 GiB
+/// gets ENOSPC at its 16 MiB and fails for it; one creating 140,000 files stops at
+/// the agent's cap; a native task writing 3 GiB into one file, or into many, is
+/// stopped with the same reason; and `agora ps --stats` shows what each sandbox holds:
+/// about its limit, not gigabytes.
+#[test]
+fn tasks_filling_their_disk_are_stopped_and_ps_stats_shows_it() {
+    if !root() {
+        return;
+    }
+    let c = cluster();
+    let diskhog = guest("diskhog");
+    let diskhog = diskhog.to_str().unwrap();
+    let runs: [(&[&str], &str); 5] = [
+        (
+            &["run", "--disk", "16", diskhog, "--", "bytes", "3072"],
+            "FAILED: disk limit of 16MiB exceeded",
+        ),
+        (
+            &["run", "--cpus", "1", "--disk", "16MiB", diskhog, "--", "files", "140000"],
+            "FAILED: disk limit of 10000 files exceeded",
+        ),
+        (
+            &["run", "--disk", "16MiB", "--command", "dd if=/dev/zero of=big bs=1M count=3072"],
+            "FAILED: disk limit of 16MiB exceeded",
+        ),
+        (
+            &[
+                "run",
+                "--disk",
+                "16MiB",
+                "--command",
+                "i=0; while [ $i -lt 192 ]; do dd if=/dev/zero of=f$i bs=1M count=16 2>/dev/null; i=$((i+1)); done",
+            ],
+            "FAILED: disk limit of 16MiB exceeded",
+        ),
+        (
+            &[
+                "run",
+                "--cpus",
+                "1",
+                "--command",
+                "mkdir d && cd d && i=0; while [ $i -lt 140000 ]; do : > f$i; i=$((i+1)); done",
+            ],
+            "FAILED: disk limit of 10000 files exceeded",
+        ),
+    ];
+    let mut ids = Vec::new();
+    for (args, want) in runs {
+        let o = c.agora(args);
+        assert_ne!(code(&o), 0, "{args:?}: {}", stderr(&o));
+        assert!(final_line(&o).ends_with(want), "{args:?}: {}", stderr(&o));
+        ids.push(task_id(&o));
+    }
+    let o = c.agora(&["run", diskhog, "--", "bytes", "2"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    ids.push(task_id(&o));
+
+    // DISK is the seventh column: each sandbox holds about its limit, the last 2 MiB.
+    let ps = stdout(&c.agora(&["ps", "--all", "--stats"]));
+    let disk = |id: &str| -> String {
+        let row = ps
+            .lines()
+            .find(|l| l.starts_with(id))
+            .unwrap_or_else(|| panic!("no row for {id}: {ps}"));
+        row.split_whitespace().nth(6).unwrap().to_string()
+    };
+    let mib = |s: String| -> f64 {
+        let n = |suffix| {
+            s.strip_suffix(suffix)
+                .and_then(|v: &str| v.parse::<f64>().ok())
+        };
+        n("MiB")
+            .or_else(|| n("KiB").map(|k| k / 1024.0))
+            .unwrap_or_else(|| panic!("DISK {s:?}: {ps}"))
+    };
+    for (id, (low, high)) in ids.iter().zip([
+        (15.0, 17.0),
+        (0.01, 16.0),
+        (15.0, 17.0),
+        (15.0, 1024.0),
+        (0.01, 64.0),
+        (1.9, 2.2),
+    ]) {
+        let used = mib(disk(id));
+        assert!((low..=high).contains(&used), "{id} holds {used} MiB: {ps}");
+    }
+}

@@ -155,7 +155,10 @@ mod tests {
         let u = used(MIB, 3);
         assert_eq!(next_walk_in(l, u, u, ms(50), ms(50), ms(0)), ms(100));
         assert_eq!(next_walk_in(l, u, u, ms(400), ms(400), ms(0)), ms(800));
-        assert_eq!(next_walk_in(l, u, u, ms(800), ms(800), ms(0)), MAX_WALK_INTERVAL);
+        assert_eq!(
+            next_walk_in(l, u, u, ms(800), ms(800), ms(0)),
+            MAX_WALK_INTERVAL
+        );
     }
 
     #[test]
@@ -166,20 +169,44 @@ mod tests {
         };
         // 10 MiB in 100 ms, 80 MiB left: half of it in 400 ms.
         assert_eq!(
-            next_walk_in(l, used(10 * MIB, 1), used(20 * MIB, 1), ms(100), ms(100), ms(0)),
+            next_walk_in(
+                l,
+                used(10 * MIB, 1),
+                used(20 * MIB, 1),
+                ms(100),
+                ms(100),
+                ms(0)
+            ),
             ms(200),
             "no later than twice the last interval"
         );
         // 60 MiB in 100 ms, 20 MiB left: half of it in ~17 ms.
-        let t = next_walk_in(l, used(20 * MIB, 1), used(80 * MIB, 1), ms(100), ms(200), ms(0));
+        let t = next_walk_in(
+            l,
+            used(20 * MIB, 1),
+            used(80 * MIB, 1),
+            ms(100),
+            ms(200),
+            ms(0),
+        );
         assert!(ms(16) <= t && t <= ms(17), "{t:?}");
         // At the limit: as soon as the floor allows.
         assert_eq!(
-            next_walk_in(l, used(80 * MIB, 1), used(100 * MIB, 1), ms(20), ms(20), ms(0)),
+            next_walk_in(
+                l,
+                used(80 * MIB, 1),
+                used(100 * MIB, 1),
+                ms(20),
+                ms(20),
+                ms(0)
+            ),
             MIN_WALK_INTERVAL
         );
         // Files count the same way.
-        let l = DiskLimits { bytes: 0, files: 1000 };
+        let l = DiskLimits {
+            bytes: 0,
+            files: 1000,
+        };
         assert_eq!(
             next_walk_in(l, used(0, 0), used(0, 900), ms(100), ms(100), ms(0)),
             MIN_WALK_INTERVAL
@@ -188,7 +215,10 @@ mod tests {
 
     #[test]
     fn walking_never_takes_more_than_a_third_of_the_time() {
-        let l = DiskLimits { bytes: 0, files: 1000 };
+        let l = DiskLimits {
+            bytes: 0,
+            files: 1000,
+        };
         assert_eq!(
             next_walk_in(l, used(0, 0), used(0, 999), ms(100), ms(100), ms(40)),
             ms(80)

@@ -638,7 +638,10 @@ fn disk_limits_are_enforced(runner: &Arc<Runner>, dir: &Path) {
         "{s:?}"
     );
     let held = agora_executor_link::disk::measure(&dir.join("disk-fast"), 1_000_000).unwrap();
-    println!("a native task writing 16 MiB files as fast as it could under a 32 MiB limit left {} MiB", held.bytes >> 20);
+    println!(
+        "a native task writing 16 MiB files as fast as it could under a 32 MiB limit left {} MiB",
+        held.bytes >> 20
+    );
     assert!(held.bytes < 1 << 30, "{held:?}");
 
     // Ends before any scan: the final one judges it.

@@ -727,9 +727,16 @@ fn a_file_renumbered_onto_stdout_is_still_charged() {
     let status = task.run();
     assert_ending(&status, TaskState::TaskFailed, Reason::DiskLimit);
     assert_eq!(status.exit_code, Some(51), "{status:?}");
-    assert_eq!(task.stdout().len(), 8192, "the 8 KiB to stdout were written");
+    assert_eq!(
+        task.stdout().len(),
+        8192,
+        "the 8 KiB to stdout were written"
+    );
     let size = std::fs::metadata(task.root().join("f")).unwrap().len();
-    assert!((32 * 1024..=64 * 1024).contains(&size), "{size} bytes written");
+    assert!(
+        (32 * 1024..=64 * 1024).contains(&size),
+        "{size} bytes written"
+    );
 }
 
 /// The name of the disk limit's host functions is Agora's: a module importing from it

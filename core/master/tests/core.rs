@@ -4678,3 +4678,41 @@ fn executor_ids_that_could_leave_a_directory_are_refused() {
         "{outs:?}"
     );
 }
+
+/// Inputs are staged into the sandbox and count against its disk: a task whose inputs
+/// cannot fit is refused, naming the input that does not fit and both sizes; a task
+/// that asks for no disk is held to the default (256 MiB).
+#[test]
+fn inputs_that_cannot_fit_in_the_tasks_disk_are_task_error() {
+    let mut m = Master::new();
+    let (a1, fid, o1) = one_agent_one_framework(&mut m, 2000, 4 * GIB);
+    let input = |dest: &str, size: u64| agora_proto::v1::InputFile {
+        sha256: MODULE.into(),
+        size,
+        dest: dest.into(),
+        executable: false,
+    };
+    let mut t = task("t1", 500, GIB);
+    t.inputs = vec![input("a", 200 << 20), input("b", 100 << 20)];
+    let outs = m.call(FW1, accept(&[&o1], vec![t]));
+    let why = "input b (100MiB) does not fit in the task's disk of 256MiB: the inputs come to 300MiB by then";
+    assert_eq!(
+        outs,
+        vec![
+            error(FW1, &format!("accept: task t1: {why}")),
+            update(
+                FW1,
+                master_status("t1", &a1, TaskState::TaskError, Reason::InvalidTask, why, 0)
+            )
+        ]
+    );
+    // Within the default, the same task is launched.
+    let outs = m.tick(10_000);
+    let o2 = offer_ids(&outs)[0].clone();
+    let mut t = task("t2", 500, GIB);
+    t.inputs = vec![input("a", 200 << 20), input("b", 56 << 20)];
+    assert_eq!(
+        m.call(FW1, accept(&[&o2], vec![t.clone()])),
+        vec![run_task(AG1, &fid, &t, &a1)]
+    );
+}

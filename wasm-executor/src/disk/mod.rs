@@ -244,7 +244,10 @@ mod tests {
         assert!(q.charge_write(3, 1));
         assert!(q.charge_write(3, BLOCK + 1));
         assert_eq!(q.charged.unwrap().bytes, 3 * BLOCK);
-        assert!(q.charge_write(1, 1 << 30), "stdout is the capped output file");
+        assert!(
+            q.charge_write(1, 1 << 30),
+            "stdout is the capped output file"
+        );
         assert_eq!(q.charged.unwrap().bytes, 3 * BLOCK);
         q.release_fd(1);
         assert!(!q.charge_write(1, 1 << 30), "fd 1 may now be a file");
@@ -299,7 +302,11 @@ mod tests {
                     other => panic!("{other:?}"),
                 })
                 .collect();
-            assert_eq!(params("wasi_snapshot_preview1", name, &mut store), want, "{name}");
+            assert_eq!(
+                params("wasi_snapshot_preview1", name, &mut store),
+                want,
+                "{name}"
+            );
             assert_eq!(
                 params(DISK_MODULE, charge, &mut store),
                 vec![ValType::I32.to_string(); passed],

@@ -123,8 +123,8 @@ const HOOKS: &[Hook] = &[
 /// Each wrapped WASI call's name and parameters, and the host function its wrapper
 /// calls with how many parameters (for the test that holds these to the linker's).
 #[cfg(test)]
-pub(crate) fn hooks() -> impl Iterator<Item = (&'static str, &'static [PValType], &'static str, usize)>
-{
+pub(crate) fn hooks(
+) -> impl Iterator<Item = (&'static str, &'static [PValType], &'static str, usize)> {
     HOOKS
         .iter()
         .map(|h| (h.name, h.params, h.charge, h.pass.len()))
@@ -169,7 +169,11 @@ fn rewrite_inner(module: &[u8]) -> Result<Cow<'_, [u8]>, RewriteError> {
     let mut out = wasm_encoder::Module::new();
     rewriter
         .parse_core_module(&mut out, Parser::new(0), module)
-        .map_err(|e| RewriteError(format!("the disk limit's rewrite of the module failed: {e}")))?;
+        .map_err(|e| {
+            RewriteError(format!(
+                "the disk limit's rewrite of the module failed: {e}"
+            ))
+        })?;
     Ok(Cow::Owned(out.finish()))
 }
 
@@ -663,12 +667,15 @@ mod tests {
 
     #[test]
     fn agoras_own_module_name_and_a_wrong_wasi_type_are_refused() {
-        let own = wat(r#"(module (import "agora_disk" "charge_write" (func (param i32 i32 i32) (result i32))))"#);
+        let own = wat(
+            r#"(module (import "agora_disk" "charge_write" (func (param i32 i32 i32) (result i32))))"#,
+        );
         assert_eq!(
             rewrite(&own).unwrap_err().0,
             "module imports agora_disk::charge_write; the module name agora_disk is Agora's own"
         );
-        let wrong = wat(r#"(module (import "wasi_snapshot_preview1" "fd_write" (func (param i32))))"#);
+        let wrong =
+            wat(r#"(module (import "wasi_snapshot_preview1" "fd_write" (func (param i32))))"#);
         assert_eq!(
             rewrite(&wrong).unwrap_err().0,
             "module imports wasi_snapshot_preview1::fd_write with a type other than WASI's"
