@@ -19,7 +19,8 @@
 //! `return_call`, `ref.func`, element segments (so `call_indirect` through a table),
 //! global initialisers, exports and the start function. New imports go after the
 //! module's own, so every defined function moves up by their number; the name section
-//! is renumbered the same way (imports keep their names).
+//! is renumbered the same way (imports keep their names). DWARF (`.debug_*`) and code
+//! metadata sections, whose code offsets re-encoding would make wrong, are dropped.
 //!
 //! A module that imports none of these calls is returned as it came, byte for byte.
 
@@ -480,6 +481,17 @@ impl Reencode for Rewriter {
                 }
                 Err(e) => tracing::debug!(error = %e, "dropped a name section it cannot renumber"),
             },
+            // DWARF and code metadata (branch hints) point at offsets in the code, which
+            // re-encoding moves: wrong, they would mislead; dropped. (wasmtime reads
+            // neither by default.)
+            _ if section.name().starts_with(".debug_")
+                || section.name().starts_with("metadata.code.") =>
+            {
+                tracing::debug!(
+                    section = section.name(),
+                    "dropped a custom section the rewrite would make wrong"
+                );
+            }
             _ => {
                 module.section(&self.custom_section(section)?);
             }
@@ -637,16 +649,20 @@ mod tests {
     }
 
     #[test]
-    fn names_follow_their_functions() {
+    fn names_follow_their_functions_and_dwarf_is_dropped() {
         let m = wat(r#"(module
+            (@custom ".debug_info" "offsets")
+            (@custom "producers" "kept")
             (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
             (memory (export "memory") 1)
             (func $main (export "_start") (local $x i32)))"#);
         let out = rewrite(&m).unwrap();
         validate(&out);
         let mut names = Vec::new();
+        let mut customs = Vec::new();
         for p in Parser::new(0).parse_all(&out) {
             if let Payload::CustomSection(c) = p.unwrap() {
+                customs.push(c.name().to_string());
                 if let wasmparser::KnownCustom::Name(r) = c.as_known() {
                     for n in r {
                         if let wasmparser::Name::Function(map) = n.unwrap() {
@@ -663,6 +679,7 @@ mod tests {
             names,
             [(0, "fd_write".to_string()), (2, "main".to_string())]
         );
+        assert_eq!(customs, ["producers", "name"]);
     }
 
     #[test]
