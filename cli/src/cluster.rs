@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use agora_agent::http::HttpSettings;
-use agora_agent::server::{AgentConfig, AgentHandle, IsolationSettings};
+use agora_agent::server::{AgentConfig, AgentHandle, IdentityPolicy, IsolationSettings};
 use agora_agent_core::AgentCoreConfig;
 use agora_fn_gateway::FunctionsConfig;
 use agora_master::server::{FunctionsDoor, MasterConfig};
@@ -217,6 +217,12 @@ pub struct AgentArgs {
     /// Nomad agents do through an upgrade).
     #[arg(long)]
     drain_on_stop: bool,
+    /// Join the cluster as a new agent: forget the id this --work-dir's agent had
+    /// (needed to start it with other --resources or --attributes). Refused while
+    /// its checkpoint records tasks or executors (stop it with --drain-on-stop
+    /// first).
+    #[arg(long)]
+    new_identity: bool,
     /// Address of the agent's HTTP server, which serves /fn/NAME/... from the
     /// function hosts on this agent (and /fn-metrics). Default: 127.0.0.1:7071
     /// (this machine only: a master on another machine needs 0.0.0.0:7071 or an
@@ -625,6 +631,7 @@ pub(crate) async fn start_agent(
     isolation: IsolationSettings,
     recovery_timeout_ms: u64,
     http: Option<HttpSettings>,
+    identity_policy: IdentityPolicy,
 ) -> anyhow::Result<AgentHandle> {
     let core = AgentCoreConfig {
         hostname: host,
@@ -650,6 +657,7 @@ pub(crate) async fn start_agent(
         isolation,
         gc: agora_agent::gc::GcPolicy::default(),
         http,
+        identity_policy,
     })
     .await?)
 }
@@ -679,6 +687,9 @@ async fn start_dev_agent(
             advertise: None,
             any_port_if_taken: agent_http.port() != 0,
         }),
+        // A dev cluster started again with other resources is a new agent (its
+        // agent drained when stopped), unless something still runs there.
+        IdentityPolicy::RenewIfChangedAndIdle,
     )
     .await
 }
@@ -1270,6 +1281,11 @@ pub async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
             advertise: a.http_advertise,
             any_port_if_taken: a.agent_http.is_none(),
         }),
+        if a.new_identity {
+            IdentityPolicy::Renew
+        } else {
+            IdentityPolicy::Keep
+        },
     )
     .await?;
     println!("agent offering {res} to the master at {}", a.master);

@@ -353,6 +353,40 @@ fn agent_stopped_and_restarted(how: Stop) {
                 );
                 std::thread::sleep(Duration::from_millis(50)); // poll interval
             }
+            // Started again offering something else, it is refused, naming what
+            // changed; a new identity is refused too while its tasks run.
+            let o = run_bounded(
+                Command::new(AGORA)
+                    .args(["agent", "--master", &addr, "--certs"])
+                    .arg(&certs)
+                    .arg("--work-dir")
+                    .arg(&work)
+                    .args(["--resources", "cpus:2;mem:4096", "--attributes", "zone:z"]),
+                60,
+            );
+            let err = stderr(&o);
+            assert_ne!(code(&o), 0, "{err}");
+            assert!(
+                err.contains(&format!("agent {first_id}"))
+                    && err.contains("resources were cpus:4;mem:4GiB, now cpus:2;mem:4GiB")
+                    && err.contains("attributes were none, now zone:z")
+                    && err.contains("--new-identity"),
+                "{err}"
+            );
+            let o = run_bounded(
+                Command::new(AGORA)
+                    .args(["agent", "--new-identity", "--master", &addr, "--certs"])
+                    .arg(&certs)
+                    .arg("--work-dir")
+                    .arg(&work),
+                60,
+            );
+            let err = stderr(&o);
+            assert_ne!(code(&o), 0, "{err}");
+            assert!(
+                err.contains("cannot start agent") && err.contains("would be lost track of"),
+                "{err}"
+            );
         }
     }
     let stderr_of = |fw: &str, ex: &str| {
@@ -476,6 +510,27 @@ fn agent_stopped_and_restarted(how: Stop) {
         "{}",
         stderr(&o)
     );
+    if how == Stop::Term {
+        // Drained, it may start afresh with other resources, as a new agent.
+        let fresh = AgentProc::start_with(
+            &addr,
+            &certs,
+            &work,
+            dir.path().join("agent-3.log"),
+            &[
+                "--drain-on-stop",
+                "--new-identity",
+                "--attributes",
+                "zone:z",
+            ],
+        );
+        fresh.wait_for("registered with the master", 60);
+        let log = fresh.log();
+        assert!(
+            log.contains("starting as a new agent") && !log.contains(&format!("agent={first_id}")),
+            "{log}"
+        );
+    }
     let deadline = Instant::now() + Duration::from_secs(30);
     while !executors(&work).is_empty() {
         assert!(

@@ -273,7 +273,7 @@ impl Master {
     /// (The core's messages go to open connections only: checked in `feed`.)
     pub fn check(&mut self) {
         let live = self.core.list_tasks(false, self.now);
-        for a in self.core.agents() {
+        for a in self.core.agents(self.now) {
             let total = Resources::from_proto(&a.total).expect("an agent's total");
             let alloc = Resources::from_proto(&a.allocated).expect("an agent's allocation");
             assert!(

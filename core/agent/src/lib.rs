@@ -441,6 +441,8 @@ pub struct AgentCore {
     /// Wall-clock time of the input being handled, for the stamps of status updates
     /// (see [`Now`]); never for timeouts, never read between inputs.
     wall_ms: u64,
+    /// See `set_identity_nonce`.
+    identity_nonce: String,
 }
 
 impl AgentCore {
@@ -463,6 +465,7 @@ impl AgentCore {
             http_address: String::new(),
             function_hosts_changed: false,
             wall_ms: 0,
+            identity_nonce: String::new(),
         }
     }
 
@@ -636,13 +639,24 @@ impl AgentCore {
         self.agent_id.as_deref()
     }
 
-    /// Names this agent installation (hostname and work dir) for the master, the
-    /// same across restarts; see `AgentHello.registration_token`.
+    /// Names this agent installation (hostname, work dir and the nonce of its
+    /// identity) for the master, the same across restarts; see
+    /// `AgentHello.registration_token`.
     pub fn registration_token(&self) -> String {
         let mut bytes = self.cfg.hostname.clone().into_bytes();
         bytes.push(0);
         bytes.extend_from_slice(self.cfg.work_dir.to_string_lossy().as_bytes());
+        if !self.identity_nonce.is_empty() {
+            bytes.push(0);
+            bytes.extend_from_slice(self.identity_nonce.as_bytes());
+        }
         agora_proto::sha256_hex(&bytes)[..32].to_string()
+    }
+
+    /// The nonce of this installation's identity (kept by the shell; a new identity
+    /// gets a new one, so the master does not take it for the old agent).
+    pub fn set_identity_nonce(&mut self, nonce: String) {
+        self.identity_nonce = nonce;
     }
 
     /// What to say to the master when (re)connecting.
