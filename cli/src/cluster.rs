@@ -185,14 +185,17 @@ pub struct MasterArgs {
 }
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct AgentArgs {
+    #[command(subcommand)]
+    pub cmd: Option<AgentCmd>,
     /// The masters' addresses, host:port, separated by commas (every master of a
     /// replicated group: the agent registers with whichever leads, and follows it).
-    #[arg(long, env = "AGORA_MASTER")]
-    master: String,
+    #[arg(long, env = "AGORA_MASTER", required = true)]
+    master: Option<String>,
     /// Directory made by `agora certs init` (uses ca.pem, agent.pem, agent.key).
-    #[arg(long)]
-    certs: PathBuf,
+    #[arg(long, required = true)]
+    certs: Option<PathBuf>,
     #[arg(long, default_value_os_t = home().join(".agora/agent"))]
     work_dir: PathBuf,
     /// Resources to offer, e.g. "cpus:4;mem:8192" (mem in MiB). Default: all cores and
@@ -1255,10 +1258,30 @@ pub async fn master(a: MasterArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Operator commands about agents (`agora agent gone ID`).
+#[derive(clap::Subcommand)]
+pub enum AgentCmd {
+    /// Mark a stopped (disconnected or unreachable) agent gone for good, as Mesos's
+    /// MARK_AGENT_GONE: its tasks end GONE and their frameworks are told; it is
+    /// refused if it comes back (`--new-identity` joins as a new agent). Asks for
+    /// confirmation unless --yes.
+    Gone {
+        /// The agent's id (`agora agents`).
+        agent_id: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        target: crate::Target,
+    },
+}
+
 pub async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
-    let cd = CertDir::new(&a.certs);
-    let masters = a
-        .master
+    let (Some(master), Some(certs)) = (a.master.clone(), a.certs.clone()) else {
+        anyhow::bail!("agora agent needs --master HOST:PORT and --certs DIR");
+    };
+    let cd = CertDir::new(&certs);
+    let masters = master
         .split(',')
         .map(tls::resolve)
         .collect::<Result<Vec<_>, _>>()?;
@@ -1288,7 +1311,7 @@ pub async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
         },
     )
     .await?;
-    println!("agent offering {res} to the master at {}", a.master);
+    println!("agent offering {res} to the master at {master}");
     if let Some(http) = agent.http_addr() {
         println!("agent serving functions on http://{http}");
         // The gateway beside a master on another machine forwards calls here.

@@ -390,3 +390,46 @@ pub async fn agents(t: crate::Target) -> anyhow::Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// `agora agent gone ID`: asks for confirmation (the agent id typed again) unless
+/// `yes`, then marks the agent gone.
+pub async fn agent_gone(agent_id: &str, yes: bool, t: Target) -> anyhow::Result<ExitCode> {
+    use std::io::{BufRead, IsTerminal, Write};
+    let client = connect(&t).await?;
+    let agents = client.agents().await?;
+    let Some(agent) = agents.iter().find(|a| a.agent_id == agent_id) else {
+        anyhow::bail!("no agent with id {agent_id} (`agora agents` lists them)");
+    };
+    if agent.connected {
+        anyhow::bail!(
+            "agent {agent_id} is connected: stop it first (`agora agent --drain-on-stop` ends its tasks with it), then mark it gone"
+        );
+    }
+    let tasks = client
+        .list_tasks(false)
+        .await?
+        .into_iter()
+        .filter(|t| t.agent_id == agent_id)
+        .count();
+    if !yes {
+        if !std::io::stdin().is_terminal() {
+            anyhow::bail!(
+                "marking agent {agent_id} gone ends its {tasks} tasks as GONE and cannot be undone; pass --yes to confirm"
+            );
+        }
+        eprint!(
+            "Agent {agent_id} ({}) will never be taken back, and its {tasks} tasks end GONE.\nType the agent id to confirm: ",
+            agent.hostname
+        );
+        std::io::stderr().flush()?;
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line)?;
+        if line.trim() != agent_id {
+            eprintln!("not confirmed; nothing changed");
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    client.mark_agent_gone(agent_id).await?;
+    println!("agent {agent_id} marked gone; {tasks} tasks reported GONE");
+    Ok(ExitCode::SUCCESS)
+}

@@ -542,6 +542,90 @@ fn agent_stopped_and_restarted(how: Stop) {
     }
 }
 
+/// A machine that dies for good: the agent and its executors are killed, the task
+/// becomes UNREACHABLE, and `agora agent gone` ends it GONE, which the waiting `agora
+/// run` hears.
+#[test]
+fn an_agent_that_never_returns_is_marked_gone_and_the_run_waiting_on_it_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let work = dir.path().join("agent");
+    let init = run_bounded(Command::new(AGORA).args(["certs", "init"]).arg(&certs), 60);
+    assert_eq!(code(&init), 0, "{}", stderr(&init));
+    let mut m = Command::new(AGORA);
+    m.args(["master", "--listen", "127.0.0.1:0", "--agent-timeout", "2", "--certs"])
+        .arg(&certs)
+        .arg("--data-dir")
+        .arg(dir.path().join("master"));
+    let (_master, line) = Proc::start(m, |l| l.starts_with("master listening on "));
+    let addr = line.split_whitespace().nth(3).unwrap().to_string();
+    let client = |args: &[&str]| -> Command {
+        let mut c = Command::new(AGORA);
+        c.args(args)
+            .env("AGORA_CONFIG", certs.join("client.json"))
+            .env("AGORA_MASTER", &addr)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    };
+    let run = |args: &[&str]| run_bounded(&mut client(args), 120);
+    let mut agent =
+        AgentProc::start_with(&addr, &certs, &work, dir.path().join("agent.log"), &[]);
+    agent.wait_for("registered with the master", 60);
+    let agent_id = {
+        let log = agent.log();
+        let at = log.find("agent=").expect("agent id in the log");
+        log[at + 6..].split_whitespace().next().unwrap().to_string()
+    };
+    let spin = guest("spin");
+    let waiting = client(&["run", "--name", "doomed", "--timeout", "600s", spin.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    wait_until("the task runs", || {
+        stdout(&run(&["ps"])).lines().any(|l| l.contains("doomed") && l.contains("RUNNING"))
+    });
+    // The machine dies: the agent and its executors.
+    agent.child.kill().unwrap();
+    agent.child.wait().unwrap();
+    for (pid, _, _) in executors(&work) {
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    wait_until("the task is UNREACHABLE and the agent listed so", || {
+        stdout(&run(&["ps"])).contains("UNREACHABLE")
+            && stdout(&run(&["agents"]))
+                .lines()
+                .any(|l| l.starts_with(agent_id.as_str()) && l.contains("unreachable"))
+    });
+
+    // Without --yes (and no terminal to ask on) nothing happens.
+    let o = run(&["agent", "gone", &agent_id]);
+    assert_ne!(code(&o), 0);
+    assert!(stderr(&o).contains("pass --yes to confirm"), "{}", stderr(&o));
+    assert!(stdout(&run(&["ps"])).contains("UNREACHABLE"));
+    let o = run(&["agent", "gone", "no-such-agent", "--yes"]);
+    assert_ne!(code(&o), 0);
+    assert!(stderr(&o).contains("no agent with id no-such-agent"), "{}", stderr(&o));
+
+    let o = run(&["agent", "gone", &agent_id, "--yes"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains(&format!("agent {agent_id} marked gone; 1 tasks reported GONE")),
+        "{}",
+        stdout(&o)
+    );
+    let o = finish(waiting, 60);
+    assert_ne!(code(&o), 0, "{}", stderr(&o));
+    assert!(
+        final_line(&o).ends_with("GONE: the operator marked its agent gone"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!stdout(&run(&["agents"])).contains(&agent_id));
+    let all = stdout(&run(&["ps", "--all"]));
+    assert!(all.lines().any(|l| l.contains("doomed") && l.contains("GONE")), "{all}");
+}
+
 #[test]
 fn an_executor_killed_fails_its_tasks_naming_its_end_and_other_frameworks_go_on() {
     let c = Cluster::start();

@@ -486,7 +486,16 @@ impl Master {
                 self.feed(Input::Tick);
             }
             x if x == Op::Operator as u8 => {
-                let op = match r.byte()? % 5 {
+                let op = match r.byte()? % 6 {
+                    5 => {
+                        // An agent the master knows (connected or not), or any id.
+                        let ids: Vec<String> = self.agent_ids.values().cloned().collect();
+                        let agent_id = match r.pick(ids.len() + 1)? {
+                            i if i < ids.len() => ids[i].clone(),
+                            _ => r.string()?,
+                        };
+                        OperatorOp::MarkAgentGone { agent_id }
+                    }
                     0 => OperatorOp::Kill {
                         task_id: self.pick_task(r)?.2.task_id,
                     },

@@ -141,6 +141,8 @@ pub enum OperatorOp {
         limit: Resources,
         force: bool,
     },
+    /// The agent (disconnected or unreachable) is gone for good: its tasks end GONE.
+    MarkAgentGone { agent_id: String },
 }
 
 /// Why an operator's request was refused, said so that the operator can act on it.
@@ -351,6 +353,7 @@ impl MasterCore {
                         limit,
                         force,
                     } => self.set_quota(&role, &guarantee, &limit, force),
+                    OperatorOp::MarkAgentGone { agent_id } => self.mark_agent_gone(&agent_id),
                 };
                 if let Err(e) = &result {
                     tracing::info!("operator request refused: {e}");
@@ -394,6 +397,13 @@ impl MasterCore {
         } else {
             self.new_id("A")
         };
+        if self.registry.agents.get(&agent_id).is_some_and(|e| e.gone) {
+            let msg = format!(
+                "agent {agent_id} was marked gone by the operator (`agora agent gone`); start it with --new-identity to join as a new agent"
+            );
+            self.out.push(Output::CloseAgent(conn, msg));
+            return;
+        }
         // Tasks the agent reports as running are the truth about that agent. Their
         // resources keep their reservation roles, as `accept` took them from an offer.
         let reported: Vec<((String, String), TaskInfo, TaskStatus, Resources)> = hello
@@ -981,6 +991,7 @@ impl MasterCore {
                     .get(agent_id)
                     .map(|e| e.token.clone())
                     .unwrap_or_default(),
+                gone: false,
             },
         });
         tracing::warn!(agent = %agent_id, "agent removed: {why}");
@@ -1386,6 +1397,86 @@ impl MasterCore {
             )
             .into()),
         }
+    }
+
+    /// `agora agent gone ID`: see `OperatorOp::MarkAgentGone`.
+    fn mark_agent_gone(&mut self, agent_id: &str) -> Result<(), Refused> {
+        let entry = self.registry.agents.get(agent_id).cloned();
+        if entry.as_ref().is_some_and(|e| e.gone) {
+            return Err(format!("agent {agent_id} is already marked gone").into());
+        }
+        match self.agents.get(agent_id) {
+            Some(a) if a.conn.is_some() => {
+                return Err(format!(
+                    "agent {agent_id} is connected: stop it first (`agora agent --drain-on-stop` ends its tasks with it), then mark it gone"
+                )
+                .into())
+            }
+            None if entry.is_none() => {
+                return Err(
+                    format!("no agent with id {agent_id} (`agora agents` lists them)").into(),
+                )
+            }
+            _ => {}
+        }
+        let why = "the operator marked its agent gone";
+        let hostname = self
+            .agents
+            .get(agent_id)
+            .map(|a| a.hostname.clone())
+            .or_else(|| entry.as_ref().map(|e| e.hostname.clone()))
+            .unwrap_or_default();
+        self.remove_agent_offers(agent_id);
+        let live: Vec<(String, String)> = self
+            .agents
+            .get(agent_id)
+            .map(|a| a.tasks.iter().cloned().collect())
+            .unwrap_or_default();
+        for key in &live {
+            self.master_terminal(key, TaskState::TaskGone, Reason::AgentGone, why);
+        }
+        let held: Vec<(String, String)> = self
+            .unreachable
+            .iter()
+            .filter(|(_, t)| t.agent_id == agent_id)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in &held {
+            if let Some(mut rec) = self.unreachable.remove(key) {
+                rec.status = status(
+                    &key.1,
+                    agent_id,
+                    TaskState::TaskGone,
+                    Reason::AgentGone,
+                    why,
+                    self.wall_ms,
+                );
+                let st = rec.status.clone();
+                self.push_completed(rec);
+                self.send_update(&key.0, st);
+            }
+        }
+        if self.agents.remove(agent_id).is_some() {
+            self.allocator.remove_agent(agent_id);
+        }
+        if let Some(r) = &mut self.recovery {
+            r.expected.remove(agent_id);
+        }
+        self.persist(RegistryOp::PutAgent {
+            agent_id: agent_id.to_string(),
+            entry: crate::registry::AgentEntry {
+                hostname,
+                unreachable: true,
+                token: entry.map(|e| e.token).unwrap_or_default(),
+                gone: true,
+            },
+        });
+        tracing::warn!(
+            agent = %agent_id,
+            tasks = live.len() + held.len(),
+            "agent marked gone by the operator; its tasks are GONE"
+        );
+        Ok(())
     }
 
     fn reconcile_known(&self, fid: &str, id: &str) -> bool {
@@ -1814,7 +1905,7 @@ impl MasterCore {
             .registry
             .agents
             .iter()
-            .filter(|(id, e)| e.unreachable && !self.agents.contains_key(*id))
+            .filter(|(id, e)| e.unreachable && !e.gone && !self.agents.contains_key(*id))
             .map(|(id, e)| v1::AgentSummary {
                 agent_id: id.clone(),
                 hostname: e.hostname.clone(),
