@@ -553,10 +553,17 @@ fn an_agent_that_never_returns_is_marked_gone_and_the_run_waiting_on_it_ends() {
     let init = run_bounded(Command::new(AGORA).args(["certs", "init"]).arg(&certs), 60);
     assert_eq!(code(&init), 0, "{}", stderr(&init));
     let mut m = Command::new(AGORA);
-    m.args(["master", "--listen", "127.0.0.1:0", "--agent-timeout", "2", "--certs"])
-        .arg(&certs)
-        .arg("--data-dir")
-        .arg(dir.path().join("master"));
+    m.args([
+        "master",
+        "--listen",
+        "127.0.0.1:0",
+        "--agent-timeout",
+        "2",
+        "--certs",
+    ])
+    .arg(&certs)
+    .arg("--data-dir")
+    .arg(dir.path().join("master"));
     let (_master, line) = Proc::start(m, |l| l.starts_with("master listening on "));
     let addr = line.split_whitespace().nth(3).unwrap().to_string();
     let client = |args: &[&str]| -> Command {
@@ -570,8 +577,7 @@ fn an_agent_that_never_returns_is_marked_gone_and_the_run_waiting_on_it_ends() {
         c
     };
     let run = |args: &[&str]| run_bounded(&mut client(args), 120);
-    let mut agent =
-        AgentProc::start_with(&addr, &certs, &work, dir.path().join("agent.log"), &[]);
+    let mut agent = AgentProc::start_with(&addr, &certs, &work, dir.path().join("agent.log"), &[]);
     agent.wait_for("registered with the master", 60);
     let agent_id = {
         let log = agent.log();
@@ -579,11 +585,20 @@ fn an_agent_that_never_returns_is_marked_gone_and_the_run_waiting_on_it_ends() {
         log[at + 6..].split_whitespace().next().unwrap().to_string()
     };
     let spin = guest("spin");
-    let waiting = client(&["run", "--name", "doomed", "--timeout", "600s", spin.to_str().unwrap()])
-        .spawn()
-        .unwrap();
+    let waiting = client(&[
+        "run",
+        "--name",
+        "doomed",
+        "--timeout",
+        "600s",
+        spin.to_str().unwrap(),
+    ])
+    .spawn()
+    .unwrap();
     wait_until("the task runs", || {
-        stdout(&run(&["ps"])).lines().any(|l| l.contains("doomed") && l.contains("RUNNING"))
+        stdout(&run(&["ps"]))
+            .lines()
+            .any(|l| l.contains("doomed") && l.contains("RUNNING"))
     });
     // The machine dies: the agent and its executors.
     agent.child.kill().unwrap();
@@ -601,16 +616,26 @@ fn an_agent_that_never_returns_is_marked_gone_and_the_run_waiting_on_it_ends() {
     // Without --yes (and no terminal to ask on) nothing happens.
     let o = run(&["agent", "gone", &agent_id]);
     assert_ne!(code(&o), 0);
-    assert!(stderr(&o).contains("pass --yes to confirm"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("pass --yes to confirm"),
+        "{}",
+        stderr(&o)
+    );
     assert!(stdout(&run(&["ps"])).contains("UNREACHABLE"));
     let o = run(&["agent", "gone", "no-such-agent", "--yes"]);
     assert_ne!(code(&o), 0);
-    assert!(stderr(&o).contains("no agent with id no-such-agent"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no agent with id no-such-agent"),
+        "{}",
+        stderr(&o)
+    );
 
     let o = run(&["agent", "gone", &agent_id, "--yes"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert!(
-        stdout(&o).contains(&format!("agent {agent_id} marked gone; 1 tasks reported GONE")),
+        stdout(&o).contains(&format!(
+            "agent {agent_id} marked gone; 1 tasks reported GONE"
+        )),
         "{}",
         stdout(&o)
     );
@@ -623,7 +648,11 @@ fn an_agent_that_never_returns_is_marked_gone_and_the_run_waiting_on_it_ends() {
     );
     assert!(!stdout(&run(&["agents"])).contains(&agent_id));
     let all = stdout(&run(&["ps", "--all"]));
-    assert!(all.lines().any(|l| l.contains("doomed") && l.contains("GONE")), "{all}");
+    assert!(
+        all.lines()
+            .any(|l| l.contains("doomed") && l.contains("GONE")),
+        "{all}"
+    );
 }
 
 #[test]
@@ -793,6 +822,23 @@ fn master_killed_and_restarted_keeps_tasks_frameworks_weights_and_quotas() {
         std::thread::sleep(Duration::from_millis(100)); // poll interval
     };
 
+    // A task that ends before the restart: its history must survive it.
+    let o = run_bounded(
+        &mut client(&[
+            "run",
+            "--name",
+            "before",
+            guest("hello").to_str().unwrap(),
+            "--",
+            "x",
+        ]),
+        120,
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let before = task_id(&o);
+    let before_out = stdout(&o);
+    assert!(!before_out.is_empty());
+
     // kill -9 the master, then start it again where it was.
     first.child.kill().unwrap();
     first.child.wait().unwrap();
@@ -814,6 +860,17 @@ fn master_killed_and_restarted_keeps_tasks_frameworks_weights_and_quotas() {
         std::thread::sleep(Duration::from_millis(50)); // poll interval
     }
     let recovered = restarted.elapsed();
+    // The task that ended before the restart is still listed, its output readable
+    // and explained (the agent's history, re-sent when it re-registered).
+    let all = ok(&["ps", "--all"]);
+    assert!(
+        all.lines()
+            .any(|l| l.starts_with(&before) && l.split_whitespace().nth(2) == Some("FINISHED")),
+        "{all}"
+    );
+    assert_eq!(ok(&["logs", &before]), before_out);
+    let why = ok(&["explain", &before]);
+    assert!(why.contains("FINISHED"), "{why}");
     let roles = ok(&["role", "ls"]);
     let eng = roles
         .lines()

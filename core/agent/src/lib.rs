@@ -443,7 +443,16 @@ pub struct AgentCore {
     wall_ms: u64,
     /// See `set_identity_nonce`.
     identity_nonce: String,
+    /// Tasks that ended and were acknowledged, oldest first, at most
+    /// [`MAX_COMPLETED`] (see `AgentHello.completed`); keyed by a sequence number.
+    completed: BTreeMap<u64, v1::CompletedTask>,
+    completed_seq: u64,
+    dirty_completed: BTreeSet<u64>,
 }
+
+/// Most ended tasks an agent remembers for its hello (Mesos keeps up to 150 completed
+/// executors per framework and 1,000 tasks each; one bound is enough here).
+pub const MAX_COMPLETED: usize = 1000;
 
 impl AgentCore {
     pub fn new(cfg: AgentCoreConfig) -> Self {
@@ -466,6 +475,9 @@ impl AgentCore {
             function_hosts_changed: false,
             wall_ms: 0,
             identity_nonce: String::new(),
+            completed: BTreeMap::new(),
+            completed_seq: 0,
+            dirty_completed: BTreeSet::new(),
         }
     }
 
@@ -494,6 +506,8 @@ impl AgentCore {
         core.function_hosts_changed = true;
         core.agent_id = state.agent_id;
         core.update_seq = state.update_seq;
+        core.completed_seq = state.completed.keys().next_back().map_or(0, |k| k + 1);
+        core.completed = state.completed;
         for (key, rec) in state.executors {
             let mut e = Executor::new(ExecutorKind::from_record(rec.kind));
             e.recovering = true;
@@ -581,9 +595,17 @@ impl AgentCore {
     /// The changes to the durable state since the last call, to be written before
     /// the outputs of the same input are carried out. `None` when nothing changed.
     pub fn take_checkpoint(&mut self) -> Option<CheckpointDelta> {
-        if self.dirty_tasks.is_empty() && self.dirty_executors.is_empty() && !self.dirty_meta {
+        if self.dirty_tasks.is_empty()
+            && self.dirty_executors.is_empty()
+            && self.dirty_completed.is_empty()
+            && !self.dirty_meta
+        {
             return None;
         }
+        let completed = std::mem::take(&mut self.dirty_completed)
+            .into_iter()
+            .map(|k| (k, self.completed.get(&k).cloned()))
+            .collect();
         let tasks = std::mem::take(&mut self.dirty_tasks)
             .into_iter()
             .map(|k| {
@@ -604,6 +626,7 @@ impl AgentCore {
             update_seq: self.update_seq,
             tasks,
             executors,
+            completed,
             durable: std::mem::take(&mut self.dirty_durable),
         })
     }
@@ -623,6 +646,7 @@ impl AgentCore {
                 .iter()
                 .map(|(k, e)| (k.clone(), e.record()))
                 .collect(),
+            completed: self.completed.clone(),
         }
     }
 
@@ -696,6 +720,7 @@ impl AgentCore {
                     })
                 })
                 .collect(),
+            completed: self.completed.values().cloned().collect(),
         }
     }
 
@@ -1635,14 +1660,44 @@ impl AgentCore {
 
     /// Forgets terminal tasks whose updates were all acknowledged.
     fn gc_tasks(&mut self) {
-        let dirty = &mut self.dirty_tasks;
-        self.tasks.retain(|k, t| {
-            let done = t.phase == Phase::Terminal && t.updates.queue.is_empty();
-            if done {
-                dirty.insert(k.clone());
+        let done: Vec<TaskKey> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| t.phase == Phase::Terminal && t.updates.queue.is_empty())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in done {
+            let Some(t) = self.tasks.remove(&k) else {
+                continue;
+            };
+            self.dirty_tasks.insert(k.clone());
+            // Remembered for the history (`AgentHello.completed`), without what may be
+            // large or secret.
+            let mut info = t.info;
+            info.args.clear();
+            info.env.clear();
+            info.inputs.clear();
+            if let Some(c) = info.command.as_mut() {
+                c.value.clear();
+                c.arguments.clear();
             }
-            !done
-        });
+            let seq = self.completed_seq;
+            self.completed_seq += 1;
+            self.completed.insert(
+                seq,
+                v1::CompletedTask {
+                    framework_id: k.0,
+                    task: Some(info),
+                    status: Some(t.latest),
+                },
+            );
+            self.dirty_completed.insert(seq);
+            while self.completed.len() > MAX_COMPLETED {
+                if let Some((old, _)) = self.completed.pop_first() {
+                    self.dirty_completed.insert(old);
+                }
+            }
+        }
     }
 
     fn tick(&mut self, now: u64) {

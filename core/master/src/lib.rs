@@ -577,6 +577,7 @@ impl MasterCore {
         // Registry bookkeeping, and the agent's dynamic reservations restored before
         // its tasks are tracked: tasks may run on reserved resources.
         self.registry_agent_back(&agent_id, &hello.hostname, &hello.registration_token);
+        self.adopt_completed(&agent_id, &hello.completed);
         for key in &task_keys {
             let rec = &self.tasks[key];
             if !rec.status().is_terminal() {
@@ -839,6 +840,59 @@ impl MasterCore {
         while self.completed.len() > self.cfg.completed_task_limit {
             self.completed.pop_front();
         }
+    }
+
+    /// The agent's history (`AgentHello.completed`): tasks that ended there which
+    /// this master does not know (it restarted since they ended) join the completed
+    /// tasks, in the order they ended, so that `ps --all`, `logs` and `explain` find
+    /// them after a master restart.
+    fn adopt_completed(&mut self, agent_id: &str, list: &[v1::CompletedTask]) {
+        if list.is_empty() {
+            return;
+        }
+        let known: HashSet<(String, String)> = self
+            .completed
+            .iter()
+            .map(|t| (t.framework_id.clone(), t.info.task_id.clone()))
+            .collect();
+        let mut adopted: Vec<TaskRecord> = Vec::new();
+        for c in list.iter().take(self.cfg.completed_task_limit) {
+            let (Some(info), Some(st)) = (&c.task, &c.status) else {
+                continue;
+            };
+            let key = (c.framework_id.clone(), info.task_id.clone());
+            // (A task its framework was told is LOST keeps that end: the agent's
+            // history is not news to it.)
+            if !st.state().is_terminal()
+                || known.contains(&key)
+                || self.tasks.contains_key(&key)
+                || self.unreachable.contains_key(&key)
+                || self.registry.lost_tasks.contains_key(&key)
+            {
+                continue;
+            }
+            let Ok(resources) = Resources::from_proto(&info.resources) else {
+                continue;
+            };
+            let mut info = info.clone();
+            info.agent_id = agent_id.to_string();
+            let mut status = st.clone();
+            status.agent_id = agent_id.to_string();
+            adopted.push(TaskRecord {
+                framework_id: c.framework_id.clone(),
+                agent_id: agent_id.to_string(),
+                info,
+                resources,
+                status,
+            });
+        }
+        if adopted.is_empty() {
+            return;
+        }
+        let mut all: Vec<TaskRecord> = self.completed.drain(..).chain(adopted).collect();
+        all.sort_by_key(|t| t.status.timestamp_ms);
+        let keep_from = all.len().saturating_sub(self.cfg.completed_task_limit);
+        self.completed = all.into_iter().skip(keep_from).collect();
     }
 
     /// The most recent ended task with this key, if still remembered.

@@ -1641,7 +1641,12 @@ fn an_agent_marked_gone_ends_its_tasks_gone_and_is_refused_if_it_returns() {
     };
     // A connected agent, or an unknown id, is refused, and nothing happens.
     let (r, outs) = operator(&mut m, gone(&a1));
-    assert!(r.as_ref().unwrap_err().contains("is connected: stop it first"), "{r:?}");
+    assert!(
+        r.as_ref()
+            .unwrap_err()
+            .contains("is connected: stop it first"),
+        "{r:?}"
+    );
     assert_eq!(outs, vec![]);
     let (r, _) = operator(&mut m, gone("nope"));
     assert!(r.unwrap_err().contains("no agent with id nope"));
@@ -1664,7 +1669,10 @@ fn an_agent_marked_gone_ends_its_tasks_gone_and_is_refused_if_it_returns() {
             )
         )]
     );
-    assert!(m.core.agents(m.now).is_empty(), "a gone agent is not listed");
+    assert!(
+        m.core.agents(m.now).is_empty(),
+        "a gone agent is not listed"
+    );
     assert!(m.core.list_tasks(false, m.now).is_empty());
     assert_eq!(
         summary(&m.core.list_tasks(true, m.now), "t1").state(),
@@ -1681,7 +1689,10 @@ fn an_agent_marked_gone_ends_its_tasks_gone_and_is_refused_if_it_returns() {
     match outs.as_slice() {
         [Output::CloseAgent(c, why)] => {
             assert_eq!(*c, AG2);
-            assert!(why.contains("marked gone") && why.contains("--new-identity"), "{why}");
+            assert!(
+                why.contains("marked gone") && why.contains("--new-identity"),
+                "{why}"
+            );
         }
         other => panic!("expected the agent refused, got {other:?}"),
     }
