@@ -350,6 +350,7 @@ impl Master {
             tasks: if again { tasks } else { Vec::new() },
             http_address: String::new(),
             registration_token: format!("token-{conn}"),
+            completed: Vec::new(),
         };
         if self.open_agents.contains(&conn) {
             self.feed(Input::AgentClosed { conn });
