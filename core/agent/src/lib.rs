@@ -384,6 +384,9 @@ struct Executor {
     shutting_down: bool,
     /// From the checkpoint of an agent that restarted; not re-registered yet.
     recovering: bool,
+    /// It missed the re-registration deadline after a restart and is being stopped:
+    /// its tasks end when its process does (see `recovery_timed_out`).
+    given_up: bool,
     process: Option<ExecutorProcess>,
 }
 
@@ -395,6 +398,7 @@ impl Executor {
             idle_since: None,
             shutting_down: false,
             recovering: false,
+            given_up: false,
             process: None,
         }
     }
@@ -1292,6 +1296,7 @@ impl AgentCore {
         }
         let was_shutting_down = gone.as_ref().is_some_and(|e| e.shutting_down);
         let was_recovering = gone.as_ref().is_some_and(|e| e.recovering);
+        let was_given_up = gone.as_ref().is_some_and(|e| e.given_up);
         if was_recovering && !self.recovering() {
             self.recovery_deadline = None;
         }
@@ -1333,6 +1338,12 @@ impl AgentCore {
                 format!(
                     "executor {} died while the agent was down ({detail})",
                     key.1
+                )
+            } else if was_given_up {
+                format!(
+                    "executor {} did not re-register within {} after the agent restarted, and was stopped ({detail})",
+                    key.1,
+                    format_duration(Duration::from_millis(self.cfg.reregister_timeout_ms))
                 )
             } else if let Some(why) = shutdown_asked.filter(|_| t.kill_requested) {
                 // The process ended before its report of the kill reached us: say
@@ -1387,17 +1398,18 @@ impl AgentCore {
             );
             let e = self.executors.get_mut(&key).expect("listed above");
             e.recovering = false;
-            let known_process = e.process.is_some();
-            if known_process {
-                // Make sure it goes; its exit (`ExecutorExited`) lets waiting tasks
-                // start a fresh one.
+            if e.process.is_some() {
+                // Make sure it goes. Its tasks end when it has (`ExecutorExited`):
+                // until then the process may still run them, and what they use must
+                // stay counted. Its exit also lets waiting tasks start a fresh one.
                 e.shutting_down = true;
+                e.given_up = true;
                 self.out.push(Output::ReapExecutor { key: key.clone() });
-            } else {
-                // No process to watch: forget it.
-                self.executors.remove(&key);
-                self.touch_executor(&key, false);
+                continue;
             }
+            // No process to watch: forget it, and end what it ran.
+            self.executors.remove(&key);
+            self.touch_executor(&key, false);
             let mine: Vec<TaskKey> = self
                 .tasks
                 .iter()
@@ -1410,9 +1422,7 @@ impl AgentCore {
             for k in mine {
                 let t = &self.tasks[&k];
                 if t.phase == Phase::AwaitingExecutor {
-                    if !known_process {
-                        self.respawn(&key, ExecutorKind::of(&t.info));
-                    }
+                    self.respawn(&key, ExecutorKind::of(&t.info));
                     continue;
                 }
                 let (state, reason) = if t.kill_requested {
