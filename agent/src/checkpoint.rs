@@ -22,6 +22,8 @@ const VERSION: u32 = 1;
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const TASKS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("tasks");
 const EXECUTORS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("executors");
+/// Tasks that ended and were acknowledged (`CompletedTask`), by sequence number.
+const COMPLETED: TableDefinition<u64, &[u8]> = TableDefinition::new("completed");
 const META_KEY: &str = "meta";
 
 /// The checkpoint file.
@@ -45,6 +47,7 @@ impl Checkpoint {
             tx.open_table(META)?;
             tx.open_table(TASKS)?;
             tx.open_table(EXECUTORS)?;
+            tx.open_table(COMPLETED)?;
         }
         tx.commit()?;
         Ok(cp)
@@ -90,6 +93,13 @@ impl Checkpoint {
             let r = ExecutorRecord::decode(v.value()).map_err(|e| bad("executor", e))?;
             state.executors.insert((fw.to_string(), ex.to_string()), r);
         }
+        let done = tx.open_table(COMPLETED)?;
+        for row in done.iter()? {
+            let (k, v) = row?;
+            let r = agora_proto::v1::CompletedTask::decode(v.value())
+                .map_err(|e| bad("completed task", e))?;
+            state.completed.insert(k.value(), r);
+        }
         Ok(state)
     }
 
@@ -118,7 +128,18 @@ impl Checkpoint {
             }
             let mut tasks = tx.open_table(TASKS)?;
             let mut execs = tx.open_table(EXECUTORS)?;
+            let mut done = tx.open_table(COMPLETED)?;
             for delta in deltas {
+                for (k, r) in &delta.completed {
+                    match r {
+                        Some(r) => {
+                            done.insert(*k, r.encode_to_vec().as_slice())?;
+                        }
+                        None => {
+                            done.remove(*k)?;
+                        }
+                    }
+                }
                 for ((fw, id), r) in &delta.tasks {
                     match r {
                         Some(r) => {

@@ -21,6 +21,28 @@ pub enum Error {
     StreamClosed(#[from] quinn::ClosedStream),
     #[error(transparent)]
     Join(#[from] tokio::task::JoinError),
+    /// The agent comes back offering other resources or attributes than those its
+    /// tasks were placed on.
+    #[error(
+        "agent {agent_id} (work dir {}) offered other resources or attributes when its tasks were placed: {changes}. Start it with the same --resources and --attributes to keep its id and tasks, or with --new-identity to join the cluster as a new agent (refused while tasks recorded there may still run: stop it with --drain-on-stop first)",
+        .work.display()
+    )]
+    IdentityChanged {
+        agent_id: String,
+        changes: String,
+        work: PathBuf,
+    },
+    /// A new identity was asked for while the checkpoint still records tasks.
+    #[error(
+        "cannot start agent {agent_id} (work dir {}) as a new agent: its checkpoint still records {tasks} tasks and {executors} executors, which would be lost track of. Start it as before (same --resources and --attributes) and stop it with --drain-on-stop, or let its tasks end and their updates reach the master, then try again",
+        .work.display()
+    )]
+    IdentityBusy {
+        agent_id: String,
+        tasks: usize,
+        executors: usize,
+        work: PathBuf,
+    },
     /// The agent was configured with no master address.
     #[error(
         "no master address: give the agent at least one with --master HOST:PORT[,HOST:PORT...]"

@@ -13,6 +13,7 @@ pub mod checkpoint;
 mod error;
 pub mod gc;
 pub mod http;
+pub mod identity;
 pub mod server;
 mod tenants;
 

@@ -70,6 +70,23 @@ pub struct AgentConfig {
     pub gc: crate::gc::GcPolicy,
     /// Where to serve `/fn/NAME/...` over HTTP; `None`: nowhere.
     pub http: Option<crate::http::HttpSettings>,
+    /// What a start does when the work directory's agent offered other resources or
+    /// attributes before (see `crate::identity`).
+    pub identity_policy: IdentityPolicy,
+}
+
+/// What a start does about the identity recorded in the work directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityPolicy {
+    /// Keep it; refuse to start if what the agent offers changed (`agora agent`).
+    Keep,
+    /// Start as a new agent when what it offers changed and nothing is recorded as
+    /// running there (`agora dev`, whose agent drains when stopped); refuse while
+    /// something is.
+    RenewIfChangedAndIdle,
+    /// Start as a new agent (`agora agent --new-identity`), refused while anything
+    /// is recorded as running there.
+    Renew,
 }
 
 /// How tasks and executors are isolated on this agent.
@@ -405,15 +422,81 @@ pub async fn start(mut cfg: AgentConfig) -> Result<AgentHandle> {
         .map_err(Error::Isolation)?;
     // What an earlier run of this agent left: the checkpoint says which executors may
     // still run (their cgroups are spared); everything else under our root goes.
-    let checkpoint = Checkpoint::open(&work)?;
+    let mut checkpoint = Checkpoint::open(&work)?;
+    let mut state = checkpoint.load()?;
+    let id_err = |cause| Error::WorkDir {
+        what: "read or write",
+        path: crate::identity::path(&work),
+        cause,
+    };
+    let offered = crate::identity::Offered::new(&cfg.core.resources, &cfg.core.attributes);
+    let recorded = crate::identity::read(&work).map_err(id_err)?;
+    let changes = match (&recorded, &state.agent_id) {
+        (Some(r), Some(_)) => crate::identity::changes(&r.offered, &offered),
+        _ => Vec::new(),
+    };
+    let renew = match cfg.identity_policy {
+        IdentityPolicy::Renew => true,
+        IdentityPolicy::RenewIfChangedAndIdle => !changes.is_empty(),
+        IdentityPolicy::Keep if changes.is_empty() => false,
+        IdentityPolicy::Keep => {
+            return Err(Error::IdentityChanged {
+                agent_id: state.agent_id.clone().unwrap_or_default(),
+                changes: changes.join("; "),
+                work,
+            })
+        }
+    };
+    let nonce = match recorded {
+        Some(r) if !renew => r.nonce,
+        _ => {
+            if renew && (!state.tasks.is_empty() || !state.executors.is_empty()) {
+                return Err(Error::IdentityBusy {
+                    agent_id: state.agent_id.clone().unwrap_or_default(),
+                    tasks: state.tasks.len(),
+                    executors: state.executors.len(),
+                    work,
+                });
+            }
+            if renew && state.agent_id.is_some() {
+                tracing::warn!(
+                    old_agent = state.agent_id.as_deref().unwrap_or(""),
+                    "starting as a new agent{}",
+                    if changes.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", changes.join("; "))
+                    }
+                );
+                let path = checkpoint.path().to_path_buf();
+                drop(checkpoint);
+                std::fs::remove_file(&path).map_err(|cause| Error::WorkDir {
+                    what: "remove",
+                    path,
+                    cause,
+                })?;
+                checkpoint = Checkpoint::open(&work)?;
+                state = checkpoint.load()?;
+            }
+            crate::identity::new_nonce().map_err(id_err)?
+        }
+    };
+    crate::identity::write(
+        &work,
+        &crate::identity::Identity {
+            nonce: nonce.clone(),
+            offered,
+        },
+    )
+    .map_err(id_err)?;
     {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(checkpoint.path(), std::fs::Permissions::from_mode(0o600));
     }
-    let state = checkpoint.load()?;
     let (n_tasks, n_execs) = (state.tasks.len(), state.executors.len());
     let clock = Monotonic::new();
     let (mut core, adopt) = AgentCore::recover(cfg.core.clone(), state, clock.read());
+    core.set_identity_nonce(nonce);
     // Bound before registering, so the master learns the address in the hello.
     let http_listener = match &cfg.http {
         Some(h) => {
@@ -611,21 +694,7 @@ fn executor_link_key(run: &Path) -> Result<[u8; 32]> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(err("read", e)),
     }
-    let mut key = [0u8; 32];
-    let mut filled = 0;
-    while filled < key.len() {
-        // SAFETY: getrandom(2) writes at most the given length into our buffer.
-        let n =
-            unsafe { libc::getrandom(key[filled..].as_mut_ptr().cast(), key.len() - filled, 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err("make random bytes for", e));
-        }
-        filled += n as usize;
-    }
+    let key = random_bytes::<32>().map_err(|e| err("make random bytes for", e))?;
     let tmp = run.join("executor.key.tmp");
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -638,6 +707,26 @@ fn executor_link_key(run: &Path) -> Result<[u8; 32]> {
         .and_then(|()| f.sync_all())
         .and_then(|()| std::fs::rename(&tmp, &path))
         .map_err(|e| err("write", e))?;
+    Ok(key)
+}
+
+/// `N` bytes from getrandom(2).
+pub(crate) fn random_bytes<const N: usize>() -> std::io::Result<[u8; N]> {
+    let mut key = [0u8; N];
+    let mut filled = 0;
+    while filled < key.len() {
+        // SAFETY: getrandom(2) writes at most the given length into our buffer.
+        let n =
+            unsafe { libc::getrandom(key[filled..].as_mut_ptr().cast(), key.len() - filled, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        filled += n as usize;
+    }
     Ok(key)
 }
 

@@ -76,6 +76,7 @@ fn written_deltas_are_read_back_after_reopening() {
                     start_time: 123_456,
                 }),
             )],
+            completed: vec![(0, Some(completed("t0"))), (1, Some(completed("t9")))],
             durable: true,
         },
         // Not synced on its own, but the durable write after it carries it.
@@ -84,6 +85,7 @@ fn written_deltas_are_read_back_after_reopening() {
             update_seq: 2,
             tasks: vec![(key("f1", "t1"), None)],
             executors: vec![],
+            completed: vec![(0, None)],
             durable: false,
         },
         CheckpointDelta {
@@ -100,6 +102,7 @@ fn written_deltas_are_read_back_after_reopening() {
                 )),
             )],
             executors: vec![(key("f1", "e0"), None)],
+            completed: vec![],
             durable: true,
         },
     ];
@@ -246,7 +249,20 @@ fn delta(task: &str, seq: u64, durable: bool) -> CheckpointDelta {
             )),
         )],
         executors: vec![],
+        completed: vec![],
         durable,
+    }
+}
+
+/// A task that ended and was acknowledged, as the history keeps it.
+fn completed(task: &str) -> agora_proto::v1::CompletedTask {
+    agora_proto::v1::CompletedTask {
+        framework_id: "f1".into(),
+        task: Some(agora_proto::v1::TaskInfo {
+            task_id: task.into(),
+            ..Default::default()
+        }),
+        status: Some(status(task, TaskState::TaskFinished, "A-1/9")),
     }
 }
 

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use agora_agent::http::HttpSettings;
-use agora_agent::server::{AgentConfig, AgentHandle, IsolationSettings};
+use agora_agent::server::{AgentConfig, AgentHandle, IdentityPolicy, IsolationSettings};
 use agora_agent_core::AgentCoreConfig;
 use agora_fn_gateway::FunctionsConfig;
 use agora_master::server::{FunctionsDoor, MasterConfig};
@@ -187,14 +187,17 @@ pub struct MasterArgs {
 }
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct AgentArgs {
+    #[command(subcommand)]
+    pub cmd: Option<AgentCmd>,
     /// The masters' addresses, host:port, separated by commas (every master of a
     /// replicated group: the agent registers with whichever leads, and follows it).
-    #[arg(long, env = "AGORA_MASTER")]
-    master: String,
+    #[arg(long, env = "AGORA_MASTER", required = true)]
+    master: Option<String>,
     /// Directory made by `agora certs init` (uses ca.pem, agent.pem, agent.key).
-    #[arg(long)]
-    certs: PathBuf,
+    #[arg(long, required = true)]
+    certs: Option<PathBuf>,
     #[arg(long, default_value_os_t = home().join(".agora/agent"))]
     work_dir: PathBuf,
     /// Resources to offer, e.g. "cpus:4;mem:8192;disk:20480" (mem and disk in MiB).
@@ -220,6 +223,12 @@ pub struct AgentArgs {
     /// Nomad agents do through an upgrade).
     #[arg(long)]
     drain_on_stop: bool,
+    /// Join the cluster as a new agent: forget the id this --work-dir's agent had
+    /// (needed to start it with other --resources or --attributes). Refused while
+    /// its checkpoint records tasks or executors (stop it with --drain-on-stop
+    /// first).
+    #[arg(long)]
+    new_identity: bool,
     /// Address of the agent's HTTP server, which serves /fn/NAME/... from the
     /// function hosts on this agent (and /fn-metrics). Default: 127.0.0.1:7071
     /// (this machine only: a master on another machine needs 0.0.0.0:7071 or an
@@ -662,6 +671,7 @@ pub(crate) async fn start_agent(
     isolation: IsolationSettings,
     recovery_timeout_ms: u64,
     http: Option<HttpSettings>,
+    identity_policy: IdentityPolicy,
 ) -> anyhow::Result<AgentHandle> {
     let res = with_disk(res, work_dir);
     let core = AgentCoreConfig {
@@ -689,6 +699,7 @@ pub(crate) async fn start_agent(
         isolation,
         gc: agora_agent::gc::GcPolicy::default(),
         http,
+        identity_policy,
     })
     .await?)
 }
@@ -718,6 +729,9 @@ async fn start_dev_agent(
             advertise: None,
             any_port_if_taken: agent_http.port() != 0,
         }),
+        // A dev cluster started again with other resources is a new agent (its
+        // agent drained when stopped), unless something still runs there.
+        IdentityPolicy::RenewIfChangedAndIdle,
     )
     .await
 }
@@ -1283,10 +1297,30 @@ pub async fn master(a: MasterArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Operator commands about agents (`agora agent gone ID`).
+#[derive(clap::Subcommand)]
+pub enum AgentCmd {
+    /// Mark a stopped (disconnected or unreachable) agent gone for good, as Mesos's
+    /// MARK_AGENT_GONE: its tasks end GONE and their frameworks are told; it is
+    /// refused if it comes back (`--new-identity` joins as a new agent). Asks for
+    /// confirmation unless --yes.
+    Gone {
+        /// The agent's id (`agora agents`).
+        agent_id: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        target: crate::Target,
+    },
+}
+
 pub async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
-    let cd = CertDir::new(&a.certs);
-    let masters = a
-        .master
+    let (Some(master), Some(certs)) = (a.master.clone(), a.certs.clone()) else {
+        anyhow::bail!("agora agent needs --master HOST:PORT and --certs DIR");
+    };
+    let cd = CertDir::new(&certs);
+    let masters = master
         .split(',')
         .map(tls::resolve)
         .collect::<Result<Vec<_>, _>>()?;
@@ -1309,9 +1343,14 @@ pub async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
             advertise: a.http_advertise,
             any_port_if_taken: a.agent_http.is_none(),
         }),
+        if a.new_identity {
+            IdentityPolicy::Renew
+        } else {
+            IdentityPolicy::Keep
+        },
     )
     .await?;
-    println!("agent offering {res} to the master at {}", a.master);
+    println!("agent offering {res} to the master at {master}");
     if let Some(http) = agent.http_addr() {
         println!("agent serving functions on http://{http}");
         // The gateway beside a master on another machine forwards calls here.

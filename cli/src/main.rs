@@ -206,7 +206,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let servers = matches!(
         cli.cmd,
-        Cmd::Dev(_) | Cmd::Master(_) | Cmd::Agent(_) | Cmd::Executor { .. }
+        Cmd::Dev(_)
+            | Cmd::Master(_)
+            | Cmd::Agent(cluster::AgentArgs { cmd: None, .. })
+            | Cmd::Executor { .. }
     );
     if let Err(e) = init_tracing(
         cli.log_level.as_deref(),
@@ -264,6 +267,15 @@ fn main() -> ExitCode {
         match cli.cmd {
             Cmd::Dev(a) => cluster::dev(a).await,
             Cmd::Master(a) => cluster::master(a).await,
+            Cmd::Agent(cluster::AgentArgs {
+                cmd:
+                    Some(cluster::AgentCmd::Gone {
+                        agent_id,
+                        yes,
+                        target,
+                    }),
+                ..
+            }) => ops::agent_gone(&agent_id, yes, target).await,
             Cmd::Agent(a) => cluster::agent(a).await,
             Cmd::Certs { cmd } => cluster::certs(cmd),
             Cmd::Run(a) => run::run(a).await,

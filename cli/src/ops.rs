@@ -71,9 +71,18 @@ pub async fn ps(a: PsArgs) -> anyhow::Result<ExitCode> {
         client.list_tasks(a.all).await?
     };
     if a.stats {
-        println!(
-            "{:<14} {:<16} {:<10} {:>9} {:>9} {:>10} {:>10} {:>14}",
-            "TASK", "NAME", "STATE", "CPU(s)", "THROTTLED", "MEM PEAK", "DISK", "FUEL"
+        let mut table = plain_table(
+            &[
+                "TASK",
+                "NAME",
+                "STATE",
+                "CPU(s)",
+                "THROTTLED",
+                "MEM PEAK",
+                "DISK",
+                "FUEL",
+            ],
+            &[3, 4, 5, 6, 7],
         );
         for t in tasks {
             let pending = t.state == TaskState::Unspecified as i32;
@@ -102,23 +111,31 @@ pub async fn ps(a: PsArgs) -> anyhow::Result<ExitCode> {
                 ),
                 None => ("-".into(), "-".into(), "-".into(), "-".into()),
             };
-            println!(
-                "{:<14} {:<16} {:<10} {:>9} {:>9} {:>10} {:>10} {:>14}",
-                t.task_id,
-                truncate(&t.name, 16),
-                state,
+            table.add_row(vec![
+                t.task_id.clone(),
+                truncate(&t.name, 24),
+                state.to_string(),
                 cpu,
                 thr,
                 peak,
                 disk,
-                fuel
-            );
+                fuel,
+            ]);
         }
+        print_table(&table);
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
-        "{:<14} {:<16} {:<10} {:<5} {:<20} {:<22} DETAIL",
-        "TASK", "NAME", "STATE", "AGE", "RESOURCES", "AGENT"
+    let mut table = plain_table(
+        &[
+            "TASK",
+            "NAME",
+            "STATE",
+            "AGE",
+            "RESOURCES",
+            "AGENT",
+            "DETAIL",
+        ],
+        &[],
     );
     for t in tasks {
         let pending = t.state == TaskState::Unspecified as i32;
@@ -145,22 +162,47 @@ pub async fn ps(a: PsArgs) -> anyhow::Result<ExitCode> {
             }
             d
         };
-        println!(
-            "{:<14} {:<16} {:<10} {:<5} {:<20} {:<22} {}",
-            t.task_id,
-            truncate(&t.name, 16),
-            state,
+        table.add_row(vec![
+            t.task_id.clone(),
+            truncate(&t.name, 24),
+            state.to_string(),
             age(t.updated_ms),
             res,
             if t.agent_id.is_empty() {
-                "-"
+                "-".to_string()
             } else {
-                &t.agent_id
+                t.agent_id.clone()
             },
-            detail
-        );
+            detail,
+        ]);
     }
+    print_table(&table);
     Ok(ExitCode::SUCCESS)
+}
+
+/// A table for a terminal or a pipe: columns as wide as their widest cell, one
+/// space between them, no borders, no wrapping (long cells stay on their line).
+/// `right`: the columns aligned right (numbers).
+pub(crate) fn plain_table(header: &[&str], right: &[usize]) -> comfy_table::Table {
+    use comfy_table::{CellAlignment, ContentArrangement, Table};
+    let mut t = Table::new();
+    t.load_preset(comfy_table::presets::NOTHING)
+        .set_content_arrangement(ContentArrangement::Disabled)
+        .set_header(header.to_vec());
+    for (i, c) in t.column_iter_mut().enumerate() {
+        c.set_padding((0, 1));
+        if right.contains(&i) {
+            c.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    t
+}
+
+/// Prints a [`plain_table`] without the padding at the ends of its lines.
+pub(crate) fn print_table(t: &comfy_table::Table) {
+    for line in t.lines() {
+        println!("{}", line.trim_end());
+    }
 }
 
 fn truncate(s: &str, n: usize) -> String {
@@ -402,4 +444,68 @@ pub async fn agents(t: crate::Target) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `agora agent gone ID`: asks for confirmation (the agent id typed again) unless
+/// `yes`, then marks the agent gone.
+pub async fn agent_gone(agent_id: &str, yes: bool, t: Target) -> anyhow::Result<ExitCode> {
+    use std::io::{BufRead, IsTerminal, Write};
+    let client = connect(&t).await?;
+    let agents = client.agents().await?;
+    let Some(agent) = agents.iter().find(|a| a.agent_id == agent_id) else {
+        anyhow::bail!("no agent with id {agent_id} (`agora agents` lists them)");
+    };
+    if agent.connected {
+        anyhow::bail!(
+            "agent {agent_id} is connected: stop it first (`agora agent --drain-on-stop` ends its tasks with it), then mark it gone"
+        );
+    }
+    let tasks = client
+        .list_tasks(false)
+        .await?
+        .into_iter()
+        .filter(|t| t.agent_id == agent_id)
+        .count();
+    if !yes {
+        if !std::io::stdin().is_terminal() {
+            anyhow::bail!(
+                "marking agent {agent_id} gone ends its {tasks} tasks as GONE and cannot be undone; pass --yes to confirm"
+            );
+        }
+        eprint!(
+            "Agent {agent_id} ({}) will never be taken back, and its {tasks} tasks end GONE.\nType the agent id to confirm: ",
+            agent.hostname
+        );
+        std::io::stderr().flush()?;
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line)?;
+        if line.trim() != agent_id {
+            eprintln!("not confirmed; nothing changed");
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    client.mark_agent_gone(agent_id).await?;
+    println!("agent {agent_id} marked gone; {tasks} tasks reported GONE");
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plain_table_widens_columns_to_their_longest_cell_and_has_no_border() {
+        let mut t = plain_table(&["TASK", "STATE", "CPU(s)"], &[2]);
+        t.add_row(vec!["t1", "UNREACHABLE", "0.25"]);
+        t.add_row(vec!["t2", "RUNNING", "12.50"]);
+        let lines: Vec<String> = t.lines().map(|l| l.trim_end().to_string()).collect();
+        assert_eq!(
+            lines,
+            vec![
+                "TASK STATE       CPU(s)",
+                "t1   UNREACHABLE   0.25",
+                "t2   RUNNING      12.50",
+            ]
+        );
+    }
 }

@@ -353,6 +353,40 @@ fn agent_stopped_and_restarted(how: Stop) {
                 );
                 std::thread::sleep(Duration::from_millis(50)); // poll interval
             }
+            // Started again offering something else, it is refused, naming what
+            // changed; a new identity is refused too while its tasks run.
+            let o = run_bounded(
+                Command::new(AGORA)
+                    .args(["agent", "--master", &addr, "--certs"])
+                    .arg(&certs)
+                    .arg("--work-dir")
+                    .arg(&work)
+                    .args(["--resources", "cpus:2;mem:4096", "--attributes", "zone:z"]),
+                60,
+            );
+            let err = stderr(&o);
+            assert_ne!(code(&o), 0, "{err}");
+            assert!(
+                err.contains(&format!("agent {first_id}"))
+                    && err.contains("resources were cpus:4;mem:4GiB, now cpus:2;mem:4GiB")
+                    && err.contains("attributes were none, now zone:z")
+                    && err.contains("--new-identity"),
+                "{err}"
+            );
+            let o = run_bounded(
+                Command::new(AGORA)
+                    .args(["agent", "--new-identity", "--master", &addr, "--certs"])
+                    .arg(&certs)
+                    .arg("--work-dir")
+                    .arg(&work),
+                60,
+            );
+            let err = stderr(&o);
+            assert_ne!(code(&o), 0, "{err}");
+            assert!(
+                err.contains("cannot start agent") && err.contains("would be lost track of"),
+                "{err}"
+            );
         }
     }
     let stderr_of = |fw: &str, ex: &str| {
@@ -476,6 +510,27 @@ fn agent_stopped_and_restarted(how: Stop) {
         "{}",
         stderr(&o)
     );
+    if how == Stop::Term {
+        // Drained, it may start afresh with other resources, as a new agent.
+        let fresh = AgentProc::start_with(
+            &addr,
+            &certs,
+            &work,
+            dir.path().join("agent-3.log"),
+            &[
+                "--drain-on-stop",
+                "--new-identity",
+                "--attributes",
+                "zone:z",
+            ],
+        );
+        fresh.wait_for("registered with the master", 60);
+        let log = fresh.log();
+        assert!(
+            log.contains("starting as a new agent") && !log.contains(&format!("agent={first_id}")),
+            "{log}"
+        );
+    }
     let deadline = Instant::now() + Duration::from_secs(30);
     while !executors(&work).is_empty() {
         assert!(
@@ -485,6 +540,119 @@ fn agent_stopped_and_restarted(how: Stop) {
         );
         std::thread::sleep(Duration::from_millis(50)); // poll interval
     }
+}
+
+/// A machine that dies for good: the agent and its executors are killed, the task
+/// becomes UNREACHABLE, and `agora agent gone` ends it GONE, which the waiting `agora
+/// run` hears.
+#[test]
+fn an_agent_that_never_returns_is_marked_gone_and_the_run_waiting_on_it_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let work = dir.path().join("agent");
+    let init = run_bounded(Command::new(AGORA).args(["certs", "init"]).arg(&certs), 60);
+    assert_eq!(code(&init), 0, "{}", stderr(&init));
+    let mut m = Command::new(AGORA);
+    m.args([
+        "master",
+        "--listen",
+        "127.0.0.1:0",
+        "--agent-timeout",
+        "2",
+        "--certs",
+    ])
+    .arg(&certs)
+    .arg("--data-dir")
+    .arg(dir.path().join("master"));
+    let (_master, line) = Proc::start(m, |l| l.starts_with("master listening on "));
+    let addr = line.split_whitespace().nth(3).unwrap().to_string();
+    let client = |args: &[&str]| -> Command {
+        let mut c = Command::new(AGORA);
+        c.args(args)
+            .env("AGORA_CONFIG", certs.join("client.json"))
+            .env("AGORA_MASTER", &addr)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    };
+    let run = |args: &[&str]| run_bounded(&mut client(args), 120);
+    let mut agent = AgentProc::start_with(&addr, &certs, &work, dir.path().join("agent.log"), &[]);
+    agent.wait_for("registered with the master", 60);
+    let agent_id = {
+        let log = agent.log();
+        let at = log.find("agent=").expect("agent id in the log");
+        log[at + 6..].split_whitespace().next().unwrap().to_string()
+    };
+    let spin = guest("spin");
+    let waiting = client(&[
+        "run",
+        "--name",
+        "doomed",
+        "--timeout",
+        "600s",
+        spin.to_str().unwrap(),
+    ])
+    .spawn()
+    .unwrap();
+    wait_until("the task runs", || {
+        stdout(&run(&["ps"]))
+            .lines()
+            .any(|l| l.contains("doomed") && l.contains("RUNNING"))
+    });
+    // The machine dies: the agent and its executors.
+    agent.child.kill().unwrap();
+    agent.child.wait().unwrap();
+    for (pid, _, _) in executors(&work) {
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    wait_until("the task is UNREACHABLE and the agent listed so", || {
+        stdout(&run(&["ps"])).contains("UNREACHABLE")
+            && stdout(&run(&["agents"]))
+                .lines()
+                .any(|l| l.starts_with(agent_id.as_str()) && l.contains("unreachable"))
+    });
+
+    // Without --yes (and no terminal to ask on) nothing happens.
+    let o = run(&["agent", "gone", &agent_id]);
+    assert_ne!(code(&o), 0);
+    assert!(
+        stderr(&o).contains("pass --yes to confirm"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(stdout(&run(&["ps"])).contains("UNREACHABLE"));
+    let o = run(&["agent", "gone", "no-such-agent", "--yes"]);
+    assert_ne!(code(&o), 0);
+    assert!(
+        stderr(&o).contains("no agent with id no-such-agent"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = run(&["agent", "gone", &agent_id, "--yes"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains(&format!(
+            "agent {agent_id} marked gone; 1 tasks reported GONE"
+        )),
+        "{}",
+        stdout(&o)
+    );
+    let o = finish(waiting, 60);
+    assert_ne!(code(&o), 0, "{}", stderr(&o));
+    assert!(
+        final_line(&o).ends_with("GONE: the operator marked its agent gone"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!stdout(&run(&["agents"])).contains(&agent_id));
+    let all = stdout(&run(&["ps", "--all"]));
+    assert!(
+        all.lines()
+            .any(|l| l.contains("doomed") && l.contains("GONE")),
+        "{all}"
+    );
 }
 
 #[test]
@@ -654,6 +822,23 @@ fn master_killed_and_restarted_keeps_tasks_frameworks_weights_and_quotas() {
         std::thread::sleep(Duration::from_millis(100)); // poll interval
     };
 
+    // A task that ends before the restart: its history must survive it.
+    let o = run_bounded(
+        &mut client(&[
+            "run",
+            "--name",
+            "before",
+            guest("hello").to_str().unwrap(),
+            "--",
+            "x",
+        ]),
+        120,
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let before = task_id(&o);
+    let before_out = stdout(&o);
+    assert!(!before_out.is_empty());
+
     // kill -9 the master, then start it again where it was.
     first.child.kill().unwrap();
     first.child.wait().unwrap();
@@ -675,6 +860,17 @@ fn master_killed_and_restarted_keeps_tasks_frameworks_weights_and_quotas() {
         std::thread::sleep(Duration::from_millis(50)); // poll interval
     }
     let recovered = restarted.elapsed();
+    // The task that ended before the restart is still listed, its output readable
+    // and explained (the agent's history, re-sent when it re-registered).
+    let all = ok(&["ps", "--all"]);
+    assert!(
+        all.lines()
+            .any(|l| l.starts_with(&before) && l.split_whitespace().nth(2) == Some("FINISHED")),
+        "{all}"
+    );
+    assert_eq!(ok(&["logs", &before]), before_out);
+    let why = ok(&["explain", &before]);
+    assert!(why.contains("FINISHED"), "{why}");
     let roles = ok(&["role", "ls"]);
     let eng = roles
         .lines()

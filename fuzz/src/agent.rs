@@ -396,12 +396,13 @@ impl Agent {
                 self.feed(Input::ExecutorExited { key, detail });
             }
             x if x == Op::Link as u8 => {
-                let input = if r.byte()? % 2 == 0 {
-                    Input::MasterDisconnected
-                } else {
-                    Input::Registered {
+                let input = match r.byte()? % 3 {
+                    0 => Input::MasterDisconnected,
+                    1 => Input::Registered {
                         agent_id: "a1".into(),
-                    }
+                    },
+                    // The agent stopping with its tasks.
+                    _ => Input::Drain,
                 };
                 self.feed(input);
             }

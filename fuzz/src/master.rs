@@ -273,7 +273,7 @@ impl Master {
     /// (The core's messages go to open connections only: checked in `feed`.)
     pub fn check(&mut self) {
         let live = self.core.list_tasks(false, self.now);
-        for a in self.core.agents() {
+        for a in self.core.agents(self.now) {
             let total = Resources::from_proto(&a.total).expect("an agent's total");
             let alloc = Resources::from_proto(&a.allocated).expect("an agent's allocation");
             assert!(
@@ -350,6 +350,7 @@ impl Master {
             tasks: if again { tasks } else { Vec::new() },
             http_address: String::new(),
             registration_token: format!("token-{conn}"),
+            completed: Vec::new(),
         };
         if self.open_agents.contains(&conn) {
             self.feed(Input::AgentClosed { conn });
@@ -486,7 +487,16 @@ impl Master {
                 self.feed(Input::Tick);
             }
             x if x == Op::Operator as u8 => {
-                let op = match r.byte()? % 5 {
+                let op = match r.byte()? % 6 {
+                    5 => {
+                        // An agent the master knows (connected or not), or any id.
+                        let ids: Vec<String> = self.agent_ids.values().cloned().collect();
+                        let agent_id = match r.pick(ids.len() + 1)? {
+                            i if i < ids.len() => ids[i].clone(),
+                            _ => r.string()?,
+                        };
+                        OperatorOp::MarkAgentGone { agent_id }
+                    }
                     0 => OperatorOp::Kill {
                         task_id: self.pick_task(r)?.2.task_id,
                     },

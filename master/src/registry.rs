@@ -424,6 +424,7 @@ pub(crate) mod tests {
                     hostname: "h1".into(),
                     unreachable: false,
                     token: "t1".into(),
+                    gone: false,
                 },
             },
             RegistryOp::PutAgent {
@@ -432,6 +433,7 @@ pub(crate) mod tests {
                     hostname: "h2".into(),
                     unreachable: false,
                     token: String::new(),
+                    gone: true,
                 },
             },
             RegistryOp::PutFramework {

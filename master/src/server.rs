@@ -1314,6 +1314,17 @@ impl Ctx {
                     ..Default::default()
                 }
             }
+            Some(operator_request::Request::MarkAgentGone(g)) => {
+                let r = self
+                    .operate(OperatorOp::MarkAgentGone {
+                        agent_id: g.agent_id,
+                    })
+                    .await;
+                OperatorResponse {
+                    error: r.err().map(|e| e.0).unwrap_or_default(),
+                    ..Default::default()
+                }
+            }
             Some(operator_request::Request::SetWeight(w)) => {
                 let r = self
                     .operate(OperatorOp::SetWeight {

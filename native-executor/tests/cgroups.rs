@@ -276,3 +276,29 @@ fn forcing_cgroups_with_a_bad_root_name_is_an_error() {
     let err = Isolator::new(Some(IsolationMode::Cgroups), "../etc").unwrap_err();
     assert!(err.to_string().contains("invalid cgroup name"), "{err}");
 }
+
+#[test]
+fn a_group_shrinks_below_the_quota_of_a_child_left_behind() {
+    // An executor's group is shrunk when its tasks end, possibly before their groups
+    // are removed: cgroup v1 refuses a parent's quota below a child's (EINVAL).
+    require_cgroups!("a_group_shrinks_below_the_quota_of_a_child_left_behind");
+    let root = unique_root("shrink");
+    let _cleanup = CleanupRoot(root.clone());
+    let iso = Isolator::new(Some(IsolationMode::Cgroups), &root).unwrap();
+    let limits = |milli_cpus| CgroupLimits {
+        milli_cpus,
+        cfs_quota: true,
+        mem_bytes: 64 << 20,
+        pids_max: 0,
+    };
+    let exec = iso.create("fw/ex", &limits(2000)).unwrap();
+    let task = iso.create("fw/ex/t1", &limits(2000)).unwrap();
+    exec.update(&limits(10))
+        .expect("the executor's group shrinks while the task's group remains");
+    if exec.cgroup_version().unwrap() == CgroupVersion::V1 {
+        let cpu = exec.controller_dir("cpu").unwrap();
+        assert_eq!(read(&cpu, "cpu.cfs_quota_us"), "1000");
+        let child = task.controller_dir("cpu").unwrap();
+        assert_eq!(read(&child, "cpu.cfs_quota_us"), "1000");
+    }
+}

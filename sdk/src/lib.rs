@@ -433,6 +433,19 @@ impl Client {
         Ok(())
     }
 
+    /// Marks a disconnected or unreachable agent gone for good (Mesos's
+    /// MARK_AGENT_GONE): its tasks end GONE and their frameworks are told; the agent
+    /// is refused if it returns. Refused for a connected agent.
+    pub async fn mark_agent_gone(&self, agent_id: &str) -> Result<()> {
+        self.operator(operator_request::Request::MarkAgentGone(
+            v1::MarkAgentGone {
+                agent_id: agent_id.into(),
+            },
+        ))
+        .await?;
+        Ok(())
+    }
+
     /// Sets a role's weight among its siblings (default 1); the master keeps it in
     /// its registry across restarts.
     pub async fn set_weight(&self, role: &str, weight: f64) -> Result<()> {

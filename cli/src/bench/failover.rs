@@ -119,6 +119,7 @@ pub async fn bench_failover(a: FailoverArgs) -> anyhow::Result<ExitCode> {
         agora_agent::server::IsolationSettings::default(),
         60_000,
         None,
+        agora_agent::server::IdentityPolicy::Keep,
     )
     .await?;
     let deadline = Instant::now() + Duration::from_secs(60);

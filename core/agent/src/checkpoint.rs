@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 
-use agora_proto::v1::{TaskInfo, TaskStatus};
+use agora_proto::v1::{CompletedTask, TaskInfo, TaskStatus};
 use prost::Message;
 
 use crate::{ExecutorKey, TaskKey};
@@ -93,6 +93,8 @@ pub struct CheckpointState {
     pub update_seq: u64,
     pub tasks: BTreeMap<TaskKey, TaskRecord>,
     pub executors: BTreeMap<ExecutorKey, ExecutorRecord>,
+    /// The history of tasks that ended and were acknowledged, by sequence number.
+    pub completed: BTreeMap<u64, CompletedTask>,
 }
 
 /// The changes of one step of the core: records to write (`Some`) or remove (`None`).
@@ -102,6 +104,7 @@ pub struct CheckpointDelta {
     pub update_seq: u64,
     pub tasks: Vec<(TaskKey, Option<TaskRecord>)>,
     pub executors: Vec<(ExecutorKey, Option<ExecutorRecord>)>,
+    pub completed: Vec<(u64, Option<CompletedTask>)>,
     /// Must be on disk (fsync) before the outputs of the same step are carried out: a
     /// new status update, an executor process. Otherwise (an acknowledgement, a
     /// forgotten task) losing the change costs at most a duplicate update, and it is
@@ -131,6 +134,16 @@ impl CheckpointState {
                 }
                 None => {
                     self.executors.remove(k);
+                }
+            }
+        }
+        for (k, r) in &d.completed {
+            match r {
+                Some(r) => {
+                    self.completed.insert(*k, r.clone());
+                }
+                None => {
+                    self.completed.remove(k);
                 }
             }
         }

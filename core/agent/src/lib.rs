@@ -387,6 +387,9 @@ struct Executor {
     shutting_down: bool,
     /// From the checkpoint of an agent that restarted; not re-registered yet.
     recovering: bool,
+    /// It missed the re-registration deadline after a restart and is being stopped:
+    /// its tasks end when its process does (see `recovery_timed_out`).
+    given_up: bool,
     process: Option<ExecutorProcess>,
 }
 
@@ -398,6 +401,7 @@ impl Executor {
             idle_since: None,
             shutting_down: false,
             recovering: false,
+            given_up: false,
             process: None,
         }
     }
@@ -444,7 +448,18 @@ pub struct AgentCore {
     /// Wall-clock time of the input being handled, for the stamps of status updates
     /// (see [`Now`]); never for timeouts, never read between inputs.
     wall_ms: u64,
+    /// See `set_identity_nonce`.
+    identity_nonce: String,
+    /// Tasks that ended and were acknowledged, oldest first, at most
+    /// [`MAX_COMPLETED`] (see `AgentHello.completed`); keyed by a sequence number.
+    completed: BTreeMap<u64, v1::CompletedTask>,
+    completed_seq: u64,
+    dirty_completed: BTreeSet<u64>,
 }
+
+/// Most ended tasks an agent remembers for its hello (Mesos keeps up to 150 completed
+/// executors per framework and 1,000 tasks each; one bound is enough here).
+pub const MAX_COMPLETED: usize = 1000;
 
 impl AgentCore {
     pub fn new(cfg: AgentCoreConfig) -> Self {
@@ -466,6 +481,10 @@ impl AgentCore {
             http_address: String::new(),
             function_hosts_changed: false,
             wall_ms: 0,
+            identity_nonce: String::new(),
+            completed: BTreeMap::new(),
+            completed_seq: 0,
+            dirty_completed: BTreeSet::new(),
         }
     }
 
@@ -494,6 +513,8 @@ impl AgentCore {
         core.function_hosts_changed = true;
         core.agent_id = state.agent_id;
         core.update_seq = state.update_seq;
+        core.completed_seq = state.completed.keys().next_back().map_or(0, |k| k + 1);
+        core.completed = state.completed;
         for (key, rec) in state.executors {
             let mut e = Executor::new(ExecutorKind::from_record(rec.kind));
             e.recovering = true;
@@ -581,9 +602,17 @@ impl AgentCore {
     /// The changes to the durable state since the last call, to be written before
     /// the outputs of the same input are carried out. `None` when nothing changed.
     pub fn take_checkpoint(&mut self) -> Option<CheckpointDelta> {
-        if self.dirty_tasks.is_empty() && self.dirty_executors.is_empty() && !self.dirty_meta {
+        if self.dirty_tasks.is_empty()
+            && self.dirty_executors.is_empty()
+            && self.dirty_completed.is_empty()
+            && !self.dirty_meta
+        {
             return None;
         }
+        let completed = std::mem::take(&mut self.dirty_completed)
+            .into_iter()
+            .map(|k| (k, self.completed.get(&k).cloned()))
+            .collect();
         let tasks = std::mem::take(&mut self.dirty_tasks)
             .into_iter()
             .map(|k| {
@@ -604,6 +633,7 @@ impl AgentCore {
             update_seq: self.update_seq,
             tasks,
             executors,
+            completed,
             durable: std::mem::take(&mut self.dirty_durable),
         })
     }
@@ -623,6 +653,7 @@ impl AgentCore {
                 .iter()
                 .map(|(k, e)| (k.clone(), e.record()))
                 .collect(),
+            completed: self.completed.clone(),
         }
     }
 
@@ -639,13 +670,24 @@ impl AgentCore {
         self.agent_id.as_deref()
     }
 
-    /// Names this agent installation (hostname and work dir) for the master, the
-    /// same across restarts; see `AgentHello.registration_token`.
+    /// Names this agent installation (hostname, work dir and the nonce of its
+    /// identity) for the master, the same across restarts; see
+    /// `AgentHello.registration_token`.
     pub fn registration_token(&self) -> String {
         let mut bytes = self.cfg.hostname.clone().into_bytes();
         bytes.push(0);
         bytes.extend_from_slice(self.cfg.work_dir.to_string_lossy().as_bytes());
+        if !self.identity_nonce.is_empty() {
+            bytes.push(0);
+            bytes.extend_from_slice(self.identity_nonce.as_bytes());
+        }
         agora_proto::sha256_hex(&bytes)[..32].to_string()
+    }
+
+    /// The nonce of this installation's identity (kept by the shell; a new identity
+    /// gets a new one, so the master does not take it for the old agent).
+    pub fn set_identity_nonce(&mut self, nonce: String) {
+        self.identity_nonce = nonce;
     }
 
     /// What to say to the master when (re)connecting.
@@ -685,6 +727,7 @@ impl AgentCore {
                     })
                 })
                 .collect(),
+            completed: self.completed.values().cloned().collect(),
         }
     }
 
@@ -1262,6 +1305,7 @@ impl AgentCore {
         }
         let was_shutting_down = gone.as_ref().is_some_and(|e| e.shutting_down);
         let was_recovering = gone.as_ref().is_some_and(|e| e.recovering);
+        let was_given_up = gone.as_ref().is_some_and(|e| e.given_up);
         if was_recovering && !self.recovering() {
             self.recovery_deadline = None;
         }
@@ -1303,6 +1347,12 @@ impl AgentCore {
                 format!(
                     "executor {} died while the agent was down ({detail})",
                     key.1
+                )
+            } else if was_given_up {
+                format!(
+                    "executor {} did not re-register within {} after the agent restarted, and was stopped ({detail})",
+                    key.1,
+                    format_duration(Duration::from_millis(self.cfg.reregister_timeout_ms))
                 )
             } else if let Some(why) = shutdown_asked.filter(|_| t.kill_requested) {
                 // The process ended before its report of the kill reached us: say
@@ -1357,17 +1407,18 @@ impl AgentCore {
             );
             let e = self.executors.get_mut(&key).expect("listed above");
             e.recovering = false;
-            let known_process = e.process.is_some();
-            if known_process {
-                // Make sure it goes; its exit (`ExecutorExited`) lets waiting tasks
-                // start a fresh one.
+            if e.process.is_some() {
+                // Make sure it goes. Its tasks end when it has (`ExecutorExited`):
+                // until then the process may still run them, and what they use must
+                // stay counted. Its exit also lets waiting tasks start a fresh one.
                 e.shutting_down = true;
+                e.given_up = true;
                 self.out.push(Output::ReapExecutor { key: key.clone() });
-            } else {
-                // No process to watch: forget it.
-                self.executors.remove(&key);
-                self.touch_executor(&key, false);
+                continue;
             }
+            // No process to watch: forget it, and end what it ran.
+            self.executors.remove(&key);
+            self.touch_executor(&key, false);
             let mine: Vec<TaskKey> = self
                 .tasks
                 .iter()
@@ -1380,9 +1431,7 @@ impl AgentCore {
             for k in mine {
                 let t = &self.tasks[&k];
                 if t.phase == Phase::AwaitingExecutor {
-                    if !known_process {
-                        self.respawn(&key, ExecutorKind::of(&t.info));
-                    }
+                    self.respawn(&key, ExecutorKind::of(&t.info));
                     continue;
                 }
                 let (state, reason) = if t.kill_requested {
@@ -1630,14 +1679,44 @@ impl AgentCore {
 
     /// Forgets terminal tasks whose updates were all acknowledged.
     fn gc_tasks(&mut self) {
-        let dirty = &mut self.dirty_tasks;
-        self.tasks.retain(|k, t| {
-            let done = t.phase == Phase::Terminal && t.updates.queue.is_empty();
-            if done {
-                dirty.insert(k.clone());
+        let done: Vec<TaskKey> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| t.phase == Phase::Terminal && t.updates.queue.is_empty())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in done {
+            let Some(t) = self.tasks.remove(&k) else {
+                continue;
+            };
+            self.dirty_tasks.insert(k.clone());
+            // Remembered for the history (`AgentHello.completed`), without what may be
+            // large or secret.
+            let mut info = t.info;
+            info.args.clear();
+            info.env.clear();
+            info.inputs.clear();
+            if let Some(c) = info.command.as_mut() {
+                c.value.clear();
+                c.arguments.clear();
             }
-            !done
-        });
+            let seq = self.completed_seq;
+            self.completed_seq += 1;
+            self.completed.insert(
+                seq,
+                v1::CompletedTask {
+                    framework_id: k.0,
+                    task: Some(info),
+                    status: Some(t.latest),
+                },
+            );
+            self.dirty_completed.insert(seq);
+            while self.completed.len() > MAX_COMPLETED {
+                if let Some((old, _)) = self.completed.pop_first() {
+                    self.dirty_completed.insert(old);
+                }
+            }
+        }
     }
 
     fn tick(&mut self, now: u64) {

@@ -1139,6 +1139,7 @@ fn hello_lists_live_tasks_with_their_latest_status() {
             tasks: vec![],
             registration_token: fresh.registration_token(),
             http_address: String::new(),
+            completed: vec![],
         }
     );
     assert_eq!(fresh.handle(Input::Tick, 0), vec![]);
@@ -1299,6 +1300,62 @@ fn terminal_task_is_forgotten_once_its_last_update_is_acknowledged() {
         )]
     );
     assert!(a.core.hello().tasks.is_empty());
+    // It joins the history the hello carries (for a master that restarts), with its
+    // end and without its arguments and environment; the history survives a restart
+    // of the agent and is bounded.
+    let h = a.core.hello();
+    assert_eq!(h.completed.len(), 1);
+    let c = &h.completed[0];
+    let info = c.task.as_ref().unwrap();
+    assert_eq!(
+        (c.framework_id.as_str(), info.task_id.as_str()),
+        ("f1", "t1")
+    );
+    assert!(info.args.is_empty() && info.env.is_empty());
+    assert!(c.status.as_ref().unwrap().state().is_terminal());
+    let state = a.core.checkpoint_state();
+    let (back, _) = AgentCore::recover(config(), state, 200_000);
+    assert_eq!(back.hello().completed, h.completed);
+}
+
+#[test]
+fn the_history_of_ended_tasks_keeps_the_newest_thousand() {
+    let mut a = Agent::new();
+    let mut deltas = agora_agent_core::checkpoint::CheckpointState::default();
+    for i in 0..1_005 {
+        let id = format!("t{i}");
+        let outs = a.run("f1", &task(&id, ""));
+        let u = expect_update(&outs[0], "f1", starting(&id, "default", a.now));
+        assert_eq!(a.ack("f1", &id, &u), vec![]);
+        // Killed while preparing: it ends as soon as preparation reports.
+        a.kill("f1", &id);
+        let outs = a.prepared("f1", &id, Ok(()));
+        let u = expect_update(
+            &outs[0],
+            "f1",
+            status(
+                &id,
+                "default",
+                TaskState::TaskKilled,
+                Reason::KilledByFramework,
+                "killed before it started",
+                a.now,
+            ),
+        );
+        assert_eq!(a.ack("f1", &id, &u), vec![]);
+        if let Some(d) = a.core.take_checkpoint() {
+            deltas.apply(&d);
+        }
+    }
+    let h = a.core.hello();
+    assert_eq!(h.completed.len(), agora_agent_core::MAX_COMPLETED);
+    let first = h.completed[0].task.as_ref().unwrap().task_id.clone();
+    let last = h.completed[999].task.as_ref().unwrap().task_id.clone();
+    assert_eq!((first.as_str(), last.as_str()), ("t5", "t1004"));
+    // What the checkpoint holds is the same thousand.
+    assert_eq!(deltas.completed.len(), 1_000);
+    let (back, _) = AgentCore::recover(config(), deltas, 10);
+    assert_eq!(back.hello().completed, h.completed);
 }
 
 // =====================================================================================

@@ -141,6 +141,8 @@ pub enum OperatorOp {
         limit: Resources,
         force: bool,
     },
+    /// The agent (disconnected or unreachable) is gone for good: its tasks end GONE.
+    MarkAgentGone { agent_id: String },
 }
 
 /// Why an operator's request was refused, said so that the operator can act on it.
@@ -351,6 +353,7 @@ impl MasterCore {
                         limit,
                         force,
                     } => self.set_quota(&role, &guarantee, &limit, force),
+                    OperatorOp::MarkAgentGone { agent_id } => self.mark_agent_gone(&agent_id),
                 };
                 if let Err(e) = &result {
                     tracing::info!("operator request refused: {e}");
@@ -394,6 +397,13 @@ impl MasterCore {
         } else {
             self.new_id("A")
         };
+        if self.registry.agents.get(&agent_id).is_some_and(|e| e.gone) {
+            let msg = format!(
+                "agent {agent_id} was marked gone by the operator (`agora agent gone`); start it with --new-identity to join as a new agent"
+            );
+            self.out.push(Output::CloseAgent(conn, msg));
+            return;
+        }
         // Tasks the agent reports as running are the truth about that agent. Their
         // resources keep their reservation roles, as `accept` took them from an offer.
         let reported: Vec<((String, String), TaskInfo, TaskStatus, Resources)> = hello
@@ -567,6 +577,7 @@ impl MasterCore {
         // Registry bookkeeping, and the agent's dynamic reservations restored before
         // its tasks are tracked: tasks may run on reserved resources.
         self.registry_agent_back(&agent_id, &hello.hostname, &hello.registration_token);
+        self.adopt_completed(&agent_id, &hello.completed);
         for key in &task_keys {
             let rec = &self.tasks[key];
             if !rec.status().is_terminal() {
@@ -831,6 +842,59 @@ impl MasterCore {
         }
     }
 
+    /// The agent's history (`AgentHello.completed`): tasks that ended there which
+    /// this master does not know (it restarted since they ended) join the completed
+    /// tasks, in the order they ended, so that `ps --all`, `logs` and `explain` find
+    /// them after a master restart.
+    fn adopt_completed(&mut self, agent_id: &str, list: &[v1::CompletedTask]) {
+        if list.is_empty() {
+            return;
+        }
+        let known: HashSet<(String, String)> = self
+            .completed
+            .iter()
+            .map(|t| (t.framework_id.clone(), t.info.task_id.clone()))
+            .collect();
+        let mut adopted: Vec<TaskRecord> = Vec::new();
+        for c in list.iter().take(self.cfg.completed_task_limit) {
+            let (Some(info), Some(st)) = (&c.task, &c.status) else {
+                continue;
+            };
+            let key = (c.framework_id.clone(), info.task_id.clone());
+            // (A task its framework was told is LOST keeps that end: the agent's
+            // history is not news to it.)
+            if !st.state().is_terminal()
+                || known.contains(&key)
+                || self.tasks.contains_key(&key)
+                || self.unreachable.contains_key(&key)
+                || self.registry.lost_tasks.contains_key(&key)
+            {
+                continue;
+            }
+            let Ok(resources) = Resources::from_proto(&info.resources) else {
+                continue;
+            };
+            let mut info = info.clone();
+            info.agent_id = agent_id.to_string();
+            let mut status = st.clone();
+            status.agent_id = agent_id.to_string();
+            adopted.push(TaskRecord {
+                framework_id: c.framework_id.clone(),
+                agent_id: agent_id.to_string(),
+                info,
+                resources,
+                status,
+            });
+        }
+        if adopted.is_empty() {
+            return;
+        }
+        let mut all: Vec<TaskRecord> = self.completed.drain(..).chain(adopted).collect();
+        all.sort_by_key(|t| t.status.timestamp_ms);
+        let keep_from = all.len().saturating_sub(self.cfg.completed_task_limit);
+        self.completed = all.into_iter().skip(keep_from).collect();
+    }
+
     /// The most recent ended task with this key, if still remembered.
     fn last_completed(&self, key: &(String, String)) -> Option<&TaskRecord> {
         self.completed
@@ -981,6 +1045,7 @@ impl MasterCore {
                     .get(agent_id)
                     .map(|e| e.token.clone())
                     .unwrap_or_default(),
+                gone: false,
             },
         });
         tracing::warn!(agent = %agent_id, "agent removed: {why}");
@@ -1404,6 +1469,86 @@ impl MasterCore {
             )
             .into()),
         }
+    }
+
+    /// `agora agent gone ID`: see `OperatorOp::MarkAgentGone`.
+    fn mark_agent_gone(&mut self, agent_id: &str) -> Result<(), Refused> {
+        let entry = self.registry.agents.get(agent_id).cloned();
+        if entry.as_ref().is_some_and(|e| e.gone) {
+            return Err(format!("agent {agent_id} is already marked gone").into());
+        }
+        match self.agents.get(agent_id) {
+            Some(a) if a.conn.is_some() => {
+                return Err(format!(
+                    "agent {agent_id} is connected: stop it first (`agora agent --drain-on-stop` ends its tasks with it), then mark it gone"
+                )
+                .into())
+            }
+            None if entry.is_none() => {
+                return Err(
+                    format!("no agent with id {agent_id} (`agora agents` lists them)").into(),
+                )
+            }
+            _ => {}
+        }
+        let why = "the operator marked its agent gone";
+        let hostname = self
+            .agents
+            .get(agent_id)
+            .map(|a| a.hostname.clone())
+            .or_else(|| entry.as_ref().map(|e| e.hostname.clone()))
+            .unwrap_or_default();
+        self.remove_agent_offers(agent_id);
+        let live: Vec<(String, String)> = self
+            .agents
+            .get(agent_id)
+            .map(|a| a.tasks.iter().cloned().collect())
+            .unwrap_or_default();
+        for key in &live {
+            self.master_terminal(key, TaskState::TaskGone, Reason::AgentGone, why);
+        }
+        let held: Vec<(String, String)> = self
+            .unreachable
+            .iter()
+            .filter(|(_, t)| t.agent_id == agent_id)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in &held {
+            if let Some(mut rec) = self.unreachable.remove(key) {
+                rec.status = status(
+                    &key.1,
+                    agent_id,
+                    TaskState::TaskGone,
+                    Reason::AgentGone,
+                    why,
+                    self.wall_ms,
+                );
+                let st = rec.status.clone();
+                self.push_completed(rec);
+                self.send_update(&key.0, st);
+            }
+        }
+        if self.agents.remove(agent_id).is_some() {
+            self.allocator.remove_agent(agent_id);
+        }
+        if let Some(r) = &mut self.recovery {
+            r.expected.remove(agent_id);
+        }
+        self.persist(RegistryOp::PutAgent {
+            agent_id: agent_id.to_string(),
+            entry: crate::registry::AgentEntry {
+                hostname,
+                unreachable: true,
+                token: entry.map(|e| e.token).unwrap_or_default(),
+                gone: true,
+            },
+        });
+        tracing::warn!(
+            agent = %agent_id,
+            tasks = live.len() + held.len(),
+            "agent marked gone by the operator; its tasks are GONE"
+        );
+        Ok(())
     }
 
     fn reconcile_known(&self, fid: &str, id: &str) -> bool {
@@ -1832,7 +1977,7 @@ impl MasterCore {
             .registry
             .agents
             .iter()
-            .filter(|(id, e)| e.unreachable && !self.agents.contains_key(*id))
+            .filter(|(id, e)| e.unreachable && !e.gone && !self.agents.contains_key(*id))
             .map(|(id, e)| v1::AgentSummary {
                 agent_id: id.clone(),
                 hostname: e.hostname.clone(),

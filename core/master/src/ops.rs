@@ -502,6 +502,7 @@ impl MasterCore {
                     hostname: String::new(),
                     unreachable: true,
                     token: String::new(),
+                    gone: false,
                 },
             );
             entry.unreachable = true;
@@ -553,7 +554,7 @@ impl MasterCore {
         self.registry
             .agents
             .iter()
-            .find(|(_, a)| a.token == token)
+            .find(|(_, a)| a.token == token && !a.gone)
             .map(|(id, _)| id.clone())
     }
 
@@ -566,6 +567,7 @@ impl MasterCore {
             hostname: hostname.to_string(),
             unreachable: false,
             token: token.to_string(),
+            gone: false,
         };
         if self.registry.agents.get(agent_id) != Some(&entry) {
             self.persist(RegistryOp::PutAgent {

@@ -28,6 +28,10 @@ pub struct AgentEntry {
     /// The agent installation's `registration_token` (see AgentHello).
     #[serde(default)]
     pub token: String,
+    /// Marked gone by the operator (`agora agent gone`): its tasks ended GONE, and it
+    /// is never taken back (a new identity joins as a new agent).
+    #[serde(default)]
+    pub gone: bool,
 }
 
 /// A framework the master knows.

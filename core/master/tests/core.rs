@@ -1616,6 +1616,88 @@ fn kill_of_a_task_on_a_disconnected_agent_is_sent_when_the_agent_returns() {
 // 7. Agents that go away
 // =====================================================================================
 
+fn operator(m: &mut Master, op: OperatorOp) -> (Result<(), String>, Vec<Output>) {
+    let outs = m.feed(Input::Operator { request: 9, op });
+    let (done, rest): (Vec<_>, Vec<_>) = outs
+        .into_iter()
+        .partition(|o| matches!(o, Output::OperatorDone { .. }));
+    match done.as_slice() {
+        [Output::OperatorDone { request: 9, result }] => (result.clone().map_err(|e| e.0), rest),
+        other => panic!("expected one answer to request 9, got {other:?}"),
+    }
+}
+
+#[test]
+fn an_agent_marked_gone_ends_its_tasks_gone_and_is_refused_if_it_returns() {
+    let mut m = Master::new();
+    let (a1, fid, o1) = one_agent_one_framework(&mut m, 4000, 8 * GIB);
+    let t1 = task("t1", 1000, GIB);
+    assert_eq!(
+        m.at(1_000).call(FW1, accept(&[&o1], vec![t1.clone()])),
+        vec![run_task(AG1, &fid, &t1, &a1)]
+    );
+    let gone = |id: &str| OperatorOp::MarkAgentGone {
+        agent_id: id.to_string(),
+    };
+    // A connected agent, or an unknown id, is refused, and nothing happens.
+    let (r, outs) = operator(&mut m, gone(&a1));
+    assert!(
+        r.as_ref()
+            .unwrap_err()
+            .contains("is connected: stop it first"),
+        "{r:?}"
+    );
+    assert_eq!(outs, vec![]);
+    let (r, _) = operator(&mut m, gone("nope"));
+    assert!(r.unwrap_err().contains("no agent with id nope"));
+
+    // Stopped, it is marked gone: its task ends GONE and the framework hears it.
+    m.at(2_000).agent_closed(AG1);
+    let (r, outs) = operator(&mut m, gone(&a1));
+    assert_eq!(r, Ok(()));
+    assert_eq!(
+        outs,
+        vec![update(
+            FW1,
+            master_status(
+                "t1",
+                &a1,
+                TaskState::TaskGone,
+                Reason::AgentGone,
+                "the operator marked its agent gone",
+                2_000
+            )
+        )]
+    );
+    assert!(
+        m.core.agents(m.now).is_empty(),
+        "a gone agent is not listed"
+    );
+    assert!(m.core.list_tasks(false, m.now).is_empty());
+    assert_eq!(
+        summary(&m.core.list_tasks(true, m.now), "t1").state(),
+        TaskState::TaskGone
+    );
+    let (r, _) = operator(&mut m, gone(&a1));
+    assert!(r.unwrap_err().contains("already marked gone"));
+
+    // It comes back (same id): refused, saying how to join again.
+    let outs = m.at(3_000).agent_hello(
+        AG2,
+        hello(&a1, "host-1", Resources::cpus_mem(4000, 8 * GIB), vec![]),
+    );
+    match outs.as_slice() {
+        [Output::CloseAgent(c, why)] => {
+            assert_eq!(*c, AG2);
+            assert!(
+                why.contains("marked gone") && why.contains("--new-identity"),
+                "{why}"
+            );
+        }
+        other => panic!("expected the agent refused, got {other:?}"),
+    }
+}
+
 #[test]
 fn agent_disconnect_rescinds_offers_and_after_the_timeout_its_tasks_are_lost() {
     let mut m = Master::new();

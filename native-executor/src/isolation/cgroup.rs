@@ -244,6 +244,12 @@ impl Cgroup {
             .map_err(|e| limit_error(file, value, &self.cpu, &e))?;
         let quota = limits.cfs_quota_us().unwrap_or(-1);
         let quota_file = if v2 { "cpu.max" } else { "cpu.cfs_quota_us" };
+        if !v2 && quota > 0 {
+            // v1 refuses (EINVAL) a parent's quota below a child's: the groups of
+            // tasks that ended but are not removed yet would make every shrink of an
+            // executor's group fail. Live tasks' groups are within it anyway.
+            cap_v1_quotas_below(&self.cpu, quota);
+        }
         cpu.set_cfs_quota_and_period(Some(quota), Some(CFS_PERIOD_US))
             .map_err(|e| limit_error(quota_file, quota, &self.cpu, &e))?;
 
@@ -656,6 +662,31 @@ fn limit_error(
         value: value.to_string(),
         path: dir.to_path_buf(),
         cause: cause(e),
+    }
+}
+
+/// Lowers `cpu.cfs_quota_us` of every group below `dir` (deepest first) that is
+/// above `quota`, so that `dir` itself can be set to `quota` (cgroup v1). Best
+/// effort: a group that vanishes meanwhile is skipped.
+fn cap_v1_quotas_below(dir: &std::path::Path, quota: i64) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let child = e.path();
+        cap_v1_quotas_below(&child, quota);
+        let file = child.join("cpu.cfs_quota_us");
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            continue;
+        };
+        if text.trim().parse::<i64>().is_ok_and(|v| v > quota) {
+            if let Err(e) = std::fs::write(&file, quota.to_string()) {
+                tracing::debug!(path = %file.display(), "cannot lower the quota: {e}");
+            }
+        }
     }
 }
 
