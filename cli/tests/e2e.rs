@@ -700,6 +700,18 @@ fn a_role_runs_on_its_static_reservation() {
     ]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert!(stdout(&o).contains("hello from agora"), "{}", stdout(&o));
+    // `role ls` lists the role that holds the reservation (no weight, quota or
+    // framework of its own now), with what is reserved and free of it.
+    let o = c.agora(&["role", "ls"]);
+    let roles = stdout(&o);
+    let row = roles
+        .lines()
+        .find(|l| l.starts_with("tenant-a "))
+        .unwrap_or_else(|| panic!("tenant-a is listed:\n{roles}"));
+    assert!(
+        row.contains("cpus:1;mem:512MiB (cpus:1;mem:512MiB)"),
+        "{roles}"
+    );
     // A reservation for a role that cannot exist is refused at start.
     let dir = tempfile::tempdir().unwrap();
     let o = run_bounded(
