@@ -7,7 +7,8 @@ cd "$root"
 scripts/setup.sh
 scripts/build-guests.sh >/dev/null
 cargo build -p agora-cli
-agora="$root/target/debug/agora"
+# Where cargo put it (CARGO_TARGET_DIR, if set, moves it).
+agora="${CARGO_TARGET_DIR:-$root/target}/debug/agora"
 guests="$root/target/guests/wasm32-wasip1/release"
 
 data="$(mktemp -d)"

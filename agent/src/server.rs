@@ -352,6 +352,11 @@ impl AgentHandle {
     /// Ends the agent's own work: closes the master's connection with `why`, stops
     /// every loop, syncs the checkpoint. Executors are left as they are.
     fn close(self, why: &str) {
+        // The loops first, so that the master loop does not take our own close for a
+        // broken link.
+        for t in &self.tasks {
+            t.abort();
+        }
         if let Some(c) = self
             .shared
             .lock()
@@ -360,9 +365,6 @@ impl AgentHandle {
             .take()
         {
             c.close(0u32.into(), why.as_bytes());
-        }
-        for t in &self.tasks {
-            t.abort();
         }
         if let Err(e) = self.checkpoint.sync() {
             tracing::warn!("cannot sync the checkpoint: {e:#}");

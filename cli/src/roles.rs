@@ -112,21 +112,35 @@ pub async fn role(cmd: RoleCmd) -> anyhow::Result<ExitCode> {
         }
         RoleCmd::Ls { target } => {
             let roles = connect(&target).await?.roles("").await?;
-            println!(
-                "{:<20} {:>7} {:<24} {:<24} {:<24} FRAMEWORKS",
-                "ROLE", "WEIGHT", "GUARANTEE", "LIMIT", "CONSUMED"
+            let mut table = crate::ops::plain_table(
+                &[
+                    "ROLE",
+                    "WEIGHT",
+                    "GUARANTEE",
+                    "LIMIT",
+                    "RESERVED (free)",
+                    "CONSUMED",
+                    "FRAMEWORKS",
+                ],
+                &[1],
             );
             for r in roles {
-                println!(
-                    "{:<20} {:>7} {:<24} {:<24} {:<24} {}",
-                    r.role,
-                    r.weight,
+                let reserved = if r.reserved.is_empty() {
+                    "-".to_string()
+                } else {
+                    format!("{} ({})", show(&r.reserved), show(&r.reserved_free))
+                };
+                table.add_row(vec![
+                    r.role.clone(),
+                    r.weight.to_string(),
                     show(&r.guarantee),
                     show(&r.limit),
+                    reserved,
                     show(&r.consumed),
-                    r.frameworks.join(", ")
-                );
+                    r.frameworks.join(", "),
+                ]);
             }
+            crate::ops::print_table(&table);
         }
     }
     Ok(ExitCode::SUCCESS)

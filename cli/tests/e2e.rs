@@ -749,6 +749,18 @@ fn a_role_runs_on_its_static_reservation() {
     ]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert!(stdout(&o).contains("hello from agora"), "{}", stdout(&o));
+    // `role ls` lists the role that holds the reservation (no weight, quota or
+    // framework of its own now), with what is reserved and free of it.
+    let o = c.agora(&["role", "ls"]);
+    let roles = stdout(&o);
+    let row = roles
+        .lines()
+        .find(|l| l.starts_with("tenant-a "))
+        .unwrap_or_else(|| panic!("tenant-a is listed:\n{roles}"));
+    assert!(
+        row.contains("cpus:1;mem:512MiB (cpus:1;mem:512MiB)"),
+        "{roles}"
+    );
     // A reservation for a role that cannot exist is refused at start.
     let dir = tempfile::tempdir().unwrap();
     let o = run_bounded(
@@ -872,4 +884,40 @@ fn kill_ends_a_sleeping_task_at_once() {
     let ps = stdout(&c.agora(&["ps", "--all"]));
     let row = ps.lines().find(|l| l.starts_with(&id)).unwrap_or_default();
     assert!(row.contains("KILLED"), "{ps}");
+}
+
+#[test]
+fn a_client_with_an_agent_certificate_is_told_which_certificate_to_use() {
+    let c = cluster();
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&c.config).unwrap()).unwrap();
+    let dir = std::path::PathBuf::from(cfg["cert"].as_str().unwrap())
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    cfg["cert"] = dir.join("agent.pem").to_string_lossy().into();
+    cfg["key"] = dir.join("agent.key").to_string_lossy().into();
+    let tmp = tempfile::tempdir().unwrap();
+    let wrong = tmp.path().join("client.json");
+    std::fs::write(&wrong, serde_json::to_vec(&cfg).unwrap()).unwrap();
+    let with = |args: &[&str]| {
+        run_bounded(
+            Command::new(AGORA)
+                .args(args)
+                .env("AGORA_CONFIG", &wrong)
+                .env_remove("AGORA_MASTER"),
+            60,
+        )
+    };
+    for args in [&["ps"][..], &["run", guest("hello").to_str().unwrap()][..]] {
+        let o = with(args);
+        let err = stderr(&o);
+        assert_ne!(code(&o), 0, "{err}");
+        assert!(
+            err.contains("a certificate with role Agent may not open this kind of stream")
+                && err.contains("needs client"),
+            "agora {args:?}: {err}"
+        );
+        assert!(!err.contains("connection lost"), "agora {args:?}: {err}");
+    }
 }

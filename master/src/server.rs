@@ -1051,7 +1051,7 @@ impl Ctx {
                     Some(k @ (stream_open::Kind::Raft(_) | stream_open::Kind::RaftSnapshot(_))) => {
                         if role != Some(Role::Master) {
                             let msg = wrong_role(role, Role::Master);
-                            conn.close(4u32.into(), msg.as_bytes());
+                            conn.close(agora_net::leader::WRONG_ROLE_CODE.into(), msg.as_bytes());
                             Err(Error::WrongRole(msg))
                         } else {
                             let open = StreamOpen { kind: Some(k) };
@@ -1091,7 +1091,7 @@ impl Ctx {
     {
         if have != Some(need) {
             let msg = wrong_role(have, need);
-            conn.close(4u32.into(), msg.as_bytes());
+            conn.close(agora_net::leader::WRONG_ROLE_CODE.into(), msg.as_bytes());
             return Err(Error::WrongRole(msg));
         }
         // Only the leader serves; the others send the peer to it.

@@ -301,4 +301,14 @@ fn a_group_shrinks_below_the_quota_of_a_child_left_behind() {
         let child = task.controller_dir("cpu").unwrap();
         assert_eq!(read(&child, "cpu.cfs_quota_us"), "1000");
     }
+    // A task group just removed (v1 frees it later) does not hold the shrink back.
+    for round in 0..20 {
+        exec.update(&limits(2000)).unwrap();
+        let t = iso
+            .create(&format!("fw/ex/r{round}"), &limits(2000))
+            .unwrap();
+        t.remove().unwrap();
+        exec.update(&limits(10))
+            .unwrap_or_else(|e| panic!("round {round}: shrink after a removal: {e}"));
+    }
 }

@@ -15,6 +15,21 @@ use crate::{read_frame, tls, write_frame};
 
 /// Application error code of a connection closed because its master does not lead.
 pub const NOT_LEADER_CODE: u32 = 9;
+/// Close code of a connection whose certificate's role may not open the stream it
+/// opened; the reason says which certificate to use.
+pub const WRONG_ROLE_CODE: u32 = 4;
+
+/// The master's words when it closed `conn` because of the certificate's role.
+pub fn wrong_role_reason(conn: &quinn::Connection) -> Option<String> {
+    match conn.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(c))
+            if c.error_code == quinn::VarInt::from_u32(WRONG_ROLE_CODE) =>
+        {
+            Some(String::from_utf8_lossy(&c.reason).into_owned())
+        }
+        _ => None,
+    }
+}
 
 /// How soon a follower that knows no leader is asked again.
 const REQUERY: Duration = Duration::from_millis(100);

@@ -344,6 +344,15 @@ impl Client {
         })
     }
 
+    /// A stream's read failed: when the master closed the connection because of
+    /// the certificate's role, its words (which certificate to use), not "lost".
+    fn refused_or(&self, e: agora_net::FrameError) -> Error {
+        match agora_net::leader::wrong_role_reason(&self.link.current()) {
+            Some(why) => Error::RequestRefused(why),
+            None => e.into(),
+        }
+    }
+
     fn closed_reason(&self) -> String {
         match self.link.current().close_reason() {
             Some(quinn::ConnectionError::ApplicationClosed(c)) => {
@@ -386,10 +395,12 @@ impl Client {
         write_frame(&mut send, &open).await?;
         send.finish()?;
         let resp: OperatorResponse =
-            tokio::time::timeout(Duration::from_secs(30), read_frame(&mut recv))
-                .await
-                .map_err(|_| Error::NoAnswer)??
-                .ok_or_else(|| Error::RequestRefused(self.closed_reason()))?;
+            match tokio::time::timeout(Duration::from_secs(30), read_frame(&mut recv)).await {
+                Err(_) => return Err(Error::NoAnswer),
+                Ok(Ok(Some(r))) => r,
+                Ok(Ok(None)) => return Err(Error::RequestRefused(self.closed_reason())),
+                Ok(Err(e)) => return Err(self.refused_or(e)),
+            };
         if !resp.error.is_empty() {
             return Err(Error::Master(resp.error));
         }
@@ -549,7 +560,8 @@ impl Client {
         };
         write_frame(&mut send, &open).await?;
         let first: v1::ArtifactHeader = read_frame(&mut recv)
-            .await?
+            .await
+            .map_err(|e| self.refused_or(e))?
             .ok_or_else(|| Error::UploadClosed(self.closed_reason()))?;
         if !first.error.is_empty() {
             return Err(Error::UploadRefused(first.error));

@@ -176,7 +176,11 @@ async fn open(
                     "the master did not answer SUBSCRIBE within 30 s".into(),
                 ))
             }
-            Ok(r) => r.map_err(|e| broken(&e))?,
+            Ok(r) => r.map_err(|e| match agora_net::leader::wrong_role_reason(conn) {
+                // No redial helps: the certificate is the wrong one.
+                Some(why) => OpenError::Refused(format!("SUBSCRIBE refused: {why}")),
+                None => broken(&e),
+            })?,
         };
     match first.and_then(|e| e.event) {
         Some(event::Event::Subscribed(sub)) => Ok(Session {

@@ -2008,15 +2008,36 @@ impl MasterCore {
                         now.saturating_sub(a.last_seen_ms)
                     },
                     unreachable: false,
+                    reserved: self.agent_reserved(id, &a.total).to_proto(),
+                    reserved_free: reserved_part(&free).to_proto(),
                 }
             })
             .chain(removed)
             .collect()
     }
 
+    /// An agent's reservations now: the static ones in what it advertises, and the
+    /// dynamic ones (RESERVE), each amount tagged with its role.
+    fn agent_reserved(&self, agent_id: &str, total: &Resources) -> Resources {
+        let mut out = reserved_part(total);
+        if let Some(d) = self.allocator.dynamic_reservations(agent_id) {
+            out.add(&reserved_part(&d));
+        }
+        out
+    }
+
     pub fn has_artifact(&self, sha: &str) -> bool {
         self.artifacts.contains(sha)
     }
+}
+
+/// The reserved amounts of `r` (those tagged with a role).
+fn reserved_part(r: &Resources) -> Resources {
+    let mut out = Resources::new();
+    for role in r.roles() {
+        out.add(&r.of_role(&role));
+    }
+    out
 }
 
 impl TaskRecord {

@@ -216,9 +216,21 @@ impl MasterCore {
                     .push(format!("{fid} ({})", f.name));
             }
         }
+        // What each role has reserved on the agents, and the part no task uses.
+        let mut reserved: BTreeMap<String, (Resources, Resources)> = BTreeMap::new();
+        for (id, a) in &self.agents {
+            let held = self.agent_reserved(id, &a.total);
+            let free = self.allocator.agent_free(id).unwrap_or_default();
+            for r in held.roles() {
+                let e = reserved.entry(r.clone()).or_default();
+                e.0.add(&held.of_role(&r));
+                e.1.add(&free.of_role(&r));
+            }
+        }
         let mut names: BTreeSet<String> = frameworks.keys().cloned().collect();
         names.extend(self.registry.weights.keys().cloned());
         names.extend(self.registry.quotas.keys().cloned());
+        names.extend(reserved.keys().cloned());
         let role = role.trim();
         if !role.is_empty() {
             if !names.contains(role) {
@@ -231,7 +243,10 @@ impl MasterCore {
             .into_iter()
             .map(|r| {
                 let q = self.allocator.quota(&r).cloned().unwrap_or_default();
+                let (held, free) = reserved.remove(&r).unwrap_or_default();
                 v1::RoleSummary {
+                    reserved: held.unreserved().to_proto(),
+                    reserved_free: free.unreserved().to_proto(),
                     weight: self.allocator.weight(&r),
                     guarantee: quota_resources(&q.guarantee),
                     limit: quota_resources(&q.limit),

@@ -584,6 +584,13 @@ fn remove_tree(dir: &Path) -> Result<()> {
             kept.push(d);
             continue;
         }
+        // cgroup v1 frees a removed group's CPU bandwidth later: until then its
+        // quota still bounds its parent's (a shrink of the parent just after would
+        // fail with EINVAL). No quota of its own (-1) takes it out of the check.
+        let quota = d.join("cpu.cfs_quota_us");
+        if quota.exists() {
+            let _ = fs::write(&quota, "-1");
+        }
         let mut last_error = None;
         poll_until(REMOVE_TIMEOUT, || match fs::remove_dir(&d) {
             Ok(()) => true,
@@ -673,15 +680,14 @@ fn cap_v1_quotas_below(dir: &std::path::Path, quota: i64) {
         return;
     };
     for e in entries.flatten() {
-        if !e.file_type().is_ok_and(|t| t.is_dir()) {
-            continue;
-        }
+        // A child group is a directory holding the controller's files (not asked
+        // of the entry's type, which cgroupfs may leave unknown).
         let child = e.path();
-        cap_v1_quotas_below(&child, quota);
         let file = child.join("cpu.cfs_quota_us");
         let Ok(text) = std::fs::read_to_string(&file) else {
             continue;
         };
+        cap_v1_quotas_below(&child, quota);
         if text.trim().parse::<i64>().is_ok_and(|v| v > quota) {
             if let Err(e) = std::fs::write(&file, quota.to_string()) {
                 tracing::debug!(path = %file.display(), "cannot lower the quota: {e}");
