@@ -38,8 +38,8 @@ pub struct DevArgs {
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
     /// The agent's resources, e.g. "cpus:4;mem:8192;disk:20480" (mem and disk in MiB).
-    /// Default: detected (disk: the free space of the work dir's filesystem less
-    /// 5 GiB, or less half when that is smaller).
+    /// Default: detected (disk: the size of the work dir's filesystem less 5 GiB, or
+    /// half of it when that is smaller; a disk not given is added to given resources).
     #[arg(long)]
     resources: Option<String>,
     /// The agent's attributes, e.g. "zone:a;rack:1".
@@ -201,8 +201,9 @@ pub struct AgentArgs {
     #[arg(long, default_value_os_t = home().join(".agora/agent"))]
     work_dir: PathBuf,
     /// Resources to offer, e.g. "cpus:4;mem:8192;disk:20480" (mem and disk in MiB).
-    /// Default: all cores, memory less 1 GiB, and the free space of the work dir's
-    /// filesystem less 5 GiB (or less half, when that is smaller).
+    /// Default: all cores, memory less 1 GiB, and the size of the work dir's
+    /// filesystem less 5 GiB (or half of it, when that is smaller); a disk not given is
+    /// added to given resources.
     #[arg(long)]
     resources: Option<String>,
     /// Attributes, e.g. "zone:a;rack:1".
@@ -353,29 +354,32 @@ pub fn detect_resources() -> Resources {
     Resources::cpus_mem(cpus * 1000, (mem - (1 << 30)).max(256 << 20))
 }
 
-/// What of `free` bytes an agent advertises as disk by default: all but a reserve
-/// for the system of 5 GiB, or half when that is less (as Mesos does).
-pub fn advertised_disk(free: u64) -> i64 {
-    let reserve = (5u64 << 30).min(free / 2);
-    let left = free.saturating_sub(reserve) as i64;
+/// What an agent advertises as disk by default, from the size of the filesystem
+/// holding its work dir: all but a reserve for the system of 5 GiB, or half when that
+/// is less (as Mesos does). The size, not the free space: what an agent offers must be
+/// the same at every start (its identity is refused otherwise), and the free space
+/// moves with every file written. Free space is watched instead by the sandbox gc.
+pub fn advertised_disk(size: u64) -> i64 {
+    let reserve = (5u64 << 30).min(size / 2);
+    let left = size.saturating_sub(reserve) as i64;
     // Whole MiB, within what one bag may hold.
     (left & !((1 << 20) - 1)).min(agora_proto::resources::MAX_AMOUNT)
 }
 
-/// `res` with disk: as given in `--resources` (`disk:MiB`), or else the free space of
-/// the filesystem holding the work dir less a reserve.
+/// `res` with disk: as given in `--resources` (`disk:MiB`), or else the size of the
+/// filesystem holding the work dir less a reserve.
 fn with_disk(mut res: Resources, work_dir: &Path) -> Resources {
     if res.disk_bytes() > 0 {
         return res;
     }
-    let Some(free) = agora_executor_link::disk::free_bytes(work_dir) else {
+    let Some(size) = agora_executor_link::disk::total_bytes(work_dir) else {
         tracing::warn!(
-            "cannot read the free space of {}'s filesystem; this agent offers no disk (give --resources \"...;disk:MiB\")",
+            "cannot read the size of {}'s filesystem; this agent offers no disk (give --resources \"...;disk:MiB\")",
             work_dir.display()
         );
         return res;
     };
-    let disk = advertised_disk(free);
+    let disk = advertised_disk(size);
     if disk > 0 {
         res.add_scalar(agora_proto::resources::DISK, "", disk);
     }

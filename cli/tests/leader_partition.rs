@@ -168,7 +168,12 @@ fn a_leader_cut_off_from_the_others_stops_leading_and_rejoins_as_a_follower() {
     .arg(&certs)
     .arg("--work-dir")
     .arg(dir.path().join("agent"))
-    .args(["--resources", "cpus:2;mem:2GiB", "--http", "127.0.0.1:0"]);
+    .args([
+        "--resources",
+        "cpus:2;mem:2GiB;disk:1GiB",
+        "--http",
+        "127.0.0.1:0",
+    ]);
     let (_agent, _) = Proc::start(a, |l| l.starts_with("agent offering"));
     let config = certs.join("client.json");
     let here = || {
@@ -197,7 +202,8 @@ fn a_leader_cut_off_from_the_others_stops_leading_and_rejoins_as_a_follower() {
             })
             .await
             .unwrap();
-        let total = Resources::cpus_mem(2000, 2 << 30);
+        let mut total = Resources::cpus_mem(2000, 2 << 30);
+        total.add_scalar(agora_proto::resources::DISK, "", 1 << 30);
         // Offers the framework holds now, by id: never more than the agent has, and
         // no offer id twice.
         let mut held: std::collections::HashMap<String, Resources> = Default::default();

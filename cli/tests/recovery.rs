@@ -45,7 +45,7 @@ impl AgentProc {
             .arg(work)
             .args([
                 "--resources",
-                "cpus:4;mem:4096",
+                "cpus:4;mem:4096;disk:1024",
                 "--hostname",
                 "recovery-host",
                 "--recovery-timeout",
@@ -361,14 +361,21 @@ fn agent_stopped_and_restarted(how: Stop) {
                     .arg(&certs)
                     .arg("--work-dir")
                     .arg(&work)
-                    .args(["--resources", "cpus:2;mem:4096", "--attributes", "zone:z"]),
+                    .args([
+                        "--resources",
+                        "cpus:2;mem:4096;disk:1024",
+                        "--attributes",
+                        "zone:z",
+                    ]),
                 60,
             );
             let err = stderr(&o);
             assert_ne!(code(&o), 0, "{err}");
             assert!(
                 err.contains(&format!("agent {first_id}"))
-                    && err.contains("resources were cpus:4;mem:4GiB, now cpus:2;mem:4GiB")
+                    && err.contains(
+                        "resources were cpus:4;disk:1GiB;mem:4GiB, now cpus:2;disk:1GiB;mem:4GiB"
+                    )
                     && err.contains("attributes were none, now zone:z")
                     && err.contains("--new-identity"),
                 "{err}"

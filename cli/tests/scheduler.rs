@@ -248,7 +248,7 @@ fn unanswered_offer_is_rescinded_after_the_offer_timeout_and_offered_again() {
 
 #[test]
 fn a_reservation_made_with_reserve_is_offered_only_to_its_role() {
-    let c = Cluster::start_with(&["--resources", "cpus:2;mem:2048"]);
+    let c = Cluster::start_with(&["--resources", "cpus:2;mem:2048;disk:1024"]);
     runtime().block_on(async {
         let client = connect(&c).await;
         let mut a = client
@@ -275,7 +275,9 @@ fn a_reservation_made_with_reserve_is_offered_only_to_its_role() {
         let ob = offers(&mut b).await;
         let got = Resources::from_proto(&ob[0].resources).unwrap();
         assert_eq!(ob[0].role, "tenant-b");
-        assert_eq!(got, Resources::cpus_mem(1000, 1536 << 20), "{got}");
+        let mut rest = Resources::cpus_mem(1000, 1536 << 20);
+        rest.add_scalar(agora_proto::resources::DISK, "", 1 << 30);
+        assert_eq!(got, rest, "{got}");
         assert!(
             got.roles().is_empty(),
             "reserved resources offered to tenant-b: {got}"

@@ -115,8 +115,20 @@ pub fn measure(root: &Path, max_entries: u64) -> std::io::Result<DiskUse> {
     Ok(used)
 }
 
-/// Free bytes of the filesystem holding `dir` (or its nearest existing ancestor).
+/// Free bytes of the filesystem holding `dir` (or its nearest existing ancestor):
+/// what an unprivileged writer may still use.
 pub fn free_bytes(dir: &Path) -> Option<u64> {
+    let st = statvfs(dir)?;
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+/// The size of the filesystem holding `dir` (or its nearest existing ancestor).
+pub fn total_bytes(dir: &Path) -> Option<u64> {
+    let st = statvfs(dir)?;
+    Some((st.f_blocks as u64).saturating_mul(st.f_frsize as u64))
+}
+
+fn statvfs(dir: &Path) -> Option<libc::statvfs> {
     use std::os::unix::ffi::OsStrExt;
     let mut at = Some(dir);
     while let Some(d) = at {
@@ -127,7 +139,7 @@ pub fn free_bytes(dir: &Path) -> Option<u64> {
             if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
                 return None;
             }
-            return Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64));
+            return Some(st);
         }
         at = d.parent();
     }
