@@ -398,9 +398,18 @@ where
 
 pub async fn agents(t: crate::Target) -> anyhow::Result<ExitCode> {
     let client = connect(&t).await?;
-    println!(
-        "{:<22} {:<20} {:<14} {:<22} {:<22} {:<22} ATTRIBUTES",
-        "AGENT", "HOST", "STATE", "CPUS (used/total)", "MEM (used/total)", "DISK (used/total)"
+    let mut table = plain_table(
+        &[
+            "AGENT",
+            "HOST",
+            "STATE",
+            "CPUS (used/total)",
+            "MEM (used/total)",
+            "DISK (used/total)",
+            "RESERVED (free)",
+            "ATTRIBUTES",
+        ],
+        &[],
     );
     for a in client.agents().await? {
         let state = if a.unreachable {
@@ -411,20 +420,22 @@ pub async fn agents(t: crate::Target) -> anyhow::Result<ExitCode> {
             format!("down {}s", a.disconnected_ms / 1000)
         };
         if a.unreachable {
-            println!("{:<22} {:<20} {state}", a.agent_id, a.hostname);
+            table.add_row(vec![a.agent_id, a.hostname, state]);
             continue;
         }
         let total = Resources::from_proto(&a.total).unwrap_or_default();
         let used = Resources::from_proto(&a.allocated).unwrap_or_default();
+        let reserved = Resources::from_proto(&a.reserved).unwrap_or_default();
+        let reserved_free = Resources::from_proto(&a.reserved_free).unwrap_or_default();
         let attrs: Vec<String> = a
             .attributes
             .iter()
             .map(|x| format!("{}:{}", x.name, x.value))
             .collect();
-        println!(
-            "{:<22} {:<20} {state:<14} {:<22} {:<22} {:<22} {}",
+        table.add_row(vec![
             a.agent_id,
             a.hostname,
+            state,
             format!(
                 "{}/{}",
                 format_cpus(used.milli_cpus()),
@@ -440,9 +451,17 @@ pub async fn agents(t: crate::Target) -> anyhow::Result<ExitCode> {
                 format_bytes(used.disk_bytes()),
                 format_bytes(total.disk_bytes())
             ),
-            attrs.join(";")
-        );
+            if reserved.is_empty() {
+                "-".to_string()
+            } else if reserved_free.is_empty() {
+                format!("{reserved} (none)")
+            } else {
+                format!("{reserved} ({reserved_free})")
+            },
+            attrs.join(";"),
+        ]);
     }
+    print_table(&table);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -761,6 +761,14 @@ fn a_role_runs_on_its_static_reservation() {
         row.contains("cpus:1;mem:512MiB (cpus:1;mem:512MiB)"),
         "{roles}"
     );
+    // `agora agents` shows the agent's reservation apart, all of it free now.
+    let agents = stdout(&c.agora(&["agents"]));
+    assert!(
+        agents.contains(
+            "cpus(tenant-a):1;mem(tenant-a):512MiB (cpus(tenant-a):1;mem(tenant-a):512MiB)"
+        ),
+        "{agents}"
+    );
     // A reservation for a role that cannot exist is refused at start.
     let dir = tempfile::tempdir().unwrap();
     let o = run_bounded(
