@@ -165,6 +165,14 @@ pub struct MasterArgs {
     /// Finished tasks remembered for `ps --all`, logs and reconciliation.
     #[arg(long, default_value_t = 1000)]
     max_completed_tasks: usize,
+    /// Of those, the most one framework may hold (its oldest go first); 0: no
+    /// bound of its own.
+    #[arg(long, default_value_t = 500)]
+    max_completed_tasks_per_framework: usize,
+    /// Finished tasks older than this are forgotten, e.g. 168h (the default, a
+    /// week) or 30m; 0: only the counts bound them.
+    #[arg(long, default_value = "168h")]
+    completed_task_max_age: String,
     /// Removed frameworks whose ids are remembered (and refused if they subscribe
     /// again).
     #[arg(long, default_value_t = 1000)]
@@ -488,6 +496,8 @@ impl IsolationArgs {
 struct MasterLimits {
     min_allocatable: Option<Vec<Resources>>,
     completed_tasks: usize,
+    completed_per_framework: usize,
+    completed_max_age_ms: u64,
     completed_frameworks: usize,
     connections: agora_net::gate::Caps,
 }
@@ -498,6 +508,8 @@ impl Default for MasterLimits {
         MasterLimits {
             min_allocatable: None,
             completed_tasks: d.completed_task_limit,
+            completed_per_framework: d.completed_per_framework,
+            completed_max_age_ms: d.completed_max_age_ms,
             completed_frameworks: d.completed_framework_limit,
             connections: agora_master::server::DEFAULT_CONNECTION_CAPS,
         }
@@ -609,6 +621,8 @@ async fn start_master(
         agent_reregister_ms,
         min_allocatable: limits.min_allocatable,
         completed_task_limit: limits.completed_tasks,
+        completed_per_framework: limits.completed_per_framework,
+        completed_max_age_ms: limits.completed_max_age_ms,
         completed_framework_limit: limits.completed_frameworks,
         ..CoreConfig::default()
     };
@@ -1278,6 +1292,9 @@ pub async fn master(a: MasterArgs) -> anyhow::Result<ExitCode> {
                 .map(min_allocatable)
                 .transpose()?,
             completed_tasks: a.max_completed_tasks,
+            completed_per_framework: a.max_completed_tasks_per_framework,
+            completed_max_age_ms: parse_duration_ms(&a.completed_task_max_age)
+                .context("--completed-task-max-age")?,
             completed_frameworks: a.max_completed_frameworks,
             connections: agora_net::gate::Caps {
                 total: a.max_connections,

@@ -45,6 +45,12 @@ pub struct CoreConfig {
     pub default_refuse_ms: u64,
     /// How many finished tasks are remembered for `ps --all` and logs.
     pub completed_task_limit: usize,
+    /// How many of them one framework may hold (Mesos's
+    /// `max_completed_tasks_per_framework`); 0: no bound of its own.
+    pub completed_per_framework: usize,
+    /// Finished tasks older than this (by their last status) are forgotten; 0: kept
+    /// until pushed out by newer ones.
+    pub completed_max_age_ms: u64,
     /// How many removed frameworks' ids are remembered (and refused if they try to
     /// subscribe again); the oldest are forgotten first.
     pub completed_framework_limit: usize,
@@ -73,6 +79,8 @@ impl Default for CoreConfig {
             default_failover_ms: 60_000,
             default_refuse_ms: 5_000,
             completed_task_limit: 1_000,
+            completed_per_framework: 500,
+            completed_max_age_ms: 7 * 24 * 3_600_000,
             completed_framework_limit: 1_000,
             offer_timeout_ms: 30_000,
             framework_heartbeat_ms: 5_000,
@@ -835,11 +843,37 @@ impl MasterCore {
         self.push_completed(rec);
     }
 
+    /// Remembers an ended task, within the history's bounds: the framework's own
+    /// (its oldest goes first), then the total (the oldest of all goes first).
     fn push_completed(&mut self, rec: TaskRecord) {
+        let fid = rec.framework_id.clone();
         self.completed.push_back(rec);
+        let per_fw = self.cfg.completed_per_framework;
+        if per_fw > 0 && self.completed.len() > per_fw {
+            let mine = self
+                .completed
+                .iter()
+                .filter(|t| t.framework_id == fid)
+                .count();
+            if mine > per_fw {
+                if let Some(i) = self.completed.iter().position(|t| t.framework_id == fid) {
+                    self.completed.remove(i);
+                }
+            }
+        }
         while self.completed.len() > self.cfg.completed_task_limit {
             self.completed.pop_front();
         }
+    }
+
+    /// Forgets finished tasks older than the history's age bound.
+    fn expire_completed(&mut self) {
+        let age = self.cfg.completed_max_age_ms;
+        if age == 0 {
+            return;
+        }
+        let oldest = self.wall_ms.saturating_sub(age);
+        self.completed.retain(|t| t.status.timestamp_ms >= oldest);
     }
 
     /// The agent's history (`AgentHello.completed`): tasks that ended there which
@@ -891,8 +925,10 @@ impl MasterCore {
         }
         let mut all: Vec<TaskRecord> = self.completed.drain(..).chain(adopted).collect();
         all.sort_by_key(|t| t.status.timestamp_ms);
-        let keep_from = all.len().saturating_sub(self.cfg.completed_task_limit);
-        self.completed = all.into_iter().skip(keep_from).collect();
+        for t in all {
+            self.push_completed(t);
+        }
+        self.expire_completed();
     }
 
     /// The most recent ended task with this key, if still remembered.
@@ -1686,6 +1722,7 @@ impl MasterCore {
 
     fn tick(&mut self, now: u64) {
         self.scheduler_timers(now);
+        self.expire_completed();
         let timeout = self.cfg.agent_timeout_ms;
         let silent: Vec<(String, bool)> = self
             .agents

@@ -4798,3 +4798,50 @@ fn inputs_that_cannot_fit_in_the_tasks_disk_are_task_error() {
         vec![run_task(AG1, &fid, &t, &a1)]
     );
 }
+
+#[test]
+fn the_history_is_bounded_per_framework_and_by_age() {
+    let mut m = Master::with_config(CoreConfig {
+        framework_heartbeat_ms: 0,
+        offer_timeout_ms: 0,
+        completed_per_framework: 2,
+        completed_max_age_ms: 10_000,
+        ..CoreConfig::default()
+    });
+    let done = |fid: &str, id: &str, at: u64| v1::CompletedTask {
+        framework_id: fid.into(),
+        task: Some(task(id, 100, 64 * MIB)),
+        status: Some(agent_status(
+            id,
+            TaskState::TaskFinished,
+            &format!("u-{id}"),
+            at,
+        )),
+    };
+    // An agent's history (as after a master restart): fa ended three tasks.
+    let mut h = hello("", "host-1", Resources::cpus_mem(2000, 4 * GIB), vec![]);
+    h.completed = vec![
+        done("fa", "a1", 1_000),
+        done("fa", "a2", 2_000),
+        done("fa", "a3", 3_000),
+        done("fb", "b1", 4_000),
+    ];
+    m.at(5_000).agent_hello(AG1, h);
+    let listed = |m: &Master| -> Vec<String> {
+        let mut ids: Vec<String> = m
+            .core
+            .list_tasks(true, m.now)
+            .into_iter()
+            .map(|t| t.task_id)
+            .collect();
+        ids.sort();
+        ids
+    };
+    // fa keeps its newest two; fb is not pushed out by fa.
+    assert_eq!(listed(&m), ["a2", "a3", "b1"]);
+    // Past the age bound the oldest go, at the next tick.
+    m.tick(12_500);
+    assert_eq!(listed(&m), ["a3", "b1"]);
+    m.tick(20_000);
+    assert!(listed(&m).is_empty());
+}

@@ -118,6 +118,9 @@ fn master_cfg(incarnation: u64) -> CoreConfig {
         default_failover_ms: 3_600_000,
         default_refuse_ms: 1_000,
         completed_task_limit: 100_000,
+        // The checks compare every task's end with what its framework saw.
+        completed_per_framework: 0,
+        completed_max_age_ms: 0,
         completed_framework_limit: 1_000,
         offer_timeout_ms: 10_000,
         framework_heartbeat_ms: 0,
