@@ -182,6 +182,37 @@ fn framework_of(work: &Path, task_id: &str) -> String {
         .unwrap_or_else(|| panic!("no sandbox for task {task_id}"))
 }
 
+/// `agora certs init` into `dir/certs`, then an `agora master` process (data in
+/// `dir/master`, `extra` flags) on a free port; the process and its address.
+fn certs_and_master(dir: &Path, extra: &[&str]) -> (Proc, String) {
+    let certs = dir.join("certs");
+    let init = run_bounded(Command::new(AGORA).args(["certs", "init"]).arg(&certs), 60);
+    assert_eq!(code(&init), 0, "{}", stderr(&init));
+    let mut m = Command::new(AGORA);
+    m.args(["master", "--listen", "127.0.0.1:0"])
+        .args(extra)
+        .arg("--certs")
+        .arg(&certs)
+        .arg("--data-dir")
+        .arg(dir.join("master"));
+    let (master, line) = Proc::start(m, |l| l.starts_with("master listening on "));
+    let addr = line.split_whitespace().nth(3).unwrap().to_string();
+    (master, addr)
+}
+
+/// An `agora ARGS` client of the master at `addr`, with the client configuration
+/// in `certs`, its output captured.
+fn client_of(certs: &Path, addr: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(AGORA);
+    c.args(args)
+        .env("AGORA_CONFIG", certs.join("client.json"))
+        .env("AGORA_MASTER", addr)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
 /// Waits (bounded) for `child` to exit; its status.
 fn finish_within(child: &mut Child, secs: u64) -> std::process::ExitStatus {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -236,25 +267,8 @@ fn agent_stopped_and_restarted(how: Stop) {
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("certs");
     let work = dir.path().join("agent");
-    let init = run_bounded(Command::new(AGORA).args(["certs", "init"]).arg(&certs), 60);
-    assert_eq!(code(&init), 0, "{}", stderr(&init));
-    let mut m = Command::new(AGORA);
-    m.args(["master", "--listen", "127.0.0.1:0", "--certs"])
-        .arg(&certs)
-        .arg("--data-dir")
-        .arg(dir.path().join("master"));
-    let (_master, line) = Proc::start(m, |l| l.starts_with("master listening on "));
-    let addr = line.split_whitespace().nth(3).unwrap().to_string();
-    let client = |args: &[&str]| -> Command {
-        let mut c = Command::new(AGORA);
-        c.args(args)
-            .env("AGORA_CONFIG", certs.join("client.json"))
-            .env("AGORA_MASTER", &addr)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        c
-    };
+    let (_master, addr) = certs_and_master(dir.path(), &[]);
+    let client = |args: &[&str]| client_of(&certs, &addr, args);
     let run = |args: &[&str]| run_bounded(&mut client(args), 120);
     let ps = |all: bool| stdout(&run(if all { &["ps", "--all"] } else { &["ps"] }));
     // Polls `agora ps` until a row with `name` shows `state`; returns the task id.
@@ -557,32 +571,8 @@ fn an_agent_that_never_returns_is_marked_gone_and_the_run_waiting_on_it_ends() {
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("certs");
     let work = dir.path().join("agent");
-    let init = run_bounded(Command::new(AGORA).args(["certs", "init"]).arg(&certs), 60);
-    assert_eq!(code(&init), 0, "{}", stderr(&init));
-    let mut m = Command::new(AGORA);
-    m.args([
-        "master",
-        "--listen",
-        "127.0.0.1:0",
-        "--agent-timeout",
-        "2",
-        "--certs",
-    ])
-    .arg(&certs)
-    .arg("--data-dir")
-    .arg(dir.path().join("master"));
-    let (_master, line) = Proc::start(m, |l| l.starts_with("master listening on "));
-    let addr = line.split_whitespace().nth(3).unwrap().to_string();
-    let client = |args: &[&str]| -> Command {
-        let mut c = Command::new(AGORA);
-        c.args(args)
-            .env("AGORA_CONFIG", certs.join("client.json"))
-            .env("AGORA_MASTER", &addr)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        c
-    };
+    let (_master, addr) = certs_and_master(dir.path(), &["--agent-timeout", "2"]);
+    let client = |args: &[&str]| client_of(&certs, &addr, args);
     let run = |args: &[&str]| run_bounded(&mut client(args), 120);
     let mut agent = AgentProc::start_with(&addr, &certs, &work, dir.path().join("agent.log"), &[]);
     agent.wait_for("registered with the master", 60);
@@ -768,16 +758,7 @@ fn master_killed_and_restarted_keeps_tasks_frameworks_weights_and_quotas() {
         &dir.path().join("agent"),
         dir.path().join("agent.log"),
     );
-    let client = |args: &[&str]| -> Command {
-        let mut c = Command::new(AGORA);
-        c.args(args)
-            .env("AGORA_CONFIG", certs.join("client.json"))
-            .env("AGORA_MASTER", &addr)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        c
-    };
+    let client = |args: &[&str]| client_of(&certs, &addr, args);
     let ok = |args: &[&str]| {
         let o = run_bounded(&mut client(args), 120);
         assert_eq!(code(&o), 0, "agora {args:?}: {}", stderr(&o));

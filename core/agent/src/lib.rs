@@ -925,22 +925,12 @@ impl AgentCore {
             return;
         }
         if self.draining {
-            let st = TaskStatus {
-                task_id: info.task_id.clone(),
-                state: TaskState::TaskDropped as i32,
-                reason: Reason::AgentDrained as i32,
-                message: "the agent is stopping with its tasks (drain); the task was not started"
-                    .into(),
-                agent_id: self.agent_id.clone().unwrap_or_default(),
-                timestamp_ms: self.wall_ms,
-                ..Default::default()
-            };
-            self.out.push(Output::ToMaster(AgentToMaster {
-                msg: Some(agent_to_master::Msg::StatusUpdate(StatusUpdate {
-                    framework_id: key.0.clone(),
-                    status: Some(st),
-                })),
-            }));
+            self.untracked_status(
+                &key,
+                TaskState::TaskDropped,
+                Reason::AgentDrained,
+                "the agent is stopping with its tasks (drain); the task was not started",
+            );
             return;
         }
         let exec_id = if info.executor_id.is_empty() {
@@ -1522,24 +1512,35 @@ impl AgentCore {
         self.tasks.values().map(|t| t.updates.queue.len()).sum()
     }
 
+    /// A status of a task the agent does not track (so no update stream: sent once,
+    /// never resent, no uuid to acknowledge).
+    fn untracked_status(&mut self, key: &TaskKey, state: TaskState, reason: Reason, message: &str) {
+        let st = TaskStatus {
+            task_id: key.1.clone(),
+            state: state as i32,
+            reason: reason as i32,
+            message: message.into(),
+            agent_id: self.agent_id.clone().unwrap_or_default(),
+            timestamp_ms: self.wall_ms,
+            ..Default::default()
+        };
+        self.out.push(Output::ToMaster(AgentToMaster {
+            msg: Some(agent_to_master::Msg::StatusUpdate(StatusUpdate {
+                framework_id: key.0.clone(),
+                status: Some(st),
+            })),
+        }));
+    }
+
     fn kill(&mut self, key: &TaskKey, now: u64) {
         let Some(t) = self.tasks.get_mut(key) else {
             // Unknown here: tell the framework the task is gone so it stops waiting.
-            let st = TaskStatus {
-                task_id: key.1.clone(),
-                state: TaskState::TaskLost as i32,
-                reason: Reason::Reconciliation as i32,
-                message: "the agent has no such task".into(),
-                agent_id: self.agent_id.clone().unwrap_or_default(),
-                timestamp_ms: self.wall_ms,
-                ..Default::default()
-            };
-            self.out.push(Output::ToMaster(AgentToMaster {
-                msg: Some(agent_to_master::Msg::StatusUpdate(StatusUpdate {
-                    framework_id: key.0.clone(),
-                    status: Some(st),
-                })),
-            }));
+            self.untracked_status(
+                key,
+                TaskState::TaskLost,
+                Reason::Reconciliation,
+                "the agent has no such task",
+            );
             return;
         };
         if t.phase == Phase::Terminal || t.kill_requested {
