@@ -68,18 +68,35 @@ pub struct HttpSettings {
     /// rather than fail: for a default port, so that several agents can share a
     /// machine. The master learns the port actually bound either way.
     pub any_port_if_taken: bool,
+    /// Serve HTTPS only, with these settings (`--http-tls`,
+    /// `agora_net::tls::http_server_config`); None: plain HTTP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// The address to tell the master: the override, else the bound address, with an
-/// unspecified IP (0.0.0.0, [::]) replaced by the agent's hostname.
-pub fn advertised_address(bound: SocketAddr, hostname: &str, advertise: Option<&str>) -> String {
-    if let Some(a) = advertise.filter(|a| !a.is_empty()) {
-        return a.to_string();
-    }
-    if bound.ip().is_unspecified() {
-        format!("{hostname}:{}", bound.port())
+/// unspecified IP (0.0.0.0, [::]) replaced by the agent's hostname. A door that
+/// serves HTTPS is told as `https://host:port` (the gateway reads the scheme), a
+/// plain one as `host:port`.
+pub fn advertised_address(
+    bound: SocketAddr,
+    hostname: &str,
+    advertise: Option<&str>,
+    tls: bool,
+) -> String {
+    let address = match advertise.filter(|a| !a.is_empty()) {
+        Some(a) => a
+            .strip_prefix("https://")
+            .or_else(|| a.strip_prefix("http://"))
+            .unwrap_or(a)
+            .trim_end_matches('/')
+            .to_string(),
+        None if bound.ip().is_unspecified() => format!("{hostname}:{}", bound.port()),
+        None => bound.to_string(),
+    };
+    if tls {
+        format!("https://{address}")
     } else {
-        bound.to_string()
+        address
     }
 }
 
@@ -381,9 +398,20 @@ pub fn router(routes: Arc<Routes>) -> Router {
 /// addresses passed on as `X-Forwarded-For`).
 /// Connections are capped and request heads timed and bounded
 /// (`agora_http_forward::serve`).
-pub async fn serve(listener: tokio::net::TcpListener, routes: Arc<Routes>) {
+/// With `tls`, HTTPS only (`agora_http_forward::serve::serve_tls`).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    routes: Arc<Routes>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
     let gate = agora_net::gate::Gate::new("agent HTTP", agora_http_forward::serve::DEFAULT_CAPS);
-    agora_http_forward::serve(listener, router(routes), gate, "agent HTTP").await
+    match tls {
+        Some(tls) => {
+            agora_http_forward::serve::serve_tls(listener, router(routes), gate, "agent HTTP", tls)
+                .await
+        }
+        None => agora_http_forward::serve(listener, router(routes), gate, "agent HTTP").await,
+    }
 }
 
 async fn proxy(State(app): State<App>, request: Request) -> Response<Body> {
@@ -609,13 +637,32 @@ mod tests {
     #[test]
     fn advertised_address_replaces_unspecified_ips() {
         let any: SocketAddr = "0.0.0.0:7071".parse().unwrap();
-        assert_eq!(advertised_address(any, "node-3", None), "node-3:7071");
-        let v6: SocketAddr = "[::]:80".parse().unwrap();
-        assert_eq!(advertised_address(v6, "node-3", None), "node-3:80");
-        let lo: SocketAddr = "127.0.0.1:5000".parse().unwrap();
-        assert_eq!(advertised_address(lo, "node-3", None), "127.0.0.1:5000");
         assert_eq!(
-            advertised_address(any, "node-3", Some("edge.example:80")),
+            advertised_address(any, "node-3", None, false),
+            "node-3:7071"
+        );
+        let v6: SocketAddr = "[::]:80".parse().unwrap();
+        assert_eq!(advertised_address(v6, "node-3", None, false), "node-3:80");
+        let lo: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        assert_eq!(
+            advertised_address(lo, "node-3", None, false),
+            "127.0.0.1:5000"
+        );
+        assert_eq!(
+            advertised_address(any, "node-3", Some("edge.example:80"), false),
+            "edge.example:80"
+        );
+        // An HTTPS door is told with its scheme, whatever the override carried.
+        assert_eq!(
+            advertised_address(any, "node-3", None, true),
+            "https://node-3:7071"
+        );
+        assert_eq!(
+            advertised_address(any, "node-3", Some("https://edge.example:443/"), true),
+            "https://edge.example:443"
+        );
+        assert_eq!(
+            advertised_address(any, "node-3", Some("http://edge.example:80"), false),
             "edge.example:80"
         );
     }

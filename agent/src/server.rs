@@ -522,9 +522,17 @@ pub async fn start(mut cfg: AgentConfig) -> Result<AgentHandle> {
                 cause,
             })?;
             let bound = listener.local_addr()?;
-            let advertised =
-                crate::http::advertised_address(bound, &cfg.core.hostname, h.advertise.as_deref());
-            tracing::info!(%bound, %advertised, "serving /fn/NAME/... over HTTP");
+            let advertised = crate::http::advertised_address(
+                bound,
+                &cfg.core.hostname,
+                h.advertise.as_deref(),
+                h.tls.is_some(),
+            );
+            if h.tls.is_some() {
+                tracing::info!(%bound, %advertised, "serving /fn/NAME/... over HTTPS only");
+            } else {
+                tracing::info!(%bound, %advertised, "serving /fn/NAME/... over HTTP");
+            }
             core.set_http_address(advertised);
             Some((listener, bound))
         }
@@ -598,7 +606,8 @@ pub async fn start(mut cfg: AgentConfig) -> Result<AgentHandle> {
     let http_addr = http_listener.as_ref().map(|(_, bound)| *bound);
     if let Some((listener, _)) = http_listener {
         let routes = Arc::clone(&agent.routes);
-        tasks.push(tokio::spawn(crate::http::serve(listener, routes)));
+        let tls = agent.cfg.http.as_ref().and_then(|h| h.tls.clone());
+        tasks.push(tokio::spawn(crate::http::serve(listener, routes, tls)));
     }
     {
         let a = agent.clone();

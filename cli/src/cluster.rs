@@ -250,6 +250,24 @@ pub struct AgentArgs {
     /// 0.0.0.0 or [::].
     #[arg(long)]
     http_advertise: Option<String>,
+    /// Serve the HTTP function door over TLS only (HTTPS), with the cert dir's
+    /// agent-http.pem and agent-http.key (made by `agora certs init`; its
+    /// --agent-name adds the names clients use). A plain-HTTP request gets 400
+    /// saying so. The masters' gateways verify it against the cluster's CA.
+    #[arg(long)]
+    http_tls: bool,
+    /// With --http-tls: the certificate to serve instead of CERTS/agent-http.pem
+    /// (signed by the cluster's CA and carrying the name agora-agent-http, for the
+    /// masters' gateways to accept it).
+    #[arg(long, requires = "http_tls")]
+    http_cert: Option<PathBuf>,
+    /// With --http-cert: its private key.
+    #[arg(long, requires = "http_cert")]
+    http_key: Option<PathBuf>,
+    /// With --http-tls: accept only clients presenting a certificate of the cluster's
+    /// CA (the masters' gateways present theirs; others use client.pem).
+    #[arg(long, requires = "http_tls")]
+    http_client_certs: bool,
     #[command(flatten)]
     isolation: IsolationArgs,
 }
@@ -266,6 +284,11 @@ pub enum CertsCmd {
         /// Extra DNS names or IPs the master is reached by (repeatable).
         #[arg(long = "master-name")]
         master_names: Vec<String>,
+        /// Extra DNS names or IPs clients reach agents' HTTPS function doors by
+        /// (`agora agent --http-tls`), put in agent-http.pem (repeatable). The
+        /// masters verify agents' doors as agora-agent-http, whatever the address.
+        #[arg(long = "agent-name")]
+        agent_names: Vec<String>,
         /// Master address written into DIR/client.json; repeat it for every master
         /// of a replicated group (clients dial them all and follow the leader).
         #[arg(long = "master")]
@@ -277,6 +300,7 @@ pub fn certs(cmd: CertsCmd) -> anyhow::Result<ExitCode> {
     let CertsCmd::Init {
         dir,
         master_names,
+        agent_names,
         mut masters,
     } = cmd;
     if masters.is_empty() {
@@ -286,7 +310,7 @@ pub fn certs(cmd: CertsCmd) -> anyhow::Result<ExitCode> {
         tls::resolve(m).map_err(|e| anyhow::anyhow!("--master {m}: {e}"))?;
     }
     let master = masters.join(", ");
-    let cd = tls::init_cert_dir(&dir, &master_names)?;
+    let cd = tls::init_cert_dir_with(&dir, &master_names, &agent_names)?;
     // client.json sits in DIR and names its files relative to itself.
     let mut client = client_config(&CertDir::new(Path::new("")), &masters[0]);
     if masters.len() > 1 {
@@ -303,6 +327,12 @@ pub fn certs(cmd: CertsCmd) -> anyhow::Result<ExitCode> {
             cd.key(r).display()
         );
     }
+    println!(
+        "  {:<13} {} + {} (agora agent --http-tls)",
+        "agent HTTPS",
+        cd.agent_http_cert().display(),
+        cd.agent_http_key().display()
+    );
     println!(
         "client config  {} (master {master})",
         dir.join("client.json").display()
@@ -746,6 +776,7 @@ async fn start_dev_agent(
             bind: agent_http,
             advertise: None,
             any_port_if_taken: agent_http.port() != 0,
+            tls: None,
         }),
         // A dev cluster started again with other resources is a new agent (its
         // agent drained when stopped), unless something still runs there.
@@ -1348,6 +1379,29 @@ pub async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
     let res = resources(&a.resources)?;
     let attrs = parse_attributes(&a.attributes)?;
     let remote_master = masters.iter().any(|m| !m.ip().is_loopback());
+    let http_tls = if a.http_tls {
+        let (cert, key) = match (&a.http_cert, &a.http_key) {
+            (Some(c), Some(k)) => (c.clone(), k.clone()),
+            (Some(_), None) => anyhow::bail!("--http-cert needs --http-key (its private key)"),
+            _ => (cd.agent_http_cert(), cd.agent_http_key()),
+        };
+        if a.http_cert.is_none() && !(cert.exists() && key.exists()) {
+            anyhow::bail!(
+                "--http-tls: {} or {} does not exist: run `agora certs init {}` where the CA key is (add --agent-name for each name clients reach agents by), then copy agent-http.pem and agent-http.key here",
+                cert.display(),
+                key.display(),
+                certs.display()
+            );
+        }
+        let client_ca = a.http_client_certs.then(|| cd.ca());
+        Some(
+            tls::http_server_config(&cert, &key, client_ca.as_deref())
+                .map_err(|e| anyhow::anyhow!("--http-tls: {e}"))?,
+        )
+    } else {
+        None
+    };
+    let scheme = if http_tls.is_some() { "https" } else { "http" };
     let agent = start_agent(
         masters,
         Identity::from_cert_dir(&cd, Role::Agent)?,
@@ -1363,6 +1417,7 @@ pub async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
                 .unwrap_or(SocketAddr::from(([127, 0, 0, 1], DEFAULT_AGENT_HTTP_PORT))),
             advertise: a.http_advertise,
             any_port_if_taken: a.agent_http.is_none(),
+            tls: http_tls,
         }),
         if a.new_identity {
             IdentityPolicy::Renew
@@ -1373,7 +1428,7 @@ pub async fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
     .await?;
     println!("agent offering {res} to the master at {master}");
     if let Some(http) = agent.http_addr() {
-        println!("agent serving functions on http://{http}");
+        println!("agent serving functions on {scheme}://{http}");
         // The gateway beside a master on another machine forwards calls here.
         if http.ip().is_loopback() && remote_master {
             eprintln!(

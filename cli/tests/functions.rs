@@ -738,3 +738,186 @@ fn allow_outbound_lets_a_component_call_only_the_hosts_it_names() {
     let _ = std::net::TcpStream::connect(upstream); // wakes the accept loop
     server.join().expect("upstream thread");
 }
+
+/// One HTTPS GET to an agent's door at `addr` (127.0.0.1:PORT), verified as
+/// 127.0.0.1 against the cluster CA in `certs`, as `curl --cacert ca.pem` would;
+/// presenting `client.pem` when `with_cert`. The answer, or what failed.
+fn https_get(
+    addr: &str,
+    path: &str,
+    certs: &std::path::Path,
+    with_cert: bool,
+) -> Result<HttpReply, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use std::io::{Read, Write};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(certs.join("ca.pem")).expect("ca.pem") {
+        roots.add(c.expect("a CA certificate")).expect("usable CA");
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .expect("TLS 1.3")
+    .with_root_certificates(roots);
+    let mut config = if with_cert {
+        let chain = CertificateDer::pem_file_iter(certs.join("client.pem"))
+            .expect("client.pem")
+            .map(|c| c.expect("a certificate"))
+            .collect();
+        let key = PrivateKeyDer::from_pem_file(certs.join("client.key")).expect("client.key");
+        builder
+            .with_client_auth_cert(chain, key)
+            .expect("client identity")
+    } else {
+        builder.with_no_client_auth()
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let name = ServerName::try_from("127.0.0.1").expect("an IP name");
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name)
+        .map_err(|e| e.to_string())?;
+    let tcp = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let head = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    tls.write_all(head.as_bytes()).map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    match tls.read_to_end(&mut raw) {
+        Ok(_) => {}
+        // An answer read whole, then a close without close_notify.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    Ok(parse_reply(&raw))
+}
+
+/// An agent started with `--http-tls --http-client-certs` serves its function door
+/// over HTTPS only: the master's gateway reaches it (verifying it against the
+/// cluster's CA, showing its own certificate), a client near it with the cluster's
+/// client certificate does too, a plain-HTTP request is answered 400 saying to use
+/// https, and a TLS client without a certificate is refused in the handshake.
+#[test]
+fn an_agent_door_that_requires_tls_serves_the_gateway_and_refuses_the_rest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = dir.path().join("certs");
+    let init = run_bounded(
+        std::process::Command::new(AGORA)
+            .args(["certs", "init", "--agent-name", "agent.test"])
+            .arg(&certs),
+        60,
+    );
+    assert_eq!(code(&init), 0, "{}", stderr(&init));
+    assert!(
+        stdout(&init).contains("agent-http.pem"),
+        "{}",
+        stdout(&init)
+    );
+
+    let mut m = std::process::Command::new(AGORA);
+    m.args([
+        "master",
+        "--listen",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--certs",
+    ])
+    .arg(&certs)
+    .arg("--data-dir")
+    .arg(dir.path().join("master"));
+    let (master, line) = Proc::start(m, |l| l.starts_with("master listening on "));
+    let addr = line.split_whitespace().nth(3).expect("address").to_string();
+    let web = master
+        .lines
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the master's HTTP line");
+    let web = web
+        .strip_prefix("master serving functions on http://")
+        .unwrap_or_else(|| panic!("unexpected line {web:?}"))
+        .to_string();
+
+    // Without the certificate files, the agent says what to run.
+    let missing = dir.path().join("no-certs");
+    std::fs::create_dir_all(&missing).expect("dir");
+    for f in ["ca.pem", "agent.pem", "agent.key"] {
+        std::fs::copy(certs.join(f), missing.join(f)).expect("copy");
+    }
+    let refused = run_bounded(
+        std::process::Command::new(AGORA)
+            .args(["agent", "--master", &addr, "--http-tls", "--certs"])
+            .arg(&missing)
+            .arg("--work-dir")
+            .arg(dir.path().join("refused")),
+        60,
+    );
+    assert_ne!(code(&refused), 0);
+    assert!(
+        stderr(&refused).contains("agent-http.pem")
+            && stderr(&refused).contains("agora certs init"),
+        "{}",
+        stderr(&refused)
+    );
+
+    let mut a = std::process::Command::new(AGORA);
+    a.args(["agent", "--drain-on-stop", "--master", &addr, "--certs"])
+        .arg(&certs)
+        .arg("--work-dir")
+        .arg(dir.path().join("agent"))
+        .args([
+            "--resources",
+            "cpus:2;mem:2048;disk:1024",
+            "--http",
+            "127.0.0.1:0",
+            "--http-tls",
+            "--http-client-certs",
+        ]);
+    let (_agent, line) = Proc::start(a, |l| l.starts_with("agent serving functions on "));
+    let door = line
+        .strip_prefix("agent serving functions on https://")
+        .unwrap_or_else(|| panic!("the agent does not say https: {line:?}"))
+        .to_string();
+
+    let client = |args: &[&str]| {
+        run_bounded(
+            std::process::Command::new(AGORA)
+                .args(args)
+                .env("AGORA_CONFIG", certs.join("client.json"))
+                .env("AGORA_MASTER", &addr),
+            120,
+        )
+    };
+    let echo = guest("echo");
+    let o = client(&[
+        "fn",
+        "deploy",
+        "echo",
+        echo.to_str().unwrap(),
+        "--min-instances",
+        "1",
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    // Through the master: its gateway speaks TLS to the agent.
+    let r = http("POST", &web, "/fn/echo/via-master", b"over tls");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.body.contains("PATH_INFO: /via-master"), "{}", r.body);
+    assert!(r.body.ends_with("over tls"), "{}", r.body);
+    // The gateway's metrics poll reaches it too: the host shows with its https address.
+    let hosts = wait_hosts(&web, "echo", 1);
+    assert_eq!(hosts, vec![format!("https://{door}")]);
+    // Plain HTTP to the agent's door: told to use https.
+    let r = http("GET", &door, "/fn/echo/", b"");
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.body.contains("HTTPS only"), "{}", r.body);
+    // A silent connection holds no one up (each handshake has its own task, bounded).
+    let _silent = std::net::TcpStream::connect(&door).expect("connect");
+    // Without a client certificate: refused in the handshake.
+    let e = https_get(&door, "/fn/echo/", &certs, false).expect_err("served without a certificate");
+    assert!(e.to_lowercase().contains("certificate"), "{e}");
+    // With the cluster's client certificate, straight to the agent.
+    let r = https_get(&door, "/fn/echo/near?z=3", &certs, true).expect("HTTPS with a certificate");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.body.contains("QUERY_STRING: z=3"), "{}", r.body);
+    drop(master);
+}

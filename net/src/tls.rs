@@ -30,6 +30,13 @@ use rustls::RootCertStore;
 
 /// Every master certificate carries this DNS name; clients always verify the master against it, whatever address they dial.
 pub const MASTER_SERVER_NAME: &str = "agora-master";
+/// Every certificate of an agent's HTTPS function door (`agent-http.pem`) carries this
+/// DNS name; the masters' gateways verify agents' doors against it, whatever address
+/// an agent advertises. Its subject CN names no role, and it is good for serving only
+/// (server auth), so it cannot stand for a peer on the QUIC port.
+pub const AGENT_HTTP_SERVER_NAME: &str = "agora-agent-http";
+/// The ALPN protocol of HTTPS doors (HTTP/1.1 only).
+pub const HTTP_ALPN: &[u8] = b"http/1.1";
 /// The one ALPN protocol both sides offer.
 pub const ALPN: &[u8] = b"agora/1";
 
@@ -94,7 +101,7 @@ impl std::fmt::Display for Role {
     }
 }
 
-/// Paths of the files `init_cert_dir` writes in DIR: ca.pem ca.key master.pem master.key agent.pem agent.key client.pem client.key
+/// Paths of the files `init_cert_dir` writes in DIR: ca.pem ca.key master.pem master.key agent.pem agent.key client.pem client.key agent-http.pem agent-http.key
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CertDir {
     pub dir: PathBuf,
@@ -122,13 +129,36 @@ impl CertDir {
     pub fn key(&self, role: Role) -> PathBuf {
         self.dir.join(format!("{}.key", role.file_stem()))
     }
+
+    /// The certificate of agents' HTTPS function doors (`agora agent --http-tls`).
+    pub fn agent_http_cert(&self) -> PathBuf {
+        self.dir.join("agent-http.pem")
+    }
+
+    /// The private key of [`CertDir::agent_http_cert`].
+    pub fn agent_http_key(&self) -> PathBuf {
+        self.dir.join("agent-http.key")
+    }
 }
 
 /// Creates DIR (mode 0700) with a new cluster CA and one certificate+key for each role signed by it.
 /// If DIR already has ca.pem/ca.key, reuses that CA and only writes missing role certificates (so it is safe to run twice).
 /// The master certificate's SANs: MASTER_SERVER_NAME, "localhost", 127.0.0.1, ::1 plus `extra_master_names` (DNS names or IPs).
 /// Certificates name their role in the subject CN: "agora-master", "agora-agent", "agora-client". Key files mode 0600. Validity 10 years.
+/// Also writes the agents' HTTPS door certificate (see [`init_cert_dir_with`]) with no extra names.
 pub fn init_cert_dir(dir: &Path, extra_master_names: &[String]) -> Result<CertDir> {
+    init_cert_dir_with(dir, extra_master_names, &[])
+}
+
+/// [`init_cert_dir`], and `agent-http.pem`/`agent-http.key` when missing: the
+/// certificate agents serve their function door with under `--http-tls` (server auth
+/// only; SANs [`AGENT_HTTP_SERVER_NAME`], "localhost", 127.0.0.1, ::1 plus
+/// `extra_agent_names`, the names or IPs clients reach agents by).
+pub fn init_cert_dir_with(
+    dir: &Path,
+    extra_master_names: &[String],
+    extra_agent_names: &[String],
+) -> Result<CertDir> {
     let cd = CertDir::new(dir);
     create_private_dir(dir)?;
 
@@ -215,18 +245,7 @@ pub fn init_cert_dir(dir: &Path, extra_master_names: &[String]) -> Result<CertDi
         set_validity(&mut params);
         match role {
             Role::Master => {
-                let mut names: Vec<String> = vec![
-                    MASTER_SERVER_NAME.into(),
-                    "localhost".into(),
-                    Ipv4Addr::LOCALHOST.to_string(),
-                    Ipv6Addr::LOCALHOST.to_string(),
-                ];
-                for n in extra_master_names {
-                    let n = n.trim();
-                    if !n.is_empty() && !names.iter().any(|m| m == n) {
-                        names.push(n.to_string());
-                    }
-                }
+                let names = san_list(MASTER_SERVER_NAME, extra_master_names);
                 params.subject_alt_names = CertificateParams::new(names.clone())
                     .map_err(|e| {
                         Error::tls(
@@ -252,7 +271,56 @@ pub fn init_cert_dir(dir: &Path, extra_master_names: &[String]) -> Result<CertDi
         write_file(&cd.key(role), key.serialize_pem().as_bytes(), 0o600)?;
         write_file(&cd.cert(role), cert.pem().as_bytes(), 0o644)?;
     }
+    if !(cd.agent_http_cert().exists() && cd.agent_http_key().exists()) {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, AGENT_HTTP_SERVER_NAME);
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "Agora");
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.use_authority_key_identifier_extension = true;
+        set_validity(&mut params);
+        let names = san_list(AGENT_HTTP_SERVER_NAME, extra_agent_names);
+        params.subject_alt_names = CertificateParams::new(names.clone())
+            .map_err(|e| {
+                Error::tls(
+                    format!(
+                        "invalid agent name among {names:?}: expected DNS names or IP addresses"
+                    ),
+                    e,
+                )
+            })?
+            .subject_alt_names;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate().map_err(|e| Error::tls("cannot generate a key", e))?;
+        let cert = params
+            .signed_by(&key, &issuer)
+            .map_err(|e| Error::tls("cannot sign the agents' HTTPS certificate", e))?;
+        write_file(&cd.agent_http_key(), key.serialize_pem().as_bytes(), 0o600)?;
+        write_file(&cd.agent_http_cert(), cert.pem().as_bytes(), 0o644)?;
+    }
     Ok(cd)
+}
+
+/// `fixed`, "localhost", 127.0.0.1, ::1, then each of `extra` not already there.
+fn san_list(fixed: &str, extra: &[String]) -> Vec<String> {
+    let mut names: Vec<String> = vec![
+        fixed.into(),
+        "localhost".into(),
+        Ipv4Addr::LOCALHOST.to_string(),
+        Ipv6Addr::LOCALHOST.to_string(),
+    ];
+    for n in extra {
+        let n = n.trim();
+        if !n.is_empty() && !names.iter().any(|m| m == n) {
+            names.push(n.to_string());
+        }
+    }
+    names
 }
 
 fn set_validity(params: &mut CertificateParams) {
@@ -578,6 +646,68 @@ fn client_endpoint_with(
         .map_err(|e| Error::file(format!("cannot open a UDP socket on {bind}"), e))?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
+}
+
+/// The TLS settings of an agent's HTTPS function door (`--http-tls`): TLS 1.3, ALPN
+/// http/1.1, the certificate chain in `cert` with the key in `key` (by default a
+/// cert dir's `agent-http.pem`/`agent-http.key`). With `client_ca`, clients must
+/// present a certificate that CA signed (the masters' gateways present their
+/// cluster's client certificate); without, any client may connect.
+/// Errors name the file and what to do.
+pub fn http_server_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Result<Arc<rustls::ServerConfig>> {
+    let chain = load_certs(cert, "HTTPS certificate")?;
+    let key_bytes = read_file(key, "HTTPS private key")?;
+    let key_der = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| {
+        Error::Certificates(format!(
+            "private key file {} holds no usable PEM private key ({e}): {CERTS_HINT}",
+            key.display()
+        ))
+    })?;
+    let provider = provider();
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::tls("TLS 1.3 is unavailable", e))?;
+    let builder = match client_ca {
+        Some(ca) => {
+            let roots = Arc::new(load_roots(ca)?);
+            let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider)
+                .build()
+                .map_err(|e| Error::tls("cannot build the client certificate verifier", e))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut tls = builder.with_single_cert(chain, key_der).map_err(|e| {
+        Error::tls(
+            format!(
+                "{} and {} do not form a usable certificate and key pair",
+                cert.display(),
+                key.display()
+            ),
+            e,
+        )
+    })?;
+    tls.alpn_protocols = vec![HTTP_ALPN.to_vec()];
+    Ok(Arc::new(tls))
+}
+
+/// The TLS settings of a client of agents' HTTPS function doors (the masters'
+/// gateways): trusts only `id`'s cluster CA, presents `id`'s certificate (for doors
+/// that require one), TLS 1.3. Verify the server as [`AGENT_HTTP_SERVER_NAME`].
+/// No ALPN is set: the HTTP client sets its own.
+pub fn http_client_config(id: &Identity) -> Result<rustls::ClientConfig> {
+    client_tls_builder(id.roots.clone())?
+        .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
+        .map_err(|e| {
+            Error::tls(
+                "the certificate and private key do not form a usable pair",
+                e,
+            )
+        })
 }
 
 /// Connects to a master at `addr` (server name MASTER_SERVER_NAME) with a bounded timeout (10 s),

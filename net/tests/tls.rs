@@ -424,3 +424,61 @@ fn resolve_addresses() {
         "{err}"
     );
 }
+
+/// The agents' HTTPS certificate (`agent-http.pem`, on every agent that serves
+/// `--http-tls`) is good for serving only: presented to the master's QUIC port as a
+/// client certificate, it is refused, so it cannot stand for an agent or a client.
+/// It names AGENT_HTTP_SERVER_NAME, loopback and the extra agent names.
+#[tokio::test]
+async fn the_agents_https_certificate_cannot_join_the_cluster() {
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = tls::init_cert_dir_with(tmp.path(), &[], &["edge1.example".into()]).unwrap();
+    assert_eq!(mode(&certs.agent_http_key()), 0o600);
+    let pem = std::fs::read(certs.agent_http_cert()).unwrap();
+    let der =
+        <rustls::pki_types::CertificateDer as rustls::pki_types::pem::PemObject>::from_pem_slice(
+            &pem,
+        )
+        .unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let sans = format!(
+        "{:?}",
+        cert.subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+    );
+    for name in [
+        tls::AGENT_HTTP_SERVER_NAME,
+        "localhost",
+        "edge1.example",
+        "[127, 0, 0, 1]",
+    ] {
+        assert!(sans.contains(name), "{name} missing from {sans}");
+    }
+    let eku = cert.extended_key_usage().unwrap().unwrap().value;
+    assert!(eku.server_auth && !eku.client_auth, "{eku:?}");
+
+    let mut master = start_master(&certs);
+    let id = Identity::load(
+        &certs.ca(),
+        &certs.agent_http_cert(),
+        &certs.agent_http_key(),
+    )
+    .unwrap();
+    assert_eq!(id.role(), None, "its subject names no role");
+    let ep = tls::client_endpoint(master.addr, &id).unwrap();
+    let err = bounded("connect", tls::connect(&ep, master.addr))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("refused this client's certificate"), "{err}");
+    let server_saw = bounded("server outcome", master.outcomes.recv())
+        .await
+        .unwrap();
+    assert!(
+        server_saw.is_err(),
+        "master must not accept: {server_saw:?}"
+    );
+}

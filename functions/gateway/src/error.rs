@@ -14,6 +14,9 @@ pub enum Error {
     Sdk(#[from] agora_sdk::Error),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// The certificates for agents' HTTPS doors could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] agora_net::Error),
     #[error("cannot listen for HTTP on {bind} (in use? pass another --http address): {cause}")]
     HttpBind {
         bind: SocketAddr,

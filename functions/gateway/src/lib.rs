@@ -118,6 +118,11 @@ impl Gateway {
     /// master at `master` like any client would.
     pub async fn start(self, master: SocketAddr) -> Result<GatewayHandle> {
         let fc = &self.cfg;
+        // Agents whose doors serve HTTPS are verified against the cluster's CA,
+        // and shown the gateway's client certificate.
+        let id = agora_net::tls::Identity::load(&fc.ca, &fc.client_cert, &fc.client_key)?;
+        self.functions
+            .set_agent_tls(agora_net::tls::http_client_config(&id)?);
         let mut tasks = Vec::new();
         let mut http_addr = None;
         if let Some(bind) = fc.http {

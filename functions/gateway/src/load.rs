@@ -24,11 +24,30 @@ const MAX_METRICS_BODY: usize = 4 << 20;
 /// How often the agents' HTTP addresses are read again even when all are known.
 const AGENTS_EVERY: Duration = Duration::from_secs(10);
 
-/// Metrics requests carry no body.
-type Http = HttpClient<HttpConnector, Full<Bytes>>;
+/// How the gateway connects to agents' doors: plain HTTP, or HTTPS verified
+/// against the cluster's CA as `agora_net::tls::AGENT_HTTP_SERVER_NAME`.
+pub(crate) type AgentConnector = hyper_rustls::HttpsConnector<HttpConnector>;
 
-/// A pooled HTTP/1.1 client to the agents (for the proxy and the metrics poller).
-pub(crate) fn http_client<B>() -> HttpClient<HttpConnector, B>
+/// Metrics requests carry no body.
+type Http = HttpClient<AgentConnector, Full<Bytes>>;
+
+/// The base URL of an agent's door from the address it advertised: `host:port`
+/// (plain HTTP) or `https://host:port`.
+pub(crate) fn agent_url(addr: &str, path_and_query: &str) -> String {
+    if addr.starts_with("https://") || addr.starts_with("http://") {
+        format!("{addr}{path_and_query}")
+    } else {
+        format!("http://{addr}{path_and_query}")
+    }
+}
+
+/// A pooled HTTP/1.1 client to the agents (for the proxy and the metrics poller),
+/// speaking HTTPS with `tls` to doors advertised as `https://`.
+#[allow(
+    clippy::expect_used,
+    reason = "AGENT_HTTP_SERVER_NAME is a constant valid DNS name"
+)]
+pub(crate) fn http_client<B>(tls: Arc<rustls::ClientConfig>) -> HttpClient<AgentConnector, B>
 where
     B: hyper::body::Body + Send + Unpin + 'static,
     B::Data: Send,
@@ -36,6 +55,18 @@ where
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    // The HTTPS connector hands it https:// URLs too.
+    connector.enforce_http(false);
+    let mut tls = (*tls).clone();
+    tls.alpn_protocols = vec![agora_net::tls::HTTP_ALPN.to_vec()];
+    let name = rustls::pki_types::ServerName::try_from(agora_net::tls::AGENT_HTTP_SERVER_NAME)
+        .expect("a DNS name");
+    let connector = hyper_rustls::HttpsConnector::new(
+        connector,
+        tls,
+        false,
+        Arc::new(hyper_rustls::FixedServerNameResolver::new(name)),
+    );
     HttpClient::builder(hyper_util::rt::TokioExecutor::new())
         // Below the agents' doors' idle limit (agora_http_forward::serve::HEADER_TIMEOUT),
         // so the pool never picks a connection the agent is about to close.
@@ -63,7 +94,7 @@ pub(crate) async fn refresh_agents(functions: &Functions, client: &agora_sdk::Cl
 
 /// One agent's `/fn-metrics`, or why not (for the debug log).
 async fn fetch(http: &Http, addr: &str) -> Result<Vec<MetricsSnapshot>, String> {
-    let req = hyper::Request::get(format!("http://{addr}/fn-metrics"))
+    let req = hyper::Request::get(agent_url(addr, "/fn-metrics"))
         .body(Full::new(Bytes::new()))
         .map_err(|e| format!("bad agent address: {e}"))?;
     let work = async {
@@ -85,7 +116,7 @@ async fn fetch(http: &Http, addr: &str) -> Result<Vec<MetricsSnapshot>, String> 
 
 /// Polls forever (until aborted with the master).
 pub(crate) async fn run_poller(functions: Arc<Functions>, client: Arc<agora_sdk::Client>) {
-    let http = http_client();
+    let http = http_client(functions.agent_tls());
     let mut tick = tokio::time::interval(POLL_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_agents = tokio::time::Instant::now() - AGENTS_EVERY;

@@ -22,15 +22,14 @@ use axum::http::{Response, StatusCode, Uri};
 use axum::response::IntoResponse as _;
 use axum::routing::{any, get};
 use axum::{Json, Router};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client as HttpClient;
 
-use super::load::http_client;
+use super::load::{agent_url, http_client, AgentConnector};
 use super::service::WaitError;
 use super::{Functions, MAX_BODY, MAX_HOST_WAIT};
 
 /// The pooled client to the agents, streaming each client's body as it comes.
-type Http = HttpClient<HttpConnector, RequestBody<Body>>;
+type Http = HttpClient<AgentConnector, RequestBody<Body>>;
 
 #[derive(Clone)]
 struct App {
@@ -49,8 +48,8 @@ pub(crate) fn router(functions: Arc<Functions>) -> Router {
         .route("/fn/{name}/", any(forward))
         .route("/fn/{name}/{*path}", any(forward))
         .with_state(App {
+            http: http_client(functions.agent_tls()),
             functions,
-            http: http_client(),
         })
 }
 
@@ -264,7 +263,7 @@ async fn forward(State(app): State<App>, request: Request) -> Response<Body> {
     let mut lease = lease;
     let mut tried_again = false;
     loop {
-        let uri: Uri = match format!("http://{}{}", lease.addr, path_and_query).parse() {
+        let uri: Uri = match agent_url(&lease.addr, &path_and_query).parse() {
             Ok(u) => u,
             Err(e) => {
                 return plain(

@@ -90,6 +90,9 @@ pub struct Functions {
     /// The leading master's HTTP address while ours does not lead (see
     /// [`Functions::set_leader_http`]).
     leader_http: Mutex<Option<LeaderHttp>>,
+    /// How the gateway speaks TLS to agents whose doors serve HTTPS (see
+    /// [`Functions::set_agent_tls`]).
+    agent_tls: std::sync::OnceLock<Arc<rustls::ClientConfig>>,
 }
 
 /// Says where the leader's HTTP front door is while this gateway's master follows.
@@ -169,6 +172,34 @@ impl Drop for Waiting<'_> {
 }
 
 impl Functions {
+    /// The TLS settings for agents' HTTPS doors: the cluster's CA and the
+    /// certificate the gateway presents (`agora_net::tls::http_client_config`). Set
+    /// once, before the gateway serves; later calls are ignored.
+    pub fn set_agent_tls(&self, tls: rustls::ClientConfig) {
+        let _ = self.agent_tls.set(Arc::new(tls));
+    }
+
+    /// The settings of [`Functions::set_agent_tls`]; unset, settings that trust no
+    /// CA, so that an HTTPS agent is refused with "unknown issuer", not reached.
+    #[allow(
+        clippy::expect_used,
+        reason = "ring's default provider has TLS 1.3 cipher suites"
+    )]
+    pub(crate) fn agent_tls(&self) -> Arc<rustls::ClientConfig> {
+        self.agent_tls
+            .get_or_init(|| {
+                let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .expect("TLS 1.3 with ring")
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth();
+                Arc::new(tls)
+            })
+            .clone()
+    }
+
     pub fn new(idle_timeout: Duration) -> Arc<Functions> {
         let planner = Planner::new(PlannerConfig {
             idle_timeout_ms: u64::try_from(idle_timeout.as_millis()).unwrap_or(u64::MAX),
@@ -190,6 +221,7 @@ impl Functions {
             wake: Notify::new(),
             changed: watch::Sender::new(0),
             store: watch::Sender::new(None),
+            agent_tls: std::sync::OnceLock::new(),
             leader_http: Mutex::new(None),
         })
     }
