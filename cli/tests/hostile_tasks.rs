@@ -144,6 +144,105 @@ fn a_task_cannot_read_another_sandbox_or_the_hosts_secrets() {
     );
 }
 
+/// Host pids of processes whose command line holds `marker`.
+fn pids_with(marker: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(marker) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Tasks of one user (both run as `nobody`) cannot reach each other through /proc:
+/// each has a PID namespace and a /proc of its own, so another task's processes,
+/// its working directory (/proc/PID/cwd leads into its sandbox, whatever the mount
+/// namespace hides) and its environment are not there, and it cannot be signalled.
+#[test]
+fn a_task_cannot_see_enter_or_signal_another_tasks_processes() {
+    if !root() {
+        return;
+    }
+    let c = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    }
+    let script = format!(
+        "echo SECRET-OF-A > secret; while [ ! -e {} ]; do sleep 0.05; done; echo A-ENDS",
+        go.display()
+    );
+    let mut a = std::process::Command::new(AGORA);
+    a.args([
+        "run",
+        "--name",
+        "proc-a",
+        "--env",
+        "HIDDEN=SECRET-ENV-OF-A",
+        "--command",
+        &script,
+    ])
+    .env("AGORA_CONFIG", &c.config)
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    let mut a = spawn_tied_to_process(a);
+    wait_running(|| stdout(&c.agora(&["ps"])), "proc-a", 1);
+    let a_pids = pids_with(&go.display().to_string());
+    assert!(!a_pids.is_empty(), "task A's shell is seen from the host");
+    let pids = a_pids
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let b = c.agora(&[
+        "run",
+        "--command",
+        &format!(
+            "echo MINE $(ls /proc | grep -cE '^[0-9]+$'); \
+             for p in /proc/[0-9]*; do cat $p/cwd/secret $p/root$PWD/secret 2>/dev/null; \
+               tr '\\0' '\\n' < $p/environ 2>/dev/null | grep SECRET; done; \
+             for p in {pids}; do \
+               if kill -STOP $p 2>/dev/null; then echo SIGNALLED $p; fi; \
+               if cat /proc/$p/cwd/secret 2>/dev/null; then echo ENTERED $p; fi; done; \
+             echo B-DONE"
+        ),
+    ]);
+    assert_eq!(code(&b), 0, "{}", stderr(&b));
+    let out = stdout(&b);
+    assert!(out.contains("B-DONE"), "{out}");
+    assert!(!out.contains("SECRET-OF-A"), "read task A's sandbox: {out}");
+    assert!(
+        !out.contains("SECRET-ENV-OF-A"),
+        "read task A's environment: {out}"
+    );
+    assert!(!out.contains("SIGNALLED"), "{out}");
+    assert!(!out.contains("ENTERED"), "{out}");
+    // Its own /proc shows only its own few processes (init, the shell, ls, grep).
+    let mine: usize = out
+        .lines()
+        .find_map(|l| l.strip_prefix("MINE "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no count: {out}"));
+    assert!(mine <= 6, "task B sees {mine} processes: {out}");
+    // A was not stopped: it ends when told to, with its code.
+    std::fs::write(&go, "").unwrap();
+    let o = wait_child(&mut a, 60);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 #[test]
 fn logs_refuse_symlinks_that_lead_out_of_the_sandbox() {
     if !root() {

@@ -125,6 +125,8 @@ pub struct Runner {
     privileged: bool,
     /// Tasks get a private mount namespace (root, and the kernel allows it here).
     namespaces: bool,
+    /// Each task also gets a PID namespace and its own /proc.
+    pid_namespaces: bool,
 }
 
 /// How a task ended, before classification.
@@ -194,12 +196,21 @@ impl Runner {
                     false
                 }
             };
+        let pid_namespaces = namespaces
+            && match crate::isolation::probe_pid_namespace() {
+                Ok(()) => true,
+                Err(why) => {
+                    tracing::warn!("tasks get no PID namespace here ({why}): tasks of one user can see and signal each other's processes");
+                    false
+                }
+            };
         if !privileged {
             tracing::warn!(euid, "the native executor is not root: tasks run as its own user (uid {euid}), and a task naming another user fails");
         }
         Ok(Runner {
             privileged,
             namespaces,
+            pid_namespaces,
             isolator,
             prefix: format!(
                 "{}/{}",
@@ -674,9 +685,11 @@ impl Runner {
                 gid: u.gid,
                 mounts: if self.namespaces {
                     Some(
-                        MountPlan::new(&sandbox, &cwd, self.cfg.hide_dir.as_deref()).map_err(
-                            |e| sandbox_failed("cannot plan the task's mount namespace".into(), &e),
-                        )?,
+                        MountPlan::new(&sandbox, &cwd, self.cfg.hide_dir.as_deref())
+                            .map_err(|e| {
+                                sandbox_failed("cannot plan the task's mount namespace".into(), &e)
+                            })?
+                            .with_pid_namespace(self.pid_namespaces),
                     )
                 } else {
                     None

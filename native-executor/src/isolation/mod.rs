@@ -684,6 +684,9 @@ impl Containment<'_> {
                 format!("cannot enter the working directory in the task's namespace: {err}")
             }
             STAGE_UNSHARE => format!("cannot make a private mount namespace (unshare): {err}"),
+            STAGE_PIDNS => format!("cannot make a PID namespace for the task (unshare): {err}"),
+            STAGE_PIDNS_FORK => format!("cannot start the task's PID namespace (fork): {err}"),
+            STAGE_PROC => format!("cannot mount /proc in the task's PID namespace: {err}"),
             i if (STAGE_MOUNT_BASE..STAGE_MOUNT_BASE + MAX_MOUNT_STEPS).contains(&i) => {
                 let step = self
                     .mounts_shown
@@ -728,6 +731,9 @@ const STAGE_SETUID: u8 = 250;
 const STAGE_CHDIR: u8 = 249;
 const STAGE_UNSHARE: u8 = 248;
 const STAGE_RLIMIT_FSIZE: u8 = 247;
+const STAGE_PIDNS: u8 = 246;
+const STAGE_PIDNS_FORK: u8 = 245;
+const STAGE_PROC: u8 = 244;
 /// Mount steps report `STAGE_MOUNT_BASE + step` (cgroup join files use 0..).
 const STAGE_MOUNT_BASE: u8 = 200;
 const MAX_MOUNT_STEPS: u8 = 40;
@@ -752,6 +758,9 @@ pub struct MountPlan {
     steps: Vec<MountStep>,
     /// The working directory, entered again once the mounts are made.
     cwd: CString,
+    /// Also a PID namespace of the task's own, with its own /proc (see
+    /// [`MountPlan::with_pid_namespace`]).
+    pid_namespace: bool,
 }
 
 #[derive(Debug)]
@@ -825,7 +834,23 @@ impl MountPlan {
         Ok(MountPlan {
             steps,
             cwd: c(cwd)?,
+            pid_namespace: false,
         })
+    }
+
+    /// Runs the task in a PID namespace of its own, with a /proc that shows only
+    /// its processes: without it, tasks of one user could signal each other, and
+    /// read each other's sandboxes and environments through /proc/PID/cwd, root
+    /// and environ, whatever the mount namespace hides. The process the executor
+    /// spawns stays outside as a shim (it ignores SIGTERM, SIGINT and SIGHUP, and
+    /// ends as the task ended, by the same signal or with the same code); inside,
+    /// an init (PID 1, which reaps orphans and takes the namespace down when the
+    /// task ends) starts the task as PID 2, so the task gets SIGTERM as any
+    /// process would (an init without a handler would not). Both drop every
+    /// descriptor before waiting: the task's output pipes close when it exits.
+    pub fn with_pid_namespace(mut self, on: bool) -> MountPlan {
+        self.pid_namespace = on;
+        self
     }
 }
 
@@ -861,6 +886,62 @@ pub fn probe_mount_namespace() -> std::result::Result<(), String> {
         )),
         Err(e) => Err(format!(
             "unshare(CLONE_NEWNS) or making / private failed: {e}"
+        )),
+    }
+}
+
+/// Whether tasks can also get a PID namespace with their own /proc: a child makes
+/// a private mount namespace and a PID namespace, whose first process mounts proc.
+/// `Err` says why not.
+pub fn probe_pid_namespace() -> std::result::Result<(), String> {
+    let mut cmd = Command::new("/bin/true");
+    // SAFETY: only system calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::unshare(libc::CLONE_NEWNS) != 0
+                || libc::mount(
+                    c"none".as_ptr(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) != 0
+                || libc::unshare(libc::CLONE_NEWPID) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            let init = libc::fork();
+            if init < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if init == 0 {
+                let r = libc::mount(
+                    c"proc".as_ptr(),
+                    c"/proc".as_ptr(),
+                    c"proc".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    std::ptr::null(),
+                );
+                libc::_exit(if r == 0 { 0 } else { 1 });
+            }
+            let mut status = 0;
+            while libc::waitpid(init, &mut status, 0) < 0 {
+                if *libc::__errno_location() != libc::EINTR {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::other("cannot mount proc in a new PID namespace"))
+            }
+        });
+    }
+    match cmd.stdin(std::process::Stdio::null()).status() {
+        Ok(st) if st.success() => Ok(()),
+        Ok(st) => Err(format!("/bin/true in a new PID namespace ended with {st}")),
+        Err(e) => Err(format!(
+            "unshare(CLONE_NEWPID) or mounting its /proc failed: {e}"
         )),
     }
 }
@@ -1018,6 +1099,13 @@ fn child_setup(
         if unsafe { libc::chdir(plan.cwd.as_ptr()) } != 0 {
             return fail(report, STAGE_CHDIR);
         }
+        if plan.pid_namespace {
+            // Returns in the task's process only (PID 2 of the new namespace).
+            // SAFETY: system calls only, in the child between fork and exec.
+            if let Err(stage) = unsafe { enter_pid_namespace() } {
+                return fail(report, stage);
+            }
+        }
     }
     // No supplementary groups, then the group, then the user: after setuid the
     // process could no longer change its groups.
@@ -1031,6 +1119,152 @@ fn child_setup(
         return fail(report, STAGE_SETUID);
     }
     Ok(())
+}
+
+/// What the init of a task's PID namespace tells the shim outside about the task's
+/// end: `[kind, value (4 bytes, native order)]`, kind 0 an exit code, 1 a signal.
+const END_RECORD: usize = 5;
+
+/// In the child between fork and exec (as root, in the task's mount namespace):
+/// a PID namespace whose init (PID 1) mounts /proc and starts the task (PID 2),
+/// this process staying outside as the shim the executor waits for. Returns only in
+/// the task's process; in the init or the shim it never returns. `Err(stage)` (errno
+/// set) when the namespace cannot be made; in the init, that error reaches the
+/// executor as any set-up failure does (std's exec-error pipe), and the shim then
+/// ends too.
+unsafe fn enter_pid_namespace() -> std::result::Result<(), u8> {
+    if libc::unshare(libc::CLONE_NEWPID) != 0 {
+        return Err(STAGE_PIDNS);
+    }
+    let mut ends = [0 as libc::c_int; 2];
+    if libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+        return Err(STAGE_PIDNS);
+    }
+    let [end_rd, end_wr] = ends;
+    let init = libc::fork();
+    if init < 0 {
+        return Err(STAGE_PIDNS_FORK);
+    }
+    if init > 0 {
+        pid_namespace_shim(init, end_rd);
+    }
+    // PID 1. Dies with the shim (a SIGKILL of the shim takes the namespace down).
+    libc::close(end_rd);
+    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+    if libc::mount(
+        c"proc".as_ptr(),
+        c"/proc".as_ptr(),
+        c"proc".as_ptr(),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        std::ptr::null(),
+    ) != 0
+    {
+        return Err(STAGE_PROC);
+    }
+    let task = libc::fork();
+    if task < 0 {
+        return Err(STAGE_PIDNS_FORK);
+    }
+    if task == 0 {
+        libc::close(end_wr);
+        return Ok(());
+    }
+    pid_namespace_init(task, end_wr)
+}
+
+/// Closes every descriptor but `keep` (the exec-error pipe of std, the task's
+/// output pipes and our report pipe among them).
+unsafe fn close_all_but(keep: libc::c_int) {
+    let close_range = |first: libc::c_uint, last: libc::c_uint| {
+        libc::syscall(libc::SYS_close_range, first, last, 0) == 0
+    };
+    let k = keep as libc::c_uint;
+    let done = (k == 0 || close_range(0, k - 1)) && close_range(k + 1, libc::c_uint::MAX);
+    if !done {
+        // Before Linux 5.9: one by one, up to the descriptor limit.
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur.min(1 << 20) as libc::c_int
+        } else {
+            1024
+        };
+        for fd in 0..max {
+            if fd != keep {
+                libc::close(fd);
+            }
+        }
+    }
+}
+
+/// The init of a task's PID namespace: reaps every process, and when the task
+/// (`task`) ends, tells the shim how on `end_wr` and exits, which kills whatever is
+/// left in the namespace.
+unsafe fn pid_namespace_init(task: libc::pid_t, end_wr: libc::c_int) -> ! {
+    close_all_but(end_wr);
+    loop {
+        let mut status = 0;
+        let pid = libc::waitpid(-1, &mut status, 0);
+        if pid == task {
+            let (kind, value) = if libc::WIFSIGNALED(status) {
+                (1u8, libc::WTERMSIG(status))
+            } else {
+                (0u8, libc::WEXITSTATUS(status))
+            };
+            let mut rec = [kind, 0, 0, 0, 0];
+            let v = value.to_ne_bytes();
+            rec[1] = v[0];
+            rec[2] = v[1];
+            rec[3] = v[2];
+            rec[4] = v[3];
+            libc::write(end_wr, rec.as_ptr().cast(), END_RECORD);
+            libc::_exit(0);
+        }
+        if pid < 0 && *libc::__errno_location() != libc::EINTR {
+            libc::_exit(0);
+        }
+    }
+}
+
+/// The process the executor spawned, outside the task's PID namespace: waits for
+/// its init and ends as the task ended. Termination signals the executor sends to
+/// the whole group reach the task itself; this one ignores them so that it outlives
+/// the task's handling of SIGTERM.
+unsafe fn pid_namespace_shim(init: libc::pid_t, end_rd: libc::c_int) -> ! {
+    close_all_but(end_rd);
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        libc::signal(sig, libc::SIG_IGN);
+    }
+    let mut status = 0;
+    while libc::waitpid(init, &mut status, 0) < 0 {
+        if *libc::__errno_location() != libc::EINTR {
+            libc::_exit(127);
+        }
+    }
+    let mut rec = [0u8; END_RECORD];
+    let n = libc::read(end_rd, rec.as_mut_ptr().cast(), END_RECORD);
+    let (signaled, value) = if n == END_RECORD as isize {
+        (
+            rec[0] == 1,
+            libc::c_int::from_ne_bytes([rec[1], rec[2], rec[3], rec[4]]),
+        )
+    } else if libc::WIFSIGNALED(status) {
+        // The init itself was killed (a SIGKILL to the group, say).
+        (true, libc::WTERMSIG(status))
+    } else {
+        (false, 127)
+    };
+    if signaled {
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        libc::signal(value, libc::SIG_DFL);
+        libc::kill(libc::getpid(), value);
+        libc::_exit(128 + value);
+    }
+    libc::_exit(value)
 }
 
 #[cfg(test)]
