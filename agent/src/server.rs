@@ -104,6 +104,8 @@ pub struct IsolationSettings {
     pub allow_root_tasks: bool,
     /// The most files and directories one task's sandbox may hold; 0: no limit.
     pub max_files_per_task: u64,
+    /// Each native task gets a PID namespace and a /proc of its own.
+    pub pid_namespace: bool,
 }
 
 /// Files and directories a task's sandbox may hold unless the agent says otherwise.
@@ -118,6 +120,7 @@ impl Default for IsolationSettings {
             task_user: agora_native_executor::runner::DEFAULT_TASK_USER.to_string(),
             allow_root_tasks: false,
             max_files_per_task: DEFAULT_MAX_FILES_PER_TASK,
+            pid_namespace: false,
         }
     }
 }
@@ -1495,6 +1498,9 @@ impl Agent {
                     cmd.arg("--allow-root-tasks");
                 }
                 cmd.arg("--hide-dir").arg(work);
+                if self.cfg.isolation.pid_namespace {
+                    cmd.arg("--pid-namespace");
+                }
             }
         }
         // The executor's group: <root>/<framework>/<executor>. Native task groups

@@ -156,6 +156,9 @@ enum ExecutorCmd {
         /// A directory tasks must not see (the agent's work directory).
         #[arg(long)]
         hide_dir: Option<PathBuf>,
+        /// A PID namespace and a /proc of its own for each task.
+        #[arg(long)]
+        pid_namespace: bool,
     },
 }
 
@@ -333,6 +336,7 @@ fn main() -> ExitCode {
                         task_user,
                         allow_root_tasks,
                         hide_dir,
+                        pid_namespace,
                     },
             } => {
                 let cfg = agora_native_executor::NativeConfig {
@@ -343,6 +347,7 @@ fn main() -> ExitCode {
                     task_user,
                     allow_root: allow_root_tasks,
                     hide_dir,
+                    pid_namespace,
                 };
                 agora_native_executor::run_executor(&socket, &framework_id, &executor_id, cfg)
                     .await?;

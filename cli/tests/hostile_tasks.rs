@@ -159,8 +159,9 @@ fn pids_with(marker: &str) -> Vec<u32> {
     pids
 }
 
-/// Tasks of one user (both run as `nobody`) cannot reach each other through /proc:
-/// each has a PID namespace and a /proc of its own, so another task's processes,
+/// With `--task-pid-namespace`, tasks of one user (both run as `nobody`) cannot
+/// reach each other through /proc: each has a PID namespace and a /proc of its own,
+/// so another task's processes,
 /// its working directory (/proc/PID/cwd leads into its sandbox, whatever the mount
 /// namespace hides) and its environment are not there, and it cannot be signalled.
 #[test]
@@ -168,7 +169,8 @@ fn a_task_cannot_see_enter_or_signal_another_tasks_processes() {
     if !root() {
         return;
     }
-    let c = cluster();
+    let c = Cluster::start_with(&["--task-pid-namespace"]);
+    let c = &c;
     let dir = tempfile::tempdir().unwrap();
     let go = dir.path().join("go");
     {

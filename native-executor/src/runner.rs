@@ -61,6 +61,9 @@ pub struct NativeConfig {
     /// task's private mount namespace, by an empty tmpfs with only the task's own
     /// sandbox mounted back.
     pub hide_dir: Option<PathBuf>,
+    /// Give each task a PID namespace and a /proc of its own (the agent's
+    /// `--task-pid-namespace`; see `MountPlan::with_pid_namespace`).
+    pub pid_namespace: bool,
 }
 
 /// The user tasks run as when neither the task nor the agent names one.
@@ -76,6 +79,7 @@ impl Default for NativeConfig {
             task_user: DEFAULT_TASK_USER.to_string(),
             allow_root: false,
             hide_dir: None,
+            pid_namespace: false,
         }
     }
 }
@@ -197,7 +201,11 @@ impl Runner {
                 }
             };
         let pid_namespaces = namespaces
-            && match crate::isolation::probe_pid_namespace() {
+            && cfg.pid_namespace
+            && match crate::isolation::helper_program()
+                .map_err(|e| e.to_string())
+                .and_then(|_| crate::isolation::probe_pid_namespace())
+            {
                 Ok(()) => true,
                 Err(why) => {
                     tracing::warn!("tasks get no PID namespace here ({why}): tasks of one user can see and signal each other's processes");

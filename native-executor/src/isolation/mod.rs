@@ -761,6 +761,9 @@ pub struct MountPlan {
     /// Also a PID namespace of the task's own, with its own /proc (see
     /// [`MountPlan::with_pid_namespace`]).
     pid_namespace: bool,
+    /// `agora-task-init` (O_PATH, for execveat), which the namespace's shim and init
+    /// become; -1: they stay forks of the executor.
+    helper_exe: RawFd,
 }
 
 #[derive(Debug)]
@@ -835,6 +838,7 @@ impl MountPlan {
             steps,
             cwd: c(cwd)?,
             pid_namespace: false,
+            helper_exe: -1,
         })
     }
 
@@ -848,8 +852,15 @@ impl MountPlan {
     /// task ends) starts the task as PID 2, so the task gets SIGTERM as any
     /// process would (an init without a handler would not). Both drop every
     /// descriptor before waiting: the task's output pipes close when it exits.
+    ///
+    /// The shim and the init re-execute `agora-task-init` ([`pid_namespace_helper`])
+    /// at once: a fork of the executor kept for the task's life would keep the
+    /// executor's memory shared copy-on-write, and every page the executor then
+    /// wrote would be charged again (seen: `agora bench launch`'s 4 MiB tasks
+    /// killed for memory once the executor's cgroup filled).
     pub fn with_pid_namespace(mut self, on: bool) -> MountPlan {
         self.pid_namespace = on;
+        self.helper_exe = if on { helper_exe() } else { -1 };
         self
     }
 }
@@ -1102,7 +1113,7 @@ fn child_setup(
         if plan.pid_namespace {
             // Returns in the task's process only (PID 2 of the new namespace).
             // SAFETY: system calls only, in the child between fork and exec.
-            if let Err(stage) = unsafe { enter_pid_namespace() } {
+            if let Err(stage) = unsafe { enter_pid_namespace(plan.helper_exe) } {
                 return fail(report, stage);
             }
         }
@@ -1132,7 +1143,7 @@ const END_RECORD: usize = 5;
 /// set) when the namespace cannot be made; in the init, that error reaches the
 /// executor as any set-up failure does (std's exec-error pipe), and the shim then
 /// ends too.
-unsafe fn enter_pid_namespace() -> std::result::Result<(), u8> {
+unsafe fn enter_pid_namespace(exe: RawFd) -> std::result::Result<(), u8> {
     if libc::unshare(libc::CLONE_NEWPID) != 0 {
         return Err(STAGE_PIDNS);
     }
@@ -1146,6 +1157,12 @@ unsafe fn enter_pid_namespace() -> std::result::Result<(), u8> {
         return Err(STAGE_PIDNS_FORK);
     }
     if init > 0 {
+        libc::close(end_wr);
+        close_all_but(&[end_rd, exe]);
+        for sig in SHIM_IGNORES {
+            libc::signal(sig, libc::SIG_IGN);
+        }
+        exec_helper(exe, c"__agora-pidns-shim", init, end_rd);
         pid_namespace_shim(init, end_rd);
     }
     // PID 1. Dies with the shim (a SIGKILL of the shim takes the namespace down).
@@ -1169,17 +1186,163 @@ unsafe fn enter_pid_namespace() -> std::result::Result<(), u8> {
         libc::close(end_wr);
         return Ok(());
     }
+    close_all_but(&[end_wr, exe]);
+    exec_helper(exe, c"__agora-pidns-init", task, end_wr);
     pid_namespace_init(task, end_wr)
 }
 
-/// Closes every descriptor but `keep` (the exec-error pipe of std, the task's
-/// output pipes and our report pipe among them).
-unsafe fn close_all_but(keep: libc::c_int) {
-    let close_range = |first: libc::c_uint, last: libc::c_uint| {
-        libc::syscall(libc::SYS_close_range, first, last, 0) == 0
+/// What the shim ignores (the executor's stop signals reach the task itself).
+const SHIM_IGNORES: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
+/// argv[1] of this program re-executed as a task's PID-namespace shim.
+const SHIM_ARG: &str = "__agora-pidns-shim";
+/// argv[1] of this program re-executed as a task's PID-namespace init.
+const INIT_ARG: &str = "__agora-pidns-init";
+
+/// The file name of the shim and init program, beside the executor's own binary.
+pub const TASK_INIT_PROGRAM: &str = "agora-task-init";
+
+/// `agora-task-init` beside this program, opened once (O_PATH) for the shims and
+/// inits to re-execute; Err says why it cannot be used.
+pub fn helper_program() -> std::result::Result<RawFd, String> {
+    static EXE: std::sync::OnceLock<std::result::Result<OwnedFd, String>> =
+        std::sync::OnceLock::new();
+    EXE.get_or_init(|| {
+        let me = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+        let path = me.with_file_name(TASK_INIT_PROGRAM);
+        let c = CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| format!("{} holds a NUL", path.display()))?;
+        // SAFETY: open of a valid C string; the descriptor is owned from here on.
+        let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(format!(
+                "{} is missing ({}): install it beside {}",
+                path.display(),
+                io::Error::last_os_error(),
+                me.display()
+            ));
+        }
+        // SAFETY: a descriptor just opened and owned by nobody else.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    })
+    .as_ref()
+    .map(|f| f.as_raw_fd())
+    .map_err(Clone::clone)
+}
+
+fn helper_exe() -> RawFd {
+    helper_program().unwrap_or(-1)
+}
+
+/// Writes `n` in decimal and a NUL into `buf` (no allocation: between fork and exec).
+fn write_decimal(buf: &mut [u8; 24], mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut k = 0;
+    loop {
+        if let Some(d) = digits.get_mut(k) {
+            *d = b'0' + (n % 10) as u8;
+        }
+        k += 1;
+        n /= 10;
+        if n == 0 || k == digits.len() {
+            break;
+        }
+    }
+    for (slot, d) in buf.iter_mut().zip(digits.iter().take(k).rev()) {
+        *slot = *d;
+    }
+    if let Some(end) = buf.get_mut(k) {
+        *end = 0;
+    }
+}
+
+/// Re-executes this program (`exe`, O_PATH) as `role` for `pid` with the end pipe
+/// `fd`, empty environment. Returns only when that fails (the caller then carries
+/// on in this process).
+unsafe fn exec_helper(exe: RawFd, role: &std::ffi::CStr, pid: libc::pid_t, fd: RawFd) {
+    if exe < 0 {
+        return;
+    }
+    // The end pipe was made close-on-exec (the task must not hold it); this one
+    // keeps it through the exec.
+    libc::fcntl(fd, libc::F_SETFD, 0);
+    let mut pid_text = [0u8; 24];
+    write_decimal(&mut pid_text, pid as u64);
+    let mut fd_text = [0u8; 24];
+    write_decimal(&mut fd_text, fd as u64);
+    let argv: [*const libc::c_char; 5] = [
+        c"agora".as_ptr(),
+        role.as_ptr(),
+        pid_text.as_ptr().cast(),
+        fd_text.as_ptr().cast(),
+        std::ptr::null(),
+    ];
+    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+    libc::syscall(
+        libc::SYS_execveat,
+        exe,
+        c"".as_ptr(),
+        argv.as_ptr(),
+        envp.as_ptr(),
+        libc::AT_EMPTY_PATH,
+    );
+}
+
+/// Call first thing in `main`: when this process is a task's PID-namespace shim or
+/// init (re-executed by the native executor, see [`MountPlan::with_pid_namespace`]),
+/// does that job and never returns; otherwise returns at once.
+pub fn pid_namespace_helper() {
+    let mut args = std::env::args_os().skip(1);
+    let Some(role) = args.next() else {
+        return;
     };
-    let k = keep as libc::c_uint;
-    let done = (k == 0 || close_range(0, k - 1)) && close_range(k + 1, libc::c_uint::MAX);
+    let (shim, init) = (role == SHIM_ARG, role == INIT_ARG);
+    if !shim && !init {
+        return;
+    }
+    let mut number = || {
+        args.next()
+            .and_then(|a| a.to_str().and_then(|t| t.parse::<i32>().ok()))
+    };
+    let (Some(pid), Some(fd)) = (number(), number()) else {
+        eprintln!(
+            "agora: {} expects a pid and a descriptor",
+            role.to_string_lossy()
+        );
+        std::process::exit(127);
+    };
+    // SAFETY: the descriptor and the child were handed over by our own executor.
+    unsafe {
+        if shim {
+            pid_namespace_shim(pid, fd)
+        } else {
+            pid_namespace_init(pid, fd)
+        }
+    }
+}
+
+/// Closes every descriptor but those in `keep` (negative entries ignored): the
+/// exec-error pipe of std, the task's output pipes and our report pipe among them.
+unsafe fn close_all_but(keep: &[RawFd]) {
+    let mut kept = [-1 as RawFd; 2];
+    for (slot, fd) in kept.iter_mut().zip(keep.iter().filter(|f| **f >= 0)) {
+        *slot = *fd;
+    }
+    kept.sort_unstable();
+    let close_range = |first: libc::c_uint, last: libc::c_uint| {
+        first > last || libc::syscall(libc::SYS_close_range, first, last, 0) == 0
+    };
+    // Ranges between the kept descriptors, in order.
+    let mut next: libc::c_uint = 0;
+    let mut done = true;
+    for fd in kept.iter().filter(|f| **f >= 0) {
+        let fd = *fd as libc::c_uint;
+        if fd > next {
+            done &= close_range(next, fd - 1);
+        }
+        next = fd + 1;
+    }
+    done &= close_range(next, libc::c_uint::MAX);
     if !done {
         // Before Linux 5.9: one by one, up to the descriptor limit.
         let mut lim = libc::rlimit {
@@ -1187,12 +1350,12 @@ unsafe fn close_all_but(keep: libc::c_int) {
             rlim_max: 0,
         };
         let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur.min(1 << 20) as libc::c_int
+            lim.rlim_cur.min(1 << 20) as RawFd
         } else {
             1024
         };
         for fd in 0..max {
-            if fd != keep {
+            if !kept.contains(&fd) {
                 libc::close(fd);
             }
         }
@@ -1203,7 +1366,7 @@ unsafe fn close_all_but(keep: libc::c_int) {
 /// (`task`) ends, tells the shim how on `end_wr` and exits, which kills whatever is
 /// left in the namespace.
 unsafe fn pid_namespace_init(task: libc::pid_t, end_wr: libc::c_int) -> ! {
-    close_all_but(end_wr);
+    close_all_but(&[end_wr]);
     loop {
         let mut status = 0;
         let pid = libc::waitpid(-1, &mut status, 0);
@@ -1233,8 +1396,8 @@ unsafe fn pid_namespace_init(task: libc::pid_t, end_wr: libc::c_int) -> ! {
 /// the whole group reach the task itself; this one ignores them so that it outlives
 /// the task's handling of SIGTERM.
 unsafe fn pid_namespace_shim(init: libc::pid_t, end_rd: libc::c_int) -> ! {
-    close_all_but(end_rd);
-    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+    close_all_but(&[end_rd]);
+    for sig in SHIM_IGNORES {
         libc::signal(sig, libc::SIG_IGN);
     }
     let mut status = 0;
