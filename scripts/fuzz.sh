@@ -100,10 +100,10 @@ total=0
 echo "fuzz: executions per target (${secs} s each):"
 for t in $targets; do
     n=$(cat "$work/$t.execs" 2>/dev/null || echo 0)
-    printf '  %-12s %12d\n' "$t" "$n"
+    printf '  %-17s %12d\n' "$t" "$n"
     total=$((total + n))
 done
-printf '  %-12s %12d\n' total "$total"
+printf '  %-17s %12d\n' total "$total"
 echo "fuzz: build $((built - start)) s, runs $(($(date +%s) - built)) s"
 if [ "${#failed[@]}" -gt 0 ]; then
     echo "fuzz: FAILED: ${failed[*]}" >&2

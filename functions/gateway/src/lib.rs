@@ -74,6 +74,81 @@ pub const MAX_HOST_WAIT: Duration = Duration::from_secs(30);
 /// Requests of one function that may wait at the master for a host at once.
 pub const MAX_WAITERS: u32 = 1024;
 
+/// What the fuzzer (`fuzz/fuzz_targets/master_http_door.rs`) needs to drive the
+/// front door in-process, with no master and no framework running: not part of the
+/// gateway's API, and nothing the gateway itself calls.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::sync::Arc;
+
+    use agora_fn_api::MetricsSnapshot;
+    use agora_proto::v1::TaskState;
+
+    use crate::service::StateStore;
+    use crate::Functions;
+
+    /// The front door's routes, exactly as `agora master --http` serves them.
+    pub fn router(functions: Arc<Functions>) -> axum::Router {
+        crate::proxy::router(functions)
+    }
+
+    /// A state store that keeps nothing.
+    struct Forget;
+
+    impl StateStore for Forget {
+        fn set(
+            &self,
+            _key: String,
+            _value: Option<Vec<u8>>,
+        ) -> Pin<Box<dyn Future<Output = crate::Result<()>> + Send + '_>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    /// Makes `functions` act as if its framework had subscribed, keeping what is
+    /// deployed in memory only (so that [`Functions::deploy`] works without a master).
+    pub fn subscribe_in_memory(functions: &Functions) {
+        functions.set_store(Arc::new(Forget));
+    }
+
+    /// Records a running host `task_id` of the deployed function `name` on agent
+    /// `agent_id`, whose HTTP door is at `agent_http` (host:port), as the framework
+    /// does from the host's status updates and the agents' list.
+    pub fn run_host(
+        functions: &Functions,
+        name: &str,
+        task_id: &str,
+        agent_id: &str,
+        agent_http: &str,
+    ) {
+        let now = crate::now_ms();
+        {
+            let mut s = functions.lock();
+            s.planner.launched(task_id, name, agent_id, now);
+            s.planner
+                .update(task_id, None, agent_id, TaskState::TaskRunning, "", now);
+            s.agent_http
+                .insert(agent_id.to_string(), agent_http.to_string());
+        }
+        functions.hosts_changed();
+    }
+
+    /// Records what the agent at `agent_http` last answered to `GET /fn-metrics`, as
+    /// the load poller does.
+    pub fn set_agent_metrics(
+        functions: &Functions,
+        agent_http: &str,
+        metrics: Vec<MetricsSnapshot>,
+    ) {
+        functions
+            .lock()
+            .metrics
+            .insert(agent_http.to_string(), metrics);
+    }
+}
+
 pub(crate) use framework::run as run_framework;
 pub(crate) use proxy::serve as serve_http;
 
