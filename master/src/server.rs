@@ -560,8 +560,22 @@ pub async fn start(cfg: MasterConfig) -> Result<MasterHandle> {
             identity: cfg.identity.clone(),
         };
         let gate = agora_net::gate::Gate::new("master QUIC", cfg.connections);
+        let handshaking = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
+                // Under a flood of handshakes, a peer first proves it receives at its
+                // source address (a stateless Retry): begun handshakes from forged
+                // addresses would otherwise hold about 120 KiB each until they time
+                // out, past any per-address cap.
+                if handshaking.load(std::sync::atomic::Ordering::Relaxed) >= HANDSHAKES_BEFORE_RETRY
+                    && !incoming.remote_address_validated()
+                    && incoming.may_retry()
+                {
+                    if let Err(e) = incoming.retry() {
+                        e.into_incoming().ignore();
+                    }
+                    continue;
+                }
                 // Caps before the handshake: a refused peer costs no TLS work.
                 let pass = match gate.admit(incoming.remote_address().ip()) {
                     Ok(p) => p,
@@ -579,9 +593,12 @@ pub async fn start(cfg: MasterConfig) -> Result<MasterHandle> {
                     store: store.clone(),
                     next_conn: next_conn.clone(),
                 };
+                let count = HandshakeCount::new(&handshaking);
                 tokio::spawn(async move {
                     let _pass = pass;
-                    match incoming.await {
+                    let done = incoming.await;
+                    drop(count);
+                    match done {
                         Ok(conn) => ctx.serve_connection(conn).await,
                         Err(e) => tracing::info!("incoming connection failed: {e}"),
                     }
@@ -600,6 +617,26 @@ pub async fn start(cfg: MasterConfig) -> Result<MasterHandle> {
         shared,
         tasks,
     })
+}
+
+/// Handshakes in progress past which a peer whose address is not yet validated is
+/// sent a stateless Retry first (one more round trip for it, no state kept for it).
+pub const HANDSHAKES_BEFORE_RETRY: usize = 64;
+
+/// One handshake in progress, counted until dropped.
+struct HandshakeCount(Arc<std::sync::atomic::AtomicUsize>);
+
+impl HandshakeCount {
+    fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> HandshakeCount {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        HandshakeCount(count.clone())
+    }
+}
+
+impl Drop for HandshakeCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// How long `agora masters add` waits for the new master to catch up with the log.
