@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The architecture rules of ARCHITECTURE.md that the compiler cannot see by itself:
-# the pure crates depend on nothing that does I/O and read no clock, and the master
-# and the agent do not link the WebAssembly runtime. Run by scripts/test.sh.
+# the pure crates depend on nothing that does I/O and read no clock, the master
+# and the agent do not link the WebAssembly runtime, and the shell crates take the
+# no-panic lints. Run by scripts/test.sh.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -44,9 +45,21 @@ for toml in */Cargo.toml */*/Cargo.toml; do
         fail=1
     fi
 done
+# The shells read the network, task output and the disk: each takes the workspace's
+# no-panic lints (unwrap, expect, indexing, panic!, unreachable!), which test.sh's
+# clippy step enforces; a crate that dropped its `[lints]` would pass it unseen.
+shells=(net master agent executor-link wasm-executor native-executor functions/runtime
+    functions/host functions/gateway http-forward sdk cli)
+for d in "${shells[@]}"; do
+    if ! awk '/^\[/{sect=$0} sect=="[lints]" && /^workspace *= *true/{found=1} END{exit !found}' "$d/Cargo.toml"; then
+        echo "layout: $d/Cargo.toml lacks [lints] workspace = true (the shells' no-panic lints)" >&2
+        fail=1
+    fi
+done
 if [ "$fail" = 0 ]; then
     echo "layout: pure crates (${pure[*]}) depend on no I/O crate and read no clock;"
     echo "layout: master, agent, the functions gateway, fn-api and executor-link do not link wasmtime"
     echo "layout: no library crate depends on anyhow"
+    echo "layout: the shell crates take the no-panic lints ([lints] workspace = true)"
 fi
 exit "$fail"

@@ -17,7 +17,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use agora_executor_link::{RECOVERY_TIMEOUT_ENV, SECRET_ENV};
@@ -291,7 +291,12 @@ impl AgentHandle {
     /// executors, which outlive the agent, wait up to their recovery timeout for an
     /// agent started again on the same work directory to re-attach.
     pub async fn stop(self) {
-        let executors = self.shared.lock().expect("agent state lock").children.len();
+        let executors = self
+            .shared
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .children
+            .len();
         self.close("agent stopped; its tasks keep running until it is back");
         if executors > 0 {
             tracing::info!(
@@ -306,14 +311,17 @@ impl AgentHandle {
     /// updates get a few seconds to reach the master (those that do not are kept in
     /// the checkpoint and sent by the next start).
     pub async fn drain(self) {
-        self.shared.lock().expect("agent state lock").shutting_down = true;
+        self.shared
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .shutting_down = true;
         self.agent.feed(Input::Drain);
         let deadline = Instant::now() + SHUTDOWN_GRACE;
         while Instant::now() < deadline
             && !self
                 .shared
                 .lock()
-                .expect("agent state lock")
+                .unwrap_or_else(PoisonError::into_inner)
                 .children
                 .is_empty()
         {
@@ -322,7 +330,7 @@ impl AgentHandle {
         let pids: Vec<u32> = self
             .shared
             .lock()
-            .expect("agent state lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .children
             .values()
             .copied()
@@ -336,7 +344,7 @@ impl AgentHandle {
         let deadline = Instant::now() + DRAIN_REPORT_GRACE;
         loop {
             let (pending, connected) = {
-                let s = self.shared.lock().expect("agent state lock");
+                let s = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
                 (s.core.unacknowledged_updates(), s.master_conn.is_some())
             };
             if pending == 0 || !connected || Instant::now() >= deadline {
@@ -363,7 +371,7 @@ impl AgentHandle {
         if let Some(c) = self
             .shared
             .lock()
-            .expect("agent state lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .master_conn
             .take()
         {
@@ -387,7 +395,7 @@ impl AgentHandle {
     pub fn agent_id(&self) -> Option<String> {
         self.shared
             .lock()
-            .expect("agent state lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .core
             .agent_id()
             .map(str::to_string)
@@ -936,7 +944,7 @@ async fn wait_for_exit(p: ExecutorProcess) {
 
 impl Agent {
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
-        self.shared.lock().expect("agent state lock")
+        self.shared.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn feed(&self, input: Input) {
@@ -978,18 +986,17 @@ impl Agent {
     /// Brings every executor group's limits to the sum of its live tasks.
     fn resize_groups(&self, s: &mut Shared) {
         let demand = s.core.executor_demand();
-        let keys: Vec<ExecutorKey> = s.groups.keys().cloned().collect();
-        for key in keys {
-            let want = demand.get(&key).cloned().unwrap_or_default();
-            if s.sized.get(&key) == Some(&want) {
+        for (key, group) in &s.groups {
+            let want = demand.get(key).cloned().unwrap_or_default();
+            if s.sized.get(key) == Some(&want) {
                 continue;
             }
-            let kind = s.core.executor_kind(&key).unwrap_or(ExecutorKind::Wasm);
+            let kind = s.core.executor_kind(key).unwrap_or(ExecutorKind::Wasm);
             let limits = self.executor_limits(kind, &want);
-            if let Err(e) = s.groups[&key].update(&limits) {
+            if let Err(e) = group.update(&limits) {
                 tracing::warn!(executor = %key.1, "cannot resize the executor's cgroup to {want}: {e}");
             }
-            s.sized.insert(key, want);
+            s.sized.insert(key.clone(), want);
         }
     }
 
@@ -1397,7 +1404,7 @@ impl Agent {
         let lock = self
             .fetch_locks
             .lock()
-            .expect("fetch locks")
+            .unwrap_or_else(PoisonError::into_inner)
             .entry(sha.to_string())
             .or_default()
             .clone();

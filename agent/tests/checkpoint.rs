@@ -1,5 +1,13 @@
 //! The checkpoint file (redb): what is written is what a reopened file holds,
 //! including after the process that wrote it is gone.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    clippy::unreachable,
+    reason = "a test: a panic is how it fails"
+)]
 
 use std::path::PathBuf;
 

@@ -5,6 +5,14 @@
 //! Every step's `take_checkpoint` delta is applied to a `CheckpointState` (what the
 //! redb file holds); a "restart" is `AgentCore::recover` from that state, so nothing
 //! the core keeps only in memory survives it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    clippy::unreachable,
+    reason = "a test: a panic is how it fails"
+)]
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -85,7 +85,7 @@ fn pct(sorted: &[u64], p: f64) -> u64 {
         return 0;
     }
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
+    sorted.get(i).or(sorted.last()).copied().unwrap_or(0)
 }
 
 pub async fn bench(cmd: BenchCmd) -> anyhow::Result<ExitCode> {

@@ -312,6 +312,10 @@ pub fn certs(cmd: CertsCmd) -> anyhow::Result<ExitCode> {
     let master = masters.join(", ");
     let cd = tls::init_cert_dir_with(&dir, &master_names, &agent_names)?;
     // client.json sits in DIR and names its files relative to itself.
+    #[allow(
+        clippy::indexing_slicing,
+        reason = "a default is pushed when none is given"
+    )]
     let mut client = client_config(&CertDir::new(Path::new("")), &masters[0]);
     if masters.len() > 1 {
         client.masters = masters.clone();
@@ -351,6 +355,10 @@ pub fn certs(cmd: CertsCmd) -> anyhow::Result<ExitCode> {
         );
     } else {
         // The address given, so its port is the one the master must listen on.
+        #[allow(
+            clippy::indexing_slicing,
+            reason = "a default is pushed when none is given"
+        )]
         let m = &masters[0];
         let port = m.rsplit_once(':').map(|(_, p)| p).unwrap_or("7400");
         println!(
@@ -839,6 +847,10 @@ impl DevAddresses {
     /// Best effort: a cluster that cannot remember its ports still runs.
     fn save(&self, data_dir: &Path) {
         let path = data_dir.join(DEV_ADDRESSES);
+        #[allow(
+            clippy::expect_used,
+            reason = "addresses only: serde_json cannot fail on them"
+        )]
         let text = serde_json::to_string_pretty(self).expect("addresses serialize");
         if let Err(e) = std::fs::write(&path, text + "\n") {
             tracing::warn!(
@@ -985,14 +997,14 @@ impl PrivateCluster {
         let dir = tempfile::tempdir()?;
         let cluster = DevCluster::start(
             dir.path(),
-            "127.0.0.1:0".parse().expect("literal"),
-            "127.0.0.1:0".parse().expect("literal"),
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            SocketAddr::from(([127, 0, 0, 1], 0)),
             detect_resources(),
             Vec::new(),
             IsolationSettings::default(),
             offer_timeout_ms(DEFAULT_OFFER_TIMEOUT)?,
             DevFunctions {
-                http: "127.0.0.1:0".parse().expect("literal"),
+                http: SocketAddr::from(([127, 0, 0, 1], 0)),
                 idle_timeout: Duration::from_secs(60),
                 http_required: true,
             },
@@ -1202,10 +1214,11 @@ async fn dev_group(
         masters: addrs.clone(),
     }
     .save(&a.data_dir);
-    let mut client = client_config(&cd, &addrs[0].quic.to_string());
+    let first = addrs.first().context("a group has at least one master")?;
+    let mut client = client_config(&cd, &first.quic.to_string());
     client.masters = addrs.iter().map(|m| m.quic.to_string()).collect();
     // A follower's HTTP door sends callers on to the leader's (307).
-    client.http = Some(format!("http://{}", addrs[0].http));
+    client.http = Some(format!("http://{}", first.http));
     let cfg_path = a.data_dir.join("client.json");
     client.save(&cfg_path)?;
     let probe = crate::devgroup::probe_endpoint(&Identity::from_cert_dir(&cd, Role::Client)?)?;

@@ -249,7 +249,8 @@ pub fn log_tail(path: &Path, n: usize) -> String {
     match std::fs::read_to_string(path) {
         Ok(t) => {
             let lines: Vec<&str> = t.lines().collect();
-            lines[lines.len().saturating_sub(n)..].join("\n")
+            let from = lines.len().saturating_sub(n);
+            lines.get(from..).unwrap_or_default().join("\n")
         }
         Err(e) => format!("(cannot read it: {e})"),
     }

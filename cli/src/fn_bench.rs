@@ -278,12 +278,9 @@ async fn measure_starts(
         let unique = with_custom_section(&bytes, &format!("{nonce}-{round}"));
         std::fs::write(&path, unique).with_context(|| format!("writing {}", path.display()))?;
         let uploaded = client.upload_file(&path).await?;
-        let names = [
-            format!("start-{round}-first"),
-            format!("start-{round}-cold"),
-        ];
-        let mut timed = Vec::new();
-        for name in &names {
+        let first_name = format!("start-{round}-first");
+        let cold_name = format!("start-{round}-cold");
+        for (name, times) in [(&first_name, &mut first), (&cold_name, &mut cold)] {
             deploy(cfg, name, &path, uploaded.clone(), 0, Vec::new()).await?;
             let fn_path = format!("/fn/{name}/");
             let (status, body, took) = bench::get_once(master, &fn_path, LIMIT).await?;
@@ -293,13 +290,11 @@ async fn measure_starts(
                     String::from_utf8_lossy(&body).trim()
                 );
             }
-            timed.push(took);
+            times.push(took);
         }
-        let (_, _, took) = bench::get_once(master, &format!("/fn/{}/", names[1]), LIMIT).await?;
-        first.push(timed[0]);
-        cold.push(timed[1]);
+        let (_, _, took) = bench::get_once(master, &format!("/fn/{cold_name}/"), LIMIT).await?;
         warm.push(took);
-        for name in &names {
+        for name in [&first_name, &cold_name] {
             crate::fns::operator(
                 cfg,
                 operator_request::Request::FnRemove(agora_proto::v1::FunctionRemove {
@@ -316,12 +311,14 @@ async fn measure_starts(
     );
     for (what, mut times) in [("first-ever", first), ("cold", cold), ("warm", warm)] {
         times.sort();
-        let ms = |d: &Duration| format!("{:.1}ms", d.as_secs_f64() * 1e3);
+        let ms = |d: Option<&Duration>| {
+            d.map_or("-".into(), |d| format!("{:.1}ms", d.as_secs_f64() * 1e3))
+        };
         println!(
             "{what:<12} {:>10} {:>10} {:>10}",
-            ms(&times[0]),
-            ms(&times[times.len() / 2]),
-            ms(&times[times.len() - 1])
+            ms(times.first()),
+            ms(times.get(times.len() / 2)),
+            ms(times.last())
         );
     }
     println!();

@@ -162,7 +162,8 @@ pub(crate) async fn operator(
 ) -> anyhow::Result<OperatorResponse> {
     let masters = cfg.master_addrs()?;
     let id = Identity::load(&cfg.ca, &cfg.cert, &cfg.key)?;
-    let endpoint = tls::client_endpoint(masters[0], &id)?;
+    let first = *masters.first().ok_or(agora_sdk::Error::NoMaster)?;
+    let endpoint = tls::client_endpoint(first, &id)?;
     let conn = agora_net::leader::connect_leader(&endpoint, &masters, tls::CONNECT_TIMEOUT, true)
         .await?
         .conn;
@@ -207,7 +208,7 @@ async fn http_base(cfg: &ClientConfig) -> Option<String> {
     let asked = async {
         let masters = cfg.master_addrs().ok()?;
         let id = Identity::load(&cfg.ca, &cfg.cert, &cfg.key).ok()?;
-        let endpoint = tls::client_endpoint(masters[0], &id).ok()?;
+        let endpoint = tls::client_endpoint(*masters.first()?, &id).ok()?;
         let leader =
             agora_net::leader::connect_leader(&endpoint, &masters, tls::CONNECT_TIMEOUT, true)
                 .await

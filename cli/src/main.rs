@@ -193,7 +193,9 @@ fn init_tracing(flag: Option<&str>, default: &str) -> Result<(), String> {
     // down); `agora masters` says which master is unreachable. A filter naming
     // openraft brings them back.
     if !text.contains("openraft") {
-        filter = filter.add_directive("openraft=error".parse().expect("a valid directive"));
+        #[allow(clippy::expect_used, reason = "a literal directive")]
+        let quiet = "openraft=error".parse().expect("a valid directive");
+        filter = filter.add_directive(quiet);
     }
     tracing_subscriber::fmt()
         .with_env_filter(filter)

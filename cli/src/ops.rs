@@ -9,6 +9,7 @@ use agora_proto::v1::{self, Reason, TaskState};
 use agora_proto::Resources;
 use agora_sdk::{Client, ClientConfig};
 use clap::Args;
+use futures_util::future::join_all;
 use tokio::io::AsyncWriteExt;
 
 use crate::Target;
@@ -315,7 +316,7 @@ pub async fn masters(cmd: Option<MastersCmd>, t: crate::Target) -> anyhow::Resul
             (addr, r)
         }
     };
-    let mut answers = futures_join(addrs.iter().map(|a| ask(*a))).await;
+    let mut answers = join_all(addrs.iter().map(|a| ask(*a))).await;
     // Members the configuration does not name (added later) are asked too.
     let more: Vec<SocketAddr> = answers
         .iter()
@@ -325,7 +326,7 @@ pub async fn masters(cmd: Option<MastersCmd>, t: crate::Target) -> anyhow::Resul
         .filter(|a| !addrs.contains(a))
         .collect();
     addrs.extend(&more);
-    answers.extend(futures_join(more.into_iter().map(ask)).await);
+    answers.extend(join_all(more.into_iter().map(ask)).await);
     let voters: Vec<u64> = answers
         .iter()
         .filter_map(|(_, r)| r.as_ref().ok().filter(|i| i.leading))
@@ -379,21 +380,6 @@ pub async fn masters(cmd: Option<MastersCmd>, t: crate::Target) -> anyhow::Resul
         return Ok(ExitCode::from(1));
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Awaits futures concurrently, in order.
-async fn futures_join<F: std::future::Future + Send + 'static>(
-    futs: impl IntoIterator<Item = F>,
-) -> Vec<F::Output>
-where
-    F::Output: Send + 'static,
-{
-    let handles: Vec<_> = futs.into_iter().map(tokio::spawn).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    for h in handles {
-        out.push(h.await.expect("query task"));
-    }
-    out
 }
 
 pub async fn agents(t: crate::Target) -> anyhow::Result<ExitCode> {

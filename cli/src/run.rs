@@ -510,9 +510,11 @@ async fn drive(
                         have.take_for_role(ask, role).map(|take| (i, take))
                     })
                 });
-                if let Some((i, take)) = fit {
+                // `fit` is only found while the task waits.
+                if let Some((i, take, mut t)) =
+                    fit.and_then(|(i, take)| Some((i, take, task.take()?)))
+                {
                     let offer = ids.remove(i);
-                    let mut t = task.take().expect("checked");
                     t.resources = take.to_proto();
                     sched.accept(vec![offer], vec![t], None).await?;
                     eprintln!("task {task_id} STAGING");

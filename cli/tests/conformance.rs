@@ -1,6 +1,14 @@
 //! WASI preview 1 conformance: every case of the wasi-testsuite C and AssemblyScript
 //! suites (see shared/conformance/README.md) runs as an ordinary job through one
 //! running cluster, via `agora run`, and must pass.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    clippy::unreachable,
+    reason = "a test: a panic is how it fails"
+)]
 
 mod common;
 

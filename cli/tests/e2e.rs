@@ -1,6 +1,14 @@
 //! End-to-end: the real `agora` binary runs a dev cluster (master, agent, wasm
 //! executor processes over QUIC and Unix sockets) and every guest example goes
 //! through `agora run`, as a user would run it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    clippy::unreachable,
+    reason = "a test: a panic is how it fails"
+)]
 
 mod common;
 

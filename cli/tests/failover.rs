@@ -1,6 +1,14 @@
 //! Replicated masters (issue 12): three `agora master` processes in one Raft group,
 //! an agent and frameworks that know all three; the leader is killed with `kill -9`
 //! while tasks run, and the group goes on without anyone stepping in.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    clippy::unreachable,
+    reason = "a test: a panic is how it fails"
+)]
 
 mod common;
 

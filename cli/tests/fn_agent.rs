@@ -5,6 +5,14 @@
 //! address, which a plain HTTP/1.1 client calls.
 //!
 //! Every wait is for an event or an answer, bounded; none sleeps to synchronise.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    clippy::unreachable,
+    reason = "a test: a panic is how it fails"
+)]
 
 mod common;
 

@@ -2,6 +2,14 @@
 //! `agora dev` cluster, `agora fn deploy|ls|logs|rm`, and HTTP requests to the master
 //! (which forwards to an agent, holding the request while a host starts) and to an
 //! agent directly.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    clippy::unreachable,
+    reason = "a test: a panic is how it fails"
+)]
 
 mod common;
 

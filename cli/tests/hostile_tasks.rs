@@ -6,6 +6,14 @@
 //! socket; root tasks need the agent's consent.
 //!
 //! These tests need root (to switch users) and skip, saying why, without it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    clippy::unreachable,
+    reason = "a test: a panic is how it fails"
+)]
 
 mod common;
 

@@ -6,6 +6,14 @@
 //! timeout: the two others elect a leader, the cut-off one stops leading, the
 //! framework is never offered the same resources twice, a task launches through the
 //! new leader, and when the link returns the old leader follows.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    clippy::unreachable,
+    reason = "a test: a panic is how it fails"
+)]
 
 mod common;
 

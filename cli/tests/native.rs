@@ -1,6 +1,14 @@
 //! Native tasks end to end: `agora run --command/--exec` through a real dev cluster,
 //! with the native executor isolating each task in a cgroup (v1 or v2, as root), and
 //! the posix fallback.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    clippy::unreachable,
+    reason = "a test: a panic is how it fails"
+)]
 
 mod common;
 

@@ -4,6 +4,14 @@
 //! longer than the master's agent timeout; the task keeps running, its framework
 //! (`agora run`, partition-aware) sees UNREACHABLE and then RUNNING again, and at
 //! the end prints the task's output and exits with its code. Nothing is lost.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    clippy::unreachable,
+    reason = "a test: a panic is how it fails"
+)]
 
 mod common;
 

@@ -4,6 +4,14 @@
 //! statuses of tasks that end meanwhile, and re-attach to the restarted agent, which
 //! re-registers with the same id; every task ends once, with its real ending. A stop
 //! with `--drain-on-stop` ends the tasks with the agent.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    clippy::unreachable,
+    reason = "a test: a panic is how it fails"
+)]
 
 mod common;
 

@@ -5,6 +5,14 @@
 //! reservation offered only to its role, MESSAGE and SHUTDOWN.
 //!
 //! Every wait is for an event, bounded by a timeout; none sleeps to synchronise.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    clippy::unreachable,
+    reason = "a test: a panic is how it fails"
+)]
 
 mod common;
 

@@ -1,5 +1,13 @@
 //! `agora certs init`, `agora master` and `agora agent` as separate processes, the
 //! way a real cluster runs, with resources and attributes given by flags.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    clippy::unreachable,
+    reason = "a test: a panic is how it fails"
+)]
 
 mod common;
 

@@ -117,7 +117,9 @@ pub fn compat_hash(value: &impl Hash) -> String {
     }
     let mut hasher = Sha(sha2::Sha256::new());
     value.hash(&mut hasher);
-    hex::encode(&hasher.0.finalize()[..8])
+    let digest = hasher.0.finalize();
+    #[allow(clippy::indexing_slicing, reason = "a sha256 digest is 32 bytes")]
+    hex::encode(&digest[..8])
 }
 
 #[cfg(test)]

@@ -47,13 +47,13 @@ impl CappedFile {
     /// file's own.
     pub fn write(&mut self, buf: &[u8]) -> io::Result<()> {
         let room = usize::try_from(self.limit.saturating_sub(self.written)).unwrap_or(usize::MAX);
-        let keep = room.min(buf.len());
-        if keep > 0 {
-            self.file.write_all(&buf[..keep])?;
-            self.written += keep as u64;
-            self.last = Some(buf[keep - 1]);
+        let keep = buf.get(..room).unwrap_or(buf);
+        if let Some(&last) = keep.last() {
+            self.file.write_all(keep)?;
+            self.written += keep.len() as u64;
+            self.last = Some(last);
         }
-        if keep < buf.len() && !self.truncated {
+        if keep.len() < buf.len() && !self.truncated {
             self.truncated = true;
             let newline = if matches!(self.last, Some(b) if b != b'\n') {
                 "\n"

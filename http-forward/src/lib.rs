@@ -398,22 +398,24 @@ where
         if this.done {
             return Poll::Ready(None);
         }
-        if this.inner.is_none() {
-            let taken = this
-                .shared
-                .body
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take();
-            match taken {
-                Some(body) => this.inner = Some(body),
-                None => {
-                    this.done = true;
-                    return Poll::Ready(Some(Err(BodyError::Taken)));
+        let inner = match &mut this.inner {
+            Some(inner) => inner,
+            None => {
+                let taken = this
+                    .shared
+                    .body
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .take();
+                match taken {
+                    Some(body) => this.inner.insert(body),
+                    None => {
+                        this.done = true;
+                        return Poll::Ready(Some(Err(BodyError::Taken)));
+                    }
                 }
             }
-        }
-        let inner = this.inner.as_mut().expect("taken above");
+        };
         match ready!(Pin::new(inner).poll_frame(cx)) {
             None => {
                 this.done = true;

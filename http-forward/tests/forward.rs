@@ -3,6 +3,14 @@
 //! (a tiny axum server), and clients that misbehave. No timing is asserted: what
 //! waits on something waits on a channel; the timeouts only turn a hang into a
 //! failure.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    clippy::unreachable,
+    reason = "a test: a panic is how it fails"
+)]
 
 use std::net::SocketAddr;
 use std::pin::Pin;

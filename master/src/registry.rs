@@ -31,6 +31,10 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// Where a (kind, key) pair lives and what it holds, for the file.
 fn entry_of(op: &RegistryOp) -> (&'static str, String, Option<Vec<u8>>) {
+    #[allow(
+        clippy::expect_used,
+        reason = "the core's records (derived Serialize, string map keys): serde_json cannot fail on them"
+    )]
     fn json<T: Serialize>(v: &T) -> Option<Vec<u8>> {
         Some(serde_json::to_vec(v).expect("registry entries serialize"))
     }

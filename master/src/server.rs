@@ -1778,6 +1778,10 @@ async fn write_out_batch<M: prost::Message>(
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unreachable,
+    reason = "a test: a panic is how it fails (clippy.toml cannot allow this one in tests)"
+)]
 mod tests {
     use super::*;
 

@@ -2,6 +2,14 @@
 //! in one process, each with its own registry file, endpoint and certificate, talking
 //! through `raft::net` exactly as separate processes would. Waits are on openraft's
 //! metrics watch, bounded; nothing sleeps to synchronise.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    clippy::unreachable,
+    reason = "a test: a panic is how it fails"
+)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;

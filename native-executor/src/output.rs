@@ -90,9 +90,11 @@ pub(crate) fn spawn_copier(
             match pipe.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
-                    tail.push(&buf[..n]);
+                    #[allow(clippy::indexing_slicing, reason = "read returns at most buf.len()")]
+                    let data = &buf[..n];
+                    tail.push(data);
                     if error.is_none() {
-                        if let Err(e) = out.write(&buf[..n]) {
+                        if let Err(e) = out.write(data) {
                             error = Some(e.to_string());
                         }
                     }

@@ -282,6 +282,7 @@ impl Runner {
     ) -> (Ending, ResourceUsage) {
         let refused = |ending| (ending, ResourceUsage::default());
         let Prepared {
+            command,
             mut cmd,
             program,
             stdout,
@@ -291,10 +292,6 @@ impl Runner {
             Ok(p) => p,
             Err(ending) => return refused(ending),
         };
-        let command = launch
-            .command
-            .as_ref()
-            .expect("prepare checked the command");
         let limits = CgroupLimits {
             milli_cpus: launch.milli_cpus,
             cfs_quota: self.cfg.cfs_quota,
@@ -400,7 +397,9 @@ impl Runner {
 }
 
 /// A task's command, ready to spawn, and its output files.
-struct Prepared {
+struct Prepared<'a> {
+    /// The launch's command, as checked.
+    command: &'a CommandInfo,
     cmd: Command,
     /// What ran, for messages: `/bin/sh` or the argv program.
     program: String,
@@ -592,7 +591,7 @@ impl Runner {
     /// inside it without following symlinks, the environment (exactly the launch's,
     /// plus a default PATH), stdin from /dev/null, stdout and stderr into pipes for
     /// the copiers.
-    fn prepare(&self, launch: &ExecutorLaunch) -> Result<Prepared, Ending> {
+    fn prepare<'a>(&self, launch: &'a ExecutorLaunch) -> Result<Prepared<'a>, Ending> {
         let refused = |reason, message: String| Ending::Refused { reason, message };
         let Some(command) = launch.command.as_ref() else {
             return Err(refused(
@@ -706,14 +705,16 @@ impl Runner {
         };
 
         let mut env: HashMap<String, String> = launch.env.clone().into_iter().collect();
-        env.entry("PATH".to_string())
-            .or_insert_with(|| DEFAULT_PATH.to_string());
+        let path_var = env
+            .entry("PATH".to_string())
+            .or_insert_with(|| DEFAULT_PATH.to_string())
+            .clone();
         let (mut cmd, program) = if command.shell {
             let mut c = Command::new("/bin/sh");
             c.arg("-c").arg(&command.value);
             (c, "/bin/sh".to_string())
         } else {
-            let Some(path) = resolve_program(&command.value, &env["PATH"], &cwd) else {
+            let Some(path) = resolve_program(&command.value, &path_var, &cwd) else {
                 return Err(Ending::NotFound {
                     program: command.value.clone(),
                 });
@@ -736,6 +737,7 @@ impl Runner {
             .stdout(pipe_or_null(&stdout))
             .stderr(pipe_or_null(&stderr));
         Ok(Prepared {
+            command,
             cmd,
             program,
             stdout,

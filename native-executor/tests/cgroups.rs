@@ -1,6 +1,14 @@
 //! The isolation layer on real cgroups (root; v1 on the test machines): limits read
 //! back from cgroupfs, a child joined before exec, CPU use under a quota, and leftover
 //! cleanup. Skips, saying why, where cgroups cannot be used.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    clippy::unreachable,
+    reason = "a test: a panic is how it fails"
+)]
 
 mod common;
 

@@ -2,6 +2,14 @@
 //! (root; skipped with the reason elsewhere) and with posix isolation (always).
 //! Bad input included: a fork bomb, memory bombs, a process tree that ignores SIGTERM,
 //! commands that do not exist.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    clippy::unreachable,
+    reason = "a test: a panic is how it fails"
+)]
 
 mod common;
 

@@ -55,6 +55,10 @@ where
     }
     let mut buf = Vec::with_capacity(4 + len);
     buf.extend_from_slice(&(len as u32).to_be_bytes());
+    #[allow(
+        clippy::expect_used,
+        reason = "a Vec grows as needed: prost fails an encode only for want of room"
+    )]
     msg.encode(&mut buf)
         .expect("Vec has room for the encoded message");
     w.write_all(&buf).await?;
@@ -88,6 +92,10 @@ impl FrameBatch {
         }
         self.buf.reserve(4 + len);
         self.buf.extend_from_slice(&(len as u32).to_be_bytes());
+        #[allow(
+            clippy::expect_used,
+            reason = "a Vec grows as needed: prost fails an encode only for want of room"
+        )]
         msg.encode(&mut self.buf)
             .expect("reserved room for the message");
         Ok(())
@@ -154,6 +162,7 @@ where
     let mut len = [0u8; 4];
     let mut got = 0;
     while got < 4 {
+        #[allow(clippy::indexing_slicing, reason = "got < 4: the loop's condition")]
         let n = r.read(&mut len[got..]).await?;
         if n == 0 {
             return if got == 0 {

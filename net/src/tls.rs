@@ -555,6 +555,7 @@ fn provider() -> Arc<CryptoProvider> {
 fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(KEEP_ALIVE_INTERVAL));
+    #[allow(clippy::expect_used, reason = "a constant well under quinn's limit")]
     t.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(MAX_IDLE_TIMEOUT).expect("15 s is a valid idle timeout"),
     ));

@@ -32,6 +32,7 @@ pub async fn send_file<W: AsyncWrite + Unpin>(w: &mut W, path: &Path) -> Result<
             .await?;
             return Ok(());
         }
+        #[allow(clippy::indexing_slicing, reason = "read returns at most buf.len()")]
         write_frame(
             w,
             &DataChunk {
@@ -154,6 +155,7 @@ pub async fn hash_file(path: &Path) -> Result<(String, u64)> {
             break;
         }
         size += n as u64;
+        #[allow(clippy::indexing_slicing, reason = "read returns at most buf.len()")]
         hasher.update(&buf[..n]);
     }
     Ok((hex::encode(hasher.finalize()), size))

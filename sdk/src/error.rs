@@ -15,6 +15,8 @@ pub enum Error {
          or pass --config FILE / set AGORA_CONFIG"
     )]
     NoConfig,
+    #[error("the client config names no master")]
+    NoMaster,
     #[error("cannot read the client config {}: {cause}", .path.display())]
     ReadConfig {
         path: PathBuf,

@@ -171,11 +171,13 @@ impl ClientConfig {
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
-        let text = serde_json::to_string_pretty(self).expect("a ClientConfig always serializes");
-        std::fs::write(path, text + "\n").map_err(|cause| Error::WriteConfig {
+        let write_error = |cause| Error::WriteConfig {
             path: path.into(),
             cause,
-        })
+        };
+        // Fails only on a path that is not UTF-8 (JSON has no bytes).
+        let text = serde_json::to_string_pretty(self).map_err(|e| write_error(e.into()))?;
+        std::fs::write(path, text + "\n").map_err(write_error)
     }
 
     /// Finds the config: `config` (from --config), else the file `AGORA_CONFIG`
@@ -323,7 +325,8 @@ impl Client {
     pub async fn connect(cfg: &ClientConfig) -> Result<Client> {
         let masters = cfg.master_addrs()?;
         let id = Identity::load(&cfg.ca, &cfg.cert, &cfg.key)?;
-        let endpoint = tls::client_endpoint(masters[0], &id)?;
+        let first = *masters.first().ok_or(Error::NoMaster)?;
+        let endpoint = tls::client_endpoint(first, &id)?;
         let leader = agora_net::leader::connect_leader(
             &endpoint,
             &masters,

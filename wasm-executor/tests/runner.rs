@@ -1,5 +1,13 @@
 //! Runner-level tests with real guests (guest-examples, built for wasm32-wasip1) and
 //! small modules written inline as WebAssembly text.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    clippy::unreachable,
+    reason = "a test: a panic is how it fails"
+)]
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;

@@ -53,11 +53,11 @@ fn secs(d: Duration) -> String {
 fn stats(v: &[Duration]) -> String {
     let mut s = v.to_vec();
     s.sort();
-    match (s.first(), s.last()) {
-        (Some(min), Some(max)) => format!(
+    match (s.first(), s.get(s.len() / 2), s.last()) {
+        (Some(min), Some(median), Some(max)) => format!(
             "min {}  median {}  max {}",
             secs(*min),
-            secs(s[s.len() / 2]),
+            secs(*median),
             secs(*max)
         ),
         _ => "-".into(),
@@ -140,13 +140,21 @@ pub async fn bench_failover(a: FailoverArgs) -> anyhow::Result<ExitCode> {
     result
 }
 
+/// The QUIC address of master `id` (the group numbers them from 1).
+fn quic_of(addrs: &[MasterAddrs], id: u64) -> anyhow::Result<SocketAddr> {
+    let at = usize::try_from(id).ok().and_then(|id| id.checked_sub(1));
+    at.and_then(|at| addrs.get(at))
+        .map(|m| m.quic)
+        .ok_or_else(|| anyhow::anyhow!("the group has no master {id}"))
+}
+
 async fn run(
     a: &FailoverArgs,
     group: &mut MasterGroup,
     cd: &tls::CertDir,
     addrs: &[MasterAddrs],
 ) -> anyhow::Result<ExitCode> {
-    let mut cfg = crate::cluster::client_config(cd, &addrs[0].quic.to_string());
+    let mut cfg = crate::cluster::client_config(cd, &quic_of(addrs, 1)?.to_string());
     cfg.masters = addrs.iter().map(|m| m.quic.to_string()).collect();
     let probe = crate::devgroup::probe_endpoint(&Identity::from_cert_dir(cd, Role::Client)?)?;
     let client = Client::connect(&cfg).await?;
@@ -248,7 +256,7 @@ async fn run(
             }
             Phase::Rejoin { id, since } => {
                 let (id, since) = (*id, *since);
-                let addr = addrs[id as usize - 1].quic;
+                let addr = quic_of(addrs, id)?;
                 if let Some(info) = crate::devgroup::query(&probe, addr).await {
                     if info.term > 0 && info.leader_id != 0 && !info.leading {
                         phase = Phase::Steady {
@@ -297,7 +305,8 @@ async fn run(
         {
             let mut r = running.clone();
             r.sort();
-            r[r.len() / 2].as_micros() as f64 / steady.max(1) as f64
+            r.get(r.len() / 2)
+                .map_or(0.0, |m| m.as_micros() as f64 / steady.max(1) as f64)
         }
     );
     println!(

@@ -364,11 +364,9 @@ impl Measured {
 
 /// The `q` quantile (0..=1, nearest rank) of ascending `sorted` latencies; 0 when empty.
 pub fn percentile(sorted: &[u32], q: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
     let rank = (sorted.len() as f64 * q.clamp(0.0, 1.0)).ceil() as usize;
-    u64::from(sorted[rank.clamp(1, sorted.len()) - 1])
+    let at = sorted.get(rank.saturating_sub(1)).or(sorted.last());
+    at.map_or(0, |&v| u64::from(v))
 }
 
 /// Loads `addr` with `concurrency` keep-alive connections, each sending `GET /fn/noop`

@@ -282,14 +282,10 @@ impl Planner {
                 None => return true,
             }
         }
-        let Some(host) = self.hosts.get_mut(task_id) else {
-            return false;
-        };
-        if !agent_id.is_empty() {
-            host.agent_id = agent_id.to_string();
-        }
         if terminal {
-            let host = self.hosts.remove(task_id).expect("checked above");
+            let Some(host) = self.hosts.remove(task_id) else {
+                return false;
+            };
             let expected = host.state == HostState::Killing || state == TaskState::TaskFinished;
             if let Some(f) = self.functions.get_mut(&host.function) {
                 if !expected && host.generation == f.generation {
@@ -308,6 +304,12 @@ impl Planner {
                 }
             }
             return false;
+        }
+        let Some(host) = self.hosts.get_mut(task_id) else {
+            return false;
+        };
+        if !agent_id.is_empty() {
+            host.agent_id = agent_id.to_string();
         }
         match state {
             TaskState::TaskRunning => {

@@ -567,8 +567,7 @@ impl State {
         self.round_robin = self.round_robin.wrapping_add(1);
         let start = self.round_robin % addrs.len();
         let mut best: Option<(&String, u64)> = None;
-        for i in 0..addrs.len() {
-            let a = addrs[(start + i) % addrs.len()];
+        for &a in addrs.iter().cycle().skip(start).take(addrs.len()) {
             let busy = self.forwarding.get(a).copied().unwrap_or(0);
             if best.is_none_or(|(_, b)| busy < b) {
                 best = Some((a, busy));

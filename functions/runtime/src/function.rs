@@ -331,7 +331,7 @@ impl CapturePipe {
         }
         capture
             .bytes
-            .extend_from_slice(&data[..data.len().min(room)]);
+            .extend_from_slice(data.get(..room).unwrap_or(data));
     }
 }
 

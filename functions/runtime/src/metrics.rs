@@ -54,16 +54,28 @@ impl FunctionMetrics {
     pub(crate) fn record_end(&self, error: Option<ErrorClass>, latency: Duration, fuel: u64) {
         match error {
             None => self.responses.fetch_add(1, Ordering::Relaxed),
-            Some(class) => self.errors[class.index()].fetch_add(1, Ordering::Relaxed),
+            Some(class) => self.errors_of(class).fetch_add(1, Ordering::Relaxed),
         };
         let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         let bucket = LATENCY_BUCKETS_US
             .iter()
             .position(|&bound| us <= bound)
             .unwrap_or(LATENCY_BUCKETS_US.len());
+        #[allow(
+            clippy::indexing_slicing,
+            reason = "one bucket more than LATENCY_BUCKETS_US, whose length is the last"
+        )]
         self.latency[bucket].fetch_add(1, Ordering::Relaxed);
         self.latency_sum_us.fetch_add(us, Ordering::Relaxed);
         self.fuel_used.fetch_add(fuel, Ordering::Relaxed);
+    }
+
+    fn errors_of(&self, class: ErrorClass) -> &AtomicU64 {
+        #[allow(
+            clippy::indexing_slicing,
+            reason = "index() is a position in ErrorClass::ALL, whose length the array has"
+        )]
+        &self.errors[class.index()]
     }
 
     /// Counts one running request until the guard is dropped.
@@ -78,7 +90,7 @@ impl FunctionMetrics {
 
     pub(crate) fn snapshot(&self, id: FunctionIdentity) -> MetricsSnapshot {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let error = |class: ErrorClass| load(&self.errors[class.index()]);
+        let error = |class: ErrorClass| load(self.errors_of(class));
         let counts: Vec<u64> = self.latency.iter().map(load).collect();
         MetricsSnapshot {
             name: id.name,

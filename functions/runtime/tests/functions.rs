@@ -1,5 +1,13 @@
 //! The function runtime end to end over HTTP on loopback, with real guests built by
 //! scripts/build-guests.sh (or on first use).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    clippy::unreachable,
+    reason = "a test: a panic is how it fails"
+)]
 
 mod common;
 

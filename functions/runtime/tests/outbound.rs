@@ -1,6 +1,14 @@
 //! Outgoing HTTP from `wasi:http` components: denied by default, allowed to the hosts a
 //! function's allow-list names, capped per request and bounded by the deadline. The
 //! `fetch-http` guest calls a small upstream server on a free loopback port.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    clippy::unreachable,
+    reason = "a test: a panic is how it fails"
+)]
 
 mod common;
 

@@ -45,6 +45,10 @@ fn ioe<E: std::fmt::Display>(e: E) -> io::Error {
     io::Error::other(e.to_string())
 }
 
+#[allow(
+    clippy::expect_used,
+    reason = "our own records (derived Serialize, map keys strings or integers): serde_json cannot fail on them"
+)]
 fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("raft records serialize")
 }
@@ -397,16 +401,15 @@ fn encode_rows(rows: &[(String, String, Vec<u8>)]) -> Vec<u8> {
 fn decode_rows(mut b: &[u8]) -> io::Result<Vec<(String, String, Vec<u8>)>> {
     let bad = |why: &str| io::Error::new(io::ErrorKind::InvalidData, format!("snapshot: {why}"));
     let take = |b: &mut &[u8]| -> io::Result<Vec<u8>> {
-        if b.len() < 4 {
-            return Err(bad("truncated length"));
-        }
-        let n = u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize;
-        if b.len() - 4 < n {
-            return Err(bad("truncated row"));
-        }
-        let part = b[4..4 + n].to_vec();
-        *b = &b[4 + n..];
-        Ok(part)
+        let (len, rest) = b
+            .split_first_chunk::<4>()
+            .ok_or_else(|| bad("truncated length"))?;
+        let n = u32::from_be_bytes(*len) as usize;
+        let (part, rest) = rest
+            .split_at_checked(n)
+            .ok_or_else(|| bad("truncated row"))?;
+        *b = rest;
+        Ok(part.to_vec())
     };
     let mut rows = Vec::new();
     while !b.is_empty() {

@@ -134,6 +134,10 @@ pub fn decode_membership(m: &pb::RaftMembership) -> Result<Membership> {
         .map_err(|e| malformed(format!("the membership is unusable: {e}")))
 }
 
+#[allow(
+    clippy::expect_used,
+    reason = "the core's records (derived Serialize, string map keys): serde_json cannot fail on them"
+)]
 pub fn encode_entry(e: &Entry) -> pb::RaftEntry {
     use pb::raft_entry::Payload;
     let payload = match &e.payload {
@@ -313,6 +317,10 @@ pub fn decode_snapshot_reply(r: &pb::RaftSnapshotReply) -> Result<SnapshotReplyO
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unreachable,
+    reason = "a test: a panic is how it fails (clippy.toml cannot allow this one in tests)"
+)]
 mod tests {
     use super::*;
     use crate::registry::*;

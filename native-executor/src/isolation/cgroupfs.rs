@@ -182,16 +182,16 @@ pub fn parse_mountinfo(text: &str) -> Vec<CgroupMount> {
             let (left, right) = line.split_once(" - ")?;
             let left: Vec<&str> = left.split(' ').collect();
             let right: Vec<&str> = right.split(' ').collect();
-            if left.len() < 6 || right.len() < 3 {
+            let ([_, _, _, _, mount_point, mount_opts, ..], [fs_type, _, super_opts, ..]) =
+                (left.as_slice(), right.as_slice())
+            else {
                 return None;
-            }
-            let v2 = match right[0] {
+            };
+            let v2 = match *fs_type {
                 "cgroup2" => true,
                 "cgroup" => false,
                 _ => return None,
             };
-            let mount_opts = left[5];
-            let super_opts = right[2];
             let read_only = mount_opts.split(',').any(|o| o == "ro")
                 || super_opts.split(',').any(|o| o == "ro");
             let controllers = if v2 {
@@ -204,7 +204,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<CgroupMount> {
                     .collect()
             };
             Some(CgroupMount {
-                mount_point: PathBuf::from(unescape_octal(left[4])),
+                mount_point: PathBuf::from(unescape_octal(mount_point)),
                 v2,
                 controllers,
                 read_only,
@@ -218,16 +218,25 @@ fn unescape_octal(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes
-            .get(i + 1..i + 4)
-            .filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)));
-        if let (b'\\', Some(d)) = (bytes[i], octal) {
-            out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
-            i += 4;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
+    while let Some(&byte) = bytes.get(i) {
+        let digits = bytes.get(i + 1..i + 4).filter(|_| byte == b'\\');
+        // Three octal digits, at most 0o377 (a larger number is kept as it stands).
+        let escaped = match digits {
+            Some(&[d0, d1, d2]) if [d0, d1, d2].iter().all(|d| (b'0'..=b'7').contains(d)) => {
+                let n = u16::from(d0 - b'0') * 64 + u16::from(d1 - b'0') * 8 + u16::from(d2 - b'0');
+                u8::try_from(n).ok()
+            }
+            _ => None,
+        };
+        match escaped {
+            Some(b) => {
+                out.push(b);
+                i += 4;
+            }
+            None => {
+                out.push(byte);
+                i += 1;
+            }
         }
     }
     String::from_utf8_lossy(&out).into_owned()

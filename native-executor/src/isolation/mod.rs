@@ -372,15 +372,15 @@ pub(crate) fn pick_hierarchy(
     };
     let needed = ["cpu", "cpuacct", "memory", "pids"];
     let found: Vec<&CgroupMount> = needed.iter().filter_map(|c| v1(c)).collect();
-    if found.len() == needed.len() {
+    if let [cpu, cpuacct, memory, pids] = found.as_slice() {
         if let Some(ro) = found.iter().find(|m| m.read_only) {
             return Err(format!("{} is mounted read-only", ro.mount_point.display()));
         }
         return Ok(Hierarchy::V1 {
-            cpu: found[0].mount_point.clone(),
-            cpuacct: found[1].mount_point.clone(),
-            memory: found[2].mount_point.clone(),
-            pids: found[3].mount_point.clone(),
+            cpu: cpu.mount_point.clone(),
+            cpuacct: cpuacct.mount_point.clone(),
+            memory: memory.mount_point.clone(),
+            pids: pids.mount_point.clone(),
             freezer: v1("freezer")
                 .filter(|m| !m.read_only)
                 .map(|m| m.mount_point.clone()),
@@ -513,8 +513,13 @@ impl Group {
         let join: Vec<CString> = self
             .join_files()
             .iter()
-            .map(|p| CString::new(p.as_os_str().as_bytes()).expect("cgroup paths hold no NUL"))
-            .collect();
+            .map(|p| {
+                CString::new(p.as_os_str().as_bytes()).map_err(|_| {
+                    let nul = io::Error::new(io::ErrorKind::InvalidInput, "NUL in a path");
+                    Error::cgroup("join", p, nul)
+                })
+            })
+            .collect::<Result<_>>()?;
         let rlimit_as = match &self.inner {
             Inner::Posix(p) => Some(p.limits().mem_bytes).filter(|&b| b > 0),
             Inner::Cgroup(_) => None,
@@ -1073,22 +1078,24 @@ fn child_setup(
                         if sandbox_fd < 0 {
                             -1
                         } else {
-                            let prefix = b"/proc/self/fd/";
-                            fd_path[..prefix.len()].copy_from_slice(prefix);
-                            let mut digits = [0u8; 12];
+                            // The fd's digits, least significant first (a u32 has 10).
+                            let mut digits = [0u8; 10];
                             let (mut n, mut k) = (sandbox_fd as u32, 0);
-                            loop {
-                                digits[k] = b'0' + (n % 10) as u8;
+                            for d in &mut digits {
+                                *d = b'0' + (n % 10) as u8;
                                 k += 1;
                                 n /= 10;
                                 if n == 0 {
                                     break;
                                 }
                             }
-                            for j in 0..k {
-                                fd_path[prefix.len() + j] = digits[k - 1 - j];
+                            let prefix = b"/proc/self/fd/".iter();
+                            let number = digits.iter().take(k).rev();
+                            // 14 + 10 + 1 bytes at most, in a buffer of 40.
+                            let text = prefix.chain(number).chain(&[0]);
+                            for (to, from) in fd_path.iter_mut().zip(text) {
+                                *to = *from;
                             }
-                            fd_path[prefix.len() + k] = 0;
                             0
                         }
                     }

@@ -217,10 +217,13 @@ fn first_ciovec_len(caller: &mut Caller<'_, TaskCtx>, iovs: u32, n: u32) -> u64 
     let base = iovs as usize;
     for i in 0..(n as usize).min(1024) {
         let at = base.saturating_add(i * 8);
-        let Some(len) = data.get(at.saturating_add(4)..at.saturating_add(8)) else {
+        let Some(len) = data
+            .get(at.saturating_add(4)..)
+            .and_then(|b| b.first_chunk::<4>())
+        else {
             return 0;
         };
-        let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]);
+        let len = u32::from_le_bytes(*len);
         if len > 0 {
             return u64::from(len);
         }

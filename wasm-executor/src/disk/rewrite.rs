@@ -206,6 +206,10 @@ impl Plan {
         self.charges.len() as u32
     }
 
+    #[allow(
+        clippy::expect_used,
+        reason = "plan() imports the charge of every hooked call, and only those ask"
+    )]
     fn charge_index(&self, name: &str) -> u32 {
         let at = self
             .charges
