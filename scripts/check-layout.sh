@@ -49,7 +49,7 @@ done
 # no-panic lints (unwrap, expect, indexing, panic!, unreachable!), which test.sh's
 # clippy step enforces; a crate that dropped its `[lints]` would pass it unseen.
 shells=(net master agent executor-link wasm-executor native-executor functions/runtime
-    functions/host functions/gateway http-forward sdk cli)
+    functions/host functions/gateway functions/api http-forward sdk cli)
 for d in "${shells[@]}"; do
     if ! awk '/^\[/{sect=$0} sect=="[lints]" && /^workspace *= *true/{found=1} END{exit !found}' "$d/Cargo.toml"; then
         echo "layout: $d/Cargo.toml lacks [lints] workspace = true (the shells' no-panic lints)" >&2

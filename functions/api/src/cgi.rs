@@ -34,7 +34,7 @@ fn parse(output: Bytes) -> Result<Response<Bytes>, String> {
     if head_len == 0 {
         return Err("the function's output starts with a blank line: a CGI response needs at least one header, e.g. Content-Type".to_string());
     }
-    let head = &output[..head_len];
+    let head = output.get(..head_len).unwrap_or_default();
 
     let mut status: Option<StatusCode> = None;
     let mut headers = HeaderMap::new();
@@ -46,14 +46,14 @@ fn parse(output: Bytes) -> Result<Response<Bytes>, String> {
                 "the function's response has more than {MAX_RESPONSE_HEADERS} headers"
             ));
         }
-        let colon = line.iter().position(|&b| b == b':').ok_or_else(|| {
+        let mut parts = line.splitn(2, |&b| b == b':');
+        let name = parts.next().unwrap_or_default();
+        let value = trim(parts.next().ok_or_else(|| {
             format!(
                 "header line {line_no} of the function's output has no ':' ({:?})",
                 preview(line)
             )
-        })?;
-        let name = &line[..colon];
-        let value = trim(&line[colon + 1..]);
+        })?);
         if name.eq_ignore_ascii_case(b"status") {
             status = Some(parse_status(value).ok_or_else(|| {
                 format!(
@@ -99,27 +99,21 @@ fn find_head_end(output: &[u8]) -> Option<(usize, usize)> {
     if output.starts_with(b"\n") {
         return Some((0, 1));
     }
-    let mut i = 0;
-    while let Some(pos) = output[i..].iter().position(|&b| b == b'\n') {
-        let nl = i + pos;
-        let rest = &output[nl + 1..];
-        if rest.starts_with(b"\r\n") {
-            let head_end = if nl > 0 && output[nl - 1] == b'\r' {
-                nl - 1
-            } else {
-                nl
-            };
-            return Some((head_end, nl + 3));
-        }
-        if rest.starts_with(b"\n") {
-            let head_end = if nl > 0 && output[nl - 1] == b'\r' {
-                nl - 1
-            } else {
-                nl
-            };
-            return Some((head_end, nl + 2));
-        }
-        i = nl + 1;
+    for (nl, _) in output.iter().enumerate().filter(|(_, b)| **b == b'\n') {
+        let rest = output.get(nl + 1..).unwrap_or_default();
+        let blank = if rest.starts_with(b"\r\n") {
+            2
+        } else if rest.starts_with(b"\n") {
+            1
+        } else {
+            continue;
+        };
+        let head_end = if nl > 0 && output.get(nl - 1) == Some(&b'\r') {
+            nl - 1
+        } else {
+            nl
+        };
+        return Some((head_end, nl + 1 + blank));
     }
     None
 }
@@ -141,7 +135,7 @@ fn trim(bytes: &[u8]) -> &[u8] {
         .iter()
         .rposition(|b| !b.is_ascii_whitespace())
         .map_or(start, |e| e + 1);
-    &bytes[start..end]
+    bytes.get(start..end).unwrap_or_default()
 }
 
 /// Removes the headers that describe the connection or the framing of the body, which

@@ -212,9 +212,12 @@ impl Rule {
             (HostRule::Subdomains(suffix), RequestHost::Name(name)) => {
                 let (name, suffix) = (name.as_bytes(), suffix.as_bytes());
                 // At least one character before the dot: a subdomain, not the name.
-                name.len() > suffix.len()
-                    && name[name.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
-                    && name[name.len() - suffix.len() - 1] != b'.'
+                name.len() > suffix.len() && {
+                    let cut = name.len() - suffix.len();
+                    name.get(cut..)
+                        .is_some_and(|tail| tail.eq_ignore_ascii_case(suffix))
+                        && name.get(cut - 1) != Some(&b'.')
+                }
             }
             _ => false,
         };
