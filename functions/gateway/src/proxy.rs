@@ -290,13 +290,20 @@ async fn forward(State(app): State<App>, request: Request) -> Response<Body> {
                     // The lease is held until the body is sent (so the agent counts
                     // as busy meanwhile).
                     Ok(r) => r.map(|body| Body::new(body.hold(lease))),
+                    // In bytes: a size just past the limit would read as the limit.
                     Err(t) => plain(
                         StatusCode::BAD_GATEWAY,
-                        format!(
-                            "function {name}: the response of {} is larger than the master's limit of {}\n",
-                            format_bytes(t.declared.unwrap_or(t.limit)),
-                            format_bytes(t.limit)
-                        ),
+                        match t.declared {
+                            Some(declared) => format!(
+                                "function {name}: the response declares {declared} bytes, more than the master's limit of {} ({} bytes)\n",
+                                format_bytes(t.limit),
+                                t.limit
+                            ),
+                            None => format!(
+                                "function {name}: the response is larger than the master's limit of {}\n",
+                                format_bytes(t.limit)
+                            ),
+                        },
                     ),
                 };
             }
