@@ -16,6 +16,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use agora_agent::http::{router, Routes};
+use agora_fuzz::door::{check_answer, split_writes};
 use agora_proto::v1::FunctionInfo;
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -126,40 +127,5 @@ fuzz_target!(|data: &[u8]| {
         served.abort();
         answer
     });
-    if answer.is_empty() {
-        return;
-    }
-    // An HTTP/1.0 request is answered in HTTP/1.0.
-    assert!(
-        answer.starts_with(b"HTTP/1.1 ") || answer.starts_with(b"HTTP/1.0 "),
-        "not a status line: {:?}",
-        String::from_utf8_lossy(&answer[..answer.len().min(64)])
-    );
-    let code = answer
-        .get(9..12)
-        .and_then(|c| std::str::from_utf8(c).ok())
-        .and_then(|c| c.parse::<u16>().ok());
-    let Some(code) = code else {
-        panic!(
-            "no status code: {:?}",
-            String::from_utf8_lossy(&answer[..answer.len().min(64)])
-        );
-    };
-    assert!((100..=599).contains(&code), "status {code}");
-    assert_ne!(
-        code, 500,
-        "a request handler panicked (caught by the door's guard)"
-    );
+    check_answer("agent", &answer);
 });
-
-/// The input cut at each `\xff\xfe` (bytes a request head cannot hold anyway).
-fn split_writes(data: &[u8]) -> Vec<&[u8]> {
-    let mut parts = Vec::new();
-    let mut rest = data;
-    while let Some(at) = rest.windows(2).position(|w| w == b"\xff\xfe") {
-        parts.push(&rest[..at]);
-        rest = &rest[at + 2..];
-    }
-    parts.push(rest);
-    parts
-}

@@ -32,6 +32,7 @@ use std::time::Duration;
 
 use agora_fn_api::{ErrorCounts, GuestKind, LatencyHistogram, MetricsSnapshot};
 use agora_fn_gateway::{fuzzing, Functions};
+use agora_fuzz::door::{check_answer, split_writes};
 use agora_proto::v1::{FunctionDeploy, WasmModule};
 use http_body_util::BodyExt as _;
 use libfuzzer_sys::fuzz_target;
@@ -242,46 +243,6 @@ fuzz_target!(|data: &[u8]| {
     for (door, functions) in [("leader", &doors.leader), ("follower", &doors.follower)] {
         let router = fuzzing::router(Arc::clone(functions));
         let answer = doors.runtime.block_on(exchange(router, data));
-        check(door, &answer);
+        check_answer(door, &answer);
     }
 });
-
-/// The answer, if any, starts with a status line of a valid code other than 500.
-fn check(door: &str, answer: &[u8]) {
-    if answer.is_empty() {
-        return;
-    }
-    let head = || String::from_utf8_lossy(&answer[..answer.len().min(64)]).into_owned();
-    // An HTTP/1.0 request is answered in HTTP/1.0.
-    assert!(
-        answer.starts_with(b"HTTP/1.1 ") || answer.starts_with(b"HTTP/1.0 "),
-        "{door}: not a status line: {:?}",
-        head()
-    );
-    let code = answer
-        .get(9..12)
-        .and_then(|c| std::str::from_utf8(c).ok())
-        .and_then(|c| c.parse::<u16>().ok());
-    let Some(code) = code else {
-        panic!("{door}: no status code: {:?}", head());
-    };
-    assert!((100..=599).contains(&code), "{door}: status {code}");
-    assert_ne!(
-        code,
-        500,
-        "{door}: a request handler panicked (caught by the door's guard): {:?}",
-        head()
-    );
-}
-
-/// The input cut at each `\xff\xfe` (bytes a request head cannot hold anyway).
-fn split_writes(data: &[u8]) -> Vec<&[u8]> {
-    let mut parts = Vec::new();
-    let mut rest = data;
-    while let Some(at) = rest.windows(2).position(|w| w == b"\xff\xfe") {
-        parts.push(&rest[..at]);
-        rest = &rest[at + 2..];
-    }
-    parts.push(rest);
-    parts
-}

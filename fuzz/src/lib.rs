@@ -10,6 +10,7 @@
 //! harness's `check`).
 
 pub mod agent;
+pub mod door;
 pub mod master;
 
 use std::future::Future;

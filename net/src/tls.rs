@@ -231,29 +231,10 @@ pub fn init_cert_dir_with(
         if cd.cert(role).exists() && cd.key(role).exists() {
             continue;
         }
-        let mut params = CertificateParams::default();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, role.common_name());
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "Agora");
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.use_authority_key_identifier_extension = true;
-        set_validity(&mut params);
+        let mut params = leaf_params(role.common_name());
         match role {
             Role::Master => {
-                let names = san_list(MASTER_SERVER_NAME, extra_master_names);
-                params.subject_alt_names = CertificateParams::new(names.clone())
-                    .map_err(|e| {
-                        Error::tls(
-                            format!("invalid master name among {names:?}: expected DNS names or IP addresses"),
-                            e,
-                        )
-                    })?
-                    .subject_alt_names;
+                params.subject_alt_names = sans(MASTER_SERVER_NAME, extra_master_names, "master")?;
                 // A master also acts as a client of other masters (high availability).
                 params.extended_key_usages = vec![
                     ExtendedKeyUsagePurpose::ServerAuth,
@@ -264,50 +245,32 @@ pub fn init_cert_dir_with(
                 params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
             }
         }
-        let key = KeyPair::generate().map_err(|e| Error::tls("cannot generate a key", e))?;
-        let cert = params
-            .signed_by(&key, &issuer)
-            .map_err(|e| Error::tls(format!("cannot sign the {role} certificate"), e))?;
-        write_file(&cd.key(role), key.serialize_pem().as_bytes(), 0o600)?;
-        write_file(&cd.cert(role), cert.pem().as_bytes(), 0o644)?;
+        issue(
+            &params,
+            &issuer,
+            &cd.cert(role),
+            &cd.key(role),
+            &format!("the {role}"),
+        )?;
     }
     if !(cd.agent_http_cert().exists() && cd.agent_http_key().exists()) {
-        let mut params = CertificateParams::default();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, AGENT_HTTP_SERVER_NAME);
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "Agora");
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.use_authority_key_identifier_extension = true;
-        set_validity(&mut params);
-        let names = san_list(AGENT_HTTP_SERVER_NAME, extra_agent_names);
-        params.subject_alt_names = CertificateParams::new(names.clone())
-            .map_err(|e| {
-                Error::tls(
-                    format!(
-                        "invalid agent name among {names:?}: expected DNS names or IP addresses"
-                    ),
-                    e,
-                )
-            })?
-            .subject_alt_names;
+        let mut params = leaf_params(AGENT_HTTP_SERVER_NAME);
+        params.subject_alt_names = sans(AGENT_HTTP_SERVER_NAME, extra_agent_names, "agent")?;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let key = KeyPair::generate().map_err(|e| Error::tls("cannot generate a key", e))?;
-        let cert = params
-            .signed_by(&key, &issuer)
-            .map_err(|e| Error::tls("cannot sign the agents' HTTPS certificate", e))?;
-        write_file(&cd.agent_http_key(), key.serialize_pem().as_bytes(), 0o600)?;
-        write_file(&cd.agent_http_cert(), cert.pem().as_bytes(), 0o644)?;
+        issue(
+            &params,
+            &issuer,
+            &cd.agent_http_cert(),
+            &cd.agent_http_key(),
+            "the agents' HTTPS",
+        )?;
     }
     Ok(cd)
 }
 
-/// `fixed`, "localhost", 127.0.0.1, ::1, then each of `extra` not already there.
-fn san_list(fixed: &str, extra: &[String]) -> Vec<String> {
+/// The subject alternative names `fixed`, "localhost", 127.0.0.1, ::1, then each of
+/// `extra` not already there; `whose` names them in an error ("master", "agent").
+fn sans(fixed: &str, extra: &[String], whose: &str) -> Result<Vec<rcgen::SanType>> {
     let mut names: Vec<String> = vec![
         fixed.into(),
         "localhost".into(),
@@ -320,7 +283,49 @@ fn san_list(fixed: &str, extra: &[String]) -> Vec<String> {
             names.push(n.to_string());
         }
     }
-    names
+    CertificateParams::new(names.clone())
+        .map(|p| p.subject_alt_names)
+        .map_err(|e| {
+            Error::tls(
+                format!("invalid {whose} name among {names:?}: expected DNS names or IP addresses"),
+                e,
+            )
+        })
+}
+
+/// A new key, and `params` signed by the CA into `cert` (0644) and `key` (0600);
+/// `what` names the certificate in an error.
+fn issue(
+    params: &CertificateParams,
+    issuer: &Issuer<'_, KeyPair>,
+    cert: &Path,
+    key: &Path,
+    what: &str,
+) -> Result<()> {
+    let pair = KeyPair::generate().map_err(|e| Error::tls("cannot generate a key", e))?;
+    let signed = params
+        .signed_by(&pair, issuer)
+        .map_err(|e| Error::tls(format!("cannot sign {what} certificate"), e))?;
+    write_file(key, pair.serialize_pem().as_bytes(), 0o600)?;
+    write_file(cert, signed.pem().as_bytes(), 0o644)
+}
+
+/// A certificate the cluster CA signs for `common_name`: not a CA, signing only,
+/// with the CA's key identifier and the usual validity.
+fn leaf_params(common_name: &str) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "Agora");
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.use_authority_key_identifier_extension = true;
+    set_validity(&mut params);
+    params
 }
 
 fn set_validity(params: &mut CertificateParams) {
@@ -484,13 +489,7 @@ impl Identity {
             hex::encode(h.finalize())
         };
         let chain = load_certs(cert, "certificate")?;
-        let key_bytes = read_file(key, "private key")?;
-        let key = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| {
-            Error::Certificates(format!(
-                "private key file {} holds no usable PEM private key ({e}): {CERTS_HINT}",
-                key.display()
-            ))
-        })?;
+        let key = load_key(key, "private key")?;
         Ok(Identity {
             roots: Arc::new(roots),
             cluster,
@@ -533,6 +532,16 @@ fn load_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>> {
         )));
     }
     Ok(certs)
+}
+
+fn load_key(path: &Path, what: &str) -> Result<PrivateKeyDer<'static>> {
+    let bytes = read_file(path, what)?;
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| {
+        Error::Certificates(format!(
+            "private key file {} holds no usable PEM private key ({e}): {CERTS_HINT}",
+            path.display()
+        ))
+    })
 }
 
 fn load_roots(ca: &Path) -> Result<RootCertStore> {
@@ -599,15 +608,7 @@ pub fn server_endpoint(bind: SocketAddr, id: &Identity) -> Result<quinn::Endpoin
 /// QUIC client endpoint bound to an ephemeral port of the right address family for `for_addr`, presenting `id`'s certificate
 /// and trusting only `id`'s CA. Must be called inside a tokio runtime.
 pub fn client_endpoint(for_addr: SocketAddr, id: &Identity) -> Result<quinn::Endpoint> {
-    let tls = client_tls_builder(id.roots.clone())?
-        .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
-        .map_err(|e| {
-            Error::tls(
-                "the certificate and private key do not form a usable pair",
-                e,
-            )
-        })?;
-    client_endpoint_with(for_addr, tls)
+    client_endpoint_with(for_addr, http_client_config(id)?)
 }
 
 /// A client endpoint that trusts the CA in `ca` but presents no certificate at all. Masters
@@ -661,13 +662,7 @@ pub fn http_server_config(
     client_ca: Option<&Path>,
 ) -> Result<Arc<rustls::ServerConfig>> {
     let chain = load_certs(cert, "HTTPS certificate")?;
-    let key_bytes = read_file(key, "HTTPS private key")?;
-    let key_der = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| {
-        Error::Certificates(format!(
-            "private key file {} holds no usable PEM private key ({e}): {CERTS_HINT}",
-            key.display()
-        ))
-    })?;
+    let key_der = load_key(key, "HTTPS private key")?;
     let provider = provider();
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -696,10 +691,11 @@ pub fn http_server_config(
     Ok(Arc::new(tls))
 }
 
-/// The TLS settings of a client of agents' HTTPS function doors (the masters'
-/// gateways): trusts only `id`'s cluster CA, presents `id`'s certificate (for doors
-/// that require one), TLS 1.3. Verify the server as [`AGENT_HTTP_SERVER_NAME`].
-/// No ALPN is set: the HTTP client sets its own.
+/// The TLS settings of a client that trusts only `id`'s cluster CA and presents
+/// `id`'s certificate, TLS 1.3, no ALPN: the QUIC client endpoints' (which add
+/// theirs), and those of the masters' gateways as clients of agents' HTTPS function
+/// doors (verify the server as [`AGENT_HTTP_SERVER_NAME`]; the HTTP client sets its
+/// ALPN).
 pub fn http_client_config(id: &Identity) -> Result<rustls::ClientConfig> {
     client_tls_builder(id.roots.clone())?
         .with_client_auth_cert(id.chain.clone(), id.key.clone_key())

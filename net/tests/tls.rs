@@ -80,6 +80,26 @@ fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
 
+/// The DER of the (first) certificate in a PEM file.
+fn cert_der(path: &Path) -> Vec<u8> {
+    let pem = std::fs::read(path).unwrap();
+    <rustls::pki_types::CertificateDer as rustls::pki_types::pem::PemObject>::from_pem_slice(&pem)
+        .unwrap()
+        .to_vec()
+}
+
+/// A certificate's subject alternative names, as text to search.
+fn sans_of(cert: &x509_parser::certificate::X509Certificate<'_>) -> String {
+    format!(
+        "{:?}",
+        cert.subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+    )
+}
+
 #[tokio::test]
 async fn mutual_tls_round_trip_and_peer_roles() {
     let tmp = tempfile::tempdir().unwrap();
@@ -94,21 +114,9 @@ async fn mutual_tls_round_trip_and_peer_roles() {
     assert_eq!(mode(&dir.join("ca.key")), 0o600);
 
     // The master certificate names MASTER_SERVER_NAME, loopback and the extra names.
-    let pem = std::fs::read(certs.cert(Role::Master)).unwrap();
-    let der =
-        <rustls::pki_types::CertificateDer as rustls::pki_types::pem::PemObject>::from_pem_slice(
-            &pem,
-        )
-        .unwrap();
+    let der = cert_der(&certs.cert(Role::Master));
     let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
-    let sans = format!(
-        "{:?}",
-        cert.subject_alternative_name()
-            .unwrap()
-            .unwrap()
-            .value
-            .general_names
-    );
+    let sans = sans_of(&cert);
     for name in [
         tls::MASTER_SERVER_NAME,
         "localhost",
@@ -442,21 +450,9 @@ async fn the_agents_https_certificate_cannot_join_the_cluster() {
     let tmp = tempfile::tempdir().unwrap();
     let certs = tls::init_cert_dir_with(tmp.path(), &[], &["edge1.example".into()]).unwrap();
     assert_eq!(mode(&certs.agent_http_key()), 0o600);
-    let pem = std::fs::read(certs.agent_http_cert()).unwrap();
-    let der =
-        <rustls::pki_types::CertificateDer as rustls::pki_types::pem::PemObject>::from_pem_slice(
-            &pem,
-        )
-        .unwrap();
+    let der = cert_der(&certs.agent_http_cert());
     let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
-    let sans = format!(
-        "{:?}",
-        cert.subject_alternative_name()
-            .unwrap()
-            .unwrap()
-            .value
-            .general_names
-    );
+    let sans = sans_of(&cert);
     for name in [
         tls::AGENT_HTTP_SERVER_NAME,
         "localhost",
