@@ -209,7 +209,7 @@ async fn serve_host(
     });
 
     let (drain_tx, drain_rx) = oneshot::channel::<()>();
-    let app = router(Arc::clone(&registry), HttpConfig::default());
+    let app = router(Arc::clone(&registry), http_config(launch));
     let mut server = tokio::spawn(
         axum::serve(listener, app.into_make_service())
             .with_graceful_shutdown(async {
@@ -247,6 +247,21 @@ async fn serve_host(
         Reason::KilledByFramework,
         format!("killed; function {name} stopped serving"),
     )
+}
+
+/// The router's settings for a launch: the default body limits, with room for as
+/// many bytes of request bodies at once as one request's instance may use (the host's
+/// cgroup holds one instance's memory and a margin), and as long for a body to arrive
+/// as the function's deadline; at least the defaults (32 MiB, 30 s).
+pub fn http_config(launch: &ExecutorLaunch) -> HttpConfig {
+    let default = HttpConfig::default();
+    HttpConfig {
+        body_budget: default.body_budget.max(launch.memory_bytes),
+        body_timeout: default
+            .body_timeout
+            .max(Duration::from_millis(launch.timeout_ms)),
+        ..default
+    }
 }
 
 /// How long a kill waits for the requests in flight: one request's deadline and a

@@ -142,23 +142,60 @@ impl Function {
 
     /// Serves one request: waits for a slot (boundedly), runs a fresh instance with the
     /// function's limits, and returns the guest's response or why there is none.
-    pub async fn try_invoke(&self, request: FunctionRequest) -> Result<Response<Bytes>, Failure> {
+    pub async fn try_invoke(
+        &self,
+        mut request: FunctionRequest,
+    ) -> Result<Response<Bytes>, Failure> {
+        let body = std::mem::take(&mut request.body);
+        match self
+            .invoke_reading(request, std::future::ready(Ok((body, ()))))
+            .await
+        {
+            Reading::Served(result) => result,
+            // The body was already read.
+            Reading::BodyFailed(_) => Err(Failure::new(
+                crate::outcome::ErrorClass::Internal,
+                "the request body could not be read",
+            )),
+        }
+    }
+
+    /// Serves one request whose body is still arriving: takes the request's slots
+    /// first (waiting in the queue, boundedly), and only then reads its body with
+    /// `body`, so the bodies held in memory are bounded by the function's concurrency.
+    /// What `body` gives besides the bytes (e.g. a memory reservation) is kept until
+    /// the guest has ended. A body that fails is answered with the response `body`
+    /// gave (a client's fault: not counted in the function's metrics).
+    pub async fn invoke_reading<F, G>(&self, mut request: FunctionRequest, body: F) -> Reading
+    where
+        F: std::future::Future<Output = Result<(Bytes, G), Response<Bytes>>>,
+    {
         let started = Instant::now();
-        self.metrics.record_request();
-        let mut output = GuestOutput::default();
-        let (result, fuel) = match self
+        let admitted = self
             .admission
             .admit(
                 &self.tenant,
                 self.host.instance_slots(),
                 self.metrics.queued_gauge(),
             )
-            .await
-        {
-            Err(failure) => (Err(failure), 0),
+            .await;
+        let mut output = GuestOutput::default();
+        let (result, fuel) = match admitted {
+            Err(failure) => {
+                self.metrics.record_request();
+                (Err(failure), 0)
+            }
             Ok(permits) => {
+                let held = match body.await {
+                    Ok((bytes, held)) => {
+                        request.body = bytes;
+                        held
+                    }
+                    Err(answer) => return Reading::BodyFailed(answer),
+                };
+                self.metrics.record_request();
                 let _running = self.metrics.running();
-                match &self.guest {
+                let ran = match &self.guest {
                     Guest::Cgi(pre) => {
                         // A CGI guest's stdout is its response: only stderr is output.
                         let stderr = CapturePipe::new();
@@ -183,7 +220,9 @@ impl Function {
                         output.stderr = stderr.take();
                         ran
                     }
-                }
+                };
+                drop(held);
+                ran
             }
         };
         let class = result.as_ref().err().map(|f| f.class);
@@ -196,7 +235,12 @@ impl Function {
                 log.record(&output, result.as_ref().err());
             }
         }
-        result
+        Reading::Served(result)
+    }
+
+    /// The request deadline: how long one request's guest may run.
+    pub fn timeout(&self) -> Duration {
+        self.limits.timeout
     }
 
     /// Refuses queued and future requests; those running finish.
@@ -231,6 +275,26 @@ impl Function {
         match ran {
             Ok(ran) => ran,
             Err(_) => (Err(outcome::deadline(self.limits.timeout)), 0),
+        }
+    }
+}
+
+/// How [`Function::invoke_reading`] ended.
+#[derive(Debug)]
+pub enum Reading {
+    /// The request was admitted and ran, or was refused by admission: the guest's
+    /// answer or why there is none.
+    Served(Result<Response<Bytes>, Failure>),
+    /// Its body could not be read (too large, too slow, cut off): the answer to send.
+    BodyFailed(Response<Bytes>),
+}
+
+impl Reading {
+    /// The HTTP answer, whichever way it ended.
+    pub fn into_response(self, function: &str) -> Response<Bytes> {
+        match self {
+            Reading::Served(Ok(response)) | Reading::BodyFailed(response) => response,
+            Reading::Served(Err(failure)) => failure.to_response(function),
         }
     }
 }

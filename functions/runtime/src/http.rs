@@ -1,13 +1,20 @@
 //! The HTTP front door: `/fn/NAME[/PATH]` for any method, and `GET /fn-metrics`.
 //!
-//! The router reads the body (up to a cap: 413 past it), looks the function up in the
-//! registry (404 naming it when absent), strips `/fn/NAME` from the path and hands
-//! the request over. It works on any listener axum serves: TCP or Unix sockets.
+//! The router looks the function up in the registry (404 naming it when absent),
+//! strips `/fn/NAME` from the path, and has the function admit the request (its queue
+//! and concurrency limits) before a byte of the body is read. Only then is the body
+//! read: up to a size cap (413 past it), within a time limit (408 past it), and
+//! within the router's budget for bodies held in memory at once (503 with
+//! `Retry-After` past it). So a client that stalls its body holds one slot for at most
+//! [`HttpConfig::body_timeout`], and clients together never make the host hold more
+//! than [`HttpConfig::body_budget`] of bodies. It works on any listener axum serves:
+//! TCP or Unix sockets.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use agora_http_forward::plain_text as plain;
-use agora_proto::units::{format_bytes, MIB};
+use agora_proto::units::{format_bytes, format_duration, MIB};
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::header;
@@ -15,6 +22,9 @@ use axum::http::{Response, StatusCode};
 use axum::routing::{any, get};
 use axum::serve::{Listener, ListenerExt};
 use axum::{Json, Router};
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt as _;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::registry::FunctionRegistry;
 use crate::request::FunctionRequest;
@@ -24,11 +34,21 @@ use crate::request::FunctionRequest;
 pub struct HttpConfig {
     /// Largest request body accepted; more gets 413.
     pub max_body: u64,
+    /// Most time an admitted request's body may take to arrive whole; past it, 408.
+    pub body_timeout: Duration,
+    /// Most bytes of request bodies held in memory at once, all functions together;
+    /// a body that would go past it gets 503 with `Retry-After`. At least `max_body`.
+    pub body_budget: u64,
 }
 
 impl Default for HttpConfig {
+    /// 16 MiB bodies, arriving within 30 s, 32 MiB of them at once.
     fn default() -> Self {
-        HttpConfig { max_body: 16 * MIB }
+        HttpConfig {
+            max_body: 16 * MIB,
+            body_timeout: Duration::from_secs(30),
+            body_budget: 32 * MIB,
+        }
     }
 }
 
@@ -36,6 +56,8 @@ impl Default for HttpConfig {
 struct AppState {
     registry: Arc<FunctionRegistry>,
     config: HttpConfig,
+    /// The body budget, one permit per byte.
+    budget: Arc<Semaphore>,
 }
 
 /// The router: `/fn/{name}` and `/fn/{name}/{*path}` (any method) invoke a function of
@@ -49,7 +71,11 @@ pub fn router(registry: Arc<FunctionRegistry>, config: HttpConfig) -> Router {
         .route("/fn/{name}/", any(invoke))
         .route("/fn/{name}/{*path}", any(invoke))
         .route("/fn-metrics", get(metrics))
-        .with_state(AppState { registry, config });
+        .with_state(AppState {
+            budget: Arc::new(Semaphore::new(budget_permits(&config))),
+            registry,
+            config,
+        });
     agora_http_forward::catch_panics(router, "function host")
 }
 
@@ -100,35 +126,14 @@ async fn invoke(State(state): State<AppState>, request: Request) -> Response<Bod
     };
 
     let limit = state.config.max_body;
-    let too_big = || {
-        plain(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "function {name}: request body larger than the limit of {}\n",
-                format_bytes(limit)
-            ),
-        )
-    };
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit) {
-        return too_big();
+        return too_big(name, limit).map(Body::from);
     }
-    let body = match axum::body::to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX)).await
-    {
-        Ok(body) => body,
-        Err(e) if is_length_limit(&e) => return too_big(),
-        Err(e) => {
-            return plain(
-                StatusCode::BAD_REQUEST,
-                format!("function {name}: cannot read the request body: {e}\n"),
-            )
-        }
-    };
-
     let remote_addr = parts
         .extensions
         .get::<ConnectInfo<std::net::SocketAddr>>()
@@ -139,21 +144,118 @@ async fn invoke(State(state): State<AppState>, request: Request) -> Response<Bod
         query: parts.uri.query().unwrap_or("").to_string(),
         version: parts.version,
         headers: parts.headers,
-        body,
+        body: Bytes::new(),
         remote_addr,
     };
-    function.invoke(request).await.map(Body::from)
+    let read = read_body(body, declared, name, &state);
+    function
+        .invoke_reading(request, read)
+        .await
+        .into_response(name)
+        .map(Body::from)
 }
 
-fn is_length_limit(e: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = source {
-        if err.is::<http_body_util::LengthLimitError>() {
-            return true;
+/// Reads an admitted request's body: at most `max_body` bytes, within `body_timeout`,
+/// each byte reserved from the body budget first (the reservation is the `Ok`'s
+/// second half, kept until the request ends).
+async fn read_body(
+    body: Body,
+    declared: Option<u64>,
+    name: &str,
+    state: &AppState,
+) -> Result<(Bytes, OwnedSemaphorePermit), Response<Bytes>> {
+    let HttpConfig {
+        max_body,
+        body_timeout,
+        body_budget,
+    } = state.config;
+    let short_of_memory = || {
+        let mut answer = plain_bytes(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "function {name}: this host already holds {} of request bodies, its limit; try again\n",
+                format_bytes(body_budget)
+            ),
+        );
+        answer
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        answer
+    };
+    let reserve = |bytes: u64| {
+        u32::try_from(bytes)
+            .ok()
+            .and_then(|n| Arc::clone(&state.budget).try_acquire_many_owned(n).ok())
+    };
+    // A declared length is reserved whole up front; a chunked body frame by frame.
+    let mut held = reserve(declared.unwrap_or(0)).ok_or_else(short_of_memory)?;
+    let mut reserved = declared.unwrap_or(0);
+    let capacity = usize::try_from(declared.unwrap_or(0)).unwrap_or(0);
+    let read = async {
+        let mut bytes = BytesMut::with_capacity(capacity);
+        let mut body = body;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                plain_bytes(
+                    StatusCode::BAD_REQUEST,
+                    format!("function {name}: cannot read the request body: {e}\n"),
+                )
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers
+            };
+            let total = bytes.len() as u64 + data.len() as u64;
+            if total > max_body {
+                return Err(too_big(name, max_body));
+            }
+            if total > reserved {
+                let more = reserve(total - reserved).ok_or_else(short_of_memory)?;
+                held.merge(more);
+                reserved = total;
+            }
+            bytes.extend_from_slice(&data);
         }
-        source = err.source();
+        Ok(bytes.freeze())
+    };
+    match tokio::time::timeout(body_timeout, read).await {
+        Ok(Ok(bytes)) => Ok((bytes, held)),
+        Ok(Err(answer)) => Err(answer),
+        Err(_) => Err(plain_bytes(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "function {name}: the request body did not arrive within {}\n",
+                format_duration(body_timeout)
+            ),
+        )),
     }
-    false
+}
+
+/// The budget in permits: at least one whole body, at most what a semaphore holds.
+fn budget_permits(config: &HttpConfig) -> usize {
+    let bytes = config.body_budget.max(config.max_body);
+    usize::try_from(bytes)
+        .unwrap_or(usize::MAX)
+        .min(Semaphore::MAX_PERMITS)
+}
+
+fn too_big(name: &str, limit: u64) -> Response<Bytes> {
+    plain_bytes(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!(
+            "function {name}: request body larger than the limit of {}\n",
+            format_bytes(limit)
+        ),
+    )
+}
+
+fn plain_bytes(status: StatusCode, text: String) -> Response<Bytes> {
+    let mut response = Response::new(Bytes::from(text));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
 }
 
 #[cfg(test)]
@@ -162,7 +264,7 @@ mod tests {
     use crate::spec::{FunctionSpec, ModuleSource};
     use crate::HostConfig;
     use bytes::Bytes;
-    use http_body_util::{BodyExt as _, Empty};
+    use http_body_util::Empty;
     use hyper_util::rt::TokioIo;
 
     /// A CGI guest that writes `output` on stdout.
@@ -238,6 +340,146 @@ mod tests {
 
         drop(sender);
         conn.await.unwrap().unwrap();
+        server.abort();
+    }
+
+    /// A router on a local port serving `specs`, with `config`.
+    async fn serve_functions(
+        specs: Vec<FunctionSpec>,
+        config: HttpConfig,
+    ) -> (
+        std::net::SocketAddr,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let host = crate::FunctionHost::new(HostConfig {
+            cache_dir: Some(dir.keep()),
+            max_instances: 4,
+            max_memory_per_instance: 64 << 20,
+            ..HostConfig::default()
+        })
+        .unwrap();
+        let registry = FunctionRegistry::new(host);
+        for spec in specs {
+            registry.deploy(spec).unwrap();
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        (
+            addr,
+            tokio::spawn(serve_tcp(listener, router(registry, config))),
+        )
+    }
+
+    /// Opens a connection and writes `head` (and whatever part of a body follows).
+    async fn send_raw(addr: std::net::SocketAddr, head: &str) -> tokio::net::TcpStream {
+        use tokio::io::AsyncWriteExt as _;
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        tcp
+    }
+
+    /// Reads one answer (the server closes after it: requests say `Connection:
+    /// close`); gives up after 10 s.
+    async fn answer(tcp: &mut tokio::net::TcpStream) -> String {
+        use tokio::io::AsyncReadExt as _;
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut got));
+        read.await.expect("an answer within 10 s").unwrap();
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    fn post(path: &str, length: usize, body: &str) -> String {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {length}\r\n\r\n{body}"
+        )
+    }
+
+    /// Sends `request` until its answer starts with `status` (others, from before
+    /// the state the test waits for, are retried), within 10 s.
+    async fn until_answered(addr: std::net::SocketAddr, request: &str, status: &str) -> String {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = answer(&mut send_raw(addr, request).await).await;
+            if got.starts_with(status) {
+                return got;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never {status}: last {got}"
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// A request is admitted before its body is read: while a stalled body holds the
+    /// function's one slot, another request is refused at once, without having sent
+    /// a byte of its declared megabyte; the stalled body gets 408 at the body timeout,
+    /// and its slot serves the next request.
+    #[tokio::test]
+    async fn admission_comes_before_the_body_and_a_stalled_body_times_out() {
+        let mut spec = cgi_guest("ok", "Content-Type: text/plain\\n\\nfine");
+        spec.max_concurrency = 1;
+        spec.queue_len = 0;
+        let config = HttpConfig {
+            body_timeout: Duration::from_millis(500),
+            ..HttpConfig::default()
+        };
+        let (addr, server) = serve_functions(vec![spec], config).await;
+
+        let mut stalled = send_raw(addr, &post("/fn/ok", 100, "only ten b")).await;
+        let refused = until_answered(addr, &post("/fn/ok", 1 << 20, ""), "HTTP/1.1 429").await;
+        assert!(refused.contains("too many requests"), "{refused}");
+
+        let timed_out = answer(&mut stalled).await;
+        assert!(timed_out.starts_with("HTTP/1.1 408"), "{timed_out}");
+        assert!(
+            timed_out.contains("function ok: the request body did not arrive within 500ms"),
+            "{timed_out}"
+        );
+        let served = answer(&mut send_raw(addr, &post("/fn/ok", 3, "abc")).await).await;
+        assert!(
+            served.starts_with("HTTP/1.1 200") && served.ends_with("fine"),
+            "{served}"
+        );
+        server.abort();
+    }
+
+    /// Bodies held at once stay within the host's budget: while one body holds it
+    /// all, another (declared or chunked) gets 503 with Retry-After; once the first
+    /// is served, the budget serves the next.
+    #[tokio::test]
+    async fn bodies_past_the_budget_get_503_until_it_frees() {
+        let spec = cgi_guest("ok", "Content-Type: text/plain\\n\\nfine");
+        let config = HttpConfig {
+            max_body: 1024,
+            body_budget: 1024,
+            ..HttpConfig::default()
+        };
+        let (addr, server) = serve_functions(vec![spec], config).await;
+
+        let mut holder = send_raw(addr, &post("/fn/ok", 1024, "part")).await;
+        let refused = until_answered(addr, &post("/fn/ok", 10, "0123456789"), "HTTP/1.1 503").await;
+        assert!(refused.contains("retry-after: 1"), "{refused}");
+        assert!(
+            refused.contains("this host already holds 1KiB of request bodies, its limit"),
+            "{refused}"
+        );
+        let chunked = "POST /fn/ok HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\
+             Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+        let refused = answer(&mut send_raw(addr, chunked).await).await;
+        assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+
+        {
+            use tokio::io::AsyncWriteExt as _;
+            holder.write_all(&[b'x'; 1020]).await.unwrap();
+        }
+        let served = answer(&mut holder).await;
+        assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+        let served = answer(&mut send_raw(addr, chunked).await).await;
+        assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+        let too_big = answer(&mut send_raw(addr, &post("/fn/ok", 1025, "")).await).await;
+        assert!(too_big.starts_with("HTTP/1.1 413"), "{too_big}");
         server.abort();
     }
 }

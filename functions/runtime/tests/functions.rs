@@ -465,7 +465,10 @@ async fn metrics_endpoint_unknown_function_and_body_cap() {
     let dir = tempfile::tempdir().unwrap();
     let registry = FunctionRegistry::new(host(dir.path()));
     registry.deploy(spec("echo", cgi_guest("echo"))).unwrap();
-    let config = HttpConfig { max_body: 1 << 20 };
+    let config = HttpConfig {
+        max_body: 1 << 20,
+        ..HttpConfig::default()
+    };
     let client = HttpClient::new(start(Arc::clone(&registry), config).await);
 
     let missing = client.get("/fn/nope/x").await;
