@@ -104,7 +104,8 @@ pub struct IsolationSettings {
     pub allow_root_tasks: bool,
     /// The most files and directories one task's sandbox may hold; 0: no limit.
     pub max_files_per_task: u64,
-    /// Each native task gets a PID namespace and a /proc of its own.
+    /// Each native executor (one framework's tasks) has a PID namespace, and each
+    /// native task that namespace's /proc.
     pub pid_namespace: bool,
 }
 
@@ -120,7 +121,7 @@ impl Default for IsolationSettings {
             task_user: agora_native_executor::runner::DEFAULT_TASK_USER.to_string(),
             allow_root_tasks: false,
             max_files_per_task: DEFAULT_MAX_FILES_PER_TASK,
-            pid_namespace: false,
+            pid_namespace: true,
         }
     }
 }

@@ -515,12 +515,13 @@ pub struct IsolationArgs {
     /// A wasm guest past it gets an error creating one; a native task is killed.
     #[arg(long, default_value_t = agora_agent::server::DEFAULT_MAX_FILES_PER_TASK)]
     max_files_per_task: u64,
-    /// Give each native task a PID namespace and a /proc of its own, so tasks that run
-    /// as one user cannot signal each other or read each other's /proc/PID/cwd and
-    /// environ. Costs about 40% of the native launch rate (two more processes and a
-    /// namespace per task); needs agora-task-init beside agora.
+    /// Run native tasks without a PID namespace. By default each native executor (one
+    /// framework's tasks) has one, and each task a /proc of it: a task sees and can
+    /// signal only its own framework's processes, and cannot reach another task's
+    /// sandbox or environment through /proc/PID/cwd or environ. Needs agora-task-init
+    /// beside agora (without it, the executor says so and tasks go without).
     #[arg(long)]
-    task_pid_namespace: bool,
+    no_task_pid_namespace: bool,
 }
 
 impl IsolationArgs {
@@ -532,7 +533,7 @@ impl IsolationArgs {
             task_user: self.task_user.clone(),
             allow_root_tasks: self.allow_root_tasks,
             max_files_per_task: self.max_files_per_task,
-            pid_namespace: self.task_pid_namespace,
+            pid_namespace: !self.no_task_pid_namespace,
         }
     }
 }

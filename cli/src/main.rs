@@ -156,7 +156,7 @@ enum ExecutorCmd {
         /// A directory tasks must not see (the agent's work directory).
         #[arg(long)]
         hide_dir: Option<PathBuf>,
-        /// A PID namespace and a /proc of its own for each task.
+        /// Run the tasks in one PID namespace of this executor's, each with its /proc.
         #[arg(long)]
         pid_namespace: bool,
     },
@@ -234,6 +234,17 @@ fn main() -> ExitCode {
     } = &cli.cmd
     {
         return bench::run_once(cwasm);
+    }
+    if let Cmd::Executor {
+        cmd: ExecutorCmd::Native {
+            pid_namespace: true,
+            ..
+        },
+    } = &cli.cmd
+    {
+        // Before any thread or child: the executor's tasks go in one PID namespace
+        // of its own, whose init must be its first child.
+        agora_native_executor::isolation::enter_executor_pid_namespace();
     }
     // Client commands print tables and logs that people pipe into `head` or `grep -m1`:
     // let a closed pipe end them quietly, as it does `cat`, instead of a panic in

@@ -167,9 +167,9 @@ fn pids_with(marker: &str) -> Vec<u32> {
     pids
 }
 
-/// With `--task-pid-namespace`, tasks of one user (both run as `nobody`) cannot
-/// reach each other through /proc: each has a PID namespace and a /proc of its own,
-/// so another task's processes,
+/// Tasks of one user (both run as `nobody`) but of two frameworks cannot reach each
+/// other through /proc: each framework's executor has a PID namespace, and each task
+/// that namespace's /proc, so another framework's task's processes,
 /// its working directory (/proc/PID/cwd leads into its sandbox, whatever the mount
 /// namespace hides) and its environment are not there, and it cannot be signalled.
 #[test]
@@ -177,7 +177,7 @@ fn a_task_cannot_see_enter_or_signal_another_tasks_processes() {
     if !root() {
         return;
     }
-    let c = Cluster::start_with(&["--task-pid-namespace"]);
+    let c = Cluster::start();
     let c = &c;
     let dir = tempfile::tempdir().unwrap();
     let go = dir.path().join("go");
@@ -235,7 +235,8 @@ fn a_task_cannot_see_enter_or_signal_another_tasks_processes() {
     );
     assert!(!out.contains("SIGNALLED"), "{out}");
     assert!(!out.contains("ENTERED"), "{out}");
-    // Its own /proc shows only its own few processes (init, the shell, ls, grep).
+    // Its own /proc shows only its own few processes (the namespace's init, the
+    // shell, ls, grep).
     let mine: usize = out
         .lines()
         .find_map(|l| l.strip_prefix("MINE "))

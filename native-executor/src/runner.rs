@@ -61,8 +61,9 @@ pub struct NativeConfig {
     /// task's private mount namespace, by an empty tmpfs with only the task's own
     /// sandbox mounted back.
     pub hide_dir: Option<PathBuf>,
-    /// Give each task a PID namespace and a /proc of its own (the agent's
-    /// `--task-pid-namespace`; see `MountPlan::with_pid_namespace`).
+    /// Run tasks in the executor's PID namespace, each with that namespace's /proc
+    /// (on unless the agent's `--no-task-pid-namespace`; the process's `main` must
+    /// have called `isolation::enter_executor_pid_namespace`).
     pub pid_namespace: bool,
 }
 
@@ -79,7 +80,7 @@ impl Default for NativeConfig {
             task_user: DEFAULT_TASK_USER.to_string(),
             allow_root: false,
             hide_dir: None,
-            pid_namespace: false,
+            pid_namespace: true,
         }
     }
 }
@@ -129,7 +130,7 @@ pub struct Runner {
     privileged: bool,
     /// Tasks get a private mount namespace (root, and the kernel allows it here).
     namespaces: bool,
-    /// Each task also gets a PID namespace and its own /proc.
+    /// Tasks run in the executor's PID namespace and mount its /proc.
     pid_namespaces: bool,
 }
 
@@ -202,13 +203,16 @@ impl Runner {
             };
         let pid_namespaces = namespaces
             && cfg.pid_namespace
-            && match crate::isolation::helper_program()
-                .map_err(|e| e.to_string())
-                .and_then(|_| crate::isolation::probe_pid_namespace())
-            {
-                Ok(()) => true,
-                Err(why) => {
-                    tracing::warn!("tasks get no PID namespace here ({why}): tasks of one user can see and signal each other's processes");
+            && match crate::isolation::executor_pid_namespace() {
+                Some(Ok(())) => true,
+                Some(Err(why)) => {
+                    tracing::warn!("tasks get no PID namespace here ({why}): they can see every process of the host, and tasks of one user can signal each other and read each other's /proc/PID/cwd");
+                    false
+                }
+                None => {
+                    tracing::warn!(
+                        "tasks get no PID namespace: this executor was started without one"
+                    );
                     false
                 }
             };
@@ -309,7 +313,15 @@ impl Runner {
             }
         };
         let max_file = crate::disk::max_file_bytes(launch.disk_bytes);
-        let mut child = match start(&group, &mut cmd, &program, identity, max_file) {
+        let pid_namespace = self.pid_namespaces && identity.is_some();
+        let mut child = match start(
+            &group,
+            &mut cmd,
+            &program,
+            identity,
+            max_file,
+            pid_namespace,
+        ) {
             Ok(child) => child,
             Err(ending) => {
                 let _ = group.remove();
@@ -696,7 +708,7 @@ impl Runner {
                             .map_err(|e| {
                                 sandbox_failed("cannot plan the task's mount namespace".into(), &e)
                             })?
-                            .with_pid_namespace(self.pid_namespaces),
+                            .with_proc(self.pid_namespaces),
                     )
                 } else {
                     None
@@ -747,14 +759,16 @@ impl Runner {
     }
 }
 
-/// Spawns the command inside its group, telling our set-up failures (sandbox) from
-/// the command's (not found, not executable).
+/// Spawns the command inside its group (and in the executor's PID namespace when
+/// `pid_namespace`), telling our set-up failures (sandbox) from the command's (not
+/// found, not executable).
 fn start(
     group: &Group,
     cmd: &mut Command,
     program: &str,
     identity: Option<TaskIdentity>,
     max_file_bytes: Option<u64>,
+    pid_namespace: bool,
 ) -> Result<Child, Ending> {
     let contained = group
         .contain_as(cmd, identity, max_file_bytes)
@@ -762,7 +776,17 @@ fn start(
             reason: Reason::SandboxFailed,
             message: format!("cannot prepare the task's process: {e}"),
         })?;
-    contained.spawned(cmd.spawn()).map_err(|e| match e {
+    let spawned = if pid_namespace {
+        crate::isolation::in_executor_pid_namespace(|| cmd.spawn()).map_err(|e| {
+            Ending::Refused {
+                reason: Reason::SandboxFailed,
+                message: format!("cannot start the task in the executor's PID namespace: {e}"),
+            }
+        })?
+    } else {
+        cmd.spawn()
+    };
+    contained.spawned(spawned).map_err(|e| match e {
         SpawnError::Setup(message) => Ending::Refused {
             reason: Reason::SandboxFailed,
             message,

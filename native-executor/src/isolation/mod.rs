@@ -689,9 +689,7 @@ impl Containment<'_> {
                 format!("cannot enter the working directory in the task's namespace: {err}")
             }
             STAGE_UNSHARE => format!("cannot make a private mount namespace (unshare): {err}"),
-            STAGE_PIDNS => format!("cannot make a PID namespace for the task (unshare): {err}"),
-            STAGE_PIDNS_FORK => format!("cannot start the task's PID namespace (fork): {err}"),
-            STAGE_PROC => format!("cannot mount /proc in the task's PID namespace: {err}"),
+            STAGE_PROC => format!("cannot mount /proc for the task's PID namespace: {err}"),
             i if (STAGE_MOUNT_BASE..STAGE_MOUNT_BASE + MAX_MOUNT_STEPS).contains(&i) => {
                 let step = self
                     .mounts_shown
@@ -736,8 +734,6 @@ const STAGE_SETUID: u8 = 250;
 const STAGE_CHDIR: u8 = 249;
 const STAGE_UNSHARE: u8 = 248;
 const STAGE_RLIMIT_FSIZE: u8 = 247;
-const STAGE_PIDNS: u8 = 246;
-const STAGE_PIDNS_FORK: u8 = 245;
 const STAGE_PROC: u8 = 244;
 /// Mount steps report `STAGE_MOUNT_BASE + step` (cgroup join files use 0..).
 const STAGE_MOUNT_BASE: u8 = 200;
@@ -763,12 +759,6 @@ pub struct MountPlan {
     steps: Vec<MountStep>,
     /// The working directory, entered again once the mounts are made.
     cwd: CString,
-    /// Also a PID namespace of the task's own, with its own /proc (see
-    /// [`MountPlan::with_pid_namespace`]).
-    pid_namespace: bool,
-    /// `agora-task-init` (O_PATH, for execveat), which the namespace's shim and init
-    /// become; -1: they stay forks of the executor.
-    helper_exe: RawFd,
 }
 
 #[derive(Debug)]
@@ -789,6 +779,9 @@ enum MountOp {
     OpenSandbox(CString),
     /// Bind-mounts what `OpenSandbox` opened at this path.
     BindSandbox(CString),
+    /// Mounts a proc filesystem at /proc: the task's PID namespace's (the
+    /// executor's, see [`enter_executor_pid_namespace`]).
+    Proc,
 }
 
 impl MountPlan {
@@ -842,30 +835,19 @@ impl MountPlan {
         Ok(MountPlan {
             steps,
             cwd: c(cwd)?,
-            pid_namespace: false,
-            helper_exe: -1,
         })
     }
 
-    /// Runs the task in a PID namespace of its own, with a /proc that shows only
-    /// its processes: without it, tasks of one user could signal each other, and
-    /// read each other's sandboxes and environments through /proc/PID/cwd, root
-    /// and environ, whatever the mount namespace hides. The process the executor
-    /// spawns stays outside as a shim (it ignores SIGTERM, SIGINT and SIGHUP, and
-    /// ends as the task ended, by the same signal or with the same code); inside,
-    /// an init (PID 1, which reaps orphans and takes the namespace down when the
-    /// task ends) starts the task as PID 2, so the task gets SIGTERM as any
-    /// process would (an init without a handler would not). Both drop every
-    /// descriptor before waiting: the task's output pipes close when it exits.
-    ///
-    /// The shim and the init re-execute `agora-task-init` ([`pid_namespace_helper`])
-    /// at once: a fork of the executor kept for the task's life would keep the
-    /// executor's memory shared copy-on-write, and every page the executor then
-    /// wrote would be charged again (seen: `agora bench launch`'s 4 MiB tasks
-    /// killed for memory once the executor's cgroup filled).
-    pub fn with_pid_namespace(mut self, on: bool) -> MountPlan {
-        self.pid_namespace = on;
-        self.helper_exe = if on { helper_exe() } else { -1 };
+    /// Mounts a /proc of the PID namespace the task runs in (the executor's, see
+    /// [`enter_executor_pid_namespace`]), so that its /proc shows only the processes
+    /// of that namespace, not the host's.
+    pub fn with_proc(mut self, on: bool) -> MountPlan {
+        if on {
+            self.steps.push(MountStep {
+                op: MountOp::Proc,
+                shown: "mount /proc for the executor's PID namespace".into(),
+            });
+        }
         self
     }
 }
@@ -902,62 +884,6 @@ pub fn probe_mount_namespace() -> std::result::Result<(), String> {
         )),
         Err(e) => Err(format!(
             "unshare(CLONE_NEWNS) or making / private failed: {e}"
-        )),
-    }
-}
-
-/// Whether tasks can also get a PID namespace with their own /proc: a child makes
-/// a private mount namespace and a PID namespace, whose first process mounts proc.
-/// `Err` says why not.
-pub fn probe_pid_namespace() -> std::result::Result<(), String> {
-    let mut cmd = Command::new("/bin/true");
-    // SAFETY: only system calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::unshare(libc::CLONE_NEWNS) != 0
-                || libc::mount(
-                    c"none".as_ptr(),
-                    c"/".as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_REC | libc::MS_PRIVATE,
-                    std::ptr::null(),
-                ) != 0
-                || libc::unshare(libc::CLONE_NEWPID) != 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-            let init = libc::fork();
-            if init < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if init == 0 {
-                let r = libc::mount(
-                    c"proc".as_ptr(),
-                    c"/proc".as_ptr(),
-                    c"proc".as_ptr(),
-                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                    std::ptr::null(),
-                );
-                libc::_exit(if r == 0 { 0 } else { 1 });
-            }
-            let mut status = 0;
-            while libc::waitpid(init, &mut status, 0) < 0 {
-                if *libc::__errno_location() != libc::EINTR {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
-                Ok(())
-            } else {
-                Err(io::Error::other("cannot mount proc in a new PID namespace"))
-            }
-        });
-    }
-    match cmd.stdin(std::process::Stdio::null()).status() {
-        Ok(st) if st.success() => Ok(()),
-        Ok(st) => Err(format!("/bin/true in a new PID namespace ended with {st}")),
-        Err(e) => Err(format!(
-            "unshare(CLONE_NEWPID) or mounting its /proc failed: {e}"
         )),
     }
 }
@@ -1106,6 +1032,19 @@ fn child_setup(
                         libc::MS_BIND | libc::MS_REC,
                         std::ptr::null(),
                     ),
+                    MountOp::Proc => {
+                        if libc::mount(
+                            c"proc".as_ptr(),
+                            c"/proc".as_ptr(),
+                            c"proc".as_ptr(),
+                            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                            std::ptr::null(),
+                        ) != 0
+                        {
+                            return fail(report, STAGE_PROC);
+                        }
+                        0
+                    }
                 }
             };
             if r != 0 {
@@ -1116,13 +1055,6 @@ fn child_setup(
         // through the sandbox's new mount.
         if unsafe { libc::chdir(plan.cwd.as_ptr()) } != 0 {
             return fail(report, STAGE_CHDIR);
-        }
-        if plan.pid_namespace {
-            // Returns in the task's process only (PID 2 of the new namespace).
-            // SAFETY: system calls only, in the child between fork and exec.
-            if let Err(stage) = unsafe { enter_pid_namespace(plan.helper_exe) } {
-                return fail(report, stage);
-            }
         }
     }
     // No supplementary groups, then the group, then the user: after setuid the
@@ -1139,302 +1071,226 @@ fn child_setup(
     Ok(())
 }
 
-/// What the init of a task's PID namespace tells the shim outside about the task's
-/// end: `[kind, value (4 bytes, native order)]`, kind 0 an exit code, 1 a signal.
-const END_RECORD: usize = 5;
+/// argv[1] of `agora-task-init` run as the init of a native executor's PID namespace.
+const KEEPER_ARG: &str = "__agora-pidns-init";
 
-/// In the child between fork and exec (as root, in the task's mount namespace):
-/// a PID namespace whose init (PID 1) mounts /proc and starts the task (PID 2),
-/// this process staying outside as the shim the executor waits for. Returns only in
-/// the task's process; in the init or the shim it never returns. `Err(stage)` (errno
-/// set) when the namespace cannot be made; in the init, that error reaches the
-/// executor as any set-up failure does (std's exec-error pipe), and the shim then
-/// ends too.
-unsafe fn enter_pid_namespace(exe: RawFd) -> std::result::Result<(), u8> {
-    if libc::unshare(libc::CLONE_NEWPID) != 0 {
-        return Err(STAGE_PIDNS);
-    }
-    let mut ends = [0 as libc::c_int; 2];
-    if libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
-        return Err(STAGE_PIDNS);
-    }
-    let [end_rd, end_wr] = ends;
-    let init = libc::fork();
-    if init < 0 {
-        return Err(STAGE_PIDNS_FORK);
-    }
-    if init > 0 {
-        libc::close(end_wr);
-        close_all_but(&[end_rd, exe]);
-        for sig in SHIM_IGNORES {
-            libc::signal(sig, libc::SIG_IGN);
-        }
-        exec_helper(exe, c"__agora-pidns-shim", init, end_rd);
-        pid_namespace_shim(init, end_rd);
-    }
-    // PID 1. Dies with the shim (a SIGKILL of the shim takes the namespace down).
-    libc::close(end_rd);
-    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
-    if libc::mount(
-        c"proc".as_ptr(),
-        c"/proc".as_ptr(),
-        c"proc".as_ptr(),
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        std::ptr::null(),
-    ) != 0
-    {
-        return Err(STAGE_PROC);
-    }
-    let task = libc::fork();
-    if task < 0 {
-        return Err(STAGE_PIDNS_FORK);
-    }
-    if task == 0 {
-        libc::close(end_wr);
-        return Ok(());
-    }
-    close_all_but(&[end_wr, exe]);
-    exec_helper(exe, c"__agora-pidns-init", task, end_wr);
-    pid_namespace_init(task, end_wr)
-}
-
-/// What the shim ignores (the executor's stop signals reach the task itself).
-const SHIM_IGNORES: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
-
-/// argv[1] of this program re-executed as a task's PID-namespace shim.
-const SHIM_ARG: &str = "__agora-pidns-shim";
-/// argv[1] of this program re-executed as a task's PID-namespace init.
-const INIT_ARG: &str = "__agora-pidns-init";
-
-/// The file name of the shim and init program, beside the executor's own binary.
+/// The file name of the init program, beside the executor's own binary.
 pub const TASK_INIT_PROGRAM: &str = "agora-task-init";
 
-/// `agora-task-init` beside this program, opened once (O_PATH) for the shims and
-/// inits to re-execute; Err says why it cannot be used.
-pub fn helper_program() -> std::result::Result<RawFd, String> {
-    static EXE: std::sync::OnceLock<std::result::Result<OwnedFd, String>> =
-        std::sync::OnceLock::new();
-    EXE.get_or_init(|| {
-        let me = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
-        let path = me.with_file_name(TASK_INIT_PROGRAM);
-        let c = CString::new(path.as_os_str().as_bytes())
-            .map_err(|_| format!("{} holds a NUL", path.display()))?;
-        // SAFETY: open of a valid C string; the descriptor is owned from here on.
-        let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
-        if fd < 0 {
+/// How [`enter_executor_pid_namespace`] went, once per process: `None` when it was
+/// never called.
+static EXECUTOR_PID_NAMESPACE: std::sync::OnceLock<std::result::Result<(), String>> =
+    std::sync::OnceLock::new();
+
+/// The executor's PID namespace (the tasks') and its own, for [`in_executor_pid_namespace`].
+static NAMESPACES: std::sync::OnceLock<(OwnedFd, OwnedFd)> = std::sync::OnceLock::new();
+
+/// The write end of the pipe the namespace's init watches: held for the executor's
+/// life; when the executor ends, the init sees the pipe close and ends, and the kernel
+/// then kills every process left in the namespace.
+static KEEPER_PIPE: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
+
+/// Makes one new PID namespace for this executor's tasks, whose init (PID 1) is
+/// `agora-task-init` beside this program: it reaps the tasks' orphans and, when the
+/// executor ends, takes the namespace down with it. Tasks are then started in it
+/// ([`in_executor_pid_namespace`]) and each mounts that namespace's /proc in its
+/// private mount namespace ([`MountPlan::with_proc`]), so a task sees and can signal
+/// only the processes of its own executor (one framework's tasks), never another
+/// framework's, the agent's or the host's; and no other framework's sandbox or
+/// environment is reachable through /proc/PID/cwd, root or environ.
+///
+/// The executor itself stays in the host's namespace (it knows its tasks by their
+/// host pids). One namespace and one process per executor, made once: a task pays
+/// for two setns calls and its /proc mount.
+///
+/// Call it in `main` before any thread is started: the init is forked by this thread
+/// (its parent-death signal follows the thread), and a thread can only be created
+/// while the caller's new children go to its own PID namespace, which this restores
+/// before returning. [`executor_pid_namespace`] says whether it worked, or why not.
+pub fn enter_executor_pid_namespace() {
+    let own = std::fs::File::open("/proc/self/ns/pid")
+        .map(OwnedFd::from)
+        .map_err(|e| format!("cannot open /proc/self/ns/pid: {e}"));
+    let result = own.and_then(|own| {
+        let made = start_keeper();
+        // Children (and threads) go to our own namespace again, whatever happened.
+        // SAFETY: setns with a namespace descriptor we own.
+        if unsafe { libc::setns(own.as_raw_fd(), libc::CLONE_NEWPID) } != 0 {
             return Err(format!(
-                "{} is missing ({}): install it beside {}",
-                path.display(),
-                io::Error::last_os_error(),
-                me.display()
+                "cannot return to the executor's own PID namespace: {}",
+                io::Error::last_os_error()
             ));
         }
-        // SAFETY: a descriptor just opened and owned by nobody else.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-    })
-    .as_ref()
-    .map(|f| f.as_raw_fd())
-    .map_err(Clone::clone)
+        let tasks = made?;
+        let _ = NAMESPACES.set((tasks, own));
+        Ok(())
+    });
+    let _ = EXECUTOR_PID_NAMESPACE.set(result);
 }
 
-fn helper_exe() -> RawFd {
-    helper_program().unwrap_or(-1)
+/// Whether this executor's tasks run in a PID namespace of its own: `None` when
+/// [`enter_executor_pid_namespace`] was not called, `Err` why it failed.
+pub fn executor_pid_namespace() -> Option<std::result::Result<(), String>> {
+    EXECUTOR_PID_NAMESPACE.get().cloned()
 }
 
-/// Writes `n` in decimal and a NUL into `buf` (no allocation: between fork and exec).
-fn write_decimal(buf: &mut [u8; 24], mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut k = 0;
-    loop {
-        if let Some(d) = digits.get_mut(k) {
-            *d = b'0' + (n % 10) as u8;
-        }
-        k += 1;
-        n /= 10;
-        if n == 0 || k == digits.len() {
-            break;
-        }
+/// Runs `spawn` (which starts one child process) with this thread's new children
+/// going to the executor's PID namespace, then returns the thread to its own. An
+/// error when the namespace was not made, or a setns fails.
+pub fn in_executor_pid_namespace<T>(spawn: impl FnOnce() -> T) -> io::Result<T> {
+    let Some((tasks, own)) = NAMESPACES.get() else {
+        return Err(io::Error::other("the executor has no PID namespace"));
+    };
+    // SAFETY: setns with namespace descriptors we own; it changes only where this
+    // thread's next children go.
+    if unsafe { libc::setns(tasks.as_raw_fd(), libc::CLONE_NEWPID) } != 0 {
+        return Err(io::Error::last_os_error());
     }
-    for (slot, d) in buf.iter_mut().zip(digits.iter().take(k).rev()) {
-        *slot = *d;
+    let spawned = spawn();
+    // SAFETY: as above. Until it succeeds this thread could not start threads.
+    if unsafe { libc::setns(own.as_raw_fd(), libc::CLONE_NEWPID) } != 0 {
+        let e = io::Error::last_os_error();
+        tracing::error!(error = %e, "cannot return a thread to the executor's own PID namespace");
+        return Err(e);
     }
-    if let Some(end) = buf.get_mut(k) {
-        *end = 0;
-    }
+    Ok(spawned)
 }
 
-/// Re-executes this program (`exe`, O_PATH) as `role` for `pid` with the end pipe
-/// `fd`, empty environment. Returns only when that fails (the caller then carries
-/// on in this process).
-unsafe fn exec_helper(exe: RawFd, role: &std::ffi::CStr, pid: libc::pid_t, fd: RawFd) {
-    if exe < 0 {
-        return;
+/// unshare(CLONE_NEWPID) for this thread's children, and the namespace's init as the
+/// first of them; returns the new namespace.
+fn start_keeper() -> std::result::Result<OwnedFd, String> {
+    // SAFETY: unshare has no memory preconditions.
+    if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
+        return Err(format!(
+            "unshare(CLONE_NEWPID) failed: {}",
+            io::Error::last_os_error()
+        ));
     }
-    // The end pipe was made close-on-exec (the task must not hold it); this one
-    // keeps it through the exec.
-    libc::fcntl(fd, libc::F_SETFD, 0);
-    let mut pid_text = [0u8; 24];
-    write_decimal(&mut pid_text, pid as u64);
-    let mut fd_text = [0u8; 24];
-    write_decimal(&mut fd_text, fd as u64);
-    let argv: [*const libc::c_char; 5] = [
-        c"agora".as_ptr(),
-        role.as_ptr(),
-        pid_text.as_ptr().cast(),
-        fd_text.as_ptr().cast(),
-        std::ptr::null(),
-    ];
-    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
-    libc::syscall(
-        libc::SYS_execveat,
-        exe,
-        c"".as_ptr(),
-        argv.as_ptr(),
-        envp.as_ptr(),
-        libc::AT_EMPTY_PATH,
-    );
+    let me = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+    let program = me.with_file_name(TASK_INIT_PROGRAM);
+    if !program.exists() {
+        return Err(format!(
+            "{} is missing: install it beside {}",
+            program.display(),
+            me.display()
+        ));
+    }
+    let mut ends = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 fills the two descriptors, owned from here on.
+    if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!("pipe2 failed: {}", io::Error::last_os_error()));
+    }
+    let [rd, wr] = ends;
+    // SAFETY: descriptors just made and owned by nobody else.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(rd), OwnedFd::from_raw_fd(wr)) };
+    let watched = rd.as_raw_fd();
+    let mut cmd = Command::new(&program);
+    cmd.arg(KEEPER_ARG)
+        .arg(watched.to_string())
+        .env_clear()
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    // SAFETY: only system calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // The init dies with the executor even if the pipe were kept open.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+            if libc::fcntl(watched, libc::F_SETFD, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", program.display()))?;
+    drop(rd);
+    // The init is never waited for: it lives as long as this process.
+    std::mem::forget(child);
+    let _ = KEEPER_PIPE.set(wr);
+    // Only now: a namespace without its init cannot be opened.
+    std::fs::File::open("/proc/thread-self/ns/pid_for_children")
+        .map(OwnedFd::from)
+        .map_err(|e| format!("cannot open the new PID namespace: {e}"))
 }
 
-/// Call first thing in `main`: when this process is a task's PID-namespace shim or
-/// init (re-executed by the native executor, see [`MountPlan::with_pid_namespace`]),
-/// does that job and never returns; otherwise returns at once.
+/// Call first thing in `main`: when this process is the init of a native executor's
+/// PID namespace (see [`enter_executor_pid_namespace`]), does that job and never
+/// returns; otherwise returns at once.
 pub fn pid_namespace_helper() {
     let mut args = std::env::args_os().skip(1);
-    let Some(role) = args.next() else {
-        return;
-    };
-    let (shim, init) = (role == SHIM_ARG, role == INIT_ARG);
-    if !shim && !init {
+    if args.next().is_none_or(|role| role != KEEPER_ARG) {
         return;
     }
-    let mut number = || {
-        args.next()
-            .and_then(|a| a.to_str().and_then(|t| t.parse::<i32>().ok()))
-    };
-    let (Some(pid), Some(fd)) = (number(), number()) else {
-        eprintln!(
-            "agora: {} expects a pid and a descriptor",
-            role.to_string_lossy()
-        );
+    let Some(fd) = args
+        .next()
+        .and_then(|a| a.to_str().and_then(|t| t.parse::<RawFd>().ok()))
+    else {
+        eprintln!("agora-task-init: {KEEPER_ARG} expects a descriptor");
         std::process::exit(127);
     };
-    // SAFETY: the descriptor and the child were handed over by our own executor.
-    unsafe {
-        if shim {
-            pid_namespace_shim(pid, fd)
-        } else {
-            pid_namespace_init(pid, fd)
-        }
-    }
+    // SAFETY: the descriptor was handed over by our own executor.
+    unsafe { namespace_init(fd) }
 }
 
-/// Closes every descriptor but those in `keep` (negative entries ignored): the
-/// exec-error pipe of std, the task's output pipes and our report pipe among them.
-unsafe fn close_all_but(keep: &[RawFd]) {
-    let mut kept = [-1 as RawFd; 2];
-    for (slot, fd) in kept.iter_mut().zip(keep.iter().filter(|f| **f >= 0)) {
-        *slot = *fd;
-    }
-    kept.sort_unstable();
+/// Closes every descriptor but `keep`.
+unsafe fn close_all_but(keep: RawFd) {
     let close_range = |first: libc::c_uint, last: libc::c_uint| {
         first > last || libc::syscall(libc::SYS_close_range, first, last, 0) == 0
     };
-    // Ranges between the kept descriptors, in order.
-    let mut next: libc::c_uint = 0;
-    let mut done = true;
-    for fd in kept.iter().filter(|f| **f >= 0) {
-        let fd = *fd as libc::c_uint;
-        if fd > next {
-            done &= close_range(next, fd - 1);
-        }
-        next = fd + 1;
-    }
-    done &= close_range(next, libc::c_uint::MAX);
+    let keep = keep as libc::c_uint;
+    let done = close_range(0, keep.saturating_sub(1)) && close_range(keep + 1, libc::c_uint::MAX);
     if !done {
-        // Before Linux 5.9: one by one, up to the descriptor limit.
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur.min(1 << 20) as RawFd
-        } else {
-            1024
-        };
-        for fd in 0..max {
-            if !kept.contains(&fd) {
+        // Before Linux 5.9: one by one, up to a bound.
+        for fd in 0..4096 {
+            if fd != keep as RawFd {
                 libc::close(fd);
             }
         }
     }
 }
 
-/// The init of a task's PID namespace: reaps every process, and when the task
-/// (`task`) ends, tells the shim how on `end_wr` and exits, which kills whatever is
-/// left in the namespace.
-unsafe fn pid_namespace_init(task: libc::pid_t, end_wr: libc::c_int) -> ! {
-    close_all_but(&[end_wr]);
+/// The init of an executor's PID namespace: reaps every process handed to it (the
+/// tasks' orphans; the tasks themselves are the executor's children) until the
+/// executor's end of `watched` closes, then exits, which ends the namespace.
+unsafe fn namespace_init(watched: RawFd) -> ! {
+    close_all_but(watched);
+    let mut mask: libc::sigset_t = std::mem::zeroed();
+    libc::sigemptyset(&mut mask);
+    libc::sigaddset(&mut mask, libc::SIGCHLD);
+    libc::sigprocmask(libc::SIG_BLOCK, &mask, std::ptr::null_mut());
+    let children = libc::signalfd(-1, &mask, libc::SFD_CLOEXEC);
     loop {
+        // Reap whatever has ended (also before the first wait: a SIGCHLD may have
+        // come before the signalfd).
         let mut status = 0;
-        let pid = libc::waitpid(-1, &mut status, 0);
-        if pid == task {
-            let (kind, value) = if libc::WIFSIGNALED(status) {
-                (1u8, libc::WTERMSIG(status))
-            } else {
-                (0u8, libc::WEXITSTATUS(status))
-            };
-            let mut rec = [kind, 0, 0, 0, 0];
-            let v = value.to_ne_bytes();
-            rec[1] = v[0];
-            rec[2] = v[1];
-            rec[3] = v[2];
-            rec[4] = v[3];
-            libc::write(end_wr, rec.as_ptr().cast(), END_RECORD);
+        while libc::waitpid(-1, &mut status, libc::WNOHANG) > 0 {}
+        let mut fds = [
+            libc::pollfd {
+                fd: watched,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: children,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let n = libc::poll(fds.as_mut_ptr(), if children < 0 { 1 } else { 2 }, -1);
+        if n < 0 && *libc::__errno_location() != libc::EINTR {
+            libc::_exit(1);
+        }
+        let [executor, sigchld] = fds;
+        if executor.revents != 0 {
+            // EOF or an error: the executor is gone.
             libc::_exit(0);
         }
-        if pid < 0 && *libc::__errno_location() != libc::EINTR {
-            libc::_exit(0);
+        if sigchld.revents != 0 {
+            let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
+            libc::read(children, info.as_mut_ptr().cast(), info.len());
         }
     }
-}
-
-/// The process the executor spawned, outside the task's PID namespace: waits for
-/// its init and ends as the task ended. Termination signals the executor sends to
-/// the whole group reach the task itself; this one ignores them so that it outlives
-/// the task's handling of SIGTERM.
-unsafe fn pid_namespace_shim(init: libc::pid_t, end_rd: libc::c_int) -> ! {
-    close_all_but(&[end_rd]);
-    for sig in SHIM_IGNORES {
-        libc::signal(sig, libc::SIG_IGN);
-    }
-    let mut status = 0;
-    while libc::waitpid(init, &mut status, 0) < 0 {
-        if *libc::__errno_location() != libc::EINTR {
-            libc::_exit(127);
-        }
-    }
-    let mut rec = [0u8; END_RECORD];
-    let n = libc::read(end_rd, rec.as_mut_ptr().cast(), END_RECORD);
-    let (signaled, value) = if n == END_RECORD as isize {
-        (
-            rec[0] == 1,
-            libc::c_int::from_ne_bytes([rec[1], rec[2], rec[3], rec[4]]),
-        )
-    } else if libc::WIFSIGNALED(status) {
-        // The init itself was killed (a SIGKILL to the group, say).
-        (true, libc::WTERMSIG(status))
-    } else {
-        (false, 127)
-    };
-    if signaled {
-        let mut none: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut none);
-        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-        libc::signal(value, libc::SIG_DFL);
-        libc::kill(libc::getpid(), value);
-        libc::_exit(128 + value);
-    }
-    libc::_exit(value)
 }
 
 #[cfg(test)]
