@@ -47,6 +47,8 @@ const MASTER_QUEUE: usize = 8192;
 const EXECUTOR_MESSAGE_QUEUE: usize = 4096;
 /// How long a drain waits for executors to end after asking them to.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long a drain waits for the executors it had to kill to be reaped.
+const KILLED_EXIT_GRACE: Duration = Duration::from_secs(5);
 /// How long a drain then waits for the master to acknowledge the tasks' endings.
 const DRAIN_REPORT_GRACE: Duration = Duration::from_secs(5);
 
@@ -336,10 +338,24 @@ impl AgentHandle {
             .values()
             .copied()
             .collect();
-        for pid in pids {
+        for pid in &pids {
             tracing::warn!(pid, "executor did not shut down in time; killing it");
             // SAFETY: plain kill(2) of an executor process of ours.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+        }
+        // Their ends recorded (the checkpoint forgets them), so that the next start
+        // finds no executor it would lose track of.
+        let deadline = Instant::now() + KILLED_EXIT_GRACE;
+        while !pids.is_empty()
+            && Instant::now() < deadline
+            && !self
+                .shared
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .children
+                .is_empty()
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await; // poll for the killed executors' exits
         }
         // The tasks' endings reach the master, if it is there to hear them.
         let deadline = Instant::now() + DRAIN_REPORT_GRACE;

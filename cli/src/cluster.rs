@@ -95,14 +95,15 @@ pub struct DevFunctions {
 }
 
 impl DevFunctions {
-    /// The functions framework subscribes with the cluster's client certificate.
+    /// The functions framework subscribes with the master's own certificate: it is
+    /// part of the master, which the access policy does not judge.
     fn config(&self, cd: &CertDir) -> FunctionsConfig {
         FunctionsConfig {
             http: Some(self.http),
             http_required: self.http_required,
             ca: cd.ca(),
-            client_cert: cd.cert(Role::Client),
-            client_key: cd.key(Role::Client),
+            client_cert: cd.cert(Role::Master),
+            client_key: cd.key(Role::Master),
             idle_timeout: self.idle_timeout,
         }
     }
@@ -294,15 +295,39 @@ pub enum CertsCmd {
         #[arg(long = "master")]
         masters: Vec<String>,
     },
+    /// Sign a client certificate for PRINCIPAL with the cluster CA in DIR, and write
+    /// it with the CA certificate and a client.json into OUT (default DIR/PRINCIPAL):
+    /// `AGORA_CONFIG=OUT/client.json agora ps` then acts as that principal.
+    Issue {
+        /// The directory `agora certs init` made (it holds ca.key).
+        dir: PathBuf,
+        /// Who the certificate names (letters, digits, '.', '_', '-', '@').
+        #[arg(long)]
+        principal: String,
+        /// Where to write the certificate, key, ca.pem and client.json.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// How long the certificate is valid, e.g. 30d or 12h (at most 10 years).
+        #[arg(long, default_value = "365d")]
+        expires: String,
+    },
 }
 
 pub fn certs(cmd: CertsCmd) -> anyhow::Result<ExitCode> {
-    let CertsCmd::Init {
-        dir,
-        master_names,
-        agent_names,
-        mut masters,
-    } = cmd;
+    let (dir, master_names, agent_names, mut masters) = match cmd {
+        CertsCmd::Init {
+            dir,
+            master_names,
+            agent_names,
+            masters,
+        } => (dir, master_names, agent_names, masters),
+        CertsCmd::Issue {
+            dir,
+            principal,
+            out,
+            expires,
+        } => return issue_principal(&dir, &principal, out, &expires),
+    };
     if masters.is_empty() {
         masters.push(format!("127.0.0.1:{DEFAULT_MASTER_PORT}"));
     }
@@ -366,6 +391,48 @@ pub fn certs(cmd: CertsCmd) -> anyhow::Result<ExitCode> {
             d = dir.display()
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `agora certs issue`.
+fn issue_principal(
+    dir: &Path,
+    principal: &str,
+    out: Option<PathBuf>,
+    expires: &str,
+) -> anyhow::Result<ExitCode> {
+    tls::check_principal(principal).map_err(|e| anyhow::anyhow!("--principal: {e}"))?;
+    let validity = agora_proto::units::parse_duration(expires)
+        .map_err(|e| anyhow::anyhow!("--expires {expires:?}: {e}"))?;
+    if validity.is_zero() {
+        anyhow::bail!("--expires must be above 0");
+    }
+    let out = out.unwrap_or_else(|| dir.join(principal));
+    // The masters the cluster's own client.json names: beside the certificates
+    // (`agora certs init`), or above them (`agora dev`'s data directory).
+    let base = [dir.join("client.json"), dir.join("../client.json")]
+        .iter()
+        .find_map(|p| ClientConfig::load(p).ok());
+    tls::issue_client_cert(dir, principal, &out, validity)?;
+    let master = base
+        .as_ref()
+        .map(|c| c.master.clone())
+        .unwrap_or_else(|| format!("127.0.0.1:{DEFAULT_MASTER_PORT}"));
+    let mut client = client_config(&CertDir::new(Path::new("")), &master);
+    if let Some(b) = &base {
+        client.masters = b.masters.clone();
+        client.http = b.http.clone();
+    }
+    client.save(&out.join("client.json"))?;
+    println!(
+        "client certificate for principal {principal} in {}, valid for {}",
+        out.display(),
+        agora_proto::units::format_duration(validity)
+    );
+    println!(
+        "use it with: AGORA_CONFIG={} agora ps",
+        out.join("client.json").display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+mod acl;
 mod bench;
 mod cluster;
 mod devgroup;
@@ -82,6 +83,11 @@ enum Cmd {
     Role {
         #[command(subcommand)]
         cmd: roles::RoleCmd,
+    },
+    /// The access policy: `agora acl get`, `agora acl set FILE`, `agora acl clear`.
+    Acl {
+        #[command(subcommand)]
+        cmd: acl::AclCmd,
     },
     /// Role quotas: `agora quota set|get|rm`.
     Quota {
@@ -259,6 +265,7 @@ fn main() -> ExitCode {
             | Cmd::Masters { .. }
             | Cmd::Role { .. }
             | Cmd::Quota { .. }
+            | Cmd::Acl { .. }
             | Cmd::Explain(_)
             | Cmd::Fn { .. }
             | Cmd::Run(_)
@@ -302,6 +309,7 @@ fn main() -> ExitCode {
             Cmd::Masters { cmd, target } => ops::masters(cmd, target).await,
             Cmd::Role { cmd } => roles::role(cmd).await,
             Cmd::Quota { cmd } => roles::quota(cmd).await,
+            Cmd::Acl { cmd } => acl::acl(cmd).await,
             Cmd::Explain(a) => roles::explain(a).await,
             Cmd::Fn { cmd } => fns::fns(cmd).await,
             Cmd::Bench { cmd } => bench::bench(cmd).await,
@@ -372,10 +380,26 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("agora: {e:#}");
-            ExitCode::from(2)
+            exit_code_of(&format!("{e:#}"))
         }
     }
 }
+
+/// Exit code of a command that failed with `message`: 77 (EX_NOPERM) when the
+/// access policy refused it (the master's refusals start "permission denied:"),
+/// else 2.
+fn exit_code_of(message: &str) -> ExitCode {
+    if message.contains(DENIED_PREFIX) {
+        ExitCode::from(EXIT_DENIED)
+    } else {
+        ExitCode::from(2)
+    }
+}
+
+/// How the master's access-policy refusals begin.
+pub(crate) const DENIED_PREFIX: &str = "permission denied: ";
+/// Exit code of a command the access policy refused (sysexits' EX_NOPERM).
+pub(crate) const EXIT_DENIED: u8 = 77;
 
 #[cfg(test)]
 mod tests {

@@ -607,6 +607,10 @@ fn exit_code(s: &TaskStatus) -> ExitCode {
         (TaskState::TaskFinished, _) => ExitCode::SUCCESS,
         (_, Some(c)) if (1..=255).contains(&c) => ExitCode::from(c as u8),
         (TaskState::TaskKilled, _) => ExitCode::from(137),
+        // The access policy refused the launch.
+        (TaskState::TaskError, _) if s.message.contains(crate::DENIED_PREFIX) => {
+            ExitCode::from(crate::EXIT_DENIED)
+        }
         _ if s.reason() == Reason::InvalidModule || s.reason() == Reason::InvalidTask => {
             ExitCode::from(2)
         }

@@ -382,7 +382,11 @@ impl Master {
         if self.open_scheds.contains(&conn) {
             self.feed(Input::SchedulerClosed { conn });
         }
-        self.feed(Input::SchedulerHello { conn, hello });
+        self.feed(Input::SchedulerHello {
+            conn,
+            hello,
+            principal: String::new(),
+        });
     }
 
     fn call(&mut self, conn: ConnId, c: call::Call) {
@@ -453,7 +457,11 @@ impl Master {
                     if self.open_scheds.contains(&conn) {
                         self.feed(Input::SchedulerClosed { conn });
                     }
-                    self.feed(Input::SchedulerHello { conn, hello });
+                    self.feed(Input::SchedulerHello {
+                        conn,
+                        hello,
+                        principal: String::new(),
+                    });
                 }
             }
             x if x == Op::RawCall as u8 => {

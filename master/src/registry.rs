@@ -88,6 +88,11 @@ fn entry_of(op: &RegistryOp) -> (&'static str, String, Option<Vec<u8>>) {
             task_id,
             at_ms,
         } => ("lost", format!("{framework_id}\0{task_id}"), json(at_ms)),
+        RegistryOp::SetPolicy { text } => (
+            "policy",
+            String::new(),
+            (!text.is_empty()).then(|| text.clone().into_bytes()),
+        ),
     }
 }
 
@@ -241,6 +246,12 @@ fn read_entry(reg: &mut Registry, kind: &str, key: &str, bytes: &[u8]) -> Result
             reg.lost_tasks.insert(
                 (fid.to_string(), tid.to_string()),
                 serde_json::from_slice(bytes).map_err(de_err)?,
+            );
+        }
+        "policy" => {
+            let text = std::str::from_utf8(bytes).map_err(|e| format!("{what}: {e}"))?;
+            reg.policy = Some(
+                agora_master_core::acl::Policy::parse(text).map_err(|e| format!("{what}: {e}"))?,
             );
         }
         other => tracing::warn!("master registry: ignoring unknown entry kind {other}"),

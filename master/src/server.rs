@@ -26,6 +26,7 @@ use crate::raft::group::{self, Node};
 use crate::raft::store::Owner;
 use crate::raft::types::MasterNode;
 use crate::registry::{Registry, RegistryOp};
+use agora_master_core::acl::Action;
 use agora_master_core::{ConnId, CoreConfig, Input, MasterCore, OperatorOp, Output, Refused};
 
 /// Messages queued to one peer before it counts as stuck and is disconnected.
@@ -1052,14 +1053,17 @@ impl Ctx {
                         .await
                     }
                     Some(stream_open::Kind::Scheduler(h)) => {
+                        let (role, principal) = client_principal(&conn, role);
                         ctx.require(&conn, role, Role::Client, send, |s| {
-                            ctx.clone().scheduler_stream(conn.clone(), h, s, recv)
+                            ctx.clone()
+                                .scheduler_stream(conn.clone(), h, s, recv, principal)
                         })
                         .await
                     }
                     Some(stream_open::Kind::Operator(req)) => {
+                        let (role, principal) = client_principal(&conn, role);
                         ctx.require(&conn, role, Role::Client, send, |s| {
-                            ctx.clone().operator(req, s)
+                            ctx.clone().operator(req, s, principal)
                         })
                         .await
                     }
@@ -1253,13 +1257,46 @@ impl Ctx {
         hello: v1::SchedulerHello,
         mut send: Send,
         mut recv: Recv,
+        principal: String,
     ) -> Result<()> {
+        // Every role the framework asks for, checked before it is known.
+        let roles = hello
+            .framework
+            .as_ref()
+            .map(|f| f.roles.clone())
+            .unwrap_or_default();
+        let roles = if roles.is_empty() {
+            vec![agora_allocator::DEFAULT_ROLE.to_string()]
+        } else {
+            roles
+        };
+        let denied = self.read(|c, _| {
+            roles
+                .iter()
+                .find_map(|r| c.authorize(&principal, Action::RegisterFrameworks, r).err())
+        })?;
+        if let Some(d) = denied {
+            tracing::info!(%principal, "subscription refused: {d}");
+            let e = Event {
+                event: Some(v1::event::Event::Error(v1::Error {
+                    message: d.to_string(),
+                    request_id: 0,
+                })),
+            };
+            write_frame(&mut send, &e).await?;
+            send.finish()?;
+            return Ok(());
+        }
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (tx, mut rx) = mpsc::channel::<Out<Event>>(PEER_QUEUE);
         {
             let mut s = self.lock();
             s.schedulers.insert(conn, (tx, qconn));
-            s.feed(Input::SchedulerHello { conn, hello });
+            s.feed(Input::SchedulerHello {
+                conn,
+                hello,
+                principal,
+            });
         }
         let writer = tokio::spawn(async move {
             let mut pending: Option<String> = None;
@@ -1315,10 +1352,24 @@ impl Ctx {
         result
     }
 
-    async fn operator(self, req: OperatorRequest, mut send: Send) -> Result<()> {
+    async fn operator(self, req: OperatorRequest, mut send: Send, principal: String) -> Result<()> {
+        if let Some(r) = &req.request {
+            if let Err(refusal) = self.authorize_operator(&principal, r).await {
+                return self.answer(send, refusal).await;
+            }
+        }
+        // What the principal may see, for the listings.
+        let may_view = |role: &str| {
+            self.read(|c, _| c.authorize(&principal, Action::ViewTasks, role).is_ok())
+                .unwrap_or(false)
+        };
         let resp = match req.request {
             Some(operator_request::Request::ListTasks(l)) => {
-                let mut tasks = match self.read(|c, now| c.list_tasks(l.all, now)) {
+                let mut tasks = match self.read(|c, now| {
+                    let mut tasks = c.list_tasks(l.all, now);
+                    tasks.retain(|t| c.authorize(&principal, Action::ViewTasks, &t.role).is_ok());
+                    tasks
+                }) {
                     Ok(t) => t,
                     Err(e) => return self.answer(send, failed(e)).await,
                 };
@@ -1398,10 +1449,13 @@ impl Ctx {
                 .read(|c, _| c.roles(&g.role))
                 .and_then(|r| r.map_err(Error::from))
             {
-                Ok(roles) => OperatorResponse {
-                    roles,
-                    ..Default::default()
-                },
+                Ok(mut roles) => {
+                    roles.retain(|r| may_view(&r.role));
+                    OperatorResponse {
+                        roles,
+                        ..Default::default()
+                    }
+                }
                 Err(e) => failed(e),
             },
             Some(operator_request::Request::Explain(e)) => {
@@ -1433,13 +1487,42 @@ impl Ctx {
                 | operator_request::Request::FnTenantList(_)
                 | operator_request::Request::FnList(_)),
             ) => match self.functions() {
-                Ok(f) => f.handle(r).await,
+                Ok(f) => {
+                    let mut resp = f.handle(r).await;
+                    resp.functions
+                        .retain(|s| may_view(s.spec.as_ref().map_or("*", |d| d.role.as_str())));
+                    resp.tenant_limits.retain(|l| may_view(&l.role));
+                    resp
+                }
                 Err(e) => OperatorResponse {
                     error: e.to_string(),
                     ..Default::default()
                 },
             },
             Some(operator_request::Request::MastersChange(c)) => self.masters_change(c).await,
+            Some(operator_request::Request::GetAcl(_)) => match self.read(|c, _| {
+                c.registry()
+                    .policy
+                    .as_ref()
+                    .map(|p| p.to_json())
+                    .unwrap_or_default()
+            }) {
+                Ok(policy) => OperatorResponse {
+                    policy,
+                    ..Default::default()
+                },
+                Err(e) => failed(e),
+            },
+            Some(operator_request::Request::SetAcl(a)) => {
+                let r = self.operate(OperatorOp::SetPolicy { text: a.policy }).await;
+                if r.is_ok() {
+                    tracing::info!(%principal, "access policy replaced");
+                }
+                OperatorResponse {
+                    error: r.err().map(|e| e.0).unwrap_or_default(),
+                    ..Default::default()
+                }
+            }
             None => OperatorResponse {
                 error: "unknown operator request (newer client?)".into(),
                 ..Default::default()
@@ -1448,6 +1531,78 @@ impl Ctx {
         write_frame(&mut send, &resp).await?;
         send.finish()?;
         Ok(())
+    }
+
+    /// Checks an operator request against the access policy before it is carried
+    /// out: the refusal to send when the principal may not. Listings are filtered
+    /// afterwards instead (a principal sees what it may view).
+    async fn authorize_operator(
+        &self,
+        principal: &str,
+        r: &operator_request::Request,
+    ) -> std::result::Result<(), OperatorResponse> {
+        use operator_request::Request as R;
+        let task_role = |task_id: &str| self.read(|c, _| c.role_of_task(task_id)).ok().flatten();
+        let (action, object) = match r {
+            R::ListTasks(_) | R::Roles(_) | R::FnList(_) | R::FnTenantList(_) | R::Cluster(_) => {
+                return Ok(())
+            }
+            // An unknown task: the request goes on, and says so.
+            R::Kill(k) => match task_role(&k.task_id) {
+                Some(role) => (Action::KillTasks, role),
+                None => return Ok(()),
+            },
+            R::ReadFile(f) => match task_role(&f.task_id) {
+                Some(role) => (Action::ViewTasks, role),
+                None => return Ok(()),
+            },
+            R::Explain(e) => (
+                Action::ViewTasks,
+                task_role(&e.target).unwrap_or_else(|| e.target.clone()),
+            ),
+            R::SetWeight(w) => (Action::UpdateWeights, w.role.clone()),
+            R::SetQuota(q) => (Action::UpdateQuotas, q.role.clone()),
+            R::FnDeploy(d) => (
+                Action::DeployFunctions,
+                if d.role.trim().is_empty() {
+                    agora_allocator::DEFAULT_ROLE.to_string()
+                } else {
+                    d.role.trim().to_string()
+                },
+            ),
+            R::FnRemove(rm) => {
+                let listed = match self.functions() {
+                    Ok(f) => f.handle(R::FnList(v1::FunctionList {})).await.functions,
+                    Err(_) => Vec::new(),
+                };
+                let role = listed
+                    .iter()
+                    .filter_map(|s| s.spec.as_ref())
+                    .find(|d| d.name == rm.name)
+                    .map(|d| d.role.clone());
+                match role {
+                    Some(role) => (Action::RemoveFunctions, role),
+                    None => return Ok(()),
+                }
+            }
+            R::FnTenantSet(t) => (
+                Action::SetTenantLimits,
+                t.limit.as_ref().map(|l| l.role.clone()).unwrap_or_default(),
+            ),
+            R::MastersChange(_) | R::MarkAgentGone(_) => (Action::ManageCluster, String::new()),
+            R::GetAcl(_) | R::SetAcl(_) => (Action::ManageAcls, String::new()),
+        };
+        let verdict = self
+            .read(|c, _| c.authorize(principal, action, &object))
+            .map_err(failed)?;
+        verdict.map_err(|d| {
+            tracing::info!(%principal, "operator request refused: {d}");
+            OperatorResponse {
+                error: d.to_string(),
+                denied: true,
+                ..Default::default()
+            }
+        })
     }
 
     /// `agora masters add|remove`, on the leader.
@@ -1726,6 +1881,20 @@ impl Ctx {
 }
 
 /// An operator's request that failed, as its answer.
+/// The role a scheduler or operator stream is judged as, and its principal: a
+/// client's, from its certificate; a master (the functions gateway beside it, which
+/// dials with the master's certificate) is a client the access policy does not
+/// judge ([`agora_master_core::acl::SYSTEM_PRINCIPAL`]).
+fn client_principal(conn: &quinn::Connection, role: Option<Role>) -> (Option<Role>, String) {
+    match role {
+        Some(Role::Master) => (
+            Some(Role::Client),
+            agora_master_core::acl::SYSTEM_PRINCIPAL.to_string(),
+        ),
+        _ => (role, tls::peer_principal(conn)),
+    }
+}
+
 fn failed(e: Error) -> OperatorResponse {
     OperatorResponse {
         error: match e {

@@ -153,6 +153,7 @@ impl Node {
     fn subscribe_with(&mut self, conn: ConnId, id: &str, partition_aware: bool) -> Vec<Output> {
         self.feed(Input::SchedulerHello {
             conn,
+            principal: String::new(),
             hello: SchedulerHello {
                 framework: Some(FrameworkInfo {
                     name: "web".into(),

@@ -163,18 +163,7 @@ pub fn init_cert_dir_with(
     create_private_dir(dir)?;
 
     let (ca_pem, ca_key) = match (cd.ca().exists(), cd.ca_key().exists()) {
-        (true, true) => {
-            let ca_pem = read_to_string(&cd.ca(), "CA certificate")?;
-            let key_pem = read_to_string(&cd.ca_key(), "CA key")?;
-            let key = KeyPair::from_pem(&key_pem).map_err(|e| {
-                Error::tls(
-                    format!("{} is not a PEM private key", cd.ca_key().display()),
-                    e,
-                )
-            })?;
-            check_ca_matches_key(&cd.ca(), &ca_pem, &cd.ca_key(), &key)?;
-            (ca_pem, key)
-        }
+        (true, true) => load_ca(&cd)?,
         (false, false) => {
             let key =
                 KeyPair::generate().map_err(|e| Error::tls("cannot generate the CA key", e))?;
@@ -241,8 +230,12 @@ pub fn init_cert_dir_with(
                     ExtendedKeyUsagePurpose::ClientAuth,
                 ];
             }
-            Role::Agent | Role::Client => {
+            Role::Agent => {
                 params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            }
+            Role::Client => {
+                params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+                params.subject_alt_names = vec![principal_san(ADMIN_PRINCIPAL)?];
             }
         }
         issue(
@@ -407,6 +400,20 @@ fn read_file(path: &Path, what: &str) -> Result<Vec<u8>> {
             ))
         }
     })
+}
+
+/// The CA certificate (PEM) and key of `cd`, checked to belong together.
+fn load_ca(cd: &CertDir) -> Result<(String, KeyPair)> {
+    let ca_pem = read_to_string(&cd.ca(), "CA certificate")?;
+    let key_pem = read_to_string(&cd.ca_key(), "CA key")?;
+    let key = KeyPair::from_pem(&key_pem).map_err(|e| {
+        Error::tls(
+            format!("{} is not a PEM private key", cd.ca_key().display()),
+            e,
+        )
+    })?;
+    check_ca_matches_key(&cd.ca(), &ca_pem, &cd.ca_key(), &key)?;
+    Ok((ca_pem, key))
 }
 
 fn read_to_string(path: &Path, what: &str) -> Result<String> {
@@ -894,6 +901,100 @@ pub fn role_of_cert(cert: &CertificateDer<'_>) -> Option<Role> {
         return None;
     }
     Role::from_common_name(cn)
+}
+
+/// The principal of the client certificate `agora certs init` writes (client.pem).
+pub const ADMIN_PRINCIPAL: &str = "admin";
+/// A client certificate names its principal in a URI subject alternative name
+/// `agora-principal:NAME`.
+const PRINCIPAL_URI: &str = "agora-principal:";
+/// Longest principal name.
+pub const MAX_PRINCIPAL_LEN: usize = 128;
+
+/// Whether `name` can be a principal: 1 to 128 letters, digits, `.`, `_`, `-`, `@`.
+pub fn check_principal(name: &str) -> std::result::Result<(), String> {
+    if name.is_empty()
+        || name.len() > MAX_PRINCIPAL_LEN
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'))
+    {
+        return Err(format!(
+            "principal {name:?} must be 1 to {MAX_PRINCIPAL_LEN} letters, digits, '.', '_', '-' or '@'"
+        ));
+    }
+    Ok(())
+}
+
+fn principal_san(name: &str) -> Result<rcgen::SanType> {
+    check_principal(name).map_err(Error::Certificates)?;
+    let uri = rcgen::string::Ia5String::try_from(format!("{PRINCIPAL_URI}{name}"))
+        .map_err(|e| Error::tls(format!("principal {name:?}"), e))?;
+    Ok(rcgen::SanType::URI(uri))
+}
+
+/// The principal a certificate names (its one `agora-principal:` URI), if any. A
+/// certificate naming two, or a malformed one, names none. Never panics.
+pub fn principal_of_cert(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let san = parsed.subject_alternative_name().ok()??;
+    let mut found = san.value.general_names.iter().filter_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) => u.strip_prefix(PRINCIPAL_URI),
+        _ => None,
+    });
+    let name = found.next()?;
+    if found.next().is_some() || check_principal(name).is_err() {
+        return None;
+    }
+    Some(name.to_string())
+}
+
+/// The principal of the peer of an established connection; empty when its
+/// certificate names none.
+pub fn peer_principal(conn: &quinn::Connection) -> String {
+    let Some(identity) = conn.peer_identity() else {
+        return String::new();
+    };
+    identity
+        .downcast_ref::<Vec<CertificateDer<'static>>>()
+        .and_then(|chain| chain.first())
+        .and_then(principal_of_cert)
+        .unwrap_or_default()
+}
+
+/// Signs a client certificate for `principal` with the CA of `ca_dir` into
+/// `out/client.pem` and `out/client.key` (0600), copying the CA certificate to
+/// `out/ca.pem`; valid for `validity` from now (at most the CA's ten years).
+pub fn issue_client_cert(
+    ca_dir: &Path,
+    principal: &str,
+    out: &Path,
+    validity: Duration,
+) -> Result<CertDir> {
+    let cd = CertDir::new(ca_dir);
+    let (ca_pem, key) = load_ca(&cd)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, key).map_err(|e| {
+        Error::tls(
+            format!("{} is not a usable CA certificate", cd.ca().display()),
+            e,
+        )
+    })?;
+    let mut params = leaf_params(Role::Client.common_name());
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.subject_alt_names = vec![principal_san(principal)?];
+    let now = SystemTime::now();
+    params.not_after = (now + validity.min(CERT_VALIDITY)).into();
+    create_private_dir(out)?;
+    let out_cd = CertDir::new(out);
+    write_file(&out_cd.ca(), ca_pem.as_bytes(), 0o644)?;
+    issue(
+        &params,
+        &issuer,
+        &out_cd.cert(Role::Client),
+        &out_cd.key(Role::Client),
+        &format!("principal {principal}'s"),
+    )?;
+    Ok(out_cd)
 }
 
 /// Resolves "host:port" (or an IP:port) to a SocketAddr with a clear error.

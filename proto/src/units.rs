@@ -44,7 +44,7 @@ impl Quantity {
         match self {
             Quantity::Size => "B, KiB, MiB, GiB, TiB (or kB, MB, GB, TB, powers of 1000)",
             Quantity::Duration => {
-                "ms, s, m (or min), h, us or ns, e.g. 30s, 500ms, 2m; a bare number is seconds"
+                "ms, s, m (or min), h, d, us or ns, e.g. 30s, 500ms, 2m, 30d; a bare number is seconds"
             }
         }
     }
@@ -189,6 +189,7 @@ fn parse_duration_in(
         "" | "s" => 1_000_000_000,
         "m" | "min" => 60_000_000_000,
         "h" => 3_600_000_000_000,
+        "d" => 86_400_000_000_000,
         _ => return Err(unknown_unit(what, input, unit)),
     };
     num.scale(per, resolution)
@@ -571,6 +572,7 @@ mod tests {
             ("1.5s", ms(1500)),
             ("500ms", ms(500)),
             ("2m", Duration::from_secs(120)),
+            ("30d", Duration::from_secs(30 * 86_400)),
             ("2min", Duration::from_secs(120)),
             ("1.5m", Duration::from_secs(90)),
             ("2h", Duration::from_secs(7200)),
@@ -654,7 +656,6 @@ mod tests {
             ("5x", "unknown unit `x`"),
             ("5 sec", "unknown unit `sec`"),
             ("5S", "unknown unit `S`"),
-            ("5d", "unknown unit `d`"),
             ("1:30", "unknown unit `:30`"),
             ("10MiB", "unknown unit `MiB`"),
         ] {
@@ -667,8 +668,8 @@ mod tests {
         }
         assert_eq!(
             duration_err("5x"),
-            "duration `5x` has an unknown unit `x`; use ms, s, m (or min), h, us or ns, \
-             e.g. 30s, 500ms, 2m; a bare number is seconds"
+            "duration `5x` has an unknown unit `x`; use ms, s, m (or min), h, d, us or ns, \
+             e.g. 30s, 500ms, 2m, 30d; a bare number is seconds"
         );
     }
 

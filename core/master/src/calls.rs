@@ -184,6 +184,7 @@ impl MasterCore {
             ));
         }
         let res = self.validate_task(&cx.fid, t)?;
+        self.authorize_launch(cx, t).map_err(|d| d.to_string())?;
         if let Some(r) = res.roles().into_iter().find(|r| *r != cx.role) {
             return Err(format!(
                 "it asks for resources reserved for role `{r}`, but the offers are for role `{}`",
@@ -197,6 +198,26 @@ impl MasterCore {
             ));
         }
         Ok(res)
+    }
+
+    /// The access policy on a launch, judged as the framework's principal: a native
+    /// command as the OS user it runs as (its own, else its framework's, else
+    /// `default`: the agent's --task-user), anything else in the offer's role.
+    fn authorize_launch(&self, cx: &AcceptCtx, t: &TaskInfo) -> Result<(), crate::acl::Denied> {
+        let Some(f) = self.frameworks.get(&cx.fid) else {
+            return Ok(());
+        };
+        match &t.command {
+            Some(cmd) => {
+                let user = [cmd.user.as_str(), f.user.as_str()]
+                    .into_iter()
+                    .map(str::trim)
+                    .find(|u| !u.is_empty())
+                    .unwrap_or(DEFAULT_TASK_USER);
+                self.authorize(&f.principal, crate::acl::Action::RunNativeTasks, user)
+            }
+            None => self.authorize(&f.principal, crate::acl::Action::RunWasmTasks, &cx.role),
+        }
     }
 
     /// An invalid task of an accept: an ERROR naming it, and TASK_ERROR for it.
@@ -374,6 +395,7 @@ impl MasterCore {
         self.tasks.insert(
             key.clone(),
             TaskRecord {
+                role: cx.role.clone(),
                 framework_id: cx.fid.clone(),
                 agent_id: cx.agent_id.clone(),
                 info: task.clone(),
@@ -843,6 +865,10 @@ pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
 
 /// Gives resources taken from an accept's pool back to the allocator (a task that
 /// could not be sent).
+/// The user a native task is judged as when neither it nor its framework names one:
+/// the agent's `--task-user` decides who that is.
+pub const DEFAULT_TASK_USER: &str = "default";
+
 fn cx_recover(core: &mut MasterCore, cx: &AcceptCtx, res: &Resources) {
     core.allocator
         .recover_role(&cx.fid, &cx.role, &cx.agent_id, res, None);

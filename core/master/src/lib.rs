@@ -18,6 +18,7 @@ use agora_proto::{is_sha256_hex, Resources};
 use crate::registry::{FrameworkEntry, Registry, RegistryOp};
 use agora_allocator::Allocator;
 
+pub mod acl;
 mod calls;
 mod ops;
 pub mod registry;
@@ -107,6 +108,9 @@ pub enum Input {
     SchedulerHello {
         conn: ConnId,
         hello: SchedulerHello,
+        /// Who subscribes, from its certificate (`acl::SYSTEM_PRINCIPAL` for the
+        /// master's own functions framework): what its launches are judged as.
+        principal: String,
     },
     SchedulerCall {
         conn: ConnId,
@@ -151,6 +155,8 @@ pub enum OperatorOp {
     },
     /// The agent (disconnected or unreachable) is gone for good: its tasks end GONE.
     MarkAgentGone { agent_id: String },
+    /// `agora acl set`: the access policy's JSON text (checked here); empty removes it.
+    SetPolicy { text: String },
 }
 
 /// Why an operator's request was refused, said so that the operator can act on it.
@@ -214,6 +220,8 @@ struct FrameworkState {
     /// FrameworkInfo.user: who its commands run as on agents (when a task's
     /// CommandInfo names nobody).
     user: String,
+    /// Who subscribed it (the access policy judges its launches as them).
+    principal: String,
 }
 
 #[derive(Debug, Clone)]
@@ -230,6 +238,9 @@ struct OfferState {
 #[derive(Debug, Clone)]
 struct TaskRecord {
     framework_id: String,
+    /// The role it runs in (its offer's; for tasks learned from an agent, its
+    /// reservation's or its framework's first): what access control judges it by.
+    role: String,
     agent_id: String,
     info: TaskInfo,
     resources: Resources,
@@ -348,7 +359,11 @@ impl MasterCore {
             Input::AgentHello { conn, hello } => self.agent_hello(conn, hello, now),
             Input::AgentMessage { conn, msg } => self.agent_message(conn, msg, now),
             Input::AgentClosed { conn } => self.agent_closed(conn, now),
-            Input::SchedulerHello { conn, hello } => self.scheduler_hello(conn, hello, now),
+            Input::SchedulerHello {
+                conn,
+                hello,
+                principal,
+            } => self.scheduler_hello(conn, hello, principal, now),
             Input::SchedulerCall { conn, call } => self.scheduler_call(conn, call, now),
             Input::SchedulerClosed { conn } => self.scheduler_closed(conn, now),
             Input::Operator { request, op } => {
@@ -362,6 +377,7 @@ impl MasterCore {
                         force,
                     } => self.set_quota(&role, &guarantee, &limit, force),
                     OperatorOp::MarkAgentGone { agent_id } => self.mark_agent_gone(&agent_id),
+                    OperatorOp::SetPolicy { text } => self.set_policy(&text),
                 };
                 if let Err(e) = &result {
                     tracing::info!("operator request refused: {e}");
@@ -560,6 +576,7 @@ impl MasterCore {
             self.tasks.insert(
                 key.clone(),
                 TaskRecord {
+                    role: self.task_role(&key.0, &res),
                     framework_id: key.0.clone(),
                     agent_id: agent_id.clone(),
                     info,
@@ -704,6 +721,7 @@ impl MasterCore {
             None
         } else {
             Some(TaskRecord {
+                role: self.task_role(&key.0, &res),
                 framework_id: key.0.clone(),
                 agent_id: agent_id.to_string(),
                 info,
@@ -913,6 +931,7 @@ impl MasterCore {
             let mut status = st.clone();
             status.agent_id = agent_id.to_string();
             adopted.push(TaskRecord {
+                role: self.task_role(&c.framework_id, &resources),
                 framework_id: c.framework_id.clone(),
                 agent_id: agent_id.to_string(),
                 info,
@@ -1089,7 +1108,13 @@ impl MasterCore {
 
     // ---- frameworks -----------------------------------------------------------
 
-    fn scheduler_hello(&mut self, conn: ConnId, hello: SchedulerHello, now: u64) {
+    fn scheduler_hello(
+        &mut self,
+        conn: ConnId,
+        hello: SchedulerHello,
+        principal: String,
+        now: u64,
+    ) {
         let info = hello.framework.unwrap_or_default();
         // A framework may hold several roles; each offer carries one of them.
         let mut roles: Vec<String> = info.roles.iter().map(|r| r.trim().to_string()).collect();
@@ -1179,6 +1204,7 @@ impl MasterCore {
                 pending,
                 partition_aware: info.partition_aware,
                 user: info.user.clone(),
+                principal,
             },
         );
         self.framework_by_conn.insert(conn, id.clone());
@@ -1354,11 +1380,13 @@ impl MasterCore {
             // Remembered like any ended task, so reconciliation answers DROPPED.
             let key = (fid.to_string(), t.task_id.clone());
             if !self.tasks.contains_key(&key) {
+                let resources = Resources::from_proto(&t.resources).unwrap_or_default();
                 self.push_completed(TaskRecord {
+                    role: self.task_role(fid, &resources),
                     framework_id: fid.to_string(),
                     agent_id: String::new(),
                     info: t.clone(),
-                    resources: Resources::from_proto(&t.resources).unwrap_or_default(),
+                    resources,
                     status: st.clone(),
                 });
             }
@@ -1849,6 +1877,7 @@ impl MasterCore {
     /// filters still hold).
     pub fn list_tasks(&self, all: bool, now: u64) -> Vec<TaskSummary> {
         let summary = |t: &TaskRecord, fw_name: &str| TaskSummary {
+            role: t.role.clone(),
             task_id: t.info.task_id.clone(),
             name: t.info.name.clone(),
             framework_id: t.framework_id.clone(),
@@ -1873,6 +1902,7 @@ impl MasterCore {
         for (fid, f) in &self.frameworks {
             for p in &f.pending {
                 out.push(TaskSummary {
+                    role: self.task_role(fid, &Resources::new()),
                     task_id: p.task_id.clone(),
                     name: p.name.clone(),
                     framework_id: fid.clone(),
@@ -2075,6 +2105,62 @@ fn reserved_part(r: &Resources) -> Resources {
         out.add(&r.of_role(&role));
     }
     out
+}
+
+impl MasterCore {
+    /// The role of a task of framework `fid` holding `res`, when no offer says it: its
+    /// first reservation role, else its framework's first role, else `*`.
+    fn task_role(&self, fid: &str, res: &Resources) -> String {
+        res.roles()
+            .into_iter()
+            .find(|r| r != agora_allocator::DEFAULT_ROLE)
+            .or_else(|| {
+                self.registry
+                    .frameworks
+                    .get(fid)
+                    .and_then(|f| f.roles.first().cloned())
+            })
+            .unwrap_or_else(|| agora_allocator::DEFAULT_ROLE.to_string())
+    }
+
+    /// Whether `principal` may do `action` to `object` under the registry's policy
+    /// (none set: everything is allowed).
+    pub fn authorize(
+        &self,
+        principal: &str,
+        action: acl::Action,
+        object: &str,
+    ) -> Result<(), acl::Denied> {
+        match &self.registry.policy {
+            None => Ok(()),
+            Some(_) if principal == acl::SYSTEM_PRINCIPAL => Ok(()),
+            Some(p) => p.check(principal, action, object),
+        }
+    }
+
+    /// The role of a task the master knows (live, unreachable or finished).
+    pub fn role_of_task(&self, task_id: &str) -> Option<String> {
+        self.tasks
+            .iter()
+            .chain(self.unreachable.iter())
+            .find(|((_, t), _)| t == task_id)
+            .map(|(_, r)| r.role.clone())
+            .or_else(|| {
+                self.completed
+                    .iter()
+                    .rev()
+                    .find(|r| r.info.task_id == task_id)
+                    .map(|r| r.role.clone())
+            })
+            .or_else(|| {
+                self.frameworks.iter().find_map(|(fid, f)| {
+                    f.pending
+                        .iter()
+                        .any(|p| p.task_id == task_id)
+                        .then(|| self.task_role(fid, &Resources::new()))
+                })
+            })
+    }
 }
 
 impl TaskRecord {

@@ -72,6 +72,20 @@ impl MasterCore {
         &self.registry
     }
 
+    /// `agora acl set FILE`: a policy that parses replaces the one in force, at once
+    /// for every later request; an empty text removes it (everything allowed).
+    pub(super) fn set_policy(&mut self, text: &str) -> Result<(), Refused> {
+        let text = if text.trim().is_empty() {
+            String::new()
+        } else {
+            let policy = crate::acl::Policy::parse(text)
+                .map_err(|e| format!("the access policy is not valid: {e}"))?;
+            policy.to_json()
+        };
+        self.persist(RegistryOp::SetPolicy { text });
+        Ok(())
+    }
+
     /// `agora role weight set ROLE W`.
     pub(super) fn set_weight(&mut self, role: &str, weight: f64) -> Result<(), Refused> {
         let role = role.trim();
@@ -480,6 +494,7 @@ impl MasterCore {
                 partition_aware: f.partition_aware,
                 // Told again when it re-subscribes, before it can launch anything.
                 user: String::new(),
+                principal: String::new(),
             },
         );
         self.allocator.add_framework_roles(fid, &f.roles);

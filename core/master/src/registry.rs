@@ -118,6 +118,11 @@ pub enum RegistryOp {
         framework_id: String,
         key: String,
     },
+    /// The access policy (`agora acl set`), as its JSON text; empty removes it
+    /// (everything allowed again).
+    SetPolicy {
+        text: String,
+    },
 }
 
 /// Values in JSON as hex strings, not arrays of numbers.
@@ -153,6 +158,8 @@ pub struct Registry {
     pub framework_state: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
     /// (framework id, task id) -> when it was told LOST (see `RegistryOp::TellLost`).
     pub lost_tasks: BTreeMap<(String, String), u64>,
+    /// The access policy; `None`: none set, everything allowed.
+    pub policy: Option<crate::acl::Policy>,
 }
 
 /// An amount of one resource reserved for a role.
@@ -255,6 +262,18 @@ impl Registry {
                     .entry(framework_id.clone())
                     .or_default()
                     .insert(key.clone(), value.clone());
+            }
+            RegistryOp::SetPolicy { text } => {
+                // Checked before the op was made; a text that no longer parses (a
+                // newer master's) leaves the policy as it was.
+                if text.is_empty() {
+                    self.policy = None;
+                } else {
+                    match crate::acl::Policy::parse(text) {
+                        Ok(policy) => self.policy = Some(policy),
+                        Err(e) => tracing::error!("the registry's access policy does not parse here ({e}); keeping the one in force"),
+                    }
+                }
             }
             RegistryOp::RemoveFrameworkState { framework_id, key } => {
                 if let Some(state) = self.framework_state.get_mut(framework_id) {

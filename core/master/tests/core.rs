@@ -103,6 +103,7 @@ impl Master {
     fn subscribe(&mut self, conn: ConnId, framework: FrameworkInfo) -> Vec<Output> {
         self.feed(Input::SchedulerHello {
             conn,
+            principal: String::new(),
             hello: SchedulerHello {
                 framework: Some(framework),
             },
@@ -3465,6 +3466,7 @@ impl Sim {
                     let info = framework_with("sim", &f.id, 20.0);
                     self.send(Input::SchedulerHello {
                         conn: c,
+                        principal: String::new(),
                         hello: SchedulerHello {
                             framework: Some(info),
                         },

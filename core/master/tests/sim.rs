@@ -1445,9 +1445,14 @@ impl World {
                     (LinkId::Up(_), Msg::ToMaster(msg)) => {
                         self.feed(inc, master::Input::AgentMessage { conn: c, msg })
                     }
-                    (LinkId::Up(_), Msg::SchedHello(hello)) => {
-                        self.feed(inc, master::Input::SchedulerHello { conn: c, hello })
-                    }
+                    (LinkId::Up(_), Msg::SchedHello(hello)) => self.feed(
+                        inc,
+                        master::Input::SchedulerHello {
+                            conn: c,
+                            hello,
+                            principal: String::new(),
+                        },
+                    ),
                     (LinkId::Up(_), Msg::Call(call)) => {
                         // The master takes every offer an ACCEPT or DECLINE names.
                         match &call.call {
