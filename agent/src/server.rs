@@ -144,6 +144,10 @@ struct Shared {
     executors: HashMap<ExecutorKey, ExecutorTx>,
     /// The process of each executor: a child, or one adopted after a restart.
     children: HashMap<ExecutorKey, u32>,
+    /// Executors whose process has ended but whose end the core has not been told
+    /// yet (their cgroup is being emptied): a drain waits for these too, so that
+    /// the checkpoint it leaves no longer records them.
+    exiting: usize,
     /// Each executor process's group, sized to the sum of its live tasks.
     groups: HashMap<ExecutorKey, Arc<Group>>,
     /// The size last applied to each group.
@@ -319,15 +323,12 @@ impl AgentHandle {
             .unwrap_or_else(PoisonError::into_inner)
             .shutting_down = true;
         self.agent.feed(Input::Drain);
+        let all_gone = || {
+            let s = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+            s.children.is_empty() && s.exiting == 0
+        };
         let deadline = Instant::now() + SHUTDOWN_GRACE;
-        while Instant::now() < deadline
-            && !self
-                .shared
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .children
-                .is_empty()
-        {
+        while Instant::now() < deadline && !all_gone() {
             tokio::time::sleep(Duration::from_millis(20)).await; // poll for the executors' exits
         }
         let pids: Vec<u32> = self
@@ -346,15 +347,7 @@ impl AgentHandle {
         // Their ends recorded (the checkpoint forgets them), so that the next start
         // finds no executor it would lose track of.
         let deadline = Instant::now() + KILLED_EXIT_GRACE;
-        while !pids.is_empty()
-            && Instant::now() < deadline
-            && !self
-                .shared
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .children
-                .is_empty()
-        {
+        while Instant::now() < deadline && !all_gone() {
             tokio::time::sleep(Duration::from_millis(20)).await; // poll for the killed executors' exits
         }
         // The tasks' endings reach the master, if it is there to hear them.
@@ -613,6 +606,7 @@ pub async fn start(mut cfg: AgentConfig) -> Result<AgentHandle> {
         master_conn: None,
         executors: HashMap::new(),
         children: HashMap::new(),
+        exiting: 0,
         groups: HashMap::new(),
         sized: HashMap::new(),
         shutting_down: false,
@@ -1618,6 +1612,7 @@ impl Agent {
                 return;
             }
             s.children.remove(&key);
+            s.exiting += 1;
         }
         if let Some(group) = &group {
             // Anything the executor left behind (orphans of its tasks) goes with it.
@@ -1640,6 +1635,8 @@ impl Agent {
             s.sized.remove(&key);
         }
         self.feed(Input::ExecutorExited { key, detail });
+        let mut s = self.lock();
+        s.exiting = s.exiting.saturating_sub(1);
     }
 
     /// Takes on an executor process this agent did not start (it ran before a

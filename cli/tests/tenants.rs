@@ -246,22 +246,54 @@ fn native_tasks_run_only_as_the_users_the_policy_allows() {
     let o = c.agora(&["acl", "set", file.to_str().unwrap()]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
 
-    let o = as_(&alice, &["run", "--role", "tenant-a", "--command", "id -un"]);
+    let o = as_(
+        &alice,
+        &["run", "--role", "tenant-a", "--command", "id -un"],
+    );
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert_eq!(stdout(&o).trim(), "nobody");
-    let o = as_(&alice, &["run", "--role", "tenant-a", "--user", "nobody", "--command", "id -un"]);
+    let o = as_(
+        &alice,
+        &[
+            "run",
+            "--role",
+            "tenant-a",
+            "--user",
+            "nobody",
+            "--command",
+            "id -un",
+        ],
+    );
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert_eq!(stdout(&o).trim(), "nobody");
-    let o = as_(&alice, &["run", "--role", "tenant-a", "--user", "daemon", "--command", "id -un"]);
+    let o = as_(
+        &alice,
+        &[
+            "run",
+            "--role",
+            "tenant-a",
+            "--user",
+            "daemon",
+            "--command",
+            "id -un",
+        ],
+    );
     denied(
         &o,
         "permission denied: principal alice may not run native tasks as user daemon (rule run_native_tasks: no rule allows it)",
     );
-    assert!(!stdout(&o).contains("daemon"), "it never ran: {}", stdout(&o));
+    assert!(
+        !stdout(&o).contains("daemon"),
+        "it never ran: {}",
+        stdout(&o)
+    );
 
     // A wasm task in her role runs; bob's rules do not let her run in his.
     let hello = guest("hello");
-    let o = as_(&alice, &["run", "--role", "tenant-a", hello.to_str().unwrap()]);
+    let o = as_(
+        &alice,
+        &["run", "--role", "tenant-a", hello.to_str().unwrap()],
+    );
     assert_eq!(code(&o), 0, "{}", stderr(&o));
 }
 
