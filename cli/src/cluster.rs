@@ -404,8 +404,11 @@ fn issue_principal(
     tls::check_principal(principal).map_err(|e| anyhow::anyhow!("--principal: {e}"))?;
     let validity = agora_proto::units::parse_duration(expires)
         .map_err(|e| anyhow::anyhow!("--expires {expires:?}: {e}"))?;
-    if validity.is_zero() {
-        anyhow::bail!("--expires must be above 0");
+    if validity.is_zero() || validity > tls::MAX_CLIENT_VALIDITY {
+        anyhow::bail!(
+            "--expires must be above 0 and at most {}d",
+            tls::MAX_CLIENT_VALIDITY.as_secs() / 86_400
+        );
     }
     let out = out.unwrap_or_else(|| dir.join(principal));
     // The masters the cluster's own client.json names: beside the certificates

@@ -216,6 +216,54 @@ fn two_tenants_and_an_operator_see_and_do_only_what_the_policy_allows() {
         "may not kill tasks of role tenant-a/web",
     );
 
+    // Bob may not take over her framework by subscribing with its id, even in a
+    // role of his own.
+    let fid = {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let admin = agora_sdk::ClientConfig::load(&c.config).unwrap();
+            let tasks = agora_sdk::Client::connect(&admin)
+                .await
+                .unwrap()
+                .list_tasks(false)
+                .await
+                .unwrap();
+            let fid = tasks
+                .iter()
+                .find(|t| t.task_id == task)
+                .map(|t| t.framework_id.clone())
+                .expect("alice's task listed");
+            let bob_cfg = agora_sdk::ClientConfig::load(&bob).unwrap();
+            let refused = agora_sdk::Client::connect(&bob_cfg)
+                .await
+                .unwrap()
+                .subscribe(agora_sdk::FrameworkInfo {
+                    name: "takeover".into(),
+                    roles: vec!["tenant-b".into()],
+                    framework_id: fid.clone(),
+                    ..Default::default()
+                })
+                .await;
+            let e = refused.err().expect("bob's takeover refused").to_string();
+            assert!(
+                e.contains(&format!(
+                    "permission denied: principal bob may not subscribe as framework {fid}, which principal alice registered"
+                )),
+                "{e}"
+            );
+            fid
+        })
+    };
+    assert!(!fid.is_empty());
+    let listed = stdout(&as_(&alice, &["ps"]));
+    assert!(
+        listed.contains("alice-task") && listed.contains("RUNNING"),
+        "{listed}"
+    );
+
     // Alice kills her own task.
     let o = as_(&alice, &["kill", &task]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
@@ -336,6 +384,38 @@ fn bad_policies_and_expired_certificates_are_refused() {
         "{}",
         stderr(&o)
     );
+    // A name that would write outside the certificates' directory, and a validity
+    // past the CA's ten years, are refused; nothing is written.
+    let certs = c.dir.path().join("certs");
+    let o = c.agora(&[
+        "certs",
+        "issue",
+        certs.to_str().unwrap(),
+        "--principal",
+        "..",
+    ]);
+    assert!(
+        stderr(&o).contains("not starting with '.'"),
+        "{}",
+        stderr(&o)
+    );
+    let config_before = std::fs::read(&c.config).unwrap();
+    let o = c.agora(&[
+        "certs",
+        "issue",
+        certs.to_str().unwrap(),
+        "--principal",
+        "later",
+        "--expires",
+        "4000d",
+    ]);
+    assert!(
+        stderr(&o).contains("--expires must be above 0 and at most 3653d"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!certs.join("later").exists());
+    assert_eq!(std::fs::read(&c.config).unwrap(), config_before);
 
     let short = principal(&c, "brief", "1s");
     wait_until("the 1 s certificate to be refused as expired", || {

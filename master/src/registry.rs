@@ -459,6 +459,7 @@ pub(crate) mod tests {
                     failover_ms: 60_000,
                     offer_constraints: vec!["zone=a".into()],
                     partition_aware: true,
+                    principal: "alice".into(),
                 },
             },
             RegistryOp::PutFramework {
@@ -469,6 +470,7 @@ pub(crate) mod tests {
                     failover_ms: 1_000,
                     offer_constraints: vec![],
                     partition_aware: false,
+                    principal: String::new(),
                 },
             },
             RegistryOp::RemoveFramework {

@@ -911,20 +911,25 @@ const PRINCIPAL_URI: &str = "agora-principal:";
 /// Longest principal name.
 pub const MAX_PRINCIPAL_LEN: usize = 128;
 
-/// Whether `name` can be a principal: 1 to 128 letters, digits, `.`, `_`, `-`, `@`.
+/// Whether `name` can be a principal: 1 to 128 letters, digits, `.`, `_`, `-`, `@`,
+/// not starting with `.` (names become directory names: never `.` or `..`).
 pub fn check_principal(name: &str) -> std::result::Result<(), String> {
     if name.is_empty()
         || name.len() > MAX_PRINCIPAL_LEN
+        || name.starts_with('.')
         || !name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'))
     {
         return Err(format!(
-            "principal {name:?} must be 1 to {MAX_PRINCIPAL_LEN} letters, digits, '.', '_', '-' or '@'"
+            "principal {name:?} must be 1 to {MAX_PRINCIPAL_LEN} letters, digits, '.', '_', '-' or '@', not starting with '.'"
         ));
     }
     Ok(())
 }
+
+/// Longest validity `issue_client_cert` gives (the CA's own: ten years).
+pub const MAX_CLIENT_VALIDITY: Duration = CERT_VALIDITY;
 
 fn principal_san(name: &str) -> Result<rcgen::SanType> {
     check_principal(name).map_err(Error::Certificates)?;
@@ -983,7 +988,13 @@ pub fn issue_client_cert(
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     params.subject_alt_names = vec![principal_san(principal)?];
     let now = SystemTime::now();
-    params.not_after = (now + validity.min(CERT_VALIDITY)).into();
+    if validity > CERT_VALIDITY {
+        return Err(Error::Certificates(format!(
+            "a client certificate is valid for at most {} days, like the cluster's other certificates",
+            CERT_VALIDITY.as_secs() / 86_400
+        )));
+    }
+    params.not_after = (now + validity).into();
     create_private_dir(out)?;
     let out_cd = CertDir::new(out);
     write_file(&out_cd.ca(), ca_pem.as_bytes(), 0o644)?;

@@ -782,6 +782,7 @@ impl MasterCore {
                     failover_ms,
                     offer_constraints: Vec::new(),
                     partition_aware: false,
+                    principal: String::new(),
                 });
         entry.name = name;
         entry.roles = roles.clone();

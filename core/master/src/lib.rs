@@ -1162,6 +1162,29 @@ impl MasterCore {
             self.out.push(Output::CloseScheduler(conn, msg));
             return;
         }
+        // Only the principal that registered a framework may fail over to it (as in
+        // Mesos): another would take over its tasks, whatever roles it may use.
+        let owner = self
+            .registry
+            .frameworks
+            .get(&id)
+            .map(|f| f.principal.as_str())
+            .filter(|p| !p.is_empty());
+        if let Some(owner) = owner {
+            if owner != principal && principal != acl::SYSTEM_PRINCIPAL {
+                let who = if principal.is_empty() {
+                    "a client without a principal".to_string()
+                } else {
+                    format!("principal {principal}")
+                };
+                let msg = format!(
+                    "permission denied: {who} may not subscribe as framework {id}, which principal {owner} registered"
+                );
+                self.error(conn, format!("SUBSCRIBE refused: {msg}"));
+                self.out.push(Output::CloseScheduler(conn, msg));
+                return;
+            }
+        }
         if let Some(old) = self.frameworks.get(&id) {
             if let Some(oc) = old.conn {
                 if oc != conn {
@@ -1208,12 +1231,19 @@ impl MasterCore {
             },
         );
         self.framework_by_conn.insert(conn, id.clone());
+        let owner = self
+            .registry
+            .frameworks
+            .get(&id)
+            .map(|f| f.principal.clone())
+            .filter(|p| !p.is_empty());
         let entry = FrameworkEntry {
             name: self.frameworks[&id].name.clone(),
             roles: roles.clone(),
             failover_ms,
             offer_constraints: info.offer_constraints.clone(),
             partition_aware: info.partition_aware,
+            principal: owner.unwrap_or_else(|| self.frameworks[&id].principal.clone()),
         };
         if self.registry.frameworks.get(&id) != Some(&entry) {
             self.persist(RegistryOp::PutFramework {

@@ -44,6 +44,10 @@ pub struct FrameworkEntry {
     pub offer_constraints: Vec<String>,
     #[serde(default)]
     pub partition_aware: bool,
+    /// Who registered it: only they may subscribe as it again. Empty (a framework of
+    /// a client without a principal, or of an older master): anyone may.
+    #[serde(default)]
+    pub principal: String,
 }
 
 /// A role's quota: amounts per resource name (milli-cpus, bytes).
