@@ -17,20 +17,25 @@ use std::process::{Command, Output};
 
 use common::*;
 
-/// Issues a client certificate for `principal` and returns its client.json.
-fn principal(c: &Cluster, name: &str, expires: &str) -> PathBuf {
+/// `agora certs issue <the cluster's cert dir> --principal NAME [ARGS]`.
+fn issue(c: &Cluster, name: &str, args: &[&str]) -> Output {
     let certs = c.dir.path().join("certs");
-    let o = c.agora(&[
+    let mut all = vec![
         "certs",
         "issue",
         certs.to_str().unwrap(),
         "--principal",
         name,
-        "--expires",
-        expires,
-    ]);
+    ];
+    all.extend_from_slice(args);
+    c.agora(&all)
+}
+
+/// Issues a client certificate for `principal` and returns its client.json.
+fn principal(c: &Cluster, name: &str, expires: &str) -> PathBuf {
+    let o = issue(c, name, &["--expires", expires]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    certs.join(name).join("client.json")
+    c.dir.path().join("certs").join(name).join("client.json")
 }
 
 /// `agora ARGS` as the principal whose client.json is `config`.
@@ -372,13 +377,7 @@ fn bad_policies_and_expired_certificates_are_refused() {
 
     let o = c.agora(&["certs", "issue", "/nonexistent", "--principal", "x"]);
     assert_ne!(code(&o), 0);
-    let o = c.agora(&[
-        "certs",
-        "issue",
-        c.dir.path().join("certs").to_str().unwrap(),
-        "--principal",
-        "bad name",
-    ]);
+    let o = issue(&c, "bad name", &[]);
     assert!(
         stderr(&o).contains("--principal: principal \"bad name\" must be"),
         "{}",
@@ -387,28 +386,14 @@ fn bad_policies_and_expired_certificates_are_refused() {
     // A name that would write outside the certificates' directory, and a validity
     // past the CA's ten years, are refused; nothing is written.
     let certs = c.dir.path().join("certs");
-    let o = c.agora(&[
-        "certs",
-        "issue",
-        certs.to_str().unwrap(),
-        "--principal",
-        "..",
-    ]);
+    let o = issue(&c, "..", &[]);
     assert!(
         stderr(&o).contains("not starting with '.'"),
         "{}",
         stderr(&o)
     );
     let config_before = std::fs::read(&c.config).unwrap();
-    let o = c.agora(&[
-        "certs",
-        "issue",
-        certs.to_str().unwrap(),
-        "--principal",
-        "later",
-        "--expires",
-        "4000d",
-    ]);
+    let o = issue(&c, "later", &["--expires", "4000d"]);
     assert!(
         stderr(&o).contains("--expires must be above 0 and at most 3653d"),
         "{}",

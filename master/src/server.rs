@@ -1358,16 +1358,15 @@ impl Ctx {
                 return self.answer(send, refusal).await;
             }
         }
-        // What the principal may see, for the listings.
-        let may_view = |role: &str| {
-            self.read(|c, _| c.authorize(&principal, Action::ViewTasks, role).is_ok())
-                .unwrap_or(false)
-        };
+        // What the principal may see, for the listings (each filtered under one
+        // read of the core).
+        let may_view =
+            |c: &MasterCore, role: &str| c.authorize(&principal, Action::ViewTasks, role).is_ok();
         let resp = match req.request {
             Some(operator_request::Request::ListTasks(l)) => {
                 let mut tasks = match self.read(|c, now| {
                     let mut tasks = c.list_tasks(l.all, now);
-                    tasks.retain(|t| c.authorize(&principal, Action::ViewTasks, &t.role).is_ok());
+                    tasks.retain(|t| may_view(c, &t.role));
                     tasks
                 }) {
                     Ok(t) => t,
@@ -1446,16 +1445,18 @@ impl Ctx {
                 }
             }
             Some(operator_request::Request::Roles(g)) => match self
-                .read(|c, _| c.roles(&g.role))
+                .read(|c, _| {
+                    c.roles(&g.role).map(|mut roles| {
+                        roles.retain(|r| may_view(c, &r.role));
+                        roles
+                    })
+                })
                 .and_then(|r| r.map_err(Error::from))
             {
-                Ok(mut roles) => {
-                    roles.retain(|r| may_view(&r.role));
-                    OperatorResponse {
-                        roles,
-                        ..Default::default()
-                    }
-                }
+                Ok(roles) => OperatorResponse {
+                    roles,
+                    ..Default::default()
+                },
                 Err(e) => failed(e),
             },
             Some(operator_request::Request::Explain(e)) => {
@@ -1489,10 +1490,16 @@ impl Ctx {
             ) => match self.functions() {
                 Ok(f) => {
                     let mut resp = f.handle(r).await;
-                    resp.functions
-                        .retain(|s| may_view(s.spec.as_ref().map_or("*", |d| d.role.as_str())));
-                    resp.tenant_limits.retain(|l| may_view(&l.role));
-                    resp
+                    let filtered = self.read(|c, _| {
+                        resp.functions.retain(|s| {
+                            may_view(c, s.spec.as_ref().map_or("*", |d| d.role.as_str()))
+                        });
+                        resp.tenant_limits.retain(|l| may_view(c, &l.role));
+                    });
+                    match filtered {
+                        Ok(()) => resp,
+                        Err(e) => failed(e),
+                    }
                 }
                 Err(e) => OperatorResponse {
                     error: e.to_string(),

@@ -168,7 +168,7 @@ impl Function {
     /// gave (a client's fault: not counted in the function's metrics).
     pub async fn invoke_reading<F, G>(&self, mut request: FunctionRequest, body: F) -> Reading
     where
-        F: std::future::Future<Output = Result<(Bytes, G), Response<Bytes>>>,
+        F: std::future::Future<Output = Result<(Bytes, G), Response<axum::body::Body>>>,
     {
         let started = Instant::now();
         let admitted = self
@@ -286,15 +286,18 @@ pub enum Reading {
     /// answer or why there is none.
     Served(Result<Response<Bytes>, Failure>),
     /// Its body could not be read (too large, too slow, cut off): the answer to send.
-    BodyFailed(Response<Bytes>),
+    BodyFailed(Response<axum::body::Body>),
 }
 
 impl Reading {
     /// The HTTP answer, whichever way it ended.
-    pub fn into_response(self, function: &str) -> Response<Bytes> {
+    pub fn into_response(self, function: &str) -> Response<axum::body::Body> {
         match self {
-            Reading::Served(Ok(response)) | Reading::BodyFailed(response) => response,
-            Reading::Served(Err(failure)) => failure.to_response(function),
+            Reading::Served(Ok(response)) => response.map(axum::body::Body::from),
+            Reading::Served(Err(failure)) => {
+                failure.to_response(function).map(axum::body::Body::from)
+            }
+            Reading::BodyFailed(response) => response,
         }
     }
 }

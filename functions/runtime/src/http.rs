@@ -132,7 +132,7 @@ async fn invoke(State(state): State<AppState>, request: Request) -> Response<Bod
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit) {
-        return too_big(name, limit).map(Body::from);
+        return too_big(name, limit);
     }
     let remote_addr = parts
         .extensions
@@ -152,7 +152,6 @@ async fn invoke(State(state): State<AppState>, request: Request) -> Response<Bod
         .invoke_reading(request, read)
         .await
         .into_response(name)
-        .map(Body::from)
 }
 
 /// Reads an admitted request's body: at most `max_body` bytes, within `body_timeout`,
@@ -163,14 +162,14 @@ async fn read_body(
     declared: Option<u64>,
     name: &str,
     state: &AppState,
-) -> Result<(Bytes, OwnedSemaphorePermit), Response<Bytes>> {
+) -> Result<(Bytes, OwnedSemaphorePermit), Response<Body>> {
     let HttpConfig {
         max_body,
         body_timeout,
         body_budget,
     } = state.config;
     let short_of_memory = || {
-        let mut answer = plain_bytes(
+        let mut answer = plain(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
                 "function {name}: this host already holds {} of request bodies, its limit; try again\n",
@@ -196,7 +195,7 @@ async fn read_body(
         let mut body = body;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| {
-                plain_bytes(
+                plain(
                     StatusCode::BAD_REQUEST,
                     format!("function {name}: cannot read the request body: {e}\n"),
                 )
@@ -220,7 +219,7 @@ async fn read_body(
     match tokio::time::timeout(body_timeout, read).await {
         Ok(Ok(bytes)) => Ok((bytes, held)),
         Ok(Err(answer)) => Err(answer),
-        Err(_) => Err(plain_bytes(
+        Err(_) => Err(plain(
             StatusCode::REQUEST_TIMEOUT,
             format!(
                 "function {name}: the request body did not arrive within {}\n",
@@ -238,24 +237,14 @@ fn budget_permits(config: &HttpConfig) -> usize {
         .min(Semaphore::MAX_PERMITS)
 }
 
-fn too_big(name: &str, limit: u64) -> Response<Bytes> {
-    plain_bytes(
+fn too_big(name: &str, limit: u64) -> Response<Body> {
+    plain(
         StatusCode::PAYLOAD_TOO_LARGE,
         format!(
             "function {name}: request body larger than the limit of {}\n",
             format_bytes(limit)
         ),
     )
-}
-
-fn plain_bytes(status: StatusCode, text: String) -> Response<Bytes> {
-    let mut response = Response::new(Bytes::from(text));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
 }
 
 #[cfg(test)]
